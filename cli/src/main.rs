@@ -1,0 +1,65 @@
+//! `lmc`: find sparse subnetworks with distilled data and measure their linear mode connectivity.
+//!
+//! Each subcommand is one pipeline stage (or a helper around artifacts); stages talk only through
+//! `.lmc` artifacts on disk. Errors print as one line on stderr and exit with status 1 (2 for a
+//! command line clap rejects); nothing a user types or feeds in ends in a panic.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod data_cmd;
+mod inspect;
+mod progress;
+mod train_cmd;
+
+// A reusing allocator: glibc maps and unmaps the large activation buffers on every step, and each
+// fresh 64 MiB buffer costs ~23 ms of page faults here (PERF-NOTES.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Lottery tickets from distilled data, and their linear mode connectivity.
+///
+/// Stages: `lmc train` trains (replicates of) a network on real data and writes Run artifacts.
+/// `lmc data info` describes a dataset; `lmc inspect` prints any artifact.
+/// Data sets are read from --data-dir (default $LMC_DATA_DIR, then ./data); the 8x8 digits set is
+/// built in.
+#[derive(Parser)]
+#[command(name = "lmc", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a network (R replicates from one initialisation) and write Run artifacts.
+    Train(train_cmd::TrainArgs),
+    /// Describe datasets.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Print an artifact's header and summary.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train_cmd::run(a),
+        Command::Data(c) => data_cmd::run(c),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes joined.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(": ");
+                msg.push_str(&cause.to_string());
+            }
+            eprintln!("error: {}", msg.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

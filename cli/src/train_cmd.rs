@@ -1,0 +1,207 @@
+//! `lmc train`: replicate training on real data.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lmc_train::artifact::Provenance;
+use lmc_train::data::{self, Dataset, DatasetName};
+use lmc_train::fit::{self, RunRequest, Start, TrainConfig};
+use lmc_train::model::{Model, ModelSpec};
+use lmc_train::optim::{Schedule, Sgd};
+use lmc_train::params::Mask;
+use serde_json::json;
+
+use crate::progress::TrainProgress;
+
+/// Options shared by every command that reads a dataset.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// Dataset: digits (built in), mnist, fashion-mnist or cifar10.
+    #[arg(long, value_name = "NAME")]
+    pub dataset: String,
+    /// Folder laid out like shared/data: mnist/, fashion-mnist/, cifar-10-batches-bin/ or
+    /// cifar-10-binary.tar.gz [default: $LMC_DATA_DIR, then ./data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// Loads the dataset and its provenance.
+    pub fn load(&self) -> Result<(Dataset, Provenance)> {
+        let name: DatasetName = self.dataset.parse().with_context(|| "--dataset".to_string())?;
+        let dir = data::resolve_data_dir(self.data_dir.as_deref());
+        let ds = data::load(name, Some(&dir))?;
+        Ok((ds, Provenance::of("dataset", &name.to_string(), &[])))
+    }
+}
+
+/// Options that decide how a network is trained.
+#[derive(Args, Clone)]
+pub struct TrainOpts {
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Train for exactly this many SGD steps instead of --epochs.
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<u64>,
+    /// Examples per SGD step.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    /// SGD momentum (0 = plain SGD).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Learning-rate schedule: constant, or multistep:F1,F2,... (fractions of training).
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    /// Decay factor at each multistep milestone.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Random crop (padding 4) + horizontal flip [default: on for cifar10 only].
+    #[arg(long, overrides_with = "no_augment")]
+    pub augment: bool,
+    /// Turn augmentation off.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Evaluate on the test split every N epochs (0 = only at the end).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub eval_every: usize,
+}
+
+impl TrainOpts {
+    /// The training configuration these flags describe.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let cfg = TrainConfig {
+            epochs: self.epochs,
+            iterations: self.iterations,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            sgd: Sgd { momentum: self.momentum, weight_decay: self.weight_decay, nesterov: self.nesterov },
+            schedule: Schedule::parse(&self.schedule, self.gamma)?,
+            augment: if self.augment { Some(true) } else if self.no_augment { Some(false) } else { None },
+            eval_every: self.eval_every,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// `lmc train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Architecture: mlp:H1,H2,..., lenet-300-100, or convnet[:depth=D,width=W,norm=instance|none].
+    #[arg(long, value_name = "SPEC")]
+    model: String,
+    #[command(flatten)]
+    opts: TrainOpts,
+    /// Initialisation seed (shared by all replicates).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data-order / augmentation seed of replicate 0; replicate r uses this + r [default: --seed].
+    #[arg(long)]
+    data_seed: Option<u64>,
+    /// Copies trained from the same initialisation with different data order (SGD noise).
+    #[arg(long, default_value_t = 1)]
+    replicates: usize,
+    /// Output: a .lmc file, or with --replicates > 1 a folder of replicate-R.lmc files.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Retrain even when an up-to-date output or a checkpoint exists.
+    #[arg(long)]
+    fresh: bool,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where replicate `r` of `n` goes.
+pub fn replicate_path(out: &Path, r: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        out.to_path_buf()
+    } else {
+        out.join(format!("replicate-{r}.lmc"))
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let spec: ModelSpec = a.model.parse().context("--model")?;
+    if a.replicates == 0 {
+        bail!("--replicates must be at least 1");
+    }
+    let cfg = a.opts.config()?;
+    if a.replicates > 1 && a.out.is_file() {
+        bail!("--out {}: with --replicates {} the output must be a folder, and this is a file", a.out.display(), a.replicates);
+    }
+    let (ds, ds_prov) = a.data.load()?;
+    let model = Model::new(&spec, ds.train.shape, ds.classes)?;
+    let init = model.init(a.seed);
+    let mask = Mask::dense(&model.layout);
+    let base_seed = a.data_seed.unwrap_or(a.seed);
+    let mut rows = Vec::new();
+    for r in 0..a.replicates {
+        let path = replicate_path(&a.out, r, a.replicates);
+        let req = RunRequest {
+            model: &model,
+            dataset: &ds,
+            dataset_provenance: ds_prov,
+            init: init.clone(),
+            start: Start::Seed(a.seed),
+            mask: mask.clone(),
+            config: cfg.clone(),
+            data_seed: base_seed + r as u64,
+            replicate: r,
+        };
+        let (_, _, total) = cfg.plan(ds.train.len());
+        let mut bar = TrainProgress::new(format!("replicate {}/{}", r + 1, a.replicates), total);
+        let (run, prov, cached) = fit::train_run(&req, Some(&path), a.fresh, &mut bar)?;
+        bar.finish();
+        rows.push(json!({
+            "replicate": r,
+            "data_seed": run.data_seed,
+            "path": path,
+            "test_accuracy": run.final_test_accuracy(),
+            "train_loss": run.final_train_loss(),
+            "epochs": run.curve.len(),
+            "images_seen": run.images_seen,
+            "seconds": run.seconds,
+            "cached": cached,
+            "provenance": prov.hex(),
+        }));
+        if !a.json {
+            println!(
+                "replicate {r}: test accuracy {:.4}, train loss {:.4}, {} epochs, {} images, {:.1} s{} -> {}",
+                run.final_test_accuracy(),
+                run.final_train_loss(),
+                run.curve.len(),
+                run.images_seen,
+                run.seconds,
+                if cached { " (up to date, not retrained)" } else { "" },
+                path.display()
+            );
+        }
+    }
+    if a.json {
+        let out = json!({
+            "command": "train",
+            "dataset": ds.name,
+            "model": spec.to_string(),
+            "parameters": model.layout.total(),
+            "seed": a.seed,
+            "config": cfg,
+            "replicates": rows,
+        });
+        println!("{out}");
+    }
+    Ok(())
+}

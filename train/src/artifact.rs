@@ -1,0 +1,285 @@
+//! The one envelope every `lmc` artifact is written in.
+//!
+//! ```text
+//! offset size  field
+//!  0      8    magic  b"LMCARTF\0"
+//!  8      4    format version (u32 LE)      -- bumped whenever any payload schema changes
+//! 12      4    kind (u32 LE)                -- Run, Dataset, Ticket, Probe, Checkpoint
+//! 16     32    provenance hash (SHA-256 of stage + config + input hashes)
+//! 48      8    payload length (u64 LE)
+//! 56      4    CRC-32 of bytes 0..56 and of the payload
+//! 60      n    payload (bincode)
+//! ```
+//! Writes go to a temporary file in the same folder, are synced, then renamed over the target, so a
+//! reader never sees a half-written artifact. Reads check every field before decoding and name the
+//! file and the problem when one is off.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// First bytes of every artifact.
+pub const MAGIC: &[u8; 8] = b"LMCARTF\0";
+/// The envelope + payload format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 60;
+
+/// What an artifact holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum Kind {
+    /// A trained network (`lmc train`).
+    Run = 1,
+    /// A dataset, usually distilled (`lmc distill`).
+    Dataset = 2,
+    /// A sparse subnetwork: init parameters and mask (`lmc prune`).
+    Ticket = 3,
+    /// Probe results (`lmc probe`).
+    Probe = 4,
+    /// Resumable training state (written next to an unfinished output).
+    Checkpoint = 5,
+}
+
+impl Kind {
+    fn from_u32(v: u32) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Run,
+            2 => Kind::Dataset,
+            3 => Kind::Ticket,
+            4 => Kind::Probe,
+            5 => Kind::Checkpoint,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// SHA-256 naming what produced an artifact: the stage, its full configuration, and the
+/// provenance of its inputs ("configuration is identity").
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Provenance(pub [u8; 32]);
+
+impl Provenance {
+    /// Hash of `stage`, the JSON form of `config`, and the input provenances in order.
+    pub fn of(stage: &str, config: &impl Serialize, inputs: &[Provenance]) -> Provenance {
+        let mut h = Sha256::new();
+        h.update(stage.as_bytes());
+        h.update([0]);
+        h.update(serde_json::to_vec(config).expect("configs serialise to JSON"));
+        for i in inputs {
+            h.update(i.0);
+        }
+        Provenance(h.finalize().into())
+    }
+    /// Hex form (64 characters).
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    /// First 12 hex characters, for file names.
+    pub fn short(&self) -> String {
+        self.hex()[..12].to_string()
+    }
+}
+
+impl fmt::Debug for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.hex())
+    }
+}
+
+impl fmt::Display for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.hex())
+    }
+}
+
+/// A payload type that can be stored in the envelope.
+pub trait Artifact: Serialize + DeserializeOwned {
+    /// Its kind tag.
+    const KIND: Kind;
+}
+
+/// The decoded fixed header of an artifact.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Header {
+    /// Format version it was written with.
+    pub version: u32,
+    /// What it holds.
+    pub kind: Kind,
+    /// What produced it.
+    pub provenance: Provenance,
+    /// Payload bytes.
+    pub payload_len: u64,
+}
+
+/// Serialises `value` into an envelope and writes it atomically to `path`.
+pub fn write<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
+    let payload = bincode::serialize(value).map_err(|e| Error::bad_file(path, format!("cannot encode {}: {e}", A::KIND)))?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(A::KIND as u32).to_le_bytes());
+    bytes.extend_from_slice(&provenance.0);
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes);
+    crc.update(&payload);
+    bytes.extend_from_slice(&crc.finalize().to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Reads and verifies the envelope of any artifact: header plus the payload bytes.
+pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::bad_file(path, msg);
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err(bad("not an lmc artifact (bad magic bytes)".into()));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(bad(format!("truncated artifact: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len())));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let version = u32_at(8);
+    if version > FORMAT_VERSION {
+        return Err(bad(format!(
+            "written by a newer lmc (format version {version}; this build reads up to {FORMAT_VERSION}): upgrade lmc"
+        )));
+    }
+    if version == 0 {
+        return Err(bad("corrupted artifact: format version 0".into()));
+    }
+    let kind_raw = u32_at(12);
+    let provenance = Provenance(bytes[16..48].try_into().unwrap());
+    let payload_len = u64::from_le_bytes(bytes[48..56].try_into().unwrap());
+    let stored_crc = u32_at(56);
+    let have = (bytes.len() - HEADER_LEN) as u64;
+    if have < payload_len {
+        return Err(bad(format!("truncated artifact: header promises {payload_len} payload bytes, file has {have}")));
+    }
+    if have > payload_len {
+        return Err(bad(format!("corrupted artifact: {} bytes of trailing garbage", have - payload_len)));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[..56]);
+    crc.update(&bytes[HEADER_LEN..]);
+    if crc.finalize() != stored_crc {
+        return Err(bad("corrupted artifact: checksum mismatch".into()));
+    }
+    let kind = Kind::from_u32(kind_raw).ok_or_else(|| bad(format!("unknown artifact kind {kind_raw}")))?;
+    let payload = bytes.split_off(HEADER_LEN);
+    Ok((Header { version, kind, provenance, payload_len }, payload))
+}
+
+/// Reads an artifact of kind `A`, failing clearly on any other kind.
+pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
+    let (header, payload) = read_raw(path)?;
+    if header.kind != A::KIND {
+        return Err(Error::bad_file(path, format!("is a {} artifact, expected a {}", header.kind, A::KIND)));
+    }
+    let value = decode(path, &header, &payload)?;
+    Ok((header, value))
+}
+
+/// Decodes a verified payload.
+pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Result<A> {
+    bincode::deserialize(payload).map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Toy {
+        xs: Vec<f32>,
+        name: String,
+    }
+    impl Artifact for Toy {
+        const KIND: Kind = Kind::Probe;
+    }
+
+    #[test]
+    fn round_trip_and_every_corruption_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy.lmc");
+        let toy = Toy { xs: vec![1.0, -2.5, 3.25], name: "t".into() };
+        let prov = Provenance::of("test", &("cfg", 3), &[]);
+        write(&p, &toy, prov).unwrap();
+        let (h, back) = read::<Toy>(&p).unwrap();
+        assert_eq!(back, toy);
+        assert_eq!(h.provenance, prov);
+        assert_eq!(h.kind, Kind::Probe);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        let good = std::fs::read(&p).unwrap();
+        let check = |bytes: Vec<u8>, want: &str| {
+            std::fs::write(&p, bytes).unwrap();
+            let e = read::<Toy>(&p).unwrap_err().to_string();
+            assert!(e.contains("toy.lmc") && e.contains(want), "{e}");
+        };
+        check(good[..good.len() - 3].to_vec(), "truncated");
+        check(good[..20].to_vec(), "truncated");
+        let mut flipped = good.clone();
+        flipped[HEADER_LEN + 2] ^= 0x10;
+        check(flipped, "checksum");
+        let mut newer = good.clone();
+        newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        check(newer, "newer");
+        check(b"hello world, not an artifact at all......................................".to_vec(), "magic");
+        let mut other = good.clone();
+        other[12..16].copy_from_slice(&(Kind::Run as u32).to_le_bytes());
+        // Re-seal the checksum so only the kind is wrong.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&other[..56]);
+        crc.update(&other[HEADER_LEN..]);
+        let c = crc.finalize().to_le_bytes();
+        other[56..60].copy_from_slice(&c);
+        check(other, "is a Run artifact, expected a Probe");
+    }
+
+    #[test]
+    fn provenance_depends_on_stage_config_and_inputs() {
+        let a = Provenance::of("train", &1, &[]);
+        assert_ne!(a, Provenance::of("train", &2, &[]));
+        assert_ne!(a, Provenance::of("prune", &1, &[]));
+        assert_ne!(a, Provenance::of("train", &1, &[a]));
+        assert_eq!(a, Provenance::of("train", &1, &[]));
+        assert_eq!(a.hex().len(), 64);
+    }
+}

@@ -1,0 +1,523 @@
+//! The one training loop and the one evaluation function every stage calls, plus the `Run`
+//! artifact and resumable replicate training.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{self, Artifact, Kind, Provenance};
+use crate::data::{self, Batch, Dataset, ImageSet, Normalization};
+use crate::model::Model;
+use crate::ops;
+use crate::optim::{Schedule, Sgd};
+use crate::params::{Mask, ParamVec};
+use crate::seed::{self, Stream};
+use crate::{Error, Result};
+
+/// Batch size used for evaluation (does not change results, only speed and memory).
+pub const EVAL_BATCH: usize = 1000;
+
+/// Everything that decides how a network is trained. Part of a run's identity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the training set (ignored when `iterations` is set).
+    pub epochs: usize,
+    /// Train for exactly this many SGD steps instead of whole epochs.
+    pub iterations: Option<u64>,
+    /// Examples per SGD step (the last batch of an epoch may be smaller).
+    pub batch_size: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Optimiser settings.
+    pub sgd: Sgd,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Random crop + flip; `None` = the dataset's default (on for CIFAR-10 only).
+    pub augment: Option<bool>,
+    /// Evaluate on the test split every this many epochs (and always after the last); 0 = only at the end.
+    pub eval_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 10,
+            iterations: None,
+            batch_size: 128,
+            lr: 0.01,
+            sgd: Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false },
+            schedule: Schedule::Constant,
+            augment: None,
+            eval_every: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the settings, naming the flag at fault.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::invalid("--batch-size must be at least 1"));
+        }
+        if self.iterations.is_none() && self.epochs == 0 {
+            return Err(Error::invalid("--epochs must be at least 1 (or give --iterations)"));
+        }
+        if self.iterations == Some(0) {
+            return Err(Error::invalid("--iterations must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid(format!("--lr {}: must be a positive number", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.sgd.momentum) {
+            return Err(Error::invalid(format!("--momentum {}: must lie in [0, 1)", self.sgd.momentum)));
+        }
+        if !(self.sgd.weight_decay >= 0.0 && self.sgd.weight_decay.is_finite()) {
+            return Err(Error::invalid(format!("--weight-decay {}: must be >= 0", self.sgd.weight_decay)));
+        }
+        if self.sgd.nesterov && self.sgd.momentum == 0.0 {
+            return Err(Error::invalid("--nesterov needs a non-zero --momentum"));
+        }
+        Ok(())
+    }
+
+    /// (steps per epoch, epochs to run, total steps) for a training set of `n` examples.
+    pub fn plan(&self, n: usize) -> (u64, usize, u64) {
+        let per_epoch = n.div_ceil(self.batch_size) as u64;
+        match self.iterations {
+            Some(it) => (per_epoch, it.div_ceil(per_epoch) as usize, it),
+            None => (per_epoch, self.epochs, per_epoch * self.epochs as u64),
+        }
+    }
+}
+
+/// Loss and accuracy of a network on a set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Eval {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction classified correctly, in [0, 1].
+    pub accuracy: f64,
+    /// Number of examples evaluated.
+    pub count: usize,
+}
+
+/// One row of the training curve.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// SGD steps done so far.
+    pub steps: u64,
+    /// Training images processed so far.
+    pub images_seen: u64,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+    /// Mean training loss over the epoch's steps.
+    pub train_loss: f64,
+    /// Training accuracy over the epoch (on the augmented batches, as seen).
+    pub train_accuracy: f64,
+    /// Test evaluation, when one was due.
+    pub test: Option<Eval>,
+}
+
+/// Resumable state of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Current parameters.
+    pub params: ParamVec,
+    /// Momentum buffer.
+    pub momentum: Vec<f32>,
+    /// Epochs completed.
+    pub epochs_done: usize,
+    /// SGD steps completed.
+    pub steps_done: u64,
+    /// Training images processed.
+    pub images_seen: u64,
+    /// Curve so far.
+    pub curve: Vec<EpochRecord>,
+}
+
+impl TrainState {
+    /// The state before the first step.
+    pub fn start(params: ParamVec) -> TrainState {
+        let momentum = vec![0.0; params.len()];
+        TrainState { params, momentum, epochs_done: 0, steps_done: 0, images_seen: 0, curve: vec![] }
+    }
+}
+
+/// Callbacks from the training loop (progress bars, checkpoints). All methods default to no-ops.
+pub trait Observer {
+    /// After each SGD step.
+    fn on_step(&mut self, _epoch: usize, _step_in_epoch: u64, _steps_per_epoch: u64, _loss: f32) {}
+    /// After each completed epoch; an error aborts training.
+    fn on_epoch(&mut self, _state: &TrainState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that does nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Reusable buffers for gradient computation on one model.
+pub struct GradBuffers {
+    dev: Cpu,
+    /// Gradient of the last call, flat like the parameters.
+    pub grad: Vec<f32>,
+}
+
+impl GradBuffers {
+    /// Buffers for `model`.
+    pub fn new(model: &Model) -> GradBuffers {
+        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()] }
+    }
+}
+
+/// Mean cross-entropy of `model` at `params` on the `n` images `x` (normalised NCHW) with
+/// `labels`, and its gradient w.r.t. the parameters, written to `bufs.grad`. Returns (loss,
+/// number correct).
+pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
+    let s = model.input;
+    let n = labels.len();
+    let dev = bufs.dev.clone();
+    let tensors = model.tensors(&dev, params);
+    let input = dev.tensor_from_vec(x.to_vec(), (n, s.channels, s.height, s.width));
+    let logits = model.forward(&tensors, input.traced(Gradients::leaky()), false);
+    let mut host = vec![0.0f32; n * model.classes];
+    logits.copy_into(&mut host);
+    let (correct, _) = ops::accuracy_counts(&host, model.classes, labels);
+    let loss = ops::cross_entropy(logits, labels);
+    let loss_value = loss.array();
+    let mut grads = loss.backward();
+    for (e, t) in model.layout.entries.iter().zip(&tensors) {
+        let g = grads.get_or_alloc_mut(t).expect("cpu allocation");
+        bufs.grad[e.range()].copy_from_slice(g);
+    }
+    (loss_value, correct)
+}
+
+/// Logits of `model` at `params` for `n` normalised images (no tape).
+pub fn logits(model: &Model, dev: &Cpu, tensors: &[ops::T1], x: Vec<f32>, n: usize) -> Vec<f32> {
+    let s = model.input;
+    let input = dev.tensor_from_vec(x, (n, s.channels, s.height, s.width));
+    let out = model.forward(tensors, input, false);
+    let mut host = vec![0.0f32; n * model.classes];
+    out.copy_into(&mut host);
+    host
+}
+
+/// Loss and accuracy on a whole set (no augmentation), in batches of [`EVAL_BATCH`].
+pub fn evaluate(model: &Model, params: &ParamVec, set: &ImageSet, norm: &Normalization) -> Eval {
+    let dev = Cpu::default();
+    let tensors = model.tensors(&dev, params);
+    let mut batch = Batch::default();
+    let (mut correct, mut loss_sum) = (0usize, 0f64);
+    let idx: Vec<u32> = (0..set.len() as u32).collect();
+    for chunk in idx.chunks(EVAL_BATCH) {
+        data::fill_batch(set, norm, chunk, None, &mut batch);
+        let out = logits(model, &dev, &tensors, std::mem::take(&mut batch.x), chunk.len());
+        let (c, l) = ops::accuracy_counts(&out, model.classes, &batch.labels);
+        correct += c;
+        loss_sum += l;
+    }
+    let count = set.len().max(1);
+    Eval { loss: loss_sum / count as f64, accuracy: correct as f64 / count as f64, count: set.len() }
+}
+
+/// What to train on.
+pub struct TrainData<'a> {
+    /// Training images.
+    pub train: &'a ImageSet,
+    /// Test images, evaluated per `eval_every`.
+    pub test: Option<&'a ImageSet>,
+    /// Normalisation for U8 pixels.
+    pub norm: &'a Normalization,
+    /// Whether to apply random crop + flip.
+    pub augment: bool,
+}
+
+impl<'a> TrainData<'a> {
+    /// Train/test splits of `ds`, with augmentation as `cfg` says (or the dataset's default).
+    pub fn of(ds: &'a Dataset, cfg: &TrainConfig) -> TrainData<'a> {
+        TrainData { train: &ds.train, test: Some(&ds.test), norm: &ds.norm, augment: cfg.augment.unwrap_or(ds.augment_default) }
+    }
+}
+
+/// Trains from `state` to the end of `cfg`, with data order and augmentation drawn from
+/// `data_seed`. Pruned weights (`mask`) are zero after every step. Deterministic: the same inputs
+/// give bit-identical results for any thread count, and resuming from any `on_epoch` state gives
+/// the same end state as an uninterrupted run.
+pub fn fit(
+    model: &Model,
+    mask: &Mask,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    data_seed: u64,
+    mut state: TrainState,
+    observer: &mut dyn Observer,
+) -> Result<TrainState> {
+    cfg.validate()?;
+    mask.validate(&model.layout)?;
+    let n = data.train.len();
+    if n == 0 {
+        return Err(Error::invalid("the training set is empty"));
+    }
+    let (per_epoch, epochs, total_steps) = cfg.plan(n);
+    let mut bufs = GradBuffers::new(model);
+    let mut batch = Batch::default();
+    mask.apply(&mut state.params.data);
+    while state.epochs_done < epochs {
+        let epoch = state.epochs_done;
+        let order = data::epoch_order(n, data_seed, epoch as u64);
+        let mut aug = data.augment.then(|| seed::rng(data_seed, Stream::Augment, epoch as u64));
+        let (mut loss_sum, mut correct, mut seen, mut steps) = (0f64, 0usize, 0usize, 0u64);
+        let mut lr = cfg.lr;
+        for (i, idx) in order.chunks(cfg.batch_size).enumerate() {
+            if state.steps_done >= total_steps {
+                break;
+            }
+            data::fill_batch(data.train, data.norm, idx, aug.as_mut(), &mut batch);
+            let (loss, c) = loss_and_grad(model, &state.params, &batch.x, &batch.labels, &mut bufs);
+            if !loss.is_finite() {
+                return Err(Error::Diverged { epoch, step: i, loss, checkpoint: None });
+            }
+            lr = match cfg.iterations {
+                Some(_) => cfg.schedule.lr(cfg.lr, state.steps_done, total_steps),
+                None => cfg.schedule.lr(cfg.lr, epoch as u64, epochs as u64),
+            };
+            let first = state.steps_done == 0;
+            cfg.sgd.step(&mut state.params.data, &mut bufs.grad, &mut state.momentum, first, lr, mask);
+            state.steps_done += 1;
+            state.images_seen += idx.len() as u64;
+            loss_sum += loss as f64 * idx.len() as f64;
+            correct += c;
+            seen += idx.len();
+            steps += 1;
+            observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
+        }
+        let last = state.epochs_done + 1 == epochs;
+        let due = last || (cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0);
+        let test = match data.test {
+            Some(t) if due => Some(evaluate(model, &state.params, t, data.norm)),
+            _ => None,
+        };
+        let _ = steps;
+        state.curve.push(EpochRecord {
+            epoch: epoch + 1,
+            steps: state.steps_done,
+            images_seen: state.images_seen,
+            lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            test,
+        });
+        state.epochs_done += 1;
+        observer.on_epoch(&state)?;
+    }
+    Ok(state)
+}
+
+/// How a run's parameters start: from a seed (PyTorch default init) or from given parameters and
+/// mask (a ticket).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Start {
+    /// Fresh initialisation from this seed, dense mask.
+    Seed(u64),
+    /// Given starting parameters and mask, identified by the provenance of where they came from.
+    Given {
+        /// Where they came from (e.g. a ticket's provenance).
+        source: Provenance,
+        /// Seed the source was initialised with, for the record.
+        init_seed: u64,
+    },
+}
+
+/// A trained network: the `Run` artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// Architecture bound to its input.
+    pub model: Model,
+    /// Dataset name it was trained on.
+    pub dataset: String,
+    /// Provenance of that dataset (hash of its name for built-in data, the artifact's otherwise).
+    pub dataset_provenance: Provenance,
+    /// How parameters started.
+    pub start: Start,
+    /// Data-order / augmentation seed.
+    pub data_seed: u64,
+    /// Replicate index within its group.
+    pub replicate: usize,
+    /// Training settings.
+    pub config: TrainConfig,
+    /// Mask (dense unless trained from a ticket).
+    pub mask: Mask,
+    /// Final parameters.
+    pub params: ParamVec,
+    /// Per-epoch curve.
+    pub curve: Vec<EpochRecord>,
+    /// Training images processed.
+    pub images_seen: u64,
+    /// Wall-clock seconds of training (the one field that differs between identical runs).
+    pub seconds: f64,
+}
+
+impl Artifact for Run {
+    const KIND: Kind = Kind::Run;
+}
+
+impl Run {
+    /// Test accuracy after the last epoch (NaN when no test split was evaluated).
+    pub fn final_test_accuracy(&self) -> f64 {
+        self.curve.last().and_then(|r| r.test).map_or(f64::NAN, |e| e.accuracy)
+    }
+    /// Training loss of the last epoch.
+    pub fn final_train_loss(&self) -> f64 {
+        self.curve.last().map_or(f64::NAN, |r| r.train_loss)
+    }
+}
+
+/// Training state saved next to an unfinished output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Provenance of the run this state belongs to; a checkpoint of other settings is ignored.
+    pub run: Provenance,
+    /// The state after the last completed epoch.
+    pub state: TrainState,
+}
+
+impl Artifact for Checkpoint {
+    const KIND: Kind = Kind::Checkpoint;
+}
+
+/// Everything that identifies one replicate run.
+pub struct RunRequest<'a> {
+    /// Architecture.
+    pub model: &'a Model,
+    /// Data.
+    pub dataset: &'a Dataset,
+    /// Provenance of the dataset.
+    pub dataset_provenance: Provenance,
+    /// Starting parameters (already initialised or from a ticket).
+    pub init: ParamVec,
+    /// How they were obtained.
+    pub start: Start,
+    /// Mask.
+    pub mask: Mask,
+    /// Settings.
+    pub config: TrainConfig,
+    /// Data-order seed.
+    pub data_seed: u64,
+    /// Replicate index.
+    pub replicate: usize,
+}
+
+#[derive(Serialize)]
+struct RunIdentity<'a> {
+    model: &'a Model,
+    start: &'a Start,
+    config: &'a TrainConfig,
+    data_seed: u64,
+    augment: bool,
+}
+
+impl RunRequest<'_> {
+    /// The provenance of the run this request produces.
+    pub fn provenance(&self) -> Provenance {
+        let augment = self.config.augment.unwrap_or(self.dataset.augment_default);
+        let id = RunIdentity { model: self.model, start: &self.start, config: &self.config, data_seed: self.data_seed, augment };
+        let mask_hash = Provenance::of("mask", &self.mask.keep, &[]);
+        Provenance::of("train", &id, &[self.dataset_provenance, mask_hash])
+    }
+}
+
+/// Path of the checkpoint kept next to `out` while it is being produced.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".ckpt");
+    PathBuf::from(s)
+}
+
+struct Checkpointer<'a> {
+    path: Option<&'a Path>,
+    run: Provenance,
+    inner: &'a mut dyn Observer,
+    last_write: Instant,
+}
+
+impl Observer for Checkpointer<'_> {
+    fn on_step(&mut self, e: usize, s: u64, n: u64, l: f32) {
+        self.inner.on_step(e, s, n, l)
+    }
+    fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
+        // Epochs shorter than a second are checkpointed at most once a second: resuming from an
+        // earlier epoch gives the same result, only a little later.
+        if let Some(p) = self.path {
+            if self.last_write.elapsed().as_secs_f64() >= 1.0 || state.epochs_done == 1 {
+                let ck = Checkpoint { run: self.run, state: state.clone() };
+                artifact::write(p, &ck, self.run)?;
+                self.last_write = Instant::now();
+            }
+        }
+        self.inner.on_epoch(state)
+    }
+}
+
+/// Trains one replicate, writing `out` atomically when done. With `out` given, a checkpoint
+/// `out.ckpt` is kept while training, a killed run resumes from it, and an existing `out` with the
+/// same provenance is returned as is (unless `fresh`).
+pub fn train_run(req: &RunRequest, out: Option<&Path>, fresh: bool, observer: &mut dyn Observer) -> Result<(Run, Provenance, bool)> {
+    let prov = req.provenance();
+    if let (Some(out), false) = (out, fresh) {
+        if out.exists() {
+            if let Ok((h, run)) = artifact::read::<Run>(out) {
+                if h.provenance == prov {
+                    return Ok((run, prov, true));
+                }
+            }
+        }
+    }
+    let ckpt = out.map(checkpoint_path);
+    let mut state = TrainState::start(req.init.clone());
+    if let (Some(ck), false) = (&ckpt, fresh) {
+        if ck.exists() {
+            match artifact::read::<Checkpoint>(ck) {
+                Ok((_, c)) if c.run == prov => state = c.state,
+                _ => {} // stale or damaged checkpoint of other settings: start over
+            }
+        }
+    }
+    let started = Instant::now();
+    let data = TrainData::of(req.dataset, &req.config);
+    let mut cp = Checkpointer { path: ckpt.as_deref(), run: prov, inner: observer, last_write: Instant::now() };
+    let state = match fit(req.model, &req.mask, &data, &req.config, req.data_seed, state, &mut cp) {
+        Ok(s) => s,
+        Err(Error::Diverged { epoch, step, loss, .. }) => {
+            let kept = ckpt.filter(|c| c.exists());
+            return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
+        }
+        Err(e) => return Err(e),
+    };
+    let run = Run {
+        model: req.model.clone(),
+        dataset: req.dataset.name.clone(),
+        dataset_provenance: req.dataset_provenance,
+        start: req.start.clone(),
+        data_seed: req.data_seed,
+        replicate: req.replicate,
+        config: req.config.clone(),
+        mask: req.mask.clone(),
+        params: state.params,
+        curve: state.curve,
+        images_seen: state.images_seen,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if let Some(out) = out {
+        artifact::write(out, &run, prov)?;
+        if let Some(ck) = &ckpt {
+            let _ = std::fs::remove_file(ck);
+        }
+    }
+    Ok((run, prov, false))
+}

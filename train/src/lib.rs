@@ -1,0 +1,34 @@
+//! `lmc-train`: the foundation every `lmc` stage stands on.
+//!
+//! - [`data`]: the built-in digits set, MNIST / Fashion-MNIST (IDX) and CIFAR-10 (binary), with
+//!   per-dataset normalisation, seeded shuffling, batching and CIFAR augmentation.
+//! - [`ops`]: the differentiable ops dfdx 0.13 lacks on stable Rust (conv2d, average pooling,
+//!   instance norm) plus a GEMM-backed linear layer, all recorded on dfdx's tape.
+//! - [`params`]: [`params::ParamVec`], the named flat parameter vector every later stage thinks in,
+//!   and [`params::Mask`] over its prunable entries.
+//! - [`model`]: [`model::ModelSpec`] (MLP, LeNet-300-100, ConvNet-D) and its forward pass.
+//! - [`optim`] and [`fit`]: SGD with momentum / weight decay / Nesterov, schedules, the one training
+//!   loop and the one evaluation function.
+//! - [`artifact`]: the versioned, checksummed envelope every artifact is written in.
+//!
+//! ```no_run
+//! use lmc_train::{data, model::ModelSpec, fit::{TrainConfig, train_run}};
+//! let ds = data::load(data::DatasetName::Digits, None).unwrap();
+//! let spec: ModelSpec = "mlp:64".parse().unwrap();
+//! let cfg = TrainConfig { epochs: 5, ..TrainConfig::default() };
+//! let run = train_run(&spec, &ds, &cfg, 0, 0, None, None).unwrap();
+//! println!("test accuracy {}", run.final_test_accuracy());
+//! ```
+#![deny(missing_docs)]
+
+pub mod artifact;
+pub mod data;
+pub mod error;
+pub mod fit;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod seed;
+
+pub use error::{Error, Result};

@@ -1,0 +1,298 @@
+//! 2-D convolution (stride 1, zero padding) as im2col + `gemm`, one sample at a time.
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, Layout, Par};
+use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+
+/// The hyper-parameters of [`conv2d`] (stride is always 1, padding is zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dCfg {
+    /// Output channels (the weight is (out_channels, in_channels, kernel, kernel)).
+    pub out_channels: usize,
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+}
+
+/// The sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    /// Rows of the im2col matrix: cin * k * k.
+    fn kd(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+    /// Output pixels per channel: ho * wo.
+    fn pd(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// A 1x1 kernel without padding needs no im2col: the input is the column matrix.
+    fn direct(&self) -> bool {
+        self.k == 1 && self.p == 0
+    }
+    /// For output column `kx` of the kernel: the output columns `ox0..ox1` read inside the
+    /// image (the others read padding), and `ix0`, the input column read at `ox0`.
+    fn cols(&self, kx: usize) -> (usize, usize, usize) {
+        let ox0 = self.p.saturating_sub(kx).min(self.wo);
+        let ox1 = (self.w + self.p).saturating_sub(kx).min(self.wo).max(ox0);
+        // ox0 + kx >= p whenever the range is non-empty; saturate for the empty case.
+        (ox0, ox1, (ox0 + kx).saturating_sub(self.p))
+    }
+    /// The input row read by output row `oy` at kernel row `ky`, if inside the image.
+    fn row(&self, oy: usize, ky: usize) -> Option<usize> {
+        let iy = (oy + ky).checked_sub(self.p)?;
+        (iy < self.h).then_some(iy)
+    }
+}
+
+/// Fills `col` (kd x pd, row-major) from one sample `x` (cin x h x w).
+fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    let (pd, wo, k) = (g.pd(), g.wo, g.k);
+    for ci in 0..g.cin {
+        let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let r = (ci * k + ky) * k + kx;
+                let row = &mut col[r * pd..(r + 1) * pd];
+                let (ox0, ox1, ix0) = g.cols(kx);
+                for oy in 0..g.ho {
+                    let seg = &mut row[oy * wo..(oy + 1) * wo];
+                    match g.row(oy, ky) {
+                        None => seg.fill(0.0),
+                        Some(iy) => {
+                            seg[..ox0].fill(0.0);
+                            seg[ox1..].fill(0.0);
+                            let src = iy * g.w + ix0;
+                            seg[ox0..ox1].copy_from_slice(&xc[src..src + (ox1 - ox0)]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column-matrix gradient `col` (kd x pd) into one sample's input gradient `dx`.
+fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
+    let (pd, wo, k) = (g.pd(), g.wo, g.k);
+    for ci in 0..g.cin {
+        let dxc = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let r = (ci * k + ky) * k + kx;
+                let row = &col[r * pd..(r + 1) * pd];
+                let (ox0, ox1, ix0) = g.cols(kx);
+                for oy in 0..g.ho {
+                    if let Some(iy) = g.row(oy, ky) {
+                        let seg = &row[oy * wo + ox0..oy * wo + ox1];
+                        let dst = &mut dxc[iy * g.w + ix0..iy * g.w + ix0 + (ox1 - ox0)];
+                        for (d, s) in dst.iter_mut().zip(seg) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 2-D convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, k, k) and optional bias `b`
+/// (Cout), stride 1, zero padding `cfg.padding`: output (N, Cout, H + 2p - k + 1, W + 2p - k + 1),
+/// like PyTorch's `Conv2d`.
+///
+/// With `input_grad == false` the backward pass skips the input gradient (x's gradient is still
+/// allocated, as zeros): the first layer of a network never needs it.
+///
+/// Samples run in parallel; the weight and bias gradients are summed per fixed group of samples
+/// and the groups reduced in order, so results are bit-identical for any thread count.
+pub fn conv2d<Tp: Tape<f32, Cpu>>(
+    x: T4<Tp>,
+    w: &T1,
+    b: Option<&T1>,
+    cfg: Conv2dCfg,
+    input_grad: bool,
+) -> T4<Tp> {
+    let x = x.contiguous();
+    let (n, cin, h, wd) = *x.shape();
+    let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
+    assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {:?}", x.shape());
+    assert!(cout > 0 && k > 0, "conv2d: bad config {cfg:?}");
+    assert!(h + 2 * p >= k && wd + 2 * p >= k, "conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})");
+    let g = Geom { cin, h, w: wd, k, p, ho: h + 2 * p + 1 - k, wo: wd + 2 * p + 1 - k };
+    let (kd, pd) = (g.kd(), g.pd());
+    assert_eq!(w.shape().0, cout * kd, "conv2d: weight has {} elements, expected {cout}x{cin}x{k}x{k}", w.shape().0);
+    if let Some(b) = b {
+        assert_eq!(b.shape().0, cout, "conv2d: bias has {} elements, expected {cout}", b.shape().0);
+    }
+    let (x, mut tape) = x.split_tape();
+    let xv = read(&x);
+    let wv = read(w);
+    let bv = b.map(read);
+    let (xs, ys) = (cin * h * wd, cout * pd);
+    let col_len = if g.direct() { 0 } else { kd * pd };
+
+    // Forward: y_n (cout x pd) = [b +] W (cout x kd) * col_n (kd x pd).
+    let mut y = vec![0.0f32; n * ys];
+    let forward = |ni: usize, yn: &mut [f32], col: &mut [f32], par: Par| {
+        if let Some(bv) = &bv {
+            for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
+                row.fill(bv[co]);
+            }
+        }
+        let xn = &xv[ni * xs..(ni + 1) * xs];
+        let cm: &[f32] = if g.direct() {
+            xn
+        } else {
+            im2col(&g, xn, col);
+            col
+        };
+        let pl = Layout::row_major(pd);
+        sgemm(cout, pd, kd, yn, pl, bv.is_some(), &wv, Layout::row_major(kd), cm, pl, par);
+    };
+    if tasks_in_parallel(n) {
+        y.par_chunks_mut(ys)
+            .enumerate()
+            .for_each(|(ni, yn)| with_scratch(col_len, |col| forward(ni, yn, col, Par::Seq)));
+    } else {
+        with_scratch(col_len, |col| {
+            for (ni, yn) in y.chunks_mut(ys).enumerate() {
+                forward(ni, yn, col, Par::Pool);
+            }
+        });
+    }
+    let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
+
+    if Tp::OWNS_TAPE {
+        let (x_g, w_g, out_g) = (x.ghost(), w.ghost(), out.ghost());
+        let b_g = b.map(|b| b.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy = take_grad!(grads, out_g);
+            let has_bias = b_g.is_some();
+            // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
+            // when `dx` is given, adds the input gradient of its samples into it.
+            let dcol_len = if input_grad { col_len } else { 0 };
+            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
+                let (col, dcol) = buf.split_at_mut(col_len);
+                let s0 = c * BATCH_CHUNK;
+                let s1 = (s0 + BATCH_CHUNK).min(n);
+                let mut dw = vec![0.0f32; cout * kd];
+                let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
+                let mut dx = dx;
+                for ni in s0..s1 {
+                    let dyn_ = &dy[ni * ys..(ni + 1) * ys];
+                    let xn = &xv[ni * xs..(ni + 1) * xs];
+                    let cm: &[f32] = if g.direct() {
+                        xn
+                    } else {
+                        im2col(&g, xn, col);
+                        col
+                    };
+                    // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
+                    sgemm(
+                        cout,
+                        kd,
+                        pd,
+                        &mut dw,
+                        Layout::row_major(kd),
+                        ni > s0,
+                        dyn_,
+                        Layout::row_major(pd),
+                        cm,
+                        Layout::transposed(pd),
+                        par,
+                    );
+                    if has_bias {
+                        for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
+                            *d += sum_f32(row);
+                        }
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
+                        // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
+                        let (dst, acc): (&mut [f32], bool) =
+                            if g.direct() { (dxn, true) } else { (dcol, false) };
+                        sgemm(
+                            kd,
+                            pd,
+                            cout,
+                            dst,
+                            Layout::row_major(pd),
+                            acc,
+                            &wv,
+                            Layout::transposed(kd),
+                            dyn_,
+                            Layout::row_major(pd),
+                            par,
+                        );
+                        if !g.direct() {
+                            col2im_add(&g, dcol, dxn);
+                        }
+                    }
+                }
+                (dw, db)
+            };
+            let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
+                with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
+            };
+            let groups = n.div_ceil(BATCH_CHUNK);
+            let partials: Vec<(Vec<f32>, Vec<f32>)> = {
+                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
+                let gx = BATCH_CHUNK * xs;
+                match (tasks_in_parallel(groups), input_grad) {
+                    (true, true) => dx
+                        .par_chunks_mut(gx)
+                        .enumerate()
+                        .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
+                        .collect(),
+                    (true, false) => (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect(),
+                    (false, true) => {
+                        dx.chunks_mut(gx).enumerate().map(|(c, dxc)| group(c, Some(dxc), Par::Pool)).collect()
+                    }
+                    (false, false) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
+                }
+            };
+            drop(dy);
+            // Reduce the groups in order, then add the total into the parameter gradients.
+            let mut it = partials.into_iter();
+            if let Some((mut dw_tot, mut db_tot)) = it.next() {
+                for (dw, db) in it {
+                    for (t, v) in dw_tot.iter_mut().zip(&dw) {
+                        *t += v;
+                    }
+                    for (t, v) in db_tot.iter_mut().zip(&db) {
+                        *t += v;
+                    }
+                }
+                let dw: &mut Vec<f32> = grads.get_or_alloc_mut(&w_g)?;
+                for (d, v) in dw.iter_mut().zip(&dw_tot) {
+                    *d += v;
+                }
+                if let Some(b_g) = &b_g {
+                    let db: &mut Vec<f32> = grads.get_or_alloc_mut(b_g)?;
+                    for (d, v) in db.iter_mut().zip(&db_tot) {
+                        *d += v;
+                    }
+                }
+            } else {
+                grads.get_or_alloc_mut(&w_g)?;
+                if let Some(b_g) = &b_g {
+                    grads.get_or_alloc_mut(b_g)?;
+                }
+            }
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}

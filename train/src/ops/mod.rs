@@ -1,0 +1,133 @@
+//! Differentiable ops recorded on dfdx's tape (dfdx 0.13 gates conv/pool behind `nightly`, which no
+//! longer compiles, and has no instance norm; its public tape API lets us add them).
+//!
+//! INTERFACE CONTRACT (the model and later stages rely on it):
+//! - Activations are contiguous row-major dfdx tensors with dynamic shapes: [`T4`] = (N, C, H, W),
+//!   [`T2`] = (N, F). Parameters are flat 1-D tensors ([`T1`], no tape) laid out like PyTorch's:
+//!   linear weight (out, in), conv weight (cout, cin, k, k).
+//! - The traced activation comes first; parameter gradients are *added* into
+//!   `grads.get_or_alloc_mut(&param)`, so a caller reads them after `backward()`.
+//! - Results are bit-identical for any rayon thread count (batch reductions use fixed groups).
+//! - Every op reads its input with one `memcpy` (`Tensor::copy_into`: dfdx 0.13 keeps its
+//!   buffer-access trait crate-private) after `contiguous()` (free for a contiguous tensor, a
+//!   strided copy otherwise), and builds its output with `tensor_from_vec` (no copy).
+
+use dfdx::prelude::{Cpu, Tensor};
+
+/// A parameter: a flat 1-D tensor without a tape.
+pub type T1 = Tensor<(usize,), f32, Cpu>;
+/// A 2-D activation (N, F) on tape `Tp`.
+pub type T2<Tp> = Tensor<(usize, usize), f32, Cpu, Tp>;
+/// A 4-D activation (N, C, H, W) on tape `Tp`.
+pub type T4<Tp> = Tensor<(usize, usize, usize, usize), f32, Cpu, Tp>;
+
+/// `std::mem::take`s the gradient of `$ghost` out of `$grads` (allocating zeros if absent), as a
+/// plain `Vec<f32>`; leaves an empty vector behind, so the memory is freed early.
+macro_rules! take_grad {
+    ($grads:expr, $ghost:expr) => {
+        std::mem::take(&mut **$grads.get_or_alloc_mut(&$ghost)?)
+    };
+}
+
+mod act;
+mod conv;
+mod gemm;
+mod linear;
+mod loss;
+mod norm;
+mod pool;
+
+pub use act::{flatten, relu, relu2};
+pub use conv::{conv2d, Conv2dCfg};
+pub use linear::linear;
+pub use loss::{accuracy_counts, cross_entropy, mse_loss};
+pub use norm::instance_norm;
+pub use pool::avg_pool2d;
+
+use dfdx::prelude::{HasShape, Shape};
+
+/// Samples per task in batch-parallel loops whose results are reduced over the batch (conv
+/// weight gradients): a constant, so the reduction order never depends on the thread count.
+pub(crate) const BATCH_CHUNK: usize = 8;
+
+/// The tensor's elements in row-major order (one `memcpy`; the tensor must be contiguous).
+pub(crate) fn read<S: Shape, Tp>(t: &Tensor<S, f32, Cpu, Tp>) -> Vec<f32> {
+    let mut v = vec![0.0f32; t.shape().num_elements()];
+    t.copy_into(&mut v);
+    v
+}
+
+/// Elements per parallel task in elementwise loops.
+pub(crate) const ELEM_CHUNK: usize = 1 << 15;
+
+/// Sum of `v` in a fixed order (16 interleaved f32 partial sums, then combined pairwise), so
+/// the compiler can vectorise it and the result never depends on threads.
+pub(crate) fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    for (j, x) in it.remainder().iter().enumerate() {
+        acc[j] += x;
+    }
+    combine16(acc)
+}
+
+/// Combines 16 partial sums pairwise in a fixed order.
+pub(crate) fn combine16<T: Copy + std::ops::Add<Output = T>>(mut a: [T; 16]) -> T {
+    let mut w = 8;
+    while w > 0 {
+        for j in 0..w {
+            a[j] = a[j] + a[j + w];
+        }
+        w /= 2;
+    }
+    a[0]
+}
+
+/// Sum of `v` in f64, in a fixed order (see [`sum_f32`]).
+pub(crate) fn sum_f64(v: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 16];
+    let mut it = v.chunks_exact(16);
+    for c in &mut it {
+        for j in 0..16 {
+            acc[j] += c[j] as f64;
+        }
+    }
+    for (j, x) in it.remainder().iter().enumerate() {
+        acc[j] += *x as f64;
+    }
+    combine16(acc)
+}
+
+/// Whether batch-parallel loops over `tasks` tasks should run as rayon tasks (each calling
+/// `gemm` single-threaded) rather than one after another (each `gemm` using the whole pool).
+/// Either way the arithmetic is the same, so results do not depend on the choice.
+pub(crate) fn tasks_in_parallel(tasks: usize) -> bool {
+    let t = rayon::current_num_threads();
+    t > 1 && tasks >= t
+}
+
+thread_local! {
+    /// Per-thread scratch memory for im2col buffers, reused across calls (so rayon workers do
+    /// not allocate and page-fault megabytes per task). Holds the largest size asked for.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` floats of this thread's scratch memory (arbitrary contents: `f` must
+/// overwrite what it reads). A nested call on the same thread (possible when a rayon worker
+/// steals a job while waiting) gets a fresh allocation instead.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0f32; len]),
+    })
+}
