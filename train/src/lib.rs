@@ -12,12 +12,15 @@
 //! - [`artifact`]: the versioned, checksummed envelope every artifact is written in.
 //!
 //! ```no_run
-//! use lmc_train::{data, model::ModelSpec, fit::{TrainConfig, train_run}};
+//! use lmc_train::{data, fit, model::{Model, ModelSpec}, params::Mask};
 //! let ds = data::load(data::DatasetName::Digits, None).unwrap();
 //! let spec: ModelSpec = "mlp:64".parse().unwrap();
-//! let cfg = TrainConfig { epochs: 5, ..TrainConfig::default() };
-//! let run = train_run(&spec, &ds, &cfg, 0, 0, None, None).unwrap();
-//! println!("test accuracy {}", run.final_test_accuracy());
+//! let model = Model::new(&spec, ds.train.shape, ds.classes).unwrap();
+//! let cfg = fit::TrainConfig { epochs: 5, lr: 0.05, ..Default::default() };
+//! let data = fit::TrainData::of(&ds, &cfg);
+//! let state = fit::fit(&model, &Mask::dense(&model.layout), &data, &cfg, 0,
+//!                      fit::TrainState::start(model.init(0)), &mut fit::Silent).unwrap();
+//! println!("test accuracy {:?}", state.curve.last().unwrap().test);
 //! ```
 #![deny(missing_docs)]
 

@@ -9,8 +9,8 @@
 use dfdx::prelude::*;
 // Explicit names: `relu` and `mse_loss` also exist in dfdx's prelude, and an explicit import wins.
 use lmc_train::ops::{
-    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss, relu, relu2,
-    Conv2dCfg, T1, T2, T4,
+    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss,
+    relu, relu2, Conv2dCfg, T1, T2, T4,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +42,10 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// `sum(y * r)` as a tape op (test-side, so the harness works for any output shape).
-fn dot_loss<S: Shape, Tp: Tape<f32, Cpu>>(y: Tensor<S, f32, Cpu, Tp>, r: &[f32]) -> Tensor<(), f32, Cpu, Tp> {
+fn dot_loss<S: Shape, Tp: Tape<f32, Cpu>>(
+    y: Tensor<S, f32, Cpu, Tp>,
+    r: &[f32],
+) -> Tensor<(), f32, Cpu, Tp> {
     let (y, mut tape) = y.split_tape();
     let yv = vec_of(&y);
     assert_eq!(yv.len(), r.len());
@@ -66,7 +69,11 @@ trait Op {
     type X: Shape;
     type Y: Shape;
     fn x_shape(&self) -> Self::X;
-    fn run<Tp: Tape<f32, Cpu>>(&self, x: Tensor<Self::X, f32, Cpu, Tp>, ps: &[T1]) -> Tensor<Self::Y, f32, Cpu, Tp>;
+    fn run<Tp: Tape<f32, Cpu>>(
+        &self,
+        x: Tensor<Self::X, f32, Cpu, Tp>,
+        ps: &[T1],
+    ) -> Tensor<Self::Y, f32, Cpu, Tp>;
 }
 
 fn params(ps: &[Vec<f32>]) -> Vec<T1> {
@@ -81,11 +88,20 @@ fn forward<O: Op>(op: &O, x: &[f32], ps: &[Vec<f32>]) -> Vec<f32> {
 
 /// `sum(out * r)` in f64, without a tape.
 fn loss<O: Op>(op: &O, x: &[f32], ps: &[Vec<f32>], r: &[f32]) -> f64 {
-    forward(op, x, ps).iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    forward(op, x, ps)
+        .iter()
+        .zip(r)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum()
 }
 
 /// Output (traced run), input gradient and parameter gradients of `sum(out * r)`.
-fn grads<O: Op>(op: &O, x: &[f32], ps: &[Vec<f32>], r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+fn grads<O: Op>(
+    op: &O,
+    x: &[f32],
+    ps: &[Vec<f32>],
+    r: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
     let xt = dev().tensor_from_vec(x.to_vec(), op.x_shape());
     let pts = params(ps);
     let y = op.run(xt.leaky_trace(), &pts);
@@ -101,10 +117,19 @@ fn fd_err(l: impl Fn(&[f32]) -> f64, x0: &[f32], g: &[f32], eps: f32, seed: u64)
     let v = rv(x0.len(), seed);
     let xp: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a + eps * b).collect();
     let xm: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a - eps * b).collect();
-    let an: f64 = g.iter().zip(xp.iter().zip(&xm)).map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64)).sum();
+    let an: f64 = g
+        .iter()
+        .zip(xp.iter().zip(&xm))
+        .map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64))
+        .sum();
     let fd = l(&xp) - l(&xm);
     let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let dn = xp.iter().zip(&xm).map(|(p, m)| (*p as f64 - *m as f64).powi(2)).sum::<f64>().sqrt();
+    let dn = xp
+        .iter()
+        .zip(&xm)
+        .map(|(p, m)| (*p as f64 - *m as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let scale = an.abs().max(fd.abs()).max(1e-3 * gn * dn).max(1e-30);
     (fd - an).abs() / scale
 }
@@ -112,16 +137,31 @@ fn fd_err(l: impl Fn(&[f32]) -> f64, x0: &[f32], g: &[f32], eps: f32, seed: u64)
 /// Checks the gradients w.r.t. the input (if `check_x`) and every parameter by finite differences
 /// with step `eps` and relative tolerance `tol`; also checks the traced forward equals the untraced
 /// one bit for bit. Returns the gradients for further checks.
-fn grad_check<O: Op>(name: &str, op: &O, x: &[f32], ps: &[Vec<f32>], eps: f32, tol: f64, check_x: bool) -> (Vec<f32>, Vec<Vec<f32>>) {
+fn grad_check<O: Op>(
+    name: &str,
+    op: &O,
+    x: &[f32],
+    ps: &[Vec<f32>],
+    eps: f32,
+    tol: f64,
+    check_x: bool,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
     let y0 = forward(op, x, ps);
     let r = rv(y0.len(), 1234);
     let (yt, gx, gps) = grads(op, x, ps, &r);
-    assert_eq!(bits(&y0), bits(&yt), "{name}: traced and untraced forward differ");
+    assert_eq!(
+        bits(&y0),
+        bits(&yt),
+        "{name}: traced and untraced forward differ"
+    );
     assert_eq!(gx.len(), x.len(), "{name}: input gradient size");
     if check_x {
         for seed in [11, 12] {
             let e = fd_err(|xx| loss(op, xx, ps, &r), x, &gx, eps, seed);
-            assert!(e < tol, "{name}: input gradient rel. error {e:.3e} >= {tol:.0e}");
+            assert!(
+                e < tol,
+                "{name}: input gradient rel. error {e:.3e} >= {tol:.0e}"
+            );
         }
     }
     for (i, (p, gp)) in ps.iter().zip(&gps).enumerate() {
@@ -137,7 +177,10 @@ fn grad_check<O: Op>(name: &str, op: &O, x: &[f32], ps: &[Vec<f32>], eps: f32, t
             eps,
             100 + i as u64,
         );
-        assert!(e < tol, "{name}: param {i} gradient rel. error {e:.3e} >= {tol:.0e}");
+        assert!(
+            e < tol,
+            "{name}: param {i} gradient rel. error {e:.3e} >= {tol:.0e}"
+        );
     }
     (gx, gps)
 }
@@ -145,7 +188,10 @@ fn grad_check<O: Op>(name: &str, op: &O, x: &[f32], ps: &[Vec<f32>], eps: f32, t
 fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{name}: element {i}: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{name}: element {i}: got {g}, want {w}"
+        );
     }
 }
 
@@ -165,7 +211,13 @@ impl Op for ConvOp {
         self.x
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
-        conv2d(x, &ps[0], if self.bias { Some(&ps[1]) } else { None }, self.cfg, self.input_grad)
+        conv2d(
+            x,
+            &ps[0],
+            if self.bias { Some(&ps[1]) } else { None },
+            self.cfg,
+            self.input_grad,
+        )
     }
 }
 impl ConvOp {
@@ -289,8 +341,16 @@ impl Op for NetOp {
         (3, 2, 6, 6)
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> Tensor<(), f32, Cpu, Tp> {
-        let c1 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
-        let c2 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
+        let c1 = Conv2dCfg {
+            out_channels: 4,
+            kernel: 3,
+            padding: 1,
+        };
+        let c2 = Conv2dCfg {
+            out_channels: 4,
+            kernel: 3,
+            padding: 1,
+        };
         let h = conv2d(x, &ps[0], None, c1, false);
         let h = instance_norm(h, &ps[1], &ps[2], 1e-5);
         let h = relu(h);
@@ -306,7 +366,15 @@ impl Op for NetOp {
 // Naive references.
 
 #[allow(clippy::too_many_arguments)]
-fn naive_conv(x: &[f32], (n, cin, h, w): S4, wt: &[f32], b: Option<&[f32]>, cout: usize, k: usize, p: usize) -> Vec<f32> {
+fn naive_conv(
+    x: &[f32],
+    (n, cin, h, w): S4,
+    wt: &[f32],
+    b: Option<&[f32]>,
+    cout: usize,
+    k: usize,
+    p: usize,
+) -> Vec<f32> {
     let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
     let mut y = vec![0.0f32; n * cout * ho * wo];
     for ni in 0..n {
@@ -361,7 +429,10 @@ fn naive_norm(x: &[f32], (n, c, h, w): S4, g: &[f32], b: &[f32], eps: f64) -> Ve
         let mean = xs.iter().map(|v| *v as f64).sum::<f64>() / m as f64;
         let var = xs.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
         for v in xs {
-            y.push(((*v as f64 - mean) / (var + eps).sqrt() * g[pl % c] as f64 + b[pl % c] as f64) as f32);
+            y.push(
+                ((*v as f64 - mean) / (var + eps).sqrt() * g[pl % c] as f64 + b[pl % c] as f64)
+                    as f32,
+            );
         }
     }
     y
@@ -371,7 +442,9 @@ fn naive_linear(x: &[f32], n: usize, inf: usize, w: &[f32], b: &[f32], outf: usi
     let mut y = vec![];
     for ni in 0..n {
         for o in 0..outf {
-            let s: f64 = (0..inf).map(|i| x[ni * inf + i] as f64 * w[o * inf + i] as f64).sum();
+            let s: f64 = (0..inf)
+                .map(|i| x[ni * inf + i] as f64 * w[o * inf + i] as f64)
+                .sum();
             y.push((s + b[o] as f64) as f32);
         }
     }
@@ -388,7 +461,17 @@ fn conv2d_hand_computed() {
     let op = |w: &[f32], b: Option<f32>, k: usize, p: usize| {
         let xt = dev().tensor_from_vec(x.clone(), (1, 1, 3, 3));
         let bt = b.map(|b| t1(&[b]));
-        vec_of(&conv2d(xt, &t1(w), bt.as_ref(), Conv2dCfg { out_channels: 1, kernel: k, padding: p }, true))
+        vec_of(&conv2d(
+            xt,
+            &t1(w),
+            bt.as_ref(),
+            Conv2dCfg {
+                out_channels: 1,
+                kernel: k,
+                padding: p,
+            },
+            true,
+        ))
     };
     // All-ones 3x3 kernel, padding 1, bias 0.5: each output is the sum of the in-image 3x3
     // neighbourhood, e.g. corner 1+2+4+5 = 12, centre 1+...+9 = 45.
@@ -399,11 +482,17 @@ fn conv2d_hand_computed() {
     // x[oy - 1][ox - 1], so the output is x shifted down-right: [[0,0,0],[0,1,2],[0,4,5]].
     let mut w = [0.0; 9];
     w[0] = 1.0;
-    assert_eq!(op(&w, None, 3, 1), [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 4.0, 5.0]);
+    assert_eq!(
+        op(&w, None, 3, 1),
+        [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 4.0, 5.0]
+    );
     // 2x2 kernel [[1,2],[3,4]], no padding -> 2x2 output:
     // (0,0) = 1*1 + 2*2 + 3*4 + 4*5 = 37, (0,1) = 1*2 + 2*3 + 3*5 + 4*6 = 47,
     // (1,0) = 1*4 + 2*5 + 3*7 + 4*8 = 67, (1,1) = 1*5 + 2*6 + 3*8 + 4*9 = 77.
-    assert_eq!(op(&[1.0, 2.0, 3.0, 4.0], None, 2, 0), [37.0, 47.0, 67.0, 77.0]);
+    assert_eq!(
+        op(&[1.0, 2.0, 3.0, 4.0], None, 2, 0),
+        [37.0, 47.0, 67.0, 77.0]
+    );
 }
 
 #[test]
@@ -416,7 +505,16 @@ fn conv2d_matches_naive() {
         ((2, 3, 4, 4), 2, 2, 1, false),
         ((10, 3, 5, 5), 4, 3, 1, true), // more than one sample group
     ] {
-        let op = ConvOp { x, cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p }, bias, input_grad: true };
+        let op = ConvOp {
+            x,
+            cfg: Conv2dCfg {
+                out_channels: cout,
+                kernel: k,
+                padding: p,
+            },
+            bias,
+            input_grad: true,
+        };
         let ps = op.params(7);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 3);
         let y = forward(&op, &xv, &ps);
@@ -437,19 +535,50 @@ fn conv2d_gradients() {
         ((2, 3, 4, 4), 2, 2, 1, false),
         ((10, 3, 5, 5), 4, 3, 1, true),
     ] {
-        let op = ConvOp { x, cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p }, bias, input_grad: true };
+        let op = ConvOp {
+            x,
+            cfg: Conv2dCfg {
+                out_channels: cout,
+                kernel: k,
+                padding: p,
+            },
+            bias,
+            input_grad: true,
+        };
         let ps = op.params(5);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 9);
-        grad_check(&format!("conv {x:?} k{k} p{p}"), &op, &xv, &ps, 1e-2, 1e-2, true);
+        grad_check(
+            &format!("conv {x:?} k{k} p{p}"),
+            &op,
+            &xv,
+            &ps,
+            1e-2,
+            1e-2,
+            true,
+        );
     }
 }
 
 #[test]
 fn conv2d_without_input_grad() {
     let x = (3, 2, 5, 5);
-    let cfg = Conv2dCfg { out_channels: 3, kernel: 3, padding: 1 };
-    let with = ConvOp { x, cfg, bias: true, input_grad: true };
-    let without = ConvOp { x, cfg, bias: true, input_grad: false };
+    let cfg = Conv2dCfg {
+        out_channels: 3,
+        kernel: 3,
+        padding: 1,
+    };
+    let with = ConvOp {
+        x,
+        cfg,
+        bias: true,
+        input_grad: true,
+    };
+    let without = ConvOp {
+        x,
+        cfg,
+        bias: true,
+        input_grad: false,
+    };
     let ps = with.params(1);
     let xv = rv(150, 2);
     // Parameter gradients are still checked; the input gradient is allocated but zero.
@@ -467,7 +596,12 @@ fn conv2d_without_input_grad() {
 
 #[test]
 fn avg_pool2d_values_and_gradients() {
-    for (x, k) in [((2, 3, 4, 4), 2), ((1, 2, 7, 7), 2), ((2, 1, 7, 5), 3), ((1, 1, 3, 3), 1)] {
+    for (x, k) in [
+        ((2, 3, 4, 4), 2),
+        ((1, 2, 7, 7), 2),
+        ((2, 1, 7, 5), 3),
+        ((1, 1, 3, 3), 1),
+    ] {
         let op = PoolOp(x, k);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 4);
         let y = forward(&op, &xv, &[]);
@@ -477,7 +611,8 @@ fn avg_pool2d_values_and_gradients() {
         let (gx, _) = grad_check(&format!("pool {x:?}/{k}"), &op, &xv, &[], 1e-2, 1e-2, true);
         if x.2 == 7 && k == 2 {
             // floor mode: the last row and column get no gradient.
-            assert!((0..x.0 * x.1).all(|pl| (0..7).all(|i| gx[pl * 49 + 6 * 7 + i] == 0.0 && gx[pl * 49 + i * 7 + 6] == 0.0)));
+            assert!((0..x.0 * x.1).all(|pl| (0..7)
+                .all(|i| gx[pl * 49 + 6 * 7 + i] == 0.0 && gx[pl * 49 + i * 7 + 6] == 0.0)));
         }
     }
     // Hand case: 1x1x2x2 -> mean.
@@ -498,9 +633,17 @@ fn instance_norm_hand_computed() {
     let t = dev().tensor_from_vec(vec![1.0, 2.0, 3.0, 4.0], (1, 1, 2, 2));
     let y = vec_of(&instance_norm(t, &t1(&[2.0]), &t1(&[1.0]), 1e-5));
     let s = (1.25f64 + 1e-5).sqrt();
-    let want: Vec<f32> = [-1.5, -0.5, 0.5, 1.5].iter().map(|v: &f64| (2.0 * v / s + 1.0) as f32).collect();
+    let want: Vec<f32> = [-1.5, -0.5, 0.5, 1.5]
+        .iter()
+        .map(|v: &f64| (2.0 * v / s + 1.0) as f32)
+        .collect();
     assert_close("norm hand", &y, &want, 1e-6);
-    assert_close("norm hand literal", &y, &[-1.683_28, 0.105_573, 1.894_427, 3.683_28], 1e-5);
+    assert_close(
+        "norm hand literal",
+        &y,
+        &[-1.683_28, 0.105_573, 1.894_427, 3.683_28],
+        1e-5,
+    );
 }
 
 #[test]
@@ -511,11 +654,22 @@ fn instance_norm_values_and_gradients() {
     for x in [(2, 3, 4, 4), (3, 2, 5, 3), (1, 4, 1, 7)] {
         let op = NormOp(x);
         let c = x.1;
-        let ps = vec![rv(c, 21).iter().map(|v| v + 1.5).collect::<Vec<_>>(), rv(c, 22)];
+        let ps = vec![
+            rv(c, 21).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
+            rv(c, 22),
+        ];
         // Input with a large offset and scale: statistics must still be accurate.
-        let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 23).iter().map(|v| 3.0 * v + 10.0).collect();
+        let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 23)
+            .iter()
+            .map(|v| 3.0 * v + 10.0)
+            .collect();
         let y = forward(&op, &xv, &ps);
-        assert_close(&format!("norm {x:?}"), &y, &naive_norm(&xv, x, &ps[0], &ps[1], 1e-5), 2e-5);
+        assert_close(
+            &format!("norm {x:?}"),
+            &y,
+            &naive_norm(&xv, x, &ps[0], &ps[1], 1e-5),
+            2e-5,
+        );
         grad_check(&format!("norm {x:?}"), &op, &xv, &ps, 1e-3, 2e-2, true);
     }
 }
@@ -530,20 +684,40 @@ fn linear_values_and_gradients() {
         let ps = vec![rv(outf * inf, 31), rv(outf, 32)];
         let xv = rv(n * inf, 33);
         let y = forward(&op, &xv, &ps);
-        assert_close("linear", &y, &naive_linear(&xv, n, inf, &ps[0], &ps[1], outf), 1e-5);
+        assert_close(
+            "linear",
+            &y,
+            &naive_linear(&xv, n, inf, &ps[0], &ps[1], outf),
+            1e-5,
+        );
         // Linear in x and in (W, b): exact central differences (see conv2d_gradients).
-        grad_check(&format!("linear {n}x{inf}->{outf}"), &op, &xv, &ps, 1e-2, 1e-2, true);
+        grad_check(
+            &format!("linear {n}x{inf}->{outf}"),
+            &op,
+            &xv,
+            &ps,
+            1e-2,
+            1e-2,
+            true,
+        );
     }
     // Hand case: x = [1, 2], W = [[1, 0], [2, -1]] (out 2, in 2), b = [0.5, 0]: y = [1.5, 0].
     let x = dev().tensor_from_vec(vec![1.0, 2.0], (1, 2));
-    assert_eq!(vec_of(&linear(x, &t1(&[1.0, 0.0, 2.0, -1.0]), &t1(&[0.5, 0.0]), 2)), [1.5, 0.0]);
+    assert_eq!(
+        vec_of(&linear(x, &t1(&[1.0, 0.0, 2.0, -1.0]), &t1(&[0.5, 0.0]), 2)),
+        [1.5, 0.0]
+    );
 }
 
 #[test]
 fn relu_values_and_gradients() {
     // Values kept at least 0.05 away from the kink, so eps = 1e-3 never crosses it and central
     // differences are exact (relu is piecewise linear).
-    let away = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| if *x >= 0.0 { x + 0.05 } else { x - 0.05 }).collect() };
+    let away = |v: Vec<f32>| -> Vec<f32> {
+        v.iter()
+            .map(|x| if *x >= 0.0 { x + 0.05 } else { x - 0.05 })
+            .collect()
+    };
     let x = (2, 3, 4, 5);
     let xv = away(rv(120, 41));
     let y = forward(&ReluOp(x), &xv, &[]);
@@ -599,7 +773,15 @@ fn cross_entropy_and_mse_gradients() {
     // Smooth nonlinear ops: eps = 1e-3, tolerance 1e-2 (truncation error O(eps^2)).
     let labels = vec![3, 0, 9, 9, 1, 4];
     let xv: Vec<f32> = rv(60, 61).iter().map(|v| 4.0 * v).collect();
-    grad_check("ce", &CeOp(6, 10, labels.clone()), &xv, &[], 1e-3, 1e-2, true);
+    grad_check(
+        "ce",
+        &CeOp(6, 10, labels.clone()),
+        &xv,
+        &[],
+        1e-3,
+        1e-2,
+        true,
+    );
     // The loss value against a direct formula.
     let want: f64 = (0..6)
         .map(|i| {
@@ -615,7 +797,12 @@ fn cross_entropy_and_mse_gradients() {
     let op = MseOp(3, 4, t.clone());
     let av = rv(12, 63);
     grad_check("mse", &op, &av, &[], 1e-2, 1e-2, true);
-    let want = av.iter().zip(&t).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / 12.0;
+    let want = av
+        .iter()
+        .zip(&t)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        / 12.0;
     assert!((forward(&op, &av, &[])[0] as f64 - want).abs() < 1e-6);
     // Hand case: a = [1, 2], target [0, 0]: mean((1, 4)) = 2.5.
     let a = dev().tensor_from_vec(vec![1.0, 2.0], (1, 2));
@@ -672,17 +859,36 @@ fn small_network_gradients() {
 
 /// Runs `f` in a rayon pool of `n` threads.
 fn in_pool<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+        .install(f)
 }
 
 fn assert_same_bits<O: Op + Sync>(name: &str, op: &O, x: &[f32], ps: &[Vec<f32>]) {
     let r = rv(forward(op, x, ps).len(), 99);
-    let runs: Vec<_> = [1, 2, 3].iter().map(|&n| in_pool(n, || grads(op, x, ps, &r))).collect();
+    let runs: Vec<_> = [1, 2, 3]
+        .iter()
+        .map(|&n| in_pool(n, || grads(op, x, ps, &r)))
+        .collect();
     for (n, run) in [2, 3].iter().zip(&runs[1..]) {
-        assert_eq!(bits(&runs[0].0), bits(&run.0), "{name}: output differs with {n} threads");
-        assert_eq!(bits(&runs[0].1), bits(&run.1), "{name}: input gradient differs with {n} threads");
+        assert_eq!(
+            bits(&runs[0].0),
+            bits(&run.0),
+            "{name}: output differs with {n} threads"
+        );
+        assert_eq!(
+            bits(&runs[0].1),
+            bits(&run.1),
+            "{name}: input gradient differs with {n} threads"
+        );
         for (i, (a, b)) in runs[0].2.iter().zip(&run.2).enumerate() {
-            assert_eq!(bits(a), bits(b), "{name}: param {i} gradient differs with {n} threads");
+            assert_eq!(
+                bits(a),
+                bits(b),
+                "{name}: param {i} gradient differs with {n} threads"
+            );
         }
     }
 }
@@ -693,18 +899,44 @@ fn bit_identical_across_thread_counts() {
     // would split work over threads when allowed.
     let x = (10, 16, 12, 12);
     let xv = rv(10 * 16 * 144, 91);
-    let conv = ConvOp { x, cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 }, bias: true, input_grad: true };
+    let conv = ConvOp {
+        x,
+        cfg: Conv2dCfg {
+            out_channels: 32,
+            kernel: 3,
+            padding: 1,
+        },
+        bias: true,
+        input_grad: true,
+    };
     assert_same_bits("conv b10", &conv, &xv, &conv.params(92));
-    let conv_nodx = ConvOp { input_grad: false, ..conv };
+    let conv_nodx = ConvOp {
+        input_grad: false,
+        ..conv
+    };
     assert_same_bits("conv b10 no dx", &conv_nodx, &xv, &conv_nodx.params(92));
     // Batch 1: one group; with 2 threads the samples run sequentially and gemm uses the pool.
     let x1 = (1, 32, 16, 16);
-    let conv1 = ConvOp { x: x1, cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 }, bias: true, input_grad: true };
+    let conv1 = ConvOp {
+        x: x1,
+        cfg: Conv2dCfg {
+            out_channels: 32,
+            kernel: 3,
+            padding: 1,
+        },
+        bias: true,
+        input_grad: true,
+    };
     assert_same_bits("conv b1", &conv1, &rv(32 * 256, 93), &conv1.params(94));
     let norm = NormOp(x);
     assert_same_bits("norm b10", &norm, &xv, &[rv(16, 95), rv(16, 96)]);
     let lin = LinearOp(130, 300, 100);
-    assert_same_bits("linear", &lin, &rv(130 * 300, 97), &[rv(30_000, 98), rv(100, 99)]);
+    assert_same_bits(
+        "linear",
+        &lin,
+        &rv(130 * 300, 97),
+        &[rv(30_000, 98), rv(100, 99)],
+    );
     assert_same_bits("pool", &PoolOp(x, 2), &xv, &[]);
     assert_same_bits("relu", &ReluOp(x), &xv, &[]);
 }

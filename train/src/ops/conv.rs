@@ -126,15 +126,44 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
 ) -> T4<Tp> {
     let x = x.contiguous();
     let (n, cin, h, wd) = *x.shape();
-    let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
-    assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {:?}", x.shape());
+    let Conv2dCfg {
+        out_channels: cout,
+        kernel: k,
+        padding: p,
+    } = cfg;
+    assert!(
+        cin > 0 && h > 0 && wd > 0,
+        "conv2d: empty input {:?}",
+        x.shape()
+    );
     assert!(cout > 0 && k > 0, "conv2d: bad config {cfg:?}");
-    assert!(h + 2 * p >= k && wd + 2 * p >= k, "conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})");
-    let g = Geom { cin, h, w: wd, k, p, ho: h + 2 * p + 1 - k, wo: wd + 2 * p + 1 - k };
+    assert!(
+        h + 2 * p >= k && wd + 2 * p >= k,
+        "conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})"
+    );
+    let g = Geom {
+        cin,
+        h,
+        w: wd,
+        k,
+        p,
+        ho: h + 2 * p + 1 - k,
+        wo: wd + 2 * p + 1 - k,
+    };
     let (kd, pd) = (g.kd(), g.pd());
-    assert_eq!(w.shape().0, cout * kd, "conv2d: weight has {} elements, expected {cout}x{cin}x{k}x{k}", w.shape().0);
+    assert_eq!(
+        w.shape().0,
+        cout * kd,
+        "conv2d: weight has {} elements, expected {cout}x{cin}x{k}x{k}",
+        w.shape().0
+    );
     if let Some(b) = b {
-        assert_eq!(b.shape().0, cout, "conv2d: bias has {} elements, expected {cout}", b.shape().0);
+        assert_eq!(
+            b.shape().0,
+            cout,
+            "conv2d: bias has {} elements, expected {cout}",
+            b.shape().0
+        );
     }
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
@@ -159,7 +188,19 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             col
         };
         let pl = Layout::row_major(pd);
-        sgemm(cout, pd, kd, yn, pl, bv.is_some(), &wv, Layout::row_major(kd), cm, pl, par);
+        sgemm(
+            cout,
+            pd,
+            kd,
+            yn,
+            pl,
+            bv.is_some(),
+            &wv,
+            Layout::row_major(kd),
+            cm,
+            pl,
+            par,
+        );
     };
     if tasks_in_parallel(n) {
         y.par_chunks_mut(ys)
@@ -221,8 +262,11 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
                     if let Some(dx) = dx.as_deref_mut() {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
                         // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
-                        let (dst, acc): (&mut [f32], bool) =
-                            if g.direct() { (dxn, true) } else { (dcol, false) };
+                        let (dst, acc): (&mut [f32], bool) = if g.direct() {
+                            (dxn, true)
+                        } else {
+                            (dcol, false)
+                        };
                         sgemm(
                             kd,
                             pd,
@@ -256,10 +300,15 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
                         .enumerate()
                         .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
                         .collect(),
-                    (true, false) => (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect(),
-                    (false, true) => {
-                        dx.chunks_mut(gx).enumerate().map(|(c, dxc)| group(c, Some(dxc), Par::Pool)).collect()
-                    }
+                    (true, false) => (0..groups)
+                        .into_par_iter()
+                        .map(|c| group(c, None, Par::Seq))
+                        .collect(),
+                    (false, true) => dx
+                        .chunks_mut(gx)
+                        .enumerate()
+                        .map(|(c, dxc)| group(c, Some(dxc), Par::Pool))
+                        .collect(),
                     (false, false) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
                 }
             };

@@ -28,7 +28,10 @@ impl Layout {
             return;
         }
         let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(last < len, "gemm: {what} ({rows}x{cols}, {self:?}) does not fit in {len} elements");
+        assert!(
+            last < len,
+            "gemm: {what} ({rows}x{cols}, {self:?}) does not fit in {len} elements"
+        );
     }
 }
 

@@ -12,8 +12,18 @@ pub fn linear<Tp: Tape<f32, Cpu>>(x: T2<Tp>, w: &T1, b: &T1, out_features: usize
     let x = x.contiguous();
     let (n, inf) = *x.shape();
     let outf = out_features;
-    assert_eq!(w.shape().0, outf * inf, "linear: weight has {} elements, expected {outf}x{inf}", w.shape().0);
-    assert_eq!(b.shape().0, outf, "linear: bias has {} elements, expected {outf}", b.shape().0);
+    assert_eq!(
+        w.shape().0,
+        outf * inf,
+        "linear: weight has {} elements, expected {outf}x{inf}",
+        w.shape().0
+    );
+    assert_eq!(
+        b.shape().0,
+        outf,
+        "linear: bias has {} elements, expected {outf}",
+        b.shape().0
+    );
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
     let wv = read(w);

@@ -19,17 +19,28 @@ fn logsumexp(row: &[f32]) -> f64 {
 /// `labels.len() != N` or a label is out of range.
 ///
 /// Backward: `dlogits += (softmax - onehot) / N * dloss`.
-pub fn cross_entropy<Tp: Tape<f32, Cpu>>(logits: T2<Tp>, labels: &[u8]) -> Tensor<(), f32, Cpu, Tp> {
+pub fn cross_entropy<Tp: Tape<f32, Cpu>>(
+    logits: T2<Tp>,
+    labels: &[u8],
+) -> Tensor<(), f32, Cpu, Tp> {
     let logits = logits.contiguous();
     let (n, classes) = *logits.shape();
-    assert_eq!(labels.len(), n, "cross_entropy: {} labels for a batch of {n}", labels.len());
+    assert_eq!(
+        labels.len(),
+        n,
+        "cross_entropy: {} labels for a batch of {n}",
+        labels.len()
+    );
     assert!(classes > 0, "cross_entropy: no classes");
     let (z, mut tape) = logits.split_tape();
     let mut p = read(&z);
     let mut total = 0.0f64;
     for (row, &l) in p.chunks_exact_mut(classes).zip(labels) {
         let l = l as usize;
-        assert!(l < classes, "cross_entropy: label {l} out of range for {classes} classes");
+        assert!(
+            l < classes,
+            "cross_entropy: label {l} out of range for {classes} classes"
+        );
         let lse = logsumexp(row);
         total += lse - row[l] as f64;
         // The row becomes softmax - onehot, what backward needs.
@@ -38,7 +49,11 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(logits: T2<Tp>, labels: &[u8]) -> Tenso
         }
         row[l] -= 1.0;
     }
-    let loss = if n == 0 { f32::NAN } else { (total / n as f64) as f32 };
+    let loss = if n == 0 {
+        f32::NAN
+    } else {
+        (total / n as f64) as f32
+    };
     let out = z.device().tensor_from_vec(vec![loss], ());
     if Tp::OWNS_TAPE {
         let (z_g, out_g) = (z.ghost(), out.ghost());
@@ -60,7 +75,12 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(logits: T2<Tp>, labels: &[u8]) -> Tenso
 pub fn mse_loss<Tp: Tape<f32, Cpu>>(a: T2<Tp>, target: &[f32]) -> Tensor<(), f32, Cpu, Tp> {
     let a = a.contiguous();
     let (n, f) = *a.shape();
-    assert_eq!(target.len(), n * f, "mse_loss: target has {} elements, expected {n}x{f}", target.len());
+    assert_eq!(
+        target.len(),
+        n * f,
+        "mse_loss: target has {} elements, expected {n}x{f}",
+        target.len()
+    );
     let (a, mut tape) = a.split_tape();
     let mut d = read(&a);
     let mut total = 0.0f64;
@@ -69,7 +89,11 @@ pub fn mse_loss<Tp: Tape<f32, Cpu>>(a: T2<Tp>, target: &[f32]) -> Tensor<(), f32
         total += (*v as f64) * (*v as f64);
     }
     let numel = d.len();
-    let loss = if numel == 0 { f32::NAN } else { (total / numel as f64) as f32 };
+    let loss = if numel == 0 {
+        f32::NAN
+    } else {
+        (total / numel as f64) as f32
+    };
     let out = a.device().tensor_from_vec(vec![loss], ());
     if Tp::OWNS_TAPE {
         let (a_g, out_g) = (a.ghost(), out.ghost());
@@ -102,7 +126,10 @@ pub fn accuracy_counts(logits: &[f32], classes: usize, labels: &[u8]) -> (usize,
     let mut loss = 0.0f64;
     for (row, &l) in logits.chunks_exact(classes).zip(labels) {
         let l = l as usize;
-        assert!(l < classes, "accuracy_counts: label {l} out of range for {classes} classes");
+        assert!(
+            l < classes,
+            "accuracy_counts: label {l} out of range for {classes} classes"
+        );
         let mut best = 0;
         for (j, &v) in row.iter().enumerate() {
             if v > row[best] {

@@ -11,6 +11,11 @@
 //! - Every op reads its input with one `memcpy` (`Tensor::copy_into`: dfdx 0.13 keeps its
 //!   buffer-access trait crate-private) after `contiguous()` (free for a contiguous tensor, a
 //!   strided copy otherwise), and builds its output with `tensor_from_vec` (no copy).
+//! - Backward consumes the gradient of each op's *output* (it is moved out and freed early, left
+//!   empty in `Gradients`): read gradients of parameters and inputs, not of intermediate outputs.
+//! - `relu` and `mse_loss` share their names with dfdx's prelude: import them by name
+//!   (`use lmc_train::ops::{relu, ...}`; an explicit import wins over `use dfdx::prelude::*`).
+//! - conv2d keeps per-thread im2col scratch memory (the largest size seen) between calls.
 
 use dfdx::prelude::{Cpu, Tensor};
 

@@ -50,8 +50,18 @@ fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
 pub fn instance_norm<Tp: Tape<f32, Cpu>>(x: T4<Tp>, gamma: &T1, beta: &T1, eps: f32) -> T4<Tp> {
     let x = x.contiguous();
     let (n, c, h, w) = *x.shape();
-    assert_eq!(gamma.shape().0, c, "instance_norm: gamma has {} elements, expected {c}", gamma.shape().0);
-    assert_eq!(beta.shape().0, c, "instance_norm: beta has {} elements, expected {c}", beta.shape().0);
+    assert_eq!(
+        gamma.shape().0,
+        c,
+        "instance_norm: gamma has {} elements, expected {c}",
+        gamma.shape().0
+    );
+    assert_eq!(
+        beta.shape().0,
+        c,
+        "instance_norm: beta has {} elements, expected {c}",
+        beta.shape().0
+    );
     let m = h * w;
     assert!(m > 0, "instance_norm: empty planes {:?}", x.shape());
     let (x, mut tape) = x.split_tape();

@@ -11,7 +11,10 @@ use super::{read, ELEM_CHUNK, T4};
 pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
     let x = x.contiguous();
     let (n, c, h, w) = *x.shape();
-    assert!(k > 0 && h >= k && w >= k, "avg_pool2d: kernel {k} does not fit input {h}x{w}");
+    assert!(
+        k > 0 && h >= k && w >= k,
+        "avg_pool2d: kernel {k} does not fit input {h}x{w}"
+    );
     let (ho, wo) = (h / k, w / k);
     let (ps, qs) = (h * w, ho * wo); // input and output plane sizes
     let planes = n * c;
@@ -30,7 +33,11 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
                     // The common case, written so that it vectorises.
                     let r0 = &xp[2 * oy * w..2 * oy * w + 2 * wo];
                     let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
-                    for ((yv, a), b) in yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    for ((yv, a), b) in yr
+                        .iter_mut()
+                        .zip(r0.chunks_exact(2))
+                        .zip(r1.chunks_exact(2))
+                    {
                         *yv = ((a[0] + a[1]) + (b[0] + b[1])) * 0.25;
                     }
                     continue;
@@ -66,7 +73,9 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
                         let dyr = &dyp[oy * wo..(oy + 1) * wo];
                         if k == 2 {
                             let (r0, r1) = dxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-                            for ((a, b), g) in r0.chunks_exact_mut(2).zip(r1.chunks_exact_mut(2)).zip(dyr) {
+                            for ((a, b), g) in
+                                r0.chunks_exact_mut(2).zip(r1.chunks_exact_mut(2)).zip(dyr)
+                            {
                                 let g = g * 0.25;
                                 a[0] += g;
                                 a[1] += g;
