@@ -46,7 +46,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
             let c: Checkpoint = artifact::decode(&a.file, &header, &payload)?;
             json!({"for_run": c.run.hex(), "epochs_done": c.state.epochs_done, "steps_done": c.state.steps_done, "images_seen": c.state.images_seen})
         }
-        other => json!({"note": format!("{other} artifacts are summarised by the stage that writes them; this build has no reader for them yet")}),
+        Kind::Ticket => lmc_prune::inspect_summary(&a.file, &header, &payload)?,
+        Kind::Probe => lmc_probe::inspect_summary(&a.file, &header, &payload)?,
+        Kind::Dataset => lmc_distill::inspect_summary(&a.file, &header, &payload)?,
     };
     let out = json!({
         "file": a.file,

@@ -9,8 +9,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod data_cmd;
+mod distill_cmd;
 mod inspect;
+mod interop_cmd;
+mod probe_cmd;
 mod progress;
+mod prune_cmd;
 mod train_cmd;
 
 // A reusing allocator: glibc maps and unmaps the large activation buffers on every step, and each
@@ -33,8 +37,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Distill a dataset into a few synthetic images per class (a Dataset artifact).
+    Distill(distill_cmd::DistillArgs),
+    /// Find sparse subnetworks by iterative magnitude pruning (Ticket artifacts), or random baselines.
+    Prune(prune_cmd::PruneArgs),
     /// Train a network (R replicates from one initialisation) and write Run artifacts.
     Train(train_cmd::TrainArgs),
+    /// Probe trained runs: interpolation barriers, loss landscapes, Hessian estimates.
+    Probe(probe_cmd::ProbeArgs),
+    /// Export a run's parameters and mask to safetensors (PyTorch state-dict names).
+    Export(interop_cmd::ExportArgs),
+    /// Import parameters from safetensors into a Run artifact.
+    Import(interop_cmd::ImportArgs),
     /// Describe datasets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -45,7 +59,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Distill(a) => distill_cmd::run(a),
+        Command::Prune(a) => prune_cmd::run(a),
         Command::Train(a) => train_cmd::run(a),
+        Command::Probe(a) => probe_cmd::run(a),
+        Command::Export(a) => interop_cmd::export(a),
+        Command::Import(a) => interop_cmd::import(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Inspect(a) => inspect::run(a),
     };

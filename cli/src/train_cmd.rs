@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lmc_train::artifact::Provenance;
-use lmc_train::data::{self, Dataset, DatasetName};
+use lmc_train::data::{self, Dataset};
 use lmc_train::fit::{self, RunRequest, Start, TrainConfig};
 use lmc_train::model::{Model, ModelSpec};
 use lmc_train::optim::{Schedule, Sgd};
@@ -17,8 +17,9 @@ use crate::progress::TrainProgress;
 /// Options shared by every command that reads a dataset.
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// Dataset: digits (built in), mnist, fashion-mnist or cifar10.
-    #[arg(long, value_name = "NAME")]
+    /// Dataset: digits (built in), mnist, fashion-mnist, cifar10, or a Dataset artifact (.lmc)
+    /// written by `lmc distill` (trains on its images, tests on its base dataset's test split).
+    #[arg(long, value_name = "NAME|FILE")]
     pub dataset: String,
     /// Folder laid out like shared/data: mnist/, fashion-mnist/, cifar-10-batches-bin/ or
     /// cifar-10-binary.tar.gz [default: $LMC_DATA_DIR, then ./data]
@@ -29,10 +30,8 @@ pub struct DataArgs {
 impl DataArgs {
     /// Loads the dataset and its provenance.
     pub fn load(&self) -> Result<(Dataset, Provenance)> {
-        let name: DatasetName = self.dataset.parse().with_context(|| "--dataset".to_string())?;
         let dir = data::resolve_data_dir(self.data_dir.as_deref());
-        let ds = data::load(name, Some(&dir))?;
-        Ok((ds, Provenance::of("dataset", &name.to_string(), &[])))
+        Ok(data::resolve_dataset(&self.dataset, Some(&dir)).context("--dataset")?)
     }
 }
 

@@ -95,12 +95,14 @@ mod cifar;
 mod digits;
 mod idx;
 mod stats;
+mod synthetic;
 
 pub use batch::{batches, crop_flip, epoch_order, fill_batch, Batch, CROP_PADDING};
 pub use cifar::{load_cifar10, load_cifar10_folder, load_cifar10_tar, CIFAR10_CLASSES};
 pub use digits::load_digits;
 pub use idx::load_idx;
 pub use stats::{split_stats, SplitStats};
+pub use synthetic::{resolve_dataset, upsample_bilinear, SyntheticSet};
 
 use crate::Error;
 

@@ -1,0 +1,190 @@
+//! Stored (distilled) training sets: the `Dataset` artifact, and how any command turns a
+//! `--dataset` argument (a name or an artifact path) into a [`Dataset`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{load, Dataset, DatasetName, ImageSet, Normalization, Pixels};
+use crate::artifact::{self, Artifact, Kind, Provenance};
+use crate::{Error, Result};
+
+/// A synthetic training set: what `lmc distill` writes. The test split is the real one of `base`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyntheticSet {
+    /// Human-readable name, e.g. `mnist-dm-ipc10`.
+    pub name: String,
+    /// The real dataset it summarises (its test split is used for evaluation).
+    pub base: DatasetName,
+    /// Stored images, already normalised ([`Pixels::F32`]), at the real image size.
+    pub images: ImageSet,
+    /// IDC multi-formation factor: each stored image holds factor x factor cells, each decoded
+    /// (bilinear upsampling) into one full-size training image. 1 = plain images.
+    pub factor: usize,
+    /// Normalisation of the base dataset (the stored values are in normalised space).
+    pub norm: Normalization,
+    /// Class names of the base dataset.
+    pub class_names: Vec<String>,
+    /// How it was made (method, ipc, iterations...), as a JSON string for the record.
+    pub recipe: String,
+}
+
+impl Artifact for SyntheticSet {
+    const KIND: Kind = Kind::Dataset;
+}
+
+/// Bilinear resize of one (C, H, W) image to (C, OH, OW), with PyTorch's
+/// `F.interpolate(mode="bilinear", align_corners=False)` semantics: source coordinate
+/// `(o + 0.5) * in / out - 0.5`, clamped at 0.
+pub fn upsample_bilinear(src: &[f32], shape: (usize, usize, usize), out_hw: (usize, usize), out: &mut [f32]) {
+    let (c, h, w) = shape;
+    let (oh, ow) = out_hw;
+    assert_eq!(src.len(), c * h * w);
+    assert_eq!(out.len(), c * oh * ow);
+    let coord = |o: usize, inn: usize, outn: usize| -> (usize, usize, f32) {
+        let s = ((o as f32 + 0.5) * inn as f32 / outn as f32 - 0.5).max(0.0);
+        let i0 = (s.floor() as usize).min(inn - 1);
+        let i1 = (i0 + 1).min(inn - 1);
+        (i0, i1, s - i0 as f32)
+    };
+    for ch in 0..c {
+        let plane = &src[ch * h * w..(ch + 1) * h * w];
+        for y in 0..oh {
+            let (y0, y1, fy) = coord(y, h, oh);
+            for x in 0..ow {
+                let (x0, x1, fx) = coord(x, w, ow);
+                let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
+                let bot = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
+                out[ch * oh * ow + y * ow + x] = top * (1.0 - fy) + bot * fy;
+            }
+        }
+    }
+}
+
+impl SyntheticSet {
+    /// Number of training images after decoding: stored images x factor^2.
+    pub fn decoded_len(&self) -> usize {
+        self.images.len() * self.factor * self.factor
+    }
+
+    /// The training images a network sees: with factor f, each stored image's f x f cells
+    /// (row-major) each upsampled to the full size, in stored order.
+    pub fn decode(&self) -> Result<ImageSet> {
+        let Pixels::F32(data) = &self.images.pixels else {
+            return Err(Error::invalid(format!("synthetic set '{}' stores raw bytes, expected normalised floats", self.name)));
+        };
+        let f = self.factor;
+        if f <= 1 {
+            return Ok(self.images.clone());
+        }
+        let s = self.images.shape;
+        if s.height % f != 0 || s.width % f != 0 {
+            return Err(Error::invalid(format!("factor {f} does not divide the {}x{} image size", s.height, s.width)));
+        }
+        let (ch, cw) = (s.height / f, s.width / f);
+        let img = s.len();
+        let mut out = vec![0.0f32; self.decoded_len() * img];
+        let mut labels = Vec::with_capacity(self.decoded_len());
+        let mut cell = vec![0.0f32; s.channels * ch * cw];
+        for (i, &label) in self.images.labels.iter().enumerate() {
+            let src = &data[i * img..(i + 1) * img];
+            for gy in 0..f {
+                for gx in 0..f {
+                    for c in 0..s.channels {
+                        for y in 0..ch {
+                            let row = c * s.height * s.width + (gy * ch + y) * s.width + gx * cw;
+                            cell[(c * ch + y) * cw..(c * ch + y + 1) * cw].copy_from_slice(&src[row..row + cw]);
+                        }
+                    }
+                    let k = labels.len();
+                    upsample_bilinear(&cell, (s.channels, ch, cw), (s.height, s.width), &mut out[k * img..(k + 1) * img]);
+                    labels.push(label);
+                }
+            }
+        }
+        Ok(ImageSet { shape: s, pixels: Pixels::F32(out), labels })
+    }
+
+    /// A [`Dataset`] that trains on the decoded synthetic images and tests on `base`'s real test split.
+    pub fn to_dataset(&self, real: &Dataset) -> Result<Dataset> {
+        if real.train.shape != self.images.shape {
+            return Err(Error::invalid(format!(
+                "synthetic set '{}' has {:?} images but {} has {:?}",
+                self.name, self.images.shape, real.name, real.train.shape
+            )));
+        }
+        Ok(Dataset {
+            name: self.name.clone(),
+            train: self.decode()?,
+            test: real.test.clone(),
+            classes: real.classes,
+            class_names: self.class_names.clone(),
+            norm: self.norm.clone(),
+            augment_default: false,
+        })
+    }
+}
+
+/// Turns a `--dataset` value into a dataset and its provenance: a known name (`digits`, `mnist`,
+/// ...) loads the real data; a path to a `Dataset` artifact (`syn.lmc`) loads the synthetic
+/// training set, with the real test split of its base dataset from `data_dir`.
+pub fn resolve_dataset(arg: &str, data_dir: Option<&Path>) -> Result<(Dataset, Provenance)> {
+    let path = Path::new(arg);
+    let looks_like_file = arg.ends_with(".lmc") || path.is_file();
+    if !looks_like_file {
+        let name: DatasetName = arg.parse()?;
+        let ds = load(name, data_dir)?;
+        return Ok((ds, Provenance::of("dataset", &name.to_string(), &[])));
+    }
+    let (header, syn) = artifact::read::<SyntheticSet>(path)?;
+    let real = load(syn.base, data_dir)?;
+    let ds = syn.to_dataset(&real).map_err(|e| Error::bad_file(path, e.to_string()))?;
+    Ok((ds, header.provenance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ImageShape;
+
+    #[test]
+    fn bilinear_matches_pytorch_by_hand() {
+        // F.interpolate([[1, 2], [3, 4]], size=(4, 4), mode="bilinear", align_corners=False):
+        // first row = [1, 1.25, 1.75, 2] (source x = -0.25->0, 0.25, 0.75, 1.25->clamped 1),
+        // second row (source y = 0.25) = 1.5, 1.75, 2.25, 2.5.
+        let mut out = vec![0.0; 16];
+        upsample_bilinear(&[1.0, 2.0, 3.0, 4.0], (1, 2, 2), (4, 4), &mut out);
+        assert_eq!(&out[..4], &[1.0, 1.25, 1.75, 2.0]);
+        assert_eq!(&out[4..8], &[1.5, 1.75, 2.25, 2.5]);
+        assert_eq!(&out[12..], &[3.0, 3.25, 3.75, 4.0]);
+    }
+
+    #[test]
+    fn multi_formation_decodes_factor_squared_images() {
+        // One 1x4x4 image whose four 2x2 cells are constant 1, 2, 3, 4: factor 2 decodes it into
+        // four constant 4x4 images in row-major cell order.
+        let mut px = vec![0.0f32; 16];
+        for y in 0..4 {
+            for x in 0..4 {
+                px[y * 4 + x] = (1 + (y / 2) * 2 + x / 2) as f32;
+            }
+        }
+        let set = SyntheticSet {
+            name: "toy".into(),
+            base: DatasetName::Digits,
+            images: ImageSet { shape: ImageShape { channels: 1, height: 4, width: 4 }, pixels: Pixels::F32(px), labels: vec![7] },
+            factor: 2,
+            norm: Normalization { mean: vec![0.0], std: vec![1.0] },
+            class_names: vec![],
+            recipe: String::new(),
+        };
+        let d = set.decode().unwrap();
+        assert_eq!(d.labels, vec![7; 4]);
+        let Pixels::F32(v) = d.pixels else { panic!() };
+        for k in 0..4 {
+            assert!(v[k * 16..(k + 1) * 16].iter().all(|&p| p == (k + 1) as f32));
+        }
+        let bad = SyntheticSet { factor: 3, ..set };
+        assert!(bad.decode().unwrap_err().to_string().contains("factor 3"));
+    }
+}
