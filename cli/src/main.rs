@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_cmd;
 mod data_cmd;
 mod distill_cmd;
 mod inspect;
@@ -52,6 +53,8 @@ enum Command {
     /// Describe datasets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Measure training/evaluation throughput on the reference workloads (images per second).
+    Bench(bench_cmd::BenchArgs),
     /// Print an artifact's header and summary.
     Inspect(inspect::InspectArgs),
 }
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Import(a) => interop_cmd::import(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
