@@ -1,12 +1,58 @@
-//! `lmc bench` (being written).
+//! `lmc bench`: images per second on the reference workloads of
+//! `shared/bench/torch_reference.py`, printed like that script so the two compare in one run.
 
 use anyhow::{bail, Result};
 use clap::Args;
+use lmc_train::bench;
+use serde_json::json;
 
 /// Arguments of `lmc bench`.
 #[derive(Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Worker threads (rayon pool size) [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed repeats per workload (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Scale the script's step counts (20 steps, x50 for LeNet, /5 for evaluation) by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Only these workloads (lenet_mnist_b128, convnet3_cifar_b128, convnet3_mnist_b128,
+    /// convnet3_cifar_eval_b1000).
+    #[arg(long, num_args = 1..)]
+    only: Vec<String>,
+    /// Print one JSON object like the PyTorch reference script.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_a: BenchArgs) -> Result<()> {
-    bail!("lmc bench is not implemented yet")
+pub fn run(a: BenchArgs) -> Result<()> {
+    let all = bench::workloads();
+    for o in &a.only {
+        if !all.iter().any(|w| w.name == o) {
+            let names: Vec<&str> = all.iter().map(|w| w.name).collect();
+            bail!("--only {o}: unknown workload (expected one of {})", names.join(", "));
+        }
+    }
+    if !(a.scale > 0.0) {
+        bail!("--scale {}: must be positive", a.scale);
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(0)).build()?;
+    let threads = pool.current_num_threads();
+    let mut rates = serde_json::Map::new();
+    let mut gflops = serde_json::Map::new();
+    for w in all.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name)) {
+        let steps = ((w.steps as f64 * a.scale).round() as usize).max(1);
+        let m = pool.install(|| bench::measure(w, steps, a.repeats));
+        if !a.json {
+            println!("{:<28} {:>12.1} images/s {:>8.1} GFLOP/s", m.name, m.images_per_s, m.gflops);
+        }
+        rates.insert(m.name.into(), json!((m.images_per_s * 10.0).round() / 10.0));
+        gflops.insert(m.name.into(), json!((m.gflops * 10.0).round() / 10.0));
+    }
+    if a.json {
+        println!("{}", json!({"engine": format!("lmc {}", env!("CARGO_PKG_VERSION")), "threads": threads, "images_per_s": rates, "gflops": gflops}));
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod artifact;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod fit;
