@@ -1,0 +1,222 @@
+//! safetensors export and import with PyTorch state-dict names.
+//!
+//! A run is written as one f32 tensor per layout entry under its state-dict name
+//! (`fc_layers.0.weight`, `features.0.bias`, ...), pruned entries already zero, plus, for every
+//! prunable weight, a 0/1 f32 tensor `NAME_mask` (the name `torch.nn.utils.prune` gives its
+//! buffer). Metadata: `format = pt` (what PyTorch writers put there), and `lmc.run` (the Run's
+//! JSON without its parameters and mask, so an import restores it), `lmc.model`, `lmc.dataset`,
+//! `lmc.provenance`.
+//!
+//! Import reads the same layout, and also PyTorch-pruned state dicts (`NAME_orig` with
+//! `NAME_mask`: the weight is `orig * mask`), in f32, f64, f16 or bf16 (masks also bool/u8).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use lmc_train::artifact::Provenance;
+use lmc_train::fit::Run;
+use lmc_train::params::{Layout, Mask, ParamVec};
+use lmc_train::{Error, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use sha2::{Digest, Sha256};
+
+/// Suffix of a mask tensor (PyTorch's pruning buffer name).
+pub const MASK_SUFFIX: &str = "_mask";
+/// Suffix of an unmasked weight in a PyTorch-pruned state dict.
+pub const ORIG_SUFFIX: &str = "_orig";
+/// Metadata key holding the Run's JSON (without parameters and mask).
+pub const RUN_KEY: &str = "lmc.run";
+
+/// The safetensors bytes of `run` (artifact provenance `provenance`); masks are included unless
+/// `with_mask` is false (then the file is a plain state dict).
+pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Result<Vec<u8>> {
+    let layout = &run.model.layout;
+    run.params.check_same_layout(layout, "export")?;
+    run.mask.validate(layout)?;
+    let mut params = run.params.data.clone();
+    run.mask.apply(&mut params);
+    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for e in &layout.entries {
+        blobs.push((e.name.clone(), e.shape.clone(), f32_bytes(&params[e.range()])));
+        if with_mask && e.prunable() {
+            let m: Vec<f32> = run.mask.keep[e.range()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            blobs.push((format!("{}{MASK_SUFFIX}", e.name), e.shape.clone(), f32_bytes(&m)));
+        }
+    }
+    let views = blobs
+        .iter()
+        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("safetensors: {e:?}")))?;
+    let shell = Run { params: ParamVec { layout: run.params.layout.clone(), data: vec![] }, mask: Mask { keep: vec![] }, ..run.clone() };
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("lmc.model".to_string(), run.model.spec.to_string());
+    meta.insert("lmc.dataset".to_string(), run.dataset.clone());
+    meta.insert("lmc.provenance".to_string(), provenance.hex());
+    meta.insert(RUN_KEY.to_string(), serde_json::to_string(&shell).map_err(|e| Error::invalid(format!("cannot encode run metadata: {e}")))?);
+    safetensors::serialize(views, &Some(meta)).map_err(|e| Error::invalid(format!("safetensors: {e:?}")))
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// IEEE half to f32 (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: value = f * 2^-24.
+            let v = f as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        (31, 0) => sign | 0x7f80_0000,
+        (31, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// A safetensors file decoded to f32 tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded {
+    /// The header's `__metadata__` (empty when absent).
+    pub metadata: HashMap<String, String>,
+    /// Tensors by name: shape and values.
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// SHA-256 of the file's bytes.
+    pub sha256: [u8; 32],
+}
+
+/// Reads and decodes `bytes` (from `path`, for messages).
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded> {
+    let bad = |m: String| Error::bad_file(path, m);
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            Dtype::F16 => d.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            Dtype::BF16 => d.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+            Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f32).collect(),
+            other => return Err(bad(format!("tensor '{name}' has dtype {other:?}; lmc reads f32, f64, f16, bf16 (and bool/u8 masks)"))),
+        };
+        tensors.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(Loaded { metadata, tensors, sha256: Sha256::digest(bytes).into() })
+}
+
+/// Reads `path`.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    load_bytes(path, &bytes)
+}
+
+impl Loaded {
+    /// The Run stored in the metadata by [`export_bytes`] (parameters and mask empty), if any.
+    pub fn run_metadata(&self, path: &Path) -> Result<Option<Run>> {
+        match self.metadata.get(RUN_KEY) {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(s)
+                .map(Some)
+                .map_err(|e| Error::bad_file(path, format!("metadata '{RUN_KEY}' does not decode ({e}); pass --like RUN or --model/--dataset"))),
+        }
+    }
+
+    /// Parameters and mask for `layout`: each entry from its name (or `NAME_orig`), its mask from
+    /// `NAME_mask` when present (dense otherwise). Shapes must match; leftover tensors are an
+    /// error unless `allow_extra`.
+    pub fn to_params(&self, path: &Path, layout: &Layout, allow_extra: bool) -> Result<(ParamVec, Mask)> {
+        let bad = |m: String| Error::bad_file(path, m);
+        let mut used = std::collections::BTreeSet::new();
+        let mut params = ParamVec::zeros(layout.clone());
+        let mut mask = Mask::dense(layout);
+        let mut missing = Vec::new();
+        for e in &layout.entries {
+            let orig = format!("{}{ORIG_SUFFIX}", e.name);
+            let key = if self.tensors.contains_key(&e.name) {
+                e.name.clone()
+            } else if self.tensors.contains_key(&orig) {
+                orig
+            } else {
+                missing.push(e.name.clone());
+                continue;
+            };
+            let (shape, values) = &self.tensors[&key];
+            if *shape != e.shape {
+                return Err(bad(format!("tensor '{key}' has shape {shape:?}, the model expects {:?}", e.shape)));
+            }
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("tensor '{key}' holds a non-finite value at index {i}")));
+            }
+            params.data[e.range()].copy_from_slice(values);
+            used.insert(key);
+            let mkey = format!("{}{MASK_SUFFIX}", e.name);
+            if let Some((mshape, mvals)) = self.tensors.get(&mkey) {
+                if *mshape != e.shape {
+                    return Err(bad(format!("mask '{mkey}' has shape {mshape:?}, the model expects {:?}", e.shape)));
+                }
+                if !e.prunable() {
+                    return Err(bad(format!("mask '{mkey}' prunes '{}', which is not prunable (biases and norm parameters never are)", e.name)));
+                }
+                for (i, &m) in mvals.iter().enumerate() {
+                    mask.keep[e.offset + i] = match m {
+                        1.0 => true,
+                        0.0 => false,
+                        other => return Err(bad(format!("mask '{mkey}' holds {other} at index {i}; masks are 0/1"))),
+                    };
+                }
+                used.insert(mkey);
+            }
+        }
+        if !missing.is_empty() {
+            let have: Vec<&String> = self.tensors.keys().collect();
+            return Err(bad(format!(
+                "missing tensors for this model: {} (the file has: {})",
+                missing.join(", "),
+                have.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let extra: Vec<&String> = self.tensors.keys().filter(|k| !used.contains(*k)).collect();
+        if !extra.is_empty() && !allow_extra {
+            return Err(bad(format!(
+                "tensors this model does not have: {} (a different architecture? --allow-extra ignores them)",
+                extra.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        mask.validate(layout).map_err(|e| bad(e.to_string()))?;
+        mask.apply(&mut params.data);
+        Ok((params, mask))
+    }
+
+    /// A provenance naming this file's content and how it is read.
+    pub fn provenance(&self, model: &impl serde::Serialize) -> Provenance {
+        let hex: String = self.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        Provenance::of("import", &(hex, model), &[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_by_hand() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95); // nearest half to 1/3
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+    }
+}
