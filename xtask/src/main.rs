@@ -1,10 +1,20 @@
 //! `cargo xtask`: project automation in Rust (the rust-analyzer pattern), so it runs wherever
 //! cargo does.
+//!
+//! - `cargo xtask pipeline [--preset NAME|FILE] [--data-dir DIR] [--out DIR] [--fresh]`: the whole
+//!   study (see `pipeline.rs`), then the report (see `report.rs`).
+//! - `cargo xtask bench`: every criterion bench, then `lmc bench`.
 
-use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod pipeline;
 mod plot;
+mod report;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project automation for lmc")]
@@ -15,26 +25,79 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the whole study end to end (not built yet: see the pipeline issue).
-    Pipeline,
-    /// Smoke-render the plot kinds into a folder (development aid).
-    PlotDemo {
-        /// Output folder.
-        out: std::path::PathBuf,
+    /// Distill -> prune (distilled, real, random) -> train replicates -> probe -> report.
+    Pipeline {
+        /// A preset name (presets/NAME.toml: digits, mnist-lenet, fmnist-convnet, cifar10-convnet)
+        /// or the path of a preset file.
+        #[arg(long, default_value = "digits")]
+        preset: String,
+        /// Data folder for file-based datasets [default: $LMC_DATA_DIR, then ./data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Output folder [default: runs/pipeline-PRESET].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Forget every cached stage and run everything again.
+        #[arg(long)]
+        fresh: bool,
     },
+    /// Run the criterion benches of every stage, then `lmc bench`.
+    Bench,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build_lmc(root: &Path) -> Result<PathBuf> {
+    let st = cargo().current_dir(root).args(["build", "--release", "-q", "-p", "lmc-cli"]).status()?;
+    if !st.success() {
+        bail!("building lmc failed");
+    }
+    Ok(root.join("target/release/lmc"))
 }
 
 fn main() -> Result<()> {
+    let root = root();
     match Cli::parse().command {
-        Cmd::Pipeline => bail!("`cargo xtask pipeline` is not implemented yet; run the stages by hand (see README.md)"),
-        Cmd::PlotDemo { out } => {
-            std::fs::create_dir_all(&out)?;
-            let s = vec![plot::Series { name: "dense".into(), points: vec![(0.0, 0.9), (0.5, 0.95), (1.0, 0.97)] }];
-            plot::lines(&out.join("lines.svg"), "demo", "x (units)", "y (units)", &s)?;
-            let xs: Vec<f64> = (0..5).map(|i| i as f64).collect();
-            let z: Vec<Vec<f64>> = (0..5).map(|r| (0..5).map(|c| (r * c) as f64).collect()).collect();
-            plot::heatmap(&out.join("heat.svg"), "demo", "x", "y", &xs, &xs, &z, "loss")?;
-            plot::histogram(&out.join("hist.svg"), "demo", "value", &[("a".into(), vec![1.0, 2.0, 2.5, 3.0])], 10)?;
+        Cmd::Pipeline { preset, data_dir, out, fresh } => {
+            let (preset, path) = pipeline::load_preset(&preset, &root)?;
+            let out = out.unwrap_or_else(|| root.join("runs").join(format!("pipeline-{}", preset.name)));
+            if fresh {
+                let _ = std::fs::remove_dir_all(out.join("stages"));
+            }
+            let lmc = build_lmc(&root)?;
+            eprintln!("[pipeline] preset {} ({}) -> {}", preset.name, path.display(), out.display());
+            let t = Instant::now();
+            let data_dir = data_dir.or_else(|| std::env::var_os("LMC_DATA_DIR").map(PathBuf::from));
+            let mut runner = pipeline::Runner { lmc, out: out.clone(), data_dir, log: vec![] };
+            let (results, diagonals) = pipeline::run(&mut runner, &preset)?;
+            let png = runner.log.iter().find(|s| s.name == "distill").map(|s| s.dir.join("distilled.png")).filter(|p| p.exists());
+            report::write(&out.join("report"), &results, &diagonals, png.as_deref()).context("writing the report")?;
+            let ran = runner.log.iter().filter(|s| !s.cached).count();
+            eprintln!(
+                "[pipeline] {} stages ({ran} run, {} cached) in {:.1} s; report: {}",
+                runner.log.len(),
+                runner.log.len() - ran,
+                t.elapsed().as_secs_f64(),
+                out.join("report/index.html").display()
+            );
+            Ok(())
+        }
+        Cmd::Bench => {
+            let st = cargo().current_dir(&root).args(["bench", "--workspace"]).status()?;
+            if !st.success() {
+                bail!("cargo bench failed");
+            }
+            let lmc = build_lmc(&root)?;
+            let st = Command::new(lmc).args(["bench", "--threads", "2"]).status()?;
+            if !st.success() {
+                bail!("lmc bench failed");
+            }
             Ok(())
         }
     }

@@ -1,0 +1,347 @@
+//! `cargo xtask pipeline`: distill -> prune (distilled, real, random) -> train replicates ->
+//! probe -> report, driving the `lmc` binary stage by stage.
+//!
+//! Caching ("configuration is identity"): every stage runs in `OUT/stages/<stage>-<hash>/`, where
+//! the hash covers the stage's full command line (with its inputs' hashes in place of their
+//! paths). A stage whose folder holds `result.json` is done and is skipped; change one setting and
+//! only the stages whose command lines change (and those downstream) run again. A killed stage is
+//! re-run in the same folder, where `lmc`'s own checkpoints let it resume.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A preset: one TOML file (see `presets/`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Preset {
+    /// Short name.
+    pub name: String,
+    /// One sentence on what it reproduces.
+    pub description: String,
+    /// `lmc` dataset name.
+    pub dataset: String,
+    /// Architecture spec.
+    pub model: String,
+    /// Initialisation seed (every method's tickets share it).
+    pub seed: u64,
+    /// Replicates per condition.
+    pub replicates: usize,
+    /// IMP rounds retrained and probed (0 = dense).
+    pub rounds: Vec<usize>,
+    /// Rounds that get a landscape plane (dense and distilled tickets).
+    pub landscape_rounds: Vec<usize>,
+    /// Flags per stage.
+    #[serde(default)]
+    pub distill: Flags,
+    #[serde(default)]
+    /// Flags of real-data IMP.
+    pub prune: Flags,
+    #[serde(default)]
+    /// Flags of IMP on the distilled set.
+    pub prune_distilled: Flags,
+    #[serde(default)]
+    /// Flags of replicate training.
+    pub train: Flags,
+    #[serde(default)]
+    /// Flags of `lmc probe interpolate`.
+    pub interpolate: Flags,
+    #[serde(default)]
+    /// Flags of `lmc probe landscape`.
+    pub landscape: Flags,
+    #[serde(default)]
+    /// Flags of `lmc probe hessian`.
+    pub hessian: Flags,
+}
+
+/// `[stage.args]`: extra `--key value` flags.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct Flags {
+    /// Flag name (without dashes) -> value; `true` is a bare flag, `false` omits it.
+    #[serde(default)]
+    pub args: toml::Table,
+}
+
+impl Flags {
+    fn to_args(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (k, v) in &self.args {
+            match v {
+                toml::Value::Boolean(true) => out.push(format!("--{k}")),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(s) => out.extend([format!("--{k}"), s.clone()]),
+                toml::Value::Integer(i) => out.extend([format!("--{k}"), i.to_string()]),
+                toml::Value::Float(f) => out.extend([format!("--{k}"), f.to_string()]),
+                other => bail!("flag '{k}': unsupported value {other} (use a string, number or boolean)"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Loads a preset by name (`presets/NAME.toml`) or path.
+pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)> {
+    let p = Path::new(name_or_path);
+    let path = if p.extension().is_some_and(|e| e == "toml") || p.is_file() { p.to_path_buf() } else { root.join("presets").join(format!("{name_or_path}.toml")) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--preset {name_or_path}: cannot read {}", path.display()))?;
+    let preset: Preset = toml::from_str(&text).with_context(|| format!("{}: not a valid preset", path.display()))?;
+    if preset.replicates < 2 {
+        bail!("{}: replicates must be at least 2 (interpolation needs a pair)", path.display());
+    }
+    Ok((preset, path))
+}
+
+/// A finished stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageOut {
+    /// Stage label.
+    pub name: String,
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Content hash.
+    pub key: String,
+    /// The `--json` object `lmc` printed.
+    pub json: Value,
+    /// Whether it was found done.
+    pub cached: bool,
+    /// Wall seconds this time (0 when cached).
+    pub seconds: f64,
+}
+
+/// Runs `lmc` stages with caching.
+pub struct Runner {
+    /// The `lmc` binary.
+    pub lmc: PathBuf,
+    /// Pipeline output folder.
+    pub out: PathBuf,
+    /// `--data-dir` for every stage, if any.
+    pub data_dir: Option<PathBuf>,
+    /// Every stage run so far, in order.
+    pub log: Vec<StageOut>,
+}
+
+/// Marks a path argument that points into an input stage's folder: hashed as the stage key plus
+/// the relative path, so moving OUT does not invalidate the cache.
+pub enum Arg {
+    /// A literal argument.
+    Lit(String),
+    /// A file inside a previous stage's folder.
+    In(String, String),
+    /// A file inside this stage's own folder.
+    Own(String),
+}
+
+impl Runner {
+    fn stage_dir(&self, name: &str, key: &str) -> PathBuf {
+        self.out.join("stages").join(format!("{name}-{}", &key[..12]))
+    }
+
+    /// Runs `lmc ARGS --json` in a cached stage folder and returns its JSON.
+    pub fn stage(&mut self, name: &str, args: Vec<Arg>) -> Result<StageOut> {
+        let mut h = Sha256::new();
+        h.update(name.as_bytes());
+        for a in &args {
+            match a {
+                Arg::Lit(s) => h.update(format!("L{s}\0")),
+                Arg::In(k, rel) => h.update(format!("I{k}/{rel}\0")),
+                Arg::Own(rel) => h.update(format!("O{rel}\0")),
+            }
+        }
+        if let Some(d) = &self.data_dir {
+            h.update(format!("D{}\0", d.display()));
+        }
+        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let dir = self.stage_dir(name, &key);
+        let done = dir.join("result.json");
+        if let Ok(text) = std::fs::read_to_string(&done) {
+            if let Ok(json) = serde_json::from_str::<Value>(&text) {
+                eprintln!("[pipeline] {name}: up to date ({})", dir.display());
+                let s = StageOut { name: name.into(), dir, key, json, cached: true, seconds: 0.0 };
+                self.log.push(s.clone());
+                return Ok(s);
+            }
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let argv: Vec<String> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Lit(s) => s.clone(),
+                Arg::In(k, rel) => self.find_dir(k).join(rel).display().to_string(),
+                Arg::Own(rel) => dir.join(rel).display().to_string(),
+            })
+            .collect();
+        let mut cmd = Command::new(&self.lmc);
+        cmd.args(&argv).arg("--json");
+        if let Some(d) = &self.data_dir {
+            if argv.iter().any(|a| a == "--dataset") {
+                cmd.arg("--data-dir").arg(d);
+            }
+        }
+        eprintln!("[pipeline] {name}: lmc {}", argv.join(" "));
+        let t = Instant::now();
+        let output = cmd.output().with_context(|| format!("running {}", self.lmc.display()))?;
+        let seconds = t.elapsed().as_secs_f64();
+        if !output.status.success() {
+            bail!("stage {name} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+        }
+        let json: Value = serde_json::from_slice(&output.stdout).with_context(|| format!("stage {name}: lmc printed no JSON"))?;
+        let tmp = dir.join(".result.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}))?)?;
+        std::fs::rename(&tmp, &done)?;
+        eprintln!("[pipeline] {name}: done in {seconds:.1} s");
+        let s = StageOut { name: name.into(), dir, key, json: serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}), cached: false, seconds };
+        self.log.push(s.clone());
+        Ok(s)
+    }
+
+    fn find_dir(&self, key: &str) -> PathBuf {
+        self.log.iter().find(|s| s.key == key).map(|s| s.dir.clone()).expect("inputs run before their consumers")
+    }
+}
+
+/// One (method, round) whose replicates are trained and probed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Condition {
+    /// `dense`, `distilled`, `imp` or `random`.
+    pub method: String,
+    /// IMP round (0 = dense).
+    pub round: usize,
+    /// Fraction of prunable weights removed.
+    pub sparsity: f64,
+    /// Ticket stage key and file.
+    #[serde(skip)]
+    pub ticket: (String, String),
+}
+
+fn lit(v: &[&str]) -> Vec<Arg> {
+    v.iter().map(|s| Arg::Lit(s.to_string())).collect()
+}
+
+fn lits(v: Vec<String>) -> Vec<Arg> {
+    v.into_iter().map(Arg::Lit).collect()
+}
+
+/// Everything the report needs, gathered from the stages.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    /// The preset used.
+    pub preset: Option<Preset>,
+    /// Per condition: replicate accuracies, barrier, interpolation curve, Hessian trace.
+    pub conditions: Vec<Value>,
+    /// IMP rounds: per method, (round, sparsity, test accuracy, images processed).
+    pub imp_rounds: Value,
+    /// The distillation stage's output.
+    pub distill: Value,
+    /// Landscape grids per condition.
+    pub landscapes: Vec<Value>,
+    /// Stage compute: name, images processed, seconds, cached.
+    pub compute: Vec<Value>,
+}
+
+/// Runs every stage of `preset`.
+pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String, Vec<f64>)>)> {
+    let ds = preset.dataset.clone();
+    let seed = preset.seed.to_string();
+    let max_round = *preset.rounds.iter().max().unwrap_or(&0);
+    let rounds_arg = max_round.max(1).to_string();
+    // 1. Distill.
+    let mut a = lit(&["distill", "--dataset", &ds, "--model", &preset.model, "--seed", &seed]);
+    a.extend(lits(preset.distill.to_args()?));
+    a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
+    let distill = runner.stage("distill", a)?;
+    // 2. IMP on distilled data, on real data.
+    let mut a = lit(&["prune", "--dataset", &ds, "--model", &preset.model, "--seed", &seed, "--rounds", &rounds_arg]);
+    a.extend([Arg::Lit("--train-set".into()), Arg::In(distill.key.clone(), "distilled.lmc".into())]);
+    a.extend(lits(preset.prune_distilled.to_args()?));
+    a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
+    let imp_distilled = runner.stage("prune-distilled", a)?;
+    let mut a = lit(&["prune", "--dataset", &ds, "--model", &preset.model, "--seed", &seed, "--rounds", &rounds_arg]);
+    a.extend(lits(preset.prune.to_args()?));
+    a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
+    let imp_real = runner.stage("prune-real", a)?;
+    let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
+    let sparsity_of = |s: &StageOut, r: usize| -> f64 {
+        s.json["output"]["rounds"].as_array().and_then(|rs| rs.iter().find(|x| x["round"].as_u64() == Some(r as u64))).and_then(|x| x["sparsity"].as_f64()).unwrap_or(f64::NAN)
+    };
+    // 3. Conditions: dense, then per round distilled / imp / random.
+    let mut conds = vec![Condition { method: "dense".into(), round: 0, sparsity: 0.0, ticket: (imp_real.key.clone(), ticket(0)) }];
+    for &r in preset.rounds.iter().filter(|&&r| r > 0) {
+        conds.push(Condition { method: "distilled".into(), round: r, sparsity: sparsity_of(&imp_distilled, r), ticket: (imp_distilled.key.clone(), ticket(r)) });
+        conds.push(Condition { method: "imp".into(), round: r, sparsity: sparsity_of(&imp_real, r), ticket: (imp_real.key.clone(), ticket(r)) });
+        let mut a = lit(&["prune", "random", "--seed", &seed]);
+        a.extend([Arg::Lit("--like".into()), Arg::In(imp_real.key.clone(), ticket(r))]);
+        a.extend([Arg::Lit("--out".into()), Arg::Own("random.lmc".into())]);
+        let rs = runner.stage(&format!("random-r{r}"), a)?;
+        conds.push(Condition { method: "random".into(), round: r, sparsity: sparsity_of(&imp_real, r), ticket: (rs.key.clone(), "random.lmc".into()) });
+    }
+    // 4. Replicates and probes per condition.
+    let mut results = Results { preset: Some(preset.clone()), distill: distill.json["output"].clone(), ..Default::default() };
+    results.imp_rounds = serde_json::json!({"distilled": imp_distilled.json["output"]["rounds"], "imp": imp_real.json["output"]["rounds"]});
+    let mut diagonals = Vec::new();
+    let reps = preset.replicates.to_string();
+    for c in &conds {
+        let label = format!("{}-r{}", c.method, c.round);
+        let mut a = lit(&["train", "--dataset", &ds, "--replicates", &reps, "--seed", &seed]);
+        a.extend([Arg::Lit("--ticket".into()), Arg::In(c.ticket.0.clone(), c.ticket.1.clone())]);
+        a.extend(lits(preset.train.to_args()?));
+        a.extend([Arg::Lit("--out".into()), Arg::Own("runs".into())]);
+        let tr = runner.stage(&format!("train-{label}"), a)?;
+        let rep = |i: usize| Arg::In(tr.key.clone(), format!("runs/replicate-{i}.lmc"));
+        let mut a = lit(&["probe", "interpolate"]);
+        a.extend((0..preset.replicates).map(rep));
+        a.extend(lits(preset.interpolate.to_args()?));
+        a.extend([Arg::Lit("--out".into()), Arg::Own("interpolate.lmc".into())]);
+        let ip = runner.stage(&format!("interpolate-{label}"), a)?;
+        let mut a = lit(&["probe", "hessian"]);
+        a.push(rep(0));
+        a.extend(lits(preset.hessian.to_args()?));
+        a.extend([Arg::Lit("--out".into()), Arg::Own("hessian.lmc".into())]);
+        let hs = runner.stage(&format!("hessian-{label}"), a)?;
+        if let Ok((_, p)) = lmc_train::artifact::read::<lmc_probe::Probe>(&hs.dir.join("hessian.lmc")) {
+            if let lmc_probe::ProbeResult::Hessian(h) = p.result {
+                if let Some(d) = h.diagonal {
+                    diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
+                }
+            }
+        }
+        let landscape = (c.method == "dense" || c.method == "distilled") && preset.landscape_rounds.contains(&c.round);
+        if landscape {
+            let mut a = lit(&["probe", "landscape"]);
+            a.push(rep(0));
+            a.extend(lits(preset.landscape.to_args()?));
+            a.extend([Arg::Lit("--out".into()), Arg::Own("landscape.lmc".into())]);
+            let ls = runner.stage(&format!("landscape-{label}"), a)?;
+            results.landscapes.push(serde_json::json!({"condition": label, "result": ls.json["output"]["summary"]["result"]}));
+        }
+        let accs: Vec<f64> = tr.json["output"]["replicates"].as_array().map(|v| v.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect()).unwrap_or_default();
+        let ipr = &ip.json["output"]["summary"]["result"];
+        results.conditions.push(serde_json::json!({
+            "condition": label,
+            "method": c.method,
+            "round": c.round,
+            "sparsity": c.sparsity,
+            "test_accuracy": accs,
+            "test_accuracy_mean": accs.iter().sum::<f64>() / accs.len().max(1) as f64,
+            "error_barrier_mean": ipr["summary"][0]["error_barrier"]["mean"].as_f64(),
+            "loss_barrier_mean": ipr["summary"][0]["loss_barrier"]["mean"].as_f64(),
+            "l2_distance_mean": ipr["l2_distance"]["mean"].as_f64(),
+            "interpolation": ipr["pairs"][0]["curves"][0]["points"],
+            "hessian_trace": hs.json["output"]["summary"]["result"]["trace"]["trace"].as_f64(),
+            "hessian_trace_se": hs.json["output"]["summary"]["result"]["trace"]["trace_se"].as_f64(),
+        }));
+    }
+    results.compute = runner
+        .log
+        .iter()
+        .map(|s| {
+            let o = &s.json["output"];
+            let images = o["images_processed"].as_u64().or_else(|| o["replicates"].as_array().map(|r| r.iter().filter_map(|x| x["images_seen"].as_u64()).sum())).or_else(|| o["rounds"].as_array().and_then(|r| r.last()).and_then(|x| x["images_processed"].as_u64()));
+            serde_json::json!({"stage": s.name, "seconds": s.json["seconds"], "images_processed": images, "cached": s.cached})
+        })
+        .collect();
+    Ok((results, diagonals))
+}

@@ -1,0 +1,199 @@
+//! The pipeline report: `OUT/report/index.md`, the same as `index.html`, SVG plots and
+//! `summary.json` with every number the plots show.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+
+
+use crate::pipeline::Results;
+use crate::plot::{self, Series};
+
+const METHODS: [&str; 4] = ["dense", "distilled", "imp", "random"];
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{:.2}", 100.0 * x))
+}
+
+/// Writes the report folder.
+pub fn write(dir: &Path, res: &Results, diagonals: &[(String, Vec<f64>)], distill_png: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let conds = &res.conditions;
+    // Every method's line starts at the dense network (sparsity 0).
+    fn by_method<'a>(conds: &'a [serde_json::Value], m: &'a str) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+        conds.iter().filter(move |c| c["method"] == m || c["method"] == "dense")
+    }
+    // Accuracy vs sparsity (replicates retrained on real data), and barrier vs sparsity.
+    let mut acc = Vec::new();
+    let mut bar = Vec::new();
+    for m in METHODS.iter().skip(1) {
+        let pts = |key: &str| -> Vec<(f64, f64)> { by_method(conds, m).filter_map(|c| Some((100.0 * c["sparsity"].as_f64()?, 100.0 * c[key].as_f64()?))).collect() };
+        acc.push(Series { name: m.to_string(), points: pts("test_accuracy_mean") });
+        bar.push(Series { name: m.to_string(), points: pts("error_barrier_mean") });
+    }
+    plot::lines(&dir.join("accuracy_vs_sparsity.svg"), "Test accuracy of replicates trained on real data", "sparsity (% of weights removed)", "test accuracy (%)", &acc)?;
+    plot::lines(&dir.join("barrier_vs_sparsity.svg"), "Error barrier between replicates (linear interpolation)", "sparsity (% of weights removed)", "test error barrier (percentage points)", &bar)?;
+    // Error along each interpolation path.
+    let paths: Vec<Series> = conds
+        .iter()
+        .map(|c| Series {
+            name: c["condition"].as_str().unwrap_or("?").to_string(),
+            points: c["interpolation"].as_array().map(|ps| ps.iter().filter_map(|p| Some((p["alpha"].as_f64()?, 100.0 * p["error"].as_f64()?))).collect()).unwrap_or_default(),
+        })
+        .collect();
+    plot::lines(&dir.join("interpolation.svg"), "Test error along the path between replicates", "interpolation coefficient alpha (0 = replicate 0, 1 = replicate 1)", "test error (%)", &paths)?;
+    // IMP rounds as the search saw them.
+    let mut rounds = Vec::new();
+    for (m, label) in [("distilled", "distilled IMP (trained on distilled data)"), ("imp", "real-data IMP")] {
+        let pts = res.imp_rounds[m].as_array().map(|r| r.iter().filter_map(|x| Some((100.0 * x["sparsity"].as_f64()?, 100.0 * x["test_accuracy"].as_f64()?))).collect()).unwrap_or_default();
+        rounds.push(Series { name: label.into(), points: pts });
+    }
+    plot::lines(&dir.join("imp_rounds.svg"), "Test accuracy of each IMP round's network", "sparsity (% of weights removed)", "test accuracy (%)", &rounds)?;
+    // Landscapes.
+    let mut landscape_files = Vec::new();
+    for l in &res.landscapes {
+        let name = l["condition"].as_str().unwrap_or("?");
+        let pts = l["result"]["points"].as_array().cloned().unwrap_or_default();
+        let mut xs: Vec<f64> = pts.iter().filter_map(|p| p["x"].as_f64()).collect();
+        let mut ys: Vec<f64> = pts.iter().filter_map(|p| p["y"].as_f64()).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        ys.sort_by(f64::total_cmp);
+        ys.dedup();
+        let mut z = vec![vec![f64::NAN; xs.len()]; ys.len()];
+        for p in &pts {
+            if let (Some(ix), Some(iy), Some(loss)) = (p["ix"].as_u64(), p["iy"].as_u64(), p["loss"].as_f64()) {
+                z[iy as usize][ix as usize] = loss;
+            }
+        }
+        let file = format!("landscape_{name}.svg");
+        plot::heatmap(&dir.join(&file), &format!("Train loss around {name}"), "direction 1 (filter-normalised units)", "direction 2 (filter-normalised units)", &xs, &ys, &z, "train loss")?;
+        landscape_files.push(file);
+    }
+    // Hessian diagonals (log10 of |H_ii|, zeros dropped).
+    let logs: Vec<(String, Vec<f64>)> = diagonals.iter().map(|(n, d)| (n.clone(), d.iter().filter(|v| **v != 0.0).map(|v| v.abs().log10()).collect())).collect();
+    if !logs.is_empty() {
+        plot::histogram(&dir.join("hessian_diagonal.svg"), "Hessian diagonal estimates (Hutchinson)", "log10 |H_ii|", &logs, 40)?;
+    }
+    if let Some(png) = distill_png {
+        std::fs::copy(png, dir.join("distilled.png"))?;
+    }
+    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&serde_json::json!({
+        "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
+        "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
+    }))?)?;
+    // Markdown.
+    let preset = res.preset.as_ref();
+    let mut md = String::new();
+    writeln!(md, "# lmc report: {}\n", preset.map_or("", |p| p.name.as_str()))?;
+    writeln!(md, "{}\n", preset.map_or("", |p| p.description.as_str()))?;
+    writeln!(md, "## Conditions\n\nEach condition's subnetwork was trained {} times on real data from the same initialisation with different data orders. Barrier = max error along the linear path minus the mean of the endpoints (Frankle et al. 2020); under 2 points counts as linearly connected.\n", preset.map_or(0, |p| p.replicates))?;
+    writeln!(md, "| condition | sparsity (%) | test accuracy (%) | error barrier (points) | loss barrier | L2 distance | Hessian trace (± s.e.) |\n|---|---|---|---|---|---|---|")?;
+    for c in conds {
+        writeln!(
+            md,
+            "| {} | {:.1} | {} | {} | {} | {} | {} |",
+            c["condition"].as_str().unwrap_or("?"),
+            100.0 * c["sparsity"].as_f64().unwrap_or(f64::NAN),
+            pct(c["test_accuracy_mean"].as_f64()),
+            pct(c["error_barrier_mean"].as_f64()),
+            c["loss_barrier_mean"].as_f64().map_or("-".into(), |v| format!("{v:.4}")),
+            c["l2_distance_mean"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
+            match (c["hessian_trace"].as_f64(), c["hessian_trace_se"].as_f64()) {
+                (Some(t), Some(se)) => format!("{t:.3} ± {se:.3}"),
+                _ => "-".into(),
+            }
+        )?;
+    }
+    let img = |md: &mut String, file: &str, alt: &str| writeln!(md, "\n![{alt}]({file})\n");
+    writeln!(md, "\n## Plots")?;
+    img(&mut md, "accuracy_vs_sparsity.svg", "test accuracy vs sparsity per method")?;
+    img(&mut md, "barrier_vs_sparsity.svg", "error barrier vs sparsity per method")?;
+    img(&mut md, "interpolation.svg", "test error along each interpolation path")?;
+    img(&mut md, "imp_rounds.svg", "test accuracy of each IMP round")?;
+    for f in &landscape_files {
+        img(&mut md, f, "loss landscape")?;
+    }
+    if !logs.is_empty() {
+        img(&mut md, "hessian_diagonal.svg", "Hessian diagonal histograms")?;
+    }
+    if distill_png.is_some() {
+        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {}\n", res.distill["test_accuracy_mean"].as_f64().map_or("not evaluated".into(), |v| format!("{:.2}%", 100.0 * v)))?;
+        img(&mut md, "distilled.png", "distilled images, one row per class")?;
+    }
+    writeln!(md, "\n## Compute per stage\n\n| stage | images processed | seconds | cached |\n|---|---|---|---|")?;
+    for s in &res.compute {
+        writeln!(md, "| {} | {} | {:.1} | {} |", s["stage"].as_str().unwrap_or("?"), s["images_processed"].as_u64().map_or("-".into(), |v| v.to_string()), s["seconds"].as_f64().unwrap_or(0.0), s["cached"])?;
+    }
+    writeln!(md, "\nEvery number above is in `summary.json`.")?;
+    std::fs::write(dir.join("index.md"), &md)?;
+    std::fs::write(dir.join("index.html"), markdown_to_html(&md))?;
+    Ok(())
+}
+
+/// A tiny converter for the subset of Markdown the report uses (headings, paragraphs, tables,
+/// images, inline code). Hand-written because the report needs nothing more, and a Markdown
+/// crate would be the pipeline's largest dependency.
+fn markdown_to_html(md: &str) -> String {
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let inline = |s: &str| {
+        let e = esc(s);
+        let mut out = String::new();
+        for (i, part) in e.split('`').enumerate() {
+            if i % 2 == 1 {
+                write!(out, "<code>{part}</code>").unwrap();
+            } else {
+                out.push_str(part);
+            }
+        }
+        out
+    };
+    let mut html = String::from("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lmc report</title><style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}img{max-width:100%}</style></head><body>\n");
+    let mut in_table = false;
+    for line in md.lines() {
+        let t = line.trim();
+        if t.starts_with('|') {
+            let cells: Vec<&str> = t.trim_matches('|').split('|').map(str::trim).collect();
+            if cells.iter().all(|c| c.chars().all(|ch| ch == '-')) {
+                continue;
+            }
+            if !in_table {
+                html.push_str("<table>\n<tr>");
+                for c in &cells {
+                    write!(html, "<th>{}</th>", inline(c)).unwrap();
+                }
+                html.push_str("</tr>\n");
+                in_table = true;
+                continue;
+            }
+            html.push_str("<tr>");
+            for c in &cells {
+                write!(html, "<td>{}</td>", inline(c)).unwrap();
+            }
+            html.push_str("</tr>\n");
+            continue;
+        }
+        if in_table {
+            html.push_str("</table>\n");
+            in_table = false;
+        }
+        if let Some(h) = t.strip_prefix("## ") {
+            writeln!(html, "<h2>{}</h2>", inline(h)).unwrap();
+        } else if let Some(h) = t.strip_prefix("# ") {
+            writeln!(html, "<h1>{}</h1>", inline(h)).unwrap();
+        } else if let Some(rest) = t.strip_prefix("![") {
+            if let Some((alt, src)) = rest.split_once("](") {
+                writeln!(html, "<p><img src=\"{}\" alt=\"{}\"></p>", esc(src.trim_end_matches(')')), esc(alt)).unwrap();
+            }
+        } else if !t.is_empty() {
+            writeln!(html, "<p>{}</p>", inline(t)).unwrap();
+        }
+    }
+    if in_table {
+        html.push_str("</table>\n");
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
