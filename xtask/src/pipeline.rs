@@ -345,3 +345,30 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
         .collect();
     Ok((results, diagonals))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_preset_parses_and_names_its_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut n = 0;
+        for e in std::fs::read_dir(root.join("presets")).unwrap() {
+            let p = e.unwrap().path();
+            let (preset, _) = load_preset(p.to_str().unwrap(), root).unwrap();
+            assert_eq!(p.file_stem().unwrap().to_str().unwrap(), preset.name);
+            assert!(preset.rounds.contains(&0), "{}: the dense network is always a condition", preset.name);
+            n += 1;
+        }
+        assert!(n >= 4);
+        assert!(load_preset("no-such-preset", root).unwrap_err().to_string().contains("no-such-preset"));
+    }
+
+    #[test]
+    fn flags_become_command_line_options() {
+        let f: Flags = toml::from_str("[args]\nepochs = 3\nlr = 0.5\ntrace = true\nfresh = false\nschedule = \"constant\"\n").unwrap();
+        let a = f.to_args().unwrap();
+        assert_eq!(a, vec!["--epochs", "3", "--lr", "0.5", "--schedule", "constant", "--trace"]);
+    }
+}

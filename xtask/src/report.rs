@@ -197,3 +197,16 @@ fn markdown_to_html(md: &str) -> String {
     html
 }
 
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn markdown_tables_images_and_code_become_html() {
+        let html = super::markdown_to_html("# T\n\n| a | b |\n|---|---|\n| 1 | `x<y` |\n\n![alt](p.svg)\n");
+        assert!(html.contains("<h1>T</h1>"));
+        assert!(html.contains("<tr><th>a</th><th>b</th></tr>"));
+        assert!(html.contains("<td><code>x&lt;y</code></td>"));
+        assert!(html.contains("<img src=\"p.svg\" alt=\"alt\">"));
+        assert_eq!(html.matches("<table>").count(), html.matches("</table>").count());
+    }
+}
