@@ -43,6 +43,11 @@ enum Cmd {
     },
     /// Run the criterion benches of every stage, then `lmc bench`.
     Bench,
+    /// Open a report in headless Chromium and check that it loads with every plot present.
+    CheckReport {
+        /// The report folder [default: runs/pipeline-digits/report].
+        dir: Option<PathBuf>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -88,6 +93,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::CheckReport { dir } => check_report(&dir.unwrap_or_else(|| root.join("runs/pipeline-digits/report"))),
         Cmd::Bench => {
             let st = cargo().current_dir(&root).args(["bench", "--workspace"]).status()?;
             if !st.success() {
@@ -101,4 +107,38 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Loads `dir/index.html` in headless Chromium (Debian's `chromium`), dumps the DOM it built, and
+/// checks that the page rendered its tables and that every image it references exists and is a
+/// well-formed SVG/PNG file.
+fn check_report(dir: &Path) -> Result<()> {
+    let index = dir.join("index.html").canonicalize().with_context(|| format!("{}: no index.html", dir.display()))?;
+    let profile = std::env::temp_dir().join(format!("lmc-chromium-{}", std::process::id()));
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--dump-dom"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("file://{}", index.display()))
+        .output()
+        .context("running chromium (apt-get install chromium)")?;
+    let _ = std::fs::remove_dir_all(&profile);
+    if !out.status.success() {
+        bail!("chromium failed on {}: {}", index.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let dom = String::from_utf8_lossy(&out.stdout);
+    if !dom.contains("<table>") || !dom.contains("<h1>") {
+        bail!("{}: the rendered page has no heading or table", index.display());
+    }
+    let mut images = 0;
+    for part in dom.split("<img src=\"").skip(1) {
+        let src = part.split('"').next().unwrap_or("");
+        let bytes = std::fs::read(dir.join(src)).with_context(|| format!("image {src} referenced by the report is missing"))?;
+        let ok = if src.ends_with(".svg") { String::from_utf8_lossy(&bytes).contains("</svg>") } else { bytes.starts_with(b"\x89PNG") };
+        if !ok {
+            bail!("image {src} is not a complete SVG/PNG file");
+        }
+        images += 1;
+    }
+    eprintln!("[check-report] {}: rendered by chromium, {images} images present and well-formed", index.display());
+    Ok(())
 }

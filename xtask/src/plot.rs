@@ -87,7 +87,8 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, xs: &[f64], ys: &[f64], z: &[Vec<f64>], z_label: &str) -> Result<()> {
     let root = SVGBackend::new(path, (640, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
-    let (zmin, zmax) = range(z.iter().flatten().copied());
+    let finite = || z.iter().flatten().copied().filter(|v| v.is_finite());
+    let (zmin, zmax) = (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
     let step = |v: &[f64]| if v.len() > 1 { (v[1] - v[0]).abs() } else { 1.0 };
     let (dx, dy) = (step(xs) / 2.0, step(ys) / 2.0);
     let (xa, xb) = (xs.first().copied().unwrap_or(0.0) - dx, xs.last().copied().unwrap_or(1.0) + dx);
