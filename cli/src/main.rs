@@ -36,8 +36,12 @@ fn tune_allocator() {
 
 /// Lottery tickets from distilled data, and their linear mode connectivity.
 ///
-/// Stages: `lmc train` trains (replicates of) a network on real data and writes Run artifacts.
-/// `lmc data info` describes a dataset; `lmc inspect` prints any artifact.
+/// Stages, each writing versioned .lmc artifacts the next one reads: `lmc distill` (a few
+/// synthetic images per class), `lmc prune` (iterative magnitude pruning on distilled or real
+/// data, random baselines), `lmc train` (replicates of a network or ticket on real data),
+/// `lmc probe` (interpolation barriers, landscapes, Hessians). `lmc data info` describes a
+/// dataset, `lmc inspect` prints any artifact, `lmc export`/`import` speak safetensors, and
+/// `lmc bench` measures throughput.
 /// Data sets are read from --data-dir (default $LMC_DATA_DIR, then ./data); the 8x8 digits set is
 /// built in.
 #[derive(Parser)]
@@ -90,8 +94,12 @@ fn main() -> ExitCode {
             // One line: the error and its causes joined.
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
-                msg.push_str(": ");
-                msg.push_str(&cause.to_string());
+                // Library errors already print their source; don't repeat it.
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
             }
             eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::FAILURE

@@ -100,8 +100,12 @@ pub struct TrainArgs {
     #[command(flatten)]
     data: DataArgs,
     /// Architecture: mlp:H1,H2,..., lenet-300-100, or convnet[:depth=D,width=W,norm=instance|none].
-    #[arg(long, value_name = "SPEC")]
-    model: String,
+    #[arg(long, value_name = "SPEC", required_unless_present = "ticket")]
+    model: Option<String>,
+    /// Train replicates of this ticket (its starting parameters and mask; `lmc prune`) instead
+    /// of a fresh --seed initialisation; --model, if given, must match it.
+    #[arg(long, value_name = "TICKET")]
+    ticket: Option<PathBuf>,
     #[command(flatten)]
     opts: TrainOpts,
     /// Initialisation seed (shared by all replicates).
@@ -134,7 +138,7 @@ pub fn replicate_path(out: &Path, r: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let spec: ModelSpec = a.model.parse().context("--model")?;
+    let spec: Option<ModelSpec> = a.model.as_deref().map(str::parse).transpose().context("--model")?;
     if a.replicates == 0 {
         bail!("--replicates must be at least 1");
     }
@@ -143,9 +147,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("--out {}: with --replicates {} the output must be a folder, and this is a file", a.out.display(), a.replicates);
     }
     let (ds, ds_prov) = a.data.load()?;
-    let model = Model::new(&spec, ds.train.shape, ds.classes)?;
-    let init = model.init(a.seed);
-    let mask = Mask::dense(&model.layout);
+    let (model, init, mask, start) = match (&a.ticket, &spec) {
+        (Some(t), _) => crate::prune_cmd::ticket_start(t, spec.as_ref(), &ds)?,
+        (None, Some(spec)) => {
+            let model = Model::new(spec, ds.train.shape, ds.classes)?;
+            let init = model.init(a.seed);
+            let mask = Mask::dense(&model.layout);
+            (model, init, mask, Start::Seed(a.seed))
+        }
+        (None, None) => bail!("--model is required (or --ticket)"),
+    };
     let base_seed = a.data_seed.unwrap_or(a.seed);
     let mut rows = Vec::new();
     for r in 0..a.replicates {
@@ -155,7 +166,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             dataset: &ds,
             dataset_provenance: ds_prov,
             init: init.clone(),
-            start: Start::Seed(a.seed),
+            start: start.clone(),
             mask: mask.clone(),
             config: cfg.clone(),
             data_seed: base_seed + r as u64,
@@ -194,7 +205,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let out = json!({
             "command": "train",
             "dataset": ds.name,
-            "model": spec.to_string(),
+            "model": model.spec.to_string(),
+            "ticket": a.ticket,
+            "sparsity": mask.sparsity(&model.layout),
             "parameters": model.layout.total(),
             "seed": a.seed,
             "config": cfg,

@@ -1,0 +1,360 @@
+//! The IMP loop: initialise -> train -> per round: prune, rewind, retrain. One Ticket artifact per
+//! round in an output folder (`round-00.lmc` = dense), resumable by round (and by epoch inside a
+//! round) after being killed.
+//!
+//! Round r (0..=rounds):
+//! - mask: round 0 keeps everything (or the parent ticket's mask); round r >= 1 prunes the
+//!   network trained in round r-1 with the [`PruneRule`];
+//! - start: round 0 starts from theta0 (the seed's initialisation, or the parent ticket's
+//!   parameters); round r >= 1 starts from the rewind point R (theta0, or theta_k = the round-0
+//!   parameters after k SGD steps) for the weights and, unless everything is rewound, from the
+//!   round r-1 trained values for biases and norm parameters (the authors' behaviour);
+//! - the ticket of round r holds that start (R for round 0), the mask, and the trained network.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lmc_train::artifact::{self, Provenance};
+use lmc_train::data::Dataset;
+use lmc_train::fit::{self, Checkpoint, Observer, TrainConfig, TrainData, TrainState};
+use lmc_train::model::{Model, ModelSpec};
+use lmc_train::optim::Schedule;
+use lmc_train::params::{Mask, ParamVec};
+use lmc_train::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::rule::PruneRule;
+use crate::ticket::{read_ticket, sparsity_of, DataRecord, Origin, Parent, Ticket};
+
+/// What a rewind resets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Rewind {
+    /// Conv and linear weights only; biases and norm parameters carry over from the last trained
+    /// round (the authors' code).
+    Weights,
+    /// Every parameter.
+    All,
+}
+
+/// Everything that decides an IMP run, apart from the number of rounds (so that a longer run
+/// reuses a shorter one's rounds). Part of each ticket's identity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImpConfig {
+    /// Architecture.
+    pub model: ModelSpec,
+    /// Initialisation seed (also chooses the tie-breaking keys).
+    pub seed: u64,
+    /// Data-order / augmentation seed of every round's training.
+    pub data_seed: u64,
+    /// Inner training settings.
+    pub train: TrainConfig,
+    /// Which weights a round removes.
+    pub rule: PruneRule,
+    /// Rewind to the parameters after this many SGD steps of round 0 (0 = initialisation).
+    pub rewind_step: u64,
+    /// What a rewind resets.
+    pub rewind: Rewind,
+}
+
+/// The previous ticket an IMP run continues from (`--from-ticket`).
+pub struct FromTicket<'a> {
+    /// The ticket.
+    pub ticket: &'a Ticket,
+    /// Its provenance.
+    pub provenance: Provenance,
+}
+
+/// One IMP run: settings, inputs and where the tickets go.
+pub struct Imp<'a> {
+    /// Settings.
+    pub config: ImpConfig,
+    /// The architecture bound to the data's input shape.
+    pub model: &'a Model,
+    /// Training split = the data the search trains on (real or distilled); test split = the real
+    /// test set every round is evaluated on.
+    pub data: &'a Dataset,
+    /// Provenance of `data`.
+    pub data_provenance: Provenance,
+    /// Start from this ticket's mask and parameters instead of a fresh dense network.
+    pub from: Option<FromTicket<'a>>,
+    /// Output folder.
+    pub out_dir: &'a Path,
+    /// Ignore existing tickets and checkpoints.
+    pub fresh: bool,
+}
+
+/// What one round produced (the `--json` row).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number (0 = before pruning).
+    pub round: usize,
+    /// Fraction of prunable weights removed.
+    pub sparsity: f64,
+    /// Prunable weights kept.
+    pub kept: usize,
+    /// Test accuracy of the round's trained network.
+    pub test_accuracy: f64,
+    /// Training images processed by the search so far.
+    pub images_processed: u64,
+    /// Seconds this round took (when it was computed).
+    pub seconds: f64,
+    /// The ticket file.
+    pub path: PathBuf,
+    /// True when an up-to-date ticket was found and not recomputed.
+    pub cached: bool,
+}
+
+/// Progress callbacks of an IMP run; the training-loop callbacks come through [`Observer`].
+pub trait ImpObserver: Observer {
+    /// Before a round's training (`total_steps` SGD steps).
+    fn round_started(&mut self, _round: usize, _rounds: usize, _sparsity: f64, _total_steps: u64) {}
+    /// After a round's ticket is written (or found up to date).
+    fn round_finished(&mut self, _record: &RoundRecord) {}
+}
+
+/// An [`ImpObserver`] that does nothing.
+pub struct SilentImp;
+impl Observer for SilentImp {}
+impl ImpObserver for SilentImp {}
+
+/// The ticket file of round `r`.
+pub fn round_path(out_dir: &Path, r: usize) -> PathBuf {
+    out_dir.join(format!("round-{r:02}.lmc"))
+}
+
+/// The checkpoint kept while round `r` trains.
+pub fn round_checkpoint_path(out_dir: &Path, r: usize) -> PathBuf {
+    out_dir.join(format!("round-{r:02}.ckpt"))
+}
+
+/// Parameters a round starts from: the rewind point's weights (all of it with [`Rewind::All`]),
+/// and otherwise `trained`'s other parameters.
+pub fn rewind(point: &ParamVec, trained: &ParamVec, mode: Rewind) -> Result<ParamVec> {
+    point.check_same_layout(&trained.layout, "rewind")?;
+    Ok(match mode {
+        Rewind::All => point.clone(),
+        Rewind::Weights => {
+            let mut p = trained.clone();
+            for e in point.layout.entries.iter().filter(|e| e.prunable()) {
+                p.data[e.range()].copy_from_slice(&point.data[e.range()]);
+            }
+            p
+        }
+    })
+}
+
+/// Errors unless the first `k` steps of `cfg` on `n` images all run at the base learning rate
+/// (the rewind point is computed by a constant-rate prefix run, exact only then) and `k` is
+/// shorter than the training.
+fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
+    let (per_epoch, epochs, total) = cfg.plan(n);
+    if k >= total {
+        return Err(Error::invalid(format!("--rewind-step {k}: a round trains only {total} steps; rewind to an earlier step")));
+    }
+    let lr_at = |step: u64| match cfg.iterations {
+        Some(_) => cfg.schedule.lr(cfg.lr, step, total),
+        None => cfg.schedule.lr(cfg.lr, step / per_epoch, epochs as u64),
+    };
+    // Epoch-based schedules change the rate only at epoch starts: checking each epoch's first
+    // step and step k-1 covers every step before k.
+    let stride = if cfg.iterations.is_some() { 1 } else { per_epoch.max(1) as usize };
+    if k > 0 && ((0..k).step_by(stride).any(|s| lr_at(s) != cfg.lr) || lr_at(k - 1) != cfg.lr) {
+        return Err(Error::invalid(format!("--rewind-step {k}: must come before the first learning-rate milestone")));
+    }
+    Ok(())
+}
+
+/// The parameters after the first `k` SGD steps of training `start` under `mask` with `cfg`
+/// (bit-identical to the full run's, as the rate is constant before step k).
+pub fn params_at_step(model: &Model, mask: &Mask, data: &Dataset, cfg: &TrainConfig, data_seed: u64, start: ParamVec, k: u64) -> Result<ParamVec> {
+    if k == 0 {
+        return Ok(start);
+    }
+    check_rewind_step(cfg, data.train.len(), k)?;
+    let prefix = TrainConfig { iterations: Some(k), schedule: Schedule::Constant, eval_every: 0, ..cfg.clone() };
+    let td = TrainData { test: None, ..TrainData::of(data, cfg) };
+    let state = fit::fit(model, mask, &td, &prefix, data_seed, TrainState::start(start), &mut fit::Silent)?;
+    Ok(state.params)
+}
+
+#[derive(Serialize)]
+struct RoundIdentity<'a> {
+    config: &'a ImpConfig,
+    round: usize,
+    model: &'a Model,
+}
+
+/// Writes a checkpoint per epoch (at most one a second) and forwards to the user's observer.
+struct RoundObserver<'a> {
+    path: PathBuf,
+    run: Provenance,
+    inner: &'a mut dyn ImpObserver,
+    last_write: Instant,
+}
+
+impl Observer for RoundObserver<'_> {
+    fn on_step(&mut self, e: usize, s: u64, n: u64, l: f32) {
+        self.inner.on_step(e, s, n, l)
+    }
+    fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
+        if self.last_write.elapsed().as_secs_f64() >= 1.0 || state.epochs_done == 1 {
+            artifact::write(&self.path, &Checkpoint { run: self.run, state: state.clone() }, self.run)?;
+            self.last_write = Instant::now();
+        }
+        self.inner.on_epoch(state)
+    }
+}
+
+impl Imp<'_> {
+    /// Checks settings and inputs before any work.
+    pub fn validate(&self) -> Result<()> {
+        self.config.train.validate()?;
+        self.config.rule.groups(&self.model.layout)?;
+        if self.model.spec != self.config.model {
+            return Err(Error::invalid("IMP config and model disagree on the architecture"));
+        }
+        if self.model.input != self.data.train.shape || self.model.classes != self.data.classes {
+            return Err(Error::invalid(format!("model {} does not fit the images of {}", self.model.spec, self.data.name)));
+        }
+        if let Some(f) = &self.from {
+            if f.ticket.model != *self.model {
+                return Err(Error::invalid(format!(
+                    "--from-ticket is for {} on {:?}, this run is {} on {:?}",
+                    f.ticket.model.spec, f.ticket.model.input, self.model.spec, self.model.input
+                )));
+            }
+        }
+        if self.config.rewind_step > 0 {
+            check_rewind_step(&self.config.train, self.data.train.len(), self.config.rewind_step)?;
+        }
+        Ok(())
+    }
+
+    /// Provenance of the ticket of round `r`.
+    pub fn round_provenance(&self, r: usize) -> Provenance {
+        let id = RoundIdentity { config: &self.config, round: r, model: self.model };
+        let mut inputs = vec![self.data_provenance];
+        if let Some(f) = &self.from {
+            inputs.push(f.provenance);
+        }
+        Provenance::of("prune", &id, &inputs)
+    }
+
+    /// Runs (or resumes) rounds 0..=`rounds`, writing `round-RR.lmc` for each.
+    pub fn run(&self, rounds: usize, obs: &mut dyn ImpObserver) -> Result<Vec<RoundRecord>> {
+        self.validate()?;
+        let cfg = &self.config;
+        let found_with = DataRecord { name: self.data.name.clone(), provenance: self.data_provenance, train_images: self.data.train.len() };
+        let parent = self.from.as_ref().map(|f| Parent {
+            provenance: f.provenance,
+            found_with: f.ticket.found_with.clone(),
+            sparsity: f.ticket.sparsity,
+            images_processed: f.ticket.images_processed,
+        });
+        let (theta0, mask0, init_seed, images_before) = match &self.from {
+            Some(f) => (f.ticket.rewind.clone(), f.ticket.mask.clone(), f.ticket.init_seed, f.ticket.images_processed),
+            None => (self.model.init(cfg.seed), Mask::dense(&self.model.layout), cfg.seed, 0),
+        };
+        let (_, _, total_steps) = cfg.train.plan(self.data.train.len());
+        let mut records = Vec::new();
+        // The previous round's ticket and the rewind point R (round 0's ticket parameters).
+        let mut prev: Option<Ticket> = None;
+        let mut point: Option<ParamVec> = None;
+        for r in 0..=rounds {
+            let path = round_path(self.out_dir, r);
+            let prov = self.round_provenance(r);
+            if !self.fresh && path.exists() {
+                if let Ok((h, t)) = read_ticket(&path) {
+                    if h.provenance == prov && t.trained.is_some() {
+                        let rec = record(&t, &path, true);
+                        obs.round_finished(&rec);
+                        records.push(rec);
+                        if r == 0 {
+                            point = Some(t.rewind.clone());
+                        }
+                        prev = Some(t);
+                        continue;
+                    }
+                }
+            }
+            let started = Instant::now();
+            let (mask, start) = match (&prev, &point) {
+                (Some(p), Some(point)) => {
+                    let trained = p.trained.as_ref().expect("IMP tickets hold their trained network");
+                    (cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?, rewind(point, trained, cfg.rewind)?)
+                }
+                _ => (mask0.clone(), theta0.clone()),
+            };
+            let (sparsity, layers) = sparsity_of(self.model, &mask);
+            obs.round_started(r, rounds, sparsity, total_steps);
+            let ticket_params = if r == 0 {
+                params_at_step(self.model, &mask, self.data, &cfg.train, cfg.data_seed, start.clone(), cfg.rewind_step)?
+            } else {
+                start.clone()
+            };
+            let ckpt = round_checkpoint_path(self.out_dir, r);
+            let mut state = TrainState::start(start);
+            if !self.fresh && ckpt.exists() {
+                if let Ok((_, c)) = artifact::read::<Checkpoint>(&ckpt) {
+                    if c.run == prov {
+                        state = c.state;
+                    }
+                }
+            }
+            std::fs::create_dir_all(self.out_dir).map_err(|e| Error::io(self.out_dir, e))?;
+            let data = TrainData::of(self.data, &cfg.train);
+            let mut ro = RoundObserver { path: ckpt.clone(), run: prov, inner: &mut *obs, last_write: Instant::now() };
+            let state = match fit::fit(self.model, &mask, &data, &cfg.train, cfg.data_seed, state, &mut ro) {
+                Ok(s) => s,
+                Err(Error::Diverged { epoch, step, loss, .. }) => {
+                    let kept = Some(ckpt.clone()).filter(|c| c.exists());
+                    return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
+                }
+                Err(e) => return Err(e),
+            };
+            let images_processed = prev.as_ref().map_or(images_before, |p| p.images_processed) + state.images_seen;
+            let test_accuracy = state.curve.last().and_then(|c| c.test).map(|e| e.accuracy);
+            let ticket = Ticket {
+                model: self.model.clone(),
+                init_seed,
+                rewind: ticket_params,
+                rewind_step: cfg.rewind_step,
+                mask,
+                sparsity,
+                layers,
+                origin: Origin::Imp { round: r, config: cfg.clone(), parent: parent.clone() },
+                found_with: found_with.clone(),
+                images_processed,
+                train_config: Some(cfg.train.clone()),
+                data_seed: Some(cfg.data_seed),
+                trained: Some(state.params),
+                test_accuracy,
+                curve: state.curve,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            artifact::write(&path, &ticket, prov)?;
+            let _ = std::fs::remove_file(&ckpt);
+            let rec = record(&ticket, &path, false);
+            obs.round_finished(&rec);
+            records.push(rec);
+            if r == 0 {
+                point = Some(ticket.rewind.clone());
+            }
+            prev = Some(ticket);
+        }
+        Ok(records)
+    }
+}
+
+fn record(t: &Ticket, path: &Path, cached: bool) -> RoundRecord {
+    RoundRecord {
+        round: t.round().unwrap_or(0),
+        sparsity: t.sparsity,
+        kept: t.layers.iter().map(|l| l.kept).sum(),
+        test_accuracy: t.test_accuracy.unwrap_or(f64::NAN),
+        images_processed: t.images_processed,
+        seconds: t.seconds,
+        path: path.to_path_buf(),
+        cached,
+    }
+}
