@@ -151,6 +151,11 @@ impl TrainState {
 pub trait Observer {
     /// After each SGD step.
     fn on_step(&mut self, _epoch: usize, _step_in_epoch: u64, _steps_per_epoch: u64, _loss: f32) {}
+    /// After a batch is assembled and before its SGD step (`step_in_epoch` counts from 0): may
+    /// change the batch in place, e.g. distillation's differentiable siamese augmentation (DSA)
+    /// when a synthetic set is evaluated. Must be deterministic in its arguments for resuming to
+    /// stay exact.
+    fn on_batch(&mut self, _epoch: usize, _step_in_epoch: u64, _batch: &mut Batch) {}
     /// After each completed epoch; an error aborts training.
     fn on_epoch(&mut self, _state: &TrainState) -> Result<()> {
         Ok(())
@@ -279,6 +284,7 @@ pub fn fit(
                 break;
             }
             data::fill_batch(data.train, data.norm, idx, aug.as_mut(), &mut batch);
+            observer.on_batch(epoch, i as u64, &mut batch);
             let (loss, c) = loss_and_grad(model, &state.params, &batch.x, &batch.labels, &mut bufs);
             if !loss.is_finite() {
                 return Err(Error::Diverged { epoch, step: i, loss, checkpoint: None });
@@ -449,6 +455,9 @@ struct Checkpointer<'a> {
 impl Observer for Checkpointer<'_> {
     fn on_step(&mut self, e: usize, s: u64, n: u64, l: f32) {
         self.inner.on_step(e, s, n, l)
+    }
+    fn on_batch(&mut self, e: usize, s: u64, b: &mut Batch) {
+        self.inner.on_batch(e, s, b)
     }
     fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
         // Epochs shorter than a second are checkpointed at most once a second: resuming from an
