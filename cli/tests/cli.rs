@@ -3,40 +3,20 @@
 //! a non-zero exit that is not a panic's 101).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use lmc_train::artifact;
 use lmc_train::fit::Run;
 
-fn lmc() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmc"))
-}
+mod common;
+use common::{lmc, run_ok, run_err};
+
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures")
 }
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
 
-/// Runs a command that must fail cleanly; returns its stderr.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap();
-    assert!(code != 0 && code != 101, "exit code {code}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn one_line(err: &str) -> &str {
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
-    lines[0]
-}
 
 fn read_run(p: &Path) -> Run {
     artifact::read::<Run>(p).unwrap().1
@@ -133,24 +113,24 @@ fn a_killed_training_resumes_to_the_same_result() {
 #[test]
 fn missing_data_dir_names_the_path() {
     let err = run_err(lmc().args(["train", "--dataset", "mnist", "--model", "lenet-300-100", "--data-dir", "/nonexistent/lmc-data", "--out", "/tmp/x.lmc"]));
-    assert!(one_line(&err).contains("/nonexistent/lmc-data"), "{err}");
+    assert!(err.as_str().contains("/nonexistent/lmc-data"), "{err}");
 }
 
 #[test]
 fn unknown_model_spec_names_the_flag() {
     let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "resnet-1000", "--out", "/tmp/x.lmc"]));
-    let line = one_line(&err);
+    let line = err.as_str();
     assert!(line.contains("--model") && line.contains("resnet-1000"), "{line}");
 }
 
 #[test]
 fn unknown_dataset_and_bad_numbers_name_the_flag() {
     let err = run_err(lmc().args(["train", "--dataset", "imagenet", "--model", "mlp:8", "--out", "/tmp/x.lmc"]));
-    assert!(one_line(&err).contains("--dataset"), "{err}");
+    assert!(err.as_str().contains("--dataset"), "{err}");
     let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--lr=-1", "--out", "/tmp/x.lmc"]));
-    assert!(one_line(&err).contains("--lr"), "{err}");
+    assert!(err.as_str().contains("--lr"), "{err}");
     let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--schedule", "multistep:0.9,0.5", "--out", "/tmp/x.lmc"]));
-    assert!(one_line(&err).contains("--schedule"), "{err}");
+    assert!(err.as_str().contains("--schedule"), "{err}");
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -179,7 +159,7 @@ fn truncated_idx_file_is_named() {
     std::fs::remove_file(&gz).unwrap();
     std::fs::write(dir.path().join("mnist/t10k-images-idx3-ubyte"), &raw[..raw.len() - 100]).unwrap();
     let err = run_err(lmc().args(["data", "info", "--dataset", "mnist", "--data-dir"]).arg(dir.path()));
-    let line = one_line(&err);
+    let line = err.as_str();
     assert!(line.contains("t10k-images-idx3-ubyte") && line.contains("truncated"), "{line}");
 }
 
@@ -192,7 +172,7 @@ fn truncated_cifar_file_is_named() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 7]).unwrap();
     let err = run_err(lmc().args(["data", "info", "--dataset", "cifar10", "--data-dir"]).arg(dir.path()));
-    assert!(one_line(&err).contains("data_batch_3.bin"), "{err}");
+    assert!(err.as_str().contains("data_batch_3.bin"), "{err}");
 }
 
 #[test]
@@ -220,11 +200,11 @@ fn damaged_artifacts_are_named_not_panicked_on() {
         let p = dir.path().join(name);
         std::fs::write(&p, content).unwrap();
         let err = run_err(lmc().arg("inspect").arg(&p));
-        let line = one_line(&err);
+        let line = err.as_str();
         assert!(line.contains(name) && line.contains(want), "{line}");
     }
     let err = run_err(lmc().arg("inspect").arg(dir.path().join("absent.lmc")));
-    assert!(one_line(&err).contains("absent.lmc"));
+    assert!(err.as_str().contains("absent.lmc"));
 }
 
 #[test]

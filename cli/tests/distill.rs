@@ -9,31 +9,15 @@ use std::time::{Duration, Instant};
 use lmc_train::artifact;
 use lmc_train::data::SyntheticSet;
 
-fn lmc() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmc"))
-}
+mod common;
+use common::{lmc, run_ok, run_err};
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
+
 
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Runs a command that must fail cleanly; returns its one-line stderr.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap();
-    assert!(code != 0 && code != 101, "exit code {code}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
-    lines[0].to_string()
-}
 
 /// A small, fast distillation of digits.
 fn distill(out: &Path) -> Command {

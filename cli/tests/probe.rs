@@ -3,39 +3,23 @@
 //! one-line error, a non-zero exit that is not a panic's 101).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use lmc_probe::{Probe, ProbeResult};
 use lmc_train::artifact;
 use lmc_train::fit::Run;
 use serde_json::Value;
 
-fn lmc() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmc"))
-}
+mod common;
+use common::{lmc, run_ok, run_err};
 
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
+
 
 fn json_of(cmd: &mut Command) -> Value {
     let o = run_ok(cmd.arg("--json"));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
 
-/// Runs a command that must fail cleanly with a one-line error; returns that line.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap();
-    assert!(code != 0 && code != 101, "exit code {code}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
-    lines[0].to_string()
-}
 
 /// Trains `n` replicates of `model` on digits into `dir/name/replicate-R.lmc`.
 fn replicates(dir: &Path, name: &str, model: &str, n: usize) -> Vec<PathBuf> {

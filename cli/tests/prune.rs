@@ -11,9 +11,9 @@ use lmc_train::data::{self, DatasetName, Pixels, SyntheticSet};
 use lmc_train::fit::{Run, Start};
 use serde_json::Value;
 
-fn lmc() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lmc"))
-}
+mod common;
+use common::{lmc, run_err};
+
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures")
@@ -25,17 +25,6 @@ fn run_json(cmd: &mut Command) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Runs a command that must fail cleanly; returns its one-line stderr.
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap();
-    assert!(code != 0 && code != 101, "exit code {code}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
-    lines[0].to_string()
-}
 
 const IMP: [&str; 10] = ["prune", "--dataset", "digits", "--model", "mlp:7,3", "--lr", "0.05", "--batch-size", "64", "--json"];
 
