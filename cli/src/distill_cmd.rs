@@ -190,9 +190,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     req.validate()?;
 
     let pb = bar(req.config.total_steps(), "distill");
-    let mut last_loss = f64::NAN;
     let mut progress = |s: run::Step| {
-        last_loss = s.loss;
         pb.set_position(s.done);
         pb.set_message(format!("iteration {} loss {:.4}", s.iteration + 1, s.loss));
         ControlFlow::Continue(())
