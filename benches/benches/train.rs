@@ -64,7 +64,7 @@ fn linear(c: &mut Criterion) {
     let b = param(&dev, 300, 0.05);
     let mut g = c.benchmark_group("linear_128x784x300");
     g.throughput(Throughput::Elements(128));
-    g.bench_function("forward_backward", |bch| bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300))));
+    g.bench_function("forward_backward", |bch| bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, true))));
     g.finish();
 }
 

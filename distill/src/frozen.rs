@@ -97,9 +97,9 @@ pub fn forward<Tp: Tape<f32, Cpu>>(model: &Model, p: &[T1], x: T4<Tp>, relus: &m
     if let Some(widths) = hidden(&model.spec) {
         let mut h = ops::flatten(x);
         for (i, &width) in widths.iter().enumerate() {
-            h = relu_pattern(ops::linear(h, &p[2 * i], &p[2 * i + 1], width), relus, &mut k);
+            h = relu_pattern(ops::linear(h, &p[2 * i], &p[2 * i + 1], width, true), relus, &mut k);
         }
-        return ops::linear(h, &p[last], &p[last + 1], model.classes);
+        return ops::linear(h, &p[last], &p[last + 1], model.classes, true);
     }
     let ModelSpec::ConvNet { depth, width, norm } = &model.spec else {
         return model.forward(p, x, true);
@@ -116,5 +116,5 @@ pub fn forward<Tp: Tape<f32, Cpu>>(model: &Model, p: &[T1], x: T4<Tp>, relus: &m
         }
         h = ops::avg_pool2d(relu_pattern(h, relus, &mut k), 2);
     }
-    ops::linear(ops::flatten(h), &p[last], &p[last + 1], model.classes)
+    ops::linear(ops::flatten(h), &p[last], &p[last + 1], model.classes, true)
 }

@@ -224,7 +224,9 @@ impl Model {
     /// to propagate gradients to the images (distillation needs it; training does not).
     pub fn forward<Tp: Tape<f32, Cpu>>(&self, p: &[T1], x: T4<Tp>, input_grad: bool) -> T2<Tp> {
         let k = p.len() - 2;
-        ops::linear(self.embed(p, x, input_grad), &p[k], &p[k + 1], self.classes)
+        // The classifier is the first layer only for an MLP without hidden layers.
+        let classifier_first = hidden_of(&self.spec).is_some_and(|h| h.is_empty());
+        ops::linear(self.embed(p, x, input_grad), &p[k], &p[k + 1], self.classes, input_grad || !classifier_first)
     }
 
     /// Features before the classifier (N, F): what distribution matching embeds. Takes the full
@@ -233,7 +235,7 @@ impl Model {
         if let Some(hidden) = hidden_of(&self.spec) {
             let mut h = ops::flatten(x);
             for (i, &width) in hidden.iter().enumerate() {
-                h = ops::relu2(ops::linear(h, &p[2 * i], &p[2 * i + 1], width));
+                h = ops::relu2(ops::linear(h, &p[2 * i], &p[2 * i + 1], width, input_grad || i > 0));
             }
             return h;
         }

@@ -29,27 +29,47 @@ impl Sgd {
     /// PyTorch: d = g + wd*p; buf = first ? d : mu*buf + d; d = nesterov ? d + mu*buf : buf;
     /// p -= lr*d.
     pub fn step(&self, params: &mut [f32], grad: &mut [f32], buf: &mut [f32], first: bool, lr: f64, mask: &Mask) {
-        let (mu, wd, nesterov) = (self.momentum as f32, self.weight_decay as f32, self.nesterov);
+        let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, lr as f32);
+        // Branch-free inner loops (the variant is a compile-time constant of `update`), so they
+        // vectorise; the masked write is a select, which keeps pruned entries at exactly 0
+        // whatever the gradient holds (even NaN).
+        let f = match (mu != 0.0, first, self.nesterov) {
+            (false, _, _) => update::<false, false, false>,
+            (true, true, false) => update::<true, true, false>,
+            (true, false, false) => update::<true, false, false>,
+            (true, true, true) => update::<true, true, true>,
+            (true, false, true) => update::<true, false, true>,
+        };
         params
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks_mut(CHUNK))
             .zip(buf.par_chunks_mut(CHUNK))
             .zip(mask.keep.par_chunks(CHUNK))
-            .for_each(|(((p, g), b), keep)| {
-                for i in 0..p.len() {
-                    if !keep[i] {
-                        p[i] = 0.0;
-                        b[i] = 0.0;
-                        continue;
-                    }
-                    let mut d = g[i] + wd * p[i];
-                    if mu != 0.0 {
-                        b[i] = if first { d } else { mu * b[i] + d };
-                        d = if nesterov { d + mu * b[i] } else { b[i] };
-                    }
-                    p[i] -= lr as f32 * d;
-                }
-            });
+            .for_each(|(((p, g), b), keep)| f(p, g, b, keep, mu, wd, lr));
+    }
+}
+
+/// The update of one chunk; `MOM`, `FIRST`, `NEST` select PyTorch's branches.
+#[inline(always)]
+fn update<const MOM: bool, const FIRST: bool, const NEST: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    b: &mut [f32],
+    keep: &[bool],
+    mu: f32,
+    wd: f32,
+    lr: f32,
+) {
+    let n = p.len();
+    let (g, b, keep) = (&g[..n], &mut b[..n], &keep[..n]);
+    for i in 0..n {
+        let mut d = g[i] + wd * p[i];
+        if MOM {
+            let nb = if FIRST { d } else { mu * b[i] + d };
+            b[i] = if keep[i] { nb } else { 0.0 };
+            d = if NEST { d + mu * nb } else { nb };
+        }
+        p[i] = if keep[i] { p[i] - lr * d } else { 0.0 };
     }
 }
 

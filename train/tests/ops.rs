@@ -256,7 +256,8 @@ impl Op for NormOp {
     }
 }
 
-struct LinearOp(usize, usize, usize);
+/// (batch, in, out, input_grad)
+struct LinearOp(usize, usize, usize, bool);
 impl Op for LinearOp {
     type X = (usize, usize);
     type Y = (usize, usize);
@@ -264,7 +265,7 @@ impl Op for LinearOp {
         (self.0, self.1)
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T2<Tp>, ps: &[T1]) -> T2<Tp> {
-        linear(x, &ps[0], &ps[1], self.2)
+        linear(x, &ps[0], &ps[1], self.2, self.3)
     }
 }
 
@@ -301,7 +302,7 @@ impl Op for FlattenLinearOp {
         self.0
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T2<Tp> {
-        linear(flatten(x), &ps[0], &ps[1], self.1)
+        linear(flatten(x), &ps[0], &ps[1], self.1, true)
     }
 }
 
@@ -357,7 +358,7 @@ impl Op for NetOp {
         let h = avg_pool2d(h, 2);
         let h = conv2d(h, &ps[3], None, c2, true);
         let h = conv2d(h, &ps[3], None, c2, true);
-        let h = linear(flatten(h), &ps[4], &ps[5], 3);
+        let h = linear(flatten(h), &ps[4], &ps[5], 3, true);
         cross_entropy(h, &[0, 2, 1])
     }
 }
@@ -678,9 +679,24 @@ fn instance_norm_values_and_gradients() {
 // linear, relu, flatten
 
 #[test]
+fn linear_without_input_grad() {
+    let (n, inf, outf) = (5, 9, 4);
+    let ps = vec![rv(outf * inf, 41), rv(outf, 42)];
+    let xv = rv(n * inf, 43);
+    // Parameter gradients are still right (finite differences); the input gradient is zero.
+    let (gx, gps) = grad_check("linear no dx", &LinearOp(n, inf, outf, false), &xv, &ps, 1e-2, 1e-2, false);
+    assert!(gx.iter().all(|v| *v == 0.0));
+    let r = rv(n * outf, 1234);
+    let (_, gx_full, gps_full) = grads(&LinearOp(n, inf, outf, true), &xv, &ps, &r);
+    assert!(gx_full.iter().any(|v| *v != 0.0));
+    assert_eq!(bits(&gps[0]), bits(&gps_full[0]));
+    assert_eq!(bits(&gps[1]), bits(&gps_full[1]));
+}
+
+#[test]
 fn linear_values_and_gradients() {
-    for (n, inf, outf) in [(4, 6, 3), (1, 5, 7), (17, 33, 10)] {
-        let op = LinearOp(n, inf, outf);
+    for (n, inf, outf) in [(4, 6, 3), (1, 5, 7), (17, 33, 10), (130, 784, 300), (700, 300, 300)] {
+        let op = LinearOp(n, inf, outf, true);
         let ps = vec![rv(outf * inf, 31), rv(outf, 32)];
         let xv = rv(n * inf, 33);
         let y = forward(&op, &xv, &ps);
@@ -704,7 +720,7 @@ fn linear_values_and_gradients() {
     // Hand case: x = [1, 2], W = [[1, 0], [2, -1]] (out 2, in 2), b = [0.5, 0]: y = [1.5, 0].
     let x = dev().tensor_from_vec(vec![1.0, 2.0], (1, 2));
     assert_eq!(
-        vec_of(&linear(x, &t1(&[1.0, 0.0, 2.0, -1.0]), &t1(&[0.5, 0.0]), 2)),
+        vec_of(&linear(x, &t1(&[1.0, 0.0, 2.0, -1.0]), &t1(&[0.5, 0.0]), 2, true)),
         [1.5, 0.0]
     );
 }
@@ -930,13 +946,19 @@ fn bit_identical_across_thread_counts() {
     assert_same_bits("conv b1", &conv1, &rv(32 * 256, 93), &conv1.params(94));
     let norm = NormOp(x);
     assert_same_bits("norm b10", &norm, &xv, &[rv(16, 95), rv(16, 96)]);
-    let lin = LinearOp(130, 300, 100);
+    let lin = LinearOp(130, 300, 100, true);
     assert_same_bits(
         "linear",
         &lin,
         &rv(130 * 300, 97),
         &[rv(30_000, 98), rv(100, 99)],
     );
+    // Large enough (31M multiply-accumulates) that each product is split into parallel blocks:
+    // columns for the forward and dW, rows for dx (batch 700 > 300 features).
+    let lin = LinearOp(130, 784, 300, true);
+    assert_same_bits("linear split", &lin, &rv(130 * 784, 90), &[rv(235_200, 91), rv(300, 92)]);
+    let lin = LinearOp(700, 300, 300, true);
+    assert_same_bits("linear split rows", &lin, &rv(700 * 300, 88), &[rv(90_000, 89), rv(300, 87)]);
     assert_same_bits("pool", &PoolOp(x, 2), &xv, &[]);
     assert_same_bits("relu", &ReluOp(x), &xv, &[]);
 }
