@@ -246,11 +246,12 @@ impl Model {
             let cfg = Conv2dCfg { out_channels: *width, kernel: 3, padding: 1 };
             h = ops::conv2d(h, &p[k], Some(&p[k + 1]), cfg, input_grad || d > 0);
             k += 2;
-            if *norm == Norm::Instance {
-                h = ops::instance_norm(h, &p[k], &p[k + 1], 1e-5);
+            // norm -> ReLU -> pool as one fused op (bit-identical to the three separate ops).
+            let affine = (*norm == Norm::Instance).then(|| (&p[k], &p[k + 1]));
+            h = ops::norm_relu_pool(h, affine, 1e-5, 2);
+            if affine.is_some() {
                 k += 2;
             }
-            h = ops::avg_pool2d(ops::relu(h), 2);
         }
         ops::flatten(h)
     }

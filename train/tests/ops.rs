@@ -10,7 +10,7 @@ use dfdx::prelude::*;
 // Explicit names: `relu` and `mse_loss` also exist in dfdx's prelude, and an explicit import wins.
 use lmc_train::ops::{
     accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss,
-    relu, relu2, Conv2dCfg, T1, T2, T4,
+    norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -253,6 +253,33 @@ impl Op for NormOp {
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
         instance_norm(x, &ps[0], &ps[1], 1e-5)
+    }
+}
+
+/// The fused block tail (`norm` = with instance norm, `k` = pool size), or (`fused` false) the
+/// same three ops applied one after another.
+struct BlockOp {
+    x: S4,
+    norm: bool,
+    k: usize,
+    fused: bool,
+}
+impl Op for BlockOp {
+    type X = S4;
+    type Y = S4;
+    fn x_shape(&self) -> S4 {
+        self.x
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let norm = self.norm.then(|| (&ps[0], &ps[1]));
+        if self.fused {
+            return norm_relu_pool(x, norm, 1e-5, self.k);
+        }
+        let h = match norm {
+            Some((g, b)) => instance_norm(x, g, b, 1e-5),
+            None => x,
+        };
+        avg_pool2d(relu(h), self.k)
     }
 }
 
@@ -648,6 +675,30 @@ fn instance_norm_hand_computed() {
 }
 
 #[test]
+fn fused_block_tail_equals_the_separate_ops_bit_for_bit() {
+    // Even and odd planes (7x5 with k = 2 drops the last row and column), k = 2 and 3.
+    for (x, k) in [((3, 4, 6, 6), 2), ((2, 3, 7, 5), 2), ((2, 2, 6, 9), 3)] {
+        for norm in [true, false] {
+            let c = x.1;
+            let ps = if norm { vec![rv(c, 51).iter().map(|v| v + 1.2).collect(), rv(c, 52)] } else { vec![] };
+            let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 53).iter().map(|v| 2.0 * v + 0.3).collect();
+            let r = rv(x.0 * c * (x.2 / k) * (x.3 / k), 54);
+            let fused = BlockOp { x, norm, k, fused: true };
+            let (y, gx, gps) = grads(&fused, &xv, &ps, &r);
+            let (y0, gx0, gps0) = grads(&BlockOp { fused: false, ..fused }, &xv, &ps, &r);
+            let name = format!("block {x:?} k{k} norm {norm}");
+            assert_eq!(bits(&y), bits(&y0), "{name}: output");
+            assert_eq!(bits(&gx), bits(&gx0), "{name}: input gradient");
+            for (i, (a, b)) in gps.iter().zip(&gps0).enumerate() {
+                assert_eq!(bits(a), bits(b), "{name}: param {i} gradient");
+            }
+            // And against finite differences directly (nonlinear: see instance_norm's tolerance).
+            grad_check(&name, &fused, &xv, &ps, 1e-3, 2e-2, true);
+        }
+    }
+}
+
+#[test]
 fn instance_norm_values_and_gradients() {
     // Nonlinear op: central differences have O(eps^2) truncation error, so eps = 1e-3 with a 2e-2
     // tolerance (f32 rounding in L(x +- eps v) is ~1e-7 relative / 1e-3 step ~ 1e-4 of the
@@ -960,5 +1011,7 @@ fn bit_identical_across_thread_counts() {
     let lin = LinearOp(700, 300, 300, true);
     assert_same_bits("linear split rows", &lin, &rv(700 * 300, 88), &[rv(90_000, 89), rv(300, 87)]);
     assert_same_bits("pool", &PoolOp(x, 2), &xv, &[]);
+    let block = BlockOp { x, norm: true, k: 2, fused: true };
+    assert_same_bits("block", &block, &xv, &[rv(16, 95), rv(16, 96)]);
     assert_same_bits("relu", &ReluOp(x), &xv, &[]);
 }

@@ -35,6 +35,7 @@ macro_rules! take_grad {
 }
 
 mod act;
+mod block;
 mod conv;
 mod gemm;
 mod linear;
@@ -43,6 +44,7 @@ mod norm;
 mod pool;
 
 pub use act::{flatten, relu, relu2};
+pub use block::norm_relu_pool;
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
 pub use loss::{accuracy_counts, cross_entropy, mse_loss};

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::{combine16, read, ELEM_CHUNK, T1, T4};
 
 /// Sum over `a` of `a_i * b_i` in f64, 16 interleaved partial sums combined in a fixed order.
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0.0f64; 16];
     let (mut ia, mut ib) = (a.chunks_exact(16), b.chunks_exact(16));
     for (ca, cb) in (&mut ia).zip(&mut ib) {
@@ -22,7 +22,7 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Sum over `a` of `(a_i - m)^2` in f64 (fixed order).
-fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
+pub(crate) fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
     let mut acc = [0.0f64; 16];
     let mut it = a.chunks_exact(16);
     for c in &mut it {
