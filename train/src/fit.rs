@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dfdx::prelude::*;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Artifact, Kind, Provenance};
@@ -180,27 +181,73 @@ impl GradBuffers {
     }
 }
 
+/// Samples per task when an MLP's batch is split (see [`loss_and_grad`]).
+pub const MLP_GROUP: usize = 64;
+
 /// Mean cross-entropy of `model` at `params` on the `n` images `x` (normalised NCHW) with
 /// `labels`, and its gradient w.r.t. the parameters, written to `bufs.grad`. Returns (loss,
 /// number correct).
+///
+/// An MLP's batch of at least 2 x [`MLP_GROUP`] samples is cut into groups of `MLP_GROUP` that
+/// run forward and backward as parallel tasks, each on one thread; their gradients are then
+/// combined in group order, weighted by group size. Why: an MLP step is a handful of small
+/// products, and handing each of them to the thread pool separately left the second core mostly
+/// idle (LeNet-300-100 at batch 128 ran only ~15% faster on 2 threads than on 1). The groups
+/// depend only on the batch size, so results are bit-identical for any thread count.
 pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
+    let n = labels.len();
+    // Parameter tensors are shared by the groups' graphs (each graph keeps its own gradients).
+    let tensors = model.tensors(&bufs.dev, params);
+    if !model.is_mlp() || n < 2 * MLP_GROUP {
+        let (loss, correct, mut grads) = graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev);
+        for (e, t) in model.layout.entries.iter().zip(&tensors) {
+            bufs.grad[e.range()].copy_from_slice(grads.get_or_alloc_mut(t).expect("cpu allocation"));
+        }
+        return (loss, correct);
+    }
+    let per = model.input.len();
+    let groups = n.div_ceil(MLP_GROUP);
+    let mut parts: Vec<(f32, usize, Gradients<f32, Cpu>)> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let (s0, s1) = (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
+            graph_loss_and_grad(model, &tensors, &x[s0 * per..s1 * per], &labels[s0..s1], &bufs.dev)
+        })
+        .collect();
+    let weights: Vec<f32> = (0..groups).map(|g| (((g + 1) * MLP_GROUP).min(n) - g * MLP_GROUP) as f32 / n as f32).collect();
+    // sum_g w_g * grad_g, per parameter tensor, in group order.
+    let views: Vec<Vec<Vec<f32>>> = parts
+        .iter_mut()
+        .map(|(_, _, gr)| tensors.iter().map(|t| std::mem::take(&mut **gr.get_or_alloc_mut(t).expect("cpu allocation"))).collect())
+        .collect();
+    const CHUNK: usize = 1 << 14;
+    for (ti, e) in model.layout.entries.iter().enumerate() {
+        bufs.grad[e.range()].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
+            let o = ci * CHUNK;
+            out.fill(0.0);
+            for (v, w) in views.iter().zip(&weights) {
+                for (d, g) in out.iter_mut().zip(&v[ti][o..]) {
+                    *d += w * g;
+                }
+            }
+        });
+    }
+    let loss = parts.iter().zip(&weights).map(|((l, _, _), w)| w * l).sum();
+    (loss, parts.iter().map(|p| p.1).sum())
+}
+
+/// Mean cross-entropy of one graph over `x`, the number correct, and the gradients.
+fn graph_loss_and_grad(model: &Model, tensors: &[ops::T1], x: &[f32], labels: &[u8], dev: &Cpu) -> (f32, usize, Gradients<f32, Cpu>) {
     let s = model.input;
     let n = labels.len();
-    let dev = bufs.dev.clone();
-    let tensors = model.tensors(&dev, params);
     let input = dev.tensor_from_vec(x.to_vec(), (n, s.channels, s.height, s.width));
-    let logits = model.forward(&tensors, input.traced(Gradients::leaky()), false);
+    let logits = model.forward(tensors, input.traced(Gradients::leaky()), false);
     let mut host = vec![0.0f32; n * model.classes];
     logits.copy_into(&mut host);
     let (correct, _) = ops::accuracy_counts(&host, model.classes, labels);
     let loss = ops::cross_entropy(logits, labels);
     let loss_value = loss.array();
-    let mut grads = loss.backward();
-    for (e, t) in model.layout.entries.iter().zip(&tensors) {
-        let g = grads.get_or_alloc_mut(t).expect("cpu allocation");
-        bufs.grad[e.range()].copy_from_slice(g);
-    }
-    (loss_value, correct)
+    (loss_value, correct, loss.backward())
 }
 
 /// Logits of `model` at `params` for `n` normalised images (no tape).

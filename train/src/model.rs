@@ -185,6 +185,11 @@ impl Model {
         Ok(Model { spec: spec.clone(), input, classes, layout: Layout::new(items) })
     }
 
+    /// Whether the architecture is a multilayer perceptron (no convolutions).
+    pub fn is_mlp(&self) -> bool {
+        hidden_of(&self.spec).is_some()
+    }
+
     /// PyTorch's default initialisation, drawn from `seed`: conv/linear weights and biases
     /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), norm scale 1, shift 0.
     pub fn init(&self, seed: u64) -> ParamVec {

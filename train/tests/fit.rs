@@ -133,3 +133,65 @@ fn a_small_convnet_learns_the_digits() {
     let acc = s.curve.last().unwrap().test.unwrap().accuracy;
     assert!(acc >= 0.96, "test accuracy {acc}");
 }
+
+/// Mean cross-entropy in f64 from untaped logits: an evaluation independent of the tape.
+fn mean_ce(model: &Model, params: &lmc_train::params::ParamVec, x: &[f32], labels: &[u8]) -> f64 {
+    let dev = dfdx::prelude::Cpu::default();
+    let logits = fit::logits(model, &dev, &model.tensors(&dev, params), x.to_vec(), labels.len());
+    let total: f64 = logits
+        .chunks_exact(model.classes)
+        .zip(labels)
+        .map(|(row, &y)| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            lse - row[y as usize] as f64
+        })
+        .sum();
+    total / labels.len() as f64
+}
+
+#[test]
+fn a_split_mlp_batch_gives_the_whole_batch_gradient() {
+    // Batch 130 = groups of 64 + 64 + 2 (fit::MLP_GROUP), so the split path and its size
+    // weighting both run; checked against central differences of the mean loss computed without
+    // the tape, and for identical bits with 1 and 2 threads. Softmax regression (`mlp:`, no
+    // hidden layer) keeps the loss smooth, so the differences are accurate to ~1e-4 (with ReLU
+    // layers, kinks crossed by the step dominate); dropping the 2-sample group would move the
+    // gradient by about 1.5%.
+    assert_eq!(fit::MLP_GROUP, 64);
+    let ds = digits();
+    let model = Model::new(&"mlp:".parse::<ModelSpec>().unwrap(), ds.train.shape, ds.classes).unwrap();
+    let params = model.init(3);
+    let idx: Vec<u32> = (0..130).collect();
+    let mut batch = data::Batch::default();
+    data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut bufs = fit::GradBuffers::new(&model);
+            let (loss, correct) = fit::loss_and_grad(&model, &params, &batch.x, &batch.labels, &mut bufs);
+            (loss, correct, bufs.grad)
+        })
+    };
+    let (loss, _, g) = run(2);
+    let (loss1, _, g1) = run(1);
+    assert_eq!(loss.to_bits(), loss1.to_bits());
+    assert!(g.iter().zip(&g1).all(|(a, b)| a.to_bits() == b.to_bits()), "gradient differs with 1 and 2 threads");
+    let l0 = mean_ce(&model, &params, &batch.x, &batch.labels);
+    assert!((loss as f64 - l0).abs() < 1e-5 * l0.abs().max(1.0), "loss {loss} vs {l0}");
+    for seed in 0..3u64 {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let v: Vec<f32> = (0..params.len()).map(|_| rand::Rng::gen_range(&mut rng, -1.0f32..1.0)).collect();
+        let eps = 1e-3f32;
+        let shifted = |s: f32| {
+            let mut p = params.clone();
+            p.data.iter_mut().zip(&v).for_each(|(a, b)| *a += s * eps * b);
+            p
+        };
+        let (pp, pm) = (shifted(1.0), shifted(-1.0));
+        let fd = mean_ce(&model, &pp, &batch.x, &batch.labels) - mean_ce(&model, &pm, &batch.x, &batch.labels);
+        // The step actually taken after f32 rounding.
+        let an: f64 = g.iter().zip(pp.data.iter().zip(&pm.data)).map(|(a, (p, m))| *a as f64 * (*p as f64 - *m as f64)).sum();
+        assert!((fd - an).abs() < 1e-3 * an.abs(), "direction {seed}: fd {fd} vs analytic {an}");
+    }
+}
