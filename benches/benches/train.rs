@@ -54,6 +54,13 @@ fn memory_bound(c: &mut Criterion) {
     g.bench_function("instance_norm_fwd_bwd", |b| b.iter(|| sum_backward(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5))));
     g.bench_function("relu_fwd_bwd", |b| b.iter(|| sum_backward(ops::relu(x.clone().leaky_traced()))));
     g.bench_function("avg_pool_fwd_bwd", |b| b.iter(|| sum_backward(ops::avg_pool2d(x.clone().leaky_traced(), 2))));
+    // The fused block tail the models use, against the three ops above composed.
+    g.bench_function("norm_relu_pool_fused_fwd_bwd", |b| {
+        b.iter(|| sum_backward(ops::norm_relu_pool(x.clone().leaky_traced(), Some((&gamma, &beta)), 1e-5, 2)))
+    });
+    g.bench_function("norm_relu_pool_composed_fwd_bwd", |b| {
+        b.iter(|| sum_backward(ops::avg_pool2d(ops::relu(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5)), 2)))
+    });
     g.finish();
 }
 
@@ -63,6 +70,9 @@ fn linear(c: &mut Criterion) {
     let w = param(&dev, 300 * 784, 0.05);
     let b = param(&dev, 300, 0.05);
     let mut g = c.benchmark_group("linear_128x784x300");
+    g.bench_function("forward_backward_no_input_grad", |bch| {
+        bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, false)))
+    });
     g.throughput(Throughput::Elements(128));
     g.bench_function("forward_backward", |bch| bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, true))));
     g.finish();

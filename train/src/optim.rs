@@ -31,8 +31,7 @@ impl Sgd {
     pub fn step(&self, params: &mut [f32], grad: &mut [f32], buf: &mut [f32], first: bool, lr: f64, mask: &Mask) {
         let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, lr as f32);
         // Branch-free inner loops (the variant is a compile-time constant of `update`), so they
-        // vectorise; the masked write is a select, which keeps pruned entries at exactly 0
-        // whatever the gradient holds (even NaN).
+        // vectorise.
         let f = match (mu != 0.0, first, self.nesterov) {
             (false, _, _) => update::<false, false, false>,
             (true, true, false) => update::<true, true, false>,
@@ -62,14 +61,17 @@ fn update<const MOM: bool, const FIRST: bool, const NEST: bool>(
 ) {
     let n = p.len();
     let (g, b, keep) = (&g[..n], &mut b[..n], &keep[..n]);
+    // A pruned entry is zeroed with an AND on its bits (all ones if kept, zero if pruned): exact
+    // +0 whatever the gradient holds, and, unlike a select on the bool, LLVM vectorises it.
+    let kept = |k: bool, v: f32| f32::from_bits(v.to_bits() & (k as u32).wrapping_neg());
     for i in 0..n {
         let mut d = g[i] + wd * p[i];
         if MOM {
             let nb = if FIRST { d } else { mu * b[i] + d };
-            b[i] = if keep[i] { nb } else { 0.0 };
+            b[i] = kept(keep[i], nb);
             d = if NEST { d + mu * nb } else { nb };
         }
-        p[i] = if keep[i] { p[i] - lr * d } else { 0.0 };
+        p[i] = kept(keep[i], p[i] - lr * d);
     }
 }
 
