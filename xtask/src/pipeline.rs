@@ -177,7 +177,7 @@ impl Runner {
         let mut cmd = Command::new(&self.lmc);
         cmd.args(&argv).arg("--json");
         if let Some(d) = &self.data_dir {
-            if argv.iter().any(|a| a == "--dataset") {
+            if reads_data(&argv) {
                 cmd.arg("--data-dir").arg(d);
             }
         }
@@ -215,6 +215,12 @@ pub struct Condition {
     /// Ticket stage key and file.
     #[serde(skip)]
     pub ticket: (String, String),
+}
+
+/// Whether an `lmc` command line reads a dataset (and so takes `--data-dir`): every command that
+/// names `--dataset`, and the probes, which default to the data their runs were trained on.
+fn reads_data(argv: &[String]) -> bool {
+    argv.first().is_some_and(|c| c == "probe") || argv.iter().any(|a| a == "--dataset")
 }
 
 fn lit(v: &[&str]) -> Vec<Arg> {
@@ -363,6 +369,15 @@ mod tests {
         }
         assert!(n >= 4);
         assert!(load_preset("no-such-preset", root).unwrap_err().to_string().contains("no-such-preset"));
+    }
+
+    #[test]
+    fn data_dir_goes_to_every_stage_that_reads_data() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(reads_data(&v("train --dataset mnist --epochs 1")));
+        assert!(reads_data(&v("probe interpolate a.lmc b.lmc")));
+        assert!(reads_data(&v("probe hessian a.lmc --samples 512")));
+        assert!(!reads_data(&v("prune random --seed 0 --like t.lmc")));
     }
 
     #[test]
