@@ -132,6 +132,14 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer. A method, so closures capture the whole (Send) wrapper rather than the raw
+    /// field, as edition-2021 closures would.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// [`sgemm`] for a dense row-major `dst` (`m x n`), split into blocks of rows (when `m >= n`)
 /// or columns that run as rayon tasks, each a single-threaded `gemm` call. The split follows
 /// the larger output dimension so the operand every task re-packs is the smaller one.
@@ -179,7 +187,6 @@ pub(crate) fn sgemm_split(
         } else {
             (m, s1 - s0, s0, 0, s0 * rl.cs)
         };
-        let out = out;
         // SAFETY: the block lies inside `dst`, `lhs` and `rhs` (their full extents were checked
         // above); blocks of different tasks are disjoint rows or columns of `dst`, so no two
         // tasks write the same element, and `dst` is exclusively borrowed for the whole call.
@@ -188,7 +195,7 @@ pub(crate) fn sgemm_split(
                 bm,
                 bn,
                 k,
-                out.0.add(d_off),
+                out.get().add(d_off),
                 dl.cs as isize,
                 dl.rs as isize,
                 accumulate,
