@@ -207,14 +207,15 @@ pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8],
     }
     let per = model.input.len();
     let groups = n.div_ceil(MLP_GROUP);
+    let bounds = |g: usize| (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
     let mut parts: Vec<(f32, usize, Gradients<f32, Cpu>)> = (0..groups)
         .into_par_iter()
         .map(|g| {
-            let (s0, s1) = (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
+            let (s0, s1) = bounds(g);
             graph_loss_and_grad(model, &tensors, &x[s0 * per..s1 * per], &labels[s0..s1], &bufs.dev)
         })
         .collect();
-    let weights: Vec<f32> = (0..groups).map(|g| (((g + 1) * MLP_GROUP).min(n) - g * MLP_GROUP) as f32 / n as f32).collect();
+    let weights: Vec<f32> = (0..groups).map(bounds).map(|(s0, s1)| (s1 - s0) as f32 / n as f32).collect();
     // sum_g w_g * grad_g, per parameter tensor, in group order.
     let views: Vec<Vec<Vec<f32>>> = parts
         .iter_mut()

@@ -11,8 +11,8 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::norm::{dot_f64, sq_dev_f64};
-use super::{read, sum_f64, ELEM_CHUNK, T1, T4};
+use super::norm::{add_channel_totals, normalize_plane, plane_backward};
+use super::{read, ELEM_CHUNK, T1, T4};
 
 /// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
 #[inline(always)]
@@ -75,15 +75,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
         .with_min_len(min_planes)
         .for_each(|(pi, ((xp, yp), rs))| {
             if has_norm {
-                // As `instance_norm`: two-pass f64 statistics, biased variance.
-                let mean = sum_f64(xp) / m as f64;
-                let var = sq_dev_f64(xp, mean) / m as f64;
-                let r = 1.0 / (var + eps as f64).sqrt();
-                *rs = r as f32;
-                let (mean, r) = (mean as f32, r as f32);
-                for v in xp.iter_mut() {
-                    *v = (*v - mean) * r;
-                }
+                *rs = normalize_plane(xp, eps);
             }
             let z = pre(&gv, &bv, pi % c);
             for oy in 0..ho {
@@ -123,7 +115,6 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
             let mut sums = vec![(0.0f64, 0.0f64); n * c];
             {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-                let inv_m = 1.0 / m as f64;
                 dx.par_chunks_mut(m)
                     .zip(dy.par_chunks(qs))
                     .zip(xh.par_chunks(m))
@@ -157,36 +148,14 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
                                 }
                                 return;
                             }
-                            // As `instance_norm`'s backward.
-                            let a = dot_f64(gz, xp);
-                            let b = sum_f64(gz);
-                            *s = (a, b);
-                            let ga = gv[ch] as f64;
-                            let r = rstd[pi];
-                            let gr = (ga * r as f64) as f32;
-                            let c0 = (ga * b * inv_m * r as f64) as f32;
-                            let c1 = (ga * a * inv_m * r as f64) as f32;
-                            for ((d, g), xv) in dxp.iter_mut().zip(gz.iter()).zip(xp) {
-                                *d += gr * g - c0 - c1 * xv;
-                            }
+                            *s = plane_backward(gz, xp, gv[ch], rstd[pi], dxp);
                         },
                     );
             }
             drop(dy);
             if let Some((g_g, b_g)) = &ghosts {
-                let (mut dgam, mut dbet) = (vec![0.0f64; c], vec![0.0f64; c]);
-                for (pi, (a, b)) in sums.iter().enumerate() {
-                    dgam[pi % c] += a;
-                    dbet[pi % c] += b;
-                }
-                let dg: &mut Vec<f32> = grads.get_or_alloc_mut(g_g)?;
-                for (d, v) in dg.iter_mut().zip(&dgam) {
-                    *d += *v as f32;
-                }
-                let db: &mut Vec<f32> = grads.get_or_alloc_mut(b_g)?;
-                for (d, v) in db.iter_mut().zip(&dbet) {
-                    *d += *v as f32;
-                }
+                add_channel_totals(grads.get_or_alloc_mut(g_g)?, sums.iter().map(|s| s.0));
+                add_channel_totals(grads.get_or_alloc_mut(b_g)?, sums.iter().map(|s| s.1));
             }
             Ok(())
         });

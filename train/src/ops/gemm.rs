@@ -96,29 +96,49 @@ pub(crate) fn sgemm(
     // SAFETY: every element gemm touches lies inside its slice (checked above); `dst` is a
     // unique borrow, so it cannot alias `lhs` or `rhs`; strides are non-negative and fit isize
     // because the slices exist.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dl.cs as isize,
-            dl.rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            ll.cs as isize,
-            ll.rs as isize,
-            rhs.as_ptr(),
-            rl.cs as isize,
-            rl.rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par.to_gemm(),
-        )
-    }
+    unsafe { raw(m, n, k, dst.as_mut_ptr(), dl, accumulate, lhs.as_ptr(), ll, rhs.as_ptr(), rl, par.to_gemm()) }
+}
+
+/// `gemm::gemm` (alpha = beta = 1, no conjugation) on raw pointers with our layouts.
+///
+/// # Safety
+/// Every element of the three matrices must lie inside its allocation, and `dst` must not
+/// overlap `lhs` or `rhs` nor be written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dl: Layout,
+    accumulate: bool,
+    lhs: *const f32,
+    ll: Layout,
+    rhs: *const f32,
+    rl: Layout,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dl.cs as isize,
+        dl.rs as isize,
+        accumulate,
+        lhs,
+        ll.cs as isize,
+        ll.rs as isize,
+        rhs,
+        rl.cs as isize,
+        rl.rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// Multiply-accumulates per task in [`sgemm_split`] (at most; the task count is the smallest
@@ -191,27 +211,8 @@ pub(crate) fn sgemm_split(
         // above); blocks of different tasks are disjoint rows or columns of `dst`, so no two
         // tasks write the same element, and `dst` is exclusively borrowed for the whole call.
         unsafe {
-            gemm::gemm(
-                bm,
-                bn,
-                k,
-                out.get().add(d_off),
-                dl.cs as isize,
-                dl.rs as isize,
-                accumulate,
-                lhs.as_ptr().add(l_off),
-                ll.cs as isize,
-                ll.rs as isize,
-                rhs.as_ptr().add(r_off),
-                rl.cs as isize,
-                rl.rs as isize,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
+            let (d, l, r) = (out.get().add(d_off), lhs.as_ptr().add(l_off), rhs.as_ptr().add(r_off));
+            raw(bm, bn, k, d, dl, accumulate, l, ll, r, rl, gemm::Parallelism::None)
         }
     });
 }

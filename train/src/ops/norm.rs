@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::{combine16, read, ELEM_CHUNK, T1, T4};
 
 /// Sum over `a` of `a_i * b_i` in f64, 16 interleaved partial sums combined in a fixed order.
-pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0.0f64; 16];
     let (mut ia, mut ib) = (a.chunks_exact(16), b.chunks_exact(16));
     for (ca, cb) in (&mut ia).zip(&mut ib) {
@@ -22,7 +22,7 @@ pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Sum over `a` of `(a_i - m)^2` in f64 (fixed order).
-pub(crate) fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
+fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
     let mut acc = [0.0f64; 16];
     let mut it = a.chunks_exact(16);
     for c in &mut it {
@@ -36,6 +36,48 @@ pub(crate) fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
         acc[j] += d * d;
     }
     combine16(acc)
+}
+
+/// Normalises one plane in place, `xhat = (x - mean) / sqrt(var + eps)`, with two-pass f64
+/// statistics and the biased variance; returns `rstd = 1 / sqrt(var + eps)`.
+pub(crate) fn normalize_plane(xp: &mut [f32], eps: f32) -> f32 {
+    let m = xp.len() as f64;
+    let mean = super::sum_f64(xp) / m;
+    let var = sq_dev_f64(xp, mean) / m;
+    let r = 1.0 / (var + eps as f64).sqrt();
+    let (mean32, r32) = (mean as f32, r as f32);
+    for v in xp.iter_mut() {
+        *v = (*v - mean32) * r32;
+    }
+    r as f32
+}
+
+/// Backward of one plane, given `dy` at the norm's output: `dx += rstd * (gamma*dy -
+/// gamma*b/M - xhat * gamma*a/M)`; returns `(a, b) = (sum dy * xhat, sum dy)`.
+pub(crate) fn plane_backward(dy: &[f32], xh: &[f32], gamma: f32, rstd: f32, dx: &mut [f32]) -> (f64, f64) {
+    let a = dot_f64(dy, xh);
+    let b = super::sum_f64(dy);
+    let (ga, r, inv_m) = (gamma as f64, rstd as f64, 1.0 / xh.len() as f64);
+    let gr = (ga * r) as f32;
+    let c0 = (ga * b * inv_m * r) as f32;
+    let c1 = (ga * a * inv_m * r) as f32;
+    for ((d, g), xv) in dx.iter_mut().zip(dy).zip(xh) {
+        *d += gr * g - c0 - c1 * xv;
+    }
+    (a, b)
+}
+
+/// Per-channel totals of per-plane values (`planes[pi]` belongs to channel `pi % c`), summed in
+/// plane order in f64, added into `dst` (c long).
+pub(crate) fn add_channel_totals(dst: &mut [f32], planes: impl Iterator<Item = f64>) {
+    let c = dst.len();
+    let mut tot = vec![0.0f64; c];
+    for (pi, v) in planes.enumerate() {
+        tot[pi % c] += v;
+    }
+    for (d, v) in dst.iter_mut().zip(&tot) {
+        *d += *v as f32;
+    }
 }
 
 /// Instance normalisation of `x` (N, C, H, W): each (n, c) plane is normalised over its H*W
@@ -78,17 +120,10 @@ pub fn instance_norm<Tp: Tape<f32, Cpu>>(x: T4<Tp>, gamma: &T1, beta: &T1, eps: 
         .enumerate()
         .with_min_len(min_planes)
         .for_each(|(pi, ((xp, yp), rs))| {
-            let ch = pi % c;
-            let mean = super::sum_f64(xp) / m as f64;
-            let var = sq_dev_f64(xp, mean) / m as f64;
-            let r = 1.0 / (var + eps as f64).sqrt();
-            *rs = r as f32;
-            let (mean, r) = (mean as f32, r as f32);
-            let (ga, be) = (gv[ch], bv[ch]);
-            for (xv, yv) in xp.iter_mut().zip(yp.iter_mut()) {
-                let xhat = (*xv - mean) * r;
-                *xv = xhat;
-                *yv = ga * xhat + be;
+            *rs = normalize_plane(xp, eps);
+            let (ga, be) = (gv[pi % c], bv[pi % c]);
+            for (xv, yv) in xp.iter().zip(yp.iter_mut()) {
+                *yv = ga * xv + be;
             }
         });
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
@@ -101,7 +136,6 @@ pub fn instance_norm<Tp: Tape<f32, Cpu>>(x: T4<Tp>, gamma: &T1, beta: &T1, eps: 
             let mut sums = vec![(0.0f64, 0.0f64); n * c];
             {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-                let inv_m = 1.0 / m as f64;
                 dx.par_chunks_mut(m)
                     .zip(dy.par_chunks(m))
                     .zip(xh.par_chunks(m))
@@ -109,35 +143,12 @@ pub fn instance_norm<Tp: Tape<f32, Cpu>>(x: T4<Tp>, gamma: &T1, beta: &T1, eps: 
                     .enumerate()
                     .with_min_len(min_planes)
                     .for_each(|(pi, (((dxp, dyp), xp), s))| {
-                        let ch = pi % c;
-                        let a = dot_f64(dyp, xp);
-                        let b = super::sum_f64(dyp);
-                        *s = (a, b);
-                        let ga = gv[ch] as f64;
-                        let r = rstd[pi];
-                        // dx = rstd * (gamma*dy - gamma*b/M - xhat * gamma*a/M)
-                        let gr = (ga * r as f64) as f32;
-                        let c0 = (ga * b * inv_m * r as f64) as f32;
-                        let c1 = (ga * a * inv_m * r as f64) as f32;
-                        for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
-                            *d += gr * g - c0 - c1 * xv;
-                        }
+                        *s = plane_backward(dyp, xp, gv[pi % c], rstd[pi], dxp);
                     });
             }
             drop(dy);
-            let (mut dgam, mut dbet) = (vec![0.0f64; c], vec![0.0f64; c]);
-            for (pi, (a, b)) in sums.iter().enumerate() {
-                dgam[pi % c] += a;
-                dbet[pi % c] += b;
-            }
-            let dg: &mut Vec<f32> = grads.get_or_alloc_mut(&g_g)?;
-            for (d, v) in dg.iter_mut().zip(&dgam) {
-                *d += *v as f32;
-            }
-            let db: &mut Vec<f32> = grads.get_or_alloc_mut(&b_g)?;
-            for (d, v) in db.iter_mut().zip(&dbet) {
-                *d += *v as f32;
-            }
+            add_channel_totals(grads.get_or_alloc_mut(&g_g)?, sums.iter().map(|s| s.0));
+            add_channel_totals(grads.get_or_alloc_mut(&b_g)?, sums.iter().map(|s| s.1));
             Ok(())
         });
     }
