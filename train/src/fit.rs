@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use dfdx::prelude::*;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Artifact, Kind, Provenance};
@@ -172,69 +171,45 @@ pub struct GradBuffers {
     dev: Cpu,
     /// Gradient of the last call, flat like the parameters.
     pub grad: Vec<f32>,
+    /// Activations of the graph-free MLP step, kept between steps.
+    mlp: crate::mlp::MlpBuffers,
 }
 
 impl GradBuffers {
     /// Buffers for `model`.
     pub fn new(model: &Model) -> GradBuffers {
-        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()] }
+        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()], mlp: Default::default() }
     }
 }
 
-/// Samples per task when an MLP's batch is split (see [`loss_and_grad`]).
+/// Samples per task in the MLP step: the forward and the backward through the activations run
+/// per group of this many samples, groups in parallel (see `mlp.rs`).
 pub const MLP_GROUP: usize = 64;
 
 /// Mean cross-entropy of `model` at `params` on the `n` images `x` (normalised NCHW) with
 /// `labels`, and its gradient w.r.t. the parameters, written to `bufs.grad`. Returns (loss,
 /// number correct).
 ///
-/// An MLP's batch of at least 2 x [`MLP_GROUP`] samples is cut into groups of `MLP_GROUP` that
-/// run forward and backward as parallel tasks, each on one thread; their gradients are then
-/// combined in group order, weighted by group size. Why: an MLP step is a handful of small
-/// products, and handing each of them to the thread pool separately left the second core mostly
-/// idle (LeNet-300-100 at batch 128 ran only ~15% faster on 2 threads than on 1). The groups
-/// depend only on the batch size, so results are bit-identical for any thread count.
+/// An MLP takes a graph-free path (`mlp.rs`: no copies or allocations per step, parallel over
+/// fixed groups of [`MLP_GROUP`] samples), tested against the tape path
+/// ([`loss_and_grad_on_tape`]) and finite differences; other models run on dfdx's tape. Either
+/// way results are bit-identical for any thread count.
 pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
-    let n = labels.len();
-    // Parameter tensors are shared by the groups' graphs (each graph keeps its own gradients).
+    if let Some(widths) = model.mlp_widths() {
+        return crate::mlp::loss_and_grad(&widths, &params.data, x, labels, &mut bufs.mlp, &mut bufs.grad);
+    }
+    loss_and_grad_on_tape(model, params, x, labels, bufs)
+}
+
+/// [`loss_and_grad`] through dfdx's tape for any model, in one graph (the reference the MLP
+/// path is tested against).
+pub fn loss_and_grad_on_tape(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
     let tensors = model.tensors(&bufs.dev, params);
-    if !model.is_mlp() || n < 2 * MLP_GROUP {
-        let (loss, correct, mut grads) = graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev);
-        for (e, t) in model.layout.entries.iter().zip(&tensors) {
-            bufs.grad[e.range()].copy_from_slice(grads.get_or_alloc_mut(t).expect("cpu allocation"));
-        }
-        return (loss, correct);
+    let (loss, correct, mut grads) = graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev);
+    for (e, t) in model.layout.entries.iter().zip(&tensors) {
+        bufs.grad[e.range()].copy_from_slice(grads.get_or_alloc_mut(t).expect("cpu allocation"));
     }
-    let per = model.input.len();
-    let groups = n.div_ceil(MLP_GROUP);
-    let bounds = |g: usize| (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
-    let mut parts: Vec<(f32, usize, Gradients<f32, Cpu>)> = (0..groups)
-        .into_par_iter()
-        .map(|g| {
-            let (s0, s1) = bounds(g);
-            graph_loss_and_grad(model, &tensors, &x[s0 * per..s1 * per], &labels[s0..s1], &bufs.dev)
-        })
-        .collect();
-    let weights: Vec<f32> = (0..groups).map(bounds).map(|(s0, s1)| (s1 - s0) as f32 / n as f32).collect();
-    // sum_g w_g * grad_g, per parameter tensor, in group order.
-    let views: Vec<Vec<Vec<f32>>> = parts
-        .iter_mut()
-        .map(|(_, _, gr)| tensors.iter().map(|t| std::mem::take(&mut **gr.get_or_alloc_mut(t).expect("cpu allocation"))).collect())
-        .collect();
-    const CHUNK: usize = 1 << 14;
-    for (ti, e) in model.layout.entries.iter().enumerate() {
-        bufs.grad[e.range()].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
-            let o = ci * CHUNK;
-            out.fill(0.0);
-            for (v, w) in views.iter().zip(&weights) {
-                for (d, g) in out.iter_mut().zip(&v[ti][o..]) {
-                    *d += w * g;
-                }
-            }
-        });
-    }
-    let loss = parts.iter().zip(&weights).map(|((l, _, _), w)| w * l).sum();
-    (loss, parts.iter().map(|p| p.1).sum())
+    (loss, correct)
 }
 
 /// Mean cross-entropy of one graph over `x`, the number correct, and the gradients.

@@ -29,6 +29,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod fit;
+mod mlp;
 pub mod model;
 pub mod ops;
 pub mod optim;

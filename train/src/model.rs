@@ -190,6 +190,12 @@ impl Model {
         hidden_of(&self.spec).is_some()
     }
 
+    /// For an MLP, its layer widths: input features, each hidden width, classes.
+    pub fn mlp_widths(&self) -> Option<Vec<usize>> {
+        let hidden = hidden_of(&self.spec)?;
+        Some(std::iter::once(self.input.len()).chain(hidden).chain([self.classes]).collect())
+    }
+
     /// PyTorch's default initialisation, drawn from `seed`: conv/linear weights and biases
     /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), norm scale 1, shift 0.
     pub fn init(&self, seed: u64) -> ParamVec {

@@ -152,9 +152,9 @@ fn mean_ce(model: &Model, params: &lmc_train::params::ParamVec, x: &[f32], label
 
 #[test]
 fn a_split_mlp_batch_gives_the_whole_batch_gradient() {
-    // Batch 130 = groups of 64 + 64 + 2 (fit::MLP_GROUP), so the split path and its size
-    // weighting both run; checked against central differences of the mean loss computed without
-    // the tape, and for identical bits with 1 and 2 threads. Softmax regression (`mlp:`, no
+    // Batch 130 = groups of 64 + 64 + 2 (fit::MLP_GROUP), so the MLP path's groups (one of
+    // them short) all run; checked against central differences of the mean loss computed
+    // without the tape, and for identical bits with 1 and 2 threads. Softmax regression (`mlp:`, no
     // hidden layer) keeps the loss smooth, so the differences are accurate to ~1e-4 (with ReLU
     // layers, kinks crossed by the step dominate); dropping the 2-sample group would move the
     // gradient by about 1.5%.
@@ -193,5 +193,38 @@ fn a_split_mlp_batch_gives_the_whole_batch_gradient() {
         // The step actually taken after f32 rounding.
         let an: f64 = g.iter().zip(pp.data.iter().zip(&pm.data)).map(|(a, (p, m))| *a as f64 * (*p as f64 - *m as f64)).sum();
         assert!((fd - an).abs() < 1e-3 * an.abs(), "direction {seed}: fd {fd} vs analytic {an}");
+    }
+}
+
+#[test]
+fn the_mlp_step_matches_the_tape() {
+    // The graph-free MLP step (fit::loss_and_grad for MLPs) against the same network on dfdx's
+    // tape (fit::loss_and_grad_on_tape, every op there checked against finite differences in
+    // tests/ops.rs): same loss, same count correct, same gradient up to f32 rounding (the two
+    // sum in different orders). Two hidden ReLU layers, batches that fill one group, leave a
+    // short last group, and are smaller than a group; pruned weights do not change it (the mask
+    // is applied by SGD, not here).
+    let ds = digits();
+    let model = Model::new(&"mlp:32,16".parse::<ModelSpec>().unwrap(), ds.train.shape, ds.classes).unwrap();
+    let params = model.init(5);
+    for n in [64u32, 130, 7] {
+        let idx: Vec<u32> = (0..n).map(|i| i * 3).collect();
+        let mut batch = data::Batch::default();
+        data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
+        let mut fast = fit::GradBuffers::new(&model);
+        let mut tape = fit::GradBuffers::new(&model);
+        let (l1, c1) = fit::loss_and_grad(&model, &params, &batch.x, &batch.labels, &mut fast);
+        // A second call on the same buffers gives the same (nothing stale is carried over).
+        let again = fit::loss_and_grad(&model, &params, &batch.x, &batch.labels, &mut fast);
+        assert_eq!((l1.to_bits(), c1), (again.0.to_bits(), again.1));
+        let (l2, c2) = fit::loss_and_grad_on_tape(&model, &params, &batch.x, &batch.labels, &mut tape);
+        assert_eq!(c1, c2, "batch {n}: count correct");
+        assert!((l1 - l2).abs() <= 1e-6 * l2.abs(), "batch {n}: loss {l1} vs {l2}");
+        let scale = tape.grad.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in fast.grad.iter().zip(&tape.grad).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "batch {n}: gradient {i}: {a} vs {b} (largest {scale})");
+        }
+        let nonzero = fast.grad.iter().filter(|v| **v != 0.0).count();
+        assert!(nonzero > fast.grad.len() / 2, "batch {n}: gradient mostly zero");
     }
 }

@@ -34,21 +34,8 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(
     assert!(classes > 0, "cross_entropy: no classes");
     let (z, mut tape) = logits.split_tape();
     let mut p = read(&z);
-    let mut total = 0.0f64;
-    for (row, &l) in p.chunks_exact_mut(classes).zip(labels) {
-        let l = l as usize;
-        assert!(
-            l < classes,
-            "cross_entropy: label {l} out of range for {classes} classes"
-        );
-        let lse = logsumexp(row);
-        total += lse - row[l] as f64;
-        // The row becomes softmax - onehot, what backward needs.
-        for v in row.iter_mut() {
-            *v = (*v as f64 - lse).exp() as f32;
-        }
-        row[l] -= 1.0;
-    }
+    // Each row becomes softmax - onehot, what backward needs (scaled there by dloss / N).
+    let (total, _) = softmax_xent_rows(&mut p, classes, labels, 1.0);
     let loss = if n == 0 {
         f32::NAN
     } else {
@@ -68,6 +55,39 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(
         });
     }
     out.put_tape(tape)
+}
+
+/// For each row of `z` (row-major, `classes` per row) with its label: adds `-log softmax[label]`
+/// to the returned loss sum (f64, log-sum-exp with the maximum subtracted), counts the row as
+/// correct when its arg-max (the first maximum, as [`accuracy_counts`]) is the label, and
+/// replaces the row by `(softmax - onehot) * scale`: the gradient of `scale` x the summed loss.
+/// Returns (loss sum, number correct). Panics if a label is out of range.
+pub(crate) fn softmax_xent_rows(z: &mut [f32], classes: usize, labels: &[u8], scale: f32) -> (f64, usize) {
+    let mut total = 0.0f64;
+    let mut correct = 0usize;
+    for (row, &l) in z.chunks_exact_mut(classes).zip(labels) {
+        let l = l as usize;
+        assert!(l < classes, "cross_entropy: label {l} out of range for {classes} classes");
+        let mut best = 0;
+        for (j, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = j;
+            }
+        }
+        correct += (best == l) as usize;
+        let lse = logsumexp(row);
+        total += lse - row[l] as f64;
+        for v in row.iter_mut() {
+            *v = (*v as f64 - lse).exp() as f32;
+        }
+        row[l] -= 1.0;
+        if scale != 1.0 {
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+    }
+    (total, correct)
 }
 
 /// Mean over all elements of `(a - target)^2` (PyTorch's `mse_loss`, mean reduction); `target`

@@ -37,7 +37,7 @@ macro_rules! take_grad {
 mod act;
 mod block;
 mod conv;
-mod gemm;
+pub(crate) mod gemm;
 mod linear;
 mod loss;
 mod norm;
@@ -48,6 +48,7 @@ pub use block::norm_relu_pool;
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
 pub use loss::{accuracy_counts, cross_entropy, mse_loss};
+pub(crate) use loss::softmax_xent_rows;
 pub use norm::instance_norm;
 pub use pool::avg_pool2d;
 

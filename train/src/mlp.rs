@@ -1,0 +1,161 @@
+//! The training step of an MLP (`mlp:...`, LeNet-300-100) without a graph: forward, mean
+//! cross-entropy and backward straight on the flat parameters, into reused buffers.
+//!
+//! Why by hand, next to the dfdx tape that every other model uses: a LeNet-300-100 step is a
+//! handful of small products (~0.15 GFLOP at batch 128), and on the tape ~45% of its time went
+//! to work around them (measured with `perf`, session 3): copying the parameters into tensors
+//! and each weight again inside its op, allocating and zeroing every gradient and activation per
+//! step, the input gradient of the first layer, and summing per-group gradients. Here nothing
+//! is copied or allocated after the first step: products read the parameters in place and write
+//! their results with overwrite (no zeroing), and activations live in buffers kept between
+//! steps. The tape version remains the reference it is tested against (`tests/fit.rs`).
+//!
+//! Parallelism, all fixed by the batch size alone (so results are bit-identical for any thread
+//! count): the forward and the backward through the activations run per group of
+//! [`MLP_GROUP`](crate::fit::MLP_GROUP) samples as parallel tasks, each one single-threaded
+//! product after another; then each layer's weight gradient `dW = dZ^T A` is one product over
+//! the whole batch, split into fixed output blocks ([`sgemm_split`]), with the layers' products
+//! running side by side.
+
+use rayon::prelude::*;
+
+use crate::fit::MLP_GROUP;
+use crate::ops::gemm::{sgemm, sgemm_split, Layout, Par};
+use crate::ops::softmax_xent_rows;
+
+/// Activations and their gradients, per layer, for the largest batch seen so far.
+#[derive(Default)]
+pub(crate) struct MlpBuffers {
+    /// Post-ReLU activations of each hidden layer (n x width), then the logits (n x classes),
+    /// which the loss turns into their gradient in place.
+    act: Vec<Vec<f32>>,
+    /// Gradient w.r.t. each hidden layer's pre-activation (n x width).
+    dz: Vec<Vec<f32>>,
+}
+
+/// Loss (mean cross-entropy) and number correct of an MLP with layer widths
+/// `widths = [input, hidden..., classes]` at `params` (PyTorch layout: per layer the weight
+/// (out x in), then the bias) on the `n` rows of `x`; writes the gradient to `grad` (same layout
+/// as `params`, every element overwritten).
+pub(crate) fn loss_and_grad(
+    widths: &[usize],
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    bufs: &mut MlpBuffers,
+    grad: &mut [f32],
+) -> (f32, usize) {
+    let n = labels.len();
+    let layers = widths.len() - 1;
+    assert_eq!(x.len(), n * widths[0], "mlp: input has {} values for {n} rows of {}", x.len(), widths[0]);
+    // Offsets of each layer's weight and bias in the flat vector.
+    let mut offsets = Vec::with_capacity(layers);
+    let mut at = 0;
+    for l in 0..layers {
+        let (inf, outf) = (widths[l], widths[l + 1]);
+        offsets.push((at, at + outf * inf));
+        at += outf * inf + outf;
+    }
+    assert_eq!(at, params.len(), "mlp: {} parameters for widths {widths:?}", params.len());
+    assert_eq!(grad.len(), params.len(), "mlp: gradient buffer of the wrong size");
+    let weight = |l: usize| &params[offsets[l].0..offsets[l].1];
+    let bias = |l: usize| &params[offsets[l].1..offsets[l].1 + widths[l + 1]];
+
+    bufs.act.resize_with(layers, Vec::new);
+    bufs.dz.resize_with(layers - 1, Vec::new);
+    for l in 0..layers {
+        bufs.act[l].resize(n * widths[l + 1], 0.0);
+    }
+    for l in 0..layers - 1 {
+        bufs.dz[l].resize(n * widths[l + 1], 0.0);
+    }
+
+    // Phase 1, per group of rows: forward, loss, and backward through the activations.
+    let groups = n.div_ceil(MLP_GROUP).max(1);
+    let rows = |g: usize| (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
+    let mut views: Vec<(Vec<&mut [f32]>, Vec<&mut [f32]>)> = (0..groups).map(|_| (vec![], vec![])).collect();
+    for (l, a) in bufs.act.iter_mut().enumerate() {
+        for (g, c) in a.chunks_mut(MLP_GROUP * widths[l + 1]).enumerate() {
+            views[g].0.push(c);
+        }
+    }
+    for (l, d) in bufs.dz.iter_mut().enumerate() {
+        for (g, c) in d.chunks_mut(MLP_GROUP * widths[l + 1]).enumerate() {
+            views[g].1.push(c);
+        }
+    }
+    let scale = 1.0 / n as f32;
+    let parts: Vec<(f64, usize)> = views
+        .into_par_iter()
+        .enumerate()
+        .map(|(g, (mut act, mut dz))| {
+            let (r0, r1) = rows(g);
+            let m = r1 - r0;
+            if m == 0 {
+                return (0.0, 0);
+            }
+            for l in 0..layers {
+                let (inf, outf) = (widths[l], widths[l + 1]);
+                let (done, rest) = act.split_at_mut(l);
+                let input: &[f32] = if l == 0 { &x[r0 * inf..r1 * inf] } else { &done[l - 1][..] };
+                let out = &mut rest[0][..];
+                // z (m x out) = a (m x in) W^T (in x out)
+                sgemm(m, outf, inf, out, Layout::row_major(outf), false, input, Layout::row_major(inf), weight(l), Layout::transposed(inf), Par::Seq);
+                let b = bias(l);
+                let hidden = l + 1 < layers;
+                for row in out.chunks_exact_mut(outf) {
+                    for (v, bj) in row.iter_mut().zip(b) {
+                        let z = *v + bj;
+                        // ReLU (NaN stays NaN, like PyTorch).
+                        *v = if hidden && z < 0.0 { 0.0 } else { z };
+                    }
+                }
+            }
+            // The logits become (softmax - onehot) / n: the gradient of the mean loss.
+            let (loss_sum, correct) = softmax_xent_rows(&mut act[layers - 1], widths[layers], &labels[r0..r1], scale);
+            for l in (1..layers).rev() {
+                let (inf, outf) = (widths[l], widths[l + 1]);
+                let (lower, upper) = dz.split_at_mut(l);
+                let upstream: &[f32] = if l == layers - 1 { &act[l][..] } else { &upper[0][..] };
+                let below = &mut lower[l - 1][..];
+                // dA (m x in) = dZ (m x out) W (out x in), then through the ReLU.
+                sgemm(m, inf, outf, below, Layout::row_major(inf), false, upstream, Layout::row_major(outf), weight(l), Layout::row_major(inf), Par::Seq);
+                for (d, a) in below.iter_mut().zip(act[l - 1].iter()) {
+                    // Gradient 0 where the ReLU output is 0 (PyTorch: 0 at 0); AND on the bits
+                    // so it vectorises.
+                    *d = f32::from_bits(d.to_bits() & ((*a > 0.0) as u32).wrapping_neg());
+                }
+            }
+            (loss_sum, correct)
+        })
+        .collect();
+
+    // Phase 2: dW = dZ^T A and db = column sums of dZ over the whole batch, layers side by side.
+    let act = &bufs.act;
+    let dz = &bufs.dz;
+    let upstream = |l: usize| -> &[f32] { if l == layers - 1 { &act[l] } else { &dz[l] } };
+    let mut slots: Vec<(usize, &mut [f32])> = Vec::with_capacity(layers);
+    let mut rest = grad;
+    for l in 0..layers {
+        let (inf, outf) = (widths[l], widths[l + 1]);
+        let (this, tail) = rest.split_at_mut(outf * inf + outf);
+        slots.push((l, this));
+        rest = tail;
+    }
+    slots.into_par_iter().for_each(|(l, g)| {
+        let (inf, outf) = (widths[l], widths[l + 1]);
+        let input: &[f32] = if l == 0 { x } else { &act[l - 1] };
+        let (dw, db) = g.split_at_mut(outf * inf);
+        // dW (out x in) = dZ^T (out x n) A (n x in)
+        sgemm_split(outf, inf, n, dw, false, upstream(l), Layout::transposed(outf), input, Layout::row_major(inf));
+        db.fill(0.0);
+        for row in upstream(l).chunks_exact(outf) {
+            for (d, v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+    });
+
+    let loss: f64 = parts.iter().map(|p| p.0).sum();
+    ((loss / n.max(1) as f64) as f32, parts.iter().map(|p| p.1).sum())
+}
