@@ -73,7 +73,9 @@ pub(crate) fn loss_and_grad(
     // Phase 1, per group of rows: forward, loss, and backward through the activations.
     let groups = n.div_ceil(MLP_GROUP).max(1);
     let rows = |g: usize| (g * MLP_GROUP, ((g + 1) * MLP_GROUP).min(n));
-    let mut views: Vec<(Vec<&mut [f32]>, Vec<&mut [f32]>)> = (0..groups).map(|_| (vec![], vec![])).collect();
+    // Per group: its rows of every layer's activations and of every hidden gradient.
+    type Rows<'a> = Vec<&'a mut [f32]>;
+    let mut views: Vec<(Rows, Rows)> = (0..groups).map(|_| (vec![], vec![])).collect();
     for (l, a) in bufs.act.iter_mut().enumerate() {
         for (g, c) in a.chunks_mut(MLP_GROUP * widths[l + 1]).enumerate() {
             views[g].0.push(c);
@@ -112,7 +114,7 @@ pub(crate) fn loss_and_grad(
                 }
             }
             // The logits become (softmax - onehot) / n: the gradient of the mean loss.
-            let (loss_sum, correct) = softmax_xent_rows(&mut act[layers - 1], widths[layers], &labels[r0..r1], scale);
+            let (loss_sum, correct) = softmax_xent_rows(act[layers - 1], widths[layers], &labels[r0..r1], scale);
             for l in (1..layers).rev() {
                 let (inf, outf) = (widths[l], widths[l + 1]);
                 let (lower, upper) = dz.split_at_mut(l);
