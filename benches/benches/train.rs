@@ -89,5 +89,22 @@ fn train_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv, memory_bound, linear, train_step);
+/// LeNet-300-100's gradient at batch 128: the graph-free MLP step (what training uses) against
+/// the same computation on dfdx's tape (the reference it is tested against).
+fn mlp_gradient(c: &mut Criterion) {
+    use lmc_train::fit::{loss_and_grad, loss_and_grad_on_tape, GradBuffers};
+    use lmc_train::model::{Model, ModelSpec};
+    let model = Model::new(&ModelSpec::Lenet300100, lmc_train::data::ImageShape { channels: 1, height: 28, width: 28 }, 10).unwrap();
+    let params = model.init(0);
+    let x: Vec<f32> = (0..128 * 784).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let labels: Vec<u8> = (0..128).map(|i| (i % 10) as u8).collect();
+    let mut bufs = GradBuffers::new(&model);
+    let mut g = c.benchmark_group("lenet_gradient_b128");
+    g.throughput(Throughput::Elements(128));
+    g.bench_function("mlp_step", |b| b.iter(|| loss_and_grad(&model, &params, &x, &labels, &mut bufs)));
+    g.bench_function("tape", |b| b.iter(|| loss_and_grad_on_tape(&model, &params, &x, &labels, &mut bufs)));
+    g.finish();
+}
+
+criterion_group!(benches, conv, memory_bound, linear, mlp_gradient, train_step);
 criterion_main!(benches);
