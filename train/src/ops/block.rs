@@ -12,7 +12,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::norm::{add_channel_totals, normalize_plane, plane_backward};
-use super::{read, ELEM_CHUNK, T1, T4};
+use super::{avx2, read, ELEM_CHUNK, T1, T4};
 
 /// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
 #[inline(always)]
@@ -73,7 +73,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
         .zip(rstd.par_iter_mut())
         .enumerate()
         .with_min_len(min_planes)
-        .for_each(|(pi, ((xp, yp), rs))| {
+        .for_each(|(pi, ((xp, yp), rs))| avx2(|| {
             if has_norm {
                 *rs = normalize_plane(xp, eps);
             }
@@ -103,7 +103,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
                     *yv /= inv;
                 }
             }
-        });
+        }));
     let out = x.device().tensor_from_vec(y, (n, c, ho, wo));
 
     if Tp::OWNS_TAPE {
@@ -123,7 +123,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
                     .with_min_len(min_planes)
                     .for_each_init(
                         || vec![0.0f32; m],
-                        |gz, (pi, (((dxp, dyp), xp), s))| {
+                        |gz, (pi, (((dxp, dyp), xp), s))| avx2(|| {
                             let ch = pi % c;
                             let z = pre(&gv, &bv, ch);
                             // Pool backward into a zeroed plane (uncovered rows/columns stay 0),
@@ -149,7 +149,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>, norm: Option<(&T1, &T1)>, e
                                 return;
                             }
                             *s = plane_backward(gz, xp, gv[ch], rstd[pi], dxp);
-                        },
+                        }),
                     );
             }
             drop(dy);

@@ -4,7 +4,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Layout, Par};
-use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+use super::{avx2, read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 
 /// The hyper-parameters of [`conv2d`] (stride is always 1, padding is zeros).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +58,7 @@ impl Geom {
 }
 
 /// Fills `col` (kd x pd, row-major) from one sample `x` (cin x h x w).
+#[inline(always)]
 fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
@@ -85,6 +86,7 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
 }
 
 /// Adds the column-matrix gradient `col` (kd x pd) into one sample's input gradient `dx`.
+#[inline(always)]
 fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
@@ -172,47 +174,48 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     let (xs, ys) = (cin * h * wd, cout * pd);
     let col_len = if g.direct() { 0 } else { kd * pd };
 
-    // Forward: y_n (cout x pd) = [b +] W (cout x kd) * col_n (kd x pd).
-    let mut y = vec![0.0f32; n * ys];
-    let forward = |ni: usize, yn: &mut [f32], col: &mut [f32], par: Par| {
-        if let Some(bv) = &bv {
+    // Forward: y_n (cout x pd) = b + W (cout x kd) * col_n (kd x pd). Each task first writes its
+    // sample's bias (or zeros) into uninitialised memory, then the product adds to it: one write
+    // pass over the output instead of a zeroing pass plus a bias pass (the first layer's output
+    // is 51 MB for ConvNet-3 at batch 128 on MNIST).
+    let mut y: Vec<f32> = Vec::with_capacity(n * ys);
+    let forward = |ni: usize, yn: &mut [std::mem::MaybeUninit<f32>], col: &mut [f32], par: Par| {
+        avx2(|| {
             for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
-                row.fill(bv[co]);
+                let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
+                for e in row {
+                    e.write(v);
+                }
             }
-        }
-        let xn = &xv[ni * xs..(ni + 1) * xs];
-        let cm: &[f32] = if g.direct() {
-            xn
-        } else {
-            im2col(&g, xn, col);
-            col
-        };
-        let pl = Layout::row_major(pd);
-        sgemm(
-            cout,
-            pd,
-            kd,
-            yn,
-            pl,
-            bv.is_some(),
-            &wv,
-            Layout::row_major(kd),
-            cm,
-            pl,
-            par,
-        );
+            // SAFETY: every element of `yn` was initialised just above, and f32 has the layout
+            // of MaybeUninit<f32>.
+            let yn: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len()) };
+            let xn = &xv[ni * xs..(ni + 1) * xs];
+            let cm: &[f32] = if g.direct() {
+                xn
+            } else {
+                im2col(&g, xn, col);
+                col
+            };
+            let pl = Layout::row_major(pd);
+            sgemm(cout, pd, kd, yn, pl, true, &wv, Layout::row_major(kd), cm, pl, par);
+        })
     };
+    let spare = &mut y.spare_capacity_mut()[..n * ys];
     if tasks_in_parallel(n) {
-        y.par_chunks_mut(ys)
+        spare
+            .par_chunks_mut(ys)
             .enumerate()
             .for_each(|(ni, yn)| with_scratch(col_len, |col| forward(ni, yn, col, Par::Seq)));
     } else {
         with_scratch(col_len, |col| {
-            for (ni, yn) in y.chunks_mut(ys).enumerate() {
+            for (ni, yn) in spare.chunks_mut(ys).enumerate() {
                 forward(ni, yn, col, Par::Pool);
             }
         });
     }
+    // SAFETY: the loops above initialised all n * ys elements (every chunk of `spare`).
+    unsafe { y.set_len(n * ys) };
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
     if Tp::OWNS_TAPE {
@@ -224,7 +227,7 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
             // when `dx` is given, adds the input gradient of its samples into it.
             let dcol_len = if input_grad { col_len } else { 0 };
-            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
+            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| avx2(|| {
                 let (col, dcol) = buf.split_at_mut(col_len);
                 let s0 = c * BATCH_CHUNK;
                 let s1 = (s0 + BATCH_CHUNK).min(n);
@@ -286,7 +289,7 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
                     }
                 }
                 (dw, db)
-            };
+            });
             let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
                 with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
             };

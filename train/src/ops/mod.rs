@@ -54,6 +54,30 @@ pub use pool::avg_pool2d;
 
 use dfdx::prelude::{HasShape, Shape};
 
+/// Runs `f` inside a function compiled with AVX2 enabled, when the CPU has AVX2 (else as is).
+///
+/// Why: the crate builds for baseline x86-64, so our own loops (im2col, col2im, the fused
+/// norm/ReLU/pool planes) vectorise 4 floats wide (SSE); `gemm` picks its kernels at run time,
+/// but these loops cannot without this. `f` is inlined into the AVX2 function, so its loops are
+/// compiled 8 wide. The same IEEE operations run in the same order either way (Rust never fuses
+/// a multiply and an add, nor reorders a float sum, on its own), so results are identical bit
+/// for bit; the fused-op tests compare it against the composed ops, which run baseline.
+#[inline(always)]
+pub(crate) fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}
+
 /// Samples per task in batch-parallel loops whose results are reduced over the batch (conv
 /// weight gradients): a constant, so the reduction order never depends on the thread count.
 pub(crate) const BATCH_CHUNK: usize = 8;
@@ -70,6 +94,7 @@ pub(crate) const ELEM_CHUNK: usize = 1 << 15;
 
 /// Sum of `v` in a fixed order (16 interleaved f32 partial sums, then combined pairwise), so
 /// the compiler can vectorise it and the result never depends on threads.
+#[inline(always)]
 pub(crate) fn sum_f32(v: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let mut it = v.chunks_exact(16);
@@ -85,6 +110,7 @@ pub(crate) fn sum_f32(v: &[f32]) -> f32 {
 }
 
 /// Combines 16 partial sums pairwise in a fixed order.
+#[inline(always)]
 pub(crate) fn combine16<T: Copy + std::ops::Add<Output = T>>(mut a: [T; 16]) -> T {
     let mut w = 8;
     while w > 0 {
@@ -97,6 +123,7 @@ pub(crate) fn combine16<T: Copy + std::ops::Add<Output = T>>(mut a: [T; 16]) -> 
 }
 
 /// Sum of `v` in f64, in a fixed order (see [`sum_f32`]).
+#[inline(always)]
 pub(crate) fn sum_f64(v: &[f32]) -> f64 {
     let mut acc = [0.0f64; 16];
     let mut it = v.chunks_exact(16);

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::{combine16, read, ELEM_CHUNK, T1, T4};
 
 /// Sum over `a` of `a_i * b_i` in f64, 16 interleaved partial sums combined in a fixed order.
+#[inline(always)]
 fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0.0f64; 16];
     let (mut ia, mut ib) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -22,6 +23,7 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Sum over `a` of `(a_i - m)^2` in f64 (fixed order).
+#[inline(always)]
 fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
     let mut acc = [0.0f64; 16];
     let mut it = a.chunks_exact(16);
@@ -40,6 +42,7 @@ fn sq_dev_f64(a: &[f32], m: f64) -> f64 {
 
 /// Normalises one plane in place, `xhat = (x - mean) / sqrt(var + eps)`, with two-pass f64
 /// statistics and the biased variance; returns `rstd = 1 / sqrt(var + eps)`.
+#[inline(always)]
 pub(crate) fn normalize_plane(xp: &mut [f32], eps: f32) -> f32 {
     let m = xp.len() as f64;
     let mean = super::sum_f64(xp) / m;
@@ -54,6 +57,7 @@ pub(crate) fn normalize_plane(xp: &mut [f32], eps: f32) -> f32 {
 
 /// Backward of one plane, given `dy` at the norm's output: `dx += rstd * (gamma*dy -
 /// gamma*b/M - xhat * gamma*a/M)`; returns `(a, b) = (sum dy * xhat, sum dy)`.
+#[inline(always)]
 pub(crate) fn plane_backward(dy: &[f32], xh: &[f32], gamma: f32, rstd: f32, dx: &mut [f32]) -> (f64, f64) {
     let a = dot_f64(dy, xh);
     let b = super::sum_f64(dy);
