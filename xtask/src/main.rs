@@ -112,8 +112,11 @@ fn main() -> Result<()> {
 /// Loads `dir/index.html` in headless Chromium (Debian's `chromium`), dumps the DOM it built, and
 /// checks that the page rendered its tables and that every image it references exists and is a
 /// well-formed SVG/PNG file.
+/// `dir` may be the report folder or the pipeline's output folder that holds `report/`.
 fn check_report(dir: &Path) -> Result<()> {
-    let index = dir.join("index.html").canonicalize().with_context(|| format!("{}: no index.html", dir.display()))?;
+    let nested = dir.join("report");
+    let dir = if !dir.join("index.html").exists() && nested.join("index.html").exists() { nested.as_path() } else { dir };
+    let index = dir.join("index.html").canonicalize().with_context(|| format!("{}: no index.html (give the report folder, or the pipeline's --out folder)", dir.display()))?;
     let profile = std::env::temp_dir().join(format!("lmc-chromium-{}", std::process::id()));
     let out = Command::new("chromium")
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--dump-dom"])
