@@ -5,10 +5,10 @@
 //! handful of small products (~0.15 GFLOP at batch 128), and on the tape ~45% of its time went
 //! to work around them (measured with `perf`, session 3): copying the parameters into tensors
 //! and each weight again inside its op, allocating and zeroing every gradient and activation per
-//! step, the input gradient of the first layer, and summing per-group gradients. Here nothing
-//! is copied or allocated after the first step: products read the parameters in place and write
-//! their results with overwrite (no zeroing), and activations live in buffers kept between
-//! steps. The tape version remains the reference it is tested against (`tests/fit.rs`).
+//! step, the input gradient of the first layer, and summing per-group gradients. Here no
+//! batch-sized buffer is copied or allocated after the first step (only a few per-layer lists of
+//! offsets and views): products read the parameters in place and write their results with
+//! overwrite (no zeroing), and activations live in buffers kept between steps. The tape version remains the reference it is tested against (`tests/fit.rs`).
 //!
 //! Parallelism, all fixed by the batch size alone (so results are bit-identical for any thread
 //! count): the forward and the backward through the activations run per group of
@@ -48,7 +48,8 @@ pub(crate) fn loss_and_grad(
     let n = labels.len();
     let layers = widths.len() - 1;
     assert_eq!(x.len(), n * widths[0], "mlp: input has {} values for {n} rows of {}", x.len(), widths[0]);
-    // Offsets of each layer's weight and bias in the flat vector.
+    // Offsets of each layer's weight and bias in the flat vector: the model's `Layout` order
+    // (weight, then bias, per layer), checked against the parameter count below.
     let mut offsets = Vec::with_capacity(layers);
     let mut at = 0;
     for l in 0..layers {
