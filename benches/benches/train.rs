@@ -89,20 +89,41 @@ fn train_step(c: &mut Criterion) {
     g.finish();
 }
 
-/// LeNet-300-100's gradient at batch 128: the graph-free MLP step (what training uses) against
-/// the same computation on dfdx's tape (the reference it is tested against).
+/// LeNet-300-100's gradient at batch 128 on real MNIST images (the 64 committed fixture images,
+/// each twice): the graph-free MLP step as training runs it (`Auto`: the first layer from the
+/// non-background inputs), the same step with a dense first layer, and the same computation on
+/// dfdx's tape (the reference both are tested against).
 fn mlp_gradient(c: &mut Criterion) {
-    use lmc_train::fit::{loss_and_grad, loss_and_grad_on_tape, GradBuffers};
+    use lmc_train::data::{self, DatasetName};
+    use lmc_train::fit::{loss_and_grad, loss_and_grad_on_tape, FirstLayer, GradBuffers};
     use lmc_train::model::{Model, ModelSpec};
-    let model = Model::new(&ModelSpec::Lenet300100, lmc_train::data::ImageShape { channels: 1, height: 28, width: 28 }, 10).unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures");
+    let ds = data::load(DatasetName::Mnist, Some(&fixtures)).expect("the MNIST fixture");
+    let model = Model::new(&ModelSpec::Lenet300100, ds.train.shape, ds.classes).unwrap();
     let params = model.init(0);
-    let x: Vec<f32> = (0..128 * 784).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let labels: Vec<u8> = (0..128).map(|i| (i % 10) as u8).collect();
+    let idx: Vec<u32> = (0..128).map(|i| i % ds.train.len() as u32).collect();
+    let mut batch = data::Batch::default();
+    data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
+    let (x, labels) = (&batch.x, &batch.labels);
     let mut bufs = GradBuffers::new(&model);
     let mut g = c.benchmark_group("lenet_gradient_b128");
     g.throughput(Throughput::Elements(128));
-    g.bench_function("mlp_step", |b| b.iter(|| loss_and_grad(&model, &params, &x, &labels, &mut bufs)));
-    g.bench_function("tape", |b| b.iter(|| loss_and_grad_on_tape(&model, &params, &x, &labels, &mut bufs)));
+    g.bench_function("mlp_step", |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
+    bufs.first_layer = FirstLayer::Dense;
+    g.bench_function("mlp_step_dense_first_layer", |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
+    g.bench_function("tape", |b| b.iter(|| loss_and_grad_on_tape(&model, &params, x, labels, &mut bufs)));
+    g.finish();
+    // Where the sparse first layer stops paying (fit::SPARSE_INPUT_MAX_DENSITY): Fashion-MNIST's
+    // images are ~50% background, so `Auto` takes the dense path there; both, forced.
+    let ds = data::load(DatasetName::FashionMnist, Some(&fixtures)).expect("the Fashion-MNIST fixture");
+    data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
+    let (x, labels) = (&batch.x, &batch.labels);
+    let mut g = c.benchmark_group("lenet_gradient_b128_fashion");
+    g.throughput(Throughput::Elements(128));
+    for first in [FirstLayer::Sparse, FirstLayer::Dense] {
+        bufs.first_layer = first;
+        g.bench_function(format!("{first:?}").to_lowercase(), |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
+    }
     g.finish();
 }
 

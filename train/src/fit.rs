@@ -13,6 +13,7 @@ use crate::model::Model;
 use crate::ops;
 use crate::optim::{Schedule, Sgd};
 use crate::params::{Mask, ParamVec};
+pub use crate::mlp::{FirstLayer, SPARSE_INPUT_MAX_DENSITY};
 use crate::seed::{self, Stream};
 use crate::{Error, Result};
 
@@ -173,12 +174,14 @@ pub struct GradBuffers {
     pub grad: Vec<f32>,
     /// Activations of the graph-free MLP step, kept between steps.
     mlp: crate::mlp::MlpBuffers,
+    /// How an MLP's first layer is computed (default: sparse on mostly-background inputs).
+    pub first_layer: FirstLayer,
 }
 
 impl GradBuffers {
     /// Buffers for `model`.
     pub fn new(model: &Model) -> GradBuffers {
-        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()], mlp: Default::default() }
+        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()], mlp: Default::default(), first_layer: FirstLayer::Auto }
     }
 }
 
@@ -196,7 +199,7 @@ pub const MLP_GROUP: usize = 64;
 /// way results are bit-identical for any thread count.
 pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
     if let Some(widths) = model.mlp_widths() {
-        return crate::mlp::loss_and_grad(&widths, &params.data, x, labels, &mut bufs.mlp, &mut bufs.grad);
+        return crate::mlp::loss_and_grad(&widths, &params.data, x, labels, &mut bufs.mlp, &mut bufs.grad, bufs.first_layer);
     }
     loss_and_grad_on_tape(model, params, x, labels, bufs)
 }

@@ -35,5 +35,6 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod seed;
+mod sparse_input;
 
 pub use error::{Error, Result};

@@ -228,3 +228,53 @@ fn the_mlp_step_matches_the_tape() {
         assert!(nonzero > fast.grad.len() / 2, "batch {n}: gradient mostly zero");
     }
 }
+
+#[test]
+fn the_sparse_first_layer_matches_the_tape_on_mnist() {
+    // On MNIST ~81% of the inputs are the background (raw 0), so under FirstLayer::Auto the
+    // MLP's first layer runs from the inputs that differ from it (sparse_input.rs). Checked
+    // against the tape (as above) on LeNet-300-100's widths (300 = four full register blocks
+    // of 64 and a short one), for a batch with a short group, a full group and a tiny batch;
+    // bit-identical with 1 and 2 threads; and Auto really takes the sparse path on MNIST (its
+    // bits equal FirstLayer::Sparse's and differ from the dense product's) and the dense one on
+    // Fashion-MNIST, whose images are ~50% background.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let run = |model: &Model, params: &lmc_train::params::ParamVec, batch: &data::Batch, first: fit::FirstLayer, threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut bufs = fit::GradBuffers::new(model);
+            bufs.first_layer = first;
+            let (loss, correct) = fit::loss_and_grad(model, params, &batch.x, &batch.labels, &mut bufs);
+            (loss, correct, bufs.grad)
+        })
+    };
+    let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (name, sparse_expected) in [(DatasetName::Mnist, true), (DatasetName::FashionMnist, false)] {
+        let ds = data::load(name, Some(&fixtures)).unwrap();
+        let model = Model::new(&"mlp:300,100".parse::<ModelSpec>().unwrap(), ds.train.shape, ds.classes).unwrap();
+        let params = model.init(11);
+        for n in [130u32, 64, 7] {
+            let idx: Vec<u32> = (0..n).map(|i| (i * 7) % ds.train.len() as u32).collect();
+            let mut batch = data::Batch::default();
+            data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
+            let (l_auto, c_auto, g_auto) = run(&model, &params, &batch, fit::FirstLayer::Auto, 2);
+            let (l_one, _, g_one) = run(&model, &params, &batch, fit::FirstLayer::Auto, 1);
+            assert_eq!((l_auto.to_bits(), bits(&g_auto)), (l_one.to_bits(), bits(&g_one)), "{name:?} batch {n}: 1 vs 2 threads");
+            let (_, _, g_sparse) = run(&model, &params, &batch, fit::FirstLayer::Sparse, 2);
+            let (_, _, g_dense) = run(&model, &params, &batch, fit::FirstLayer::Dense, 2);
+            let expected = if sparse_expected { &g_sparse } else { &g_dense };
+            assert_eq!(bits(&g_auto), bits(expected), "{name:?} batch {n}: Auto took the other path");
+            assert_ne!(bits(&g_sparse), bits(&g_dense), "{name:?} batch {n}: the two paths cannot be told apart");
+            let mut tape = fit::GradBuffers::new(&model);
+            let (l_tape, c_tape) = fit::loss_and_grad_on_tape(&model, &params, &batch.x, &batch.labels, &mut tape);
+            assert_eq!(c_auto, c_tape, "{name:?} batch {n}: count correct");
+            assert!((l_auto - l_tape).abs() <= 1e-6 * l_tape.abs(), "{name:?} batch {n}: loss {l_auto} vs {l_tape}");
+            let scale = tape.grad.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for g in [&g_sparse, &g_dense] {
+                for (i, (a, b)) in g.iter().zip(&tape.grad).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{name:?} batch {n}: gradient {i}: {a} vs {b} (largest {scale})");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The first layer of an MLP on mostly-background inputs (MNIST: ~81% of pixels are 0 before
+//! normalisation), computed from the inputs that differ from the background only.
+//!
+//! Each input column `p` gets a background value `z_p` (its minimum over the batch: on MNIST the
+//! normalised 0), and the batch is split exactly as `X = 1 z^T + S` with `S` sparse. Then
+//!
+//! * forward: `X W^T = 1 (W z)^T + S W^T`, the second term summing ~150 rows of `W^T` per sample
+//!   instead of a 784-long dot product per output;
+//! * weight gradient: `dW^T = X^T dZ = z db^T + S^T dZ` with `db` the column sums of `dZ` (the
+//!   bias gradient): per input column, the rows of `dZ` of the samples where it is not
+//!   background, weighted by their values.
+//!
+//! The identity is exact in real arithmetic; in f32 only the rounding of `x - z` and the order of
+//! the sums differ from the dense product (the tests compare both against the tape). Outputs are
+//! processed in column blocks held in registers ([`FWD_BLOCK`], [`GRAD_BLOCK`] wide), with `W^T`
+//! and `dW^T` stored block-major so that every block is contiguous; the blocks are the parallel
+//! tasks of the transpositions and of the weight gradient. Why by hand: products of a sparse
+//! matrix with a dense one into a transposed output are not what `gemm` offers, and the sparse
+//! crates' kernels (CSR times dense) neither fuse the background term nor vectorise over a
+//! register block.
+//!
+//! Every sum runs in a fixed order (forward: a row's entries by column; weight gradient: a
+//! column's entries by row, after the background term) that depends on the batch alone, so results are bit-identical for any thread count.
+
+use rayon::prelude::*;
+
+/// Outputs per register block of the forward product: 8 AVX vectors.
+const FWD_BLOCK: usize = 64;
+
+/// Outputs per register block (and per parallel task) of the weight gradient: 4 AVX vectors.
+const GRAD_BLOCK: usize = 32;
+
+/// Runs the `#[inline(always)]` kernel `$kernel` compiled with AVX2 when the CPU has it, else as
+/// built (baseline x86-64); the same IEEE operations in the same order either way (see
+/// [`crate::ops::avx2`], which this does for kernels too large to be inlined into a closure).
+macro_rules! with_avx2 {
+    ($kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn fast($($arg: $ty),*) {
+                $kernel($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { fast($($arg),*) }
+            } else {
+                $kernel($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        $kernel($($arg),*)
+    }};
+}
+
+/// A batch split into background and sparse part, and the block-major `W^T` it multiplies.
+/// Buffers are kept between steps.
+#[derive(Default)]
+pub(crate) struct SparseInput {
+    /// Input width.
+    inf: usize,
+    /// Background value of each input column.
+    z: Vec<f32>,
+    /// Row `i`'s entries (column, value `x - z`), columns ascending, are the first `len[i]` of
+    /// `entries[i * inf..(i + 1) * inf]`.
+    len: Vec<u32>,
+    entries: Vec<(u32, f32)>,
+    /// The same entries by column (row, value), rows ascending: column `p`'s are
+    /// `by_col[col_start[p]..col_start[p + 1]]`.
+    col_start: Vec<u32>,
+    by_col: Vec<(u32, f32)>,
+    /// `W^T` in blocks of [`FWD_BLOCK`] outputs: block `b` is `inf x FWD_BLOCK`, zero-padded.
+    wt: Vec<f32>,
+    /// `W z`, zero-padded to whole blocks.
+    wz: Vec<f32>,
+    /// `dW^T` per [`GRAD_BLOCK`] (`inf x GRAD_BLOCK` each), before it is written as `dW`.
+    gt: Vec<f32>,
+    /// `dZ` per [`GRAD_BLOCK`] (`n x GRAD_BLOCK` each, zero-padded): small enough for L1.
+    dzb: Vec<f32>,
+    /// Scratch of the counting sort.
+    gt_next: Vec<u32>,
+}
+
+impl SparseInput {
+    /// Splits the `n x inf` batch `x`; returns the fraction of entries that differ from their
+    /// column's background (the sparse part's density), or infinity when a background is not
+    /// finite (then only the dense product gives the dense product's infinities and NaNs).
+    pub(crate) fn split(&mut self, x: &[f32], n: usize, inf: usize) -> f32 {
+        self.inf = inf;
+        self.z.clear();
+        self.z.extend_from_slice(&x[..inf]);
+        let z = &mut self.z;
+        crate::ops::avx2(|| {
+            for r in x.chunks_exact(inf).skip(1) {
+                for (z, v) in z.iter_mut().zip(r) {
+                    // `min` ignores NaN (unless the whole column is NaN).
+                    *z = z.min(*v);
+                }
+            }
+        });
+        if !self.z.iter().all(|z| z.is_finite()) {
+            return f32::INFINITY;
+        }
+        self.len.resize(n, 0);
+        self.entries.resize(n * inf, (0, 0.0));
+        let z = &self.z;
+        self.entries
+            .par_chunks_mut(16 * inf)
+            .zip(self.len.par_chunks_mut(16))
+            .zip(x.par_chunks(16 * inf))
+            .for_each(|((entries, len), x)| {
+                for ((e, l), r) in entries.chunks_exact_mut(inf).zip(len).zip(x.chunks_exact(inf)) {
+                    // Branch-free compaction: always write, advance past entries only.
+                    let mut k = 0;
+                    for (p, (v, zp)) in r.iter().zip(z).enumerate() {
+                        let d = v - zp;
+                        e[k] = (p as u32, d);
+                        // NaN != 0 too: a NaN input stays an entry.
+                        k += (d != 0.0) as usize;
+                    }
+                    *l = k as u32;
+                }
+            });
+        let nnz: u64 = self.len.iter().map(|l| *l as u64).sum();
+        nnz as f32 / (n * inf).max(1) as f32
+    }
+
+    /// Builds the column order of the entries (for the weight gradient): a counting sort.
+    fn sort_by_column(&mut self) {
+        let inf = self.inf;
+        self.col_start.clear();
+        self.col_start.resize(inf + 1, 0);
+        for (i, len) in self.len.iter().enumerate() {
+            for &(p, _) in &self.entries[i * inf..][..*len as usize] {
+                self.col_start[p as usize + 1] += 1;
+            }
+        }
+        for p in 0..inf {
+            self.col_start[p + 1] += self.col_start[p];
+        }
+        let nnz = self.col_start[inf] as usize;
+        self.by_col.resize(nnz, (0, 0.0));
+        let mut next = std::mem::take(&mut self.gt_next);
+        next.clear();
+        next.extend_from_slice(&self.col_start[..inf]);
+        for i in 0..self.len.len() {
+            for &(p, v) in &self.entries[i * inf..][..self.len[i] as usize] {
+                let at = &mut next[p as usize];
+                self.by_col[*at as usize] = (i as u32, v);
+                *at += 1;
+            }
+        }
+        self.gt_next = next;
+    }
+
+    /// Row `i`'s entries.
+    fn row(&self, i: usize) -> &[(u32, f32)] {
+        &self.entries[i * self.inf..][..self.len[i] as usize]
+    }
+
+    /// Prepares the forward product for the weight `w` (out x in, row-major): block-major
+    /// `W^T`, and `W z`.
+    pub(crate) fn set_weight(&mut self, w: &[f32], outf: usize) {
+        let inf = self.inf;
+        let blocks = outf.div_ceil(FWD_BLOCK);
+        self.wt.resize(blocks * inf * FWD_BLOCK, 0.0);
+        self.wz.resize(blocks * FWD_BLOCK, 0.0);
+        let z = &self.z;
+        self.wt.par_chunks_mut(inf * FWD_BLOCK).zip(self.wz.par_chunks_mut(FWD_BLOCK)).enumerate().for_each(|(b, (wt, wz))| {
+            let rows = &w[b * FWD_BLOCK * inf..((b + 1) * FWD_BLOCK).min(outf) * inf];
+            with_avx2!(transpose_block(rows: &[f32], inf: usize, wt: &mut [f32], z: &[f32], wz: &mut [f32]));
+        });
+    }
+
+    /// Rows `rows` of `X W^T` (without bias) into `out` (rows.len() x outf).
+    pub(crate) fn forward(&self, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]) {
+        let this = self;
+        with_avx2!(forward_rows(this: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]));
+    }
+
+    /// The weight gradient `dW = dZ^T X` (out x in, row-major) into `dw`, given `dz` (n x outf)
+    /// and its column sums `db`. Uses the split of the last [`SparseInput::split`].
+    pub(crate) fn weight_grad(&mut self, dz: &[f32], db: &[f32], outf: usize, dw: &mut [f32]) {
+        self.sort_by_column();
+        let inf = self.inf;
+        let n = self.len.len();
+        let blocks = outf.div_ceil(GRAD_BLOCK);
+        let mut gt = std::mem::take(&mut self.gt);
+        let mut dzb = std::mem::take(&mut self.dzb);
+        gt.resize(blocks * inf * GRAD_BLOCK, 0.0);
+        dzb.resize(blocks * n * GRAD_BLOCK, 0.0);
+        let this = &*self;
+        gt.par_chunks_mut(inf * GRAD_BLOCK)
+            .zip(dzb.par_chunks_mut(n * GRAD_BLOCK))
+            .zip(dw.par_chunks_mut(GRAD_BLOCK * inf))
+            .enumerate()
+            .for_each(|(b, ((gt, dzb), dw))| {
+                let c0 = b * GRAD_BLOCK;
+                with_avx2!(grad_block(this: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]));
+            });
+        self.gt = gt;
+        self.dzb = dzb;
+    }
+}
+
+/// Block `wt` (`inf x FWD_BLOCK`) of `W^T` from the weight rows `rows` (at most `FWD_BLOCK` of
+/// them, `inf` wide; missing ones are zeros), and that block of `W z`.
+#[inline(always)]
+fn transpose_block(rows: &[f32], inf: usize, wt: &mut [f32], z: &[f32], wz: &mut [f32]) {
+    let w = rows.len() / inf;
+    transpose(rows, inf, wt, FWD_BLOCK, w, inf);
+    for r in wt.chunks_exact_mut(FWD_BLOCK) {
+        r[w..].fill(0.0);
+    }
+    wz.fill(0.0);
+    for (r, zp) in wt.chunks_exact(FWD_BLOCK).zip(z) {
+        for (a, v) in wz.iter_mut().zip(r) {
+            *a += zp * v;
+        }
+    }
+}
+
+/// See [`SparseInput::forward`]: per output block, per row, `W z` plus the row's entries times
+/// the rows of `W^T`, accumulated in registers.
+#[inline(always)]
+fn forward_rows(s: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]) {
+    let inf = s.inf;
+    for (b, wt) in s.wt.chunks_exact(inf * FWD_BLOCK).enumerate() {
+        let c0 = b * FWD_BLOCK;
+        let w = FWD_BLOCK.min(outf - c0);
+        for i in rows.clone() {
+            let mut acc: [f32; FWD_BLOCK] = s.wz[c0..c0 + FWD_BLOCK].try_into().expect("block");
+            for &(p, v) in s.row(i) {
+                let src: &[f32; FWD_BLOCK] = wt[p as usize * FWD_BLOCK..][..FWD_BLOCK].try_into().expect("block");
+                for j in 0..FWD_BLOCK {
+                    acc[j] += v * src[j];
+                }
+            }
+            out[(i - rows.start) * outf + c0..][..w].copy_from_slice(&acc[..w]);
+        }
+    }
+}
+
+/// Output block `c0..c0 + GRAD_BLOCK` of the weight gradient: per input column `p`, `z_p db`
+/// plus its entries' values times their rows of `dZ` (copied to the L1-sized `dzb` first),
+/// accumulated in registers into `gt` (`inf x GRAD_BLOCK`); then written transposed into `dw`
+/// (this block's rows of `dW`).
+#[inline(always)]
+fn grad_block(s: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]) {
+    let inf = s.inf;
+    let w = GRAD_BLOCK.min(outf - c0);
+    for (dst, row) in dzb.chunks_exact_mut(GRAD_BLOCK).zip(dz.chunks_exact(outf)) {
+        dst[..w].copy_from_slice(&row[c0..c0 + w]);
+        dst[w..].fill(0.0);
+    }
+    let dbb: [f32; GRAD_BLOCK] = std::array::from_fn(|j| if j < w { db[c0 + j] } else { 0.0 });
+    for (p, out) in gt.chunks_exact_mut(GRAD_BLOCK).enumerate() {
+        let zp = s.z[p];
+        let mut acc: [f32; GRAD_BLOCK] = std::array::from_fn(|j| zp * dbb[j]);
+        for &(i, v) in &s.by_col[s.col_start[p] as usize..s.col_start[p + 1] as usize] {
+            let src: &[f32; GRAD_BLOCK] = dzb[i as usize * GRAD_BLOCK..][..GRAD_BLOCK].try_into().expect("block");
+            for j in 0..GRAD_BLOCK {
+                acc[j] += v * src[j];
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
+    transpose(gt, GRAD_BLOCK, dw, inf, inf, w);
+}
+
+/// `dst[c * ds + r] = src[r * ss + c]` for `r < rows`, `c < cols`: 8 x 8 tiles in AVX registers
+/// where the CPU has AVX (a strided scalar copy was ~40% of the sparse path's time), the edges
+/// element by element. A plain copy, so the result is the same either way.
+fn transpose(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(cols <= ss && rows <= ds, "transpose: strides shorter than the rows");
+    assert!(src.len() >= (rows - 1) * ss + cols && dst.len() >= (cols - 1) * ds + rows, "transpose: out of bounds");
+    let (r8, c8) = (rows - rows % 8, cols - cols % 8);
+    let mut tiled = false;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present; the tiles lie within the bounds asserted above.
+        unsafe { transpose_tiles_avx(src.as_ptr(), ss, dst.as_mut_ptr(), ds, r8, c8) };
+        tiled = true;
+    }
+    for r in 0..rows {
+        let c_from = if tiled && r < r8 { c8 } else { 0 };
+        for c in c_from..cols {
+            dst[c * ds + r] = src[r * ss + c];
+        }
+    }
+}
+
+/// The 8 x 8 tiles of [`transpose`] for `r < r8`, `c < c8` (multiples of 8): each tile is 8
+/// row loads, the classic unpack / shuffle / lane-permute network, and 8 column stores.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_tiles_avx(src: *const f32, ss: usize, dst: *mut f32, ds: usize, r8: usize, c8: usize) {
+    use std::arch::x86_64::*;
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            let s = src.add(r0 * ss + c0);
+            let v: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(s.add(k * ss)));
+            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let out = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            let d = dst.add(c0 * ds + r0);
+            for (k, o) in out.iter().enumerate() {
+                _mm256_storeu_ps(d.add(k * ds), *o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiled_transpose_is_a_transpose() {
+        // Against the definition, for shapes with and without whole tiles and strides wider
+        // than the rows.
+        for (rows, cols, ss, ds) in [(8, 8, 8, 8), (17, 23, 23, 17), (44, 784, 784, 64), (784, 12, 32, 784), (3, 5, 9, 6)] {
+            let src: Vec<f32> = (0..(rows - 1) * ss + cols).map(|i| i as f32).collect();
+            let mut dst = vec![-1.0f32; (cols - 1) * ds + rows];
+            transpose(&src, ss, &mut dst, ds, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * ds + r], src[r * ss + c], "{rows}x{cols}: ({r}, {c})");
+                }
+            }
+            // Nothing outside the transposed entries is written.
+            let written = (0..cols).flat_map(|c| (0..rows).map(move |r| c * ds + r)).collect::<std::collections::HashSet<_>>();
+            assert!(dst.iter().enumerate().all(|(i, v)| written.contains(&i) || *v == -1.0));
+        }
+    }
+}
