@@ -78,7 +78,7 @@ pub(crate) struct SparseInput {
     /// `dZ` per [`GRAD_BLOCK`] (`n x GRAD_BLOCK` each, zero-padded): small enough for L1.
     dzb: Vec<f32>,
     /// Scratch of the counting sort.
-    gt_next: Vec<u32>,
+    sort_next: Vec<u32>,
 }
 
 impl SparseInput {
@@ -140,7 +140,7 @@ impl SparseInput {
         }
         let nnz = self.col_start[inf] as usize;
         self.by_col.resize(nnz, (0, 0.0));
-        let mut next = std::mem::take(&mut self.gt_next);
+        let mut next = std::mem::take(&mut self.sort_next);
         next.clear();
         next.extend_from_slice(&self.col_start[..inf]);
         for i in 0..self.len.len() {
@@ -150,7 +150,7 @@ impl SparseInput {
                 *at += 1;
             }
         }
-        self.gt_next = next;
+        self.sort_next = next;
     }
 
     /// Row `i`'s entries.
