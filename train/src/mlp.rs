@@ -91,10 +91,11 @@ pub(crate) fn loss_and_grad(
     let bias = |l: usize| &params[offsets[l].1..offsets[l].1 + widths[l + 1]];
 
     let sparse = first != FirstLayer::Dense && n > 0 && {
-        let density = bufs.sparse.split(x, n, widths[0]);
+        let density = bufs.sparse.density(x, n, widths[0]);
         density.is_finite() && (first == FirstLayer::Sparse || density <= SPARSE_INPUT_MAX_DENSITY)
     };
     if sparse {
+        bufs.sparse.split(x, n);
         bufs.sparse.set_weight(weight(0), widths[1]);
     }
 

@@ -82,10 +82,11 @@ pub(crate) struct SparseInput {
 }
 
 impl SparseInput {
-    /// Splits the `n x inf` batch `x`; returns the fraction of entries that differ from their
-    /// column's background (the sparse part's density), or infinity when a background is not
-    /// finite (then only the dense product gives the dense product's infinities and NaNs).
-    pub(crate) fn split(&mut self, x: &[f32], n: usize, inf: usize) -> f32 {
+    /// Finds each column's background in the `n x inf` batch `x`; returns the fraction of
+    /// entries that differ from it (the sparse part's density), or infinity when a background is
+    /// not finite (then only the dense product gives the dense product's infinities and NaNs).
+    /// Cheap (two vectorised passes): call [`SparseInput::split`] only if the sparse path is taken.
+    pub(crate) fn density(&mut self, x: &[f32], n: usize, inf: usize) -> f32 {
         self.inf = inf;
         self.z.clear();
         self.z.extend_from_slice(&x[..inf]);
@@ -101,6 +102,17 @@ impl SparseInput {
         if !self.z.iter().all(|z| z.is_finite()) {
             return f32::INFINITY;
         }
+        let z = &self.z;
+        let nnz: usize = crate::ops::avx2(|| {
+            x.chunks_exact(inf).map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count()).sum()
+        });
+        nnz as f32 / (n * inf).max(1) as f32
+    }
+
+    /// Splits the batch `x` into the backgrounds found by the last [`SparseInput::density`] and
+    /// the entries that differ from them (`x - z`; NaN != 0, so a NaN input stays an entry).
+    pub(crate) fn split(&mut self, x: &[f32], n: usize) {
+        let inf = self.inf;
         self.len.resize(n, 0);
         self.entries.resize(n * inf, (0, 0.0));
         let z = &self.z;
@@ -115,14 +127,11 @@ impl SparseInput {
                     for (p, (v, zp)) in r.iter().zip(z).enumerate() {
                         let d = v - zp;
                         e[k] = (p as u32, d);
-                        // NaN != 0 too: a NaN input stays an entry.
                         k += (d != 0.0) as usize;
                     }
                     *l = k as u32;
                 }
             });
-        let nnz: u64 = self.len.iter().map(|l| *l as u64).sum();
-        nnz as f32 / (n * inf).max(1) as f32
     }
 
     /// Builds the column order of the entries (for the weight gradient): a counting sort.
