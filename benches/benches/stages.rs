@@ -33,7 +33,8 @@ const PROBE_IMAGES: usize = 256;
 
 fn lenet() -> Model {
     let shape = ImageShape { channels: 1, height: 28, width: 28 };
-    Model::new(&"lenet-300-100".parse::<ModelSpec>().expect("spec parses"), shape, 10).expect("LeNet on 1x28x28 is valid")
+    Model::new(&"lenet-300-100".parse::<ModelSpec>().expect("spec parses"), shape, 10)
+        .expect("LeNet on 1x28x28 is valid")
 }
 
 /// A fixed 1x28x28 image set: bytes and labels from integer hashes (no RNG), with MNIST's
@@ -49,7 +50,8 @@ fn synthetic_mnist(n: usize) -> (ImageSet, Normalization) {
 fn distill(c: &mut Criterion) {
     let ds = data::load(DatasetName::Digits, None).expect("built-in digits load");
     let spec: ModelSpec = "convnet:depth=2,width=16".parse().expect("spec parses");
-    let model = Model::new(&spec, ds.train.shape, ds.classes).expect("ConvNet-2 on digits is valid");
+    let model =
+        Model::new(&spec, ds.train.shape, ds.classes).expect("ConvNet-2 on digits is valid");
     let cfg = DistillConfig { ipc: 10, ..DistillConfig::defaults(Method::Dm, Distance::Mse) };
     let p = Problem::new(&model, &ds.train, &ds.norm, DatasetName::Digits, &cfg);
     let pixels = initial_images(&p, &cfg);
@@ -60,7 +62,14 @@ fn distill(c: &mut Criterion) {
     let (_, images) = dm::dm_step(&p, &mut seed::rng(0, Stream::Other, 0), &pixels, &mut grad);
     g.throughput(Throughput::Elements(images));
     g.bench_function("dm_step_digits_convnet2w16_ipc10", |b| {
-        b.iter(|| std::hint::black_box(dm::dm_step(&p, &mut seed::rng(0, Stream::Other, 0), &pixels, &mut grad)))
+        b.iter(|| {
+            std::hint::black_box(dm::dm_step(
+                &p,
+                &mut seed::rng(0, Stream::Other, 0),
+                &pixels,
+                &mut grad,
+            ))
+        })
     });
     g.finish();
 }
@@ -77,7 +86,11 @@ fn prune(c: &mut Criterion) {
         b.iter(|| std::hint::black_box(rule.prune(&params, &dense, 0, 0).expect("prunes")))
     });
     g.bench_function("random_mask_global_20pct", |b| {
-        b.iter(|| std::hint::black_box(random_mask(&model.layout, &pruned, false, 0).expect("random mask")))
+        b.iter(|| {
+            std::hint::black_box(
+                random_mask(&model.layout, &pruned, false, 0).expect("random mask"),
+            )
+        })
     });
     g.finish();
 }
@@ -88,16 +101,23 @@ fn probe(c: &mut Criterion) {
     let other = model.init(1);
     let mask = Mask::dense(&model.layout);
     let (set, norm) = synthetic_mnist(PROBE_IMAGES);
-    let hp = HessianProblem::new(&model, &params, &set, &norm, PROBE_IMAGES, DEFAULT_EPS_REL, None).expect("Hessian problem");
+    let hp = HessianProblem::new(&model, &params, &set, &norm, PROBE_IMAGES, DEFAULT_EPS_REL, None)
+        .expect("Hessian problem");
     // A fixed +-1 direction.
-    let v: Vec<f64> = (0..hp.dim()).map(|i| if (i.wrapping_mul(2_654_435_761) >> 16) & 1 == 0 { 1.0 } else { -1.0 }).collect();
+    let v: Vec<f64> = (0..hp.dim())
+        .map(|i| if (i.wrapping_mul(2_654_435_761) >> 16) & 1 == 0 { 1.0 } else { -1.0 })
+        .collect();
     let mut g = c.benchmark_group("probe_lenet300100_256img");
     g.throughput(Throughput::Elements(PROBE_IMAGES as u64));
     // One point of `lmc probe interpolate`'s curve: lerp then `fit::evaluate`, through the same
     // public entry points `interpolate::interpolate` uses (which itself wants `Run` artifacts).
     let midpoint = |_: usize| lerp_masked(&params, &other, 0.5, &mask);
     g.bench_function("interpolation_midpoint_eval", |b| {
-        b.iter(|| std::hint::black_box(evaluate_points(&model, 1, midpoint, &set, &norm).expect("evaluates")))
+        b.iter(|| {
+            std::hint::black_box(
+                evaluate_points(&model, 1, midpoint, &set, &norm).expect("evaluates"),
+            )
+        })
     });
     // Settings apply to the benches defined after them: two full gradients take tens of ms.
     g.sample_size(10);

@@ -10,12 +10,18 @@ use lmc_train::ops::{self, Conv2dCfg, T1, T4};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn param(dev: &Cpu, n: usize, scale: f32) -> T1 {
-    dev.tensor_from_vec((0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * scale).collect(), (n,))
+    dev.tensor_from_vec(
+        (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * scale).collect(),
+        (n,),
+    )
 }
 
 fn input(dev: &Cpu, n: usize, c: usize, h: usize) -> T4<NoneTape> {
     let len = n * c * h * h;
-    dev.tensor_from_vec((0..len).map(|i| ((i * 104729 % 2001) as f32 / 1000.0) - 1.0).collect(), (n, c, h, h))
+    dev.tensor_from_vec(
+        (0..len).map(|i| ((i * 104729 % 2001) as f32 / 1000.0) - 1.0).collect(),
+        (n, c, h, h),
+    )
 }
 
 fn sum_backward<S: Shape>(y: Tensor<S, f32, Cpu, OwnedTape<f32, Cpu>>) {
@@ -38,7 +44,9 @@ fn conv(c: &mut Criterion) {
             bch.iter(|| std::hint::black_box(ops::conv2d(x.clone(), &w, Some(&b), cfg, false)))
         });
         g.bench_with_input(BenchmarkId::new("forward_backward", &id), &(), |bch, _| {
-            bch.iter(|| sum_backward(ops::conv2d(x.clone().leaky_traced(), &w, Some(&b), cfg, cin != 3)))
+            bch.iter(|| {
+                sum_backward(ops::conv2d(x.clone().leaky_traced(), &w, Some(&b), cfg, cin != 3))
+            })
         });
     }
     g.finish();
@@ -51,22 +59,41 @@ fn memory_bound(c: &mut Criterion) {
     let beta = param(&dev, 128, 1.0);
     let mut g = c.benchmark_group("memory_bound_128x128x32x32");
     g.throughput(Throughput::Elements(128));
-    g.bench_function("instance_norm_fwd_bwd", |b| b.iter(|| sum_backward(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5))));
-    g.bench_function("relu_fwd_bwd", |b| b.iter(|| sum_backward(ops::relu(x.clone().leaky_traced()))));
-    g.bench_function("avg_pool_fwd_bwd", |b| b.iter(|| sum_backward(ops::avg_pool2d(x.clone().leaky_traced(), 2))));
+    g.bench_function("instance_norm_fwd_bwd", |b| {
+        b.iter(|| sum_backward(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5)))
+    });
+    g.bench_function("relu_fwd_bwd", |b| {
+        b.iter(|| sum_backward(ops::relu(x.clone().leaky_traced())))
+    });
+    g.bench_function("avg_pool_fwd_bwd", |b| {
+        b.iter(|| sum_backward(ops::avg_pool2d(x.clone().leaky_traced(), 2)))
+    });
     // The fused block tail the models use, against the three ops above composed.
     g.bench_function("norm_relu_pool_fused_fwd_bwd", |b| {
-        b.iter(|| sum_backward(ops::norm_relu_pool(x.clone().leaky_traced(), Some((&gamma, &beta)), 1e-5, 2)))
+        b.iter(|| {
+            sum_backward(ops::norm_relu_pool(
+                x.clone().leaky_traced(),
+                Some((&gamma, &beta)),
+                1e-5,
+                2,
+            ))
+        })
     });
     g.bench_function("norm_relu_pool_composed_fwd_bwd", |b| {
-        b.iter(|| sum_backward(ops::avg_pool2d(ops::relu(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5)), 2)))
+        b.iter(|| {
+            sum_backward(ops::avg_pool2d(
+                ops::relu(ops::instance_norm(x.clone().leaky_traced(), &gamma, &beta, 1e-5)),
+                2,
+            ))
+        })
     });
     g.finish();
 }
 
 fn linear(c: &mut Criterion) {
     let dev = Cpu::default();
-    let x: Tensor<(usize, usize), f32, Cpu> = dev.tensor_from_vec((0..128 * 784).map(|i| (i % 13) as f32 * 0.1).collect(), (128, 784));
+    let x: Tensor<(usize, usize), f32, Cpu> =
+        dev.tensor_from_vec((0..128 * 784).map(|i| (i % 13) as f32 * 0.1).collect(), (128, 784));
     let w = param(&dev, 300 * 784, 0.05);
     let b = param(&dev, 300, 0.05);
     let mut g = c.benchmark_group("linear_128x784x300");
@@ -74,7 +101,9 @@ fn linear(c: &mut Criterion) {
         bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, false)))
     });
     g.throughput(Throughput::Elements(128));
-    g.bench_function("forward_backward", |bch| bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, true))));
+    g.bench_function("forward_backward", |bch| {
+        bch.iter(|| sum_backward(ops::linear(x.clone().leaky_traced(), &w, &b, 300, true)))
+    });
     g.finish();
 }
 
@@ -108,21 +137,30 @@ fn mlp_gradient(c: &mut Criterion) {
     let mut bufs = GradBuffers::new(&model);
     let mut g = c.benchmark_group("lenet_gradient_b128");
     g.throughput(Throughput::Elements(128));
-    g.bench_function("mlp_step", |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
+    g.bench_function("mlp_step", |b| {
+        b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs))
+    });
     bufs.first_layer = FirstLayer::Dense;
-    g.bench_function("mlp_step_dense_first_layer", |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
-    g.bench_function("tape", |b| b.iter(|| loss_and_grad_on_tape(&model, &params, x, labels, &mut bufs)));
+    g.bench_function("mlp_step_dense_first_layer", |b| {
+        b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs))
+    });
+    g.bench_function("tape", |b| {
+        b.iter(|| loss_and_grad_on_tape(&model, &params, x, labels, &mut bufs))
+    });
     g.finish();
     // Where the sparse first layer stops paying (fit::SPARSE_INPUT_MAX_DENSITY): Fashion-MNIST's
     // images are ~50% background, so `Auto` takes the dense path there; both, forced.
-    let ds = data::load(DatasetName::FashionMnist, Some(&fixtures)).expect("the Fashion-MNIST fixture");
+    let ds =
+        data::load(DatasetName::FashionMnist, Some(&fixtures)).expect("the Fashion-MNIST fixture");
     data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
     let (x, labels) = (&batch.x, &batch.labels);
     let mut g = c.benchmark_group("lenet_gradient_b128_fashion");
     g.throughput(Throughput::Elements(128));
     for first in [FirstLayer::Sparse, FirstLayer::Dense] {
         bufs.first_layer = first;
-        g.bench_function(format!("{first:?}").to_lowercase(), |b| b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs)));
+        g.bench_function(format!("{first:?}").to_lowercase(), |b| {
+            b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs))
+        });
     }
     g.finish();
 }

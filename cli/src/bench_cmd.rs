@@ -52,7 +52,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         gflops.insert(m.name.into(), json!((m.gflops * 10.0).round() / 10.0));
     }
     if a.json {
-        println!("{}", json!({"engine": format!("lmc {}", env!("CARGO_PKG_VERSION")), "threads": threads, "images_per_s": rates, "gflops": gflops}));
+        println!(
+            "{}",
+            json!({"engine": format!("lmc {}", env!("CARGO_PKG_VERSION")), "threads": threads, "images_per_s": rates, "gflops": gflops})
+        );
     }
     Ok(())
 }

@@ -111,9 +111,11 @@ fn bar(total: u64, prefix: &str) -> ProgressBar {
     let b = if interactive() {
         let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-                .expect("static template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         b
     } else {
@@ -132,7 +134,13 @@ fn base_of(arg: &str, ds: &Dataset) -> Result<DatasetName> {
     Ok(set.base)
 }
 
-fn evaluate(label: &str, set: &SyntheticSet, real: &Dataset, spec: &ModelSpec, cfg: &EvalConfig) -> Result<EvalSummary> {
+fn evaluate(
+    label: &str,
+    set: &SyntheticSet,
+    real: &Dataset,
+    spec: &ModelSpec,
+    cfg: &EvalConfig,
+) -> Result<EvalSummary> {
     let mut bars: Vec<ProgressBar> = Vec::new();
     let mut progress = |m: usize, done: u64, total: u64, loss: f32| {
         while bars.len() <= m {
@@ -186,7 +194,8 @@ pub fn run(a: DistillArgs) -> Result<()> {
     let (ds, ds_prov) = a.data.load()?;
     let base = base_of(&a.data.dataset, &ds)?;
     let model = Model::new(&spec, ds.train.shape, ds.classes)?;
-    let req = DistillRequest { model: &model, dataset: &ds, base, dataset_provenance: ds_prov, config };
+    let req =
+        DistillRequest { model: &model, dataset: &ds, base, dataset_provenance: ds_prov, config };
     req.validate()?;
 
     let pb = bar(req.config.total_steps(), "distill");
@@ -195,7 +204,11 @@ pub fn run(a: DistillArgs) -> Result<()> {
         pb.set_message(format!("iteration {} loss {:.4}", s.iteration + 1, s.loss));
         ControlFlow::Continue(())
     };
-    let opts = RunOptions { fresh: a.fresh, checkpoint_every: a.checkpoint_every, max_seconds: a.max_minutes.map(|m| m * 60.0) };
+    let opts = RunOptions {
+        fresh: a.fresh,
+        checkpoint_every: a.checkpoint_every,
+        max_seconds: a.max_minutes.map(|m| m * 60.0),
+    };
     let outcome = run::distill(&req, Some(&a.out), &opts, &mut progress)?;
     pb.finish_and_clear();
     let png = run::png_path(&a.out);
@@ -267,7 +280,8 @@ pub fn run(a: DistillArgs) -> Result<()> {
         out["test_accuracies"] = s.accuracies.clone().into();
         out["eval_seconds"] = s.seconds.into();
         if a.eval_baseline {
-            let p = lmc_distill::problem::Problem::new(&model, &ds.train, &ds.norm, base, &req.config);
+            let p =
+                lmc_distill::problem::Problem::new(&model, &ds.train, &ds.norm, base, &req.config);
             let start = run::synthetic_set(&req, run::initial_images(&p, &req.config), r);
             let b = evaluate("baseline", &start, real, &eval_spec, &ecfg)?;
             if !a.json {

@@ -62,7 +62,13 @@ pub fn run(a: InspectArgs) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("{}: {} artifact, format version {}, {} payload bytes", a.file.display(), header.kind, header.version, header.payload_len);
+    println!(
+        "{}: {} artifact, format version {}, {} payload bytes",
+        a.file.display(),
+        header.kind,
+        header.version,
+        header.payload_len
+    );
     println!("provenance {}", header.provenance.hex());
     if let Value::Object(m) = &out["summary"] {
         for (k, v) in m {

@@ -61,16 +61,28 @@ pub struct ImportArgs {
 
 pub fn export(a: ExportArgs) -> Result<()> {
     let (h, run) = artifact::read::<Run>(&a.run)?;
-    let bytes = interop::export_bytes(&run, h.provenance, !a.no_mask).with_context(|| format!("exporting {}", a.run.display()))?;
+    let bytes = interop::export_bytes(&run, h.provenance, !a.no_mask)
+        .with_context(|| format!("exporting {}", a.run.display()))?;
     artifact::write_atomic(&a.to, &bytes)?;
-    let tensors = run.model.layout.entries.len() + if a.no_mask { 0 } else { run.model.layout.entries.iter().filter(|e| e.prunable()).count() };
+    let tensors = run.model.layout.entries.len()
+        + if a.no_mask {
+            0
+        } else {
+            run.model.layout.entries.iter().filter(|e| e.prunable()).count()
+        };
     if a.json {
         println!(
             "{}",
             json!({"command": "export", "run": a.run, "to": a.to, "tensors": tensors, "parameters": run.params.len(), "masks": !a.no_mask, "bytes": bytes.len()})
         );
     } else {
-        println!("{} tensors ({} parameters{}) -> {}", tensors, run.params.len(), if a.no_mask { "" } else { ", with masks" }, a.to.display());
+        println!(
+            "{} tensors ({} parameters{}) -> {}",
+            tensors,
+            run.params.len(),
+            if a.no_mask { "" } else { ", with masks" },
+            a.to.display()
+        );
     }
     Ok(())
 }
@@ -96,7 +108,11 @@ pub fn import(a: ImportArgs) -> Result<()> {
     let (params, mask) = loaded.to_params(&a.file, &template.model.layout, a.allow_extra)?;
     let prov = loaded.provenance(&(&template.model, &template.dataset));
     let from_metadata = a.like.is_none() && a.model.is_none();
-    let start = if from_metadata { template.start.clone() } else { Start::Given { source: prov, init_seed: 0 } };
+    let start = if from_metadata {
+        template.start.clone()
+    } else {
+        Start::Given { source: prov, init_seed: 0 }
+    };
     let run = Run { params, mask, start, ..template };
     artifact::write(&a.out, &run, prov)?;
     let sparsity = run.mask.sparsity(&run.model.layout);

@@ -266,7 +266,12 @@ fn load_data(c: &Common, inputs: &Inputs) -> Result<(Dataset, Provenance)> {
     let (ds, prov) = if flag {
         loaded.context("--dataset")?
     } else {
-        loaded.with_context(|| format!("{} was trained on '{name}'; choose the data to probe on with --dataset", inputs.paths[0].display()))?
+        loaded.with_context(|| {
+            format!(
+                "{} was trained on '{name}'; choose the data to probe on with --dataset",
+                inputs.paths[0].display()
+            )
+        })?
     };
     let m = &inputs.runs[0].model;
     if ds.train.shape != m.input || ds.classes != m.classes {
@@ -324,15 +329,25 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     }
     let b = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     b.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     b.set_prefix(what.to_string());
     b
 }
 
-fn emit(json: bool, out: &Path, csvs: &[PathBuf], prov: Provenance, cached: bool, probe: &Probe, human: impl FnOnce()) {
+fn emit(
+    json: bool,
+    out: &Path,
+    csvs: &[PathBuf],
+    prov: Provenance,
+    cached: bool,
+    probe: &Probe,
+    human: impl FnOnce(),
+) {
     if json {
         let v = json!({
             "command": format!("probe {}", probe.result.name()),
@@ -348,7 +363,11 @@ fn emit(json: bool, out: &Path, csvs: &[PathBuf], prov: Provenance, cached: bool
         human();
         println!(
             "{} -> {} and {}",
-            if cached { format!("up to date (computed in {:.1} s), not recomputed", probe.seconds) } else { format!("{:.1} s", probe.seconds) },
+            if cached {
+                format!("up to date (computed in {:.1} s), not recomputed", probe.seconds)
+            } else {
+                format!("{:.1} s", probe.seconds)
+            },
             out.display(),
             csvs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
@@ -392,16 +411,29 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
                 })
                 .collect();
             let r = interpolate::interpolate(&inputs.all(), &sets, &ds.norm, &cfg)?;
-            let probe = Probe { model: inputs.model(), dataset: ds.name.clone(), inputs: inputs.refs.clone(), result: ProbeResult::Interpolation(r), seconds: t.elapsed().as_secs_f64() };
+            let probe = Probe {
+                model: inputs.model(),
+                dataset: ds.name.clone(),
+                inputs: inputs.refs.clone(),
+                result: ProbeResult::Interpolation(r),
+                seconds: t.elapsed().as_secs_f64(),
+            };
             let ProbeResult::Interpolation(r) = &probe.result else { unreachable!() };
             save(&out, &probe, prov, &[(csv.clone(), interpolate::csv(r))])?;
             (probe, false)
         }
     };
-    let ProbeResult::Interpolation(r) = &probe.result else { bail!("{}: not an interpolation probe", out.display()) };
+    let ProbeResult::Interpolation(r) = &probe.result else {
+        bail!("{}: not an interpolation probe", out.display())
+    };
     emit(a.common.json, &out, std::slice::from_ref(&csv), prov, was_cached, &probe, || {
         for p in &r.pairs {
-            println!("{} <-> {}: L2 distance {:.4}", inputs.paths[p.a].display(), inputs.paths[p.b].display(), p.l2_distance);
+            println!(
+                "{} <-> {}: L2 distance {:.4}",
+                inputs.paths[p.a].display(),
+                inputs.paths[p.b].display(),
+                p.l2_distance
+            );
             for c in &p.curves {
                 let (e0, e1) = (c.points[0].error, c.points[c.points.len() - 1].error);
                 println!(
@@ -436,7 +468,9 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
 
 fn parse_range(s: Option<&str>, default: (f64, f64), flag: &str) -> Result<(f64, f64)> {
     let Some(s) = s else { return Ok(default) };
-    let parsed = s.split_once(':').and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)));
+    let parsed = s
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)));
     match parsed {
         Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => Ok((lo, hi)),
         _ => bail!("{flag} {s}: expected MIN:MAX with MIN < MAX, e.g. -1:1"),
@@ -449,11 +483,14 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
     let method = match (a.method, n) {
         (Some(MethodArg::Plane), _) => Method::Plane,
         (Some(MethodArg::Random), 1) => Method::Random,
-        (Some(MethodArg::Random), _) => bail!("--method random explores around one run; {n} were given"),
+        (Some(MethodArg::Random), _) => {
+            bail!("--method random explores around one run; {n} were given")
+        }
         (None, 1) => Method::Random,
         (None, _) => Method::Plane,
     };
-    if method == Method::Plane && !(if two_d { (3..=4).contains(&n) } else { (2..=4).contains(&n) }) {
+    if method == Method::Plane && !(if two_d { (3..=4).contains(&n) } else { (2..=4).contains(&n) })
+    {
         bail!(
             "the plane through trained copies needs {} runs, got {n}",
             if two_d { "3 or 4" } else { "2, 3 or 4 (--dims 1)" }
@@ -461,7 +498,8 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
     }
     let default = if method == Method::Plane { (-2.0, 2.0) } else { (-1.0, 1.0) };
     let (x0, x1) = parse_range(a.x_range.as_deref(), default, "--x-range")?;
-    let (y0, y1) = parse_range(a.y_range.as_deref().or(a.x_range.as_deref()), default, "--y-range")?;
+    let (y0, y1) =
+        parse_range(a.y_range.as_deref().or(a.x_range.as_deref()), default, "--y-range")?;
     if a.y_range.is_some() && !two_d {
         bail!("--y-range needs --dims 2");
     }
@@ -494,7 +532,9 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
             let params: Vec<_> = inputs.runs.iter().map(|r| &r.params).collect();
             let frame = match method {
                 Method::Plane => landscape::plane_frame(&params, two_d)?,
-                Method::Random => landscape::random_frame(&run0.params, &run0.mask, two_d, cfg.direction_seed),
+                Method::Random => {
+                    landscape::random_frame(&run0.params, &run0.mask, two_d, cfg.direction_seed)
+                }
             };
             let split = match cfg.split {
                 Split::Train => &ds.train,
@@ -508,7 +548,12 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
                 if let Ok((h, p)) = artifact::read::<Probe>(&ckpt) {
                     if let (true, ProbeResult::Landscape(l)) = (h.provenance == prov, p.result) {
                         if !a.common.json {
-                            eprintln!("resuming from {} ({} of {} rows done)", ckpt.display(), l.rows_done, l.rows_total);
+                            eprintln!(
+                                "resuming from {} ({} of {} rows done)",
+                                ckpt.display(),
+                                l.rows_done,
+                                l.rows_total
+                            );
                         }
                         seconds_before = p.seconds;
                         state = l;
@@ -517,15 +562,33 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
             }
             let pb = bar((state.rows_total * cfg.x.points) as u64, "landscape");
             pb.set_position((state.rows_done * cfg.x.points) as u64);
-            let meta = |l: Landscape, secs: f64| Probe { model: inputs.model(), dataset: ds.name.clone(), inputs: inputs.refs.clone(), result: ProbeResult::Landscape(l), seconds: secs };
+            let meta = |l: Landscape, secs: f64| Probe {
+                model: inputs.model(),
+                dataset: ds.name.clone(),
+                inputs: inputs.refs.clone(),
+                result: ProbeResult::Landscape(l),
+                seconds: secs,
+            };
             let mut on_row = |l: &Landscape| -> lmc_train::Result<()> {
                 pb.set_position((l.rows_done * cfg.x.points) as u64);
                 if !l.is_complete() {
-                    artifact::write(&ckpt, &meta(l.clone(), seconds_before + t.elapsed().as_secs_f64()), prov)?;
+                    artifact::write(
+                        &ckpt,
+                        &meta(l.clone(), seconds_before + t.elapsed().as_secs_f64()),
+                        prov,
+                    )?;
                 }
                 Ok(())
             };
-            let l = landscape::run_grid(&run0.model, &run0.mask, &frame, &set, &ds.norm, state, &mut on_row)?;
+            let l = landscape::run_grid(
+                &run0.model,
+                &run0.mask,
+                &frame,
+                &set,
+                &ds.norm,
+                state,
+                &mut on_row,
+            )?;
             pb.finish_and_clear();
             let probe = meta(l, seconds_before + t.elapsed().as_secs_f64());
             let ProbeResult::Landscape(l) = &probe.result else { unreachable!() };
@@ -534,21 +597,41 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
             (probe, false)
         }
     };
-    let ProbeResult::Landscape(l) = &probe.result else { bail!("{}: not a landscape probe", out.display()) };
+    let ProbeResult::Landscape(l) = &probe.result else {
+        bail!("{}: not a landscape probe", out.display())
+    };
     emit(a.common.json, &out, std::slice::from_ref(&csv), prov, was_cached, &probe, || {
         let kind = match l.config.method {
             Method::Plane => "plane through the runs",
             Method::Random => "filter-normalised random directions",
         };
         let ny = l.config.y.map_or(1, |y| y.points);
-        println!("{kind}: {} x {} points, {} {} images per point", l.config.x.points, ny, l.count, l.config.split);
+        println!(
+            "{kind}: {} x {} points, {} {} images per point",
+            l.config.x.points, ny, l.count, l.config.split
+        );
         if let Some(m) = l.min_loss() {
-            println!("lowest loss {:.4} (accuracy {:.2}%) at x = {:.3}, y = {:.3}", m.loss, 100.0 * m.accuracy, m.x, m.y);
+            println!(
+                "lowest loss {:.4} (accuracy {:.2}%) at x = {:.3}, y = {:.3}",
+                m.loss,
+                100.0 * m.accuracy,
+                m.x,
+                m.y
+            );
         }
         let max = l.points.iter().map(|p| p.loss).fold(f64::MIN, f64::max);
-        println!("highest loss {max:.4}; direction norms {:?}; centre norm {:.4}", l.direction_norms, l.centre_norm);
+        println!(
+            "highest loss {max:.4}; direction norms {:?}; centre norm {:.4}",
+            l.direction_norms, l.centre_norm
+        );
         for an in &l.anchors {
-            println!("  run {} at x = {:.3}, y = {:.3} (off the plane by {:.4})", an.run + 1, an.x, an.y, an.off_plane);
+            println!(
+                "  run {} at x = {:.3}, y = {:.3} (off the plane by {:.4})",
+                an.run + 1,
+                an.x,
+                an.y,
+                an.off_plane
+            );
         }
     });
     Ok(())
@@ -572,10 +655,18 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         chunk: a.chunk.unwrap_or_else(|| default_chunk(&run.model.spec)),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
-            e => Some(e.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0).with_context(|| format!("--eps-rel {e}: expected a positive number or auto"))?),
+            e => {
+                Some(e.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0).with_context(
+                    || format!("--eps-rel {e}: expected a positive number or auto"),
+                )?)
+            }
         },
         subnetwork: a.subnetwork,
-        hutchinson: hutch.then_some(HutchinsonConfig { max_samples: a.max_samples, min_samples: a.min_samples, tol: a.tol }),
+        hutchinson: hutch.then_some(HutchinsonConfig {
+            max_samples: a.max_samples,
+            min_samples: a.min_samples,
+            tol: a.tol,
+        }),
         top_k: a.top_k,
         power_iters: a.power_iters,
         power_tol: a.power_tol,
@@ -587,7 +678,13 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         Some(p) => {
             let (h, other) = artifact::read::<Run>(p)?;
             if other.model.layout != run.model.layout {
-                bail!("--mask-from {}: its architecture ({}) differs from {} ({})", p.display(), other.model.spec, a.run.display(), run.model.spec);
+                bail!(
+                    "--mask-from {}: its architecture ({}) differs from {} ({})",
+                    p.display(),
+                    other.model.spec,
+                    a.run.display(),
+                    run.model.spec
+                );
             }
             (other.mask, p.display().to_string(), Some(h.provenance))
         }
@@ -615,15 +712,37 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
                 pb.set_position(done as u64);
                 pb.set_message(what.to_string());
             };
-            let r = hessian::probe(&run.model, &run.params, &run.mask, (&mask, &mask_source), &set, &ds.norm, &cfg, &mut progress)?;
+            let r = hessian::probe(
+                &run.model,
+                &run.params,
+                &run.mask,
+                (&mask, &mask_source),
+                &set,
+                &ds.norm,
+                &cfg,
+                &mut progress,
+            )?;
             pb.finish_and_clear();
-            let probe = Probe { model: inputs.model(), dataset: ds.name.clone(), inputs: inputs.refs.clone(), result: ProbeResult::Hessian(r), seconds: t.elapsed().as_secs_f64() };
+            let probe = Probe {
+                model: inputs.model(),
+                dataset: ds.name.clone(),
+                inputs: inputs.refs.clone(),
+                result: ProbeResult::Hessian(r),
+                seconds: t.elapsed().as_secs_f64(),
+            };
             let ProbeResult::Hessian(r) = &probe.result else { unreachable!() };
-            save(&out, &probe, prov, &[(csvs[0].clone(), hessian::csv(r)), (csvs[1].clone(), hessian::samples_csv(r))])?;
+            save(
+                &out,
+                &probe,
+                prov,
+                &[(csvs[0].clone(), hessian::csv(r)), (csvs[1].clone(), hessian::samples_csv(r))],
+            )?;
             (probe, false)
         }
     };
-    let ProbeResult::Hessian(r) = &probe.result else { bail!("{}: not a Hessian probe", out.display()) };
+    let ProbeResult::Hessian(r) = &probe.result else {
+        bail!("{}: not a Hessian probe", out.display())
+    };
     emit(a.common.json, &out, &csvs, prov, was_cached, &probe, || print_hessian(r));
     Ok(())
 }
@@ -638,8 +757,12 @@ fn print_hessian(r: &hessian::HessianReport) {
         r.eps.eps_rel,
         match (r.eps.auto, r.eps.agreed) {
             (false, _) => " (given)".to_string(),
-            (true, true) => format!(" (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)", r.eps.ladder.len()),
-            (true, false) => " (automatic: no two steps agreed within 1%; the closest pair was used)".to_string(),
+            (true, true) => format!(
+                " (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)",
+                r.eps.ladder.len()
+            ),
+            (true, false) =>
+                " (automatic: no two steps agreed within 1%; the closest pair was used)".to_string(),
         }
     );
     println!(
@@ -660,11 +783,23 @@ fn print_hessian(r: &hessian::HessianReport) {
         println!("exact trace {t:.5e}");
     }
     for (k, e) in r.eigenvalues.iter().enumerate() {
-        println!("eigenvalue {}: {:.5e} ({} products{})", k + 1, e.value, e.iterations, if e.converged { "" } else { ", not converged" });
+        println!(
+            "eigenvalue {}: {:.5e} ({} products{})",
+            k + 1,
+            e.value,
+            e.iterations,
+            if e.converged { "" } else { ", not converged" }
+        );
     }
     if !r.layers.is_empty() {
-        println!("per tensor ({} diagonal; mass split by {} mask):", r.diagonal_source, r.mask_source);
-        println!("  {:24} {:>9} {:>9} {:>12} {:>10} {:>12} {:>8}", "tensor", "size", "kept", "trace", "+-", "mean diag", "masked");
+        println!(
+            "per tensor ({} diagonal; mass split by {} mask):",
+            r.diagonal_source, r.mask_source
+        );
+        println!(
+            "  {:24} {:>9} {:>9} {:>12} {:>10} {:>12} {:>8}",
+            "tensor", "size", "kept", "trace", "+-", "mean diag", "masked"
+        );
         for l in &r.layers {
             println!(
                 "  {:24} {:>9} {:>9} {:>12.4e} {:>10.2e} {:>12.4e} {:>7.2}%",
@@ -679,4 +814,3 @@ fn print_hessian(r: &hessian::HessianReport) {
         }
     }
 }
-

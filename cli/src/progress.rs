@@ -22,9 +22,11 @@ impl TrainProgress {
         let bar = if interactive() {
             let b = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
             b.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             b
         } else {
@@ -49,7 +51,10 @@ impl Observer for TrainProgress {
     fn on_epoch(&mut self, state: &TrainState) -> lmc_train::Result<()> {
         self.bar.set_position(state.steps_done);
         if let Some(t) = state.curve.last().and_then(|r| r.test) {
-            self.bar.println(format!("{}: epoch {} test accuracy {:.4}", self.label, state.epochs_done, t.accuracy));
+            self.bar.println(format!(
+                "{}: epoch {} test accuracy {:.4}",
+                self.label, state.epochs_done, t.accuracy
+            ));
         }
         Ok(())
     }

@@ -183,7 +183,10 @@ fn layer_rates(items: &[String]) -> Result<BTreeMap<String, f64>> {
         let Some((name, rate)) = item.split_once('=') else {
             bail!("--layer-rate {item}: expected NAME=RATE, e.g. fc.weight=0.1");
         };
-        let rate: f64 = rate.trim().parse().map_err(|_| anyhow::anyhow!("--layer-rate {item}: '{rate}' is not a number"))?;
+        let rate: f64 = rate
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--layer-rate {item}: '{rate}' is not a number"))?;
         if out.insert(name.trim().to_string(), rate).is_some() {
             bail!("--layer-rate {name}: given twice");
         }
@@ -203,17 +206,23 @@ fn load_data(a: &ImpArgs) -> Result<(Dataset, Provenance)> {
     }
     let (h, syn) = artifact::read::<SyntheticSet>(set)?;
     if syn.base.as_str() != name.parse::<lmc_train::data::DatasetName>()?.as_str() {
-        bail!("--train-set {}: a distilled set of {}, not of --dataset {name}", set.display(), syn.base);
+        bail!(
+            "--train-set {}: a distilled set of {}, not of --dataset {name}",
+            set.display(),
+            syn.base
+        );
     }
     let (real, _) = data.load()?;
-    let ds = syn.to_dataset(&real).map_err(|e| anyhow::anyhow!("--train-set {}: {e}", set.display()))?;
+    let ds =
+        syn.to_dataset(&real).map_err(|e| anyhow::anyhow!("--train-set {}: {e}", set.display()))?;
     Ok((ds, h.provenance))
 }
 
 fn imp(a: ImpArgs) -> Result<()> {
     let rounds = a.rounds.context("--rounds is required")?;
     let out_dir = a.out_dir.clone().context("--out-dir is required")?;
-    let spec: Option<ModelSpec> = a.model.as_deref().map(str::parse).transpose().context("--model")?;
+    let spec: Option<ModelSpec> =
+        a.model.as_deref().map(str::parse).transpose().context("--model")?;
     let train = a.opts.config()?;
     let rule = PruneRule {
         rate: a.rate,
@@ -340,17 +349,31 @@ impl ImpObserver for ImpProgress {
     }
 }
 
-fn write_baseline(t: &Ticket, like: Provenance, out: &Path, json_out: bool, command: &str) -> Result<()> {
+fn write_baseline(
+    t: &Ticket,
+    like: Provenance,
+    out: &Path,
+    json_out: bool,
+    command: &str,
+) -> Result<()> {
     let prov = baseline_provenance(&t.origin, like);
     artifact::write(out, t, prov)?;
     if json_out {
-        let layers: Vec<_> = t.layers.iter().map(|l| json!({"name": l.name, "kept": l.kept, "total": l.total})).collect();
+        let layers: Vec<_> = t
+            .layers
+            .iter()
+            .map(|l| json!({"name": l.name, "kept": l.kept, "total": l.total}))
+            .collect();
         println!(
             "{}",
             json!({"command": command, "path": out, "sparsity": t.sparsity, "remaining": t.remaining(), "layers": layers, "provenance": prov.hex()})
         );
     } else {
-        println!("{command}: {:.2}% of weights remaining -> {}", 100.0 * t.remaining(), out.display());
+        println!(
+            "{command}: {:.2}% of weights remaining -> {}",
+            100.0 * t.remaining(),
+            out.display()
+        );
     }
     Ok(())
 }
@@ -370,7 +393,11 @@ fn reinit(a: ReinitArgs) -> Result<()> {
 
 /// For `lmc train --ticket`: the ticket's model, starting parameters, mask and run start, after
 /// checking it fits `--model` (when given) and the dataset.
-pub fn ticket_start(path: &Path, spec: Option<&ModelSpec>, ds: &Dataset) -> Result<(Model, ParamVec, Mask, Start)> {
+pub fn ticket_start(
+    path: &Path,
+    spec: Option<&ModelSpec>,
+    ds: &Dataset,
+) -> Result<(Model, ParamVec, Mask, Start)> {
     let (h, t) = read_ticket(path)?;
     t.check_model(path, spec, ds.train.shape, ds.classes, &ds.name)?;
     let start = Start::Given { source: h.provenance, init_seed: t.init_seed };

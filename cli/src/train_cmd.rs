@@ -84,9 +84,19 @@ impl TrainOpts {
             iterations: self.iterations,
             batch_size: self.batch_size,
             lr: self.lr,
-            sgd: Sgd { momentum: self.momentum, weight_decay: self.weight_decay, nesterov: self.nesterov },
+            sgd: Sgd {
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                nesterov: self.nesterov,
+            },
             schedule: Schedule::parse(&self.schedule, self.gamma)?,
-            augment: if self.augment { Some(true) } else if self.no_augment { Some(false) } else { None },
+            augment: if self.augment {
+                Some(true)
+            } else if self.no_augment {
+                Some(false)
+            } else {
+                None
+            },
             eval_every: self.eval_every,
         };
         cfg.validate()?;
@@ -138,13 +148,18 @@ pub fn replicate_path(out: &Path, r: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let spec: Option<ModelSpec> = a.model.as_deref().map(str::parse).transpose().context("--model")?;
+    let spec: Option<ModelSpec> =
+        a.model.as_deref().map(str::parse).transpose().context("--model")?;
     if a.replicates == 0 {
         bail!("--replicates must be at least 1");
     }
     let cfg = a.opts.config()?;
     if a.replicates > 1 && a.out.is_file() {
-        bail!("--out {}: with --replicates {} the output must be a folder, and this is a file", a.out.display(), a.replicates);
+        bail!(
+            "--out {}: with --replicates {} the output must be a folder, and this is a file",
+            a.out.display(),
+            a.replicates
+        );
     }
     let (ds, ds_prov) = a.data.load()?;
     let (model, init, mask, start) = match (&a.ticket, &spec) {

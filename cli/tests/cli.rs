@@ -9,14 +9,11 @@ use lmc_train::artifact;
 use lmc_train::fit::Run;
 
 mod common;
-use common::{lmc, run_ok, run_err};
-
+use common::{lmc, run_err, run_ok};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures")
 }
-
-
 
 fn read_run(p: &Path) -> Run {
     artifact::read::<Run>(p).unwrap().1
@@ -26,7 +23,23 @@ fn read_run(p: &Path) -> Run {
 fn train_digits_writes_a_run_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.lmc");
-    let o = run_ok(lmc().args(["train", "--dataset", "digits", "--model", "mlp:32", "--epochs", "3", "--lr", "0.05", "--json", "--out"]).arg(&out));
+    let o = run_ok(
+        lmc()
+            .args([
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                "mlp:32",
+                "--epochs",
+                "3",
+                "--lr",
+                "0.05",
+                "--json",
+                "--out",
+            ])
+            .arg(&out),
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = &v["replicates"][0];
     let acc = r["test_accuracy"].as_f64().unwrap();
@@ -42,7 +55,23 @@ fn train_digits_writes_a_run_and_json() {
     assert_eq!(v["kind"], "Run");
     assert_eq!(v["summary"]["images_seen"].as_u64().unwrap(), 3 * 1437);
     // A second identical call is a cache hit; --fresh retrains.
-    let o = run_ok(lmc().args(["train", "--dataset", "digits", "--model", "mlp:32", "--epochs", "3", "--lr", "0.05", "--json", "--out"]).arg(&out));
+    let o = run_ok(
+        lmc()
+            .args([
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                "mlp:32",
+                "--epochs",
+                "3",
+                "--lr",
+                "0.05",
+                "--json",
+                "--out",
+            ])
+            .arg(&out),
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["replicates"][0]["cached"], true);
 }
@@ -51,7 +80,24 @@ fn train_digits_writes_a_run_and_json() {
 fn replicates_share_init_and_differ_in_data_order() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("reps");
-    run_ok(lmc().args(["train", "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--replicates", "2", "--seed", "3", "--out"]).arg(&out));
+    run_ok(
+        lmc()
+            .args([
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                "mlp:16",
+                "--epochs",
+                "1",
+                "--replicates",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(&out),
+    );
     let a = read_run(&out.join("replicate-0.lmc"));
     let b = read_run(&out.join("replicate-1.lmc"));
     assert_eq!(a.start, b.start);
@@ -62,7 +108,20 @@ fn replicates_share_init_and_differ_in_data_order() {
 fn train_args(threads: &str, out: &Path) -> Command {
     let mut c = lmc();
     c.env("RAYON_NUM_THREADS", threads)
-        .args(["train", "--dataset", "digits", "--model", "convnet:depth=2,width=8", "--epochs", "2", "--batch-size", "50", "--lr", "0.05", "--out"])
+        .args([
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "convnet:depth=2,width=8",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "50",
+            "--lr",
+            "0.05",
+            "--out",
+        ])
         .arg(out);
     c
 }
@@ -85,7 +144,19 @@ fn a_killed_training_resumes_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let full = dir.path().join("full.lmc");
     let killed = dir.path().join("killed.lmc");
-    let args = ["train", "--dataset", "digits", "--model", "convnet:depth=2,width=16", "--epochs", "12", "--batch-size", "32", "--lr", "0.02"];
+    let args = [
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "convnet:depth=2,width=16",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.02",
+    ];
     run_ok(lmc().args(args).arg("--out").arg(&full));
     // Start the same run, kill it once its first checkpoint is on disk, start it again.
     let ckpt = lmc_train::fit::checkpoint_path(&killed);
@@ -112,24 +183,69 @@ fn a_killed_training_resumes_to_the_same_result() {
 
 #[test]
 fn missing_data_dir_names_the_path() {
-    let err = run_err(lmc().args(["train", "--dataset", "mnist", "--model", "lenet-300-100", "--data-dir", "/nonexistent/lmc-data", "--out", "/tmp/x.lmc"]));
+    let err = run_err(lmc().args([
+        "train",
+        "--dataset",
+        "mnist",
+        "--model",
+        "lenet-300-100",
+        "--data-dir",
+        "/nonexistent/lmc-data",
+        "--out",
+        "/tmp/x.lmc",
+    ]));
     assert!(err.as_str().contains("/nonexistent/lmc-data"), "{err}");
 }
 
 #[test]
 fn unknown_model_spec_names_the_flag() {
-    let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "resnet-1000", "--out", "/tmp/x.lmc"]));
+    let err = run_err(lmc().args([
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "resnet-1000",
+        "--out",
+        "/tmp/x.lmc",
+    ]));
     let line = err.as_str();
     assert!(line.contains("--model") && line.contains("resnet-1000"), "{line}");
 }
 
 #[test]
 fn unknown_dataset_and_bad_numbers_name_the_flag() {
-    let err = run_err(lmc().args(["train", "--dataset", "imagenet", "--model", "mlp:8", "--out", "/tmp/x.lmc"]));
+    let err = run_err(lmc().args([
+        "train",
+        "--dataset",
+        "imagenet",
+        "--model",
+        "mlp:8",
+        "--out",
+        "/tmp/x.lmc",
+    ]));
     assert!(err.as_str().contains("--dataset"), "{err}");
-    let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--lr=-1", "--out", "/tmp/x.lmc"]));
+    let err = run_err(lmc().args([
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp:8",
+        "--lr=-1",
+        "--out",
+        "/tmp/x.lmc",
+    ]));
     assert!(err.as_str().contains("--lr"), "{err}");
-    let err = run_err(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--schedule", "multistep:0.9,0.5", "--out", "/tmp/x.lmc"]));
+    let err = run_err(lmc().args([
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp:8",
+        "--schedule",
+        "multistep:0.9,0.5",
+        "--out",
+        "/tmp/x.lmc",
+    ]));
     assert!(err.as_str().contains("--schedule"), "{err}");
 }
 
@@ -157,8 +273,10 @@ fn truncated_idx_file_is_named() {
         v
     };
     std::fs::remove_file(&gz).unwrap();
-    std::fs::write(dir.path().join("mnist/t10k-images-idx3-ubyte"), &raw[..raw.len() - 100]).unwrap();
-    let err = run_err(lmc().args(["data", "info", "--dataset", "mnist", "--data-dir"]).arg(dir.path()));
+    std::fs::write(dir.path().join("mnist/t10k-images-idx3-ubyte"), &raw[..raw.len() - 100])
+        .unwrap();
+    let err =
+        run_err(lmc().args(["data", "info", "--dataset", "mnist", "--data-dir"]).arg(dir.path()));
     let line = err.as_str();
     assert!(line.contains("t10k-images-idx3-ubyte") && line.contains("truncated"), "{line}");
 }
@@ -171,7 +289,8 @@ fn truncated_cifar_file_is_named() {
     let f = d.join("data_batch_3.bin");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 7]).unwrap();
-    let err = run_err(lmc().args(["data", "info", "--dataset", "cifar10", "--data-dir"]).arg(dir.path()));
+    let err =
+        run_err(lmc().args(["data", "info", "--dataset", "cifar10", "--data-dir"]).arg(dir.path()));
     assert!(err.as_str().contains("data_batch_3.bin"), "{err}");
 }
 
@@ -179,21 +298,33 @@ fn truncated_cifar_file_is_named() {
 fn damaged_artifacts_are_named_not_panicked_on() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.lmc");
-    run_ok(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--epochs", "1", "--out"]).arg(&good));
+    run_ok(
+        lmc()
+            .args(["train", "--dataset", "digits", "--model", "mlp:8", "--epochs", "1", "--out"])
+            .arg(&good),
+    );
     let bytes = std::fs::read(&good).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated.lmc", bytes[..bytes.len() / 2].to_vec(), "truncated"),
-        ("flipped.lmc", {
-            let mut b = bytes.clone();
-            let i = b.len() - 10;
-            b[i] ^= 0x01;
-            b
-        }, "checksum"),
-        ("newer.lmc", {
-            let mut b = bytes.clone();
-            b[8..12].copy_from_slice(&(artifact::FORMAT_VERSION + 1).to_le_bytes());
-            b
-        }, "newer"),
+        (
+            "flipped.lmc",
+            {
+                let mut b = bytes.clone();
+                let i = b.len() - 10;
+                b[i] ^= 0x01;
+                b
+            },
+            "checksum",
+        ),
+        (
+            "newer.lmc",
+            {
+                let mut b = bytes.clone();
+                b[8..12].copy_from_slice(&(artifact::FORMAT_VERSION + 1).to_le_bytes());
+                b
+            },
+            "newer",
+        ),
         ("text.lmc", b"just some text that is not an artifact".to_vec(), "not an lmc artifact"),
     ];
     for (name, content, want) in cases {
@@ -213,6 +344,7 @@ fn data_info_reports_fixture_counts() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["train"]["count"], 1437);
     assert_eq!(v["test"]["count"], 360);
-    let sum: u64 = v["train"]["per_class"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum();
+    let sum: u64 =
+        v["train"]["per_class"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum();
     assert_eq!(sum, 1437);
 }

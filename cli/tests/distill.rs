@@ -10,14 +10,12 @@ use lmc_train::artifact;
 use lmc_train::data::SyntheticSet;
 
 mod common;
-use common::{lmc, run_ok, run_err};
-
-
+use common::{lmc, run_err, run_ok};
 
 fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
-
 
 /// A small, fast distillation of digits.
 fn distill(out: &Path) -> Command {
@@ -66,7 +64,13 @@ fn distill_writes_a_dataset_png_and_json_that_train_accepts() {
     assert_eq!(v["summary"]["training_images"], 80);
     assert_eq!(v["summary"]["method"], "dm");
     let run = dir.path().join("run.lmc");
-    let o = run_ok(lmc().args(["train", "--model", "mlp:16", "--epochs", "2", "--json", "--dataset"]).arg(&out).arg("--out").arg(&run));
+    let o = run_ok(
+        lmc()
+            .args(["train", "--model", "mlp:16", "--epochs", "2", "--json", "--dataset"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&run),
+    );
     assert_eq!(json(&o)["replicates"][0]["images_seen"], 2 * 80);
 
     // Same arguments again: up to date, not redone.
@@ -108,7 +112,8 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
 
     let cut = dir.path().join("cut.lmc");
     let ckpt = dir.path().join("cut.lmc.ckpt");
-    let mut child = distill(&cut).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        distill(&cut).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
     while !ckpt.exists() && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(2));
@@ -130,7 +135,8 @@ fn bad_inputs_give_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("syn.lmc");
     // The smallest digits class has 140 training images.
-    let e = run_err(lmc().args(["distill", "--dataset", "digits", "--ipc", "500", "--out"]).arg(&out));
+    let e =
+        run_err(lmc().args(["distill", "--dataset", "digits", "--ipc", "500", "--out"]).arg(&out));
     assert!(e.contains("--ipc 500") && e.contains("has only"), "{e}");
     let e = run_err(distill(&out).args(["--factor", "3"]));
     assert!(e.contains("--factor 3 does not divide the 8x8"), "{e}");
@@ -142,9 +148,18 @@ fn bad_inputs_give_one_clear_line() {
 
     // A Run artifact is not a dataset, for distill and for train.
     let run = dir.path().join("run.lmc");
-    run_ok(lmc().args(["train", "--dataset", "digits", "--model", "mlp:8", "--epochs", "1", "--out"]).arg(&run));
-    for cmd in [vec!["distill", "--out", "x.lmc"], vec!["train", "--model", "mlp:8", "--out", "y.lmc"]] {
+    run_ok(
+        lmc()
+            .args(["train", "--dataset", "digits", "--model", "mlp:8", "--epochs", "1", "--out"])
+            .arg(&run),
+    );
+    for cmd in
+        [vec!["distill", "--out", "x.lmc"], vec!["train", "--model", "mlp:8", "--out", "y.lmc"]]
+    {
         let e = run_err(lmc().current_dir(dir.path()).args(&cmd).arg("--dataset").arg(&run));
-        assert!(e.contains("run.lmc") && e.contains("is a Run artifact, expected a Dataset"), "{e}");
+        assert!(
+            e.contains("run.lmc") && e.contains("is a Run artifact, expected a Dataset"),
+            "{e}"
+        );
     }
 }

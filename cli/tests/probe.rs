@@ -11,21 +11,38 @@ use lmc_train::fit::Run;
 use serde_json::Value;
 
 mod common;
-use common::{lmc, run_ok, run_err};
-
-
+use common::{lmc, run_err, run_ok};
 
 fn json_of(cmd: &mut Command) -> Value {
     let o = run_ok(cmd.arg("--json"));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
-
 
 /// Trains `n` replicates of `model` on digits into `dir/name/replicate-R.lmc`.
 fn replicates(dir: &Path, name: &str, model: &str, n: usize) -> Vec<PathBuf> {
     let out = dir.join(name);
-    run_ok(lmc().args(["train", "--dataset", "digits", "--model", model, "--epochs", "2", "--lr", "0.05", "--batch-size", "64"]).args(["--replicates", &n.to_string(), "--out"]).arg(&out));
-    (0..n).map(|r| if n == 1 { out.clone() } else { out.join(format!("replicate-{r}.lmc")) }).collect()
+    run_ok(
+        lmc()
+            .args([
+                "train",
+                "--dataset",
+                "digits",
+                "--model",
+                model,
+                "--epochs",
+                "2",
+                "--lr",
+                "0.05",
+                "--batch-size",
+                "64",
+            ])
+            .args(["--replicates", &n.to_string(), "--out"])
+            .arg(&out),
+    );
+    (0..n)
+        .map(|r| if n == 1 { out.clone() } else { out.join(format!("replicate-{r}.lmc")) })
+        .collect()
 }
 
 fn read_run(p: &Path) -> Run {
@@ -38,7 +55,10 @@ fn interpolate_writes_json_csv_and_a_probe_artifact() {
     let runs = replicates(dir.path(), "reps", "mlp:16", 2);
     let out = dir.path().join("interp.lmc");
     let args = |c: &mut Command| {
-        c.args(["probe", "interpolate"]).args(&runs).args(["--alphas", "5", "--split", "both", "--train-samples", "300", "--out"]).arg(&out);
+        c.args(["probe", "interpolate"])
+            .args(&runs)
+            .args(["--alphas", "5", "--split", "both", "--train-samples", "300", "--out"])
+            .arg(&out);
     };
     let mut c = lmc();
     args(&mut c);
@@ -84,7 +104,10 @@ fn landscapes_plane_random_and_resume() {
     let runs = replicates(dir.path(), "reps", "mlp:16", 3);
     let out = dir.path().join("plane.lmc");
     let plane_args = |c: &mut Command, out: &Path| {
-        c.args(["probe", "landscape"]).args(&runs).args(["--resolution", "5", "--samples", "200", "--out"]).arg(out);
+        c.args(["probe", "landscape"])
+            .args(&runs)
+            .args(["--resolution", "5", "--samples", "200", "--out"])
+            .arg(out);
     };
     let mut c = lmc();
     plane_args(&mut c, &out);
@@ -110,14 +133,27 @@ fn landscapes_plane_random_and_resume() {
     let mut c = lmc();
     plane_args(&mut c, &resumed);
     let o = run_ok(&mut c);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resuming"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let (_, back) = artifact::read::<Probe>(&resumed).unwrap();
     let ProbeResult::Landscape(lb) = back.result else { panic!("not a landscape") };
     assert_eq!(lb.points, want);
     assert!(!lmc_train::fit::checkpoint_path(&resumed).exists());
 
     // Random directions around one run, 1-D, custom range.
-    let v = json_of(lmc().args(["probe", "landscape"]).arg(&runs[0]).args(["--dims", "1", "--resolution", "7", "--x-range", "-0.5:0.5", "--samples", "100"]));
+    let v = json_of(lmc().args(["probe", "landscape"]).arg(&runs[0]).args([
+        "--dims",
+        "1",
+        "--resolution",
+        "7",
+        "--x-range",
+        "-0.5:0.5",
+        "--samples",
+        "100",
+    ]));
     let r = &v["summary"]["result"];
     assert_eq!(r["config"]["method"], "random");
     assert_eq!(r["points"].as_array().unwrap().len(), 7);
@@ -138,7 +174,23 @@ fn hessian_reports_and_refuses_exact_diagonal_of_large_models() {
     let small = replicates(dir.path(), "softmax.lmc", "mlp:", 1);
     let out = dir.path().join("h.lmc");
     let v = json_of(
-        lmc().args(["probe", "hessian"]).arg(&small[0]).args(["--samples", "300", "--trace", "--max-samples", "60", "--tol", "0", "--top-k", "2", "--exact-diag", "--out"]).arg(&out),
+        lmc()
+            .args(["probe", "hessian"])
+            .arg(&small[0])
+            .args([
+                "--samples",
+                "300",
+                "--trace",
+                "--max-samples",
+                "60",
+                "--tol",
+                "0",
+                "--top-k",
+                "2",
+                "--exact-diag",
+                "--out",
+            ])
+            .arg(&out),
     );
     let r = &v["summary"]["result"];
     assert_eq!(r["samples"], 300);
@@ -146,7 +198,11 @@ fn hessian_reports_and_refuses_exact_diagonal_of_large_models() {
     assert_eq!(r["trace"]["samples"], 60);
     assert_eq!(r["diagonal_source"], "exact");
     assert!(r["diagonal"].is_null(), "the per-parameter diagonal stays out of the JSON");
-    let (exact, est, se) = (r["exact_trace"].as_f64().unwrap(), r["trace"]["trace"].as_f64().unwrap(), r["trace"]["trace_se"].as_f64().unwrap());
+    let (exact, est, se) = (
+        r["exact_trace"].as_f64().unwrap(),
+        r["trace"]["trace"].as_f64().unwrap(),
+        r["trace"]["trace_se"].as_f64().unwrap(),
+    );
     assert!((exact - est).abs() <= 3.0 * se, "{exact} vs {est} +- {se}");
     let ev = r["eigenvalues"].as_array().unwrap();
     assert!(ev[0]["value"].as_f64().unwrap() >= ev[1]["value"].as_f64().unwrap());
@@ -162,7 +218,11 @@ fn hessian_reports_and_refuses_exact_diagonal_of_large_models() {
     assert_eq!(h.diagonal.unwrap().len(), 650);
 
     let big = replicates(dir.path(), "big.lmc", "mlp:256", 1);
-    let e = run_err(lmc().args(["probe", "hessian"]).arg(&big[0]).args(["--exact-diag", "--samples", "64"]));
+    let e = run_err(lmc().args(["probe", "hessian"]).arg(&big[0]).args([
+        "--exact-diag",
+        "--samples",
+        "64",
+    ]));
     assert!(e.contains("19210 parameters") && e.contains("limit of 10000"), "{e}");
 }
 
@@ -178,10 +238,18 @@ fn export_import_round_trip() {
     let (a, b) = (read_run(&runs[0]), read_run(&back));
     assert_eq!(a.params, b.params);
     assert_eq!(a.mask, b.mask);
-    assert_eq!((a.model, a.dataset, a.start, a.data_seed), (b.model.clone(), b.dataset.clone(), b.start, b.data_seed));
+    assert_eq!(
+        (a.model, a.dataset, a.start, a.data_seed),
+        (b.model.clone(), b.dataset.clone(), b.start, b.data_seed)
+    );
     // The imported run probes like the original: interpolating the two gives barrier 0.
-    let v = json_of(lmc().args(["probe", "interpolate"]).arg(&runs[0]).arg(&back).args(["--alphas", "3"]));
-    assert_eq!(v["summary"]["result"]["pairs"][0]["curves"][0]["error_barrier"].as_f64(), Some(0.0));
+    let v = json_of(
+        lmc().args(["probe", "interpolate"]).arg(&runs[0]).arg(&back).args(["--alphas", "3"]),
+    );
+    assert_eq!(
+        v["summary"]["result"]["pairs"][0]["curves"][0]["error_barrier"].as_f64(),
+        Some(0.0)
+    );
 
     // A plain state dict (no masks, no lmc metadata needed) with --like or --model/--dataset.
     let plain = dir.path().join("plain.safetensors");
@@ -190,11 +258,28 @@ fn export_import_round_trip() {
     run_ok(lmc().arg("import").arg(&plain).arg("--out").arg(&like).arg("--like").arg(&runs[0]));
     assert_eq!(read_run(&like).params, b.params);
     let named = dir.path().join("named.lmc");
-    run_ok(lmc().arg("import").arg(&plain).arg("--out").arg(&named).args(["--model", "mlp:16", "--dataset", "digits"]));
+    run_ok(lmc().arg("import").arg(&plain).arg("--out").arg(&named).args([
+        "--model",
+        "mlp:16",
+        "--dataset",
+        "digits",
+    ]));
     assert_eq!(read_run(&named).params, b.params);
     // The wrong architecture names the tensor and both shapes.
-    let e = run_err(lmc().arg("import").arg(&plain).arg("--out").arg(dir.path().join("x.lmc")).args(["--model", "mlp:8", "--dataset", "digits"]));
-    assert!(e.contains("plain.safetensors") && e.contains("fc_layers.0.weight") && e.contains("[16, 64]") && e.contains("[8, 64]"), "{e}");
+    let e =
+        run_err(lmc().arg("import").arg(&plain).arg("--out").arg(dir.path().join("x.lmc")).args([
+            "--model",
+            "mlp:8",
+            "--dataset",
+            "digits",
+        ]));
+    assert!(
+        e.contains("plain.safetensors")
+            && e.contains("fc_layers.0.weight")
+            && e.contains("[16, 64]")
+            && e.contains("[8, 64]"),
+        "{e}"
+    );
     let e = run_err(lmc().arg("import").arg(&runs[0]).arg("--out").arg(dir.path().join("y.lmc")));
     assert!(e.contains("not a valid safetensors"), "{e}");
 }
@@ -214,11 +299,19 @@ fn mismatched_runs_and_empty_grids_are_clear_errors() {
     artifact::write(&masked, &run, h.provenance).unwrap();
     let e = run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&masked));
     assert!(e.contains("different masks") && e.contains("1 of 1210"), "{e}");
-    let e = run_err(lmc().args(["probe", "landscape", "--method", "plane"]).arg(&a[0]).arg(&a[0]).arg(&b[0]));
+    let e = run_err(
+        lmc().args(["probe", "landscape", "--method", "plane"]).arg(&a[0]).arg(&a[0]).arg(&b[0]),
+    );
     assert!(e.contains("one architecture"), "{e}");
-    let e = run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args(["--alphas", "0"]));
+    let e =
+        run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args(["--alphas", "0"]));
     assert!(e.contains("--alphas") && e.contains("empty"), "{e}");
-    let e = run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args(["--dataset", "mnist", "--data-dir", "/nonexistent/lmc-data"]));
+    let e = run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args([
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        "/nonexistent/lmc-data",
+    ]));
     assert!(e.contains("/nonexistent/lmc-data"), "{e}");
     let e = run_err(lmc().args(["probe", "hessian"]).arg(&a[0]).args(["--mask-from"]).arg(&b[0]));
     assert!(e.contains("--mask-from"), "{e}");

@@ -23,7 +23,8 @@ fn main() {
     let dir = if dir.exists() { dir } else { std::path::PathBuf::from("../shared/data") };
     let ds = data::load(dsn, Some(&dir)).unwrap();
     let m = Model::new(&spec.parse().unwrap(), ds.train.shape, ds.classes).unwrap();
-    let cfg = DistillConfig { ipc: 2, factor, batch_real: 16, ..DistillConfig::defaults(Method::Gm, d) };
+    let cfg =
+        DistillConfig { ipc: 2, factor, batch_real: 16, ..DistillConfig::defaults(Method::Gm, d) };
     let p = Problem::new(&m, &ds.train, &ds.norm, dsn, &cfg);
     let params = m.init(3);
     let c = 4usize;
@@ -35,9 +36,14 @@ fn main() {
     fit::loss_and_grad(&m, &params, &batch.x, &batch.labels, &mut bufs);
     let g_real = bufs.grad.clone();
     let stored = run::initial_images(&p, &cfg)[c * 2 * img..(c + 1) * 2 * img].to_vec();
-    let aug = Arc::new(Augmentation::new(ds.train.shape, &[AugParams::Rotate { theta: 0.2 }], vec![0; 2 * factor * factor]));
+    let aug = Arc::new(Augmentation::new(
+        ds.train.shape,
+        &[AugParams::Rotate { theta: 0.2 }],
+        vec![0; 2 * factor * factor],
+    ));
     let mut pat = Patterns::default();
-    let (_, g_syn, _) = gm::syn_pass(&p, &params, &stored, &aug, c as u8, &mut Relus::Record(&mut pat));
+    let (_, g_syn, _) =
+        gm::syn_pass(&p, &params, &stored, &aug, c as u8, &mut Relus::Record(&mut pat));
     let (dv, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
     println!("D = {dv}");
     let dist = |s: &[f32]| {
@@ -51,7 +57,8 @@ fn main() {
     let n0: f64 = m0.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
     for eps in [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5] {
         let mx = gm::mixed_derivative(&p, &params, &stored, &aug, c as u8, &u, eps, &pat);
-        let diff: f64 = mx.iter().zip(&m0).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 =
+            mx.iter().zip(&m0).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
         print!("eps {eps:e}: rel diff to 1e-3: {:.2e} | ", diff / n0);
         for &j in &top {
             print!("{:.5} ", mx[j]);

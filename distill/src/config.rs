@@ -177,15 +177,24 @@ impl DistillConfig {
         }
         let (count, name) = smallest_class;
         if self.ipc > count {
-            return bad(format!("--ipc {}: class '{name}' has only {count} training images", self.ipc));
+            return bad(format!(
+                "--ipc {}: class '{name}' has only {count} training images",
+                self.ipc
+            ));
         }
         if self.iterations == 0 {
             return bad("--iterations must be at least 1".into());
         }
         if self.factor == 0 || shape.height % self.factor != 0 || shape.width % self.factor != 0 {
-            return bad(format!("--factor {} does not divide the {}x{} image size", self.factor, shape.height, shape.width));
+            return bad(format!(
+                "--factor {} does not divide the {}x{} image size",
+                self.factor, shape.height, shape.width
+            ));
         }
-        if self.factor > 1 && self.init == Init::Real && self.ipc * self.factor * self.factor > count {
+        if self.factor > 1
+            && self.init == Init::Real
+            && self.ipc * self.factor * self.factor > count
+        {
             return bad(format!(
                 "--factor {} with --ipc {} initialises from {} real images per class, but class '{name}' has only {count}",
                 self.factor,

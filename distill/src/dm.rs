@@ -23,7 +23,14 @@ pub fn dm_step(p: &Problem, rng: &mut ChaCha8Rng, pixels: &[f32], grad: &mut [f3
 }
 
 /// [`dm_step`] with `chunk` real images per forward pass and `group` classes per synthetic pass.
-fn dm_step_in(p: &Problem, rng: &mut ChaCha8Rng, pixels: &[f32], grad: &mut [f32], chunk: usize, group: usize) -> (f64, u64) {
+fn dm_step_in(
+    p: &Problem,
+    rng: &mut ChaCha8Rng,
+    pixels: &[f32],
+    grad: &mut [f32],
+    chunk: usize,
+    group: usize,
+) -> (f64, u64) {
     let model = p.model;
     let params = model.init(rng.gen());
     let tensors = model.tensors(&p.dev, &params);
@@ -33,8 +40,11 @@ fn dm_step_in(p: &Problem, rng: &mut ChaCha8Rng, pixels: &[f32], grad: &mut [f32
     let mut batch = Batch::default();
     let counts = p.real_batches(rng, &mut batch);
     let n_real: usize = counts.iter().sum();
-    let x_real =
-        if p.strategy.is_none() { std::mem::take(&mut batch.x) } else { p.class_augmentation(&augs, &counts).apply_host(&batch.x) };
+    let x_real = if p.strategy.is_none() {
+        std::mem::take(&mut batch.x)
+    } else {
+        p.class_augmentation(&augs, &counts).apply_host(&batch.x)
+    };
     let img = p.shape().len();
     let mut host = Vec::new();
     for xs in x_real.chunks(chunk * img) {
@@ -54,12 +64,14 @@ fn dm_step_in(p: &Problem, rng: &mut ChaCha8Rng, pixels: &[f32], grad: &mut [f32
         let c1 = (c0 + group).min(p.classes());
         let stored = p.images(pixels[c0 * per_class..c1 * per_class].to_vec(), (c1 - c0) * p.ipc);
         let counts = vec![decoded; c1 - c0];
-        let input = p.synthetic_input(stored.leaky_trace(), &p.class_augmentation(&augs[c0..c1], &counts));
+        let input =
+            p.synthetic_input(stored.leaky_trace(), &p.class_augmentation(&augs[c0..c1], &counts));
         let emb = model.embed(&tensors, input, true);
         let loss = mean_embedding_loss(emb, &real_means[c0 * f..c1 * f], &counts);
         value += loss.array() as f64;
         let mut grads = loss.backward();
-        grad[c0 * per_class..c1 * per_class].copy_from_slice(grads.get_or_alloc_mut(&stored).expect("cpu allocation"));
+        grad[c0 * per_class..c1 * per_class]
+            .copy_from_slice(grads.get_or_alloc_mut(&stored).expect("cpu allocation"));
     }
     (value, (n_real + p.classes() * decoded) as u64)
 }
@@ -90,11 +102,23 @@ pub fn class_means(x: &[f32], f: usize, counts: &[usize]) -> Vec<f32> {
 
 /// `sum_c || real_means[c] - mean of the rows of class c ||^2` as a tape op on `emb` (N, F),
 /// rows grouped class by class in blocks of `counts`. Backward: `d emb_i = -2 (r_c - m_c) / n_c`.
-pub fn mean_embedding_loss<Tp: Tape<f32, Cpu>>(emb: T2<Tp>, real_means: &[f32], counts: &[usize]) -> Tensor<(), f32, Cpu, Tp> {
+pub fn mean_embedding_loss<Tp: Tape<f32, Cpu>>(
+    emb: T2<Tp>,
+    real_means: &[f32],
+    counts: &[usize],
+) -> Tensor<(), f32, Cpu, Tp> {
     let emb = emb.contiguous();
     let (n, f) = *emb.shape();
-    assert_eq!(counts.iter().sum::<usize>(), n, "mean_embedding_loss: counts do not add up to the batch");
-    assert_eq!(real_means.len(), counts.len() * f, "mean_embedding_loss: one real mean per class expected");
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        n,
+        "mean_embedding_loss: counts do not add up to the batch"
+    );
+    assert_eq!(
+        real_means.len(),
+        counts.len() * f,
+        "mean_embedding_loss: one real mean per class expected"
+    );
     let (emb, mut tape) = emb.split_tape();
     let mut host = vec![0.0f32; n * f];
     emb.copy_into(&mut host);
@@ -137,8 +161,13 @@ mod tests {
     #[test]
     fn chunking_does_not_change_the_step() {
         let ds = data::load(DatasetName::Digits, None).unwrap();
-        let m = Model::new(&"convnet:depth=2,width=8".parse().unwrap(), ds.train.shape, ds.classes).unwrap();
-        let cfg = DistillConfig { ipc: 2, batch_real: 20, ..DistillConfig::defaults(Method::Dm, Distance::Mse) };
+        let m = Model::new(&"convnet:depth=2,width=8".parse().unwrap(), ds.train.shape, ds.classes)
+            .unwrap();
+        let cfg = DistillConfig {
+            ipc: 2,
+            batch_real: 20,
+            ..DistillConfig::defaults(Method::Dm, Distance::Mse)
+        };
         let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &cfg);
         let px = crate::run::initial_images(&p, &cfg);
         let (mut a, mut b) = (vec![0.0; px.len()], vec![0.0; px.len()]);

@@ -46,7 +46,8 @@ pub enum DsaOp {
 
 impl DsaOp {
     /// Every operation, in the order of the reference strategy string.
-    pub const ALL: [DsaOp; 6] = [DsaOp::Color, DsaOp::Crop, DsaOp::Cutout, DsaOp::Flip, DsaOp::Scale, DsaOp::Rotate];
+    pub const ALL: [DsaOp; 6] =
+        [DsaOp::Color, DsaOp::Crop, DsaOp::Cutout, DsaOp::Flip, DsaOp::Scale, DsaOp::Rotate];
 
     /// Its name in a strategy string.
     pub fn as_str(self) -> &'static str {
@@ -71,7 +72,8 @@ impl DsaOp {
             },
             DsaOp::Crop => {
                 // int(size * 0.125 + 0.5) pixels each way.
-                let (sy, sx) = ((h as f32 * CROP_PAD + 0.5) as i32, (w as f32 * CROP_PAD + 0.5) as i32);
+                let (sy, sx) =
+                    ((h as f32 * CROP_PAD + 0.5) as i32, (w as f32 * CROP_PAD + 0.5) as i32);
                 AugParams::Crop { dy: rng.gen_range(-sy..=sy), dx: rng.gen_range(-sx..=sx) }
             }
             DsaOp::Cutout => {
@@ -88,7 +90,9 @@ impl DsaOp {
                 let sy = rng.gen::<f32>() * (SCALE - lo) + lo;
                 AugParams::Scale { sx, sy }
             }
-            DsaOp::Rotate => AugParams::Rotate { theta: (rng.gen::<f32>() - 0.5) * 2.0 * ROTATE_DEG / 180.0 * std::f32::consts::PI },
+            DsaOp::Rotate => AugParams::Rotate {
+                theta: (rng.gen::<f32>() - 0.5) * 2.0 * ROTATE_DEG / 180.0 * std::f32::consts::PI,
+            },
         }
     }
 }
@@ -179,7 +183,9 @@ impl Strategy {
     /// mirrored digit is another symbol (the DSA authors drop it there too).
     pub fn for_dataset(&self, base: DatasetName) -> Strategy {
         let digits = matches!(base, DatasetName::Mnist | DatasetName::Digits);
-        Strategy { ops: self.ops.iter().copied().filter(|&o| !(digits && o == DsaOp::Flip)).collect() }
+        Strategy {
+            ops: self.ops.iter().copied().filter(|&o| !(digits && o == DsaOp::Flip)).collect(),
+        }
     }
 
     /// Draws the operation of one call (mode 'S' of the reference), or `None` when empty.
@@ -197,7 +203,12 @@ impl Strategy {
 
     /// Draws one operation for the batch and independent parameters for each of its `n` images
     /// (how DSA augments during evaluation).
-    pub fn sample_per_image(&self, rng: &mut impl Rng, shape: ImageShape, n: usize) -> Vec<AugParams> {
+    pub fn sample_per_image(
+        &self,
+        rng: &mut impl Rng,
+        shape: ImageShape,
+        n: usize,
+    ) -> Vec<AugParams> {
         match self.draw_op(rng) {
             Some(op) => (0..n).map(|_| op.sample(rng, shape)).collect(),
             None => vec![AugParams::Identity; n],
@@ -270,11 +281,14 @@ impl Prepared {
             Prepared::Gather(t)
         };
         // Normalised <-> pixel coordinates of affine_grid/grid_sample with align_corners=True.
-        let norm = |i: usize, n: usize| if n > 1 { -1.0 + 2.0 * i as f32 / (n - 1) as f32 } else { 0.0 };
+        let norm =
+            |i: usize, n: usize| if n > 1 { -1.0 + 2.0 * i as f32 / (n - 1) as f32 } else { 0.0 };
         let pix = |v: f32, n: usize| (v + 1.0) * 0.5 * (n.max(2) - 1) as f32;
         match *p {
             AugParams::Identity | AugParams::Flip(false) => Prepared::Identity,
-            AugParams::Color { brightness, saturation, contrast } => Prepared::Color { brightness, saturation, contrast },
+            AugParams::Color { brightness, saturation, contrast } => {
+                Prepared::Color { brightness, saturation, contrast }
+            }
             AugParams::Crop { dy, dx } => gather(&|y, x| {
                 let (sy, sx) = (y as i64 + dy as i64, x as i64 + dx as i64);
                 if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
@@ -376,7 +390,10 @@ pub struct Augmentation {
 impl Augmentation {
     /// Image `i` of a batch gets `params[which[i]]` (so a group of images can share one draw).
     pub fn new(shape: ImageShape, params: &[AugParams], which: Vec<usize>) -> Augmentation {
-        assert!(which.iter().all(|&k| k < params.len()), "Augmentation: parameter index out of range");
+        assert!(
+            which.iter().all(|&k| k < params.len()),
+            "Augmentation: parameter index out of range"
+        );
         let prepared = params.iter().map(|p| Prepared::new(p, shape)).collect();
         Augmentation { shape, prepared, which }
     }
@@ -411,7 +428,13 @@ impl BatchMap for Augmentation {
 
     fn forward(&self, x: &[f32], y: &mut [f32]) {
         let img = self.shape.len();
-        assert_eq!(x.len(), self.which.len() * img, "augment: batch of {} values, expected {} images", x.len(), self.which.len());
+        assert_eq!(
+            x.len(),
+            self.which.len() * img,
+            "augment: batch of {} values, expected {} images",
+            x.len(),
+            self.which.len()
+        );
         y.par_chunks_mut(img)
             .zip(x.par_chunks(img))
             .zip(self.which.par_iter())
@@ -430,7 +453,11 @@ impl BatchMap for Augmentation {
 /// Applies `aug` to `x` (N, C, H, W) as a differentiable op; `aug` must be for N images of this shape.
 pub fn augment<Tp: Tape<f32, Cpu>>(x: T4<Tp>, aug: &Arc<Augmentation>) -> T4<Tp> {
     let (n, c, h, w) = *x.shape();
-    assert_eq!((n, c, h, w), (aug.len(), aug.shape.channels, aug.shape.height, aug.shape.width), "augment: shape mismatch");
+    assert_eq!(
+        (n, c, h, w),
+        (aug.len(), aug.shape.channels, aug.shape.height, aug.shape.width),
+        "augment: shape mismatch"
+    );
     linop::apply(x, aug.clone())
 }
 
@@ -503,11 +530,19 @@ mod tests {
         for _ in 0..500 {
             match DsaOp::ALL[rng.gen_range(0..6)].sample(&mut rng, shape) {
                 AugParams::Crop { dy, dx } => assert!(dy.abs() <= 4 && dx.abs() <= 4),
-                AugParams::Cutout { cy, cx } => assert!((0..=28).contains(&cy) && (0..=28).contains(&cx)),
-                AugParams::Scale { sx, sy } => assert!((1.0 / 1.2..=1.2).contains(&sx) && (1.0 / 1.2..=1.2).contains(&sy)),
+                AugParams::Cutout { cy, cx } => {
+                    assert!((0..=28).contains(&cy) && (0..=28).contains(&cx))
+                }
+                AugParams::Scale { sx, sy } => {
+                    assert!((1.0 / 1.2..=1.2).contains(&sx) && (1.0 / 1.2..=1.2).contains(&sy))
+                }
                 AugParams::Rotate { theta } => assert!(theta.abs() <= 15f32.to_radians() + 1e-6),
                 AugParams::Color { brightness, saturation, contrast } => {
-                    assert!(brightness.abs() <= 0.5 && (0.0..=2.0).contains(&saturation) && (0.5..=1.5).contains(&contrast))
+                    assert!(
+                        brightness.abs() <= 0.5
+                            && (0.0..=2.0).contains(&saturation)
+                            && (0.5..=1.5).contains(&contrast)
+                    )
                 }
                 AugParams::Flip(_) | AugParams::Identity => {}
             }

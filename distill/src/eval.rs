@@ -107,7 +107,13 @@ impl Observer for DsaObserver<'_> {
 }
 
 /// Trains `cfg.models` fresh `spec` networks on `set` (decoded) and tests them on `real`'s test split.
-pub fn evaluate(set: &SyntheticSet, real: &Dataset, spec: &ModelSpec, cfg: &EvalConfig, progress: EvalProgress) -> Result<EvalSummary> {
+pub fn evaluate(
+    set: &SyntheticSet,
+    real: &Dataset,
+    spec: &ModelSpec,
+    cfg: &EvalConfig,
+    progress: EvalProgress,
+) -> Result<EvalSummary> {
     if cfg.models == 0 {
         return Err(Error::invalid("--eval-models must be at least 1 to evaluate"));
     }
@@ -126,9 +132,17 @@ pub fn evaluate(set: &SyntheticSet, real: &Dataset, spec: &ModelSpec, cfg: &Eval
     let mut images_seen = 0;
     for m in 0..cfg.models {
         let s = seed::mix(cfg.seed).wrapping_add(m as u64);
-        let mut obs =
-            DsaObserver { strategy: strategy.clone(), shape: ds.train.shape, seed: s, model: m, total, done: 0, progress: &mut *progress };
-        let state = fit::fit(&model, &mask, &data, &tc, s, TrainState::start(model.init(s)), &mut obs)?;
+        let mut obs = DsaObserver {
+            strategy: strategy.clone(),
+            shape: ds.train.shape,
+            seed: s,
+            model: m,
+            total,
+            done: 0,
+            progress: &mut *progress,
+        };
+        let state =
+            fit::fit(&model, &mask, &data, &tc, s, TrainState::start(model.init(s)), &mut obs)?;
         let acc = state.curve.last().and_then(|r| r.test).map_or(f64::NAN, |e| e.accuracy);
         accuracies.push(acc);
         images_seen += state.images_seen;

@@ -77,7 +77,8 @@ impl BatchMap for Decode {
                 for c in 0..s.channels {
                     for yy in 0..ch {
                         let row = c * s.height * s.width + (gy * ch + yy) * s.width + gx * cw;
-                        cell[(c * ch + yy) * cw..(c * ch + yy + 1) * cw].copy_from_slice(&src[row..row + cw]);
+                        cell[(c * ch + yy) * cw..(c * ch + yy + 1) * cw]
+                            .copy_from_slice(&src[row..row + cw]);
                     }
                 }
                 upsample_bilinear(cell, (s.channels, ch, cw), (s.height, s.width), out);

@@ -32,7 +32,11 @@ pub enum Relus<'a> {
 }
 
 /// `y = x * m` with `m` the recorded (or now recorded, `x > 0`) pattern; backward `dx += dy * m`.
-fn relu_pattern<S: Shape, Tp: Tape<f32, Cpu>>(x: Tensor<S, f32, Cpu, Tp>, relus: &mut Relus, k: &mut usize) -> Tensor<S, f32, Cpu, Tp> {
+fn relu_pattern<S: Shape, Tp: Tape<f32, Cpu>>(
+    x: Tensor<S, f32, Cpu, Tp>,
+    relus: &mut Relus,
+    k: &mut usize,
+) -> Tensor<S, f32, Cpu, Tp> {
     let x = x.contiguous();
     let shape = *x.shape();
     let (x, mut tape) = x.split_tape();
@@ -46,7 +50,11 @@ fn relu_pattern<S: Shape, Tp: Tape<f32, Cpu>>(x: Tensor<S, f32, Cpu, Tp>, relus:
         }
         Relus::Replay(p) => {
             let m = p.0.get(*k).cloned().unwrap_or_default();
-            assert_eq!(m.len(), y.len(), "relu_pattern: replayed pattern {k} does not fit this pass");
+            assert_eq!(
+                m.len(),
+                y.len(),
+                "relu_pattern: replayed pattern {k} does not fit this pass"
+            );
             m
         }
     };
@@ -91,7 +99,12 @@ pub fn supports(spec: &ModelSpec) -> bool {
 /// Logits of `model` for `x` with the input gradient on, like `Model::forward(p, x, true)`, with
 /// the ReLUs controlled by `relus`. Falls back to `Model::forward` for an architecture
 /// [`supports`] rejects.
-pub fn forward<Tp: Tape<f32, Cpu>>(model: &Model, p: &[T1], x: T4<Tp>, relus: &mut Relus) -> T2<Tp> {
+pub fn forward<Tp: Tape<f32, Cpu>>(
+    model: &Model,
+    p: &[T1],
+    x: T4<Tp>,
+    relus: &mut Relus,
+) -> T2<Tp> {
     let mut k = 0usize;
     let last = p.len() - 2;
     if let Some(widths) = hidden(&model.spec) {

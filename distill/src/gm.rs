@@ -34,7 +34,8 @@ pub fn matched(layout: &Layout, d: Distance) -> Vec<&ParamInfo> {
         Distance::Cos => weights,
         Distance::Mse => {
             // IDC matches conv weights only (its `--fc` is off by default).
-            let convs: Vec<&ParamInfo> = weights.iter().copied().filter(|e| e.shape.len() == 4).collect();
+            let convs: Vec<&ParamInfo> =
+                weights.iter().copied().filter(|e| e.shape.len() == 4).collect();
             if convs.is_empty() {
                 weights
             } else {
@@ -137,8 +138,10 @@ pub fn mixed_derivative(
         return vec![0.0; stored.len()];
     }
     let eps = fd_eps / norm;
-    let (_, _, plus) = syn_pass(p, &shifted(params, u, eps), stored, aug, label, &mut Relus::Replay(patterns));
-    let (_, _, minus) = syn_pass(p, &shifted(params, u, -eps), stored, aug, label, &mut Relus::Replay(patterns));
+    let (_, _, plus) =
+        syn_pass(p, &shifted(params, u, eps), stored, aug, label, &mut Relus::Replay(patterns));
+    let (_, _, minus) =
+        syn_pass(p, &shifted(params, u, -eps), stored, aug, label, &mut Relus::Replay(patterns));
     plus.iter().zip(&minus).map(|(a, b)| ((*a as f64 - *b as f64) / (2.0 * eps)) as f32).collect()
 }
 
@@ -186,7 +189,8 @@ pub fn gm_step(
         let syn_aug = p.class_augmentation(&[aug], &[decoded]);
         let stored = &pixels[c * per_class..(c + 1) * per_class];
         let mut patterns = Patterns::default();
-        let (_, g_syn, _) = syn_pass(p, params, stored, &syn_aug, c as u8, &mut Relus::Record(&mut patterns));
+        let (_, g_syn, _) =
+            syn_pass(p, params, stored, &syn_aug, c as u8, &mut Relus::Record(&mut patterns));
         let (dist, u) = distance(&p.model.layout, d, &scratch.bufs.grad, &g_syn);
         total += dist;
         let g = mixed_derivative(p, params, stored, &syn_aug, c as u8, &u, fd_eps, &patterns);

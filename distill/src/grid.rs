@@ -16,7 +16,10 @@ const MIN_CELL: usize = 32;
 /// de-normalised (`v * std + mean`) and clamped to [0, 1].
 pub fn render(set: &SyntheticSet) -> Result<(usize, usize, Vec<u8>)> {
     let Pixels::F32(px) = &set.images.pixels else {
-        return Err(Error::invalid(format!("synthetic set '{}' stores raw bytes, expected normalised floats", set.name)));
+        return Err(Error::invalid(format!(
+            "synthetic set '{}' stores raw bytes, expected normalised floats",
+            set.name
+        )));
     };
     let s = set.images.shape;
     let classes = set.images.labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
@@ -40,7 +43,10 @@ pub fn render(set: &SyntheticSet) -> Result<(usize, usize, Vec<u8>)> {
                     let o = ((y0 + y) * w + x0 + x) * 3;
                     for c in 0..3 {
                         let sc = if s.channels == 3 { c } else { 0 };
-                        let (m, sd) = (set.norm.mean.get(sc).copied().unwrap_or(0.0), set.norm.std.get(sc).copied().unwrap_or(1.0));
+                        let (m, sd) = (
+                            set.norm.mean.get(sc).copied().unwrap_or(0.0),
+                            set.norm.std.get(sc).copied().unwrap_or(1.0),
+                        );
                         let v = (img[sc * plane + p] * sd + m).clamp(0.0, 1.0);
                         rgb[o + c] = (v * 255.0).round() as u8;
                     }
@@ -59,8 +65,12 @@ pub fn write_png(set: &SyntheticSet, path: &Path) -> Result<()> {
         let mut enc = png::Encoder::new(BufWriter::new(&mut bytes), w as u32, h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
-        writer.write_image_data(&rgb).map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
+        let mut writer = enc
+            .write_header()
+            .map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
+        writer
+            .write_image_data(&rgb)
+            .map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
     }
     lmc_train::artifact::write_atomic(path, &bytes)
 }

@@ -48,7 +48,11 @@ pub use config::{Distance, DistillConfig, Init, Method};
 pub use run::{distill, DistillRequest, Outcome, Recipe, RunOptions, Step};
 
 /// JSON summary of a `Dataset` artifact, for `lmc inspect`.
-pub fn inspect_summary(path: &Path, header: &Header, payload: &[u8]) -> lmc_train::Result<serde_json::Value> {
+pub fn inspect_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
     let set: SyntheticSet = artifact::decode(path, header, payload)?;
     let mut per_class = vec![0usize; set.class_names.len().max(1)];
     for &l in &set.images.labels {

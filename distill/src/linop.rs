@@ -66,7 +66,12 @@ impl Taps {
         let (y0, x0) = (sy.floor(), sx.floor());
         let (fy, fx) = (sy - y0, sx - x0);
         let mut t = Taps::default();
-        let corners = [(0, 0, (1.0 - fy) * (1.0 - fx)), (0, 1, (1.0 - fy) * fx), (1, 0, fy * (1.0 - fx)), (1, 1, fy * fx)];
+        let corners = [
+            (0, 0, (1.0 - fy) * (1.0 - fx)),
+            (0, 1, (1.0 - fy) * fx),
+            (1, 0, fy * (1.0 - fx)),
+            (1, 1, fy * fx),
+        ];
         for (k, (dy, dx, wt)) in corners.into_iter().enumerate() {
             let (yy, xx) = (y0 as i64 + dy, x0 as i64 + dx);
             if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {

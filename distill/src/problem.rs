@@ -38,7 +38,13 @@ pub struct Problem<'a> {
 
 impl<'a> Problem<'a> {
     /// Groups `train` by class; the DSA strategy of `cfg` is filtered for `base`.
-    pub fn new(model: &'a Model, train: &'a ImageSet, norm: &'a Normalization, base: DatasetName, cfg: &DistillConfig) -> Problem<'a> {
+    pub fn new(
+        model: &'a Model,
+        train: &'a ImageSet,
+        norm: &'a Normalization,
+        base: DatasetName,
+        cfg: &DistillConfig,
+    ) -> Problem<'a> {
         let mut by_class = vec![Vec::new(); model.classes];
         for (i, &l) in train.labels.iter().enumerate() {
             by_class[l as usize].push(i as u32);
@@ -98,13 +104,18 @@ impl<'a> Problem<'a> {
 
     /// Augmentation for a batch whose images belong to classes in blocks of `counts`.
     pub fn class_augmentation(&self, params: &[AugParams], counts: &[usize]) -> Arc<Augmentation> {
-        let which = counts.iter().enumerate().flat_map(|(c, &n)| std::iter::repeat_n(c, n)).collect();
+        let which =
+            counts.iter().enumerate().flat_map(|(c, &n)| std::iter::repeat_n(c, n)).collect();
         Arc::new(Augmentation::new(self.shape(), params, which))
     }
 
     /// The synthetic side of a matching step: `stored` images (n, C, H, W) on a tape, decoded
     /// (multi-formation) then augmented by `aug` (for the decoded images).
-    pub fn synthetic_input<Tp: Tape<f32, Cpu>>(&self, stored: T4<Tp>, aug: &Arc<Augmentation>) -> T4<Tp> {
+    pub fn synthetic_input<Tp: Tape<f32, Cpu>>(
+        &self,
+        stored: T4<Tp>,
+        aug: &Arc<Augmentation>,
+    ) -> T4<Tp> {
         let decoded = formation::decode(stored, self.factor);
         if self.strategy.is_none() {
             return decoded;

@@ -141,7 +141,8 @@ struct Identity<'a> {
 impl DistillRequest<'_> {
     /// The output's provenance: stage, model, settings and the source data's provenance.
     pub fn provenance(&self) -> Provenance {
-        let id = Identity { model: &self.model.spec, input: self.model.input, config: &self.config };
+        let id =
+            Identity { model: &self.model.spec, input: self.model.input, config: &self.config };
         Provenance::of("distill", &id, &[self.dataset_provenance])
     }
 
@@ -149,13 +150,19 @@ impl DistillRequest<'_> {
     pub fn validate(&self) -> Result<()> {
         let train = &self.dataset.train;
         if self.model.input != train.shape || self.model.classes != self.dataset.classes {
-            return Err(Error::invalid("distill: the model is bound to another input shape or class count than the data"));
+            return Err(Error::invalid(
+                "distill: the model is bound to another input shape or class count than the data",
+            ));
         }
         let mut counts = vec![0usize; self.dataset.classes];
         for &l in &train.labels {
             counts[l as usize] += 1;
         }
-        let (c, &n) = counts.iter().enumerate().min_by_key(|(_, &n)| n).ok_or_else(|| Error::invalid("the dataset has no classes"))?;
+        let (c, &n) = counts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, &n)| n)
+            .ok_or_else(|| Error::invalid("the dataset has no classes"))?;
         let name = self.dataset.class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
         self.config.validate(train.shape, (n, &name))
     }
@@ -201,7 +208,11 @@ pub fn initial_images(p: &Problem, cfg: &DistillConfig) -> Vec<f32> {
                 let idx = sample_distinct(&p.by_class[c], cfg.ipc * per, &mut rng);
                 data::fill_batch(p.train, p.norm, &idx, None, &mut batch);
                 for k in 0..cfg.ipc {
-                    out.extend(formation::encode_cells(&batch.x[k * per * img..(k + 1) * per * img], shape, cfg.factor));
+                    out.extend(formation::encode_cells(
+                        &batch.x[k * per * img..(k + 1) * per * img],
+                        shape,
+                        cfg.factor,
+                    ));
                 }
             }
             out
@@ -212,7 +223,8 @@ pub fn initial_images(p: &Problem, cfg: &DistillConfig) -> Vec<f32> {
 /// The synthetic set holding `pixels` (class-major) for `req`.
 pub fn synthetic_set(req: &DistillRequest, pixels: Vec<f32>, recipe: &Recipe) -> SyntheticSet {
     let cfg = &req.config;
-    let labels = (0..req.dataset.classes).flat_map(|c| std::iter::repeat_n(c as u8, cfg.ipc)).collect();
+    let labels =
+        (0..req.dataset.classes).flat_map(|c| std::iter::repeat_n(c as u8, cfg.ipc)).collect();
     let suffix = if cfg.factor > 1 { format!("-f{}", cfg.factor) } else { String::new() };
     SyntheticSet {
         name: format!("{}-{}-ipc{}{suffix}", req.base, cfg.method, cfg.ipc),
@@ -226,7 +238,13 @@ pub fn synthetic_set(req: &DistillRequest, pixels: Vec<f32>, recipe: &Recipe) ->
 }
 
 /// The recipe of `req` with the given counters.
-fn recipe(req: &DistillRequest, iterations: u64, seconds: f64, images_processed: u64, loss_curve: Vec<f32>) -> Recipe {
+fn recipe(
+    req: &DistillRequest,
+    iterations: u64,
+    seconds: f64,
+    images_processed: u64,
+    loss_curve: Vec<f32>,
+) -> Recipe {
     Recipe {
         method: req.config.method.to_string(),
         model: req.model.spec.to_string(),
@@ -263,10 +281,20 @@ pub fn distill(
                     // Up to date: the same request, or (with a time budget) the same request cut
                     // short at the iterations it records.
                     let done = recipe.iterations;
-                    let as_done = DistillRequest { config: DistillConfig { iterations: done, ..cfg.clone() }, ..*req };
-                    let fits = done == cfg.iterations || (opts.max_seconds.is_some() && done < cfg.iterations);
+                    let as_done = DistillRequest {
+                        config: DistillConfig { iterations: done, ..cfg.clone() },
+                        ..*req
+                    };
+                    let fits = done == cfg.iterations
+                        || (opts.max_seconds.is_some() && done < cfg.iterations);
                     if fits && h.provenance == as_done.provenance() {
-                        return Ok(Outcome { set, provenance: h.provenance, recipe, cached: true, resumed_from: 0 });
+                        return Ok(Outcome {
+                            set,
+                            provenance: h.provenance,
+                            recipe,
+                            cached: true,
+                            resumed_from: 0,
+                        });
                     }
                 }
             }
@@ -326,8 +354,16 @@ pub fn distill(
                 let scratch = scratch.as_mut().expect("GM scratch");
                 let mut net = TrainState::start(req.model.init(rng.gen()));
                 for t in 0..cfg.inner_loop {
-                    let (loss, imgs) =
-                        gm::gm_step(&p, cfg.distance, cfg.fd_eps, &net.params, &mut rng, &ck.state.params.data, &mut grad, scratch);
+                    let (loss, imgs) = gm::gm_step(
+                        &p,
+                        cfg.distance,
+                        cfg.fd_eps,
+                        &net.params,
+                        &mut rng,
+                        &ck.state.params.data,
+                        &mut grad,
+                        scratch,
+                    );
                     check_finite(loss, it, t, &ckpt)?;
                     update(&sgd, &mut ck, &mut grad, cfg.lr_img, &dense);
                     ck.state.images_seen += imgs;
@@ -347,14 +383,21 @@ pub fn distill(
         ck.state.epochs_done += 1;
         let last = ck.state.steps_done == cfg.iterations;
         // Every `checkpoint_every` iterations, and at least once a minute (GM iterations are long).
-        let due = ck.state.steps_done % opts.checkpoint_every.max(1) == 0 || last_save.elapsed().as_secs() >= 60;
+        let due = ck.state.steps_done % opts.checkpoint_every.max(1) == 0
+            || last_save.elapsed().as_secs() >= 60;
         if stop || (!last && due) {
             save(&mut ck)?;
             last_save = Instant::now();
         }
         if stop && !last {
-            let at = ckpt.as_ref().map(|c| format!("; checkpoint at {}", c.display())).unwrap_or_default();
-            return Err(Error::invalid(format!("distillation interrupted after iteration {}{at}", ck.state.steps_done)));
+            let at = ckpt
+                .as_ref()
+                .map(|c| format!("; checkpoint at {}", c.display()))
+                .unwrap_or_default();
+            return Err(Error::invalid(format!(
+                "distillation interrupted after iteration {}{at}",
+                ck.state.steps_done
+            )));
         }
         if opts.max_seconds.is_some_and(|m| seconds_before + started.elapsed().as_secs_f64() >= m) {
             break;
@@ -364,9 +407,13 @@ pub fn distill(
     let seconds = seconds_before + started.elapsed().as_secs_f64();
     // Every iteration draws its randomness from (seed, iteration) alone, so a run cut short by the
     // time budget is the run that asked for the iterations it did: record it as that.
-    let done_req = DistillRequest { config: DistillConfig { iterations: ck.state.steps_done, ..cfg.clone() }, ..*req };
+    let done_req = DistillRequest {
+        config: DistillConfig { iterations: ck.state.steps_done, ..cfg.clone() },
+        ..*req
+    };
     let prov = done_req.provenance();
-    let recipe = recipe(&done_req, ck.state.steps_done, seconds, ck.state.images_seen, ck.loss_curve);
+    let recipe =
+        recipe(&done_req, ck.state.steps_done, seconds, ck.state.images_seen, ck.loss_curve);
     let set = synthetic_set(&done_req, ck.state.params.data, &recipe);
     if let Some(out) = out {
         artifact::write(out, &set, prov)?;
@@ -379,7 +426,11 @@ pub fn distill(
 
 /// The stored pixels as a one-entry parameter vector (so the checkpoint reads like a training one).
 fn pixel_vec(pixels: Vec<f32>, n: usize, s: lmc_train::data::ImageShape) -> ParamVec {
-    let layout = Layout::new([("images".to_string(), vec![n, s.channels, s.height, s.width], ParamKind::Weight)]);
+    let layout = Layout::new([(
+        "images".to_string(),
+        vec![n, s.channels, s.height, s.width],
+        ParamKind::Weight,
+    )]);
     ParamVec { layout, data: pixels }
 }
 
@@ -394,12 +445,22 @@ fn check_finite(loss: f64, it: u64, step: usize, ckpt: &Option<PathBuf>) -> Resu
     if loss.is_finite() {
         return Ok(());
     }
-    Err(Error::Diverged { epoch: it as usize, step, loss: loss as f32, checkpoint: ckpt.clone().filter(|c| c.exists()) })
+    Err(Error::Diverged {
+        epoch: it as usize,
+        step,
+        loss: loss as f32,
+        checkpoint: ckpt.clone().filter(|c| c.exists()),
+    })
 }
 
 /// GM's network update between inner steps: `net_steps` SGD steps on real data through the one
 /// training loop (momentum 0.9 and weight decay 5e-4 as IDC; momentum carries over).
-fn train_net(req: &DistillRequest, cfg: &DistillConfig, net: TrainState, data_seed: u64) -> Result<TrainState> {
+fn train_net(
+    req: &DistillRequest,
+    cfg: &DistillConfig,
+    net: TrainState,
+    data_seed: u64,
+) -> Result<TrainState> {
     let tc = TrainConfig {
         epochs: 1,
         iterations: Some(net.steps_done + cfg.net_steps as u64),
@@ -410,8 +471,21 @@ fn train_net(req: &DistillRequest, cfg: &DistillConfig, net: TrainState, data_se
         augment: None,
         eval_every: 0,
     };
-    let data = TrainData { train: &req.dataset.train, test: None, norm: &req.dataset.norm, augment: req.dataset.augment_default };
+    let data = TrainData {
+        train: &req.dataset.train,
+        test: None,
+        norm: &req.dataset.norm,
+        augment: req.dataset.augment_default,
+    };
     // Each call is a fresh "epoch 0" with its own data seed; steps_done keeps momentum going.
     let state = TrainState { epochs_done: 0, curve: Vec::new(), ..net };
-    fit::fit(req.model, &Mask::dense(&req.model.layout), &data, &tc, data_seed, state, &mut fit::Silent)
+    fit::fit(
+        req.model,
+        &Mask::dense(&req.model.layout),
+        &data,
+        &tc,
+        data_seed,
+        state,
+        &mut fit::Silent,
+    )
 }

@@ -67,7 +67,8 @@ fn gm_mixed_derivative_matches_nested_finite_differences() {
         let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
         let c = 4u8;
         let mut patterns = Patterns::default();
-        let (_, g_syn, _) = gm::syn_pass(&p, &params, &stored, &aug, c, &mut Relus::Record(&mut patterns));
+        let (_, g_syn, _) =
+            gm::syn_pass(&p, &params, &stored, &aug, c, &mut Relus::Record(&mut patterns));
         let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
         let mixed = gm::mixed_derivative(&p, &params, &stored, &aug, c, &u, 1e-3, &patterns);
         let dist = |s: &[f32]| {
@@ -98,7 +99,8 @@ fn frozen_patterns_agree_with_the_plain_derivative_away_from_kinks() {
     let (p_cfg, params, stored, aug, g_real) = gm_fixture(&ds, &m, Distance::Mse);
     let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
     let mut patterns = Patterns::default();
-    let (_, g_syn, _) = gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
+    let (_, g_syn, _) =
+        gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
     let (_, u) = gm::distance(&m.layout, Distance::Mse, &g_real, &g_syn);
     let mixed = gm::mixed_derivative(&p, &params, &stored, &aug, 4, &u, 1e-3, &patterns);
     let mut fresh = Patterns::default();
@@ -113,7 +115,10 @@ fn frozen_patterns_agree_with_the_plain_derivative_away_from_kinks() {
         b[j] -= h;
         let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
         let fd = mixed[j] as f64;
-        assert!((nested - fd).abs() <= 0.01 * nested.abs().max(fd.abs()), "pixel {j}: plain nested FD {nested} vs {fd}");
+        assert!(
+            (nested - fd).abs() <= 0.01 * nested.abs().max(fd.abs()),
+            "pixel {j}: plain nested FD {nested} vs {fd}"
+        );
     }
 }
 
@@ -146,7 +151,12 @@ type GmFixture = (DistillConfig, ParamVec, Vec<f32>, Arc<Augmentation>, Vec<f32>
 
 /// Class 4 of digits: 2 stored real images (factor 2), a rotation, a real batch's gradient.
 fn gm_fixture(ds: &Dataset, m: &Model, d: Distance) -> GmFixture {
-    let cfg = DistillConfig { ipc: 2, factor: 2, batch_real: 16, ..DistillConfig::defaults(Method::Gm, d) };
+    let cfg = DistillConfig {
+        ipc: 2,
+        factor: 2,
+        batch_real: 16,
+        ..DistillConfig::defaults(Method::Gm, d)
+    };
     let p = Problem::new(m, &ds.train, &ds.norm, DatasetName::Digits, &cfg);
     let params = m.init(3);
     let c = 4usize;
@@ -156,7 +166,11 @@ fn gm_fixture(ds: &Dataset, m: &Model, d: Distance) -> GmFixture {
     let mut bufs = GradBuffers::new(m);
     fit::loss_and_grad(m, &params, &batch.x, &batch.labels, &mut bufs);
     let stored = run::initial_images(&p, &cfg)[c * 2 * 64..(c + 1) * 2 * 64].to_vec();
-    let aug = Arc::new(Augmentation::new(ds.train.shape, &[AugParams::Rotate { theta: 0.2 }], vec![0; 8]));
+    let aug = Arc::new(Augmentation::new(
+        ds.train.shape,
+        &[AugParams::Rotate { theta: 0.2 }],
+        vec![0; 8],
+    ));
     (cfg, params, stored, aug, bufs.grad)
 }
 
@@ -166,7 +180,12 @@ fn gm_fixture(ds: &Dataset, m: &Model, d: Distance) -> GmFixture {
 fn dm_gradient_matches_finite_differences() {
     let ds = digits();
     let m = model(&ds, "convnet:depth=2,width=8");
-    let cfg = DistillConfig { ipc: 2, factor: 2, batch_real: 8, ..DistillConfig::defaults(Method::Dm, Distance::Mse) };
+    let cfg = DistillConfig {
+        ipc: 2,
+        factor: 2,
+        batch_real: 8,
+        ..DistillConfig::defaults(Method::Dm, Distance::Mse)
+    };
     let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &cfg);
     let pixels = run::initial_images(&p, &cfg);
     let rng = seed::rng(2, Stream::Other, 7);
@@ -181,7 +200,10 @@ fn dm_gradient_matches_finite_differences() {
         b[j] -= h;
         let fd = (loss(&a) - loss(&b)) / ((a[j] - b[j]) as f64);
         let g = grad[j] as f64;
-        assert!((fd - g).abs() <= 0.02 * fd.abs().max(g.abs()), "pixel {j}: fd {fd} vs backward {g}");
+        assert!(
+            (fd - g).abs() <= 0.02 * fd.abs().max(g.abs()),
+            "pixel {j}: fd {fd} vs backward {g}"
+        );
     }
 }
 
@@ -191,12 +213,20 @@ fn dm_gradient_matches_finite_differences() {
 fn dm_lowers_the_loss_on_digits() {
     let ds = digits();
     let m = model(&ds, "convnet:depth=2,width=16");
-    let cfg = DistillConfig { ipc: 3, iterations: 60, batch_real: 32, ..DistillConfig::defaults(Method::Dm, Distance::Mse) };
+    let cfg = DistillConfig {
+        ipc: 3,
+        iterations: 60,
+        batch_real: 32,
+        ..DistillConfig::defaults(Method::Dm, Distance::Mse)
+    };
     let req = request(&m, &ds, cfg.clone());
     let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &cfg);
     let held_out = |x: &[f32]| -> f64 {
         let mut g = vec![0.0f32; x.len()];
-        (0..8).map(|k| dm::dm_step(&p, &mut seed::rng(99, Stream::Other, k), x, &mut g).0).sum::<f64>() / 8.0
+        (0..8)
+            .map(|k| dm::dm_step(&p, &mut seed::rng(99, Stream::Other, k), x, &mut g).0)
+            .sum::<f64>()
+            / 8.0
     };
     let before = held_out(&run::initial_images(&p, &cfg));
     let out = run::distill(&req, None, &RunOptions::default(), &mut go).unwrap();
@@ -228,10 +258,22 @@ fn resume_equals_uninterrupted() {
         };
         let req = request(&m, &ds, cfg);
         let opts = RunOptions { checkpoint_every: 2, ..RunOptions::default() };
-        let whole = run::distill(&req, Some(&dir.path().join(format!("{method}-whole.lmc"))), &opts, &mut go).unwrap();
+        let whole = run::distill(
+            &req,
+            Some(&dir.path().join(format!("{method}-whole.lmc"))),
+            &opts,
+            &mut go,
+        )
+        .unwrap();
 
         let out = dir.path().join(format!("{method}-cut.lmc"));
-        let mut stop_at_3 = |s: run::Step| if s.iteration == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        let mut stop_at_3 = |s: run::Step| {
+            if s.iteration == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
         let e = run::distill(&req, Some(&out), &opts, &mut stop_at_3).err().unwrap().to_string();
         assert!(e.contains("interrupted after iteration 3"), "{e}");
         let ck_path = run::checkpoint_path(&out);
@@ -263,17 +305,25 @@ fn time_budget_output_equals_the_shorter_run() {
     let ds = digits();
     let m = model(&ds, "convnet:depth=1,width=4");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = DistillConfig { ipc: 2, iterations: 1000, batch_real: 8, ..DistillConfig::defaults(Method::Dm, Distance::Mse) };
+    let cfg = DistillConfig {
+        ipc: 2,
+        iterations: 1000,
+        batch_real: 8,
+        ..DistillConfig::defaults(Method::Dm, Distance::Mse)
+    };
     let budget = RunOptions { max_seconds: Some(0.0), ..RunOptions::default() };
     let cut_path = dir.path().join("cut.lmc");
-    let cut = run::distill(&request(&m, &ds, cfg.clone()), Some(&cut_path), &budget, &mut go).unwrap();
+    let cut =
+        run::distill(&request(&m, &ds, cfg.clone()), Some(&cut_path), &budget, &mut go).unwrap();
     assert_eq!(cut.recipe.iterations, 1);
     let one = request(&m, &ds, DistillConfig { iterations: 1, ..cfg.clone() });
     let short = run::distill(&one, None, &RunOptions::default(), &mut go).unwrap();
     assert_eq!(cut.set.images, short.set.images);
     assert_eq!(cut.provenance, one.provenance());
     assert_eq!(artifact::read::<SyntheticSet>(&cut_path).unwrap().0.provenance, one.provenance());
-    assert!(run::distill(&request(&m, &ds, cfg), Some(&cut_path), &budget, &mut go).unwrap().cached);
+    assert!(
+        run::distill(&request(&m, &ds, cfg), Some(&cut_path), &budget, &mut go).unwrap().cached
+    );
 }
 
 #[test]
@@ -316,10 +366,13 @@ fn evaluation_trains_fresh_networks_with_dsa() {
     let set = run::synthetic_set(&req, run::initial_images(&p, &cfg), &recipe);
     let ecfg = EvalConfig { lr: 0.05, ..EvalConfig::paper(2, 40, 0) };
     let mut steps = 0u64;
-    let a = eval::evaluate(&set, &ds, &"mlp:32".parse().unwrap(), &ecfg, &mut |_, _, _, _| steps += 1).unwrap();
+    let a =
+        eval::evaluate(&set, &ds, &"mlp:32".parse().unwrap(), &ecfg, &mut |_, _, _, _| steps += 1)
+            .unwrap();
     assert_eq!(steps, 2 * 40); // 100 images, batch 256: one step per epoch
     assert_eq!(a.accuracies.len(), 2);
     assert!(a.mean > 0.6, "{a:?}");
-    let b = eval::evaluate(&set, &ds, &"mlp:32".parse().unwrap(), &ecfg, &mut |_, _, _, _| {}).unwrap();
+    let b =
+        eval::evaluate(&set, &ds, &"mlp:32".parse().unwrap(), &ecfg, &mut |_, _, _, _| {}).unwrap();
     assert_eq!(a.accuracies, b.accuracies);
 }

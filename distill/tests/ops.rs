@@ -60,9 +60,16 @@ fn grad_check(name: &str, f: &Op<'_>, shape: S4, out_len: usize, seed: u64) {
     let plus: Vec<f32> = x.iter().zip(&v).map(|(a, b)| a + eps * b).collect();
     let minus: Vec<f32> = x.iter().zip(&v).map(|(a, b)| a - eps * b).collect();
     let fd = (value(f, &plus, shape, &r) - value(f, &minus, shape, &r)) / (2.0 * eps as f64);
-    let an: f64 = g.iter().zip(plus.iter().zip(&minus)).map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64) / (2.0 * eps as f64)).sum();
+    let an: f64 = g
+        .iter()
+        .zip(plus.iter().zip(&minus))
+        .map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64) / (2.0 * eps as f64))
+        .sum();
     let scale = an.abs().max(fd.abs()).max(1.0);
-    assert!((fd - an).abs() <= 1e-3 * scale, "{name}: directional derivative fd {fd} vs backward {an}");
+    assert!(
+        (fd - an).abs() <= 1e-3 * scale,
+        "{name}: directional derivative fd {fd} vs backward {an}"
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 3);
     for _ in 0..5 {
         let i = rng.gen_range(0..n);
@@ -70,7 +77,11 @@ fn grad_check(name: &str, f: &Op<'_>, shape: S4, out_len: usize, seed: u64) {
         p[i] += eps;
         m[i] -= eps;
         let fd = (value(f, &p, shape, &r) - value(f, &m, shape, &r)) / ((p[i] - m[i]) as f64);
-        assert!((fd - g[i] as f64).abs() <= 1e-3 * fd.abs().max(1.0), "{name}: d/dx[{i}] fd {fd} vs backward {}", g[i]);
+        assert!(
+            (fd - g[i] as f64).abs() <= 1e-3 * fd.abs().max(1.0),
+            "{name}: d/dx[{i}] fd {fd} vs backward {}",
+            g[i]
+        );
     }
 }
 
@@ -80,13 +91,26 @@ fn every_dsa_op_matches_finite_differences() {
     let shape = ImageShape { channels: 3, height: 6, width: 7 };
     let s4 = (2, 3, 6, 7);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut cases: Vec<(String, Vec<AugParams>)> =
-        DsaOp::ALL.iter().map(|op| (op.as_str().to_string(), vec![op.sample(&mut rng, shape), op.sample(&mut rng, shape)])).collect();
+    let mut cases: Vec<(String, Vec<AugParams>)> = DsaOp::ALL
+        .iter()
+        .map(|op| {
+            (op.as_str().to_string(), vec![op.sample(&mut rng, shape), op.sample(&mut rng, shape)])
+        })
+        .collect();
     // Fixed draws that surely move pixels (a random flip may not flip).
     cases.push(("flip (on)".into(), vec![AugParams::Flip(true), AugParams::Flip(false)]));
-    cases.push(("crop (fixed)".into(), vec![AugParams::Crop { dy: 1, dx: -2 }, AugParams::Crop { dy: -3, dx: 0 }]));
-    cases.push(("scale (fixed)".into(), vec![AugParams::Scale { sx: 1.13, sy: 0.87 }, AugParams::Scale { sx: 0.9, sy: 1.1 }]));
-    cases.push(("rotate (fixed)".into(), vec![AugParams::Rotate { theta: 0.2 }, AugParams::Rotate { theta: -0.25 }]));
+    cases.push((
+        "crop (fixed)".into(),
+        vec![AugParams::Crop { dy: 1, dx: -2 }, AugParams::Crop { dy: -3, dx: 0 }],
+    ));
+    cases.push((
+        "scale (fixed)".into(),
+        vec![AugParams::Scale { sx: 1.13, sy: 0.87 }, AugParams::Scale { sx: 0.9, sy: 1.1 }],
+    ));
+    cases.push((
+        "rotate (fixed)".into(),
+        vec![AugParams::Rotate { theta: 0.2 }, AugParams::Rotate { theta: -0.25 }],
+    ));
     for (k, (name, params)) in cases.into_iter().enumerate() {
         let aug = Arc::new(Augmentation::per_image(shape, &params));
         grad_check(&name, &|x| augment(x, &aug), s4, 2 * shape.len(), 100 + k as u64);
@@ -112,7 +136,13 @@ fn siamese_groups_share_one_draw() {
 fn decode_matches_finite_differences() {
     for (factor, s4) in [(2, (2, 2, 4, 6)), (3, (1, 1, 6, 9)), (4, (1, 3, 8, 8))] {
         let out = s4.0 * factor * factor * s4.1 * s4.2 * s4.3;
-        grad_check(&format!("decode factor {factor}"), &|x| decode(x, factor), s4, out, 40 + factor as u64);
+        grad_check(
+            &format!("decode factor {factor}"),
+            &|x| decode(x, factor),
+            s4,
+            out,
+            40 + factor as u64,
+        );
     }
 }
 

@@ -117,7 +117,9 @@ impl HessianConfig {
         }
         if let Some(e) = self.eps_rel {
             if !(e.is_finite() && e > 0.0) {
-                return Err(Error::invalid(format!("--eps-rel {e}: must be a positive number (or auto)")));
+                return Err(Error::invalid(format!(
+                    "--eps-rel {e}: must be a positive number (or auto)"
+                )));
             }
         }
         if let Some(h) = &self.hutchinson {
@@ -190,7 +192,11 @@ impl<'a> HessianProblem<'a> {
             }
         }
         // All-zero parameters (never trained) fall back to unit scale.
-        let (scale, norm) = if k > 0 && s > 0.0 { ((s / k as f64).sqrt(), s.sqrt()) } else { (1.0, (k.max(1) as f64).sqrt()) };
+        let (scale, norm) = if k > 0 && s > 0.0 {
+            ((s / k as f64).sqrt(), s.sqrt())
+        } else {
+            (1.0, (k.max(1) as f64).sqrt())
+        };
         Ok(HessianProblem { model, params, chunks, n: set.len(), restrict, scale, norm, eps_rel })
     }
 
@@ -331,7 +337,12 @@ impl<'a> HessianProblem<'a> {
             return vec![0.0; v.len()];
         }
         let shifted = |sign: f64| -> Vec<f32> {
-            self.params.data.iter().zip(v).map(|(&p, &d)| (p as f64 + sign * eps * d) as f32).collect()
+            self.params
+                .data
+                .iter()
+                .zip(v)
+                .map(|(&p, &d)| (p as f64 + sign * eps * d) as f32)
+                .collect()
         };
         let (tp, tm) = (shifted(1.0), shifted(-1.0));
         // The two gradients are independent. Small problems run them side by side (their GEMMs are
@@ -404,7 +415,12 @@ pub struct Hutchinson {
 /// Hutchinson's trace and diagonal estimates with Rademacher vectors drawn from `seed`: stop when
 /// standard error / |trace| < `cfg.tol` (after `cfg.min_samples`), or at `cfg.max_samples`.
 /// `on_sample(k, running)` is called after each sample.
-pub fn hutchinson(p: &HessianProblem, cfg: &HutchinsonConfig, seed: u64, on_sample: &mut dyn FnMut(usize, &Running)) -> Hutchinson {
+pub fn hutchinson(
+    p: &HessianProblem,
+    cfg: &HutchinsonConfig,
+    seed: u64,
+    on_sample: &mut dyn FnMut(usize, &Running),
+) -> Hutchinson {
     let dim = p.dim();
     let layout = &p.params.layout;
     let mut diag = vec![0f64; dim];
@@ -464,7 +480,13 @@ pub struct Eigen {
 /// The `k` eigenvalues of largest magnitude, by power iteration with deflation: each new vector is
 /// kept orthogonal to the eigenvectors already found (PyHessian's scheme). Starting vectors are
 /// Gaussian, drawn from `seed`. Returns the values and the unit eigenvectors.
-pub fn top_eigenvalues(p: &HessianProblem, k: usize, iters: usize, tol: f64, seed: u64) -> (Vec<Eigen>, Vec<Vec<f64>>) {
+pub fn top_eigenvalues(
+    p: &HessianProblem,
+    k: usize,
+    iters: usize,
+    tol: f64,
+    seed: u64,
+) -> (Vec<Eigen>, Vec<Vec<f64>>) {
     let dim = p.dim();
     let mut vecs: Vec<Vec<f64>> = Vec::new();
     let mut out = Vec::new();
@@ -522,7 +544,8 @@ pub fn exact_diagonal(p: &HessianProblem) -> Result<Vec<f64>> {
         )));
     }
     let dim = p.dim();
-    let coords: Vec<usize> = (0..dim).filter(|&i| p.restriction().is_none_or(|m| m.keep[i])).collect();
+    let coords: Vec<usize> =
+        (0..dim).filter(|&i| p.restriction().is_none_or(|m| m.keep[i])).collect();
     let vals: Vec<(usize, f64)> = coords
         .par_iter()
         .map(|&i| {
@@ -567,8 +590,16 @@ pub struct LayerSummary {
     pub masked_mass_fraction: f64,
 }
 
-fn summarise(name: String, kind: String, idx: &mut dyn Iterator<Item = usize>, diag: &[f64], mask: &Mask, se: f64) -> LayerSummary {
-    let (mut size, mut kept, mut trace, mut tk, mut tm, mut mk, mut mm) = (0, 0, 0f64, 0f64, 0f64, 0f64, 0f64);
+fn summarise(
+    name: String,
+    kind: String,
+    idx: &mut dyn Iterator<Item = usize>,
+    diag: &[f64],
+    mask: &Mask,
+    se: f64,
+) -> LayerSummary {
+    let (mut size, mut kept, mut trace, mut tk, mut tm, mut mk, mut mm) =
+        (0, 0, 0f64, 0f64, 0f64, 0f64, 0f64);
     for i in idx {
         let d = diag[i];
         size += 1;
@@ -603,11 +634,18 @@ fn summarise(name: String, kind: String, idx: &mut dyn Iterator<Item = usize>, d
 /// Per-tensor summaries of `diag` against `mask`, then one row over all weights and one over
 /// everything. `per_layer_samples` (Hutchinson's `[sample][tensor]` sums) give the standard
 /// errors; without them they are 0 (exact diagonal).
-pub fn layer_summaries(params: &ParamVec, diag: &[f64], mask: &Mask, per_layer_samples: Option<&[Vec<f64>]>) -> Vec<LayerSummary> {
+pub fn layer_summaries(
+    params: &ParamVec,
+    diag: &[f64],
+    mask: &Mask,
+    per_layer_samples: Option<&[Vec<f64>]>,
+) -> Vec<LayerSummary> {
     let layout = &params.layout;
     let se_of = |f: &dyn Fn(&[f64]) -> f64| -> f64 {
         match per_layer_samples {
-            Some(s) if s.len() > 1 => MeanStd::of(&s.iter().map(|row| f(row)).collect::<Vec<_>>()).standard_error(),
+            Some(s) if s.len() > 1 => {
+                MeanStd::of(&s.iter().map(|row| f(row)).collect::<Vec<_>>()).standard_error()
+            }
             Some(_) => f64::NAN,
             None => 0.0,
         }
@@ -616,9 +654,20 @@ pub fn layer_summaries(params: &ParamVec, diag: &[f64], mask: &Mask, per_layer_s
         .entries
         .iter()
         .enumerate()
-        .map(|(t, e)| summarise(e.name.clone(), format!("{:?}", e.kind), &mut e.range(), diag, mask, se_of(&|row| row[t])))
+        .map(|(t, e)| {
+            summarise(
+                e.name.clone(),
+                format!("{:?}", e.kind),
+                &mut e.range(),
+                diag,
+                mask,
+                se_of(&|row| row[t]),
+            )
+        })
         .collect();
-    let weights: Vec<usize> = (0..layout.entries.len()).filter(|&t| layout.entries[t].kind == ParamKind::Weight).collect();
+    let weights: Vec<usize> = (0..layout.entries.len())
+        .filter(|&t| layout.entries[t].kind == ParamKind::Weight)
+        .collect();
     let mut widx = weights.iter().flat_map(|&t| layout.entries[t].range());
     let wse = se_of(&|row| weights.iter().map(|&t| row[t]).sum());
     rows.push(summarise("all weights".into(), "-".into(), &mut widx, diag, mask, wse));
@@ -726,7 +775,15 @@ pub fn probe(
     cfg.validate()?;
     summary_mask.0.validate(&model.layout)?;
     let restrict = cfg.subnetwork.then(|| mask.clone());
-    let mut p = HessianProblem::new(model, params, set, norm, cfg.chunk, cfg.eps_rel.unwrap_or(DEFAULT_EPS_REL), restrict)?;
+    let mut p = HessianProblem::new(
+        model,
+        params,
+        set,
+        norm,
+        cfg.chunk,
+        cfg.eps_rel.unwrap_or(DEFAULT_EPS_REL),
+        restrict,
+    )?;
     if cfg.exact_diag && p.space_dim() > EXACT_DIAG_MAX_PARAMS {
         // Refuse before spending time on anything else.
         exact_diagonal(&p)?;
@@ -765,8 +822,21 @@ pub fn probe(
         let mut sorted = r.per_sample.clone();
         sorted.sort_by(f64::total_cmp);
         let k = sorted.len();
-        let median = if k == 0 { f64::NAN } else if k % 2 == 1 { sorted[k / 2] } else { 0.5 * (sorted[k / 2 - 1] + sorted[k / 2]) };
-        trace = Some(TraceEstimate { samples: r.samples, trace: r.trace, trace_se: r.trace_se, converged: r.converged, median, per_sample: r.per_sample.clone() });
+        let median = if k == 0 {
+            f64::NAN
+        } else if k % 2 == 1 {
+            sorted[k / 2]
+        } else {
+            0.5 * (sorted[k / 2 - 1] + sorted[k / 2])
+        };
+        trace = Some(TraceEstimate {
+            samples: r.samples,
+            trace: r.trace,
+            trace_se: r.trace_se,
+            converged: r.converged,
+            median,
+            per_sample: r.per_sample.clone(),
+        });
         hutch_diag = Some(r.diagonal);
         per_layer = Some(r.per_layer_samples);
     }
@@ -857,7 +927,13 @@ pub fn samples_csv(r: &HessianReport) -> String {
         let mut run = Running::default();
         for (k, &v) in t.per_sample.iter().enumerate() {
             run.push(v);
-            s.push_str(&format!("trace_sample,{},{},{},{}\n", k + 1, v, run.mean(), cell(run.standard_error())));
+            s.push_str(&format!(
+                "trace_sample,{},{},{},{}\n",
+                k + 1,
+                v,
+                run.mean(),
+                cell(run.standard_error())
+            ));
         }
     }
     for (k, e) in r.eigenvalues.iter().enumerate() {

@@ -40,7 +40,8 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
     for e in &layout.entries {
         blobs.push((e.name.clone(), e.shape.clone(), f32_bytes(&params[e.range()])));
         if with_mask && e.prunable() {
-            let m: Vec<f32> = run.mask.keep[e.range()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            let m: Vec<f32> =
+                run.mask.keep[e.range()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
             blobs.push((format!("{}{MASK_SUFFIX}", e.name), e.shape.clone(), f32_bytes(&m)));
         }
     }
@@ -49,14 +50,23 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
         .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::invalid(format!("safetensors: {e:?}")))?;
-    let shell = Run { params: ParamVec { layout: run.params.layout.clone(), data: vec![] }, mask: Mask { keep: vec![] }, ..run.clone() };
+    let shell = Run {
+        params: ParamVec { layout: run.params.layout.clone(), data: vec![] },
+        mask: Mask { keep: vec![] },
+        ..run.clone()
+    };
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("lmc.model".to_string(), run.model.spec.to_string());
     meta.insert("lmc.dataset".to_string(), run.dataset.clone());
     meta.insert("lmc.provenance".to_string(), provenance.hex());
-    meta.insert(RUN_KEY.to_string(), serde_json::to_string(&shell).map_err(|e| Error::invalid(format!("cannot encode run metadata: {e}")))?);
-    safetensors::serialize(views, &Some(meta)).map_err(|e| Error::invalid(format!("safetensors: {e:?}")))
+    meta.insert(
+        RUN_KEY.to_string(),
+        serde_json::to_string(&shell)
+            .map_err(|e| Error::invalid(format!("cannot encode run metadata: {e}")))?,
+    );
+    safetensors::serialize(views, &Some(meta))
+        .map_err(|e| Error::invalid(format!("safetensors: {e:?}")))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -96,8 +106,10 @@ pub struct Loaded {
 /// Reads and decodes `bytes` (from `path`, for messages).
 pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded> {
     let bad = |m: String| Error::bad_file(path, m);
-    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
@@ -135,7 +147,12 @@ impl Loaded {
     /// Parameters and mask for `layout`: each entry from its name (or `NAME_orig`), its mask from
     /// `NAME_mask` when present (dense otherwise). Shapes must match; leftover tensors are an
     /// error unless `allow_extra`.
-    pub fn to_params(&self, path: &Path, layout: &Layout, allow_extra: bool) -> Result<(ParamVec, Mask)> {
+    pub fn to_params(
+        &self,
+        path: &Path,
+        layout: &Layout,
+        allow_extra: bool,
+    ) -> Result<(ParamVec, Mask)> {
         let bad = |m: String| Error::bad_file(path, m);
         let mut used = std::collections::BTreeSet::new();
         let mut params = ParamVec::zeros(layout.clone());
@@ -153,7 +170,10 @@ impl Loaded {
             };
             let (shape, values) = &self.tensors[&key];
             if *shape != e.shape {
-                return Err(bad(format!("tensor '{key}' has shape {shape:?}, the model expects {:?}", e.shape)));
+                return Err(bad(format!(
+                    "tensor '{key}' has shape {shape:?}, the model expects {:?}",
+                    e.shape
+                )));
             }
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("tensor '{key}' holds a non-finite value at index {i}")));
@@ -163,7 +183,10 @@ impl Loaded {
             let mkey = format!("{}{MASK_SUFFIX}", e.name);
             if let Some((mshape, mvals)) = self.tensors.get(&mkey) {
                 if *mshape != e.shape {
-                    return Err(bad(format!("mask '{mkey}' has shape {mshape:?}, the model expects {:?}", e.shape)));
+                    return Err(bad(format!(
+                        "mask '{mkey}' has shape {mshape:?}, the model expects {:?}",
+                        e.shape
+                    )));
                 }
                 if !e.prunable() {
                     return Err(bad(format!("mask '{mkey}' prunes '{}', which is not prunable (biases and norm parameters never are)", e.name)));
@@ -172,7 +195,11 @@ impl Loaded {
                     mask.keep[e.offset + i] = match m {
                         1.0 => true,
                         0.0 => false,
-                        other => return Err(bad(format!("mask '{mkey}' holds {other} at index {i}; masks are 0/1"))),
+                        other => {
+                            return Err(bad(format!(
+                                "mask '{mkey}' holds {other} at index {i}; masks are 0/1"
+                            )))
+                        }
                     };
                 }
                 used.insert(mkey);

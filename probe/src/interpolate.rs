@@ -49,7 +49,12 @@ pub struct InterpConfig {
 
 impl Default for InterpConfig {
     fn default() -> Self {
-        InterpConfig { alphas: alpha_grid(11).expect("11 > 1"), train_samples: None, sample_seed: 0, reestimate_norm: false }
+        InterpConfig {
+            alphas: alpha_grid(11).expect("11 > 1"),
+            train_samples: None,
+            sample_seed: 0,
+            reestimate_norm: false,
+        }
     }
 }
 
@@ -68,10 +73,14 @@ pub fn check_alphas(alphas: &[f64]) -> Result<()> {
         return Err(Error::invalid("the alpha grid is empty"));
     }
     if alphas.len() < 2 || alphas[0] != 0.0 || *alphas.last().unwrap() != 1.0 {
-        return Err(Error::invalid(format!("the alpha grid must start at 0 and end at 1 (got {alphas:?})")));
+        return Err(Error::invalid(format!(
+            "the alpha grid must start at 0 and end at 1 (got {alphas:?})"
+        )));
     }
     if alphas.iter().any(|a| !a.is_finite()) || alphas.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(Error::invalid(format!("the alpha grid must be strictly increasing (got {alphas:?})")));
+        return Err(Error::invalid(format!(
+            "the alpha grid must be strictly increasing (got {alphas:?})"
+        )));
     }
     Ok(())
 }
@@ -81,7 +90,10 @@ pub fn check_alphas(alphas: &[f64]) -> Result<()> {
 /// negative. Errors on fewer than two values or a NaN.
 pub fn barrier(values: &[f64]) -> Result<(f64, usize)> {
     if values.len() < 2 {
-        return Err(Error::invalid(format!("a barrier needs at least the two endpoints, got {} values", values.len())));
+        return Err(Error::invalid(format!(
+            "a barrier needs at least the two endpoints, got {} values",
+            values.len()
+        )));
     }
     if values.iter().any(|v| v.is_nan()) {
         return Err(Error::invalid("a curve value is NaN"));
@@ -134,7 +146,12 @@ impl SplitCurve {
         let points: Vec<CurvePoint> = alphas
             .iter()
             .zip(evals)
-            .map(|(&alpha, e)| CurvePoint { alpha, loss: e.loss, accuracy: e.accuracy, error: 1.0 - e.accuracy })
+            .map(|(&alpha, e)| CurvePoint {
+                alpha,
+                loss: e.loss,
+                accuracy: e.accuracy,
+                error: 1.0 - e.accuracy,
+            })
             .collect();
         let errors: Vec<f64> = points.iter().map(|p| p.error).collect();
         let losses: Vec<f64> = points.iter().map(|p| p.loss).collect();
@@ -197,9 +214,17 @@ pub const NO_RUNNING_STATS: &str =
 
 /// Interpolates every pair of `runs` (same architecture and mask) on `sets`, at `cfg.alphas`.
 /// `sets` are evaluated as given (subsample the training split before calling).
-pub fn interpolate(runs: &[&Run], sets: &[(Split, &ImageSet)], norm: &Normalization, cfg: &InterpConfig) -> Result<Interpolation> {
+pub fn interpolate(
+    runs: &[&Run],
+    sets: &[(Split, &ImageSet)],
+    norm: &Normalization,
+    cfg: &InterpConfig,
+) -> Result<Interpolation> {
     if runs.len() < 2 {
-        return Err(Error::invalid(format!("interpolation needs at least two runs, got {}", runs.len())));
+        return Err(Error::invalid(format!(
+            "interpolation needs at least two runs, got {}",
+            runs.len()
+        )));
     }
     let names: Vec<String> = (0..runs.len()).map(|i| format!("run {}", i + 1)).collect();
     check_compatible(runs, &names)?;
@@ -225,7 +250,13 @@ pub fn interpolate(runs: &[&Run], sets: &[(Split, &ImageSet)], norm: &Normalizat
             let l2_distance = a.l2_distance(b)?;
             let mut curves = Vec::new();
             for (split, set) in sets {
-                let evals = evaluate_points(model, cfg.alphas.len(), |k| lerp_masked(a, b, cfg.alphas[k], mask), set, norm)?;
+                let evals = evaluate_points(
+                    model,
+                    cfg.alphas.len(),
+                    |k| lerp_masked(a, b, cfg.alphas[k], mask),
+                    set,
+                    norm,
+                )?;
                 curves.push(SplitCurve::new(*split, &cfg.alphas, &evals)?);
             }
             pairs.push(PairResult { a: i, b: j, l2_distance, curves });
@@ -236,8 +267,12 @@ pub fn interpolate(runs: &[&Run], sets: &[(Split, &ImageSet)], norm: &Normalizat
         .enumerate()
         .map(|(s, (split, _))| BarrierSummary {
             split: *split,
-            error_barrier: MeanStd::of(&pairs.iter().map(|p| p.curves[s].error_barrier).collect::<Vec<_>>()),
-            loss_barrier: MeanStd::of(&pairs.iter().map(|p| p.curves[s].loss_barrier).collect::<Vec<_>>()),
+            error_barrier: MeanStd::of(
+                &pairs.iter().map(|p| p.curves[s].error_barrier).collect::<Vec<_>>(),
+            ),
+            loss_barrier: MeanStd::of(
+                &pairs.iter().map(|p| p.curves[s].loss_barrier).collect::<Vec<_>>(),
+            ),
         })
         .collect();
     let l2_distance = MeanStd::of(&pairs.iter().map(|p| p.l2_distance).collect::<Vec<_>>());
@@ -250,7 +285,10 @@ pub fn csv(r: &Interpolation) -> String {
     for (k, p) in r.pairs.iter().enumerate() {
         for c in &p.curves {
             for pt in &c.points {
-                s.push_str(&format!("{k},{},{},{},{},{},{},{}\n", p.a, p.b, c.split, pt.alpha, pt.loss, pt.accuracy, pt.error));
+                s.push_str(&format!(
+                    "{k},{},{},{},{},{},{},{}\n",
+                    p.a, p.b, c.split, pt.alpha, pt.loss, pt.accuracy, pt.error
+                ));
             }
         }
     }
@@ -300,7 +338,12 @@ mod tests {
         let e = |loss, accuracy| Eval { loss, accuracy, count: 100 };
         // Errors 0.10, 0.40, 0.20: barrier 0.40 - 0.15 = 0.25 at alpha 0.5; losses 0.3, 0.9, 0.5:
         // barrier 0.9 - 0.4 = 0.5.
-        let c = SplitCurve::new(Split::Test, &[0.0, 0.5, 1.0], &[e(0.3, 0.9), e(0.9, 0.6), e(0.5, 0.8)]).unwrap();
+        let c = SplitCurve::new(
+            Split::Test,
+            &[0.0, 0.5, 1.0],
+            &[e(0.3, 0.9), e(0.9, 0.6), e(0.5, 0.8)],
+        )
+        .unwrap();
         assert!((c.error_barrier - 0.25).abs() < 1e-12);
         assert_eq!(c.error_barrier_alpha, 0.5);
         assert!((c.loss_barrier - 0.5).abs() < 1e-12);

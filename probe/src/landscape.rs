@@ -48,10 +48,16 @@ impl Axis {
     /// Errors unless `min < max` (both finite) and `points >= 2`; `flag` names the option.
     pub fn validate(&self, flag: &str) -> Result<()> {
         if !(self.min.is_finite() && self.max.is_finite() && self.min < self.max) {
-            return Err(Error::invalid(format!("{flag} {}:{}: needs finite MIN < MAX", self.min, self.max)));
+            return Err(Error::invalid(format!(
+                "{flag} {}:{}: needs finite MIN < MAX",
+                self.min, self.max
+            )));
         }
         if self.points < 2 {
-            return Err(Error::invalid(format!("--resolution {}: a grid axis needs at least 2 points", self.points)));
+            return Err(Error::invalid(format!(
+                "--resolution {}: a grid axis needs at least 2 points",
+                self.points
+            )));
         }
         Ok(())
     }
@@ -59,7 +65,13 @@ impl Axis {
     pub fn values(&self) -> Vec<f64> {
         let n = self.points;
         (0..n)
-            .map(|i| if i + 1 == n { self.max } else { self.min + (self.max - self.min) * i as f64 / (n - 1) as f64 })
+            .map(|i| {
+                if i + 1 == n {
+                    self.max
+                } else {
+                    self.min + (self.max - self.min) * i as f64 / (n - 1) as f64
+                }
+            })
             .collect()
     }
 }
@@ -111,7 +123,10 @@ fn combine(terms: &[(f64, &ParamVec)]) -> ParamVec {
 pub fn plane_frame(runs: &[&ParamVec], two_d: bool) -> Result<Frame> {
     let need = if two_d { "3 or 4" } else { "2, 3 or 4" };
     if runs.len() > 4 || runs.len() < if two_d { 3 } else { 2 } {
-        return Err(Error::invalid(format!("the plane through trained copies needs {need} runs, got {}", runs.len())));
+        return Err(Error::invalid(format!(
+            "the plane through trained copies needs {need} runs, got {}",
+            runs.len()
+        )));
     }
     for (i, r) in runs.iter().enumerate().skip(1) {
         r.check_same_layout(&runs[0].layout, &format!("plane: run {}", i + 1))?;
@@ -127,7 +142,9 @@ pub fn plane_frame(runs: &[&ParamVec], two_d: bool) -> Result<Frame> {
     for (name, d) in [("V0 = (m0 - m1)/2", Some(&d1)), ("V1", d2.as_ref())] {
         if let Some(d) = d {
             if d.data.iter().all(|&v| v == 0.0) {
-                return Err(Error::invalid(format!("plane direction {name} is zero: the runs coincide, so they span no plane")));
+                return Err(Error::invalid(format!(
+                    "plane direction {name} is zero: the runs coincide, so they span no plane"
+                )));
             }
         }
     }
@@ -145,7 +162,11 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
 /// weight entries N(0, 1), then each filter (each index of a weight's first dimension: a conv
 /// output channel or a linear output unit) scaled to the norm of the same filter of `params`;
 /// biases and norm parameters zero; pruned entries (`mask`) zero before normalising.
-pub fn filter_normalized_direction(params: &ParamVec, mask: &Mask, rng: &mut ChaCha8Rng) -> ParamVec {
+pub fn filter_normalized_direction(
+    params: &ParamVec,
+    mask: &Mask,
+    rng: &mut ChaCha8Rng,
+) -> ParamVec {
     let mut d = ParamVec::zeros(params.layout.clone());
     for e in &params.layout.entries {
         if !e.prunable() {
@@ -282,7 +303,12 @@ pub struct Landscape {
 
 impl Landscape {
     /// An empty landscape for `cfg` over `frame` (no rows done yet).
-    pub fn start(cfg: &LandscapeConfig, frame: &Frame, runs: &[&ParamVec], count: usize) -> Landscape {
+    pub fn start(
+        cfg: &LandscapeConfig,
+        frame: &Frame,
+        runs: &[&ParamVec],
+        count: usize,
+    ) -> Landscape {
         let norm = |p: &ParamVec| dot(&p.data, &p.data).sqrt();
         let mut direction_norms = vec![norm(&frame.d1)];
         if let Some(d2) = &frame.d2 {
@@ -344,7 +370,9 @@ pub fn run_grid(
             let c = &frame.centre.data;
             let d1 = &frame.d1.data;
             let mut data: Vec<f32> = match &frame.d2 {
-                Some(d2) => c.iter().zip(d1).zip(&d2.data).map(|((c, a), b)| c + x * a + yf * b).collect(),
+                Some(d2) => {
+                    c.iter().zip(d1).zip(&d2.data).map(|((c, a), b)| c + x * a + yf * b).collect()
+                }
                 None => c.iter().zip(d1).map(|(c, a)| c + x * a).collect(),
             };
             mask.apply(&mut data);
@@ -352,7 +380,14 @@ pub fn run_grid(
         };
         let evals = evaluate_points(model, xs.len(), make, set, norm)?;
         for (ix, e) in evals.iter().enumerate() {
-            state.points.push(GridPoint { ix, iy, x: xs[ix], y, loss: e.loss, accuracy: e.accuracy });
+            state.points.push(GridPoint {
+                ix,
+                iy,
+                x: xs[ix],
+                y,
+                loss: e.loss,
+                accuracy: e.accuracy,
+            });
         }
         state.rows_done += 1;
         on_row(&state)?;
@@ -364,7 +399,16 @@ pub fn run_grid(
 pub fn csv(l: &Landscape) -> String {
     let mut s = String::from("ix,iy,x,y,loss,accuracy,error\n");
     for p in &l.points {
-        s.push_str(&format!("{},{},{},{},{},{},{}\n", p.ix, p.iy, p.x, p.y, cell(p.loss), cell(p.accuracy), cell(1.0 - p.accuracy)));
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            p.ix,
+            p.iy,
+            p.x,
+            p.y,
+            cell(p.loss),
+            cell(p.accuracy),
+            cell(1.0 - p.accuracy)
+        ));
     }
     s
 }
@@ -385,7 +429,8 @@ mod tests {
     fn filter_normalisation_matches_weight_filter_norms() {
         let l = layout();
         // Filters of w: rows [3, 4, 0] (norm 5) and [1, 0, 0] (norm 1).
-        let params = ParamVec { layout: l.clone(), data: vec![3.0, 4.0, 0.0, 1.0, 0.0, 0.0, 7.0, 8.0] };
+        let params =
+            ParamVec { layout: l.clone(), data: vec![3.0, 4.0, 0.0, 1.0, 0.0, 0.0, 7.0, 8.0] };
         let mask = Mask::dense(&l);
         let mut rng = seed::rng(1, Stream::Other, 0);
         let d = filter_normalized_direction(&params, &mask, &mut rng);
@@ -393,7 +438,7 @@ mod tests {
         assert!((n(&d.data[0..3]) - 5.0).abs() < 1e-5);
         assert!((n(&d.data[3..6]) - 1.0).abs() < 1e-5);
         assert_eq!(&d.data[6..], &[0.0, 0.0]); // bias zeroed
-        // A pruned entry stays zero; the rest of its filter still has the weights' filter norm.
+                                               // A pruned entry stays zero; the rest of its filter still has the weights' filter norm.
         let mut m = Mask::dense(&l);
         m.keep[1] = false;
         let d = filter_normalized_direction(&params, &m, &mut seed::rng(1, Stream::Other, 0));
@@ -404,7 +449,12 @@ mod tests {
     #[test]
     fn plane_puts_runs_at_their_corners() {
         let l = layout();
-        let v = |s: f32| ParamVec { layout: l.clone(), data: (0..8).map(|i| s * (i as f32 + 1.0) + (i * i) as f32 * 0.1 * s.signum()).collect() };
+        let v = |s: f32| ParamVec {
+            layout: l.clone(),
+            data: (0..8)
+                .map(|i| s * (i as f32 + 1.0) + (i * i) as f32 * 0.1 * s.signum())
+                .collect(),
+        };
         let (m0, m1, m2) = (v(1.0), v(-2.0), v(0.5));
         let mut m2b = m2.clone();
         m2b.data[3] += 1.0; // break collinearity

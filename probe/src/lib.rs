@@ -135,7 +135,11 @@ impl Probe {
 }
 
 /// JSON summary of an artifact of this crate's kind, for `lmc inspect`.
-pub fn inspect_summary(path: &Path, header: &Header, payload: &[u8]) -> lmc_train::Result<serde_json::Value> {
+pub fn inspect_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
     let probe: Probe = artifact::decode(path, header, payload)?;
     Ok(probe.summary())
 }
@@ -196,7 +200,10 @@ pub fn check_data(model: &Model, set: &ImageSet, what: &str) -> Result<()> {
         )));
     }
     if let Some(&l) = set.labels.iter().find(|&&l| l as usize >= model.classes) {
-        return Err(Error::invalid(format!("{what} has label {l} but the model has {} classes", model.classes)));
+        return Err(Error::invalid(format!(
+            "{what} has label {l} but the model has {} classes",
+            model.classes
+        )));
     }
     if set.is_empty() {
         return Err(Error::invalid(format!("{what} is empty")));
@@ -295,7 +302,13 @@ impl Parallelism {
 /// Evaluates `n` parameter vectors (`make(k)` builds the k-th) on `set` with the one evaluation
 /// function, [`fit::evaluate`], in parallel as [`Parallelism::auto`] says. Results are in order
 /// and do not depend on the thread count.
-pub fn evaluate_points<F>(model: &Model, n: usize, make: F, set: &ImageSet, norm: &Normalization) -> Result<Vec<Eval>>
+pub fn evaluate_points<F>(
+    model: &Model,
+    n: usize,
+    make: F,
+    set: &ImageSet,
+    norm: &Normalization,
+) -> Result<Vec<Eval>>
 where
     F: Fn(usize) -> Result<ParamVec> + Sync,
 {
@@ -303,7 +316,14 @@ where
 }
 
 /// [`evaluate_points`] with a chosen [`Parallelism`].
-pub fn evaluate_points_with<F>(par: Parallelism, model: &Model, n: usize, make: F, set: &ImageSet, norm: &Normalization) -> Result<Vec<Eval>>
+pub fn evaluate_points_with<F>(
+    par: Parallelism,
+    model: &Model,
+    n: usize,
+    make: F,
+    set: &ImageSet,
+    norm: &Normalization,
+) -> Result<Vec<Eval>>
 where
     F: Fn(usize) -> Result<ParamVec> + Sync,
 {

@@ -9,7 +9,9 @@
 
 mod common;
 
-use lmc_probe::hessian::{self, HessianConfig, HessianProblem, HutchinsonConfig, EXACT_DIAG_MAX_PARAMS};
+use lmc_probe::hessian::{
+    self, HessianConfig, HessianProblem, HutchinsonConfig, EXACT_DIAG_MAX_PARAMS,
+};
 use lmc_probe::interpolate::Split;
 use lmc_probe::subsample;
 use lmc_train::data::{self, Batch, ImageSet};
@@ -50,7 +52,9 @@ fn closed_form(run: &Run, set: &ImageSet, ds: &lmc_train::data::Dataset) -> Exac
         let x = &batch.x[s * d..(s + 1) * d];
         let mut xt: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         xt.push(1.0);
-        let z: Vec<f64> = (0..k).map(|c| (0..d).map(|i| w[c * d + i] as f64 * xt[i]).sum::<f64>() + b[c] as f64).collect();
+        let z: Vec<f64> = (0..k)
+            .map(|c| (0..d).map(|i| w[c * d + i] as f64 * xt[i]).sum::<f64>() + b[c] as f64)
+            .collect();
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
         let sum: f64 = e.iter().sum();
@@ -78,7 +82,10 @@ fn closed_form(run: &Run, set: &ImageSet, ds: &lmc_train::data::Dataset) -> Exac
 /// (Golub & Van Loan, algorithm 8.5.3), sorted in decreasing order.
 fn jacobi_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
     for _sweep in 0..50 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j].powi(2)).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j].powi(2))
+            .sum();
         let total: f64 = a.iter().map(|v| v * v).sum();
         if off <= 1e-26 * total {
             break;
@@ -276,7 +283,9 @@ fn eigen_solvers_agree_on_known_and_random_matrices() {
 fn softmax_regression_hessian_matches_closed_form() {
     let s = setup();
     let exact = closed_form(&s.run, &s.set, &s.ds);
-    let mut prob = HessianProblem::new(&s.run.model, &s.run.params, &s.set, &s.ds.norm, 128, 1.0, None).unwrap();
+    let mut prob =
+        HessianProblem::new(&s.run.model, &s.run.params, &s.set, &s.ds.norm, 128, 1.0, None)
+            .unwrap();
     assert_eq!(prob.dim(), 650);
     // The automatic step: softmax regression is smooth, so the ladder agrees at its top.
     let choice = prob.choose_eps(0, 2);
@@ -311,9 +320,17 @@ fn softmax_regression_hessian_matches_closed_form() {
     let trace: f64 = exact.diag().iter().sum();
     let cfg = HutchinsonConfig { max_samples: 200, min_samples: 10, tol: 0.0 };
     let h = hessian::hutchinson(&prob, &cfg, 5, &mut |_, _| {});
-    println!("trace exact {trace:.5}, Hutchinson {:.5} +- {:.5} ({} samples)", h.trace, h.trace_se, h.samples);
+    println!(
+        "trace exact {trace:.5}, Hutchinson {:.5} +- {:.5} ({} samples)",
+        h.trace, h.trace_se, h.samples
+    );
     assert_eq!(h.samples, 200);
-    assert!((h.trace - trace).abs() <= 3.0 * h.trace_se, "{} vs {trace} (se {})", h.trace, h.trace_se);
+    assert!(
+        (h.trace - trace).abs() <= 3.0 * h.trace_se,
+        "{} vs {trace} (se {})",
+        h.trace,
+        h.trace_se
+    );
     assert!(h.trace_se > 0.0 && h.trace_se < 0.2 * trace);
     // The diagonal estimate is unbiased: its sum is the trace estimate.
     assert!((h.diagonal.iter().sum::<f64>() - h.trace).abs() < 1e-9 * trace.abs().max(1.0));
@@ -321,12 +338,19 @@ fn softmax_regression_hessian_matches_closed_form() {
     // A relative tolerance stops early and says so.
     let loose = HutchinsonConfig { max_samples: 500, min_samples: 10, tol: 0.05 };
     let h2 = hessian::hutchinson(&prob, &loose, 5, &mut |_, _| {});
-    assert!(h2.converged && h2.samples < 500 && h2.trace_se < 0.05 * h2.trace.abs(), "{} samples", h2.samples);
+    assert!(
+        h2.converged && h2.samples < 500 && h2.trace_se < 0.05 * h2.trace.abs(),
+        "{} samples",
+        h2.samples
+    );
 
     // Power iteration vs Jacobi eigenvalues of the closed form.
     let ev = ql_eigenvalues(exact.h.clone(), exact.p);
     let (top, vecs) = hessian::top_eigenvalues(&prob, 2, 300, 1e-7, 3);
-    println!("eigenvalues exact {:.6} {:.6} {:.6}; power iteration {:.6} ({} it) {:.6} ({} it)", ev[0], ev[1], ev[2], top[0].value, top[0].iterations, top[1].value, top[1].iterations);
+    println!(
+        "eigenvalues exact {:.6} {:.6} {:.6}; power iteration {:.6} ({} it) {:.6} ({} it)",
+        ev[0], ev[1], ev[2], top[0].value, top[0].iterations, top[1].value, top[1].iterations
+    );
     assert!((top[0].value - ev[0]).abs() <= 0.01 * ev[0], "{} vs {}", top[0].value, ev[0]);
     assert!((top[1].value - ev[1]).abs() <= 0.02 * ev[1], "{} vs {}", top[1].value, ev[1]);
     // Deflation keeps the eigenvectors orthonormal.
@@ -360,20 +384,47 @@ fn subnetwork_restriction_and_per_layer_report() {
         exact_diag: true,
         seed: 0,
     };
-    let r = hessian::probe(&run.model, &run.params, &mask, (&mask, "run"), &s.set, &s.ds.norm, &cfg, &mut |_, _, _| {}).unwrap();
+    let r = hessian::probe(
+        &run.model,
+        &run.params,
+        &mask,
+        (&mask, "run"),
+        &s.set,
+        &s.ds.norm,
+        &cfg,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     let want = exact.diag();
     let wmass: f64 = (0..640).map(|i| want[i].abs()).sum();
     let wmasked: f64 = (0..640).filter(|i| i % 3 == 0).map(|i| want[i].abs()).sum();
     let weights = r.layers.iter().find(|l| l.name == "fc.weight").unwrap();
     assert_eq!((weights.size, weights.kept), (640, 640 - 214));
-    assert!((weights.masked_mass_fraction - wmasked / wmass).abs() < 1e-3, "{} vs {}", weights.masked_mass_fraction, wmasked / wmass);
-    assert!((r.exact_trace.unwrap() - want.iter().sum::<f64>()).abs() < 1e-3 * want.iter().sum::<f64>());
+    assert!(
+        (weights.masked_mass_fraction - wmasked / wmass).abs() < 1e-3,
+        "{} vs {}",
+        weights.masked_mass_fraction,
+        wmasked / wmass
+    );
+    assert!(
+        (r.exact_trace.unwrap() - want.iter().sum::<f64>()).abs() < 1e-3 * want.iter().sum::<f64>()
+    );
     assert_eq!(r.diagonal_source, "exact");
     assert!(r.timing.hvp_in_gradients > 0.0);
 
     // Restricted to the subnetwork: masked coordinates get exactly zero.
     let sub = HessianConfig { subnetwork: true, ..cfg.clone() };
-    let r2 = hessian::probe(&run.model, &run.params, &mask, (&mask, "run"), &s.set, &s.ds.norm, &sub, &mut |_, _, _| {}).unwrap();
+    let r2 = hessian::probe(
+        &run.model,
+        &run.params,
+        &mask,
+        (&mask, "run"),
+        &s.set,
+        &s.ds.norm,
+        &sub,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     let d2 = r2.diagonal.unwrap();
     assert!((0..640).filter(|i| i % 3 == 0).all(|i| d2[i] == 0.0));
     assert_eq!(r2.space, 650 - 214);
@@ -403,7 +454,18 @@ fn exact_diagonal_refuses_large_models_before_working() {
         seed: 0,
     };
     let t = std::time::Instant::now();
-    let e = hessian::probe(&run.model, &run.params, &run.mask, (&run.mask, "run"), &set, &ds.norm, &cfg, &mut |_, _, _| {}).unwrap_err().to_string();
+    let e = hessian::probe(
+        &run.model,
+        &run.params,
+        &run.mask,
+        (&run.mask, "run"),
+        &set,
+        &ds.norm,
+        &cfg,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("19210") && e.contains("10000") && e.contains("--trace"), "{e}");
     assert!(t.elapsed().as_secs_f64() < 1.0);
     let none = HessianConfig { exact_diag: false, ..cfg };

@@ -14,8 +14,18 @@ fn endpoints_are_exact_and_self_interpolation_is_flat() {
     let a = common::train(&ds, "mlp:16", None, 0, 2);
     let b = common::train(&ds, "mlp:16", None, 1, 2);
     let train = subsample(&ds.train, Some(500), 3);
-    let cfg = InterpConfig { alphas: interpolate::alpha_grid(5).unwrap(), train_samples: Some(500), ..Default::default() };
-    let r = interpolate::interpolate(&[&a, &b], &[(Split::Test, &ds.test), (Split::Train, &train)], &ds.norm, &cfg).unwrap();
+    let cfg = InterpConfig {
+        alphas: interpolate::alpha_grid(5).unwrap(),
+        train_samples: Some(500),
+        ..Default::default()
+    };
+    let r = interpolate::interpolate(
+        &[&a, &b],
+        &[(Split::Test, &ds.test), (Split::Train, &train)],
+        &ds.norm,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(r.pairs.len(), 1);
     let test = &r.pairs[0].curves[0];
     assert_eq!(test.count, 360);
@@ -36,7 +46,8 @@ fn endpoints_are_exact_and_self_interpolation_is_flat() {
     assert!(r.norm_statistics.starts_with("none"));
 
     // A run with itself: every point is the run, barrier exactly 0, distance 0.
-    let s = interpolate::interpolate(&[&a, &a], &[(Split::Test, &ds.test)], &ds.norm, &cfg).unwrap();
+    let s =
+        interpolate::interpolate(&[&a, &a], &[(Split::Test, &ds.test)], &ds.norm, &cfg).unwrap();
     let c = &s.pairs[0].curves[0];
     assert_eq!((c.error_barrier, c.loss_barrier, s.pairs[0].l2_distance), (0.0, 0.0, 0.0));
     assert!(c.points.iter().all(|p| p.accuracy == a.final_test_accuracy()));
@@ -68,10 +79,14 @@ fn masked_weights_stay_zero_and_mismatches_are_refused() {
     let e = interpolate::interpolate(&[&a, &dense], &sets, &ds.norm, &cfg).unwrap_err().to_string();
     assert!(e.contains("different masks") && e.contains("512 of 1210"), "{e}");
     let other = common::train(&ds, "mlp:8", None, 0, 1);
-    let e = interpolate::interpolate(&[&dense, &other], &sets, &ds.norm, &cfg).unwrap_err().to_string();
+    let e =
+        interpolate::interpolate(&[&dense, &other], &sets, &ds.norm, &cfg).unwrap_err().to_string();
     assert!(e.contains("mlp:8") && e.contains("mlp:16") && e.contains("one architecture"), "{e}");
     let empty = InterpConfig { alphas: vec![], ..Default::default() };
-    assert!(interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &empty).unwrap_err().to_string().contains("empty"));
+    assert!(interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &empty)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
     assert!(interpolate::interpolate(&[&a], &sets, &ds.norm, &cfg).is_err());
 }
 

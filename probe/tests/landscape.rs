@@ -30,7 +30,16 @@ fn random_directions_grid_resumes_exactly() {
     let c = cfg(Method::Random, true);
     let frame = landscape::random_frame(&run.params, &run.mask, true, c.direction_seed);
     let start = Landscape::start(&c, &frame, &[&run.params], set.len());
-    let full = landscape::run_grid(&run.model, &run.mask, &frame, &set, &ds.norm, start.clone(), &mut |_| Ok(())).unwrap();
+    let full = landscape::run_grid(
+        &run.model,
+        &run.mask,
+        &frame,
+        &set,
+        &ds.norm,
+        start.clone(),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert!(full.is_complete());
     assert_eq!(full.points.len(), 9);
     // The centre is the run itself.
@@ -51,7 +60,16 @@ fn random_directions_grid_resumes_exactly() {
     assert!(err.to_string().contains("killed"));
     let partial = saved.unwrap();
     assert_eq!(partial.rows_done, 1);
-    let resumed = landscape::run_grid(&run.model, &run.mask, &frame, &set, &ds.norm, partial, &mut |_| Ok(())).unwrap();
+    let resumed = landscape::run_grid(
+        &run.model,
+        &run.mask,
+        &frame,
+        &set,
+        &ds.norm,
+        partial,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(resumed, full);
 
     // Points in parallel or one at a time: identical numbers.
@@ -79,7 +97,16 @@ fn plane_through_three_runs() {
     c.x = Axis { min: -1.0, max: 1.0, points: 3 };
     let frame = landscape::plane_frame(&params, true).unwrap();
     let start = Landscape::start(&c, &frame, &params, set.len());
-    let l = landscape::run_grid(&runs[0].model, &runs[0].mask, &frame, &set, &ds.norm, start, &mut |_| Ok(())).unwrap();
+    let l = landscape::run_grid(
+        &runs[0].model,
+        &runs[0].mask,
+        &frame,
+        &set,
+        &ds.norm,
+        start,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     for (a, want) in l.anchors.iter().zip([(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)]) {
         assert!((a.x - want.0).abs() < 1e-4 && (a.y - want.1).abs() < 1e-4, "{a:?}");
     }
@@ -91,8 +118,26 @@ fn plane_through_three_runs() {
     // 1-D along V0 with only two runs.
     let c1 = cfg(Method::Plane, false);
     let f1 = landscape::plane_frame(&params[..2], false).unwrap();
-    let l1 = landscape::run_grid(&runs[0].model, &runs[0].mask, &f1, &set, &ds.norm, Landscape::start(&c1, &f1, &params[..2], set.len()), &mut |_| Ok(())).unwrap();
+    let l1 = landscape::run_grid(
+        &runs[0].model,
+        &runs[0].mask,
+        &f1,
+        &set,
+        &ds.norm,
+        Landscape::start(&c1, &f1, &params[..2], set.len()),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!((l1.rows_total, l1.points.len()), (1, 3));
     // A 2-D config with a 1-D frame is refused.
-    assert!(landscape::run_grid(&runs[0].model, &runs[0].mask, &f1, &set, &ds.norm, Landscape::start(&c, &f1, &params[..2], set.len()), &mut |_| Ok(())).is_err());
+    assert!(landscape::run_grid(
+        &runs[0].model,
+        &runs[0].mask,
+        &f1,
+        &set,
+        &ds.norm,
+        Landscape::start(&c, &f1, &params[..2], set.len()),
+        &mut |_| Ok(())
+    )
+    .is_err());
 }

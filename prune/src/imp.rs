@@ -149,7 +149,9 @@ pub fn rewind(point: &ParamVec, trained: &ParamVec, mode: Rewind) -> Result<Para
 fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
     let (per_epoch, epochs, total) = cfg.plan(n);
     if k >= total {
-        return Err(Error::invalid(format!("--rewind-step {k}: a round trains only {total} steps; rewind to an earlier step")));
+        return Err(Error::invalid(format!(
+            "--rewind-step {k}: a round trains only {total} steps; rewind to an earlier step"
+        )));
     }
     let lr_at = |step: u64| match cfg.iterations {
         Some(_) => cfg.schedule.lr(cfg.lr, step, total),
@@ -159,21 +161,37 @@ fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
     // step and step k-1 covers every step before k.
     let stride = if cfg.iterations.is_some() { 1 } else { per_epoch.max(1) as usize };
     if k > 0 && ((0..k).step_by(stride).any(|s| lr_at(s) != cfg.lr) || lr_at(k - 1) != cfg.lr) {
-        return Err(Error::invalid(format!("--rewind-step {k}: must come before the first learning-rate milestone")));
+        return Err(Error::invalid(format!(
+            "--rewind-step {k}: must come before the first learning-rate milestone"
+        )));
     }
     Ok(())
 }
 
 /// The parameters after the first `k` SGD steps of training `start` under `mask` with `cfg`
 /// (bit-identical to the full run's, as the rate is constant before step k).
-pub fn params_at_step(model: &Model, mask: &Mask, data: &Dataset, cfg: &TrainConfig, data_seed: u64, start: ParamVec, k: u64) -> Result<ParamVec> {
+pub fn params_at_step(
+    model: &Model,
+    mask: &Mask,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    data_seed: u64,
+    start: ParamVec,
+    k: u64,
+) -> Result<ParamVec> {
     if k == 0 {
         return Ok(start);
     }
     check_rewind_step(cfg, data.train.len(), k)?;
-    let prefix = TrainConfig { iterations: Some(k), schedule: Schedule::Constant, eval_every: 0, ..cfg.clone() };
+    let prefix = TrainConfig {
+        iterations: Some(k),
+        schedule: Schedule::Constant,
+        eval_every: 0,
+        ..cfg.clone()
+    };
     let td = TrainData { test: None, ..TrainData::of(data, cfg) };
-    let state = fit::fit(model, mask, &td, &prefix, data_seed, TrainState::start(start), &mut fit::Silent)?;
+    let state =
+        fit::fit(model, mask, &td, &prefix, data_seed, TrainState::start(start), &mut fit::Silent)?;
     Ok(state.params)
 }
 
@@ -198,7 +216,11 @@ impl Observer for RoundObserver<'_> {
     }
     fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
         if self.last_write.elapsed().as_secs_f64() >= 1.0 || state.epochs_done == 1 {
-            artifact::write(&self.path, &Checkpoint { run: self.run, state: state.clone() }, self.run)?;
+            artifact::write(
+                &self.path,
+                &Checkpoint { run: self.run, state: state.clone() },
+                self.run,
+            )?;
             self.last_write = Instant::now();
         }
         self.inner.on_epoch(state)
@@ -214,7 +236,10 @@ impl Imp<'_> {
             return Err(Error::invalid("IMP config and model disagree on the architecture"));
         }
         if self.model.input != self.data.train.shape || self.model.classes != self.data.classes {
-            return Err(Error::invalid(format!("model {} does not fit the images of {}", self.model.spec, self.data.name)));
+            return Err(Error::invalid(format!(
+                "model {} does not fit the images of {}",
+                self.model.spec, self.data.name
+            )));
         }
         if let Some(f) = &self.from {
             if f.ticket.model != *self.model {
@@ -244,7 +269,11 @@ impl Imp<'_> {
     pub fn run(&self, rounds: usize, obs: &mut dyn ImpObserver) -> Result<Vec<RoundRecord>> {
         self.validate()?;
         let cfg = &self.config;
-        let found_with = DataRecord { name: self.data.name.clone(), provenance: self.data_provenance, train_images: self.data.train.len() };
+        let found_with = DataRecord {
+            name: self.data.name.clone(),
+            provenance: self.data_provenance,
+            train_images: self.data.train.len(),
+        };
         let parent = self.from.as_ref().map(|f| Parent {
             provenance: f.provenance,
             found_with: f.ticket.found_with.clone(),
@@ -252,7 +281,12 @@ impl Imp<'_> {
             images_processed: f.ticket.images_processed,
         });
         let (theta0, mask0, init_seed, images_before) = match &self.from {
-            Some(f) => (f.ticket.rewind.clone(), f.ticket.mask.clone(), f.ticket.init_seed, f.ticket.images_processed),
+            Some(f) => (
+                f.ticket.rewind.clone(),
+                f.ticket.mask.clone(),
+                f.ticket.init_seed,
+                f.ticket.images_processed,
+            ),
             None => (self.model.init(cfg.seed), Mask::dense(&self.model.layout), cfg.seed, 0),
         };
         let (_, _, total_steps) = cfg.train.plan(self.data.train.len());
@@ -280,15 +314,27 @@ impl Imp<'_> {
             let started = Instant::now();
             let (mask, start) = match (&prev, &point) {
                 (Some(p), Some(point)) => {
-                    let trained = p.trained.as_ref().expect("IMP tickets hold their trained network");
-                    (cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?, rewind(point, trained, cfg.rewind)?)
+                    let trained =
+                        p.trained.as_ref().expect("IMP tickets hold their trained network");
+                    (
+                        cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?,
+                        rewind(point, trained, cfg.rewind)?,
+                    )
                 }
                 _ => (mask0.clone(), theta0.clone()),
             };
             let (sparsity, layers) = sparsity_of(self.model, &mask);
             obs.round_started(r, rounds, sparsity, total_steps);
             let ticket_params = if r == 0 {
-                params_at_step(self.model, &mask, self.data, &cfg.train, cfg.data_seed, start.clone(), cfg.rewind_step)?
+                params_at_step(
+                    self.model,
+                    &mask,
+                    self.data,
+                    &cfg.train,
+                    cfg.data_seed,
+                    start.clone(),
+                    cfg.rewind_step,
+                )?
             } else {
                 start.clone()
             };
@@ -303,16 +349,24 @@ impl Imp<'_> {
             }
             std::fs::create_dir_all(self.out_dir).map_err(|e| Error::io(self.out_dir, e))?;
             let data = TrainData::of(self.data, &cfg.train);
-            let mut ro = RoundObserver { path: ckpt.clone(), run: prov, inner: &mut *obs, last_write: Instant::now() };
-            let state = match fit::fit(self.model, &mask, &data, &cfg.train, cfg.data_seed, state, &mut ro) {
-                Ok(s) => s,
-                Err(Error::Diverged { epoch, step, loss, .. }) => {
-                    let kept = Some(ckpt.clone()).filter(|c| c.exists());
-                    return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
-                }
-                Err(e) => return Err(e),
+            let mut ro = RoundObserver {
+                path: ckpt.clone(),
+                run: prov,
+                inner: &mut *obs,
+                last_write: Instant::now(),
             };
-            let images_processed = prev.as_ref().map_or(images_before, |p| p.images_processed) + state.images_seen;
+            let state =
+                match fit::fit(self.model, &mask, &data, &cfg.train, cfg.data_seed, state, &mut ro)
+                {
+                    Ok(s) => s,
+                    Err(Error::Diverged { epoch, step, loss, .. }) => {
+                        let kept = Some(ckpt.clone()).filter(|c| c.exists());
+                        return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
+                    }
+                    Err(e) => return Err(e),
+                };
+            let images_processed =
+                prev.as_ref().map_or(images_before, |p| p.images_processed) + state.images_seen;
             let test_accuracy = state.curve.last().and_then(|c| c.test).map(|e| e.accuracy);
             let ticket = Ticket {
                 model: self.model.clone(),

@@ -41,7 +41,11 @@ pub mod ticket;
 pub use ticket::{read_ticket, Ticket};
 
 /// JSON summary of a Ticket artifact, for `lmc inspect`.
-pub fn inspect_summary(path: &Path, header: &Header, payload: &[u8]) -> lmc_train::Result<serde_json::Value> {
+pub fn inspect_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
     let t: Ticket = artifact::decode(path, header, payload)?;
     t.validate(path)?;
     Ok(t.summary())

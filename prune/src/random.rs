@@ -49,7 +49,12 @@ pub fn random_mask(layout: &Layout, like: &Mask, layerwise: bool, seed: u64) -> 
 
 /// Ticket `like` with a random mask of its sparsity (see [`random_mask`]); starting parameters,
 /// data record and images processed are `like`'s. Untrained: no test accuracy.
-pub fn random_ticket(like: &Ticket, like_provenance: Provenance, layerwise: bool, seed: u64) -> Result<Ticket> {
+pub fn random_ticket(
+    like: &Ticket,
+    like_provenance: Provenance,
+    layerwise: bool,
+    seed: u64,
+) -> Result<Ticket> {
     let mask = random_mask(&like.model.layout, &like.mask, layerwise, seed)?;
     let (sparsity, layers) = sparsity_of(&like.model, &mask);
     Ok(Ticket {
@@ -73,7 +78,15 @@ pub fn reinit_ticket(like: &Ticket, like_provenance: Provenance, seed: u64) -> T
 }
 
 fn untrained(like: &Ticket) -> Ticket {
-    Ticket { train_config: None, data_seed: None, trained: None, test_accuracy: None, curve: vec![], seconds: 0.0, ..like.clone() }
+    Ticket {
+        train_config: None,
+        data_seed: None,
+        trained: None,
+        test_accuracy: None,
+        curve: vec![],
+        seconds: 0.0,
+        ..like.clone()
+    }
 }
 
 /// Provenance of a baseline ticket derived from `like`.

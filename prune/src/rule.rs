@@ -78,7 +78,8 @@ fn check_rate(rate: f64, label: &str) -> Result<()> {
 
 /// The prunable tensor called `name`, or an error listing the prunable tensors.
 fn prunable_index(layout: &Layout, name: &str, flag: &str) -> Result<usize> {
-    let prunable: Vec<&str> = layout.entries.iter().filter(|e| e.prunable()).map(|e| e.name.as_str()).collect();
+    let prunable: Vec<&str> =
+        layout.entries.iter().filter(|e| e.prunable()).map(|e| e.name.as_str()).collect();
     match layout.entries.iter().position(|e| e.name == name) {
         Some(i) if layout.entries[i].prunable() => Ok(i),
         Some(_) => Err(Error::invalid(format!(
@@ -92,7 +93,12 @@ fn prunable_index(layout: &Layout, name: &str, flag: &str) -> Result<usize> {
 impl PruneRule {
     /// Global pruning at `rate` with no per-layer settings.
     pub fn global(rate: f64) -> PruneRule {
-        PruneRule { rate, scope: Scope::Global, layer_rates: BTreeMap::new(), keep_unpruned: BTreeSet::new() }
+        PruneRule {
+            rate,
+            scope: Scope::Global,
+            layer_rates: BTreeMap::new(),
+            keep_unpruned: BTreeSet::new(),
+        }
     }
 
     /// Checks the rates alone (no model needed), naming the flag at fault.
@@ -116,7 +122,9 @@ impl PruneRule {
         for name in &self.keep_unpruned {
             let i = prunable_index(layout, name, "--keep-unpruned")?;
             if own.contains_key(&i) {
-                return Err(Error::invalid(format!("{name} is given both --layer-rate and --keep-unpruned")));
+                return Err(Error::invalid(format!(
+                    "{name} is given both --layer-rate and --keep-unpruned"
+                )));
             }
             skip.insert(i);
         }
@@ -126,7 +134,9 @@ impl PruneRule {
         let mut groups: Vec<Group> = match self.scope {
             Scope::Global if !pooled.is_empty() => vec![Group { tensors: pooled, rate: self.rate }],
             Scope::Global => vec![],
-            Scope::Layerwise => pooled.into_iter().map(|i| Group { tensors: vec![i], rate: self.rate }).collect(),
+            Scope::Layerwise => {
+                pooled.into_iter().map(|i| Group { tensors: vec![i], rate: self.rate }).collect()
+            }
         };
         groups.extend(own.into_iter().map(|(i, rate)| Group { tensors: vec![i], rate }));
         if groups.is_empty() {
@@ -159,7 +169,9 @@ impl PruneRule {
                 continue;
             }
             if k < remaining.len() {
-                remaining.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+                remaining.select_nth_unstable_by(k - 1, |a, b| {
+                    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+                });
             }
             for &(_, _, i) in &remaining[..k] {
                 out.keep[i] = false;

@@ -127,21 +127,36 @@ impl Ticket {
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Error::bad_file(path, msg);
         let layout = &self.model.layout;
-        self.mask.validate(layout).map_err(|e| bad(format!("ticket mask does not fit its model: {e}")))?;
-        self.rewind.check_same_layout(layout, "ticket rewind parameters").map_err(|e| bad(e.to_string()))?;
+        self.mask
+            .validate(layout)
+            .map_err(|e| bad(format!("ticket mask does not fit its model: {e}")))?;
+        self.rewind
+            .check_same_layout(layout, "ticket rewind parameters")
+            .map_err(|e| bad(e.to_string()))?;
         if let Some(t) = &self.trained {
-            t.check_same_layout(layout, "ticket trained parameters").map_err(|e| bad(e.to_string()))?;
+            t.check_same_layout(layout, "ticket trained parameters")
+                .map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
     }
 
     /// Errors unless this ticket is for `spec` (when given) on `input` images with `classes`
     /// classes, naming the ticket file.
-    pub fn check_model(&self, path: &Path, spec: Option<&ModelSpec>, input: ImageShape, classes: usize, data: &str) -> Result<()> {
+    pub fn check_model(
+        &self,
+        path: &Path,
+        spec: Option<&ModelSpec>,
+        input: ImageShape,
+        classes: usize,
+        data: &str,
+    ) -> Result<()> {
         let m = &self.model;
         if let Some(spec) = spec {
             if *spec != m.spec {
-                return Err(Error::bad_file(path, format!("this ticket is for model {}, not --model {spec}", m.spec)));
+                return Err(Error::bad_file(
+                    path,
+                    format!("this ticket is for model {}, not --model {spec}", m.spec),
+                ));
             }
         }
         if m.input != input || m.classes != classes {
@@ -177,8 +192,12 @@ impl Ticket {
                 "rewind_step": config.rewind_step, "seed": config.seed,
                 "parent": parent.as_ref().map(|p| json!({"provenance": p.provenance.hex(), "found_with": p.found_with.name, "sparsity": p.sparsity})),
             }),
-            Origin::RandomMask { like, layerwise, seed } => json!({"method": "random-mask", "like": like.hex(), "layerwise": layerwise, "seed": seed}),
-            Origin::Reinit { like, seed } => json!({"method": "reinit", "like": like.hex(), "seed": seed}),
+            Origin::RandomMask { like, layerwise, seed } => {
+                json!({"method": "random-mask", "like": like.hex(), "layerwise": layerwise, "seed": seed})
+            }
+            Origin::Reinit { like, seed } => {
+                json!({"method": "reinit", "like": like.hex(), "seed": seed})
+            }
         };
         json!({
             "model": self.model.spec.to_string(),

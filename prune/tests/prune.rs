@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use lmc_prune::imp::{round_checkpoint_path, round_path, Imp, ImpConfig, ImpObserver, Rewind, SilentImp};
+use lmc_prune::imp::{
+    round_checkpoint_path, round_path, Imp, ImpConfig, ImpObserver, Rewind, SilentImp,
+};
 use lmc_prune::random::{random_mask, random_ticket, reinit_ticket};
 use lmc_prune::rule::{PruneRule, Scope};
 use lmc_prune::{read_ticket, Ticket};
@@ -13,8 +15,8 @@ use lmc_train::artifact::Provenance;
 use lmc_train::data::{self, Dataset};
 use lmc_train::fit::{self, Observer, TrainConfig, TrainData, TrainState};
 use lmc_train::model::{Model, ModelSpec};
-use lmc_train::params::{Mask, ParamVec};
 use lmc_train::optim::Sgd;
+use lmc_train::params::{Mask, ParamVec};
 
 fn digits() -> (Dataset, Provenance) {
     data::resolve_dataset("digits", None).unwrap()
@@ -58,11 +60,25 @@ fn global_rule_removes_ceil_of_a_fifth_every_round() {
             assert!(next.keep.iter().zip(&mask.keep).all(|(n, o)| !n || *o));
             next.validate(&m.layout).unwrap();
             // The removed weights are the smallest of the remaining ones.
-            let removed: Vec<f32> = (0..mask.keep.len()).filter(|&i| mask.keep[i] && !next.keep[i]).map(|i| trained.data[i].abs()).collect();
-            let kept: Vec<f32> = m.layout.entries.iter().filter(|e| e.prunable()).flat_map(|e| e.range()).filter(|&i| next.keep[i]).map(|i| trained.data[i].abs()).collect();
+            let removed: Vec<f32> = (0..mask.keep.len())
+                .filter(|&i| mask.keep[i] && !next.keep[i])
+                .map(|i| trained.data[i].abs())
+                .collect();
+            let kept: Vec<f32> = m
+                .layout
+                .entries
+                .iter()
+                .filter(|e| e.prunable())
+                .flat_map(|e| e.range())
+                .filter(|&i| next.keep[i])
+                .map(|i| trained.data[i].abs())
+                .collect();
             let max_removed = removed.iter().cloned().fold(0.0f32, f32::max);
             let min_kept = kept.iter().cloned().fold(f32::INFINITY, f32::min);
-            assert!(max_removed <= min_kept, "{spec} round {r}: removed {max_removed} > kept {min_kept}");
+            assert!(
+                max_removed <= min_kept,
+                "{spec} round {r}: removed {max_removed} > kept {min_kept}"
+            );
             mask = next;
         }
         // 0.8^k in count: after 10 rounds of 499 the count is within rounding of 499 * 0.107.
@@ -75,18 +91,29 @@ fn layer_rates_and_unpruned_layers_are_pruned_on_their_own() {
     let (ds, _) = digits();
     let m = model("mlp:7,3", &ds);
     // Hidden layers pooled at 0.2, the output layer on its own at 0.1.
-    let rule = PruneRule { layer_rates: BTreeMap::from([("fc.weight".to_string(), 0.1)]), ..PruneRule::global(0.2) };
+    let rule = PruneRule {
+        layer_rates: BTreeMap::from([("fc.weight".to_string(), 0.1)]),
+        ..PruneRule::global(0.2)
+    };
     let mut mask = Mask::dense(&m.layout);
     let (mut pooled, mut out) = (448 + 21, 30usize);
     for r in 1..=12u64 {
         mask = rule.prune(&fake_trained(&m, r), &mask, 3, r).unwrap();
         pooled -= ceil_div(pooled, 1, 5);
         out -= ceil_div(out, 1, 10);
-        assert_eq!(kept_in(&mask, &m, "fc_layers.0.weight") + kept_in(&mask, &m, "fc_layers.1.weight"), pooled, "round {r}");
+        assert_eq!(
+            kept_in(&mask, &m, "fc_layers.0.weight") + kept_in(&mask, &m, "fc_layers.1.weight"),
+            pooled,
+            "round {r}"
+        );
         assert_eq!(kept_in(&mask, &m, "fc.weight"), out, "round {r}");
     }
     // Layer-wise at 0.2 with the output layer unpruned: each hidden layer on its own.
-    let rule = PruneRule { scope: Scope::Layerwise, keep_unpruned: ["fc.weight".to_string()].into(), ..PruneRule::global(0.2) };
+    let rule = PruneRule {
+        scope: Scope::Layerwise,
+        keep_unpruned: ["fc.weight".to_string()].into(),
+        ..PruneRule::global(0.2)
+    };
     let mut mask = Mask::dense(&m.layout);
     let (mut a, mut b) = (448usize, 21usize);
     for r in 1..=12u64 {
@@ -107,14 +134,29 @@ fn bad_rules_are_refused_by_name() {
     assert!(err(PruneRule::global(1.0)).contains("--rate 1"));
     assert!(err(PruneRule::global(0.0)).contains("--rate 0"));
     assert!(err(PruneRule::global(f64::NAN)).contains("--rate"));
-    let e = err(PruneRule { layer_rates: BTreeMap::from([("fc.wieght".to_string(), 0.1)]), ..PruneRule::global(0.2) });
-    assert!(e.contains("fc.wieght") && e.contains("unknown layer") && e.contains("fc.weight"), "{e}");
-    let e = err(PruneRule { keep_unpruned: ["fc.bias".to_string()].into(), ..PruneRule::global(0.2) });
+    let e = err(PruneRule {
+        layer_rates: BTreeMap::from([("fc.wieght".to_string(), 0.1)]),
+        ..PruneRule::global(0.2)
+    });
+    assert!(
+        e.contains("fc.wieght") && e.contains("unknown layer") && e.contains("fc.weight"),
+        "{e}"
+    );
+    let e =
+        err(PruneRule { keep_unpruned: ["fc.bias".to_string()].into(), ..PruneRule::global(0.2) });
     assert!(e.contains("fc.bias") && e.contains("not a prunable"), "{e}");
-    let e = err(PruneRule { layer_rates: BTreeMap::from([("fc.weight".to_string(), 1.5)]), ..PruneRule::global(0.2) });
+    let e = err(PruneRule {
+        layer_rates: BTreeMap::from([("fc.weight".to_string(), 1.5)]),
+        ..PruneRule::global(0.2)
+    });
     assert!(e.contains("fc.weight") && e.contains("1.5"), "{e}");
-    let all: std::collections::BTreeSet<String> = ["fc_layers.0.weight", "fc_layers.1.weight", "fc.weight"].iter().map(|s| s.to_string()).collect();
-    assert!(err(PruneRule { keep_unpruned: all, ..PruneRule::global(0.2) }).contains("no prunable tensor"));
+    let all: std::collections::BTreeSet<String> =
+        ["fc_layers.0.weight", "fc_layers.1.weight", "fc.weight"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    assert!(err(PruneRule { keep_unpruned: all, ..PruneRule::global(0.2) })
+        .contains("no prunable tensor"));
 }
 
 #[test]
@@ -145,8 +187,13 @@ fn ties_are_broken_by_seed_deterministically() {
     }
     // Ties are spread over the layers, not taken from the first one: with 449 tied weights and
     // 50 to choose, the last two layers (51 weights) keep all theirs with probability ~0.002.
-    let late = m.layout.get("fc_layers.1.weight").unwrap().offset..m.layout.get("fc.weight").unwrap().range().end;
-    let pruned_late = late.filter(|&i| m.layout.entries.iter().any(|e| e.prunable() && e.range().contains(&i)) && !a.keep[i]).count();
+    let late = m.layout.get("fc_layers.1.weight").unwrap().offset
+        ..m.layout.get("fc.weight").unwrap().range().end;
+    let pruned_late = late
+        .filter(|&i| {
+            m.layout.entries.iter().any(|e| e.prunable() && e.range().contains(&i)) && !a.keep[i]
+        })
+        .count();
     assert!(pruned_late > 0);
 }
 
@@ -155,16 +202,41 @@ fn imp_config(spec: &str, rewind: Rewind, rewind_step: u64, epochs: usize) -> Im
         model: spec.parse().unwrap(),
         seed: 5,
         data_seed: 9,
-        train: TrainConfig { epochs, lr: 0.05, batch_size: 64, sgd: Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false }, eval_every: 0, ..Default::default() },
-        rule: PruneRule { layer_rates: BTreeMap::from([("fc.weight".to_string(), 0.1)]), ..PruneRule::global(0.2) },
+        train: TrainConfig {
+            epochs,
+            lr: 0.05,
+            batch_size: 64,
+            sgd: Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false },
+            eval_every: 0,
+            ..Default::default()
+        },
+        rule: PruneRule {
+            layer_rates: BTreeMap::from([("fc.weight".to_string(), 0.1)]),
+            ..PruneRule::global(0.2)
+        },
         rewind_step,
         rewind,
     }
 }
 
-fn run_imp(cfg: &ImpConfig, ds: &Dataset, prov: Provenance, dir: &Path, rounds: usize, obs: &mut dyn ImpObserver) -> lmc_train::Result<Vec<lmc_prune::imp::RoundRecord>> {
+fn run_imp(
+    cfg: &ImpConfig,
+    ds: &Dataset,
+    prov: Provenance,
+    dir: &Path,
+    rounds: usize,
+    obs: &mut dyn ImpObserver,
+) -> lmc_train::Result<Vec<lmc_prune::imp::RoundRecord>> {
     let m = Model::new(&cfg.model, ds.train.shape, ds.classes).unwrap();
-    let imp = Imp { config: cfg.clone(), model: &m, data: ds, data_provenance: prov, from: None, out_dir: dir, fresh: false };
+    let imp = Imp {
+        config: cfg.clone(),
+        model: &m,
+        data: ds,
+        data_provenance: prov,
+        from: None,
+        out_dir: dir,
+        fresh: false,
+    };
     imp.run(rounds, obs)
 }
 
@@ -192,7 +264,10 @@ fn imp_counts_masks_rewinds_and_images() {
             pooled -= ceil_div(pooled, 1, 5);
             out -= ceil_div(out, 1, 10);
         }
-        assert_eq!(kept_in(&t.mask, &m, "fc_layers.0.weight") + kept_in(&t.mask, &m, "fc_layers.1.weight"), pooled);
+        assert_eq!(
+            kept_in(&t.mask, &m, "fc_layers.0.weight") + kept_in(&t.mask, &m, "fc_layers.1.weight"),
+            pooled
+        );
         assert_eq!(kept_in(&t.mask, &m, "fc.weight"), out);
         assert_eq!(recs[r].kept, pooled + out);
         let trained = t.trained.as_ref().unwrap();
@@ -215,13 +290,27 @@ fn imp_counts_masks_rewinds_and_images() {
             if e.prunable() || r == 0 {
                 assert_eq!(got, bits(&theta0.data[e.range()]), "round {r} {}", e.name);
             } else {
-                assert_eq!(got, bits(&ts[r - 1].trained.as_ref().unwrap().data[e.range()]), "round {r} {}", e.name);
+                assert_eq!(
+                    got,
+                    bits(&ts[r - 1].trained.as_ref().unwrap().data[e.range()]),
+                    "round {r} {}",
+                    e.name
+                );
             }
         }
     }
     // Retraining the ticket as `lmc train --ticket` does reproduces the round's network.
     let t = &ts[2];
-    let state = fit::fit(&m, &t.mask, &TrainData::of(&ds, &cfg.train), &cfg.train, 9, TrainState::start(t.rewind.clone()), &mut fit::Silent).unwrap();
+    let state = fit::fit(
+        &m,
+        &t.mask,
+        &TrainData::of(&ds, &cfg.train),
+        &cfg.train,
+        9,
+        TrainState::start(t.rewind.clone()),
+        &mut fit::Silent,
+    )
+    .unwrap();
     assert_eq!(bits(&state.params.data), bits(&t.trained.as_ref().unwrap().data));
 
     // Rewind all: the whole vector is theta0.
@@ -256,7 +345,16 @@ fn rewinding_to_step_k_restores_theta_k_bit_for_bit() {
     let m = model("mlp:7,3", &ds);
     // Independently: the dense run's parameters after its first epoch.
     let mut cap = Capture { at_epoch: 1, params: None };
-    let full = fit::fit(&m, &Mask::dense(&m.layout), &TrainData::of(&ds, &cfg.train), &cfg.train, 9, TrainState::start(m.init(5)), &mut cap).unwrap();
+    let full = fit::fit(
+        &m,
+        &Mask::dense(&m.layout),
+        &TrainData::of(&ds, &cfg.train),
+        &cfg.train,
+        9,
+        TrainState::start(m.init(5)),
+        &mut cap,
+    )
+    .unwrap();
     let theta_k = cap.params.unwrap();
     let ts = tickets(dir.path(), 1);
     assert_eq!(bits(&ts[0].rewind.data), bits(&theta_k.data));
@@ -267,7 +365,9 @@ fn rewinding_to_step_k_restores_theta_k_bit_for_bit() {
     // A milestone before step k is refused.
     let mut bad = imp_config("mlp:7,3", Rewind::All, 50, 3);
     bad.train.schedule = lmc_train::optim::Schedule::parse("multistep:0.3", 0.1).unwrap();
-    let e = run_imp(&bad, &ds, prov, tempfile::tempdir().unwrap().path(), 1, &mut SilentImp).unwrap_err().to_string();
+    let e = run_imp(&bad, &ds, prov, tempfile::tempdir().unwrap().path(), 1, &mut SilentImp)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--rewind-step 50"), "{e}");
 }
 
@@ -350,7 +450,8 @@ fn random_masks_copy_sparsity_and_reinit_copies_the_mask() {
     let (ds, prov) = digits();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = imp_config("mlp:7,3", Rewind::Weights, 0, 1);
-    cfg.rule = PruneRule { keep_unpruned: ["fc.weight".to_string()].into(), ..PruneRule::global(0.2) };
+    cfg.rule =
+        PruneRule { keep_unpruned: ["fc.weight".to_string()].into(), ..PruneRule::global(0.2) };
     run_imp(&cfg, &ds, prov, dir.path(), 4, &mut SilentImp).unwrap();
     let like = read_ticket(&round_path(dir.path(), 4)).unwrap().1;
     let m = &like.model;

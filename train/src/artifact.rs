@@ -126,7 +126,8 @@ pub struct Header {
 
 /// Serialises `value` into an envelope and writes it atomically to `path`.
 pub fn write<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
-    let payload = bincode::serialize(value).map_err(|e| Error::bad_file(path, format!("cannot encode {}: {e}", A::KIND)))?;
+    let payload = bincode::serialize(value)
+        .map_err(|e| Error::bad_file(path, format!("cannot encode {}: {e}", A::KIND)))?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -171,7 +172,10 @@ pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
         return Err(bad("not an lmc artifact (bad magic bytes)".into()));
     }
     if bytes.len() < HEADER_LEN {
-        return Err(bad(format!("truncated artifact: {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len())));
+        return Err(bad(format!(
+            "truncated artifact: {} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
     }
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
     let version = u32_at(8);
@@ -189,10 +193,15 @@ pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
     let stored_crc = u32_at(56);
     let have = (bytes.len() - HEADER_LEN) as u64;
     if have < payload_len {
-        return Err(bad(format!("truncated artifact: header promises {payload_len} payload bytes, file has {have}")));
+        return Err(bad(format!(
+            "truncated artifact: header promises {payload_len} payload bytes, file has {have}"
+        )));
     }
     if have > payload_len {
-        return Err(bad(format!("corrupted artifact: {} bytes of trailing garbage", have - payload_len)));
+        return Err(bad(format!(
+            "corrupted artifact: {} bytes of trailing garbage",
+            have - payload_len
+        )));
     }
     let mut crc = crc32fast::Hasher::new();
     crc.update(&bytes[..56]);
@@ -200,7 +209,8 @@ pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
     if crc.finalize() != stored_crc {
         return Err(bad("corrupted artifact: checksum mismatch".into()));
     }
-    let kind = Kind::from_u32(kind_raw).ok_or_else(|| bad(format!("unknown artifact kind {kind_raw}")))?;
+    let kind =
+        Kind::from_u32(kind_raw).ok_or_else(|| bad(format!("unknown artifact kind {kind_raw}")))?;
     let payload = bytes.split_off(HEADER_LEN);
     Ok((Header { version, kind, provenance, payload_len }, payload))
 }
@@ -209,7 +219,10 @@ pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
 pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
     let (header, payload) = read_raw(path)?;
     if header.kind != A::KIND {
-        return Err(Error::bad_file(path, format!("is a {} artifact, expected a {}", header.kind, A::KIND)));
+        return Err(Error::bad_file(
+            path,
+            format!("is a {} artifact, expected a {}", header.kind, A::KIND),
+        ));
     }
     let value = decode(path, &header, &payload)?;
     Ok((header, value))
@@ -217,7 +230,8 @@ pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
 
 /// Decodes a verified payload.
 pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Result<A> {
-    bincode::deserialize(payload).map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
+    bincode::deserialize(payload)
+        .map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
 }
 
 #[cfg(test)]
@@ -261,7 +275,10 @@ mod tests {
         let mut newer = good.clone();
         newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         check(newer, "newer");
-        check(b"hello world, not an artifact at all......................................".to_vec(), "magic");
+        check(
+            b"hello world, not an artifact at all......................................".to_vec(),
+            "magic",
+        );
         let mut other = good.clone();
         other[12..16].copy_from_slice(&(Kind::Run as u32).to_le_bytes());
         // Re-seal the checksum so only the kind is wrong.

@@ -38,10 +38,38 @@ fn shape(c: usize, hw: usize) -> ImageShape {
 pub fn workloads() -> Vec<Workload> {
     let cn3 = ModelSpec::ConvNet { depth: 3, width: 128, norm: crate::model::Norm::Instance };
     vec![
-        Workload { name: "lenet_mnist_b128", spec: ModelSpec::Lenet300100, input: shape(1, 28), batch: 128, eval: false, steps: 1000 },
-        Workload { name: "convnet3_cifar_b128", spec: cn3.clone(), input: shape(3, 32), batch: 128, eval: false, steps: 20 },
-        Workload { name: "convnet3_mnist_b128", spec: cn3.clone(), input: shape(1, 28), batch: 128, eval: false, steps: 20 },
-        Workload { name: "convnet3_cifar_eval_b1000", spec: cn3, input: shape(3, 32), batch: 1000, eval: true, steps: 4 },
+        Workload {
+            name: "lenet_mnist_b128",
+            spec: ModelSpec::Lenet300100,
+            input: shape(1, 28),
+            batch: 128,
+            eval: false,
+            steps: 1000,
+        },
+        Workload {
+            name: "convnet3_cifar_b128",
+            spec: cn3.clone(),
+            input: shape(3, 32),
+            batch: 128,
+            eval: false,
+            steps: 20,
+        },
+        Workload {
+            name: "convnet3_mnist_b128",
+            spec: cn3.clone(),
+            input: shape(1, 28),
+            batch: 128,
+            eval: false,
+            steps: 20,
+        },
+        Workload {
+            name: "convnet3_cifar_eval_b1000",
+            spec: cn3,
+            input: shape(3, 32),
+            batch: 1000,
+            eval: true,
+            steps: 4,
+        },
     ]
 }
 
@@ -76,7 +104,17 @@ impl Prepared {
         let mask = Mask::dense(&model.layout);
         let momentum = vec![0.0; params.len()];
         let bufs = GradBuffers::new(&model);
-        Prepared { workload: w.clone(), model, params, mask, momentum, x, labels, bufs, steps_done: 0 }
+        Prepared {
+            workload: w.clone(),
+            model,
+            params,
+            mask,
+            momentum,
+            x,
+            labels,
+            bufs,
+            steps_done: 0,
+        }
     }
 
     /// One step: forward + cross-entropy + backward + SGD (lr 0.01, momentum 0.9, wd 5e-4), or a
@@ -85,12 +123,21 @@ impl Prepared {
         if self.workload.eval {
             let dev = dfdx::prelude::Cpu::default();
             let t = self.model.tensors(&dev, &self.params);
-            let out = crate::fit::logits(&self.model, &dev, &t, self.x.clone(), self.workload.batch);
+            let out =
+                crate::fit::logits(&self.model, &dev, &t, self.x.clone(), self.workload.batch);
             return out.iter().sum();
         }
-        let (loss, _) = loss_and_grad(&self.model, &self.params, &self.x, &self.labels, &mut self.bufs);
+        let (loss, _) =
+            loss_and_grad(&self.model, &self.params, &self.x, &self.labels, &mut self.bufs);
         let sgd = Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
-        sgd.step(&mut self.params.data, &mut self.bufs.grad, &mut self.momentum, self.steps_done == 0, 0.01, &self.mask);
+        sgd.step(
+            &mut self.params.data,
+            &mut self.bufs.grad,
+            &mut self.momentum,
+            self.steps_done == 0,
+            0.01,
+            &self.mask,
+        );
         self.steps_done += 1;
         loss
     }

@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Artifact, Kind, Provenance};
 use crate::data::{self, Batch, Dataset, ImageSet, Normalization};
+pub use crate::mlp::{FirstLayer, SPARSE_INPUT_MAX_DENSITY};
 use crate::model::Model;
 use crate::ops;
 use crate::optim::{Schedule, Sgd};
 use crate::params::{Mask, ParamVec};
-pub use crate::mlp::{FirstLayer, SPARSE_INPUT_MAX_DENSITY};
 use crate::seed::{self, Stream};
 use crate::{Error, Result};
 
@@ -72,10 +72,16 @@ impl TrainConfig {
             return Err(Error::invalid(format!("--lr {}: must be a positive number", self.lr)));
         }
         if !(0.0..1.0).contains(&self.sgd.momentum) {
-            return Err(Error::invalid(format!("--momentum {}: must lie in [0, 1)", self.sgd.momentum)));
+            return Err(Error::invalid(format!(
+                "--momentum {}: must lie in [0, 1)",
+                self.sgd.momentum
+            )));
         }
         if !(self.sgd.weight_decay >= 0.0 && self.sgd.weight_decay.is_finite()) {
-            return Err(Error::invalid(format!("--weight-decay {}: must be >= 0", self.sgd.weight_decay)));
+            return Err(Error::invalid(format!(
+                "--weight-decay {}: must be >= 0",
+                self.sgd.weight_decay
+            )));
         }
         if self.sgd.nesterov && self.sgd.momentum == 0.0 {
             return Err(Error::invalid("--nesterov needs a non-zero --momentum"));
@@ -144,7 +150,14 @@ impl TrainState {
     /// The state before the first step.
     pub fn start(params: ParamVec) -> TrainState {
         let momentum = vec![0.0; params.len()];
-        TrainState { params, momentum, epochs_done: 0, steps_done: 0, images_seen: 0, curve: vec![] }
+        TrainState {
+            params,
+            momentum,
+            epochs_done: 0,
+            steps_done: 0,
+            images_seen: 0,
+            curve: vec![],
+        }
     }
 }
 
@@ -181,7 +194,12 @@ pub struct GradBuffers {
 impl GradBuffers {
     /// Buffers for `model`.
     pub fn new(model: &Model) -> GradBuffers {
-        GradBuffers { dev: Cpu::default(), grad: vec![0.0; model.layout.total()], mlp: Default::default(), first_layer: FirstLayer::Auto }
+        GradBuffers {
+            dev: Cpu::default(),
+            grad: vec![0.0; model.layout.total()],
+            mlp: Default::default(),
+            first_layer: FirstLayer::Auto,
+        }
     }
 }
 
@@ -197,16 +215,36 @@ pub const MLP_GROUP: usize = 64;
 /// fixed groups of [`MLP_GROUP`] samples), tested against the tape path
 /// ([`loss_and_grad_on_tape`]) and finite differences; other models run on dfdx's tape. Either
 /// way results are bit-identical for any thread count.
-pub fn loss_and_grad(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
+pub fn loss_and_grad(
+    model: &Model,
+    params: &ParamVec,
+    x: &[f32],
+    labels: &[u8],
+    bufs: &mut GradBuffers,
+) -> (f32, usize) {
     if let Some(widths) = model.mlp_widths() {
-        return crate::mlp::loss_and_grad(&widths, &params.data, x, labels, &mut bufs.mlp, &mut bufs.grad, bufs.first_layer);
+        return crate::mlp::loss_and_grad(
+            &widths,
+            &params.data,
+            x,
+            labels,
+            &mut bufs.mlp,
+            &mut bufs.grad,
+            bufs.first_layer,
+        );
     }
     loss_and_grad_on_tape(model, params, x, labels, bufs)
 }
 
 /// [`loss_and_grad`] through dfdx's tape for any model, in one graph (the reference the MLP
 /// path is tested against).
-pub fn loss_and_grad_on_tape(model: &Model, params: &ParamVec, x: &[f32], labels: &[u8], bufs: &mut GradBuffers) -> (f32, usize) {
+pub fn loss_and_grad_on_tape(
+    model: &Model,
+    params: &ParamVec,
+    x: &[f32],
+    labels: &[u8],
+    bufs: &mut GradBuffers,
+) -> (f32, usize) {
     let tensors = model.tensors(&bufs.dev, params);
     let (loss, correct, mut grads) = graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev);
     for (e, t) in model.layout.entries.iter().zip(&tensors) {
@@ -216,7 +254,13 @@ pub fn loss_and_grad_on_tape(model: &Model, params: &ParamVec, x: &[f32], labels
 }
 
 /// Mean cross-entropy of one graph over `x`, the number correct, and the gradients.
-fn graph_loss_and_grad(model: &Model, tensors: &[ops::T1], x: &[f32], labels: &[u8], dev: &Cpu) -> (f32, usize, Gradients<f32, Cpu>) {
+fn graph_loss_and_grad(
+    model: &Model,
+    tensors: &[ops::T1],
+    x: &[f32],
+    labels: &[u8],
+    dev: &Cpu,
+) -> (f32, usize, Gradients<f32, Cpu>) {
     let s = model.input;
     let n = labels.len();
     let input = dev.tensor_from_vec(x.to_vec(), (n, s.channels, s.height, s.width));
@@ -254,7 +298,11 @@ pub fn evaluate(model: &Model, params: &ParamVec, set: &ImageSet, norm: &Normali
         loss_sum += l;
     }
     let count = set.len().max(1);
-    Eval { loss: loss_sum / count as f64, accuracy: correct as f64 / count as f64, count: set.len() }
+    Eval {
+        loss: loss_sum / count as f64,
+        accuracy: correct as f64 / count as f64,
+        count: set.len(),
+    }
 }
 
 /// What to train on.
@@ -272,7 +320,12 @@ pub struct TrainData<'a> {
 impl<'a> TrainData<'a> {
     /// Train/test splits of `ds`, with augmentation as `cfg` says (or the dataset's default).
     pub fn of(ds: &'a Dataset, cfg: &TrainConfig) -> TrainData<'a> {
-        TrainData { train: &ds.train, test: Some(&ds.test), norm: &ds.norm, augment: cfg.augment.unwrap_or(ds.augment_default) }
+        TrainData {
+            train: &ds.train,
+            test: Some(&ds.test),
+            norm: &ds.norm,
+            augment: cfg.augment.unwrap_or(ds.augment_default),
+        }
     }
 }
 
@@ -320,7 +373,14 @@ pub fn fit(
                 None => cfg.schedule.lr(cfg.lr, epoch as u64, epochs as u64),
             };
             let first = state.steps_done == 0;
-            cfg.sgd.step(&mut state.params.data, &mut bufs.grad, &mut state.momentum, first, lr, mask);
+            cfg.sgd.step(
+                &mut state.params.data,
+                &mut bufs.grad,
+                &mut state.momentum,
+                first,
+                lr,
+                mask,
+            );
             state.steps_done += 1;
             state.images_seen += idx.len() as u64;
             loss_sum += loss as f64 * idx.len() as f64;
@@ -458,7 +518,13 @@ impl RunRequest<'_> {
     /// The provenance of the run this request produces.
     pub fn provenance(&self) -> Provenance {
         let augment = self.config.augment.unwrap_or(self.dataset.augment_default);
-        let id = RunIdentity { model: self.model, start: &self.start, config: &self.config, data_seed: self.data_seed, augment };
+        let id = RunIdentity {
+            model: self.model,
+            start: &self.start,
+            config: &self.config,
+            data_seed: self.data_seed,
+            augment,
+        };
         let mask_hash = Provenance::of("mask", &self.mask.keep, &[]);
         Provenance::of("train", &id, &[self.dataset_provenance, mask_hash])
     }
@@ -502,7 +568,12 @@ impl Observer for Checkpointer<'_> {
 /// Trains one replicate, writing `out` atomically when done. With `out` given, a checkpoint
 /// `out.ckpt` is kept while training, a killed run resumes from it, and an existing `out` with the
 /// same provenance is returned as is (unless `fresh`).
-pub fn train_run(req: &RunRequest, out: Option<&Path>, fresh: bool, observer: &mut dyn Observer) -> Result<(Run, Provenance, bool)> {
+pub fn train_run(
+    req: &RunRequest,
+    out: Option<&Path>,
+    fresh: bool,
+    observer: &mut dyn Observer,
+) -> Result<(Run, Provenance, bool)> {
     let prov = req.provenance();
     if let (Some(out), false) = (out, fresh) {
         if out.exists() {
@@ -525,7 +596,12 @@ pub fn train_run(req: &RunRequest, out: Option<&Path>, fresh: bool, observer: &m
     }
     let started = Instant::now();
     let data = TrainData::of(req.dataset, &req.config);
-    let mut cp = Checkpointer { path: ckpt.as_deref(), run: prov, inner: observer, last_write: Instant::now() };
+    let mut cp = Checkpointer {
+        path: ckpt.as_deref(),
+        run: prov,
+        inner: observer,
+        last_write: Instant::now(),
+    };
     let state = match fit(req.model, &req.mask, &data, &req.config, req.data_seed, state, &mut cp) {
         Ok(s) => s,
         Err(Error::Diverged { epoch, step, loss, .. }) => {

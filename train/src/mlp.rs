@@ -75,7 +75,13 @@ pub(crate) fn loss_and_grad(
 ) -> (f32, usize) {
     let n = labels.len();
     let layers = widths.len() - 1;
-    assert_eq!(x.len(), n * widths[0], "mlp: input has {} values for {n} rows of {}", x.len(), widths[0]);
+    assert_eq!(
+        x.len(),
+        n * widths[0],
+        "mlp: input has {} values for {n} rows of {}",
+        x.len(),
+        widths[0]
+    );
     // Offsets of each layer's weight and bias in the flat vector: the model's `Layout` order
     // (weight, then bias, per layer), checked against the parameter count below.
     let mut offsets = Vec::with_capacity(layers);
@@ -144,7 +150,19 @@ pub(crate) fn loss_and_grad(
                     split.forward(r0..r1, outf, out);
                 } else {
                     // z (m x out) = a (m x in) W^T (in x out)
-                    sgemm(m, outf, inf, out, Layout::row_major(outf), false, input, Layout::row_major(inf), weight(l), Layout::transposed(inf), Par::Seq);
+                    sgemm(
+                        m,
+                        outf,
+                        inf,
+                        out,
+                        Layout::row_major(outf),
+                        false,
+                        input,
+                        Layout::row_major(inf),
+                        weight(l),
+                        Layout::transposed(inf),
+                        Par::Seq,
+                    );
                 }
                 let b = bias(l);
                 let hidden = l + 1 < layers;
@@ -157,14 +175,27 @@ pub(crate) fn loss_and_grad(
                 }
             }
             // The logits become (softmax - onehot) / n: the gradient of the mean loss.
-            let (loss_sum, correct) = softmax_xent_rows(act[layers - 1], widths[layers], &labels[r0..r1], scale);
+            let (loss_sum, correct) =
+                softmax_xent_rows(act[layers - 1], widths[layers], &labels[r0..r1], scale);
             for l in (1..layers).rev() {
                 let (inf, outf) = (widths[l], widths[l + 1]);
                 let (lower, upper) = dz.split_at_mut(l);
                 let upstream: &[f32] = if l == layers - 1 { &act[l][..] } else { &upper[0][..] };
                 let below = &mut lower[l - 1][..];
                 // dA (m x in) = dZ (m x out) W (out x in), then through the ReLU.
-                sgemm(m, inf, outf, below, Layout::row_major(inf), false, upstream, Layout::row_major(outf), weight(l), Layout::row_major(inf), Par::Seq);
+                sgemm(
+                    m,
+                    inf,
+                    outf,
+                    below,
+                    Layout::row_major(inf),
+                    false,
+                    upstream,
+                    Layout::row_major(outf),
+                    weight(l),
+                    Layout::row_major(inf),
+                    Par::Seq,
+                );
                 for (d, a) in below.iter_mut().zip(act[l - 1].iter()) {
                     // Gradient 0 where the ReLU output is 0 (PyTorch: 0 at 0); AND on the bits
                     // so it vectorises.
@@ -178,7 +209,13 @@ pub(crate) fn loss_and_grad(
     // Phase 2: dW = dZ^T A and db = column sums of dZ over the whole batch, layers side by side.
     let act = &bufs.act;
     let dz = &bufs.dz;
-    let upstream = |l: usize| -> &[f32] { if l == layers - 1 { &act[l] } else { &dz[l] } };
+    let upstream = |l: usize| -> &[f32] {
+        if l == layers - 1 {
+            &act[l]
+        } else {
+            &dz[l]
+        }
+    };
     // The first layer's slot carries the sparse split when it is used.
     let mut split = sparse.then_some(&mut bufs.sparse);
     let mut slots: Vec<(usize, &mut [f32], Option<&mut SparseInput>)> = Vec::with_capacity(layers);
@@ -202,7 +239,17 @@ pub(crate) fn loss_and_grad(
         match split {
             Some(s) => s.weight_grad(upstream(l), db, outf, dw),
             // dW (out x in) = dZ^T (out x n) A (n x in)
-            None => sgemm_split(outf, inf, n, dw, false, upstream(l), Layout::transposed(outf), input, Layout::row_major(inf)),
+            None => sgemm_split(
+                outf,
+                inf,
+                n,
+                dw,
+                false,
+                upstream(l),
+                Layout::transposed(outf),
+                input,
+                Layout::row_major(inf),
+            ),
         }
     });
 

@@ -69,12 +69,14 @@ impl fmt::Display for ModelSpec {
     }
 }
 
-const SPEC_HELP: &str = "expected mlp:H1,H2,..., lenet-300-100 or convnet[:depth=D,width=W,norm=instance|none]";
+const SPEC_HELP: &str =
+    "expected mlp:H1,H2,..., lenet-300-100 or convnet[:depth=D,width=W,norm=instance|none]";
 
 impl FromStr for ModelSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: String| Error::invalid(format!("invalid model spec '{s}': {why} ({SPEC_HELP})"));
+        let bad =
+            |why: String| Error::invalid(format!("invalid model spec '{s}': {why} ({SPEC_HELP})"));
         let (head, args) = match s.split_once(':') {
             Some((h, a)) => (h.trim(), Some(a.trim())),
             None => (s.trim(), None),
@@ -89,15 +91,21 @@ impl FromStr for ModelSpec {
             "mlp" => {
                 let hidden = match args {
                     None | Some("") => vec![],
-                    Some(a) => a.split(',').map(|h| positive(h, "hidden width")).collect::<Result<_>>()?,
+                    Some(a) => {
+                        a.split(',').map(|h| positive(h, "hidden width")).collect::<Result<_>>()?
+                    }
                 };
                 Ok(ModelSpec::Mlp { hidden })
             }
-            "lenet-300-100" | "lenet300100" | "lenet" if args.is_none() => Ok(ModelSpec::Lenet300100),
+            "lenet-300-100" | "lenet300100" | "lenet" if args.is_none() => {
+                Ok(ModelSpec::Lenet300100)
+            }
             "convnet" => {
                 let (mut depth, mut width, mut norm) = (3, 128, Norm::Instance);
                 for kv in args.unwrap_or("").split(',').filter(|kv| !kv.trim().is_empty()) {
-                    let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("'{kv}' is not key=value")))?;
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| bad(format!("'{kv}' is not key=value")))?;
                     match k.trim() {
                         "depth" => depth = positive(v, "depth")?,
                         "width" => width = positive(v, "width")?,
@@ -143,7 +151,9 @@ impl Model {
     /// Binds `spec` to an input shape; fails when the input is too small for the architecture.
     pub fn new(spec: &ModelSpec, input: ImageShape, classes: usize) -> Result<Model> {
         if classes < 2 {
-            return Err(Error::invalid(format!("a classifier needs at least 2 classes, got {classes}")));
+            return Err(Error::invalid(format!(
+                "a classifier needs at least 2 classes, got {classes}"
+            )));
         }
         let mut items = Vec::new();
         let w = |name: String, shape: Vec<usize>| (name, shape, ParamKind::Weight);
@@ -172,8 +182,16 @@ impl Model {
                 items.push(w(format!("features.{i}.weight"), vec![*width, c, 3, 3]));
                 items.push((format!("features.{i}.bias"), vec![*width], ParamKind::Bias));
                 if *norm == Norm::Instance {
-                    items.push((format!("features.{}.weight", i + 1), vec![*width], ParamKind::NormScale));
-                    items.push((format!("features.{}.bias", i + 1), vec![*width], ParamKind::NormShift));
+                    items.push((
+                        format!("features.{}.weight", i + 1),
+                        vec![*width],
+                        ParamKind::NormScale,
+                    ));
+                    items.push((
+                        format!("features.{}.bias", i + 1),
+                        vec![*width],
+                        ParamKind::NormShift,
+                    ));
                 }
                 c = *width;
                 h /= 2;
@@ -237,7 +255,13 @@ impl Model {
         let k = p.len() - 2;
         // The classifier is the first layer only for an MLP without hidden layers.
         let classifier_first = hidden_of(&self.spec).is_some_and(|h| h.is_empty());
-        ops::linear(self.embed(p, x, input_grad), &p[k], &p[k + 1], self.classes, input_grad || !classifier_first)
+        ops::linear(
+            self.embed(p, x, input_grad),
+            &p[k],
+            &p[k + 1],
+            self.classes,
+            input_grad || !classifier_first,
+        )
     }
 
     /// Features before the classifier (N, F): what distribution matching embeds. Takes the full
@@ -246,7 +270,13 @@ impl Model {
         if let Some(hidden) = hidden_of(&self.spec) {
             let mut h = ops::flatten(x);
             for (i, &width) in hidden.iter().enumerate() {
-                h = ops::relu2(ops::linear(h, &p[2 * i], &p[2 * i + 1], width, input_grad || i > 0));
+                h = ops::relu2(ops::linear(
+                    h,
+                    &p[2 * i],
+                    &p[2 * i + 1],
+                    width,
+                    input_grad || i > 0,
+                ));
             }
             return h;
         }
@@ -280,7 +310,12 @@ impl Model {
             }
             return macs + (c * h * w * self.classes) as u64;
         }
-        self.layout.entries.iter().filter(|e| e.kind == ParamKind::Weight).map(|e| e.len() as u64).sum()
+        self.layout
+            .entries
+            .iter()
+            .filter(|e| e.kind == ParamKind::Weight)
+            .map(|e| e.len() as u64)
+            .sum()
     }
 }
 
@@ -294,13 +329,27 @@ mod tests {
 
     #[test]
     fn specs_parse_and_round_trip() {
-        for s in ["mlp:32,16", "mlp:", "lenet-300-100", "convnet:depth=3,width=128,norm=instance", "convnet:depth=2,width=8,norm=none"] {
+        for s in [
+            "mlp:32,16",
+            "mlp:",
+            "lenet-300-100",
+            "convnet:depth=3,width=128,norm=instance",
+            "convnet:depth=2,width=8,norm=none",
+        ] {
             let spec: ModelSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
         }
         let d: ModelSpec = "convnet".parse().unwrap();
         assert_eq!(d, ModelSpec::ConvNet { depth: 3, width: 128, norm: Norm::Instance });
-        for bad in ["resnet", "mlp:0", "mlp:a", "convnet:depth=0", "convnet:norm=batchy", "convnet:foo=1", "lenet-300-100:3"] {
+        for bad in [
+            "resnet",
+            "mlp:0",
+            "mlp:a",
+            "convnet:depth=0",
+            "convnet:norm=batchy",
+            "convnet:foo=1",
+            "lenet-300-100:3",
+        ] {
             let e = bad.parse::<ModelSpec>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

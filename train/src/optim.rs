@@ -28,7 +28,15 @@ impl Sgd {
     ///
     /// PyTorch: d = g + wd*p; buf = first ? d : mu*buf + d; d = nesterov ? d + mu*buf : buf;
     /// p -= lr*d.
-    pub fn step(&self, params: &mut [f32], grad: &mut [f32], buf: &mut [f32], first: bool, lr: f64, mask: &Mask) {
+    pub fn step(
+        &self,
+        params: &mut [f32],
+        grad: &mut [f32],
+        buf: &mut [f32],
+        first: bool,
+        lr: f64,
+        mask: &Mask,
+    ) {
         let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, lr as f32);
         // Branch-free inner loops (the variant is a compile-time constant of `update`), so they
         // vectorise.
@@ -54,11 +62,27 @@ type UpdateFn = fn(&mut [f32], &[f32], &mut [f32], &[bool], f32, f32, f32);
 /// [`update`] compiled for AVX2 when the CPU has it (8-wide instead of the baseline's 4-wide
 /// SSE), else the baseline build. The same IEEE operations run either way (Rust never fuses a
 /// multiply and an add on its own), so the results are identical bit for bit.
-fn dispatch<const MOM: bool, const FIRST: bool, const NEST: bool>(p: &mut [f32], g: &[f32], b: &mut [f32], keep: &[bool], mu: f32, wd: f32, lr: f32) {
+fn dispatch<const MOM: bool, const FIRST: bool, const NEST: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    b: &mut [f32],
+    keep: &[bool],
+    mu: f32,
+    wd: f32,
+    lr: f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2<const MOM: bool, const FIRST: bool, const NEST: bool>(p: &mut [f32], g: &[f32], b: &mut [f32], keep: &[bool], mu: f32, wd: f32, lr: f32) {
+        unsafe fn avx2<const MOM: bool, const FIRST: bool, const NEST: bool>(
+            p: &mut [f32],
+            g: &[f32],
+            b: &mut [f32],
+            keep: &[bool],
+            mu: f32,
+            wd: f32,
+            lr: f32,
+        ) {
             update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr)
         }
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -113,7 +137,9 @@ pub enum Schedule {
 impl Schedule {
     /// Parses `constant` or `multistep:F1,F2,...` with the given gamma.
     pub fn parse(s: &str, gamma: f64) -> Result<Schedule> {
-        let bad = |why: &str| Error::invalid(format!("--schedule '{s}': {why} (expected constant or multistep:F1,F2,... with fractions of training in (0,1))"));
+        let bad = |why: &str| {
+            Error::invalid(format!("--schedule '{s}': {why} (expected constant or multistep:F1,F2,... with fractions of training in (0,1))"))
+        };
         match s.split_once(':') {
             None if s == "constant" => Ok(Schedule::Constant),
             Some(("multistep", list)) => {
@@ -142,7 +168,10 @@ impl Schedule {
         match self {
             Schedule::Constant => base,
             Schedule::MultiStep { milestones, gamma } => {
-                let passed = milestones.iter().filter(|&&m| progress >= (m * total as f64).round() as u64).count();
+                let passed = milestones
+                    .iter()
+                    .filter(|&&m| progress >= (m * total as f64).round() as u64)
+                    .count();
                 base * gamma.powi(passed as i32)
             }
         }
@@ -191,7 +220,9 @@ mod tests {
         // On a CPU with AVX2, `dispatch` runs the 8-wide build; it must agree with the baseline
         // build bit for bit, for every branch (on a CPU without AVX2 both are the baseline).
         let n = 1000;
-        let vals = |k: u32| -> Vec<f32> { (0..n as u32).map(|i| ((i * 7919 + k * 104729) % 2001) as f32 / 1000.0 - 1.0).collect() };
+        let vals = |k: u32| -> Vec<f32> {
+            (0..n as u32).map(|i| ((i * 7919 + k * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
+        };
         let keep: Vec<bool> = (0..n).map(|i| i % 5 != 0).collect();
         let fs: [(UpdateFn, UpdateFn); 5] = [
             (dispatch::<false, false, false>, update::<false, false, false>),

@@ -90,7 +90,10 @@ impl Layout {
     pub fn require(&self, name: &str) -> Result<&ParamInfo> {
         self.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
-            Error::invalid(format!("unknown parameter '{name}' (this model has: {})", known.join(", ")))
+            Error::invalid(format!(
+                "unknown parameter '{name}' (this model has: {})",
+                known.join(", ")
+            ))
         })
     }
 }
@@ -193,7 +196,10 @@ impl Mask {
         }
         for e in layout.entries.iter().filter(|e| !e.prunable()) {
             if self.keep[e.range()].iter().any(|k| !k) {
-                return Err(Error::invalid(format!("mask prunes '{}', which is not prunable", e.name)));
+                return Err(Error::invalid(format!(
+                    "mask prunes '{}', which is not prunable",
+                    e.name
+                )));
             }
         }
         Ok(())

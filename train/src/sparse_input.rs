@@ -104,7 +104,9 @@ impl SparseInput {
         }
         let z = &self.z;
         let nnz: usize = crate::ops::avx2(|| {
-            x.chunks_exact(inf).map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count()).sum()
+            x.chunks_exact(inf)
+                .map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count())
+                .sum()
         });
         nnz as f32 / (n * inf).max(1) as f32
     }
@@ -240,7 +242,8 @@ fn forward_rows(s: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out:
         for i in rows.clone() {
             let mut acc: [f32; FWD_BLOCK] = s.wz[c0..c0 + FWD_BLOCK].try_into().expect("block");
             for &(p, v) in s.row(i) {
-                let src: &[f32; FWD_BLOCK] = wt[p as usize * FWD_BLOCK..][..FWD_BLOCK].try_into().expect("block");
+                let src: &[f32; FWD_BLOCK] =
+                    wt[p as usize * FWD_BLOCK..][..FWD_BLOCK].try_into().expect("block");
                 for j in 0..FWD_BLOCK {
                     acc[j] += v * src[j];
                 }
@@ -255,7 +258,16 @@ fn forward_rows(s: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out:
 /// accumulated in registers into `gt` (`inf x GRAD_BLOCK`); then written transposed into `dw`
 /// (this block's rows of `dW`).
 #[inline(always)]
-fn grad_block(s: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]) {
+fn grad_block(
+    s: &SparseInput,
+    dz: &[f32],
+    db: &[f32],
+    outf: usize,
+    c0: usize,
+    gt: &mut [f32],
+    dzb: &mut [f32],
+    dw: &mut [f32],
+) {
     let inf = s.inf;
     let w = GRAD_BLOCK.min(outf - c0);
     for (dst, row) in dzb.chunks_exact_mut(GRAD_BLOCK).zip(dz.chunks_exact(outf)) {
@@ -267,7 +279,8 @@ fn grad_block(s: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, g
         let zp = s.z[p];
         let mut acc: [f32; GRAD_BLOCK] = std::array::from_fn(|j| zp * dbb[j]);
         for &(i, v) in &s.by_col[s.col_start[p] as usize..s.col_start[p + 1] as usize] {
-            let src: &[f32; GRAD_BLOCK] = dzb[i as usize * GRAD_BLOCK..][..GRAD_BLOCK].try_into().expect("block");
+            let src: &[f32; GRAD_BLOCK] =
+                dzb[i as usize * GRAD_BLOCK..][..GRAD_BLOCK].try_into().expect("block");
             for j in 0..GRAD_BLOCK {
                 acc[j] += v * src[j];
             }
@@ -285,7 +298,10 @@ fn transpose(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, rows: usize, co
         return;
     }
     assert!(cols <= ss && rows <= ds, "transpose: strides shorter than the rows");
-    assert!(src.len() >= (rows - 1) * ss + cols && dst.len() >= (cols - 1) * ds + rows, "transpose: out of bounds");
+    assert!(
+        src.len() >= (rows - 1) * ss + cols && dst.len() >= (cols - 1) * ds + rows,
+        "transpose: out of bounds"
+    );
     let (r8, c8) = (rows - rows % 8, cols - cols % 8);
     let mut tiled = false;
     #[cfg(target_arch = "x86_64")]
@@ -306,7 +322,14 @@ fn transpose(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, rows: usize, co
 /// row loads, the classic unpack / shuffle / lane-permute network, and 8 column stores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn transpose_tiles_avx(src: *const f32, ss: usize, dst: *mut f32, ds: usize, r8: usize, c8: usize) {
+unsafe fn transpose_tiles_avx(
+    src: *const f32,
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    r8: usize,
+    c8: usize,
+) {
     use std::arch::x86_64::*;
     for r0 in (0..r8).step_by(8) {
         for c0 in (0..c8).step_by(8) {
@@ -354,7 +377,9 @@ mod tests {
     fn the_tiled_transpose_is_a_transpose() {
         // Against the definition, for shapes with and without whole tiles and strides wider
         // than the rows.
-        for (rows, cols, ss, ds) in [(8, 8, 8, 8), (17, 23, 23, 17), (44, 784, 784, 64), (784, 12, 32, 784), (3, 5, 9, 6)] {
+        for (rows, cols, ss, ds) in
+            [(8, 8, 8, 8), (17, 23, 23, 17), (44, 784, 784, 64), (784, 12, 32, 784), (3, 5, 9, 6)]
+        {
             let src: Vec<f32> = (0..(rows - 1) * ss + cols).map(|i| i as f32).collect();
             let mut dst = vec![-1.0f32; (cols - 1) * ds + rows];
             transpose(&src, ss, &mut dst, ds, rows, cols);
@@ -364,7 +389,9 @@ mod tests {
                 }
             }
             // Nothing outside the transposed entries is written.
-            let written = (0..cols).flat_map(|c| (0..rows).map(move |r| c * ds + r)).collect::<std::collections::HashSet<_>>();
+            let written = (0..cols)
+                .flat_map(|c| (0..rows).map(move |r| c * ds + r))
+                .collect::<std::collections::HashSet<_>>();
             assert!(dst.iter().enumerate().all(|(i, v)| written.contains(&i) || *v == -1.0));
         }
     }

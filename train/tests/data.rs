@@ -25,26 +25,19 @@ fn shared_data() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!(
-            "skipping: shared data folder {} is absent (set LMC_SHARED_DATA)",
-            dir.display()
-        );
+        eprintln!("skipping: shared data folder {} is absent (set LMC_SHARED_DATA)", dir.display());
         None
     }
 }
 
 fn gunzip(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).unwrap();
     out
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::best());
+    let mut enc = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
 }
@@ -113,10 +106,9 @@ fn cut_idx(full: &[u8], header: usize, item: usize, keep: usize) -> Vec<u8> {
 fn make_idx_fixture(src: &Path, dst: &Path, gz: bool) {
     fs::create_dir_all(dst).unwrap();
     for (prefix, keep) in [("train", MNIST_TRAIN), ("t10k", MNIST_TEST)] {
-        for (kind, header, item) in [
-            ("images-idx3-ubyte", 16, 28 * 28),
-            ("labels-idx1-ubyte", 8, 1),
-        ] {
+        for (kind, header, item) in
+            [("images-idx3-ubyte", 16, 28 * 28), ("labels-idx1-ubyte", 8, 1)]
+        {
             let name = format!("{prefix}-{kind}");
             let full = gunzip(&fs::read(src.join(format!("{name}.gz"))).unwrap());
             let small = cut_idx(&full, header, item, keep);
@@ -137,11 +129,7 @@ fn make_fixtures() {
     let shared = shared_data().expect("make_fixtures needs the shared data folder");
     let fx = fixtures();
     make_idx_fixture(&shared.join("mnist"), &fx.join("mnist"), true);
-    make_idx_fixture(
-        &shared.join("fashion-mnist"),
-        &fx.join("fashion-mnist"),
-        false,
-    );
+    make_idx_fixture(&shared.join("fashion-mnist"), &fx.join("fashion-mnist"), false);
 
     // CIFAR-10: the first records of each batch file, streamed out of the real archive.
     let file = fs::File::open(shared.join("cifar-10-binary.tar.gz")).unwrap();
@@ -150,14 +138,7 @@ fn make_fixtures() {
     let mut small: Vec<(String, Vec<u8>)> = Vec::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
-        let name = entry
-            .path()
-            .unwrap()
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let name = entry.path().unwrap().file_name().unwrap().to_str().unwrap().to_string();
         let keep = match name.as_str() {
             "test_batch.bin" => CIFAR_TEST * CIFAR_RECORD,
             "batches.meta.txt" => usize::MAX,
@@ -169,16 +150,9 @@ fn make_fixtures() {
         bytes.truncate(keep);
         small.push((name, bytes));
     }
-    assert_eq!(
-        small.len(),
-        7,
-        "expected 6 batch files and batches.meta.txt in the archive"
-    );
+    assert_eq!(small.len(), 7, "expected 6 batch files and batches.meta.txt in the archive");
     for name in CIFAR_BATCHES {
-        assert!(
-            small.iter().any(|(n, _)| n == name),
-            "the archive has no {name}"
-        );
+        assert!(small.iter().any(|(n, _)| n == name), "the archive has no {name}");
     }
     let folder = fx.join("cifar-10-batches-bin");
     fs::create_dir_all(&folder).unwrap();
@@ -213,11 +187,7 @@ fn make_fixtures() {
     }
     let tar_bytes = builder.into_inner().unwrap();
     fs::create_dir_all(fx.join("cifar-tar")).unwrap();
-    fs::write(
-        fx.join("cifar-tar/cifar-10-binary.tar.gz"),
-        gzip(&tar_bytes),
-    )
-    .unwrap();
+    fs::write(fx.join("cifar-tar/cifar-10-binary.tar.gz"), gzip(&tar_bytes)).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,17 +220,11 @@ fn dataset_names_parse_and_display() {
 
 #[test]
 fn resolve_data_dir_prefers_flag_then_env_then_default() {
-    assert_eq!(
-        resolve_data_dir(Some(Path::new("/x/y"))),
-        PathBuf::from("/x/y")
-    );
+    assert_eq!(resolve_data_dir(Some(Path::new("/x/y"))), PathBuf::from("/x/y"));
     // The only test touching the variable.
     std::env::set_var(DATA_DIR_ENV, "/from/env");
     assert_eq!(resolve_data_dir(None), PathBuf::from("/from/env"));
-    assert_eq!(
-        resolve_data_dir(Some(Path::new("flag"))),
-        PathBuf::from("flag")
-    );
+    assert_eq!(resolve_data_dir(Some(Path::new("flag"))), PathBuf::from("flag"));
     std::env::remove_var(DATA_DIR_ENV);
     assert_eq!(resolve_data_dir(None), PathBuf::from("data"));
 }
@@ -273,23 +237,11 @@ fn digits_loads_and_matches_the_csv() {
     let ds = load(DatasetName::Digits, Some(Path::new("/nonexistent"))).unwrap();
     assert_eq!(ds.name, "digits");
     assert_eq!((ds.train.len(), ds.test.len()), (1437, 360));
-    assert_eq!(
-        ds.train.shape,
-        ImageShape {
-            channels: 1,
-            height: 8,
-            width: 8
-        }
-    );
+    assert_eq!(ds.train.shape, ImageShape { channels: 1, height: 8, width: 8 });
     assert_eq!(ds.classes, 10);
     assert_eq!(ds.class_names[3], "3");
     assert!(!ds.augment_default);
-    assert!(ds
-        .train
-        .labels
-        .iter()
-        .chain(&ds.test.labels)
-        .all(|&l| l < 10));
+    assert!(ds.train.labels.iter().chain(&ds.test.labels).all(|&l| l < 10));
 
     // Checked by hand on the CSV (zcat | awk): row 1 is a 0 whose 64 pixels sum to 294; row 1438
     // (the first test row) is a 2 summing to 347; the last row is an 8.
@@ -313,11 +265,8 @@ fn digits_loads_and_matches_the_csv() {
         .collect();
     assert_eq!(rows.len(), 1797);
     for (i, row) in rows.iter().enumerate() {
-        let (set, j) = if i < 1437 {
-            ((tr, &ds.train.labels), i)
-        } else {
-            ((te, &ds.test.labels), i - 1437)
-        };
+        let (set, j) =
+            if i < 1437 { ((tr, &ds.train.labels), i) } else { ((te, &ds.test.labels), i - 1437) };
         assert_eq!(&set.0[j * 64..(j + 1) * 64], &row[..64], "row {i}");
         assert_eq!(set.1[j], row[64], "row {i}");
     }
@@ -326,16 +275,8 @@ fn digits_loads_and_matches_the_csv() {
     let vals: Vec<f64> = tr.iter().map(|&b| b as f64 / 16.0).collect();
     let mean = vals.iter().sum::<f64>() / vals.len() as f64;
     let std = (vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64).sqrt();
-    assert!(
-        (ds.norm.mean[0] as f64 - mean).abs() < 1e-6,
-        "{:?} vs {mean}",
-        ds.norm
-    );
-    assert!(
-        (ds.norm.std[0] as f64 - std).abs() < 1e-6,
-        "{:?} vs {std}",
-        ds.norm
-    );
+    assert!((ds.norm.mean[0] as f64 - mean).abs() < 1e-6, "{:?} vs {mean}", ds.norm);
+    assert!((ds.norm.std[0] as f64 - std).abs() < 1e-6, "{:?} vs {std}", ds.norm);
     let stats = split_stats(&ds.train, 10);
     assert!((stats.mean[0] - mean).abs() < 1e-12 && (stats.std[0] - std).abs() < 1e-12);
     assert_eq!(stats.per_class.iter().sum::<usize>(), 1437);
@@ -352,35 +293,17 @@ const FMNIST_TEST_FIRST: [u8; 10] = [9, 2, 1, 1, 6, 1, 4, 6, 5, 7];
 
 #[test]
 fn mnist_fixture_loads_from_gz() {
-    assert!(fixtures()
-        .join("mnist/train-images-idx3-ubyte.gz")
-        .is_file());
+    assert!(fixtures().join("mnist/train-images-idx3-ubyte.gz").is_file());
     assert!(!fixtures().join("mnist/train-images-idx3-ubyte").exists());
     let ds = load(DatasetName::Mnist, Some(&fixtures())).unwrap();
     assert_eq!(ds.name, "mnist");
     assert_eq!((ds.train.len(), ds.test.len()), (64, 32));
-    assert_eq!(
-        ds.train.shape,
-        ImageShape {
-            channels: 1,
-            height: 28,
-            width: 28
-        }
-    );
+    assert_eq!(ds.train.shape, ImageShape { channels: 1, height: 28, width: 28 });
     assert_eq!(ds.train.shape.len(), 784);
     assert_eq!(&ds.train.labels[..10], &MNIST_TRAIN_FIRST);
     assert_eq!(&ds.test.labels[..10], &MNIST_TEST_FIRST);
-    assert_eq!(
-        ds.class_names,
-        (0..10).map(|d| d.to_string()).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        ds.norm,
-        Normalization {
-            mean: vec![0.1307],
-            std: vec![0.3081]
-        }
-    );
+    assert_eq!(ds.class_names, (0..10).map(|d| d.to_string()).collect::<Vec<_>>());
+    assert_eq!(ds.norm, Normalization { mean: vec![0.1307], std: vec![0.3081] });
     assert!(!ds.augment_default);
     let (px, scale) = u8_pixels(&ds.train);
     assert_eq!(px.len(), 64 * 784);
@@ -392,12 +315,8 @@ fn mnist_fixture_loads_from_gz() {
 
 #[test]
 fn fashion_mnist_fixture_loads_raw() {
-    assert!(fixtures()
-        .join("fashion-mnist/train-images-idx3-ubyte")
-        .is_file());
-    assert!(!fixtures()
-        .join("fashion-mnist/train-images-idx3-ubyte.gz")
-        .exists());
+    assert!(fixtures().join("fashion-mnist/train-images-idx3-ubyte").is_file());
+    assert!(!fixtures().join("fashion-mnist/train-images-idx3-ubyte.gz").exists());
     let ds = load(DatasetName::FashionMnist, Some(&fixtures())).unwrap();
     assert_eq!(ds.name, "fashion-mnist");
     assert_eq!((ds.train.len(), ds.test.len()), (64, 32));
@@ -405,13 +324,7 @@ fn fashion_mnist_fixture_loads_raw() {
     assert_eq!(&ds.test.labels[..10], &FMNIST_TEST_FIRST);
     assert_eq!(ds.class_names[0], "T-shirt/top");
     assert_eq!(ds.class_names[9], "Ankle boot");
-    assert_eq!(
-        ds.norm,
-        Normalization {
-            mean: vec![0.2860],
-            std: vec![0.3530]
-        }
-    );
+    assert_eq!(ds.norm, Normalization { mean: vec![0.2860], std: vec![0.3530] });
     let raw = fs::read(fixtures().join("fashion-mnist/t10k-images-idx3-ubyte")).unwrap();
     assert_eq!(u8_pixels(&ds.test).0, &raw[16..]);
 }
@@ -456,10 +369,7 @@ fn truncated_raw_idx_is_an_error_naming_the_file() {
     // Cut inside the header.
     cut(&file, 10);
     let err = load_err(DatasetName::FashionMnist, tmp.path());
-    assert!(
-        err.contains("train-images-idx3-ubyte") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("train-images-idx3-ubyte") && err.contains("truncated"), "{err}");
 }
 
 #[test]
@@ -473,10 +383,7 @@ fn truncated_gz_idx_is_an_error_naming_the_file() {
         fs::copy(fixtures().join("mnist/t10k-images-idx3-ubyte.gz"), &file).unwrap();
         cut(&file, keep);
         let err = load_err(DatasetName::Mnist, tmp.path());
-        assert!(
-            err.contains(&file.display().to_string()),
-            "keep {keep}: {err}"
-        );
+        assert!(err.contains(&file.display().to_string()), "keep {keep}: {err}");
     }
 }
 
@@ -512,10 +419,7 @@ fn idx_bad_magic_is_an_error() {
     let file = dir.join("t10k-images-idx3-ubyte");
     fs::write(&file, gzip(&fs::read(&file).unwrap())).unwrap();
     let err = load_err(DatasetName::FashionMnist, tmp.path());
-    assert!(
-        err.contains("t10k-images-idx3-ubyte") && err.contains("gzip"),
-        "{err}"
-    );
+    assert!(err.contains("t10k-images-idx3-ubyte") && err.contains("gzip"), "{err}");
 }
 
 #[test]
@@ -527,10 +431,7 @@ fn idx_wrong_dims_labels_and_counts_are_errors() {
     bytes[11] = 27; // rows
     fs::write(&file, &bytes).unwrap();
     let err = load_err(DatasetName::FashionMnist, tmp.path());
-    assert!(
-        err.contains("27x28") && err.contains("train-images-idx3-ubyte"),
-        "{err}"
-    );
+    assert!(err.contains("27x28") && err.contains("train-images-idx3-ubyte"), "{err}");
     fs::write(&file, &orig).unwrap();
 
     let lfile = dir.join("train-labels-idx1-ubyte");
@@ -561,15 +462,10 @@ fn idx_wrong_dims_labels_and_counts_are_errors() {
 fn missing_data_is_an_error_naming_the_path_and_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let nowhere = tmp.path().join("nowhere");
-    for (name, sub) in [
-        (DatasetName::Mnist, "mnist"),
-        (DatasetName::FashionMnist, "fashion-mnist"),
-    ] {
+    for (name, sub) in [(DatasetName::Mnist, "mnist"), (DatasetName::FashionMnist, "fashion-mnist")]
+    {
         let err = load_err(name, &nowhere);
-        assert!(
-            err.contains(&nowhere.join(sub).display().to_string()),
-            "{err}"
-        );
+        assert!(err.contains(&nowhere.join(sub).display().to_string()), "{err}");
         assert!(
             err.contains(&format!("'{name}'"))
                 && err.contains("--data-dir")
@@ -582,20 +478,14 @@ fn missing_data_is_an_error_naming_the_path_and_the_flag() {
         err.contains(&nowhere.display().to_string()) && err.contains("cifar-10-binary.tar.gz"),
         "{err}"
     );
-    assert!(
-        err.contains("'cifar10'") && err.contains("--data-dir"),
-        "{err}"
-    );
+    assert!(err.contains("'cifar10'") && err.contains("--data-dir"), "{err}");
 
     // One file missing.
     let dir = tmp.path().join("mnist");
     copy_dir(&fixtures().join("mnist"), &dir);
     fs::remove_file(dir.join("t10k-labels-idx1-ubyte.gz")).unwrap();
     let err = load_err(DatasetName::Mnist, tmp.path());
-    assert!(
-        err.contains("t10k-labels-idx1-ubyte") && err.contains("--data-dir"),
-        "{err}"
-    );
+    assert!(err.contains("t10k-labels-idx1-ubyte") && err.contains("--data-dir"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,38 +501,20 @@ fn cifar_folder_and_tar_give_the_same_dataset() {
         load_cifar10_tar(&fx.join("cifar-tar/cifar-10-binary.tar.gz")).unwrap(),
         from_folder
     );
-    assert_eq!(
-        load_cifar10_folder(&fx.join("cifar-10-batches-bin")).unwrap(),
-        from_folder
-    );
+    assert_eq!(load_cifar10_folder(&fx.join("cifar-10-batches-bin")).unwrap(), from_folder);
 
     let ds = from_folder;
     assert_eq!(ds.name, "cifar10");
     assert_eq!((ds.train.len(), ds.test.len()), (25, 10));
-    assert_eq!(
-        ds.train.shape,
-        ImageShape {
-            channels: 3,
-            height: 32,
-            width: 32
-        }
-    );
-    assert_eq!(
-        ds.class_names,
-        CIFAR10_CLASSES
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(ds.train.shape, ImageShape { channels: 3, height: 32, width: 32 });
+    assert_eq!(ds.class_names, CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     assert!(ds.augment_default);
     assert_eq!(ds.norm.mean, vec![0.4914, 0.4822, 0.4465]);
     assert_eq!(ds.norm.std, vec![0.2470, 0.2435, 0.2616]);
     // Records are label byte + CHW pixels; train batches are concatenated 1..5.
     let (px, scale) = u8_pixels(&ds.train);
     assert_eq!(scale, 1.0 / 255.0);
-    for (b, name) in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_5.bin"]
-        .iter()
-        .enumerate()
+    for (b, name) in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_5.bin"].iter().enumerate()
     {
         let raw = fs::read(fx.join("cifar-10-batches-bin").join(name)).unwrap();
         let first = [0, 5, 20][b];
@@ -677,31 +549,18 @@ fn cifar_truncated_or_missing_batch_is_an_error() {
     let len = fs::metadata(&file).unwrap().len() as usize;
     cut(&file, len - 7);
     let err = load_err(DatasetName::Cifar10, tmp.path());
-    assert!(
-        err.contains(&file.display().to_string()) && err.contains("3073"),
-        "{err}"
-    );
+    assert!(err.contains(&file.display().to_string()) && err.contains("3073"), "{err}");
 
     fs::remove_file(&file).unwrap();
     let err = load_err(DatasetName::Cifar10, tmp.path());
-    assert!(
-        err.contains(&file.display().to_string()) && err.contains("--data-dir"),
-        "{err}"
-    );
+    assert!(err.contains(&file.display().to_string()) && err.contains("--data-dir"), "{err}");
 
-    fs::copy(
-        fixtures().join("cifar-10-batches-bin/data_batch_3.bin"),
-        &file,
-    )
-    .unwrap();
+    fs::copy(fixtures().join("cifar-10-batches-bin/data_batch_3.bin"), &file).unwrap();
     let mut bytes = fs::read(dir.join("test_batch.bin")).unwrap();
     bytes[3073] = 11;
     fs::write(dir.join("test_batch.bin"), bytes).unwrap();
     let err = load_err(DatasetName::Cifar10, tmp.path());
-    assert!(
-        err.contains("test_batch.bin") && err.contains("record 1 has label 11"),
-        "{err}"
-    );
+    assert!(err.contains("test_batch.bin") && err.contains("record 1 has label 11"), "{err}");
 }
 
 #[test]
@@ -712,10 +571,7 @@ fn cifar_truncated_or_incomplete_archive_is_an_error() {
     for keep in [good.len() / 3, good.len() - 8, 5] {
         fs::write(&archive, &good[..keep]).unwrap();
         let err = load_err(DatasetName::Cifar10, tmp.path());
-        assert!(
-            err.contains(&archive.display().to_string()),
-            "keep {keep}: {err}"
-        );
+        assert!(err.contains(&archive.display().to_string()), "keep {keep}: {err}");
     }
     // An uncompressed tar cut inside a member, then re-gzipped (a valid gzip stream).
     let tar_bytes = gunzip(&good);
@@ -734,16 +590,11 @@ fn cifar_truncated_or_incomplete_archive_is_an_error() {
         let mut header = entry.header().clone();
         let mut data = Vec::new();
         entry.read_to_end(&mut data).unwrap();
-        builder
-            .append_data(&mut header, path, data.as_slice())
-            .unwrap();
+        builder.append_data(&mut header, path, data.as_slice()).unwrap();
     }
     fs::write(&archive, gzip(&builder.into_inner().unwrap())).unwrap();
     let err = load_err(DatasetName::Cifar10, tmp.path());
-    assert!(
-        err.contains("cifar-10-binary.tar.gz") && err.contains("data_batch_4.bin"),
-        "{err}"
-    );
+    assert!(err.contains("cifar-10-binary.tar.gz") && err.contains("data_batch_4.bin"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -779,10 +630,7 @@ fn subset_picks_images_in_order() {
     let ds = load_digits().unwrap();
     let sub = ds.train.subset(&[5, 0, 5]);
     assert_eq!(sub.len(), 3);
-    assert_eq!(
-        sub.labels,
-        vec![ds.train.labels[5], ds.train.labels[0], ds.train.labels[5]]
-    );
+    assert_eq!(sub.labels, vec![ds.train.labels[5], ds.train.labels[0], ds.train.labels[5]]);
     let (px, _) = u8_pixels(&ds.train);
     assert_eq!(&u8_pixels(&sub).0[64..128], &px[..64]);
     assert!(ds.train.subset(&[]).is_empty());
@@ -792,24 +640,11 @@ fn subset_picks_images_in_order() {
 fn toy() -> (ImageSet, Normalization) {
     let data: Vec<u8> = (0..24).map(|i| (i * 10) as u8).collect();
     let set = ImageSet {
-        shape: ImageShape {
-            channels: 3,
-            height: 2,
-            width: 2,
-        },
-        pixels: Pixels::U8 {
-            data,
-            scale: 1.0 / 255.0,
-        },
+        shape: ImageShape { channels: 3, height: 2, width: 2 },
+        pixels: Pixels::U8 { data, scale: 1.0 / 255.0 },
         labels: vec![1, 2],
     };
-    (
-        set,
-        Normalization {
-            mean: vec![0.5, 0.25, 0.0],
-            std: vec![0.5, 0.25, 2.0],
-        },
-    )
+    (set, Normalization { mean: vec![0.5, 0.25, 0.0], std: vec![0.5, 0.25, 2.0] })
 }
 
 #[test]
@@ -829,10 +664,8 @@ fn fill_batch_normalises_by_hand() {
     assert_eq!(b.x[12], -1.0);
 
     // F32 pixels are copied as is.
-    let f = ImageSet {
-        pixels: Pixels::F32((0..24).map(|i| i as f32 * 0.5).collect()),
-        ..set.clone()
-    };
+    let f =
+        ImageSet { pixels: Pixels::F32((0..24).map(|i| i as f32 * 0.5).collect()), ..set.clone() };
     fill_batch(&f, &norm, &[1], None, &mut b);
     assert_eq!(b.n, 1);
     assert_eq!(b.x, (12..24).map(|i| i as f32 * 0.5).collect::<Vec<_>>());
@@ -853,11 +686,7 @@ fn fill_batch_reuses_its_buffers() {
 
 #[test]
 fn crop_flip_semantics() {
-    let shape = ImageShape {
-        channels: 2,
-        height: 5,
-        width: 6,
-    };
+    let shape = ImageShape { channels: 2, height: 5, width: 6 };
     let src: Vec<u8> = (1..=60).collect();
     let mut out = vec![0u8; 60];
     // Offset (4, 4) is the unpadded window: identity.
@@ -927,10 +756,7 @@ fn fill_batch_augment_draws_dy_dx_flip_per_image_in_order() {
         for (j, &byte) in cropped.iter().enumerate() {
             let c = j / 1024;
             let want = (byte as f32 * scale - ds.norm.mean[c]) / ds.norm.std[c];
-            assert!(
-                (b.x[k * 3072 + j] - want).abs() < 1e-6,
-                "image {k} value {j}"
-            );
+            assert!((b.x[k * 3072 + j] - want).abs() < 1e-6, "image {k} value {j}");
         }
     }
     assert!(flips < idx.len()); // not a degenerate draw sequence
@@ -943,10 +769,7 @@ fn fill_batch_augment_ignores_the_thread_count() {
     let ds = load(DatasetName::Cifar10, Some(&fixtures())).unwrap();
     let idx = epoch_order(ds.train.len(), 5, 0);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let mut r = rng(5, Stream::Augment, 0);
             let mut b = Batch::new();
@@ -974,25 +797,13 @@ fn split_stats_by_hand() {
     let vals = [0.0, 10.0, 20.0, 30.0, 120.0, 130.0, 140.0, 150.0].map(|v: f64| v / 255.0);
     let m = vals.iter().sum::<f64>() / 8.0;
     let sd = (vals.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 8.0).sqrt();
-    assert!(
-        (s.mean[0] - m).abs() < 1e-12 && (s.std[0] - sd).abs() < 1e-12,
-        "{s:?}"
-    );
+    assert!((s.mean[0] - m).abs() < 1e-12 && (s.std[0] - sd).abs() < 1e-12, "{s:?}");
     let f = ImageSet {
-        pixels: Pixels::F32(
-            u8_pixels(&set)
-                .0
-                .iter()
-                .map(|&b| b as f32 / 255.0)
-                .collect(),
-        ),
+        pixels: Pixels::F32(u8_pixels(&set).0.iter().map(|&b| b as f32 / 255.0).collect()),
         ..set.clone()
     };
     let fs_ = split_stats(&f, 3);
-    assert!(
-        (fs_.mean[0] - m).abs() < 1e-6 && (fs_.std[0] - sd).abs() < 1e-6,
-        "{fs_:?}"
-    );
+    assert!((fs_.mean[0] - m).abs() < 1e-6 && (fs_.std[0] - sd).abs() < 1e-6, "{fs_:?}");
     let json = serde_json::to_string(&s).unwrap();
     assert!(json.contains("\"per_class\":[0,1,1,0]"), "{json}");
 }
@@ -1017,12 +828,7 @@ fn real_mnist() {
     assert_eq!(&ds.test.labels[..10], &MNIST_TEST_FIRST);
     let s = split_stats(&ds.train, 10);
     assert_eq!(s.per_class[5], 5421); // the well-known MNIST train count of fives
-    assert_close(
-        "MNIST mean/std",
-        &[s.mean[0], s.std[0]],
-        &[0.1307, 0.3081],
-        5e-4,
-    );
+    assert_close("MNIST mean/std", &[s.mean[0], s.std[0]], &[0.1307, 0.3081], 5e-4);
 }
 
 #[test]
@@ -1033,12 +839,7 @@ fn real_fashion_mnist() {
     let s = split_stats(&ds.train, 10);
     assert_eq!(s.per_class, vec![6000; 10]);
     assert_eq!(split_stats(&ds.test, 10).per_class, vec![1000; 10]);
-    assert_close(
-        "Fashion-MNIST mean/std",
-        &[s.mean[0], s.std[0]],
-        &[0.2860, 0.3530],
-        5e-4,
-    );
+    assert_close("Fashion-MNIST mean/std", &[s.mean[0], s.std[0]], &[0.2860, 0.3530], 5e-4);
 }
 
 #[test]
@@ -1048,30 +849,13 @@ fn real_cifar10_from_tar() {
     let ds = load_cifar10_tar(&dir.join("cifar-10-binary.tar.gz")).unwrap();
     eprintln!("full CIFAR-10 loaded from tar.gz in {:?}", t.elapsed());
     assert_eq!((ds.train.len(), ds.test.len()), (50000, 10000));
-    assert_eq!(
-        ds.class_names,
-        CIFAR10_CLASSES
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(ds.class_names, CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let s = split_stats(&ds.train, 10);
     assert_eq!(s.per_class, vec![5000; 10]);
     assert_eq!(split_stats(&ds.test, 10).per_class, vec![1000; 10]);
     assert_close("CIFAR-10 mean", &s.mean, &[0.4914, 0.4822, 0.4465], 5e-4);
     assert_close("CIFAR-10 std", &s.std, &[0.2470, 0.2435, 0.2616], 5e-4);
     // The normalisation constants are these statistics.
-    let norm: Vec<f64> = ds
-        .norm
-        .mean
-        .iter()
-        .chain(&ds.norm.std)
-        .map(|&v| v as f64)
-        .collect();
-    assert_close(
-        "CIFAR-10 norm",
-        &norm,
-        &[s.mean.clone(), s.std.clone()].concat(),
-        5e-4,
-    );
+    let norm: Vec<f64> = ds.norm.mean.iter().chain(&ds.norm.std).map(|&v| v as f64).collect();
+    assert_close("CIFAR-10 norm", &norm, &[s.mean.clone(), s.std.clone()].concat(), 5e-4);
 }

@@ -88,11 +88,7 @@ fn forward<O: Op>(op: &O, x: &[f32], ps: &[Vec<f32>]) -> Vec<f32> {
 
 /// `sum(out * r)` in f64, without a tape.
 fn loss<O: Op>(op: &O, x: &[f32], ps: &[Vec<f32>], r: &[f32]) -> f64 {
-    forward(op, x, ps)
-        .iter()
-        .zip(r)
-        .map(|(a, b)| *a as f64 * *b as f64)
-        .sum()
+    forward(op, x, ps).iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
 /// Output (traced run), input gradient and parameter gradients of `sum(out * r)`.
@@ -124,12 +120,7 @@ fn fd_err(l: impl Fn(&[f32]) -> f64, x0: &[f32], g: &[f32], eps: f32, seed: u64)
         .sum();
     let fd = l(&xp) - l(&xm);
     let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let dn = xp
-        .iter()
-        .zip(&xm)
-        .map(|(p, m)| (*p as f64 - *m as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let dn = xp.iter().zip(&xm).map(|(p, m)| (*p as f64 - *m as f64).powi(2)).sum::<f64>().sqrt();
     let scale = an.abs().max(fd.abs()).max(1e-3 * gn * dn).max(1e-30);
     (fd - an).abs() / scale
 }
@@ -149,19 +140,12 @@ fn grad_check<O: Op>(
     let y0 = forward(op, x, ps);
     let r = rv(y0.len(), 1234);
     let (yt, gx, gps) = grads(op, x, ps, &r);
-    assert_eq!(
-        bits(&y0),
-        bits(&yt),
-        "{name}: traced and untraced forward differ"
-    );
+    assert_eq!(bits(&y0), bits(&yt), "{name}: traced and untraced forward differ");
     assert_eq!(gx.len(), x.len(), "{name}: input gradient size");
     if check_x {
         for seed in [11, 12] {
             let e = fd_err(|xx| loss(op, xx, ps, &r), x, &gx, eps, seed);
-            assert!(
-                e < tol,
-                "{name}: input gradient rel. error {e:.3e} >= {tol:.0e}"
-            );
+            assert!(e < tol, "{name}: input gradient rel. error {e:.3e} >= {tol:.0e}");
         }
     }
     for (i, (p, gp)) in ps.iter().zip(&gps).enumerate() {
@@ -177,10 +161,7 @@ fn grad_check<O: Op>(
             eps,
             100 + i as u64,
         );
-        assert!(
-            e < tol,
-            "{name}: param {i} gradient rel. error {e:.3e} >= {tol:.0e}"
-        );
+        assert!(e < tol, "{name}: param {i} gradient rel. error {e:.3e} >= {tol:.0e}");
     }
     (gx, gps)
 }
@@ -188,10 +169,7 @@ fn grad_check<O: Op>(
 fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * (1.0 + w.abs()),
-            "{name}: element {i}: got {g}, want {w}"
-        );
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{name}: element {i}: got {g}, want {w}");
     }
 }
 
@@ -211,13 +189,7 @@ impl Op for ConvOp {
         self.x
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
-        conv2d(
-            x,
-            &ps[0],
-            if self.bias { Some(&ps[1]) } else { None },
-            self.cfg,
-            self.input_grad,
-        )
+        conv2d(x, &ps[0], if self.bias { Some(&ps[1]) } else { None }, self.cfg, self.input_grad)
     }
 }
 impl ConvOp {
@@ -369,16 +341,8 @@ impl Op for NetOp {
         (3, 2, 6, 6)
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> Tensor<(), f32, Cpu, Tp> {
-        let c1 = Conv2dCfg {
-            out_channels: 4,
-            kernel: 3,
-            padding: 1,
-        };
-        let c2 = Conv2dCfg {
-            out_channels: 4,
-            kernel: 3,
-            padding: 1,
-        };
+        let c1 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
+        let c2 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
         let h = conv2d(x, &ps[0], None, c1, false);
         let h = instance_norm(h, &ps[1], &ps[2], 1e-5);
         let h = relu(h);
@@ -470,9 +434,7 @@ fn naive_linear(x: &[f32], n: usize, inf: usize, w: &[f32], b: &[f32], outf: usi
     let mut y = vec![];
     for ni in 0..n {
         for o in 0..outf {
-            let s: f64 = (0..inf)
-                .map(|i| x[ni * inf + i] as f64 * w[o * inf + i] as f64)
-                .sum();
+            let s: f64 = (0..inf).map(|i| x[ni * inf + i] as f64 * w[o * inf + i] as f64).sum();
             y.push((s + b[o] as f64) as f32);
         }
     }
@@ -493,11 +455,7 @@ fn conv2d_hand_computed() {
             xt,
             &t1(w),
             bt.as_ref(),
-            Conv2dCfg {
-                out_channels: 1,
-                kernel: k,
-                padding: p,
-            },
+            Conv2dCfg { out_channels: 1, kernel: k, padding: p },
             true,
         ))
     };
@@ -510,17 +468,11 @@ fn conv2d_hand_computed() {
     // x[oy - 1][ox - 1], so the output is x shifted down-right: [[0,0,0],[0,1,2],[0,4,5]].
     let mut w = [0.0; 9];
     w[0] = 1.0;
-    assert_eq!(
-        op(&w, None, 3, 1),
-        [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 4.0, 5.0]
-    );
+    assert_eq!(op(&w, None, 3, 1), [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 4.0, 5.0]);
     // 2x2 kernel [[1,2],[3,4]], no padding -> 2x2 output:
     // (0,0) = 1*1 + 2*2 + 3*4 + 4*5 = 37, (0,1) = 1*2 + 2*3 + 3*5 + 4*6 = 47,
     // (1,0) = 1*4 + 2*5 + 3*7 + 4*8 = 67, (1,1) = 1*5 + 2*6 + 3*8 + 4*9 = 77.
-    assert_eq!(
-        op(&[1.0, 2.0, 3.0, 4.0], None, 2, 0),
-        [37.0, 47.0, 67.0, 77.0]
-    );
+    assert_eq!(op(&[1.0, 2.0, 3.0, 4.0], None, 2, 0), [37.0, 47.0, 67.0, 77.0]);
 }
 
 #[test]
@@ -535,11 +487,7 @@ fn conv2d_matches_naive() {
     ] {
         let op = ConvOp {
             x,
-            cfg: Conv2dCfg {
-                out_channels: cout,
-                kernel: k,
-                padding: p,
-            },
+            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p },
             bias,
             input_grad: true,
         };
@@ -565,48 +513,22 @@ fn conv2d_gradients() {
     ] {
         let op = ConvOp {
             x,
-            cfg: Conv2dCfg {
-                out_channels: cout,
-                kernel: k,
-                padding: p,
-            },
+            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p },
             bias,
             input_grad: true,
         };
         let ps = op.params(5);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 9);
-        grad_check(
-            &format!("conv {x:?} k{k} p{p}"),
-            &op,
-            &xv,
-            &ps,
-            1e-2,
-            1e-2,
-            true,
-        );
+        grad_check(&format!("conv {x:?} k{k} p{p}"), &op, &xv, &ps, 1e-2, 1e-2, true);
     }
 }
 
 #[test]
 fn conv2d_without_input_grad() {
     let x = (3, 2, 5, 5);
-    let cfg = Conv2dCfg {
-        out_channels: 3,
-        kernel: 3,
-        padding: 1,
-    };
-    let with = ConvOp {
-        x,
-        cfg,
-        bias: true,
-        input_grad: true,
-    };
-    let without = ConvOp {
-        x,
-        cfg,
-        bias: true,
-        input_grad: false,
-    };
+    let cfg = Conv2dCfg { out_channels: 3, kernel: 3, padding: 1 };
+    let with = ConvOp { x, cfg, bias: true, input_grad: true };
+    let without = ConvOp { x, cfg, bias: true, input_grad: false };
     let ps = with.params(1);
     let xv = rv(150, 2);
     // Parameter gradients are still checked; the input gradient is allocated but zero.
@@ -624,12 +546,7 @@ fn conv2d_without_input_grad() {
 
 #[test]
 fn avg_pool2d_values_and_gradients() {
-    for (x, k) in [
-        ((2, 3, 4, 4), 2),
-        ((1, 2, 7, 7), 2),
-        ((2, 1, 7, 5), 3),
-        ((1, 1, 3, 3), 1),
-    ] {
+    for (x, k) in [((2, 3, 4, 4), 2), ((1, 2, 7, 7), 2), ((2, 1, 7, 5), 3), ((1, 1, 3, 3), 1)] {
         let op = PoolOp(x, k);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 4);
         let y = forward(&op, &xv, &[]);
@@ -661,17 +578,10 @@ fn instance_norm_hand_computed() {
     let t = dev().tensor_from_vec(vec![1.0, 2.0, 3.0, 4.0], (1, 1, 2, 2));
     let y = vec_of(&instance_norm(t, &t1(&[2.0]), &t1(&[1.0]), 1e-5));
     let s = (1.25f64 + 1e-5).sqrt();
-    let want: Vec<f32> = [-1.5, -0.5, 0.5, 1.5]
-        .iter()
-        .map(|v: &f64| (2.0 * v / s + 1.0) as f32)
-        .collect();
+    let want: Vec<f32> =
+        [-1.5, -0.5, 0.5, 1.5].iter().map(|v: &f64| (2.0 * v / s + 1.0) as f32).collect();
     assert_close("norm hand", &y, &want, 1e-6);
-    assert_close(
-        "norm hand literal",
-        &y,
-        &[-1.683_28, 0.105_573, 1.894_427, 3.683_28],
-        1e-5,
-    );
+    assert_close("norm hand literal", &y, &[-1.683_28, 0.105_573, 1.894_427, 3.683_28], 1e-5);
 }
 
 #[test]
@@ -680,7 +590,11 @@ fn fused_block_tail_equals_the_separate_ops_bit_for_bit() {
     for (x, k) in [((3, 4, 6, 6), 2), ((2, 3, 7, 5), 2), ((2, 2, 6, 9), 3)] {
         for norm in [true, false] {
             let c = x.1;
-            let ps = if norm { vec![rv(c, 51).iter().map(|v| v + 1.2).collect(), rv(c, 52)] } else { vec![] };
+            let ps = if norm {
+                vec![rv(c, 51).iter().map(|v| v + 1.2).collect(), rv(c, 52)]
+            } else {
+                vec![]
+            };
             let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 53).iter().map(|v| 2.0 * v + 0.3).collect();
             let r = rv(x.0 * c * (x.2 / k) * (x.3 / k), 54);
             let fused = BlockOp { x, norm, k, fused: true };
@@ -706,22 +620,11 @@ fn instance_norm_values_and_gradients() {
     for x in [(2, 3, 4, 4), (3, 2, 5, 3), (1, 4, 1, 7)] {
         let op = NormOp(x);
         let c = x.1;
-        let ps = vec![
-            rv(c, 21).iter().map(|v| v + 1.5).collect::<Vec<_>>(),
-            rv(c, 22),
-        ];
+        let ps = vec![rv(c, 21).iter().map(|v| v + 1.5).collect::<Vec<_>>(), rv(c, 22)];
         // Input with a large offset and scale: statistics must still be accurate.
-        let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 23)
-            .iter()
-            .map(|v| 3.0 * v + 10.0)
-            .collect();
+        let xv: Vec<f32> = rv(x.0 * c * x.2 * x.3, 23).iter().map(|v| 3.0 * v + 10.0).collect();
         let y = forward(&op, &xv, &ps);
-        assert_close(
-            &format!("norm {x:?}"),
-            &y,
-            &naive_norm(&xv, x, &ps[0], &ps[1], 1e-5),
-            2e-5,
-        );
+        assert_close(&format!("norm {x:?}"), &y, &naive_norm(&xv, x, &ps[0], &ps[1], 1e-5), 2e-5);
         grad_check(&format!("norm {x:?}"), &op, &xv, &ps, 1e-3, 2e-2, true);
     }
 }
@@ -735,7 +638,8 @@ fn linear_without_input_grad() {
     let ps = vec![rv(outf * inf, 41), rv(outf, 42)];
     let xv = rv(n * inf, 43);
     // Parameter gradients are still right (finite differences); the input gradient is zero.
-    let (gx, gps) = grad_check("linear no dx", &LinearOp(n, inf, outf, false), &xv, &ps, 1e-2, 1e-2, false);
+    let (gx, gps) =
+        grad_check("linear no dx", &LinearOp(n, inf, outf, false), &xv, &ps, 1e-2, 1e-2, false);
     assert!(gx.iter().all(|v| *v == 0.0));
     let r = rv(n * outf, 1234);
     let (_, gx_full, gps_full) = grads(&LinearOp(n, inf, outf, true), &xv, &ps, &r);
@@ -751,22 +655,9 @@ fn linear_values_and_gradients() {
         let ps = vec![rv(outf * inf, 31), rv(outf, 32)];
         let xv = rv(n * inf, 33);
         let y = forward(&op, &xv, &ps);
-        assert_close(
-            "linear",
-            &y,
-            &naive_linear(&xv, n, inf, &ps[0], &ps[1], outf),
-            1e-5,
-        );
+        assert_close("linear", &y, &naive_linear(&xv, n, inf, &ps[0], &ps[1], outf), 1e-5);
         // Linear in x and in (W, b): exact central differences (see conv2d_gradients).
-        grad_check(
-            &format!("linear {n}x{inf}->{outf}"),
-            &op,
-            &xv,
-            &ps,
-            1e-2,
-            1e-2,
-            true,
-        );
+        grad_check(&format!("linear {n}x{inf}->{outf}"), &op, &xv, &ps, 1e-2, 1e-2, true);
     }
     // Hand case: x = [1, 2], W = [[1, 0], [2, -1]] (out 2, in 2), b = [0.5, 0]: y = [1.5, 0].
     let x = dev().tensor_from_vec(vec![1.0, 2.0], (1, 2));
@@ -781,9 +672,7 @@ fn relu_values_and_gradients() {
     // Values kept at least 0.05 away from the kink, so eps = 1e-3 never crosses it and central
     // differences are exact (relu is piecewise linear).
     let away = |v: Vec<f32>| -> Vec<f32> {
-        v.iter()
-            .map(|x| if *x >= 0.0 { x + 0.05 } else { x - 0.05 })
-            .collect()
+        v.iter().map(|x| if *x >= 0.0 { x + 0.05 } else { x - 0.05 }).collect()
     };
     let x = (2, 3, 4, 5);
     let xv = away(rv(120, 41));
@@ -840,15 +729,7 @@ fn cross_entropy_and_mse_gradients() {
     // Smooth nonlinear ops: eps = 1e-3, tolerance 1e-2 (truncation error O(eps^2)).
     let labels = vec![3, 0, 9, 9, 1, 4];
     let xv: Vec<f32> = rv(60, 61).iter().map(|v| 4.0 * v).collect();
-    grad_check(
-        "ce",
-        &CeOp(6, 10, labels.clone()),
-        &xv,
-        &[],
-        1e-3,
-        1e-2,
-        true,
-    );
+    grad_check("ce", &CeOp(6, 10, labels.clone()), &xv, &[], 1e-3, 1e-2, true);
     // The loss value against a direct formula.
     let want: f64 = (0..6)
         .map(|i| {
@@ -864,12 +745,7 @@ fn cross_entropy_and_mse_gradients() {
     let op = MseOp(3, 4, t.clone());
     let av = rv(12, 63);
     grad_check("mse", &op, &av, &[], 1e-2, 1e-2, true);
-    let want = av
-        .iter()
-        .zip(&t)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        / 12.0;
+    let want = av.iter().zip(&t).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / 12.0;
     assert!((forward(&op, &av, &[])[0] as f64 - want).abs() < 1e-6);
     // Hand case: a = [1, 2], target [0, 0]: mean((1, 4)) = 2.5.
     let a = dev().tensor_from_vec(vec![1.0, 2.0], (1, 2));
@@ -926,36 +802,21 @@ fn small_network_gradients() {
 
 /// Runs `f` in a rayon pool of `n` threads.
 fn in_pool<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .unwrap()
-        .install(f)
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
 }
 
 fn assert_same_bits<O: Op + Sync>(name: &str, op: &O, x: &[f32], ps: &[Vec<f32>]) {
     let r = rv(forward(op, x, ps).len(), 99);
-    let runs: Vec<_> = [1, 2, 3]
-        .iter()
-        .map(|&n| in_pool(n, || grads(op, x, ps, &r)))
-        .collect();
+    let runs: Vec<_> = [1, 2, 3].iter().map(|&n| in_pool(n, || grads(op, x, ps, &r))).collect();
     for (n, run) in [2, 3].iter().zip(&runs[1..]) {
-        assert_eq!(
-            bits(&runs[0].0),
-            bits(&run.0),
-            "{name}: output differs with {n} threads"
-        );
+        assert_eq!(bits(&runs[0].0), bits(&run.0), "{name}: output differs with {n} threads");
         assert_eq!(
             bits(&runs[0].1),
             bits(&run.1),
             "{name}: input gradient differs with {n} threads"
         );
         for (i, (a, b)) in runs[0].2.iter().zip(&run.2).enumerate() {
-            assert_eq!(
-                bits(a),
-                bits(b),
-                "{name}: param {i} gradient differs with {n} threads"
-            );
+            assert_eq!(bits(a), bits(b), "{name}: param {i} gradient differs with {n} threads");
         }
     }
 }
@@ -968,29 +829,18 @@ fn bit_identical_across_thread_counts() {
     let xv = rv(10 * 16 * 144, 91);
     let conv = ConvOp {
         x,
-        cfg: Conv2dCfg {
-            out_channels: 32,
-            kernel: 3,
-            padding: 1,
-        },
+        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 },
         bias: true,
         input_grad: true,
     };
     assert_same_bits("conv b10", &conv, &xv, &conv.params(92));
-    let conv_nodx = ConvOp {
-        input_grad: false,
-        ..conv
-    };
+    let conv_nodx = ConvOp { input_grad: false, ..conv };
     assert_same_bits("conv b10 no dx", &conv_nodx, &xv, &conv_nodx.params(92));
     // Batch 1: one group; with 2 threads the samples run sequentially and gemm uses the pool.
     let x1 = (1, 32, 16, 16);
     let conv1 = ConvOp {
         x: x1,
-        cfg: Conv2dCfg {
-            out_channels: 32,
-            kernel: 3,
-            padding: 1,
-        },
+        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 },
         bias: true,
         input_grad: true,
     };
@@ -998,12 +848,7 @@ fn bit_identical_across_thread_counts() {
     let norm = NormOp(x);
     assert_same_bits("norm b10", &norm, &xv, &[rv(16, 95), rv(16, 96)]);
     let lin = LinearOp(130, 300, 100, true);
-    assert_same_bits(
-        "linear",
-        &lin,
-        &rv(130 * 300, 97),
-        &[rv(30_000, 98), rv(100, 99)],
-    );
+    assert_same_bits("linear", &lin, &rv(130 * 300, 97), &[rv(30_000, 98), rv(100, 99)]);
     // Large enough (31M multiply-accumulates) that each product is split into parallel blocks:
     // columns for the forward and dW, rows for dx (batch 700 > 300 features).
     let lin = LinearOp(130, 784, 300, true);

@@ -51,7 +51,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -59,7 +62,8 @@ fn cargo() -> Command {
 }
 
 fn build_lmc(root: &Path) -> Result<PathBuf> {
-    let st = cargo().current_dir(root).args(["build", "--release", "-q", "-p", "lmc-cli"]).status()?;
+    let st =
+        cargo().current_dir(root).args(["build", "--release", "-q", "-p", "lmc-cli"]).status()?;
     if !st.success() {
         bail!("building lmc failed");
     }
@@ -71,18 +75,30 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Pipeline { preset, data_dir, out, fresh } => {
             let (preset, path) = pipeline::load_preset(&preset, &root)?;
-            let out = out.unwrap_or_else(|| root.join("runs").join(format!("pipeline-{}", preset.name)));
+            let out =
+                out.unwrap_or_else(|| root.join("runs").join(format!("pipeline-{}", preset.name)));
             if fresh {
                 let _ = std::fs::remove_dir_all(out.join("stages"));
             }
             let lmc = build_lmc(&root)?;
-            eprintln!("[pipeline] preset {} ({}) -> {}", preset.name, path.display(), out.display());
+            eprintln!(
+                "[pipeline] preset {} ({}) -> {}",
+                preset.name,
+                path.display(),
+                out.display()
+            );
             let t = Instant::now();
             let data_dir = data_dir.or_else(|| std::env::var_os("LMC_DATA_DIR").map(PathBuf::from));
             let mut runner = pipeline::Runner { lmc, out: out.clone(), data_dir, log: vec![] };
             let (results, diagonals) = pipeline::run(&mut runner, &preset)?;
-            let png = runner.log.iter().find(|s| s.name == "distill").map(|s| s.dir.join("distilled.png")).filter(|p| p.exists());
-            report::write(&out.join("report"), &results, &diagonals, png.as_deref()).context("writing the report")?;
+            let png = runner
+                .log
+                .iter()
+                .find(|s| s.name == "distill")
+                .map(|s| s.dir.join("distilled.png"))
+                .filter(|p| p.exists());
+            report::write(&out.join("report"), &results, &diagonals, png.as_deref())
+                .context("writing the report")?;
             let ran = runner.log.iter().filter(|s| !s.cached).count();
             eprintln!(
                 "[pipeline] {} stages ({ran} run, {} cached) in {:.1} s; report: {}",
@@ -93,7 +109,9 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::CheckReport { dir } => check_report(&dir.unwrap_or_else(|| root.join("runs/pipeline-digits/report"))),
+        Cmd::CheckReport { dir } => {
+            check_report(&dir.unwrap_or_else(|| root.join("runs/pipeline-digits/report")))
+        }
         Cmd::Bench => {
             let st = cargo().current_dir(&root).args(["bench", "--workspace"]).status()?;
             if !st.success() {
@@ -115,11 +133,30 @@ fn main() -> Result<()> {
 /// `dir` may be the report folder or the pipeline's output folder that holds `report/`.
 fn check_report(dir: &Path) -> Result<()> {
     let nested = dir.join("report");
-    let dir = if !dir.join("index.html").exists() && nested.join("index.html").exists() { nested.as_path() } else { dir };
-    let index = dir.join("index.html").canonicalize().with_context(|| format!("{}: no index.html (give the report folder, or the pipeline's --out folder)", dir.display()))?;
+    let dir = if !dir.join("index.html").exists() && nested.join("index.html").exists() {
+        nested.as_path()
+    } else {
+        dir
+    };
+    let index = dir.join("index.html").canonicalize().with_context(|| {
+        format!(
+            "{}: no index.html (give the report folder, or the pipeline's --out folder)",
+            dir.display()
+        )
+    })?;
     let profile = std::env::temp_dir().join(format!("lmc-chromium-{}", std::process::id()));
     let out = Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--dump-dom"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("file://{}", index.display()))
         .output()
@@ -135,13 +172,21 @@ fn check_report(dir: &Path) -> Result<()> {
     let mut images = 0;
     for part in dom.split("<img src=\"").skip(1) {
         let src = part.split('"').next().unwrap_or("");
-        let bytes = std::fs::read(dir.join(src)).with_context(|| format!("image {src} referenced by the report is missing"))?;
-        let ok = if src.ends_with(".svg") { String::from_utf8_lossy(&bytes).contains("</svg>") } else { bytes.starts_with(b"\x89PNG") };
+        let bytes = std::fs::read(dir.join(src))
+            .with_context(|| format!("image {src} referenced by the report is missing"))?;
+        let ok = if src.ends_with(".svg") {
+            String::from_utf8_lossy(&bytes).contains("</svg>")
+        } else {
+            bytes.starts_with(b"\x89PNG")
+        };
         if !ok {
             bail!("image {src} is not a complete SVG/PNG file");
         }
         images += 1;
     }
-    eprintln!("[check-report] {}: rendered by chromium, {images} images present and well-formed", index.display());
+    eprintln!(
+        "[check-report] {}: rendered by chromium, {images} images present and well-formed",
+        index.display()
+    );
     Ok(())
 }

@@ -76,7 +76,9 @@ impl Flags {
                 toml::Value::String(s) => out.extend([format!("--{k}"), s.clone()]),
                 toml::Value::Integer(i) => out.extend([format!("--{k}"), i.to_string()]),
                 toml::Value::Float(f) => out.extend([format!("--{k}"), f.to_string()]),
-                other => bail!("flag '{k}': unsupported value {other} (use a string, number or boolean)"),
+                other => {
+                    bail!("flag '{k}': unsupported value {other} (use a string, number or boolean)")
+                }
             }
         }
         Ok(out)
@@ -86,9 +88,15 @@ impl Flags {
 /// Loads a preset by name (`presets/NAME.toml`) or path.
 pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)> {
     let p = Path::new(name_or_path);
-    let path = if p.extension().is_some_and(|e| e == "toml") || p.is_file() { p.to_path_buf() } else { root.join("presets").join(format!("{name_or_path}.toml")) };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("--preset {name_or_path}: cannot read {}", path.display()))?;
-    let preset: Preset = toml::from_str(&text).with_context(|| format!("{}: not a valid preset", path.display()))?;
+    let path = if p.extension().is_some_and(|e| e == "toml") || p.is_file() {
+        p.to_path_buf()
+    } else {
+        root.join("presets").join(format!("{name_or_path}.toml"))
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--preset {name_or_path}: cannot read {}", path.display()))?;
+    let preset: Preset =
+        toml::from_str(&text).with_context(|| format!("{}: not a valid preset", path.display()))?;
     if preset.replicates < 2 {
         bail!("{}: replicates must be at least 2 (interpolation needs a pair)", path.display());
     }
@@ -186,20 +194,41 @@ impl Runner {
         let output = cmd.output().with_context(|| format!("running {}", self.lmc.display()))?;
         let seconds = t.elapsed().as_secs_f64();
         if !output.status.success() {
-            bail!("stage {name} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+            bail!(
+                "stage {name} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
         }
-        let json: Value = serde_json::from_slice(&output.stdout).with_context(|| format!("stage {name}: lmc printed no JSON"))?;
+        let json: Value = serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("stage {name}: lmc printed no JSON"))?;
         let tmp = dir.join(".result.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}))?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}),
+            )?,
+        )?;
         std::fs::rename(&tmp, &done)?;
         eprintln!("[pipeline] {name}: done in {seconds:.1} s");
-        let s = StageOut { name: name.into(), dir, key, json: serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}), cached: false, seconds };
+        let s = StageOut {
+            name: name.into(),
+            dir,
+            key,
+            json: serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}),
+            cached: false,
+            seconds,
+        };
         self.log.push(s.clone());
         Ok(s)
     }
 
     fn find_dir(&self, key: &str) -> PathBuf {
-        self.log.iter().find(|s| s.key == key).map(|s| s.dir.clone()).expect("inputs run before their consumers")
+        self.log
+            .iter()
+            .find(|s| s.key == key)
+            .map(|s| s.dir.clone())
+            .expect("inputs run before their consumers")
     }
 }
 
@@ -260,32 +289,83 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
     a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
     let distill = runner.stage("distill", a)?;
     // 2. IMP on distilled data, on real data.
-    let mut a = lit(&["prune", "--dataset", &ds, "--model", &preset.model, "--seed", &seed, "--rounds", &rounds_arg]);
-    a.extend([Arg::Lit("--train-set".into()), Arg::In(distill.key.clone(), "distilled.lmc".into())]);
+    let mut a = lit(&[
+        "prune",
+        "--dataset",
+        &ds,
+        "--model",
+        &preset.model,
+        "--seed",
+        &seed,
+        "--rounds",
+        &rounds_arg,
+    ]);
+    a.extend([
+        Arg::Lit("--train-set".into()),
+        Arg::In(distill.key.clone(), "distilled.lmc".into()),
+    ]);
     a.extend(lits(preset.prune_distilled.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
     let imp_distilled = runner.stage("prune-distilled", a)?;
-    let mut a = lit(&["prune", "--dataset", &ds, "--model", &preset.model, "--seed", &seed, "--rounds", &rounds_arg]);
+    let mut a = lit(&[
+        "prune",
+        "--dataset",
+        &ds,
+        "--model",
+        &preset.model,
+        "--seed",
+        &seed,
+        "--rounds",
+        &rounds_arg,
+    ]);
     a.extend(lits(preset.prune.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
     let imp_real = runner.stage("prune-real", a)?;
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
     let sparsity_of = |s: &StageOut, r: usize| -> f64 {
-        s.json["output"]["rounds"].as_array().and_then(|rs| rs.iter().find(|x| x["round"].as_u64() == Some(r as u64))).and_then(|x| x["sparsity"].as_f64()).unwrap_or(f64::NAN)
+        s.json["output"]["rounds"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|x| x["round"].as_u64() == Some(r as u64)))
+            .and_then(|x| x["sparsity"].as_f64())
+            .unwrap_or(f64::NAN)
     };
     // 3. Conditions: dense, then per round distilled / imp / random.
-    let mut conds = vec![Condition { method: "dense".into(), round: 0, sparsity: 0.0, ticket: (imp_real.key.clone(), ticket(0)) }];
+    let mut conds = vec![Condition {
+        method: "dense".into(),
+        round: 0,
+        sparsity: 0.0,
+        ticket: (imp_real.key.clone(), ticket(0)),
+    }];
     for &r in preset.rounds.iter().filter(|&&r| r > 0) {
-        conds.push(Condition { method: "distilled".into(), round: r, sparsity: sparsity_of(&imp_distilled, r), ticket: (imp_distilled.key.clone(), ticket(r)) });
-        conds.push(Condition { method: "imp".into(), round: r, sparsity: sparsity_of(&imp_real, r), ticket: (imp_real.key.clone(), ticket(r)) });
+        conds.push(Condition {
+            method: "distilled".into(),
+            round: r,
+            sparsity: sparsity_of(&imp_distilled, r),
+            ticket: (imp_distilled.key.clone(), ticket(r)),
+        });
+        conds.push(Condition {
+            method: "imp".into(),
+            round: r,
+            sparsity: sparsity_of(&imp_real, r),
+            ticket: (imp_real.key.clone(), ticket(r)),
+        });
         let mut a = lit(&["prune", "random", "--seed", &seed]);
         a.extend([Arg::Lit("--like".into()), Arg::In(imp_real.key.clone(), ticket(r))]);
         a.extend([Arg::Lit("--out".into()), Arg::Own("random.lmc".into())]);
         let rs = runner.stage(&format!("random-r{r}"), a)?;
-        conds.push(Condition { method: "random".into(), round: r, sparsity: sparsity_of(&imp_real, r), ticket: (rs.key.clone(), "random.lmc".into()) });
+        conds.push(Condition {
+            method: "random".into(),
+            round: r,
+            sparsity: sparsity_of(&imp_real, r),
+            ticket: (rs.key.clone(), "random.lmc".into()),
+        });
     }
     // 4. Replicates and probes per condition.
-    let mut results = Results { preset: Some(preset.clone()), distill: distill.json["output"].clone(), ..Default::default() };
+    let mut results = Results {
+        preset: Some(preset.clone()),
+        distill: distill.json["output"].clone(),
+        ..Default::default()
+    };
     results.imp_rounds = serde_json::json!({"distilled": imp_distilled.json["output"]["rounds"], "imp": imp_real.json["output"]["rounds"]});
     let mut diagonals = Vec::new();
     let reps = preset.replicates.to_string();
@@ -307,14 +387,17 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
         a.extend(lits(preset.hessian.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("hessian.lmc".into())]);
         let hs = runner.stage(&format!("hessian-{label}"), a)?;
-        if let Ok((_, p)) = lmc_train::artifact::read::<lmc_probe::Probe>(&hs.dir.join("hessian.lmc")) {
+        if let Ok((_, p)) =
+            lmc_train::artifact::read::<lmc_probe::Probe>(&hs.dir.join("hessian.lmc"))
+        {
             if let lmc_probe::ProbeResult::Hessian(h) = p.result {
                 if let Some(d) = h.diagonal {
                     diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
                 }
             }
         }
-        let landscape = (c.method == "dense" || c.method == "distilled") && preset.landscape_rounds.contains(&c.round);
+        let landscape = (c.method == "dense" || c.method == "distilled")
+            && preset.landscape_rounds.contains(&c.round);
         if landscape {
             let mut a = lit(&["probe", "landscape"]);
             a.push(rep(0));
@@ -323,7 +406,10 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
             let ls = runner.stage(&format!("landscape-{label}"), a)?;
             results.landscapes.push(serde_json::json!({"condition": label, "result": ls.json["output"]["summary"]["result"]}));
         }
-        let accs: Vec<f64> = tr.json["output"]["replicates"].as_array().map(|v| v.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect()).unwrap_or_default();
+        let accs: Vec<f64> = tr.json["output"]["replicates"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect())
+            .unwrap_or_default();
         let ipr = &ip.json["output"]["summary"]["result"];
         results.conditions.push(serde_json::json!({
             "condition": label,
@@ -364,11 +450,18 @@ mod tests {
             let p = e.unwrap().path();
             let (preset, _) = load_preset(p.to_str().unwrap(), root).unwrap();
             assert_eq!(p.file_stem().unwrap().to_str().unwrap(), preset.name);
-            assert!(preset.rounds.contains(&0), "{}: the dense network is always a condition", preset.name);
+            assert!(
+                preset.rounds.contains(&0),
+                "{}: the dense network is always a condition",
+                preset.name
+            );
             n += 1;
         }
         assert!(n >= 4);
-        assert!(load_preset("no-such-preset", root).unwrap_err().to_string().contains("no-such-preset"));
+        assert!(load_preset("no-such-preset", root)
+            .unwrap_err()
+            .to_string()
+            .contains("no-such-preset"));
     }
 
     #[test]
@@ -382,7 +475,10 @@ mod tests {
 
     #[test]
     fn flags_become_command_line_options() {
-        let f: Flags = toml::from_str("[args]\nepochs = 3\nlr = 0.5\ntrace = true\nfresh = false\nschedule = \"constant\"\n").unwrap();
+        let f: Flags = toml::from_str(
+            "[args]\nepochs = 3\nlr = 0.5\ntrace = true\nfresh = false\nschedule = \"constant\"\n",
+        )
+        .unwrap();
         let a = f.to_args().unwrap();
         assert_eq!(a, vec!["--epochs", "3", "--lr", "0.5", "--schedule", "constant", "--trace"]);
     }

@@ -42,7 +42,13 @@ fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// A line chart with markers, axis labels (with units) and a legend.
-pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let (x0, x1) = range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
@@ -54,12 +60,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(|e| anyhow!("{e:?}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| anyhow!("{e:?}"))?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| anyhow!("{e:?}"))?;
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart
@@ -84,23 +85,44 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 
 /// A filled heat map of `z[row][col]` over x (columns) and y (rows), with a colour bar legend
 /// giving the value range.
-pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, xs: &[f64], ys: &[f64], z: &[Vec<f64>], z_label: &str) -> Result<()> {
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    xs: &[f64],
+    ys: &[f64],
+    z: &[Vec<f64>],
+    z_label: &str,
+) -> Result<()> {
     let root = SVGBackend::new(path, (640, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let finite = || z.iter().flatten().copied().filter(|v| v.is_finite());
-    let (zmin, zmax) = (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
+    let (zmin, zmax) =
+        (finite().fold(f64::INFINITY, f64::min), finite().fold(f64::NEG_INFINITY, f64::max));
     let step = |v: &[f64]| if v.len() > 1 { (v[1] - v[0]).abs() } else { 1.0 };
     let (dx, dy) = (step(xs) / 2.0, step(ys) / 2.0);
-    let (xa, xb) = (xs.first().copied().unwrap_or(0.0) - dx, xs.last().copied().unwrap_or(1.0) + dx);
-    let (ya, yb) = (ys.first().copied().unwrap_or(0.0) - dy, ys.last().copied().unwrap_or(1.0) + dy);
+    let (xa, xb) =
+        (xs.first().copied().unwrap_or(0.0) - dx, xs.last().copied().unwrap_or(1.0) + dx);
+    let (ya, yb) =
+        (ys.first().copied().unwrap_or(0.0) - dy, ys.last().copied().unwrap_or(1.0) + dy);
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title} ({z_label}: {zmin:.3} dark .. {zmax:.3} light)"), ("sans-serif", 16))
+        .caption(
+            format!("{title} ({z_label}: {zmin:.3} dark .. {zmax:.3} light)"),
+            ("sans-serif", 16),
+        )
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(56)
         .build_cartesian_2d(xa..xb, ya..yb)
         .map_err(|e| anyhow!("{e:?}"))?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).disable_mesh().draw().map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .disable_mesh()
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
     let span = (zmax - zmin).max(1e-12);
     let cells = ys.iter().enumerate().flat_map(|(r, &y)| {
         xs.iter().enumerate().map(move |(c, &x)| {
@@ -118,8 +140,15 @@ pub fn heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, xs: &[f64
 
 /// Overlaid histograms (as step lines of bin counts) of several samples, with a log10 x axis
 /// option for positive, heavy-tailed values such as Hessian diagonals.
-pub fn histogram(path: &Path, title: &str, x_label: &str, samples: &[(String, Vec<f64>)], bins: usize) -> Result<()> {
-    let all: Vec<f64> = samples.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite()).collect();
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    samples: &[(String, Vec<f64>)],
+    bins: usize,
+) -> Result<()> {
+    let all: Vec<f64> =
+        samples.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite()).collect();
     let (lo, hi) = range(all.iter().copied());
     let width = (hi - lo) / bins as f64;
     let series: Vec<Series> = samples
@@ -131,7 +160,11 @@ pub fn histogram(path: &Path, title: &str, x_label: &str, samples: &[(String, Ve
                 counts[b] += 1;
             }
             let n = v.len().max(1) as f64;
-            let points = counts.iter().enumerate().map(|(i, &c)| (lo + (i as f64 + 0.5) * width, c as f64 / n)).collect();
+            let points = counts
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (lo + (i as f64 + 0.5) * width, c as f64 / n))
+                .collect();
             Series { name: name.clone(), points }
         })
         .collect();

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::Result;
 
-
 use crate::pipeline::Results;
 use crate::plot::{self, Series};
 
@@ -17,39 +16,96 @@ fn pct(v: Option<f64>) -> String {
 }
 
 /// Writes the report folder.
-pub fn write(dir: &Path, res: &Results, diagonals: &[(String, Vec<f64>)], distill_png: Option<&Path>) -> Result<()> {
+pub fn write(
+    dir: &Path,
+    res: &Results,
+    diagonals: &[(String, Vec<f64>)],
+    distill_png: Option<&Path>,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let conds = &res.conditions;
     // Every method's line starts at the dense network (sparsity 0).
-    fn by_method<'a>(conds: &'a [serde_json::Value], m: &'a str) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+    fn by_method<'a>(
+        conds: &'a [serde_json::Value],
+        m: &'a str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
         conds.iter().filter(move |c| c["method"] == m || c["method"] == "dense")
     }
     // Accuracy vs sparsity (replicates retrained on real data), and barrier vs sparsity.
     let mut acc = Vec::new();
     let mut bar = Vec::new();
     for m in METHODS.iter().skip(1) {
-        let pts = |key: &str| -> Vec<(f64, f64)> { by_method(conds, m).filter_map(|c| Some((100.0 * c["sparsity"].as_f64()?, 100.0 * c[key].as_f64()?))).collect() };
+        let pts = |key: &str| -> Vec<(f64, f64)> {
+            by_method(conds, m)
+                .filter_map(|c| Some((100.0 * c["sparsity"].as_f64()?, 100.0 * c[key].as_f64()?)))
+                .collect()
+        };
         acc.push(Series { name: m.to_string(), points: pts("test_accuracy_mean") });
         bar.push(Series { name: m.to_string(), points: pts("error_barrier_mean") });
     }
-    plot::lines(&dir.join("accuracy_vs_sparsity.svg"), "Test accuracy of replicates trained on real data", "sparsity (% of weights removed)", "test accuracy (%)", &acc)?;
-    plot::lines(&dir.join("barrier_vs_sparsity.svg"), "Error barrier between replicates (linear interpolation)", "sparsity (% of weights removed)", "test error barrier (percentage points)", &bar)?;
+    plot::lines(
+        &dir.join("accuracy_vs_sparsity.svg"),
+        "Test accuracy of replicates trained on real data",
+        "sparsity (% of weights removed)",
+        "test accuracy (%)",
+        &acc,
+    )?;
+    plot::lines(
+        &dir.join("barrier_vs_sparsity.svg"),
+        "Error barrier between replicates (linear interpolation)",
+        "sparsity (% of weights removed)",
+        "test error barrier (percentage points)",
+        &bar,
+    )?;
     // Error along each interpolation path.
     let paths: Vec<Series> = conds
         .iter()
         .map(|c| Series {
             name: c["condition"].as_str().unwrap_or("?").to_string(),
-            points: c["interpolation"].as_array().map(|ps| ps.iter().filter_map(|p| Some((p["alpha"].as_f64()?, 100.0 * p["error"].as_f64()?))).collect()).unwrap_or_default(),
+            points: c["interpolation"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| Some((p["alpha"].as_f64()?, 100.0 * p["error"].as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect();
-    plot::lines(&dir.join("interpolation.svg"), "Test error along the path between replicates", "interpolation coefficient alpha (0 = replicate 0, 1 = replicate 1)", "test error (%)", &paths)?;
+    plot::lines(
+        &dir.join("interpolation.svg"),
+        "Test error along the path between replicates",
+        "interpolation coefficient alpha (0 = replicate 0, 1 = replicate 1)",
+        "test error (%)",
+        &paths,
+    )?;
     // IMP rounds as the search saw them.
     let mut rounds = Vec::new();
-    for (m, label) in [("distilled", "distilled IMP (trained on distilled data)"), ("imp", "real-data IMP")] {
-        let pts = res.imp_rounds[m].as_array().map(|r| r.iter().filter_map(|x| Some((100.0 * x["sparsity"].as_f64()?, 100.0 * x["test_accuracy"].as_f64()?))).collect()).unwrap_or_default();
+    for (m, label) in
+        [("distilled", "distilled IMP (trained on distilled data)"), ("imp", "real-data IMP")]
+    {
+        let pts = res.imp_rounds[m]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|x| {
+                        Some((
+                            100.0 * x["sparsity"].as_f64()?,
+                            100.0 * x["test_accuracy"].as_f64()?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         rounds.push(Series { name: label.into(), points: pts });
     }
-    plot::lines(&dir.join("imp_rounds.svg"), "Test accuracy of each IMP round's network", "sparsity (% of weights removed)", "test accuracy (%)", &rounds)?;
+    plot::lines(
+        &dir.join("imp_rounds.svg"),
+        "Test accuracy of each IMP round's network",
+        "sparsity (% of weights removed)",
+        "test accuracy (%)",
+        &rounds,
+    )?;
     // Landscapes.
     let mut landscape_files = Vec::new();
     for l in &res.landscapes {
@@ -63,26 +119,51 @@ pub fn write(dir: &Path, res: &Results, diagonals: &[(String, Vec<f64>)], distil
         ys.dedup();
         let mut z = vec![vec![f64::NAN; xs.len()]; ys.len()];
         for p in &pts {
-            if let (Some(ix), Some(iy), Some(loss)) = (p["ix"].as_u64(), p["iy"].as_u64(), p["loss"].as_f64()) {
+            if let (Some(ix), Some(iy), Some(loss)) =
+                (p["ix"].as_u64(), p["iy"].as_u64(), p["loss"].as_f64())
+            {
                 z[iy as usize][ix as usize] = loss;
             }
         }
         let file = format!("landscape_{name}.svg");
-        plot::heatmap(&dir.join(&file), &format!("Train loss around {name}"), "direction 1 (filter-normalised units)", "direction 2 (filter-normalised units)", &xs, &ys, &z, "train loss")?;
+        plot::heatmap(
+            &dir.join(&file),
+            &format!("Train loss around {name}"),
+            "direction 1 (filter-normalised units)",
+            "direction 2 (filter-normalised units)",
+            &xs,
+            &ys,
+            &z,
+            "train loss",
+        )?;
         landscape_files.push(file);
     }
     // Hessian diagonals (log10 of |H_ii|, zeros dropped).
-    let logs: Vec<(String, Vec<f64>)> = diagonals.iter().map(|(n, d)| (n.clone(), d.iter().filter(|v| **v != 0.0).map(|v| v.abs().log10()).collect())).collect();
+    let logs: Vec<(String, Vec<f64>)> = diagonals
+        .iter()
+        .map(|(n, d)| {
+            (n.clone(), d.iter().filter(|v| **v != 0.0).map(|v| v.abs().log10()).collect())
+        })
+        .collect();
     if !logs.is_empty() {
-        plot::histogram(&dir.join("hessian_diagonal.svg"), "Hessian diagonal estimates (Hutchinson)", "log10 |H_ii|", &logs, 40)?;
+        plot::histogram(
+            &dir.join("hessian_diagonal.svg"),
+            "Hessian diagonal estimates (Hutchinson)",
+            "log10 |H_ii|",
+            &logs,
+            40,
+        )?;
     }
     if let Some(png) = distill_png {
         std::fs::copy(png, dir.join("distilled.png"))?;
     }
-    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&serde_json::json!({
-        "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
-        "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
-    }))?)?;
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
+            "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
+        }))?,
+    )?;
     // Markdown.
     let preset = res.preset.as_ref();
     let mut md = String::new();
@@ -124,7 +205,14 @@ pub fn write(dir: &Path, res: &Results, diagonals: &[(String, Vec<f64>)], distil
     }
     writeln!(md, "\n## Compute per stage\n\n| stage | images processed | seconds | cached |\n|---|---|---|---|")?;
     for s in &res.compute {
-        writeln!(md, "| {} | {} | {:.1} | {} |", s["stage"].as_str().unwrap_or("?"), s["images_processed"].as_u64().map_or("-".into(), |v| v.to_string()), s["seconds"].as_f64().unwrap_or(0.0), s["cached"])?;
+        writeln!(
+            md,
+            "| {} | {} | {:.1} | {} |",
+            s["stage"].as_str().unwrap_or("?"),
+            s["images_processed"].as_u64().map_or("-".into(), |v| v.to_string()),
+            s["seconds"].as_f64().unwrap_or(0.0),
+            s["cached"]
+        )?;
     }
     writeln!(md, "\nEvery number above is in `summary.json`.")?;
     std::fs::write(dir.join("index.md"), &md)?;
@@ -184,7 +272,13 @@ fn markdown_to_html(md: &str) -> String {
             writeln!(html, "<h1>{}</h1>", inline(h)).unwrap();
         } else if let Some(rest) = t.strip_prefix("![") {
             if let Some((alt, src)) = rest.split_once("](") {
-                writeln!(html, "<p><img src=\"{}\" alt=\"{}\"></p>", esc(src.trim_end_matches(')')), esc(alt)).unwrap();
+                writeln!(
+                    html,
+                    "<p><img src=\"{}\" alt=\"{}\"></p>",
+                    esc(src.trim_end_matches(')')),
+                    esc(alt)
+                )
+                .unwrap();
             }
         } else if !t.is_empty() {
             writeln!(html, "<p>{}</p>", inline(t)).unwrap();
@@ -197,12 +291,13 @@ fn markdown_to_html(md: &str) -> String {
     html
 }
 
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn markdown_tables_images_and_code_become_html() {
-        let html = super::markdown_to_html("# T\n\n| a | b |\n|---|---|\n| 1 | `x<y` |\n\n![alt](p.svg)\n");
+        let html = super::markdown_to_html(
+            "# T\n\n| a | b |\n|---|---|\n| 1 | `x<y` |\n\n![alt](p.svg)\n",
+        );
         assert!(html.contains("<h1>T</h1>"));
         assert!(html.contains("<tr><th>a</th><th>b</th></tr>"));
         assert!(html.contains("<td><code>x&lt;y</code></td>"));

@@ -18,7 +18,16 @@ pub fn train(ds: &Dataset, spec: &str, mask: Option<Mask>, data_seed: u64, epoch
     let mask = mask.unwrap_or_else(|| Mask::dense(&model.layout));
     let cfg = TrainConfig { epochs, lr: 0.05, batch_size: 64, ..Default::default() };
     let data = fit::TrainData::of(ds, &cfg);
-    let state = fit::fit(&model, &mask, &data, &cfg, data_seed, fit::TrainState::start(model.init(0)), &mut fit::Silent).unwrap();
+    let state = fit::fit(
+        &model,
+        &mask,
+        &data,
+        &cfg,
+        data_seed,
+        fit::TrainState::start(model.init(0)),
+        &mut fit::Silent,
+    )
+    .unwrap();
     Run {
         model,
         dataset: ds.name.clone(),

@@ -19,10 +19,7 @@ pub const CROP_PADDING: usize = 4;
 /// # Panics
 /// If `n` does not fit in a `u32`.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
-    assert!(
-        n <= u32::MAX as usize,
-        "epoch_order: {n} examples do not fit in u32 indices"
-    );
+    assert!(n <= u32::MAX as usize, "epoch_order: {n} examples do not fit in u32 indices");
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut r = rng(seed, Stream::Order, epoch);
     for i in (1..n).rev() {
@@ -43,11 +40,7 @@ pub fn batches(
     drop_last: bool,
 ) -> impl ExactSizeIterator<Item = Range<usize>> + Clone {
     assert!(batch_size > 0, "batches: batch size must be positive");
-    let count = if drop_last {
-        n / batch_size
-    } else {
-        n.div_ceil(batch_size)
-    };
+    let count = if drop_last { n / batch_size } else { n.div_ceil(batch_size) };
     (0..count).map(move |b| b * batch_size..((b + 1) * batch_size).min(n))
 }
 
@@ -112,8 +105,7 @@ pub fn fill_batch(
     let n = idx.len();
     out.n = n;
     out.labels.clear();
-    out.labels
-        .extend(idx.iter().map(|&i| set.labels[i as usize]));
+    out.labels.extend(idx.iter().map(|&i| set.labels[i as usize]));
     out.x.resize(n * len, 0.0);
     if n == 0 || len == 0 {
         return;
@@ -147,59 +139,47 @@ pub fn fill_batch(
             scratch.lut.clear();
             for ch in 0..c {
                 let (m, s) = (norm.mean[ch], norm.std[ch]);
-                scratch
-                    .lut
-                    .extend((0..256).map(|b| (b as f32 * scale - m) / s));
+                scratch.lut.extend((0..256).map(|b| (b as f32 * scale - m) / s));
             }
             let lut = &scratch.lut[..];
-            out.x
-                .par_chunks_mut(len)
-                .with_min_len(min_len)
-                .enumerate()
-                .for_each(|(k, dst)| {
-                    let i = idx[k] as usize;
-                    let src = &data[i * len..(i + 1) * len];
-                    match draws.get(k) {
-                        Some(&(dy, dx, flip)) => crop_flip_with(
-                            src,
-                            shape,
-                            dy as usize,
-                            dx as usize,
-                            flip,
-                            |ch| lut[ch * 256],
-                            |ch, b| lut[ch * 256 + b as usize],
-                            dst,
-                        ),
-                        None => {
-                            for (ch, (d, s)) in dst
-                                .chunks_exact_mut(plane)
-                                .zip(src.chunks_exact(plane))
-                                .enumerate()
-                            {
-                                let table = &lut[ch * 256..(ch + 1) * 256];
-                                for (d, &b) in d.iter_mut().zip(s) {
-                                    *d = table[b as usize];
-                                }
+            out.x.par_chunks_mut(len).with_min_len(min_len).enumerate().for_each(|(k, dst)| {
+                let i = idx[k] as usize;
+                let src = &data[i * len..(i + 1) * len];
+                match draws.get(k) {
+                    Some(&(dy, dx, flip)) => crop_flip_with(
+                        src,
+                        shape,
+                        dy as usize,
+                        dx as usize,
+                        flip,
+                        |ch| lut[ch * 256],
+                        |ch, b| lut[ch * 256 + b as usize],
+                        dst,
+                    ),
+                    None => {
+                        for (ch, (d, s)) in
+                            dst.chunks_exact_mut(plane).zip(src.chunks_exact(plane)).enumerate()
+                        {
+                            let table = &lut[ch * 256..(ch + 1) * 256];
+                            for (d, &b) in d.iter_mut().zip(s) {
+                                *d = table[b as usize];
                             }
                         }
                     }
-                });
+                }
+            });
         }
         Pixels::F32(data) => {
-            out.x
-                .par_chunks_mut(len)
-                .with_min_len(min_len)
-                .enumerate()
-                .for_each(|(k, dst)| {
-                    let i = idx[k] as usize;
-                    let src = &data[i * len..(i + 1) * len];
-                    match draws.get(k) {
-                        Some(&(dy, dx, flip)) => {
-                            crop_flip(src, shape, dy as usize, dx as usize, flip, dst)
-                        }
-                        None => dst.copy_from_slice(src),
+            out.x.par_chunks_mut(len).with_min_len(min_len).enumerate().for_each(|(k, dst)| {
+                let i = idx[k] as usize;
+                let src = &data[i * len..(i + 1) * len];
+                match draws.get(k) {
+                    Some(&(dy, dx, flip)) => {
+                        crop_flip(src, shape, dy as usize, dx as usize, flip, dst)
                     }
-                });
+                    None => dst.copy_from_slice(src),
+                }
+            });
         }
     }
     SCRATCH.with(|s| *s.borrow_mut() = scratch);
@@ -246,11 +226,7 @@ fn crop_flip_with<T: Copy, U: Copy>(
     if plane == 0 {
         return;
     }
-    for (ch, (o, s)) in out
-        .chunks_exact_mut(plane)
-        .zip(src.chunks_exact(plane))
-        .enumerate()
-    {
+    for (ch, (o, s)) in out.chunks_exact_mut(plane).zip(src.chunks_exact(plane)).enumerate() {
         let p = pad(ch);
         for (y, orow) in o.chunks_exact_mut(w).enumerate() {
             // Row y of the window is row y + dy of the padded image, row y + dy - P of the source.

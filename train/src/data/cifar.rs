@@ -10,18 +10,8 @@ use super::{missing, Dataset, DatasetName, ImageSet, ImageShape, Pixels};
 use crate::{Error, Result};
 
 /// The standard CIFAR-10 class names, in label order (used when `batches.meta.txt` is absent or odd).
-pub const CIFAR10_CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub const CIFAR10_CLASSES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// The folder inside the data folder (and inside the archive).
 const FOLDER: &str = "cifar-10-batches-bin";
@@ -68,10 +58,8 @@ fn check_batch(origin: &Origin, raw: &[u8]) -> Result<usize> {
         )));
     }
     if let Some(i) = raw.chunks_exact(RECORD).position(|r| r[0] >= 10) {
-        return Err(origin.error(format!(
-            "record {i} has label {}, which is not below 10",
-            raw[i * RECORD]
-        )));
+        return Err(origin
+            .error(format!("record {i} has label {}, which is not below 10", raw[i * RECORD])));
     }
     Ok(records)
 }
@@ -93,15 +81,8 @@ fn assemble(batches: Vec<Vec<u8>>) -> ImageSet {
         offset += count;
     }
     ImageSet {
-        shape: ImageShape {
-            channels: 3,
-            height: 32,
-            width: 32,
-        },
-        pixels: Pixels::U8 {
-            data,
-            scale: 1.0 / 255.0,
-        },
+        shape: ImageShape { channels: 3, height: 32, width: 32 },
+        pixels: Pixels::U8 { data, scale: 1.0 / 255.0 },
         labels,
     }
 }
@@ -109,13 +90,7 @@ fn assemble(batches: Vec<Vec<u8>>) -> ImageSet {
 /// Class names from `batches.meta.txt` (one per line), or the standard list if it does not hold 10 names.
 fn class_names(meta: Option<&str>) -> Vec<String> {
     let from_meta: Vec<String> = meta
-        .map(|t| {
-            t.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect()
-        })
+        .map(|t| t.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
         .unwrap_or_default();
     if from_meta.len() == 10 {
         from_meta
@@ -218,10 +193,8 @@ pub fn load_cifar10_tar(archive: &Path) -> Result<Dataset> {
         let size = entry.header().size().map_err(corrupt)?;
         let mut raw = Vec::with_capacity((size as usize).min(1 << 28));
         entry.read_to_end(&mut raw).map_err(corrupt)?;
-        let origin = Origin {
-            path: archive.to_path_buf(),
-            member: Some(member.display().to_string()),
-        };
+        let origin =
+            Origin { path: archive.to_path_buf(), member: Some(member.display().to_string()) };
         if raw.len() as u64 != size {
             return Err(origin.error(format!(
                 "the archive is truncated: the member should hold {size} bytes, found {}",
@@ -243,10 +216,7 @@ pub fn load_cifar10_tar(archive: &Path) -> Result<Dataset> {
         .zip(BATCHES)
         .map(|(r, name)| {
             r.ok_or_else(|| {
-                Error::bad_file(
-                    archive,
-                    format!("the archive has no member {FOLDER}/{name}"),
-                )
+                Error::bad_file(archive, format!("the archive has no member {FOLDER}/{name}"))
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -30,18 +30,12 @@ fn parse() -> Result<Parsed> {
         .map_err(|e| Error::bad_file(source(), format!("cannot decompress: {e}")))?;
     let mut pixels = Vec::with_capacity(TOTAL_ROWS * PIXELS);
     let mut labels = Vec::with_capacity(TOTAL_ROWS);
-    for (line_no, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
+    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |msg: String| Error::bad_file(source(), format!("line {}: {msg}", line_no + 1));
         let mut fields = 0;
         for field in line.split(',') {
-            let v: u8 = field
-                .trim()
-                .parse()
-                .map_err(|_| bad(format!("'{field}' is not a number")))?;
+            let v: u8 =
+                field.trim().parse().map_err(|_| bad(format!("'{field}' is not a number")))?;
             if fields < PIXELS {
                 if v > 16 {
                     return Err(bad(format!("pixel value {v} is above 16")));
@@ -92,10 +86,7 @@ pub(super) fn normalization() -> Normalization {
         let n = train.len() as f64;
         let mean = s / n;
         let var = (ss / n - mean * mean).max(0.0);
-        Normalization {
-            mean: vec![mean as f32],
-            std: vec![var.sqrt() as f32],
-        }
+        Normalization { mean: vec![mean as f32], std: vec![var.sqrt() as f32] }
     })
     .clone()
 }
@@ -104,11 +95,7 @@ pub(super) fn normalization() -> Normalization {
 /// (scale 1/16), normalised with the training split's own mean and standard deviation.
 pub fn load_digits() -> Result<Dataset> {
     let p = parsed()?;
-    let shape = ImageShape {
-        channels: 1,
-        height: 8,
-        width: 8,
-    };
+    let shape = ImageShape { channels: 1, height: 8, width: 8 };
     let split = |rows: std::ops::Range<usize>| ImageSet {
         shape,
         pixels: Pixels::U8 {

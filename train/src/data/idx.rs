@@ -44,21 +44,15 @@ impl Source {
         };
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let buf = BufReader::with_capacity(1 << 16, file);
-        let reader: Box<dyn Read + Send> = if gz {
-            Box::new(flate2::read::MultiGzDecoder::new(buf))
-        } else {
-            Box::new(buf)
-        };
+        let reader: Box<dyn Read + Send> =
+            if gz { Box::new(flate2::read::MultiGzDecoder::new(buf)) } else { Box::new(buf) };
         Ok(Source { path, gz, reader })
     }
 
     /// Turns a read error into a crate error naming the file.
     fn read_error(&self, e: std::io::Error, what: &str) -> Error {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::bad_file(
-                &self.path,
-                format!("truncated IDX file: it ends inside the {what}"),
-            )
+            Error::bad_file(&self.path, format!("truncated IDX file: it ends inside the {what}"))
         } else if self.gz {
             Error::bad_file(
                 &self.path,
@@ -73,19 +67,11 @@ impl Source {
     fn header(&mut self, magic: u32, dims: usize) -> Result<Vec<usize>> {
         let mut buf = [0u8; 16];
         let buf = &mut buf[..4 * (dims + 1)];
-        self.reader
-            .read_exact(buf)
-            .map_err(|e| self.read_error(e, "header"))?;
-        let words: Vec<u32> = buf
-            .chunks_exact(4)
-            .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
-            .collect();
+        self.reader.read_exact(buf).map_err(|e| self.read_error(e, "header"))?;
+        let words: Vec<u32> =
+            buf.chunks_exact(4).map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]])).collect();
         if words[0] != magic {
-            let kind = if magic == IMAGES_MAGIC {
-                "image"
-            } else {
-                "label"
-            };
+            let kind = if magic == IMAGES_MAGIC { "image" } else { "label" };
             let hint = if buf[0] == 0x1f && buf[1] == 0x8b && !self.gz {
                 " (the file looks gzip-compressed: give it a .gz name)"
             } else {
@@ -169,22 +155,12 @@ fn read_split(folder: &Path, prefix: &str, name: DatasetName) -> Result<ImageSet
     if labels.len() != n {
         return Err(Error::bad_file(
             label_path,
-            format!(
-                "holds {} labels but the {prefix} images file holds {n} images",
-                labels.len()
-            ),
+            format!("holds {} labels but the {prefix} images file holds {n} images", labels.len()),
         ));
     }
     Ok(ImageSet {
-        shape: ImageShape {
-            channels: 1,
-            height: SIDE,
-            width: SIDE,
-        },
-        pixels: Pixels::U8 {
-            data,
-            scale: 1.0 / 255.0,
-        },
+        shape: ImageShape { channels: 1, height: SIDE, width: SIDE },
+        pixels: Pixels::U8 { data, scale: 1.0 / 255.0 },
         labels,
     })
 }
@@ -195,23 +171,14 @@ fn read_split(folder: &Path, prefix: &str, name: DatasetName) -> Result<ImageSet
 pub fn load_idx(name: DatasetName, folder: &Path) -> Result<Dataset> {
     let class_names = match name {
         DatasetName::Mnist => digit_names(),
-        DatasetName::FashionMnist => FASHION_MNIST_CLASSES
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        _ => {
-            return Err(Error::invalid(format!(
-                "dataset '{name}' is not stored as IDX files"
-            )))
-        }
+        DatasetName::FashionMnist => FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
+        _ => return Err(Error::invalid(format!("dataset '{name}' is not stored as IDX files"))),
     };
     if !folder.is_dir() {
         return Err(missing(folder, name, FILES_NEEDED));
     }
-    let (train, test) = rayon::join(
-        || read_split(folder, "train", name),
-        || read_split(folder, "t10k", name),
-    );
+    let (train, test) =
+        rayon::join(|| read_split(folder, "train", name), || read_split(folder, "t10k", name));
     Ok(Dataset {
         name: name.as_str().to_string(),
         train: train?,

@@ -125,12 +125,8 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 
 impl DatasetName {
     /// Every named dataset, in the order `lmc` lists them.
-    pub const ALL: [DatasetName; 4] = [
-        DatasetName::Digits,
-        DatasetName::Mnist,
-        DatasetName::FashionMnist,
-        DatasetName::Cifar10,
-    ];
+    pub const ALL: [DatasetName; 4] =
+        [DatasetName::Digits, DatasetName::Mnist, DatasetName::FashionMnist, DatasetName::Cifar10];
 
     /// The canonical name: `digits`, `mnist`, `fashion-mnist` or `cifar10`.
     pub fn as_str(self) -> &'static str {
@@ -149,15 +145,9 @@ impl DatasetName {
             DatasetName::Digits => digits::normalization(),
             // The constants of PyTorch's MNIST example (`examples/mnist/main.py`): the mean and
             // standard deviation of all 60,000 training images' pixels scaled to [0, 1].
-            DatasetName::Mnist => Normalization {
-                mean: vec![0.1307],
-                std: vec![0.3081],
-            },
+            DatasetName::Mnist => Normalization { mean: vec![0.1307], std: vec![0.3081] },
             // The same statistics over Fashion-MNIST's 60,000 training images (0.28604, 0.35302).
-            DatasetName::FashionMnist => Normalization {
-                mean: vec![0.2860],
-                std: vec![0.3530],
-            },
+            DatasetName::FashionMnist => Normalization { mean: vec![0.2860], std: vec![0.3530] },
             // Per-channel (R, G, B) mean and population standard deviation over all pixels of the
             // 50,000 CIFAR-10 training images (also stated in the data folder's README). Not the
             // often-copied (0.2023, 0.1994, 0.2010), which are std of per-image means.
@@ -238,10 +228,7 @@ impl ImageSet {
         let len = self.shape.len();
         let n = self.len();
         for &i in idx {
-            assert!(
-                i < n,
-                "ImageSet::subset: index {i} out of range for a split of {n} images"
-            );
+            assert!(i < n, "ImageSet::subset: index {i} out of range for a split of {n} images");
         }
         let labels = idx.iter().map(|&i| self.labels[i]).collect();
         let pixels = match &self.pixels {
@@ -250,10 +237,7 @@ impl ImageSet {
                 for &i in idx {
                     out.extend_from_slice(&data[i * len..(i + 1) * len]);
                 }
-                Pixels::U8 {
-                    data: out,
-                    scale: *scale,
-                }
+                Pixels::U8 { data: out, scale: *scale }
             }
             Pixels::F32(data) => {
                 let mut out = Vec::with_capacity(idx.len() * len);
@@ -263,11 +247,7 @@ impl ImageSet {
                 Pixels::F32(out)
             }
         };
-        ImageSet {
-            shape: self.shape,
-            pixels,
-            labels,
-        }
+        ImageSet { shape: self.shape, pixels, labels }
     }
 }
 
@@ -291,11 +271,7 @@ pub fn load(name: DatasetName, data_dir: Option<&Path>) -> Result<Dataset> {
         DatasetName::Digits => load_digits(),
         DatasetName::Mnist | DatasetName::FashionMnist => {
             let dir = resolve_data_dir(data_dir);
-            let sub = if name == DatasetName::Mnist {
-                "mnist"
-            } else {
-                "fashion-mnist"
-            };
+            let sub = if name == DatasetName::Mnist { "mnist" } else { "fashion-mnist" };
             load_idx(name, &dir.join(sub))
         }
         DatasetName::Cifar10 => load_cifar10(&resolve_data_dir(data_dir)),

@@ -22,12 +22,7 @@ pub struct SplitStats {
 /// An empty split has zero means and stds.
 pub fn split_stats(set: &ImageSet, classes: usize) -> SplitStats {
     let count = set.len();
-    let top = set
-        .labels
-        .iter()
-        .map(|&l| l as usize + 1)
-        .max()
-        .unwrap_or(0);
+    let top = set.labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
     let mut per_class = vec![0usize; classes.max(top)];
     for &l in &set.labels {
         per_class[l as usize] += 1;
@@ -36,12 +31,7 @@ pub fn split_stats(set: &ImageSet, classes: usize) -> SplitStats {
     let plane = set.shape.height * set.shape.width;
     let len = set.shape.len();
     if count == 0 || len == 0 {
-        return SplitStats {
-            count,
-            per_class,
-            mean: vec![0.0; c],
-            std: vec![0.0; c],
-        };
+        return SplitStats { count, per_class, mean: vec![0.0; c], std: vec![0.0; c] };
     }
     let values = (count * plane) as f64;
     let (mean, std) = match &set.pixels {
@@ -70,21 +60,14 @@ pub fn split_stats(set: &ImageSet, classes: usize) -> SplitStats {
                 );
             // The f32 scale is 1/255 or 1/16 rounded; use the exact reciprocal when it is one.
             let k = (1.0 / *scale as f64).round();
-            let scale = if k > 0.0 && (1.0 / k) as f32 == *scale {
-                1.0 / k
-            } else {
-                *scale as f64
-            };
+            let scale = if k > 0.0 && (1.0 / k) as f32 == *scale { 1.0 / k } else { *scale as f64 };
             let mut mean = vec![0.0; c];
             let mut std = vec![0.0; c];
             for ch in 0..c {
                 let h = &hist[ch * 256..(ch + 1) * 256];
-                let m = h
-                    .iter()
-                    .enumerate()
-                    .map(|(b, &k)| k as f64 * b as f64 * scale)
-                    .sum::<f64>()
-                    / values;
+                let m =
+                    h.iter().enumerate().map(|(b, &k)| k as f64 * b as f64 * scale).sum::<f64>()
+                        / values;
                 let v = h
                     .iter()
                     .enumerate()
@@ -110,19 +93,11 @@ pub fn split_stats(set: &ImageSet, classes: usize) -> SplitStats {
             let mut sq = vec![0.0f64; c];
             for img in data.chunks_exact(len) {
                 for (ch, p) in img.chunks_exact(plane).enumerate() {
-                    sq[ch] += p
-                        .iter()
-                        .map(|&v| (v as f64 - mean[ch]).powi(2))
-                        .sum::<f64>();
+                    sq[ch] += p.iter().map(|&v| (v as f64 - mean[ch]).powi(2)).sum::<f64>();
                 }
             }
             (mean, sq.iter().map(|s| (s / values).sqrt()).collect())
         }
     };
-    SplitStats {
-        count,
-        per_class,
-        mean,
-        std,
-    }
+    SplitStats { count, per_class, mean, std }
 }

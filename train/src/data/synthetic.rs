@@ -36,7 +36,12 @@ impl Artifact for SyntheticSet {
 /// Bilinear resize of one (C, H, W) image to (C, OH, OW), with PyTorch's
 /// `F.interpolate(mode="bilinear", align_corners=False)` semantics: source coordinate
 /// `(o + 0.5) * in / out - 0.5`, clamped at 0.
-pub fn upsample_bilinear(src: &[f32], shape: (usize, usize, usize), out_hw: (usize, usize), out: &mut [f32]) {
+pub fn upsample_bilinear(
+    src: &[f32],
+    shape: (usize, usize, usize),
+    out_hw: (usize, usize),
+    out: &mut [f32],
+) {
     let (c, h, w) = shape;
     let (oh, ow) = out_hw;
     assert_eq!(src.len(), c * h * w);
@@ -71,7 +76,10 @@ impl SyntheticSet {
     /// (row-major) each upsampled to the full size, in stored order.
     pub fn decode(&self) -> Result<ImageSet> {
         let Pixels::F32(data) = &self.images.pixels else {
-            return Err(Error::invalid(format!("synthetic set '{}' stores raw bytes, expected normalised floats", self.name)));
+            return Err(Error::invalid(format!(
+                "synthetic set '{}' stores raw bytes, expected normalised floats",
+                self.name
+            )));
         };
         let f = self.factor;
         if f <= 1 {
@@ -79,7 +87,10 @@ impl SyntheticSet {
         }
         let s = self.images.shape;
         if s.height % f != 0 || s.width % f != 0 {
-            return Err(Error::invalid(format!("factor {f} does not divide the {}x{} image size", s.height, s.width)));
+            return Err(Error::invalid(format!(
+                "factor {f} does not divide the {}x{} image size",
+                s.height, s.width
+            )));
         }
         let (ch, cw) = (s.height / f, s.width / f);
         let img = s.len();
@@ -93,11 +104,17 @@ impl SyntheticSet {
                     for c in 0..s.channels {
                         for y in 0..ch {
                             let row = c * s.height * s.width + (gy * ch + y) * s.width + gx * cw;
-                            cell[(c * ch + y) * cw..(c * ch + y + 1) * cw].copy_from_slice(&src[row..row + cw]);
+                            cell[(c * ch + y) * cw..(c * ch + y + 1) * cw]
+                                .copy_from_slice(&src[row..row + cw]);
                         }
                     }
                     let k = labels.len();
-                    upsample_bilinear(&cell, (s.channels, ch, cw), (s.height, s.width), &mut out[k * img..(k + 1) * img]);
+                    upsample_bilinear(
+                        &cell,
+                        (s.channels, ch, cw),
+                        (s.height, s.width),
+                        &mut out[k * img..(k + 1) * img],
+                    );
                     labels.push(label);
                 }
             }
@@ -172,7 +189,11 @@ mod tests {
         let set = SyntheticSet {
             name: "toy".into(),
             base: DatasetName::Digits,
-            images: ImageSet { shape: ImageShape { channels: 1, height: 4, width: 4 }, pixels: Pixels::F32(px), labels: vec![7] },
+            images: ImageSet {
+                shape: ImageShape { channels: 1, height: 4, width: 4 },
+                pixels: Pixels::F32(px),
+                labels: vec![7],
+            },
             factor: 2,
             norm: Normalization { mean: vec![0.0], std: vec![1.0] },
             class_names: vec![],

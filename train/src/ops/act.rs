@@ -14,14 +14,12 @@ pub fn relu<S: Shape, Tp: Tape<f32, Cpu>>(x: Tensor<S, f32, Cpu, Tp>) -> Tensor<
     let mut y = read(&x);
     let mut mask = vec![0u8; if Tp::OWNS_TAPE { y.len() } else { 0 }];
     if Tp::OWNS_TAPE {
-        y.par_chunks_mut(ELEM_CHUNK)
-            .zip(mask.par_chunks_mut(ELEM_CHUNK))
-            .for_each(|(yc, mc)| {
-                for (v, m) in yc.iter_mut().zip(mc.iter_mut()) {
-                    *m = (*v > 0.0) as u8;
-                    *v = if *v < 0.0 { 0.0 } else { *v };
-                }
-            });
+        y.par_chunks_mut(ELEM_CHUNK).zip(mask.par_chunks_mut(ELEM_CHUNK)).for_each(|(yc, mc)| {
+            for (v, m) in yc.iter_mut().zip(mc.iter_mut()) {
+                *m = (*v > 0.0) as u8;
+                *v = if *v < 0.0 { 0.0 } else { *v };
+            }
+        });
     } else {
         y.par_chunks_mut(ELEM_CHUNK).for_each(|yc| {
             for v in yc.iter_mut() {

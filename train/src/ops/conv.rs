@@ -128,30 +128,14 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
 ) -> T4<Tp> {
     let x = x.contiguous();
     let (n, cin, h, wd) = *x.shape();
-    let Conv2dCfg {
-        out_channels: cout,
-        kernel: k,
-        padding: p,
-    } = cfg;
-    assert!(
-        cin > 0 && h > 0 && wd > 0,
-        "conv2d: empty input {:?}",
-        x.shape()
-    );
+    let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
+    assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {:?}", x.shape());
     assert!(cout > 0 && k > 0, "conv2d: bad config {cfg:?}");
     assert!(
         h + 2 * p >= k && wd + 2 * p >= k,
         "conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})"
     );
-    let g = Geom {
-        cin,
-        h,
-        w: wd,
-        k,
-        p,
-        ho: h + 2 * p + 1 - k,
-        wo: wd + 2 * p + 1 - k,
-    };
+    let g = Geom { cin, h, w: wd, k, p, ho: h + 2 * p + 1 - k, wo: wd + 2 * p + 1 - k };
     let (kd, pd) = (g.kd(), g.pd());
     assert_eq!(
         w.shape().0,
@@ -160,12 +144,7 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
         w.shape().0
     );
     if let Some(b) = b {
-        assert_eq!(
-            b.shape().0,
-            cout,
-            "conv2d: bias has {} elements, expected {cout}",
-            b.shape().0
-        );
+        assert_eq!(b.shape().0, cout, "conv2d: bias has {} elements, expected {cout}", b.shape().0);
     }
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
@@ -189,7 +168,8 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             }
             // SAFETY: every element of `yn` was initialised just above, and f32 has the layout
             // of MaybeUninit<f32>.
-            let yn: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len()) };
+            let yn: &mut [f32] =
+                unsafe { std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len()) };
             let xn = &xv[ni * xs..(ni + 1) * xs];
             let cm: &[f32] = if g.direct() {
                 xn
@@ -227,69 +207,68 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
             // when `dx` is given, adds the input gradient of its samples into it.
             let dcol_len = if input_grad { col_len } else { 0 };
-            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| avx2(|| {
-                let (col, dcol) = buf.split_at_mut(col_len);
-                let s0 = c * BATCH_CHUNK;
-                let s1 = (s0 + BATCH_CHUNK).min(n);
-                let mut dw = vec![0.0f32; cout * kd];
-                let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
-                let mut dx = dx;
-                for ni in s0..s1 {
-                    let dyn_ = &dy[ni * ys..(ni + 1) * ys];
-                    let xn = &xv[ni * xs..(ni + 1) * xs];
-                    let cm: &[f32] = if g.direct() {
-                        xn
-                    } else {
-                        im2col(&g, xn, col);
-                        col
-                    };
-                    // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
-                    sgemm(
-                        cout,
-                        kd,
-                        pd,
-                        &mut dw,
-                        Layout::row_major(kd),
-                        ni > s0,
-                        dyn_,
-                        Layout::row_major(pd),
-                        cm,
-                        Layout::transposed(pd),
-                        par,
-                    );
-                    if has_bias {
-                        for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
-                            *d += sum_f32(row);
-                        }
-                    }
-                    if let Some(dx) = dx.as_deref_mut() {
-                        let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
-                        // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
-                        let (dst, acc): (&mut [f32], bool) = if g.direct() {
-                            (dxn, true)
+            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
+                avx2(|| {
+                    let (col, dcol) = buf.split_at_mut(col_len);
+                    let s0 = c * BATCH_CHUNK;
+                    let s1 = (s0 + BATCH_CHUNK).min(n);
+                    let mut dw = vec![0.0f32; cout * kd];
+                    let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
+                    let mut dx = dx;
+                    for ni in s0..s1 {
+                        let dyn_ = &dy[ni * ys..(ni + 1) * ys];
+                        let xn = &xv[ni * xs..(ni + 1) * xs];
+                        let cm: &[f32] = if g.direct() {
+                            xn
                         } else {
-                            (dcol, false)
+                            im2col(&g, xn, col);
+                            col
                         };
+                        // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
                         sgemm(
+                            cout,
                             kd,
                             pd,
-                            cout,
-                            dst,
-                            Layout::row_major(pd),
-                            acc,
-                            &wv,
-                            Layout::transposed(kd),
+                            &mut dw,
+                            Layout::row_major(kd),
+                            ni > s0,
                             dyn_,
                             Layout::row_major(pd),
+                            cm,
+                            Layout::transposed(pd),
                             par,
                         );
-                        if !g.direct() {
-                            col2im_add(&g, dcol, dxn);
+                        if has_bias {
+                            for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
+                                *d += sum_f32(row);
+                            }
+                        }
+                        if let Some(dx) = dx.as_deref_mut() {
+                            let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
+                            // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
+                            let (dst, acc): (&mut [f32], bool) =
+                                if g.direct() { (dxn, true) } else { (dcol, false) };
+                            sgemm(
+                                kd,
+                                pd,
+                                cout,
+                                dst,
+                                Layout::row_major(pd),
+                                acc,
+                                &wv,
+                                Layout::transposed(kd),
+                                dyn_,
+                                Layout::row_major(pd),
+                                par,
+                            );
+                            if !g.direct() {
+                                col2im_add(&g, dcol, dxn);
+                            }
                         }
                     }
-                }
-                (dw, db)
-            });
+                    (dw, db)
+                })
+            };
             let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
                 with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
             };
@@ -303,10 +282,9 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
                         .enumerate()
                         .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
                         .collect(),
-                    (true, false) => (0..groups)
-                        .into_par_iter()
-                        .map(|c| group(c, None, Par::Seq))
-                        .collect(),
+                    (true, false) => {
+                        (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect()
+                    }
                     (false, true) => dx
                         .chunks_mut(gx)
                         .enumerate()

@@ -96,7 +96,21 @@ pub(crate) fn sgemm(
     // SAFETY: every element gemm touches lies inside its slice (checked above); `dst` is a
     // unique borrow, so it cannot alias `lhs` or `rhs`; strides are non-negative and fit isize
     // because the slices exist.
-    unsafe { raw(m, n, k, dst.as_mut_ptr(), dl, accumulate, lhs.as_ptr(), ll, rhs.as_ptr(), rl, par.to_gemm()) }
+    unsafe {
+        raw(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dl,
+            accumulate,
+            lhs.as_ptr(),
+            ll,
+            rhs.as_ptr(),
+            rl,
+            par.to_gemm(),
+        )
+    }
 }
 
 /// `gemm::gemm` (alpha = beta = 1, no conjugation) on raw pointers with our layouts.
@@ -211,7 +225,8 @@ pub(crate) fn sgemm_split(
         // above); blocks of different tasks are disjoint rows or columns of `dst`, so no two
         // tasks write the same element, and `dst` is exclusively borrowed for the whole call.
         unsafe {
-            let (d, l, r) = (out.get().add(d_off), lhs.as_ptr().add(l_off), rhs.as_ptr().add(r_off));
+            let (d, l, r) =
+                (out.get().add(d_off), lhs.as_ptr().add(l_off), rhs.as_ptr().add(r_off));
             raw(bm, bn, k, d, dl, accumulate, l, ll, r, rl, gemm::Parallelism::None)
         }
     });

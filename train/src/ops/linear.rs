@@ -11,7 +11,13 @@ use super::{read, T1, T2};
 /// backward pass skips `dx` (still allocated, as zeros): the first layer of a network trained on
 /// fixed images never needs it, and for LeNet-300-100 that product is 29% of a step's FLOPs.
 /// Panics if the sizes disagree.
-pub fn linear<Tp: Tape<f32, Cpu>>(x: T2<Tp>, w: &T1, b: &T1, out_features: usize, input_grad: bool) -> T2<Tp> {
+pub fn linear<Tp: Tape<f32, Cpu>>(
+    x: T2<Tp>,
+    w: &T1,
+    b: &T1,
+    out_features: usize,
+    input_grad: bool,
+) -> T2<Tp> {
     let x = x.contiguous();
     let (n, inf) = *x.shape();
     let outf = out_features;
@@ -21,12 +27,7 @@ pub fn linear<Tp: Tape<f32, Cpu>>(x: T2<Tp>, w: &T1, b: &T1, out_features: usize
         "linear: weight has {} elements, expected {outf}x{inf}",
         w.shape().0
     );
-    assert_eq!(
-        b.shape().0,
-        outf,
-        "linear: bias has {} elements, expected {outf}",
-        b.shape().0
-    );
+    assert_eq!(b.shape().0, outf, "linear: bias has {} elements, expected {outf}", b.shape().0);
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
     let wv = read(w);

@@ -25,22 +25,13 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(
 ) -> Tensor<(), f32, Cpu, Tp> {
     let logits = logits.contiguous();
     let (n, classes) = *logits.shape();
-    assert_eq!(
-        labels.len(),
-        n,
-        "cross_entropy: {} labels for a batch of {n}",
-        labels.len()
-    );
+    assert_eq!(labels.len(), n, "cross_entropy: {} labels for a batch of {n}", labels.len());
     assert!(classes > 0, "cross_entropy: no classes");
     let (z, mut tape) = logits.split_tape();
     let mut p = read(&z);
     // Each row becomes softmax - onehot, what backward needs (scaled there by dloss / N).
     let (total, _) = softmax_xent_rows(&mut p, classes, labels, 1.0);
-    let loss = if n == 0 {
-        f32::NAN
-    } else {
-        (total / n as f64) as f32
-    };
+    let loss = if n == 0 { f32::NAN } else { (total / n as f64) as f32 };
     let out = z.device().tensor_from_vec(vec![loss], ());
     if Tp::OWNS_TAPE {
         let (z_g, out_g) = (z.ghost(), out.ghost());
@@ -62,7 +53,12 @@ pub fn cross_entropy<Tp: Tape<f32, Cpu>>(
 /// correct when its arg-max (the first maximum, as [`accuracy_counts`]) is the label, and
 /// replaces the row by `(softmax - onehot) * scale`: the gradient of `scale` x the summed loss.
 /// Returns (loss sum, number correct). Panics if a label is out of range.
-pub(crate) fn softmax_xent_rows(z: &mut [f32], classes: usize, labels: &[u8], scale: f32) -> (f64, usize) {
+pub(crate) fn softmax_xent_rows(
+    z: &mut [f32],
+    classes: usize,
+    labels: &[u8],
+    scale: f32,
+) -> (f64, usize) {
     let mut total = 0.0f64;
     let mut correct = 0usize;
     for (row, &l) in z.chunks_exact_mut(classes).zip(labels) {
@@ -109,11 +105,7 @@ pub fn mse_loss<Tp: Tape<f32, Cpu>>(a: T2<Tp>, target: &[f32]) -> Tensor<(), f32
         total += (*v as f64) * (*v as f64);
     }
     let numel = d.len();
-    let loss = if numel == 0 {
-        f32::NAN
-    } else {
-        (total / numel as f64) as f32
-    };
+    let loss = if numel == 0 { f32::NAN } else { (total / numel as f64) as f32 };
     let out = a.device().tensor_from_vec(vec![loss], ());
     if Tp::OWNS_TAPE {
         let (a_g, out_g) = (a.ghost(), out.ghost());
@@ -146,10 +138,7 @@ pub fn accuracy_counts(logits: &[f32], classes: usize, labels: &[u8]) -> (usize,
     let mut loss = 0.0f64;
     for (row, &l) in logits.chunks_exact(classes).zip(labels) {
         let l = l as usize;
-        assert!(
-            l < classes,
-            "accuracy_counts: label {l} out of range for {classes} classes"
-        );
+        assert!(l < classes, "accuracy_counts: label {l} out of range for {classes} classes");
         let mut best = 0;
         for (j, &v) in row.iter().enumerate() {
             if v > row[best] {

@@ -47,8 +47,8 @@ pub use act::{flatten, relu, relu2};
 pub use block::norm_relu_pool;
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
-pub use loss::{accuracy_counts, cross_entropy, mse_loss};
 pub(crate) use loss::softmax_xent_rows;
+pub use loss::{accuracy_counts, cross_entropy, mse_loss};
 pub use norm::instance_norm;
 pub use pool::avg_pool2d;
 

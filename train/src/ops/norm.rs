@@ -58,7 +58,13 @@ pub(crate) fn normalize_plane(xp: &mut [f32], eps: f32) -> f32 {
 /// Backward of one plane, given `dy` at the norm's output: `dx += rstd * (gamma*dy -
 /// gamma*b/M - xhat * gamma*a/M)`; returns `(a, b) = (sum dy * xhat, sum dy)`.
 #[inline(always)]
-pub(crate) fn plane_backward(dy: &[f32], xh: &[f32], gamma: f32, rstd: f32, dx: &mut [f32]) -> (f64, f64) {
+pub(crate) fn plane_backward(
+    dy: &[f32],
+    xh: &[f32],
+    gamma: f32,
+    rstd: f32,
+    dx: &mut [f32],
+) -> (f64, f64) {
     let a = dot_f64(dy, xh);
     let b = super::sum_f64(dy);
     let (ga, r, inv_m) = (gamma as f64, rstd as f64, 1.0 / xh.len() as f64);

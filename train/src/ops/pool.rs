@@ -11,10 +11,7 @@ use super::{read, ELEM_CHUNK, T4};
 pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
     let x = x.contiguous();
     let (n, c, h, w) = *x.shape();
-    assert!(
-        k > 0 && h >= k && w >= k,
-        "avg_pool2d: kernel {k} does not fit input {h}x{w}"
-    );
+    assert!(k > 0 && h >= k && w >= k, "avg_pool2d: kernel {k} does not fit input {h}x{w}");
     let (ho, wo) = (h / k, w / k);
     let (ps, qs) = (h * w, ho * wo); // input and output plane sizes
     let planes = n * c;
@@ -23,40 +20,33 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
     let xv = read(&x);
     let mut y = vec![0.0f32; planes * qs];
     let min_planes = (ELEM_CHUNK / ps).max(1);
-    y.par_chunks_mut(qs)
-        .zip(xv.par_chunks(ps))
-        .with_min_len(min_planes)
-        .for_each(|(yp, xp)| {
-            for oy in 0..ho {
-                let yr = &mut yp[oy * wo..(oy + 1) * wo];
-                if k == 2 {
-                    // The common case, written so that it vectorises.
-                    let r0 = &xp[2 * oy * w..2 * oy * w + 2 * wo];
-                    let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
-                    for ((yv, a), b) in yr
-                        .iter_mut()
-                        .zip(r0.chunks_exact(2))
-                        .zip(r1.chunks_exact(2))
-                    {
-                        *yv = ((a[0] + a[1]) + (b[0] + b[1])) * 0.25;
-                    }
-                    continue;
+    y.par_chunks_mut(qs).zip(xv.par_chunks(ps)).with_min_len(min_planes).for_each(|(yp, xp)| {
+        for oy in 0..ho {
+            let yr = &mut yp[oy * wo..(oy + 1) * wo];
+            if k == 2 {
+                // The common case, written so that it vectorises.
+                let r0 = &xp[2 * oy * w..2 * oy * w + 2 * wo];
+                let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
+                for ((yv, a), b) in yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    *yv = ((a[0] + a[1]) + (b[0] + b[1])) * 0.25;
                 }
-                for ky in 0..k {
-                    let xr = &xp[(oy * k + ky) * w..(oy * k + ky) * w + wo * k];
-                    for (yv, win) in yr.iter_mut().zip(xr.chunks_exact(k)) {
-                        let mut s = 0.0f32;
-                        for v in win {
-                            s += v;
-                        }
-                        *yv += s;
+                continue;
+            }
+            for ky in 0..k {
+                let xr = &xp[(oy * k + ky) * w..(oy * k + ky) * w + wo * k];
+                for (yv, win) in yr.iter_mut().zip(xr.chunks_exact(k)) {
+                    let mut s = 0.0f32;
+                    for v in win {
+                        s += v;
                     }
-                }
-                for yv in yr.iter_mut() {
-                    *yv /= inv;
+                    *yv += s;
                 }
             }
-        });
+            for yv in yr.iter_mut() {
+                *yv /= inv;
+            }
+        }
+    });
     drop(xv);
     let out = x.device().tensor_from_vec(y, (n, c, ho, wo));
 
@@ -65,10 +55,8 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
         tape.add_backward_op(move |grads| {
             let dy = take_grad!(grads, out_g);
             let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-            dx.par_chunks_mut(ps)
-                .zip(dy.par_chunks(qs))
-                .with_min_len(min_planes)
-                .for_each(|(dxp, dyp)| {
+            dx.par_chunks_mut(ps).zip(dy.par_chunks(qs)).with_min_len(min_planes).for_each(
+                |(dxp, dyp)| {
                     for oy in 0..ho {
                         let dyr = &dyp[oy * wo..(oy + 1) * wo];
                         if k == 2 {
@@ -94,7 +82,8 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
                             }
                         }
                     }
-                });
+                },
+            );
             Ok(())
         });
     }
