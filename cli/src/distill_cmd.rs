@@ -12,10 +12,10 @@ use lmc_distill::dsa::Strategy;
 use lmc_distill::eval::{self, EvalConfig, EvalSummary};
 use lmc_distill::grid;
 use lmc_distill::run::{self, DistillRequest, RunOptions};
+use lmc_distill::summary::{Baseline, DistillSummary, Evaluation};
 use lmc_train::artifact;
 use lmc_train::data::{self, Dataset, DatasetName, SyntheticSet};
 use lmc_train::model::{Model, ModelSpec};
-use serde_json::json;
 
 use crate::progress::interactive;
 use crate::train_cmd::DataArgs;
@@ -233,27 +233,28 @@ pub fn run(a: DistillArgs) -> Result<()> {
             png.display()
         );
     }
-    let mut out = json!({
-        "command": "distill",
-        "dataset": ds.name,
-        "base": base.to_string(),
-        "model": spec.to_string(),
-        "method": r.method,
-        "ipc": req.config.ipc,
-        "factor": req.config.factor,
-        "dsa": req.config.dsa.for_dataset(base).to_string(),
-        "iterations": r.iterations,
-        "iterations_requested": a.iterations,
-        "seconds": r.seconds,
-        "images_processed": r.images_processed,
-        "final_loss": final_loss,
-        "config": r.config,
-        "path": a.out,
-        "png": png,
-        "cached": outcome.cached,
-        "resumed_from": outcome.resumed_from,
-        "provenance": outcome.provenance.hex(),
-    });
+    let mut out = DistillSummary {
+        command: "distill".into(),
+        dataset: ds.name.clone(),
+        base: base.to_string(),
+        model: spec.to_string(),
+        method: r.method.clone(),
+        ipc: req.config.ipc,
+        factor: req.config.factor,
+        dsa: req.config.dsa.for_dataset(base).to_string(),
+        iterations: r.iterations,
+        iterations_requested: a.iterations,
+        seconds: r.seconds,
+        images_processed: r.images_processed,
+        final_loss: r.loss_curve.last().map(|&l| l as f64),
+        config: r.config.clone(),
+        path: a.out.clone(),
+        png: png.clone(),
+        cached: outcome.cached,
+        resumed_from: outcome.resumed_from,
+        provenance: outcome.provenance.hex(),
+        evaluation: None,
+    };
 
     if a.eval_models > 0 {
         // The real test split: the source itself, or a synthetic source's base dataset.
@@ -272,13 +273,16 @@ pub fn run(a: DistillArgs) -> Result<()> {
                 ecfg.models, eval_spec, ecfg.epochs, s.mean, s.std, s.accuracies, s.seconds
             );
         }
-        out["eval_model"] = eval_spec.to_string().into();
-        out["eval_models"] = ecfg.models.into();
-        out["eval_epochs"] = ecfg.epochs.into();
-        out["test_accuracy_mean"] = s.mean.into();
-        out["test_accuracy_std"] = s.std.into();
-        out["test_accuracies"] = s.accuracies.clone().into();
-        out["eval_seconds"] = s.seconds.into();
+        let mut evaluation = Evaluation {
+            eval_model: eval_spec.to_string(),
+            eval_models: ecfg.models,
+            eval_epochs: ecfg.epochs,
+            test_accuracy_mean: s.mean,
+            test_accuracy_std: s.std,
+            test_accuracies: s.accuracies.clone(),
+            eval_seconds: s.seconds,
+            baseline: None,
+        };
         if a.eval_baseline {
             let p =
                 lmc_distill::problem::Problem::new(&model, &ds.train, &ds.norm, base, &req.config);
@@ -290,13 +294,16 @@ pub fn run(a: DistillArgs) -> Result<()> {
                     b.mean, b.std, b.accuracies
                 );
             }
-            out["baseline_test_accuracy_mean"] = b.mean.into();
-            out["baseline_test_accuracy_std"] = b.std.into();
-            out["baseline_test_accuracies"] = b.accuracies.into();
+            evaluation.baseline = Some(Baseline {
+                baseline_test_accuracy_mean: b.mean,
+                baseline_test_accuracy_std: b.std,
+                baseline_test_accuracies: b.accuracies,
+            });
         }
+        out.evaluation = Some(evaluation);
     }
     if a.json {
-        println!("{out}");
+        println!("{}", serde_json::to_string(&out)?);
     }
     Ok(())
 }

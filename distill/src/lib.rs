@@ -43,6 +43,7 @@ pub mod grid;
 mod linop;
 pub mod problem;
 pub mod run;
+pub mod summary;
 
 pub use config::{Distance, DistillConfig, Init, Method};
 pub use run::{distill, DistillRequest, Outcome, Recipe, RunOptions, Step};

@@ -143,12 +143,6 @@ impl ParamVec {
             )))
         }
     }
-    /// `(1 - alpha) * a + alpha * b`, element-wise (linear interpolation).
-    pub fn lerp(a: &ParamVec, b: &ParamVec, alpha: f32) -> Result<ParamVec> {
-        a.check_same_layout(&b.layout, "interpolation")?;
-        let data = a.data.iter().zip(&b.data).map(|(x, y)| (1.0 - alpha) * x + alpha * y).collect();
-        Ok(ParamVec { layout: a.layout.clone(), data })
-    }
     /// Euclidean distance to `other` (accumulated in f64).
     pub fn l2_distance(&self, other: &ParamVec) -> Result<f64> {
         self.check_same_layout(&other.layout, "distance")?;
@@ -276,12 +270,10 @@ mod tests {
     }
 
     #[test]
-    fn lerp_endpoints_are_exact() {
+    fn l2_distance_by_hand() {
         let l = layout();
         let a = ParamVec { layout: l.clone(), data: (0..10).map(|i| i as f32 * 0.37).collect() };
         let b = ParamVec { layout: l, data: (0..10).map(|i| -(i as f32) * 1.3).collect() };
-        assert_eq!(ParamVec::lerp(&a, &b, 0.0).unwrap().data, a.data);
-        assert_eq!(ParamVec::lerp(&a, &b, 1.0).unwrap().data, b.data);
         // distance by hand: sum_i (1.67 i)^2 = 1.67^2 * 285
         let d = a.l2_distance(&b).unwrap();
         assert!((d - (1.67f64.powi(2) * 285.0).sqrt()).abs() < 1e-4);

@@ -61,13 +61,44 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds the `lmc` binary and returns its path as cargo reports it (the `executable` of the
+/// compiler-artifact message), so `CARGO_TARGET_DIR`, `--target-dir` in a config file or a
+/// custom profile location all work: the path is never guessed from the workspace root.
 fn build_lmc(root: &Path) -> Result<PathBuf> {
-    let st =
-        cargo().current_dir(root).args(["build", "--release", "-q", "-p", "lmc-cli"]).status()?;
-    if !st.success() {
-        bail!("building lmc failed");
+    let out = cargo()
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "lmc-cli",
+            "--bin",
+            "lmc",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo to build lmc")?;
+    if !out.status.success() {
+        bail!("building lmc failed ({})", out.status);
     }
-    Ok(root.join("target/release/lmc"))
+    let lmc = lmc_executable(&String::from_utf8_lossy(&out.stdout)).context(
+        "cargo built lmc-cli but reported no `lmc` executable (is the `lmc` [[bin]] still there?)",
+    )?;
+    if !lmc.is_file() {
+        bail!("cargo reported the lmc binary at {}, but no file is there", lmc.display());
+    }
+    Ok(lmc)
+}
+
+/// The `lmc` executable named in cargo's `--message-format=json` output, if any.
+fn lmc_executable(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "lmc")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
 }
 
 fn main() -> Result<()> {
@@ -189,4 +220,19 @@ fn check_report(dir: &Path) -> Result<()> {
         index.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lmc_path_is_read_from_cargos_messages() {
+        // Shape of `cargo build --message-format=json` lines (cargo's documented output).
+        let msgs = r#"{"reason":"compiler-artifact","target":{"name":"lmc_train","kind":["lib"]},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"lmc","kind":["bin"]},"executable":"/some/where/release/lmc"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(lmc_executable(msgs), Some(PathBuf::from("/some/where/release/lmc")));
+        assert_eq!(lmc_executable(r#"{"reason":"build-finished","success":true}"#), None);
+    }
 }

@@ -12,6 +12,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use lmc_distill::summary::DistillSummary;
+use lmc_probe::interpolate::CurvePoint;
+use lmc_probe::landscape::Landscape;
+use lmc_probe::{Probe, ProbeResult};
+use lmc_prune::imp::RoundRecord;
+use lmc_train::artifact;
+use lmc_train::fit::Run;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -103,6 +110,19 @@ pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)>
     Ok((preset, path))
 }
 
+/// `result.json`: a stage's command line, its wall time and the `--json` object `lmc` printed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Stage label.
+    pub stage: String,
+    /// The `lmc` arguments it ran with (paths resolved).
+    pub argv: Vec<String>,
+    /// Wall seconds of the run.
+    pub seconds: f64,
+    /// The `--json` object `lmc` printed.
+    pub output: Value,
+}
+
 /// A finished stage.
 #[derive(Clone, Debug, Serialize)]
 pub struct StageOut {
@@ -112,8 +132,8 @@ pub struct StageOut {
     pub dir: PathBuf,
     /// Content hash.
     pub key: String,
-    /// The `--json` object `lmc` printed.
-    pub json: Value,
+    /// What `result.json` holds.
+    pub record: StageRecord,
     /// Whether it was found done.
     pub cached: bool,
     /// Wall seconds this time (0 when cached).
@@ -166,11 +186,24 @@ impl Runner {
         let dir = self.stage_dir(name, &key);
         let done = dir.join("result.json");
         if let Ok(text) = std::fs::read_to_string(&done) {
-            if let Ok(json) = serde_json::from_str::<Value>(&text) {
-                eprintln!("[pipeline] {name}: up to date ({})", dir.display());
-                let s = StageOut { name: name.into(), dir, key, json, cached: true, seconds: 0.0 };
-                self.log.push(s.clone());
-                return Ok(s);
+            match serde_json::from_str::<StageRecord>(&text) {
+                Ok(record) => {
+                    eprintln!("[pipeline] {name}: up to date ({})", dir.display());
+                    let s = StageOut {
+                        name: name.into(),
+                        dir,
+                        key,
+                        record,
+                        cached: true,
+                        seconds: 0.0,
+                    };
+                    self.log.push(s.clone());
+                    return Ok(s);
+                }
+                Err(e) => eprintln!(
+                    "[pipeline] {name}: {} is unreadable ({e}); running again",
+                    done.display()
+                ),
             }
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -191,7 +224,9 @@ impl Runner {
         }
         eprintln!("[pipeline] {name}: lmc {}", argv.join(" "));
         let t = Instant::now();
-        let output = cmd.output().with_context(|| format!("running {}", self.lmc.display()))?;
+        let output = cmd.output().map_err(|e| {
+            anyhow::anyhow!("stage {name}: cannot start the lmc binary {}: {e}", self.lmc.display())
+        })?;
         let seconds = t.elapsed().as_secs_f64();
         if !output.status.success() {
             bail!(
@@ -200,25 +235,14 @@ impl Runner {
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
-        let json: Value = serde_json::from_slice(&output.stdout)
+        let output: Value = serde_json::from_slice(&output.stdout)
             .with_context(|| format!("stage {name}: lmc printed no JSON"))?;
+        let record = StageRecord { stage: name.into(), argv, seconds, output };
         let tmp = dir.join(".result.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(
-                &serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}),
-            )?,
-        )?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
         std::fs::rename(&tmp, &done)?;
         eprintln!("[pipeline] {name}: done in {seconds:.1} s");
-        let s = StageOut {
-            name: name.into(),
-            dir,
-            key,
-            json: serde_json::json!({"stage": name, "argv": argv, "seconds": seconds, "output": json}),
-            cached: false,
-            seconds,
-        };
+        let s = StageOut { name: name.into(), dir, key, record, cached: false, seconds };
         self.log.push(s.clone());
         Ok(s)
     }
@@ -260,21 +284,120 @@ fn lits(v: Vec<String>) -> Vec<Arg> {
     v.into_iter().map(Arg::Lit).collect()
 }
 
+/// One condition's numbers, read from its stages' artifacts (the libraries' own types, so a
+/// renamed or missing field is a compile error or a read error, never a silent "-").
+#[derive(Clone, Debug, Serialize)]
+pub struct ConditionSummary {
+    /// `METHOD-rROUND`.
+    pub condition: String,
+    /// `dense`, `distilled`, `imp` or `random`.
+    pub method: String,
+    /// IMP round (0 = dense).
+    pub round: usize,
+    /// Fraction of prunable weights removed.
+    pub sparsity: f64,
+    /// Final test accuracy of each replicate.
+    pub test_accuracy: Vec<f64>,
+    /// Their mean.
+    pub test_accuracy_mean: f64,
+    /// Mean test-error barrier over the replicate pairs (first split of the probe).
+    pub error_barrier_mean: f64,
+    /// Mean loss barrier over the pairs.
+    pub loss_barrier_mean: f64,
+    /// Mean L2 distance between the replicates.
+    pub l2_distance_mean: f64,
+    /// The first pair's first curve (test error and loss along alpha).
+    pub interpolation: Vec<CurvePoint>,
+    /// Hutchinson trace of replicate 0 (when the preset asks for one).
+    pub hessian_trace: Option<f64>,
+    /// Its standard error.
+    pub hessian_trace_se: Option<f64>,
+}
+
+/// One IMP round as `lmc prune --json` reports it, plus the fraction remaining.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImpRound {
+    /// The library's record of the round.
+    #[serde(flatten)]
+    pub record: RoundRecord,
+    /// 1 - sparsity.
+    pub remaining: f64,
+}
+
+/// The IMP searches' rounds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImpRounds {
+    /// IMP whose inner loop trained on the distilled set.
+    pub distilled: Vec<ImpRound>,
+    /// IMP on the real training set.
+    pub imp: Vec<ImpRound>,
+}
+
+/// A landscape grid of one condition.
+#[derive(Clone, Debug, Serialize)]
+pub struct LandscapeSummary {
+    /// `METHOD-rROUND`.
+    pub condition: String,
+    /// The probe's result.
+    pub result: Landscape,
+}
+
+/// Compute spent by one stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageCompute {
+    /// Stage label.
+    pub stage: String,
+    /// Wall seconds when it ran (as recorded in its `result.json`).
+    pub seconds: f64,
+    /// Training images the stage processed (none for probes and random masks).
+    pub images_processed: Option<u64>,
+    /// Whether it was found done.
+    pub cached: bool,
+}
+
 /// Everything the report needs, gathered from the stages.
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
     /// The preset used.
     pub preset: Option<Preset>,
     /// Per condition: replicate accuracies, barrier, interpolation curve, Hessian trace.
-    pub conditions: Vec<Value>,
-    /// IMP rounds: per method, (round, sparsity, test accuracy, images processed).
-    pub imp_rounds: Value,
+    pub conditions: Vec<ConditionSummary>,
+    /// IMP rounds per method.
+    pub imp_rounds: ImpRounds,
     /// The distillation stage's output.
-    pub distill: Value,
+    pub distill: Option<DistillSummary>,
     /// Landscape grids per condition.
-    pub landscapes: Vec<Value>,
-    /// Stage compute: name, images processed, seconds, cached.
-    pub compute: Vec<Value>,
+    pub landscapes: Vec<LandscapeSummary>,
+    /// Stage compute.
+    pub compute: Vec<StageCompute>,
+}
+
+/// The part of `lmc prune --json` the pipeline reads.
+#[derive(Deserialize)]
+struct PruneOutput {
+    rounds: Vec<RoundRecord>,
+}
+
+impl StageOut {
+    /// The `--json` object `lmc` printed, as `T`; a missing or mistyped field is an error that
+    /// names the stage and its folder.
+    fn output<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.record.output.clone()).with_context(|| {
+            format!(
+                "stage {}: its output ({}) is not what this xtask expects (rerun with --fresh after an upgrade)",
+                self.name,
+                self.dir.join("result.json").display()
+            )
+        })
+    }
+
+    /// A Probe artifact in this stage's folder.
+    fn probe(&self, file: &str) -> Result<ProbeResult> {
+        let path = self.dir.join(file);
+        let (_, p) = artifact::read::<Probe>(&path)
+            .with_context(|| format!("stage {}: reading {}", self.name, path.display()))?;
+        Ok(p.result)
+    }
 }
 
 /// Runs every stage of `preset`.
@@ -322,12 +445,14 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
     let imp_real = runner.stage("prune-real", a)?;
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
-    let sparsity_of = |s: &StageOut, r: usize| -> f64 {
-        s.json["output"]["rounds"]
-            .as_array()
-            .and_then(|rs| rs.iter().find(|x| x["round"].as_u64() == Some(r as u64)))
-            .and_then(|x| x["sparsity"].as_f64())
-            .unwrap_or(f64::NAN)
+    let rounds_distilled = imp_distilled.output::<PruneOutput>()?.rounds;
+    let rounds_real = imp_real.output::<PruneOutput>()?.rounds;
+    let sparsity_of = |rounds: &[RoundRecord], r: usize| -> Result<f64> {
+        rounds
+            .iter()
+            .find(|x| x.round == r)
+            .map(|x| x.sparsity)
+            .with_context(|| format!("IMP reported no round {r}"))
     };
     // 3. Conditions: dense, then per round distilled / imp / random.
     let mut conds = vec![Condition {
@@ -340,13 +465,13 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
         conds.push(Condition {
             method: "distilled".into(),
             round: r,
-            sparsity: sparsity_of(&imp_distilled, r),
+            sparsity: sparsity_of(&rounds_distilled, r)?,
             ticket: (imp_distilled.key.clone(), ticket(r)),
         });
         conds.push(Condition {
             method: "imp".into(),
             round: r,
-            sparsity: sparsity_of(&imp_real, r),
+            sparsity: sparsity_of(&rounds_real, r)?,
             ticket: (imp_real.key.clone(), ticket(r)),
         });
         let mut a = lit(&["prune", "random", "--seed", &seed]);
@@ -356,18 +481,26 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
         conds.push(Condition {
             method: "random".into(),
             round: r,
-            sparsity: sparsity_of(&imp_real, r),
+            sparsity: sparsity_of(&rounds_real, r)?,
             ticket: (rs.key.clone(), "random.lmc".into()),
         });
     }
     // 4. Replicates and probes per condition.
+    let imp_round = |record: &RoundRecord| ImpRound {
+        remaining: 1.0 - record.sparsity,
+        record: record.clone(),
+    };
     let mut results = Results {
         preset: Some(preset.clone()),
-        distill: distill.json["output"].clone(),
+        distill: Some(distill.output::<DistillSummary>()?),
+        imp_rounds: ImpRounds {
+            distilled: rounds_distilled.iter().map(imp_round).collect(),
+            imp: rounds_real.iter().map(imp_round).collect(),
+        },
         ..Default::default()
     };
-    results.imp_rounds = serde_json::json!({"distilled": imp_distilled.json["output"]["rounds"], "imp": imp_real.json["output"]["rounds"]});
     let mut diagonals = Vec::new();
+    let mut images_seen = std::collections::HashMap::new();
     let reps = preset.replicates.to_string();
     for c in &conds {
         let label = format!("{}-r{}", c.method, c.round);
@@ -376,25 +509,36 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
         a.extend(lits(preset.train.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("runs".into())]);
         let tr = runner.stage(&format!("train-{label}"), a)?;
-        let rep = |i: usize| Arg::In(tr.key.clone(), format!("runs/replicate-{i}.lmc"));
+        let replicate = |i: usize| format!("runs/replicate-{i}.lmc");
+        let mut accs = Vec::new();
+        let mut images = 0;
+        for i in 0..preset.replicates {
+            let path = tr.dir.join(replicate(i));
+            let (_, run) = artifact::read::<Run>(&path)
+                .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
+            accs.push(run.final_test_accuracy());
+            images += run.images_seen;
+        }
+        images_seen.insert(tr.name.clone(), images);
+        let rep = |i: usize| Arg::In(tr.key.clone(), replicate(i));
         let mut a = lit(&["probe", "interpolate"]);
         a.extend((0..preset.replicates).map(rep));
         a.extend(lits(preset.interpolate.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("interpolate.lmc".into())]);
         let ip = runner.stage(&format!("interpolate-{label}"), a)?;
+        let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
+            bail!("stage {}: interpolate.lmc holds another probe", ip.name);
+        };
         let mut a = lit(&["probe", "hessian"]);
         a.push(rep(0));
         a.extend(lits(preset.hessian.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("hessian.lmc".into())]);
         let hs = runner.stage(&format!("hessian-{label}"), a)?;
-        if let Ok((_, p)) =
-            lmc_train::artifact::read::<lmc_probe::Probe>(&hs.dir.join("hessian.lmc"))
-        {
-            if let lmc_probe::ProbeResult::Hessian(h) = p.result {
-                if let Some(d) = h.diagonal {
-                    diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
-                }
-            }
+        let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
+            bail!("stage {}: hessian.lmc holds another probe", hs.name);
+        };
+        if let Some(d) = &hessian.diagonal {
+            diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
         }
         let landscape = (c.method == "dense" || c.method == "distilled")
             && preset.landscape_rounds.contains(&c.round);
@@ -404,35 +548,51 @@ pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String
             a.extend(lits(preset.landscape.to_args()?));
             a.extend([Arg::Lit("--out".into()), Arg::Own("landscape.lmc".into())]);
             let ls = runner.stage(&format!("landscape-{label}"), a)?;
-            results.landscapes.push(serde_json::json!({"condition": label, "result": ls.json["output"]["summary"]["result"]}));
+            let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
+                bail!("stage {}: landscape.lmc holds another probe", ls.name);
+            };
+            results.landscapes.push(LandscapeSummary { condition: label.clone(), result });
         }
-        let accs: Vec<f64> = tr.json["output"]["replicates"]
-            .as_array()
-            .map(|v| v.iter().filter_map(|r| r["test_accuracy"].as_f64()).collect())
-            .unwrap_or_default();
-        let ipr = &ip.json["output"]["summary"]["result"];
-        results.conditions.push(serde_json::json!({
-            "condition": label,
-            "method": c.method,
-            "round": c.round,
-            "sparsity": c.sparsity,
-            "test_accuracy": accs,
-            "test_accuracy_mean": accs.iter().sum::<f64>() / accs.len().max(1) as f64,
-            "error_barrier_mean": ipr["summary"][0]["error_barrier"]["mean"].as_f64(),
-            "loss_barrier_mean": ipr["summary"][0]["loss_barrier"]["mean"].as_f64(),
-            "l2_distance_mean": ipr["l2_distance"]["mean"].as_f64(),
-            "interpolation": ipr["pairs"][0]["curves"][0]["points"],
-            "hessian_trace": hs.json["output"]["summary"]["result"]["trace"]["trace"].as_f64(),
-            "hessian_trace_se": hs.json["output"]["summary"]["result"]["trace"]["trace_se"].as_f64(),
-        }));
+        let barriers = interp.summary.first().with_context(|| {
+            format!("stage {}: the interpolation has no barrier summary", ip.name)
+        })?;
+        let curve = interp
+            .pairs
+            .first()
+            .and_then(|p| p.curves.first())
+            .with_context(|| format!("stage {}: the interpolation has no curve", ip.name))?;
+        results.conditions.push(ConditionSummary {
+            condition: label,
+            method: c.method.clone(),
+            round: c.round,
+            sparsity: c.sparsity,
+            test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
+            test_accuracy: accs,
+            error_barrier_mean: barriers.error_barrier.mean,
+            loss_barrier_mean: barriers.loss_barrier.mean,
+            l2_distance_mean: interp.l2_distance.mean,
+            interpolation: curve.points.clone(),
+            hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
+            hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
+        });
     }
+    // Images each stage processed: the distillation's, an IMP search's last round (its running
+    // total), a replicate group's sum; probes and random masks train nothing.
+    let distill_images = results.distill.as_ref().map(|d| d.images_processed);
+    let last_round = |r: &[RoundRecord]| r.last().map(|x| x.images_processed);
     results.compute = runner
         .log
         .iter()
-        .map(|s| {
-            let o = &s.json["output"];
-            let images = o["images_processed"].as_u64().or_else(|| o["replicates"].as_array().map(|r| r.iter().filter_map(|x| x["images_seen"].as_u64()).sum())).or_else(|| o["rounds"].as_array().and_then(|r| r.last()).and_then(|x| x["images_processed"].as_u64()));
-            serde_json::json!({"stage": s.name, "seconds": s.json["seconds"], "images_processed": images, "cached": s.cached})
+        .map(|s| StageCompute {
+            stage: s.name.clone(),
+            seconds: s.record.seconds,
+            images_processed: match s.name.as_str() {
+                "distill" => distill_images,
+                "prune-distilled" => last_round(&rounds_distilled),
+                "prune-real" => last_round(&rounds_real),
+                n => images_seen.get(n).copied(),
+            },
+            cached: s.cached,
         })
         .collect();
     Ok((results, diagonals))

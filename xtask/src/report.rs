@@ -6,13 +6,24 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::pipeline::Results;
+use crate::pipeline::{ConditionSummary, Results};
 use crate::plot::{self, Series};
 
 const METHODS: [&str; 4] = ["dense", "distilled", "imp", "random"];
 
-fn pct(v: Option<f64>) -> String {
-    v.map_or("-".into(), |x| format!("{:.2}", 100.0 * x))
+/// A fraction as a percentage with 2 decimals; "-" for a value that is not a number (an empty
+/// split, a loss that diverged).
+fn pct(v: f64) -> String {
+    fixed(100.0 * v, 2)
+}
+
+/// `v` with `decimals` decimals, "-" when it is not finite.
+fn fixed(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "-".into()
+    }
 }
 
 /// Writes the report folder.
@@ -26,22 +37,20 @@ pub fn write(
     let conds = &res.conditions;
     // Every method's line starts at the dense network (sparsity 0).
     fn by_method<'a>(
-        conds: &'a [serde_json::Value],
+        conds: &'a [ConditionSummary],
         m: &'a str,
-    ) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
-        conds.iter().filter(move |c| c["method"] == m || c["method"] == "dense")
+    ) -> impl Iterator<Item = &'a ConditionSummary> + 'a {
+        conds.iter().filter(move |c| c.method == m || c.method == "dense")
     }
     // Accuracy vs sparsity (replicates retrained on real data), and barrier vs sparsity.
     let mut acc = Vec::new();
     let mut bar = Vec::new();
     for m in METHODS.iter().skip(1) {
-        let pts = |key: &str| -> Vec<(f64, f64)> {
-            by_method(conds, m)
-                .filter_map(|c| Some((100.0 * c["sparsity"].as_f64()?, 100.0 * c[key].as_f64()?)))
-                .collect()
+        let pts = |value: fn(&ConditionSummary) -> f64| -> Vec<(f64, f64)> {
+            by_method(conds, m).map(|c| (100.0 * c.sparsity, 100.0 * value(c))).collect()
         };
-        acc.push(Series { name: m.to_string(), points: pts("test_accuracy_mean") });
-        bar.push(Series { name: m.to_string(), points: pts("error_barrier_mean") });
+        acc.push(Series { name: m.to_string(), points: pts(|c| c.test_accuracy_mean) });
+        bar.push(Series { name: m.to_string(), points: pts(|c| c.error_barrier_mean) });
     }
     plot::lines(
         &dir.join("accuracy_vs_sparsity.svg"),
@@ -61,15 +70,8 @@ pub fn write(
     let paths: Vec<Series> = conds
         .iter()
         .map(|c| Series {
-            name: c["condition"].as_str().unwrap_or("?").to_string(),
-            points: c["interpolation"]
-                .as_array()
-                .map(|ps| {
-                    ps.iter()
-                        .filter_map(|p| Some((p["alpha"].as_f64()?, 100.0 * p["error"].as_f64()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            name: c.condition.clone(),
+            points: c.interpolation.iter().map(|p| (p.alpha, 100.0 * p.error)).collect(),
         })
         .collect();
     plot::lines(
@@ -84,19 +86,11 @@ pub fn write(
     for (m, label) in
         [("distilled", "distilled IMP (trained on distilled data)"), ("imp", "real-data IMP")]
     {
-        let pts = res.imp_rounds[m]
-            .as_array()
-            .map(|r| {
-                r.iter()
-                    .filter_map(|x| {
-                        Some((
-                            100.0 * x["sparsity"].as_f64()?,
-                            100.0 * x["test_accuracy"].as_f64()?,
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let rounds_of = if m == "imp" { &res.imp_rounds.imp } else { &res.imp_rounds.distilled };
+        let pts = rounds_of
+            .iter()
+            .map(|x| (100.0 * x.record.sparsity, 100.0 * x.record.test_accuracy))
+            .collect();
         rounds.push(Series { name: label.into(), points: pts });
     }
     plot::lines(
@@ -109,21 +103,17 @@ pub fn write(
     // Landscapes.
     let mut landscape_files = Vec::new();
     for l in &res.landscapes {
-        let name = l["condition"].as_str().unwrap_or("?");
-        let pts = l["result"]["points"].as_array().cloned().unwrap_or_default();
-        let mut xs: Vec<f64> = pts.iter().filter_map(|p| p["x"].as_f64()).collect();
-        let mut ys: Vec<f64> = pts.iter().filter_map(|p| p["y"].as_f64()).collect();
+        let name = &l.condition;
+        let pts = &l.result.points;
+        let mut xs: Vec<f64> = pts.iter().map(|p| p.x).collect();
+        let mut ys: Vec<f64> = pts.iter().map(|p| p.y).collect();
         xs.sort_by(f64::total_cmp);
         xs.dedup();
         ys.sort_by(f64::total_cmp);
         ys.dedup();
         let mut z = vec![vec![f64::NAN; xs.len()]; ys.len()];
-        for p in &pts {
-            if let (Some(ix), Some(iy), Some(loss)) =
-                (p["ix"].as_u64(), p["iy"].as_u64(), p["loss"].as_f64())
-            {
-                z[iy as usize][ix as usize] = loss;
-            }
+        for p in pts {
+            z[p.iy][p.ix] = p.loss;
         }
         let file = format!("landscape_{name}.svg");
         plot::heatmap(
@@ -175,13 +165,13 @@ pub fn write(
         writeln!(
             md,
             "| {} | {:.1} | {} | {} | {} | {} | {} |",
-            c["condition"].as_str().unwrap_or("?"),
-            100.0 * c["sparsity"].as_f64().unwrap_or(f64::NAN),
-            pct(c["test_accuracy_mean"].as_f64()),
-            pct(c["error_barrier_mean"].as_f64()),
-            c["loss_barrier_mean"].as_f64().map_or("-".into(), |v| format!("{v:.4}")),
-            c["l2_distance_mean"].as_f64().map_or("-".into(), |v| format!("{v:.2}")),
-            match (c["hessian_trace"].as_f64(), c["hessian_trace_se"].as_f64()) {
+            c.condition,
+            100.0 * c.sparsity,
+            pct(c.test_accuracy_mean),
+            pct(c.error_barrier_mean),
+            fixed(c.loss_barrier_mean, 4),
+            fixed(c.l2_distance_mean, 2),
+            match (c.hessian_trace, c.hessian_trace_se) {
                 (Some(t), Some(se)) => format!("{t:.3} ± {se:.3}"),
                 _ => "-".into(),
             }
@@ -200,7 +190,7 @@ pub fn write(
         img(&mut md, "hessian_diagonal.svg", "Hessian diagonal histograms")?;
     }
     if distill_png.is_some() {
-        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {}\n", res.distill["test_accuracy_mean"].as_f64().map_or("not evaluated".into(), |v| format!("{:.2}%", 100.0 * v)))?;
+        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {}\n", res.distill.as_ref().and_then(|d| d.evaluation.as_ref()).map_or("not evaluated".into(), |e| format!("{}%", pct(e.test_accuracy_mean))))?;
         img(&mut md, "distilled.png", "distilled images, one row per class")?;
     }
     writeln!(md, "\n## Compute per stage\n\n| stage | images processed | seconds | cached |\n|---|---|---|---|")?;
@@ -208,10 +198,10 @@ pub fn write(
         writeln!(
             md,
             "| {} | {} | {:.1} | {} |",
-            s["stage"].as_str().unwrap_or("?"),
-            s["images_processed"].as_u64().map_or("-".into(), |v| v.to_string()),
-            s["seconds"].as_f64().unwrap_or(0.0),
-            s["cached"]
+            s.stage,
+            s.images_processed.map_or("-".into(), |v| v.to_string()),
+            s.seconds,
+            s.cached
         )?;
     }
     writeln!(md, "\nEvery number above is in `summary.json`.")?;
