@@ -35,7 +35,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bail!("--only {o}: unknown workload (expected one of {})", names.join(", "));
         }
     }
-    if !(a.scale > 0.0) {
+    // Written so that NaN is rejected too.
+    if a.scale.is_nan() || a.scale <= 0.0 {
         bail!("--scale {}: must be positive", a.scale);
     }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(0)).build()?;

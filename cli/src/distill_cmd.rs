@@ -151,7 +151,7 @@ fn evaluate(
         }
         let b = &bars[m];
         b.set_position(done);
-        if done % 10 == 0 || done == total {
+        if done.is_multiple_of(10) || done == total {
             b.set_message(format!("loss {loss:.4}"));
         }
     };

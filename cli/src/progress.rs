@@ -44,7 +44,7 @@ impl TrainProgress {
 impl Observer for TrainProgress {
     fn on_step(&mut self, epoch: usize, _s: u64, _n: u64, loss: f32) {
         self.bar.inc(1);
-        if self.bar.position() % 10 == 0 {
+        if self.bar.position().is_multiple_of(10) {
             self.bar.set_message(format!("epoch {} loss {loss:.4}", epoch + 1));
         }
     }

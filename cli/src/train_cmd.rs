@@ -31,7 +31,7 @@ impl DataArgs {
     /// Loads the dataset and its provenance.
     pub fn load(&self) -> Result<(Dataset, Provenance)> {
         let dir = data::resolve_data_dir(self.data_dir.as_deref());
-        Ok(data::resolve_dataset(&self.dataset, Some(&dir)).context("--dataset")?)
+        data::resolve_dataset(&self.dataset, Some(&dir)).context("--dataset")
     }
 }
 

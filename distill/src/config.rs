@@ -185,7 +185,10 @@ impl DistillConfig {
         if self.iterations == 0 {
             return bad("--iterations must be at least 1".into());
         }
-        if self.factor == 0 || shape.height % self.factor != 0 || shape.width % self.factor != 0 {
+        if self.factor == 0
+            || !shape.height.is_multiple_of(self.factor)
+            || !shape.width.is_multiple_of(self.factor)
+        {
             return bad(format!(
                 "--factor {} does not divide the {}x{} image size",
                 self.factor, shape.height, shape.width

@@ -400,8 +400,11 @@ impl StageOut {
     }
 }
 
+/// Hessian-diagonal estimates per condition label.
+pub type Diagonals = Vec<(String, Vec<f64>)>;
+
 /// Runs every stage of `preset`.
-pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Vec<(String, Vec<f64>)>)> {
+pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Diagonals)> {
     let ds = preset.dataset.clone();
     let seed = preset.seed.to_string();
     let max_round = *preset.rounds.iter().max().unwrap_or(&0);

@@ -83,18 +83,21 @@ pub fn lines(
     Ok(())
 }
 
+/// Values `z[row][col]` on a grid with column coordinates `xs` and row coordinates `ys`.
+pub struct Grid {
+    /// Column (x) coordinates.
+    pub xs: Vec<f64>,
+    /// Row (y) coordinates.
+    pub ys: Vec<f64>,
+    /// One row of values per y.
+    pub z: Vec<Vec<f64>>,
+}
+
 /// A filled heat map of `z[row][col]` over x (columns) and y (rows), with a colour bar legend
 /// giving the value range.
-pub fn heatmap(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    xs: &[f64],
-    ys: &[f64],
-    z: &[Vec<f64>],
-    z_label: &str,
-) -> Result<()> {
+pub fn heatmap(path: &Path, title: &str, axes: [&str; 3], grid: &Grid) -> Result<()> {
+    let [x_label, y_label, z_label] = axes;
+    let Grid { xs, ys, z } = grid;
     let root = SVGBackend::new(path, (640, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let finite = || z.iter().flatten().copied().filter(|v| v.is_finite());

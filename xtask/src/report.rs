@@ -113,18 +113,20 @@ pub fn write(
         ys.dedup();
         let mut z = vec![vec![f64::NAN; xs.len()]; ys.len()];
         for p in pts {
-            z[p.iy][p.ix] = p.loss;
+            if let Some(cell) = z.get_mut(p.iy).and_then(|row| row.get_mut(p.ix)) {
+                *cell = p.loss;
+            }
         }
         let file = format!("landscape_{name}.svg");
         plot::heatmap(
             &dir.join(&file),
             &format!("Train loss around {name}"),
-            "direction 1 (filter-normalised units)",
-            "direction 2 (filter-normalised units)",
-            &xs,
-            &ys,
-            &z,
-            "train loss",
+            [
+                "direction 1 (filter-normalised units)",
+                "direction 2 (filter-normalised units)",
+                "train loss",
+            ],
+            &plot::Grid { xs, ys, z },
         )?;
         landscape_files.push(file);
     }

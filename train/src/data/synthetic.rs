@@ -86,7 +86,7 @@ impl SyntheticSet {
             return Ok(self.images.clone());
         }
         let s = self.images.shape;
-        if s.height % f != 0 || s.width % f != 0 {
+        if !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
             return Err(Error::invalid(format!(
                 "factor {f} does not divide the {}x{} image size",
                 s.height, s.width
