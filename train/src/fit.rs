@@ -532,9 +532,7 @@ impl RunRequest<'_> {
 
 /// Path of the checkpoint kept next to `out` while it is being produced.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".ckpt");
-    PathBuf::from(s)
+    crate::stage::checkpoint_path(out)
 }
 
 struct Checkpointer<'a> {
