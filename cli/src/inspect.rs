@@ -51,7 +51,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         Kind::Dataset => lmc_distill::inspect_summary(&a.file, &header, &payload)?,
         // Resumable state of a stage in progress: the header (provenance, size) is what a user
         // needs to know which output it belongs to.
-        Kind::DistillCheckpoint | Kind::LandscapeCheckpoint => json!({}),
+        Kind::DistillCheckpoint => {
+            lmc_distill::inspect_checkpoint_summary(&a.file, &header, &payload)?
+        }
+        Kind::LandscapeCheckpoint => json!({}),
     };
     let out = json!({
         "file": a.file,
