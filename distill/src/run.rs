@@ -23,6 +23,12 @@ use crate::formation;
 use crate::gm::{self, GmScratch};
 use crate::problem::{sample_distinct, Problem};
 
+/// Algorithm / payload version of distillation, hashed into every distilled set's provenance:
+/// bump it (in [`stage::DISTILL_VERSION`], where every stage's version lives) when a change
+/// alters the distilled pixels or the Dataset / DistillCheckpoint payload; a change that keeps
+/// results bit-identical does not.
+pub const VERSION: u32 = stage::DISTILL_VERSION;
+
 /// Everything that identifies one distillation.
 pub struct DistillRequest<'a> {
     /// The network architecture, bound to the data's image shape and classes.
@@ -142,7 +148,7 @@ impl DistillRequest<'_> {
     pub fn provenance(&self) -> Provenance {
         let id =
             Identity { model: &self.model.spec, input: self.model.input, config: &self.config };
-        Provenance::of("distill", &id, &[self.dataset_provenance])
+        stage::provenance("distill", VERSION, &id, &[self.dataset_provenance])
     }
 
     /// Checks the settings against the data (ipc vs class sizes, factor vs image size, ...).

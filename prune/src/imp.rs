@@ -25,7 +25,7 @@ use lmc_train::fit::{self, Observer, TrainConfig, TrainData, TrainState};
 use lmc_train::model::{Model, ModelSpec};
 use lmc_train::optim::Schedule;
 use lmc_train::params::{Mask, ParamVec};
-use lmc_train::stage::Stage;
+use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,12 @@ pub enum Rewind {
     /// Every parameter.
     All,
 }
+
+/// Algorithm / payload version of pruning (IMP tickets and random baselines), hashed into every
+/// ticket's provenance: bump it (in [`stage::PRUNE_VERSION`], where every stage's version lives)
+/// when a change alters the tickets found or the Ticket payload; a change that keeps results
+/// bit-identical does not.
+pub const VERSION: u32 = stage::PRUNE_VERSION;
 
 /// Everything that decides an IMP run, apart from the number of rounds (so that a longer run
 /// reuses a shorter one's rounds). Part of each ticket's identity.
@@ -277,7 +283,7 @@ impl Imp<'_> {
         if let Some(f) = &self.from {
             inputs.push(f.provenance);
         }
-        Provenance::of("prune", &id, &inputs)
+        stage::provenance("prune", VERSION, &id, &inputs)
     }
 
     /// The stage that writes round `r`'s ticket (its checkpoint is `round-RR.ckpt`).

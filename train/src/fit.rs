@@ -15,7 +15,7 @@ use crate::ops;
 use crate::optim::{Schedule, Sgd};
 use crate::params::{Mask, ParamVec};
 use crate::seed::{self, Stream};
-use crate::stage::Stage;
+use crate::stage::{self, Stage};
 use crate::{Error, Result};
 
 /// Batch size used for evaluation (does not change results, only speed and memory).
@@ -482,6 +482,11 @@ impl Artifact for Checkpoint {
     const KIND: Kind = Kind::Checkpoint;
 }
 
+/// Algorithm / payload version of training, hashed into every Run's provenance: bump it (in
+/// [`stage::TRAIN_VERSION`], where every stage's version lives) when a change alters training's
+/// results or the Run / Checkpoint payload; a change that keeps results bit-identical does not.
+pub const VERSION: u32 = stage::TRAIN_VERSION;
+
 /// Everything that identifies one replicate run.
 pub struct RunRequest<'a> {
     /// Architecture.
@@ -525,7 +530,7 @@ impl RunRequest<'_> {
             augment,
         };
         let mask_hash = Provenance::of("mask", &self.mask.keep, &[]);
-        Provenance::of("train", &id, &[self.dataset_provenance, mask_hash])
+        stage::provenance("train", VERSION, &id, &[self.dataset_provenance, mask_hash])
     }
 }
 
