@@ -299,7 +299,7 @@ impl Imp<'_> {
         stage
             .cached_if::<Ticket>(|h, t| {
                 h.provenance == stage.provenance()
-                    && t.trained.is_some()
+                    && t.trained().is_some()
                     && t.validate(path).is_ok()
             })
             .map(|(_, t)| t)
@@ -319,7 +319,7 @@ impl Imp<'_> {
         let cfg = &self.config;
         let (mask, start) = match (prev, point) {
             (Some(p), Some(point)) => {
-                let trained = p.trained.as_ref().expect("IMP tickets hold their trained network");
+                let trained = p.trained().expect("IMP tickets hold their trained network");
                 (
                     cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?,
                     rewind(point, trained, cfg.rewind)?,
@@ -386,14 +386,16 @@ impl Imp<'_> {
             mask,
             sparsity,
             layers,
-            origin: Origin::Imp { round: r, config: cfg.clone(), parent: lineage.parent.clone() },
+            origin: Origin::Imp {
+                round: r,
+                config: cfg.clone(),
+                parent: lineage.parent.clone(),
+                trained: state.params,
+                test_accuracy,
+                curve: state.curve,
+            },
             found_with: lineage.found_with.clone(),
             images_processed,
-            train_config: Some(cfg.train.clone()),
-            data_seed: Some(cfg.data_seed),
-            trained: Some(state.params),
-            test_accuracy,
-            curve: state.curve,
             seconds: started.elapsed().as_secs_f64(),
         };
         stage.finish(&ticket)?;
@@ -457,7 +459,7 @@ fn record(t: &Ticket, path: &Path, cached: bool) -> RoundRecord {
         round: t.round().unwrap_or(0),
         sparsity: t.sparsity,
         kept: t.layers.iter().map(|l| l.kept).sum(),
-        test_accuracy: t.test_accuracy.unwrap_or(f64::NAN),
+        test_accuracy: t.test_accuracy().unwrap_or(f64::NAN),
         images_processed: t.images_processed,
         seconds: t.seconds,
         path: path.to_path_buf(),

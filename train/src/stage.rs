@@ -46,7 +46,8 @@ use crate::Result;
 /// every cached output and checkpoint of that stage, and of every stage downstream of it, stale.
 pub const TRAIN_VERSION: u32 = 1;
 /// Version of the pruning stage (IMP tickets and random baselines); see [`TRAIN_VERSION`].
-pub const PRUNE_VERSION: u32 = 1;
+/// 2: the Ticket payload keeps its IMP-only fields in its IMP origin.
+pub const PRUNE_VERSION: u32 = 2;
 /// Version of the distillation stage; see [`TRAIN_VERSION`].
 pub const DISTILL_VERSION: u32 = 1;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`].
