@@ -72,7 +72,7 @@ fn prune_writes_a_ticket_per_round_and_resumes() {
         assert_eq!(row["cached"], false);
         let p = PathBuf::from(row["path"].as_str().unwrap());
         let t = ticket(&p);
-        assert_eq!(t.test_accuracy, Some(acc));
+        assert_eq!(t.test_accuracy(), Some(acc));
         assert_eq!(t.round(), Some(r));
     }
     // inspect reads tickets.
@@ -224,7 +224,7 @@ fn train_set_and_from_ticket() {
     assert_eq!(t.found_with.name, "digits-real-ipc10");
     assert_eq!(t.found_with.train_images, 100);
     // Tested on the real test split (360 images): accuracy is a multiple of 1/360.
-    let acc = t.test_accuracy.unwrap() * 360.0;
+    let acc = t.test_accuracy().unwrap() * 360.0;
     assert!((acc - acc.round()).abs() < 1e-6);
 
     // Distilled then IMP: continue on real data from the round-2 ticket.

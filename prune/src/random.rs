@@ -77,19 +77,13 @@ pub fn reinit_ticket(like: &Ticket, like_provenance: Provenance, seed: u64) -> T
     }
 }
 
+/// `like` without its search's timing; the caller sets the new origin, which drops `like`'s
+/// trained network with its IMP origin.
 fn untrained(like: &Ticket) -> Ticket {
-    Ticket {
-        train_config: None,
-        data_seed: None,
-        trained: None,
-        test_accuracy: None,
-        curve: vec![],
-        seconds: 0.0,
-        ..like.clone()
-    }
+    Ticket { seconds: 0.0, ..like.clone() }
 }
 
 /// Provenance of a baseline ticket derived from `like`.
 pub fn baseline_provenance(origin: &Origin, like: Provenance) -> Provenance {
-    Provenance::of("prune-baseline", origin, &[like])
+    lmc_train::stage::provenance("prune-baseline", crate::imp::VERSION, origin, &[like])
 }

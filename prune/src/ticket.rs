@@ -43,14 +43,23 @@ pub struct Parent {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Origin {
-    /// Round `round` of iterative magnitude pruning (round 0 = before any pruning).
+    /// Round `round` of iterative magnitude pruning (round 0 = before any pruning), with the
+    /// network that round trained (only IMP trains while finding a ticket).
     Imp {
         /// Round number.
         round: usize,
-        /// The run's settings.
+        /// The run's settings (the round's training settings and data-order seed among them).
         config: ImpConfig,
         /// The ticket IMP started from, if any.
         parent: Option<Parent>,
+        /// The network trained in this round from `rewind` under `mask`; its magnitudes choose
+        /// the next round's mask.
+        trained: ParamVec,
+        /// Test accuracy (real test split) of `trained`, in [0, 1] (`None` when the data had no
+        /// test split to evaluate).
+        test_accuracy: Option<f64>,
+        /// The round's training curve.
+        curve: Vec<EpochRecord>,
     },
     /// A uniformly random mask with the sparsity of ticket `like`, same starting parameters.
     RandomMask {
@@ -98,23 +107,14 @@ pub struct Ticket {
     /// Training images processed by the search up to and including this round (and the parent
     /// search's, for `--from-ticket`). Copied from `like` for the baselines.
     pub images_processed: u64,
-    /// Training settings of the round (IMP only).
-    pub train_config: Option<TrainConfig>,
-    /// Data-order seed of the round's training (IMP only).
-    pub data_seed: Option<u64>,
-    /// The network trained in this round from `rewind` under `mask` (IMP only); its magnitudes
-    /// choose the next round's mask.
-    pub trained: Option<ParamVec>,
-    /// Test accuracy (real test split) of `trained`, in [0, 1] (IMP only).
-    pub test_accuracy: Option<f64>,
-    /// The round's training curve (IMP only).
-    pub curve: Vec<EpochRecord>,
     /// Wall-clock seconds spent on this round (the one field that differs between identical runs).
     pub seconds: f64,
 }
 
 impl Artifact for Ticket {
     const KIND: Kind = Kind::Ticket;
+    // Format 2 moved the IMP-only fields into `Origin::Imp`.
+    const MIN_FORMAT: u32 = 2;
 }
 
 impl Ticket {
@@ -133,7 +133,7 @@ impl Ticket {
         self.rewind
             .check_same_layout(layout, "ticket rewind parameters")
             .map_err(|e| bad(e.to_string()))?;
-        if let Some(t) = &self.trained {
+        if let Some(t) = self.trained() {
             t.check_same_layout(layout, "ticket trained parameters")
                 .map_err(|e| bad(e.to_string()))?;
         }
@@ -179,6 +179,46 @@ impl Ticket {
         }
     }
 
+    /// The network IMP trained in this ticket's round (`None` for the baselines).
+    pub fn trained(&self) -> Option<&ParamVec> {
+        match &self.origin {
+            Origin::Imp { trained, .. } => Some(trained),
+            _ => None,
+        }
+    }
+
+    /// Test accuracy of [`Ticket::trained`] (`None` for the baselines).
+    pub fn test_accuracy(&self) -> Option<f64> {
+        match &self.origin {
+            Origin::Imp { test_accuracy, .. } => *test_accuracy,
+            _ => None,
+        }
+    }
+
+    /// Training curve of the IMP round (empty for the baselines).
+    pub fn curve(&self) -> &[EpochRecord] {
+        match &self.origin {
+            Origin::Imp { curve, .. } => curve,
+            _ => &[],
+        }
+    }
+
+    /// Training settings of the IMP round (`None` for the baselines).
+    pub fn train_config(&self) -> Option<&TrainConfig> {
+        match &self.origin {
+            Origin::Imp { config, .. } => Some(&config.train),
+            _ => None,
+        }
+    }
+
+    /// Data-order seed of the IMP round's training (`None` for the baselines).
+    pub fn data_seed(&self) -> Option<u64> {
+        match &self.origin {
+            Origin::Imp { config, .. } => Some(config.data_seed),
+            _ => None,
+        }
+    }
+
     /// JSON summary (what `lmc inspect` prints).
     pub fn summary(&self) -> serde_json::Value {
         let layers: Vec<_> = self
@@ -187,7 +227,7 @@ impl Ticket {
             .map(|l| json!({"name": l.name, "kept": l.kept, "total": l.total, "remaining": l.kept as f64 / l.total.max(1) as f64}))
             .collect();
         let origin = match &self.origin {
-            Origin::Imp { round, config, parent } => json!({
+            Origin::Imp { round, config, parent, .. } => json!({
                 "method": "imp", "round": round, "rule": config.rule, "rewind": config.rewind,
                 "rewind_step": config.rewind_step, "seed": config.seed,
                 "parent": parent.as_ref().map(|p| json!({"provenance": p.provenance.hex(), "found_with": p.found_with.name, "sparsity": p.sparsity})),
@@ -213,11 +253,11 @@ impl Ticket {
             "layers": layers,
             "found_with": {"name": self.found_with.name, "provenance": self.found_with.provenance.hex(), "train_images": self.found_with.train_images},
             "images_processed": self.images_processed,
-            "test_accuracy": self.test_accuracy,
-            "train_config": self.train_config,
-            "data_seed": self.data_seed,
+            "test_accuracy": self.test_accuracy(),
+            "train_config": self.train_config(),
+            "data_seed": self.data_seed(),
             "seconds": self.seconds,
-            "curve": self.curve,
+            "curve": self.curve(),
         })
     }
 }

@@ -270,7 +270,7 @@ fn imp_counts_masks_rewinds_and_images() {
         );
         assert_eq!(kept_in(&t.mask, &m, "fc.weight"), out);
         assert_eq!(recs[r].kept, pooled + out);
-        let trained = t.trained.as_ref().unwrap();
+        let trained = t.trained().unwrap();
         // Masked weights are exactly zero after training; kept ones moved.
         for i in 0..trained.len() {
             if !t.mask.keep[i] {
@@ -282,7 +282,7 @@ fn imp_counts_masks_rewinds_and_images() {
         assert_eq!(t.images_processed, (r as u64 + 1) * 2 * 1437);
         // The recorded accuracy is the trained network's on the real test split.
         let e = fit::evaluate(&m, trained, &ds.test, &ds.norm);
-        assert_eq!(t.test_accuracy, Some(e.accuracy));
+        assert_eq!(t.test_accuracy(), Some(e.accuracy));
         assert_eq!(recs[r].test_accuracy, e.accuracy);
         // Rewinding: every weight is theta0 bit for bit; biases carry over from round r-1.
         for e in &m.layout.entries {
@@ -292,7 +292,7 @@ fn imp_counts_masks_rewinds_and_images() {
             } else {
                 assert_eq!(
                     got,
-                    bits(&ts[r - 1].trained.as_ref().unwrap().data[e.range()]),
+                    bits(&ts[r - 1].trained().unwrap().data[e.range()]),
                     "round {r} {}",
                     e.name
                 );
@@ -311,7 +311,7 @@ fn imp_counts_masks_rewinds_and_images() {
         &mut fit::Silent,
     )
     .unwrap();
-    assert_eq!(bits(&state.params.data), bits(&t.trained.as_ref().unwrap().data));
+    assert_eq!(bits(&state.params.data), bits(&t.trained().unwrap().data));
 
     // Rewind all: the whole vector is theta0.
     let dir = tempfile::tempdir().unwrap();
@@ -361,7 +361,7 @@ fn rewinding_to_step_k_restores_theta_k_bit_for_bit() {
     assert_eq!(bits(&ts[1].rewind.data), bits(&theta_k.data));
     assert_eq!(ts[0].rewind_step, 23);
     // Round 0 itself trained from theta0: its network is the full dense run.
-    assert_eq!(bits(&ts[0].trained.as_ref().unwrap().data), bits(&full.params.data));
+    assert_eq!(bits(&ts[0].trained().unwrap().data), bits(&full.params.data));
     // A milestone before step k is refused.
     let mut bad = imp_config("mlp:7,3", Rewind::All, 50, 3);
     bad.train.schedule = lmc_train::optim::Schedule::parse("multistep:0.3", 0.1).unwrap();
@@ -461,7 +461,7 @@ fn random_masks_copy_sparsity_and_reinit_copies_the_mask() {
     assert_eq!(r.layers, like.layers);
     assert_ne!(r.mask, like.mask);
     assert_eq!(r.rewind, like.rewind);
-    assert!(r.trained.is_none() && r.test_accuracy.is_none());
+    assert!(r.trained().is_none() && r.test_accuracy().is_none());
     assert_eq!(random_mask(&m.layout, &like.mask, true, 0).unwrap(), r.mask);
     assert_ne!(random_mask(&m.layout, &like.mask, true, 1).unwrap(), r.mask);
     // Global: same total; the unpruned output layer stays dense.
@@ -478,4 +478,31 @@ fn random_masks_copy_sparsity_and_reinit_copies_the_mask() {
     assert_eq!(re.mask, like.mask);
     assert_eq!(re.rewind, m.init(77));
     assert_eq!(re.init_seed, 77);
+}
+
+/// Counts the batches and steps the training loop reports.
+#[derive(Default)]
+struct BatchCount {
+    batches: u64,
+    steps: u64,
+}
+impl Observer for BatchCount {
+    fn on_batch(&mut self, _e: usize, _s: u64, _b: &mut lmc_train::data::Batch) {
+        self.batches += 1;
+    }
+    fn on_step(&mut self, _e: usize, _s: u64, _n: u64, _l: f32) {
+        self.steps += 1;
+    }
+}
+impl ImpObserver for BatchCount {}
+
+#[test]
+fn imp_rounds_forward_every_batch_to_the_observer() {
+    let (ds, prov) = digits();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = imp_config("mlp:7,3", Rewind::Weights, 0, 2);
+    let mut count = BatchCount::default();
+    run_imp(&cfg, &ds, prov, dir.path(), 1, &mut count).unwrap();
+    // Two rounds of two epochs of 23 batches each, every one seen before its step.
+    assert_eq!((count.batches, count.steps), (2 * 2 * 23, 2 * 2 * 23));
 }

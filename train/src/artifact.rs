@@ -4,7 +4,7 @@
 //! offset size  field
 //!  0      8    magic  b"LMCARTF\0"
 //!  8      4    format version (u32 LE)      -- bumped whenever any payload schema changes
-//! 12      4    kind (u32 LE)                -- Run, Dataset, Ticket, Probe, Checkpoint
+//! 12      4    kind (u32 LE)                -- Run, Dataset, Ticket, Probe, and a kind per checkpoint
 //! 16     32    provenance hash (SHA-256 of stage + config + input hashes)
 //! 48      8    payload length (u64 LE)
 //! 56      4    CRC-32 of bytes 0..56 and of the payload
@@ -26,8 +26,9 @@ use crate::{Error, Result};
 
 /// First bytes of every artifact.
 pub const MAGIC: &[u8; 8] = b"LMCARTF\0";
-/// The envelope + payload format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The envelope + payload format this build writes and the newest it reads. Version 2: the
+/// Ticket payload keeps its IMP-only fields in its IMP origin.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 60;
 
@@ -43,8 +44,12 @@ pub enum Kind {
     Ticket = 3,
     /// Probe results (`lmc probe`).
     Probe = 4,
-    /// Resumable training state (written next to an unfinished output).
+    /// Resumable training state (written next to an unfinished `lmc train` output or IMP round).
     Checkpoint = 5,
+    /// Resumable distillation state (pixels, momentum, counters).
+    DistillCheckpoint = 6,
+    /// Resumable loss-landscape state (the rows done so far).
+    LandscapeCheckpoint = 7,
 }
 
 impl Kind {
@@ -55,6 +60,8 @@ impl Kind {
             3 => Kind::Ticket,
             4 => Kind::Probe,
             5 => Kind::Checkpoint,
+            6 => Kind::DistillCheckpoint,
+            7 => Kind::LandscapeCheckpoint,
             _ => return None,
         })
     }
@@ -109,6 +116,10 @@ impl fmt::Display for Provenance {
 pub trait Artifact: Serialize + DeserializeOwned {
     /// Its kind tag.
     const KIND: Kind;
+    /// The oldest format version whose payload of this kind this build decodes: raise it to
+    /// [`FORMAT_VERSION`] when this kind's payload schema changes, so an older file is refused by
+    /// name instead of being decoded as the new schema.
+    const MIN_FORMAT: u32 = 1;
 }
 
 /// The decoded fixed header of an artifact.
@@ -230,6 +241,18 @@ pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
 
 /// Decodes a verified payload.
 pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Result<A> {
+    if header.version < A::MIN_FORMAT {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "a {} written by an older lmc (format version {}; this build reads {} artifacts from version {}): recompute it",
+                header.kind,
+                header.version,
+                A::KIND,
+                A::MIN_FORMAT
+            ),
+        ));
+    }
     bincode::deserialize(payload)
         .map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
 }
@@ -288,6 +311,32 @@ mod tests {
         let c = crc.finalize().to_le_bytes();
         other[56..60].copy_from_slice(&c);
         check(other, "is a Run artifact, expected a Probe");
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Toy2(u8);
+    impl Artifact for Toy2 {
+        const KIND: Kind = Kind::Probe;
+        const MIN_FORMAT: u32 = FORMAT_VERSION;
+    }
+
+    #[test]
+    fn a_payload_older_than_its_schema_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.lmc");
+        write(&p, &Toy2(7), Provenance::default()).unwrap();
+        assert_eq!(read::<Toy2>(&p).unwrap().1, Toy2(7));
+        // The same file as an older build wrote it (checksum re-sealed).
+        let mut b = std::fs::read(&p).unwrap();
+        b[8..12].copy_from_slice(&(FORMAT_VERSION - 1).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&b[..56]);
+        crc.update(&b[HEADER_LEN..]);
+        let c = crc.finalize().to_le_bytes();
+        b[56..60].copy_from_slice(&c);
+        std::fs::write(&p, b).unwrap();
+        let e = read::<Toy2>(&p).unwrap_err().to_string();
+        assert!(e.contains("old.lmc") && e.contains("older lmc"), "{e}");
     }
 
     #[test]
