@@ -172,6 +172,10 @@ impl Runner {
     pub fn stage(&mut self, name: &str, args: Vec<Arg>) -> Result<StageOut> {
         let mut h = Sha256::new();
         h.update(name.as_bytes());
+        // The lmc stage's algorithm version: after an upgrade that changes a stage's results, its
+        // pipeline folders (and everything downstream, through their keys) are recomputed.
+        let version = lmc_stage_version(&args)?;
+        h.update(format!("V{version}\0"));
         for a in &args {
             match a {
                 Arg::Lit(s) => h.update(format!("L{s}\0")),
@@ -274,6 +278,21 @@ pub struct Condition {
 /// names `--dataset`, and the probes, which default to the data their runs were trained on.
 fn reads_data(argv: &[String]) -> bool {
     argv.first().is_some_and(|c| c == "probe") || argv.iter().any(|a| a == "--dataset")
+}
+
+/// The version (`lmc_train::stage::STAGE_VERSIONS`) of the `lmc` command a stage runs: `distill`,
+/// `prune` (and `prune random`), `train`, `probe interpolate|landscape|hessian`.
+fn lmc_stage_version(args: &[Arg]) -> Result<u32> {
+    let word = |i: usize| match args.get(i) {
+        Some(Arg::Lit(s)) => s.as_str(),
+        _ => "",
+    };
+    let stage = match word(0) {
+        "probe" => format!("probe-{}", word(1)),
+        w => w.to_string(),
+    };
+    lmc_train::stage::version(&stage)
+        .with_context(|| format!("no stage version for `lmc {stage}` (add it to STAGE_VERSIONS)"))
 }
 
 fn lit(v: &[&str]) -> Vec<Arg> {
@@ -625,6 +644,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no-such-preset"));
+    }
+
+    #[test]
+    fn every_stage_the_pipeline_runs_has_a_version() {
+        for cmd in [
+            "distill",
+            "prune",
+            "prune random",
+            "train",
+            "probe interpolate",
+            "probe landscape",
+            "probe hessian",
+        ] {
+            let args: Vec<Arg> = cmd.split(' ').map(|s| Arg::Lit(s.into())).collect();
+            assert!(lmc_stage_version(&args).is_ok(), "{cmd}");
+        }
+        assert!(lmc_stage_version(&[Arg::Lit("probe".into()), Arg::Lit("nothing".into())]).is_err());
     }
 
     #[test]
