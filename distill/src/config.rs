@@ -27,7 +27,7 @@ impl FromStr for Method {
         match s.trim().to_ascii_lowercase().as_str() {
             "dm" => Ok(Method::Dm),
             "gm" | "dc" | "idc" => Ok(Method::Gm),
-            _ => Err(Error::invalid(format!("--method '{s}': expected dm or gm"))),
+            _ => Err(Error::setting(format!("--method '{s}': expected dm or gm"))),
         }
     }
 }
@@ -59,7 +59,7 @@ impl FromStr for Distance {
         match s.trim().to_ascii_lowercase().as_str() {
             "mse" => Ok(Distance::Mse),
             "cos" | "cosine" => Ok(Distance::Cos),
-            _ => Err(Error::invalid(format!("--distance '{s}': expected mse (IDC) or cos (DC)"))),
+            _ => Err(Error::setting(format!("--distance '{s}': expected mse (IDC) or cos (DC)"))),
         }
     }
 }
@@ -90,7 +90,7 @@ impl FromStr for Init {
         match s.trim().to_ascii_lowercase().as_str() {
             "real" => Ok(Init::Real),
             "noise" => Ok(Init::Noise),
-            _ => Err(Error::invalid(format!("--init '{s}': expected real or noise"))),
+            _ => Err(Error::setting(format!("--init '{s}': expected real or noise"))),
         }
     }
 }
@@ -171,7 +171,7 @@ impl DistillConfig {
 
     /// Checks the settings against the data: image shape and the smallest class size.
     pub fn validate(&self, shape: ImageShape, smallest_class: (usize, &str)) -> Result<()> {
-        let bad = |m: String| Err(Error::invalid(m));
+        let bad = |m: String| Err(Error::setting(m));
         if self.ipc == 0 {
             return bad("--ipc must be at least 1".into());
         }

@@ -133,7 +133,7 @@ impl FromStr for Strategy {
         let mut ops = Vec::new();
         for name in s.split(['_', ',']) {
             let op = DsaOp::ALL.into_iter().find(|o| o.as_str() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
-                Error::invalid(format!(
+                Error::setting(format!(
                     "--dsa '{s}': unknown augmentation '{name}' (expected '_'-separated color, crop, cutout, flip, scale, rotate, or none)"
                 ))
             })?;

@@ -115,10 +115,10 @@ pub fn evaluate(
     progress: EvalProgress,
 ) -> Result<EvalSummary> {
     if cfg.models == 0 {
-        return Err(Error::invalid("--eval-models must be at least 1 to evaluate"));
+        return Err(Error::setting("--eval-models must be at least 1 to evaluate"));
     }
     if cfg.epochs == 0 {
-        return Err(Error::invalid("--eval-epochs must be at least 1"));
+        return Err(Error::setting("--eval-epochs must be at least 1"));
     }
     let started = std::time::Instant::now();
     let ds = set.to_dataset(real)?;

@@ -16,7 +16,7 @@ const MIN_CELL: usize = 32;
 /// de-normalised (`v * std + mean`) and clamped to [0, 1].
 pub fn render(set: &SyntheticSet) -> Result<(usize, usize, Vec<u8>)> {
     let Pixels::F32(px) = &set.images.pixels else {
-        return Err(Error::invalid(format!(
+        return Err(Error::data(format!(
             "synthetic set '{}' stores raw bytes, expected normalised floats",
             set.name
         )));

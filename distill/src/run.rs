@@ -155,7 +155,7 @@ impl DistillRequest<'_> {
     pub fn validate(&self) -> Result<()> {
         let train = &self.dataset.train;
         if self.model.input != train.shape || self.model.classes != self.dataset.classes {
-            return Err(Error::invalid(
+            return Err(Error::incompatible(
                 "distill: the model is bound to another input shape or class count than the data",
             ));
         }
@@ -167,7 +167,7 @@ impl DistillRequest<'_> {
             .iter()
             .enumerate()
             .min_by_key(|(_, &n)| n)
-            .ok_or_else(|| Error::invalid("the dataset has no classes"))?;
+            .ok_or_else(|| Error::data("the dataset has no classes"))?;
         let name = self.dataset.class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
         self.config.validate(train.shape, (n, &name))
     }
@@ -391,7 +391,7 @@ pub fn distill(
                 .as_ref()
                 .map(|c| format!("; checkpoint at {}", c.display()))
                 .unwrap_or_default();
-            return Err(Error::invalid(format!(
+            return Err(Error::interrupted(format!(
                 "distillation interrupted after iteration {}{at}",
                 ck.state.steps_done
             )));

@@ -274,7 +274,9 @@ fn resume_equals_uninterrupted() {
                 ControlFlow::Continue(())
             }
         };
-        let e = run::distill(&req, Some(&out), &opts, &mut stop_at_3).err().unwrap().to_string();
+        let e = run::distill(&req, Some(&out), &opts, &mut stop_at_3).err().unwrap();
+        assert!(matches!(e, lmc_train::Error::Interrupted(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("interrupted after iteration 3"), "{e}");
         let ck_path = run::checkpoint_path(&out);
         let (_, ck) = artifact::read::<DistillCheckpoint>(&ck_path).unwrap();

@@ -161,7 +161,7 @@ pub fn rewind(point: &ParamVec, trained: &ParamVec, mode: Rewind) -> Result<Para
 fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
     let (per_epoch, epochs, total) = cfg.plan(n);
     if k >= total {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "--rewind-step {k}: a round trains only {total} steps; rewind to an earlier step"
         )));
     }
@@ -173,7 +173,7 @@ fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
     // step and step k-1 covers every step before k.
     let stride = if cfg.iterations.is_some() { 1 } else { per_epoch.max(1) as usize };
     if k > 0 && ((0..k).step_by(stride).any(|s| lr_at(s) != cfg.lr) || lr_at(k - 1) != cfg.lr) {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "--rewind-step {k}: must come before the first learning-rate milestone"
         )));
     }
@@ -254,17 +254,17 @@ impl Imp<'_> {
         self.config.train.validate()?;
         self.config.rule.groups(&self.model.layout)?;
         if self.model.spec != self.config.model {
-            return Err(Error::invalid("IMP config and model disagree on the architecture"));
+            return Err(Error::incompatible("IMP config and model disagree on the architecture"));
         }
         if self.model.input != self.data.train.shape || self.model.classes != self.data.classes {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "model {} does not fit the images of {}",
                 self.model.spec, self.data.name
             )));
         }
         if let Some(f) = &self.from {
             if f.ticket.model != *self.model {
-                return Err(Error::invalid(format!(
+                return Err(Error::incompatible(format!(
                     "--from-ticket is for {} on {:?}, this run is {} on {:?}",
                     f.ticket.model.spec, f.ticket.model.input, self.model.spec, self.model.input
                 )));

@@ -72,7 +72,7 @@ fn check_rate(rate: f64, label: &str) -> Result<()> {
     if rate > 0.0 && rate < 1.0 {
         Ok(())
     } else {
-        Err(Error::invalid(format!("{label}: a pruning rate must lie strictly between 0 and 1")))
+        Err(Error::setting(format!("{label}: a pruning rate must lie strictly between 0 and 1")))
     }
 }
 
@@ -82,11 +82,11 @@ fn prunable_index(layout: &Layout, name: &str, flag: &str) -> Result<usize> {
         layout.entries.iter().filter(|e| e.prunable()).map(|e| e.name.as_str()).collect();
     match layout.entries.iter().position(|e| e.name == name) {
         Some(i) if layout.entries[i].prunable() => Ok(i),
-        Some(_) => Err(Error::invalid(format!(
+        Some(_) => Err(Error::setting(format!(
             "{flag} {name}: not a prunable tensor (only conv and linear weights are pruned; prunable: {})",
             prunable.join(", ")
         ))),
-        None => Err(Error::invalid(format!("{flag} {name}: unknown layer (prunable tensors of this model: {})", prunable.join(", ")))),
+        None => Err(Error::setting(format!("{flag} {name}: unknown layer (prunable tensors of this model: {})", prunable.join(", ")))),
     }
 }
 
@@ -122,7 +122,7 @@ impl PruneRule {
         for name in &self.keep_unpruned {
             let i = prunable_index(layout, name, "--keep-unpruned")?;
             if own.contains_key(&i) {
-                return Err(Error::invalid(format!(
+                return Err(Error::setting(format!(
                     "{name} is given both --layer-rate and --keep-unpruned"
                 )));
             }
@@ -140,7 +140,7 @@ impl PruneRule {
         };
         groups.extend(own.into_iter().map(|(i, rate)| Group { tensors: vec![i], rate }));
         if groups.is_empty() {
-            return Err(Error::invalid("--keep-unpruned leaves no prunable tensor to prune"));
+            return Err(Error::setting("--keep-unpruned leaves no prunable tensor to prune"));
         }
         Ok(groups)
     }

@@ -22,9 +22,22 @@ pub enum Error {
         /// What is wrong with it.
         msg: String,
     },
-    /// An invalid setting (a flag value, a model spec, a config field). The message names it.
+    /// A setting out of its domain: a flag value, a model spec, a configuration field. The message
+    /// names the flag or field and says what is allowed.
     #[error("{0}")]
-    Invalid(String),
+    Setting(String),
+    /// Inputs that do not go together: runs of different architectures or masks, a model that
+    /// does not fit the data, a ticket or mask for another model, parameter layouts that differ.
+    #[error("{0}")]
+    Incompatible(String),
+    /// Data that cannot be used as it is: an empty split, labels beyond the class count, pixels
+    /// stored in the wrong form, non-finite parameters.
+    #[error("{0}")]
+    Data(String),
+    /// The work was stopped before it finished (an observer asked to stop, or the process is
+    /// being interrupted); what was done is checkpointed where the stage checkpoints.
+    #[error("{0}")]
+    Interrupted(String),
     /// Training produced a non-finite loss. The last good state was kept (see `checkpoint`).
     #[error("training diverged at epoch {epoch}, step {step}: loss is {loss}{}", checkpoint.as_ref().map(|p| format!("; last good checkpoint kept at {}", p.display())).unwrap_or_default())]
     Diverged {
@@ -51,8 +64,24 @@ impl Error {
     pub fn bad_file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::BadFile { path: path.into(), msg: msg.into() }
     }
-    /// An invalid setting.
+    /// A setting out of its domain.
+    pub fn setting(msg: impl Into<String>) -> Self {
+        Error::Setting(msg.into())
+    }
+    /// Inputs that do not go together.
+    pub fn incompatible(msg: impl Into<String>) -> Self {
+        Error::Incompatible(msg.into())
+    }
+    /// Data that cannot be used.
+    pub fn data(msg: impl Into<String>) -> Self {
+        Error::Data(msg.into())
+    }
+    /// Work stopped before it finished.
+    pub fn interrupted(msg: impl Into<String>) -> Self {
+        Error::Interrupted(msg.into())
+    }
+    /// Transitional alias of [`Error::setting`], removed once every caller says which kind it means.
     pub fn invalid(msg: impl Into<String>) -> Self {
-        Error::Invalid(msg.into())
+        Error::Setting(msg.into())
     }
 }

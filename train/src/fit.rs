@@ -61,31 +61,31 @@ impl TrainConfig {
     /// Checks the settings, naming the flag at fault.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
-            return Err(Error::invalid("--batch-size must be at least 1"));
+            return Err(Error::setting("--batch-size must be at least 1"));
         }
         if self.iterations.is_none() && self.epochs == 0 {
-            return Err(Error::invalid("--epochs must be at least 1 (or give --iterations)"));
+            return Err(Error::setting("--epochs must be at least 1 (or give --iterations)"));
         }
         if self.iterations == Some(0) {
-            return Err(Error::invalid("--iterations must be at least 1"));
+            return Err(Error::setting("--iterations must be at least 1"));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::invalid(format!("--lr {}: must be a positive number", self.lr)));
+            return Err(Error::setting(format!("--lr {}: must be a positive number", self.lr)));
         }
         if !(0.0..1.0).contains(&self.sgd.momentum) {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "--momentum {}: must lie in [0, 1)",
                 self.sgd.momentum
             )));
         }
         if !(self.sgd.weight_decay >= 0.0 && self.sgd.weight_decay.is_finite()) {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "--weight-decay {}: must be >= 0",
                 self.sgd.weight_decay
             )));
         }
         if self.sgd.nesterov && self.sgd.momentum == 0.0 {
-            return Err(Error::invalid("--nesterov needs a non-zero --momentum"));
+            return Err(Error::setting("--nesterov needs a non-zero --momentum"));
         }
         Ok(())
     }
@@ -347,7 +347,7 @@ pub fn fit(
     mask.validate(&model.layout)?;
     let n = data.train.len();
     if n == 0 {
-        return Err(Error::invalid("the training set is empty"));
+        return Err(Error::data("the training set is empty"));
     }
     let (per_epoch, epochs, total_steps) = cfg.plan(n);
     let mut bufs = GradBuffers::new(model);

@@ -90,7 +90,7 @@ impl Layout {
     pub fn require(&self, name: &str) -> Result<&ParamInfo> {
         self.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
-            Error::invalid(format!(
+            Error::setting(format!(
                 "unknown parameter '{name}' (this model has: {})",
                 known.join(", ")
             ))
@@ -134,7 +134,7 @@ impl ParamVec {
         if self.layout == *other {
             Ok(())
         } else {
-            Err(Error::invalid(format!(
+            Err(Error::incompatible(format!(
                 "{what}: parameter layouts differ ({} tensors / {} scalars vs {} tensors / {} scalars)",
                 self.layout.entries.len(),
                 self.layout.total(),
@@ -182,7 +182,7 @@ impl Mask {
     /// Errors unless the mask fits the layout and keeps every non-prunable scalar.
     pub fn validate(&self, layout: &Layout) -> Result<()> {
         if self.keep.len() != layout.total() {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "mask has {} entries but the model has {} parameters",
                 self.keep.len(),
                 layout.total()
@@ -190,7 +190,7 @@ impl Mask {
         }
         for e in layout.entries.iter().filter(|e| !e.prunable()) {
             if self.keep[e.range()].iter().any(|k| !k) {
-                return Err(Error::invalid(format!(
+                return Err(Error::incompatible(format!(
                     "mask prunes '{}', which is not prunable",
                     e.name
                 )));

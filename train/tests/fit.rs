@@ -143,7 +143,7 @@ fn resuming_from_any_epoch_gives_the_uninterrupted_result() {
         fn on_epoch(&mut self, s: &TrainState) -> lmc_train::Result<()> {
             if s.epochs_done == self.0 {
                 self.1 = Some(s.clone());
-                return Err(Error::invalid("killed"));
+                return Err(Error::interrupted("killed"));
             }
             Ok(())
         }

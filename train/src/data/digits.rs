@@ -67,7 +67,7 @@ fn parsed() -> Result<&'static Parsed> {
     PARSED
         .get_or_init(|| parse().map_err(|e| e.to_string()))
         .as_ref()
-        .map_err(|e| Error::invalid(e.clone()))
+        .map_err(|e| Error::data(e.clone()))
 }
 
 /// Mean and population standard deviation of the [0, 1]-scaled pixels of the built-in training

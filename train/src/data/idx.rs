@@ -172,7 +172,7 @@ pub fn load_idx(name: DatasetName, folder: &Path) -> Result<Dataset> {
     let class_names = match name {
         DatasetName::Mnist => digit_names(),
         DatasetName::FashionMnist => FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
-        _ => return Err(Error::invalid(format!("dataset '{name}' is not stored as IDX files"))),
+        _ => return Err(Error::setting(format!("dataset '{name}' is not stored as IDX files"))),
     };
     if !folder.is_dir() {
         return Err(missing(folder, name, FILES_NEEDED));

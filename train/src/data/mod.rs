@@ -175,7 +175,7 @@ impl std::str::FromStr for DatasetName {
             "mnist" => Ok(DatasetName::Mnist),
             "fashion-mnist" | "fmnist" | "fashion_mnist" | "fashionmnist" => Ok(DatasetName::FashionMnist),
             "cifar10" | "cifar-10" | "cifar_10" => Ok(DatasetName::Cifar10),
-            _ => Err(Error::invalid(format!(
+            _ => Err(Error::setting(format!(
                 "unknown dataset '{s}' (expected digits, mnist, fashion-mnist, cifar10, or a path to a Dataset artifact)"
             ))),
         }

@@ -76,7 +76,7 @@ impl SyntheticSet {
     /// (row-major) each upsampled to the full size, in stored order.
     pub fn decode(&self) -> Result<ImageSet> {
         let Pixels::F32(data) = &self.images.pixels else {
-            return Err(Error::invalid(format!(
+            return Err(Error::data(format!(
                 "synthetic set '{}' stores raw bytes, expected normalised floats",
                 self.name
             )));
@@ -87,7 +87,7 @@ impl SyntheticSet {
         }
         let s = self.images.shape;
         if !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "factor {f} does not divide the {}x{} image size",
                 s.height, s.width
             )));
@@ -125,7 +125,7 @@ impl SyntheticSet {
     /// A [`Dataset`] that trains on the decoded synthetic images and tests on `base`'s real test split.
     pub fn to_dataset(&self, real: &Dataset) -> Result<Dataset> {
         if real.train.shape != self.images.shape {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "synthetic set '{}' has {:?} images but {} has {:?}",
                 self.name, self.images.shape, real.name, real.train.shape
             )));
