@@ -335,8 +335,8 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         for p in &r.pairs {
             println!(
                 "{} <-> {}: L2 distance {:.4}",
-                inputs.paths[p.a].display(),
-                inputs.paths[p.b].display(),
+                inputs.paths()[p.a].display(),
+                inputs.paths()[p.b].display(),
                 p.l2_distance
             );
             for c in &p.curves {

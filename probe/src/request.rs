@@ -48,14 +48,12 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
-/// Runs read from disk, with what a Probe artifact records of each.
+/// Runs read from disk, with what a Probe artifact records of each. Only [`ProbeInputs::read`]
+/// makes one, so there is always at least one run and all share an architecture and a mask.
 pub struct ProbeInputs {
-    /// The paths, as given.
-    pub paths: Vec<PathBuf>,
-    /// The runs, in the same order.
-    pub runs: Vec<Run>,
-    /// Their records (path, provenance, replicate, sparsity).
-    pub refs: Vec<RunRef>,
+    paths: Vec<PathBuf>,
+    runs: Vec<Run>,
+    refs: Vec<RunRef>,
 }
 
 impl ProbeInputs {
@@ -73,6 +71,18 @@ impl ProbeInputs {
         check_compatible(&inputs.all(), &names)?;
         Ok(inputs)
     }
+    /// The paths, as given.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+    /// The runs, in the same order.
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+    /// Their records (path, provenance, replicate, sparsity).
+    pub fn refs(&self) -> &[RunRef] {
+        &self.refs
+    }
     /// The runs by reference.
     pub fn all(&self) -> Vec<&Run> {
         self.runs.iter().collect()
@@ -89,9 +99,9 @@ impl ProbeInputs {
     fn model_name(&self) -> String {
         self.model().spec.to_string()
     }
-    /// Errors when no run was given (every request needs at least one).
-    fn first(&self) -> Result<&Path> {
-        self.paths.first().map(PathBuf::as_path).ok_or_else(|| Error::invalid("no runs given"))
+    /// The first run's path (default outputs go next to it).
+    fn first(&self) -> &Path {
+        &self.paths[0]
     }
 }
 
@@ -104,7 +114,7 @@ pub fn load_data(
     data_dir: Option<&Path>,
 ) -> Result<(Dataset, Provenance)> {
     let dir = data::resolve_data_dir(data_dir);
-    let first = inputs.first()?;
+    let first = inputs.first();
     let m = inputs.model();
     let (ds, prov) = match dataset {
         Some(d) => data::resolve_dataset(d, Some(&dir))
@@ -233,11 +243,11 @@ impl InterpolateRequest<'_> {
         Provenance::of("probe-interpolate", &(&self.effective_config(), &self.splits), &ids)
     }
     /// `out`, else `<first run's folder>/interpolate-<short provenance>.lmc`.
-    pub fn out_path(&self, out: Option<&Path>) -> Result<PathBuf> {
-        Ok(match out {
+    pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
+        match out {
             Some(o) => o.to_path_buf(),
-            None => default_out(self.inputs.first()?, "interpolate", self.provenance()),
-        })
+            None => default_out(self.inputs.first(), "interpolate", self.provenance()),
+        }
     }
     /// The CSV written next to `out`: one row per pair, split and alpha.
     pub fn csv_paths(out: &Path) -> Vec<PathBuf> {
@@ -252,7 +262,7 @@ impl InterpolateRequest<'_> {
         _observer: &mut dyn Observer,
     ) -> Result<Outcome> {
         let prov = self.provenance();
-        let out = self.out_path(out)?;
+        let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
         run_cached(out, csv, fresh, prov, |_| {
             let t = Instant::now();
@@ -328,11 +338,11 @@ impl LandscapeRequest<'_> {
         Provenance::of("probe-landscape", &self.config, &ids)
     }
     /// `out`, else `<first run's folder>/landscape-<short provenance>.lmc`.
-    pub fn out_path(&self, out: Option<&Path>) -> Result<PathBuf> {
-        Ok(match out {
+    pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
+        match out {
             Some(o) => o.to_path_buf(),
-            None => default_out(self.inputs.first()?, "landscape", self.provenance()),
-        })
+            None => default_out(self.inputs.first(), "landscape", self.provenance()),
+        }
     }
     /// The CSV written next to `out`: one row per grid point.
     pub fn csv_paths(out: &Path) -> Vec<PathBuf> {
@@ -350,7 +360,7 @@ impl LandscapeRequest<'_> {
     ) -> Result<Outcome> {
         self.validate()?;
         let prov = self.provenance();
-        let out = self.out_path(out)?;
+        let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
         let cfg = &self.config;
         let done = run_cached(out, csv, fresh, prov, |out| {
@@ -482,11 +492,11 @@ impl HessianRequest<'_> {
         Provenance::of("probe-hessian", &self.config, &ids)
     }
     /// `out`, else `<the run's folder>/hessian-<short provenance>.lmc`.
-    pub fn out_path(&self, out: Option<&Path>) -> Result<PathBuf> {
-        Ok(match out {
+    pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
+        match out {
             Some(o) => o.to_path_buf(),
-            None => default_out(self.inputs.first()?, "hessian", self.provenance()),
-        })
+            None => default_out(self.inputs.first(), "hessian", self.provenance()),
+        }
     }
     /// The CSVs written next to `out`: per-tensor summaries (`.csv`) and the Hutchinson samples
     /// (`.samples.csv`).
@@ -509,7 +519,7 @@ impl HessianRequest<'_> {
         }
         self.config.validate()?;
         let prov = self.provenance();
-        let out = self.out_path(out)?;
+        let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
         run_cached(out, csv, fresh, prov, |_| {
             let t = Instant::now();

@@ -50,7 +50,7 @@ fn interpolate_request_is_cached_the_second_time() {
     let first = req.run(None, false, &mut Silent).unwrap();
     assert!(!first.cached);
     assert_eq!(first.out.parent(), paths[0].parent(), "the default output sits next to the runs");
-    assert_eq!(first.out, req.out_path(None).unwrap());
+    assert_eq!(first.out, req.out_path(None));
     assert_eq!(first.provenance, req.provenance());
     assert_eq!(first.csv, vec![first.out.with_extension("csv")]);
     assert!(first.csv[0].exists());
