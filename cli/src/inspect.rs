@@ -49,6 +49,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
         Kind::Ticket => lmc_prune::inspect_summary(&a.file, &header, &payload)?,
         Kind::Probe => lmc_probe::inspect_summary(&a.file, &header, &payload)?,
         Kind::Dataset => lmc_distill::inspect_summary(&a.file, &header, &payload)?,
+        // Resumable state of a stage in progress: the header (provenance, size) is what a user
+        // needs to know which output it belongs to.
+        Kind::DistillCheckpoint => {
+            lmc_distill::inspect_checkpoint_summary(&a.file, &header, &payload)?
+        }
+        Kind::LandscapeCheckpoint => json!({}),
     };
     let out = json!({
         "file": a.file,

@@ -47,6 +47,22 @@ pub mod run;
 pub use config::{Distance, DistillConfig, Init, Method};
 pub use run::{distill, DistillRequest, Outcome, Recipe, RunOptions, Step};
 
+/// JSON summary of a distillation checkpoint ([`run::DistillCheckpoint`]), for `lmc inspect`.
+pub fn inspect_checkpoint_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
+    let c: run::DistillCheckpoint = artifact::decode(path, header, payload)?;
+    Ok(serde_json::json!({
+        "for_output": c.run.hex(),
+        "iterations_done": c.state.steps_done,
+        "pixel_updates": c.updates,
+        "images_processed": c.state.images_seen,
+        "seconds": c.seconds,
+    }))
+}
+
 /// JSON summary of a `Dataset` artifact, for `lmc inspect`.
 pub fn inspect_summary(
     path: &Path,

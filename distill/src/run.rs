@@ -5,13 +5,14 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lmc_train::artifact::{self, Artifact, Kind, Provenance};
+use lmc_train::artifact::{Artifact, Header, Kind, Provenance};
 use lmc_train::data::{self, Batch, Dataset, DatasetName, ImageSet, Pixels, SyntheticSet};
 use lmc_train::fit::{self, TrainConfig, TrainData, TrainState};
 use lmc_train::model::Model;
 use lmc_train::optim::{Schedule, Sgd};
 use lmc_train::params::{Layout, Mask, ParamKind, ParamVec};
 use lmc_train::seed::{self, Stream};
+use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,12 @@ use crate::dm;
 use crate::formation;
 use crate::gm::{self, GmScratch};
 use crate::problem::{sample_distinct, Problem};
+
+/// Algorithm / payload version of distillation, hashed into every distilled set's provenance:
+/// bump it (in [`stage::DISTILL_VERSION`], where every stage's version lives) when a change
+/// alters the distilled pixels or the Dataset / DistillCheckpoint payload; a change that keeps
+/// results bit-identical does not.
+pub const VERSION: u32 = stage::DISTILL_VERSION;
 
 /// Everything that identifies one distillation.
 pub struct DistillRequest<'a> {
@@ -107,12 +114,10 @@ pub struct Outcome {
     pub resumed_from: u64,
 }
 
-/// Resumable state of a distillation, written next to the output as `OUT.ckpt`.
-///
-/// Its first two fields have the layout of [`lmc_train::fit::Checkpoint`], so `lmc inspect` reads
-/// it like a training checkpoint: `params` holds the stored pixels (one entry `images`),
-/// `momentum` their SGD momentum, `epochs_done` = `steps_done` the iterations done,
-/// `images_seen` the images processed.
+/// Resumable state of a distillation, written next to the output as `OUT.ckpt` (its own artifact
+/// kind, [`Kind::DistillCheckpoint`]): `state.params` holds the stored pixels (one entry
+/// `images`), `state.momentum` their SGD momentum, `epochs_done` = `steps_done` the iterations
+/// done, `images_seen` the images processed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DistillCheckpoint {
     /// Provenance of the output this state belongs to.
@@ -128,7 +133,7 @@ pub struct DistillCheckpoint {
 }
 
 impl Artifact for DistillCheckpoint {
-    const KIND: Kind = Kind::Checkpoint;
+    const KIND: Kind = Kind::DistillCheckpoint;
 }
 
 #[derive(Serialize)]
@@ -143,7 +148,7 @@ impl DistillRequest<'_> {
     pub fn provenance(&self) -> Provenance {
         let id =
             Identity { model: &self.model.spec, input: self.model.input, config: &self.config };
-        Provenance::of("distill", &id, &[self.dataset_provenance])
+        stage::provenance("distill", VERSION, &id, &[self.dataset_provenance])
     }
 
     /// Checks the settings against the data (ipc vs class sizes, factor vs image size, ...).
@@ -170,7 +175,7 @@ impl DistillRequest<'_> {
 
 /// Path of the checkpoint kept next to `out` while it is being produced.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
-    fit::checkpoint_path(out)
+    stage::checkpoint_path(out)
 }
 
 /// Path of the PNG grid written next to `out` (`syn.lmc` -> `syn.png`).
@@ -274,36 +279,30 @@ pub fn distill(
     req.validate()?;
     let cfg = &req.config;
     let prov = req.provenance();
-    if let (Some(out), false) = (out, opts.fresh) {
-        if out.exists() {
-            if let Ok((h, set)) = artifact::read::<SyntheticSet>(out) {
-                if let Ok(recipe) = serde_json::from_str::<Recipe>(&set.recipe) {
-                    // Up to date: the same request, or (with a time budget) the same request cut
-                    // short at the iterations it records.
-                    let done = recipe.iterations;
-                    let as_done = DistillRequest {
-                        config: DistillConfig { iterations: done, ..cfg.clone() },
-                        ..*req
-                    };
-                    let fits = done == cfg.iterations
-                        || (opts.max_seconds.is_some() && done < cfg.iterations);
-                    if fits && h.provenance == as_done.provenance() {
-                        return Ok(Outcome {
-                            set,
-                            provenance: h.provenance,
-                            recipe,
-                            cached: true,
-                            resumed_from: 0,
-                        });
-                    }
-                }
-            }
-        }
+    let mut stage = Stage::new(out, prov, opts.fresh);
+    // Up to date: the same request, or (with a time budget) the same request cut short at the
+    // iterations its recipe records.
+    let up_to_date = |h: &Header, set: &SyntheticSet| {
+        let Ok(recipe) = serde_json::from_str::<Recipe>(&set.recipe) else { return false };
+        let done = recipe.iterations;
+        let as_done =
+            DistillRequest { config: DistillConfig { iterations: done, ..cfg.clone() }, ..*req };
+        let fits = done == cfg.iterations || (opts.max_seconds.is_some() && done < cfg.iterations);
+        fits && h.provenance == as_done.provenance()
+    };
+    if let Some((h, set)) = stage.cached_if::<SyntheticSet>(up_to_date) {
+        let recipe = serde_json::from_str::<Recipe>(&set.recipe).expect("checked by up_to_date");
+        return Ok(Outcome {
+            set,
+            provenance: h.provenance,
+            recipe,
+            cached: true,
+            resumed_from: 0,
+        });
     }
     let p = Problem::new(req.model, &req.dataset.train, &req.dataset.norm, req.base, cfg);
     let shape = p.shape();
     let n_stored = p.classes() * cfg.ipc;
-    let ckpt = out.map(checkpoint_path);
 
     let mut ck = DistillCheckpoint {
         run: prov,
@@ -312,22 +311,20 @@ pub fn distill(
         seconds: 0.0,
         loss_curve: Vec::new(),
     };
-    if let (Some(path), false) = (&ckpt, opts.fresh) {
-        if let Ok((_, c)) = artifact::read::<DistillCheckpoint>(path) {
-            if c.run == prov && c.state.params.len() == ck.state.params.len() {
-                ck = c; // a checkpoint of other settings (or a damaged one) is ignored
-            }
-        }
+    // A checkpoint of other settings (or a damaged one) is ignored.
+    let n_pixels = ck.state.params.len();
+    if let Some(c) =
+        stage.resume_if(|c: &DistillCheckpoint| c.run == prov && c.state.params.len() == n_pixels)
+    {
+        ck = c;
     }
     let resumed_from = ck.state.steps_done;
+    let ckpt_path = stage.checkpoint_path().map(Path::to_path_buf);
     let started = Instant::now();
     let seconds_before = ck.seconds;
-    let save = |ck: &mut DistillCheckpoint| -> Result<()> {
-        if let Some(path) = &ckpt {
-            ck.seconds = seconds_before + started.elapsed().as_secs_f64();
-            artifact::write(path, ck, prov)?;
-        }
-        Ok(())
+    let mut save = |ck: &mut DistillCheckpoint| -> Result<()> {
+        ck.seconds = seconds_before + started.elapsed().as_secs_f64();
+        stage.save_checkpoint(ck)
     };
 
     let sgd = Sgd { momentum: cfg.momentum_img, weight_decay: 0.0, nesterov: false };
@@ -344,7 +341,7 @@ pub fn distill(
         match cfg.method {
             Method::Dm => {
                 let (loss, imgs) = dm::dm_step(&p, &mut rng, &ck.state.params.data, &mut grad);
-                check_finite(loss, it, 0, &ckpt)?;
+                check_finite(loss, it, 0, &ckpt_path)?;
                 update(&sgd, &mut ck, &mut grad, cfg.lr_img, &dense);
                 ck.state.images_seen += imgs;
                 losses.push(loss);
@@ -364,7 +361,7 @@ pub fn distill(
                         &mut grad,
                         scratch,
                     );
-                    check_finite(loss, it, t, &ckpt)?;
+                    check_finite(loss, it, t, &ckpt_path)?;
                     update(&sgd, &mut ck, &mut grad, cfg.lr_img, &dense);
                     ck.state.images_seen += imgs;
                     losses.push(loss);
@@ -390,7 +387,7 @@ pub fn distill(
             last_save = Instant::now();
         }
         if stop && !last {
-            let at = ckpt
+            let at = ckpt_path
                 .as_ref()
                 .map(|c| format!("; checkpoint at {}", c.display()))
                 .unwrap_or_default();
@@ -415,12 +412,7 @@ pub fn distill(
     let recipe =
         recipe(&done_req, ck.state.steps_done, seconds, ck.state.images_seen, ck.loss_curve);
     let set = synthetic_set(&done_req, ck.state.params.data, &recipe);
-    if let Some(out) = out {
-        artifact::write(out, &set, prov)?;
-        if let Some(c) = &ckpt {
-            let _ = std::fs::remove_file(c);
-        }
-    }
+    stage.finish_as(&set, prov)?;
     Ok(Outcome { set, provenance: prov, recipe, cached: false, resumed_from })
 }
 

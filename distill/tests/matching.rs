@@ -279,9 +279,12 @@ fn resume_equals_uninterrupted() {
         let ck_path = run::checkpoint_path(&out);
         let (_, ck) = artifact::read::<DistillCheckpoint>(&ck_path).unwrap();
         assert_eq!(ck.state.steps_done, 3);
-        // `lmc inspect` decodes it as a training checkpoint.
-        let (_, as_train) = artifact::read::<fit::Checkpoint>(&ck_path).unwrap();
-        assert_eq!(as_train.state.steps_done, 3);
+        // Its own kind: never mistaken for a training checkpoint, and `lmc inspect` reads it.
+        let e = artifact::read::<fit::Checkpoint>(&ck_path).unwrap_err().to_string();
+        assert!(e.contains("is a DistillCheckpoint artifact, expected a Checkpoint"), "{e}");
+        let (h, payload) = artifact::read_raw(&ck_path).unwrap();
+        let v = lmc_distill::inspect_checkpoint_summary(&ck_path, &h, &payload).unwrap();
+        assert_eq!(v["iterations_done"], 3);
         let resumed = run::distill(&req, Some(&out), &opts, &mut go).unwrap();
         assert_eq!(resumed.resumed_from, 3);
         assert!(!ck_path.exists());

@@ -10,21 +10,27 @@
 //!   parameters after k SGD steps) for the weights and, unless everything is rewound, from the
 //!   round r-1 trained values for biases and norm parameters (the authors' behaviour);
 //! - the ticket of round r holds that start (R for round 0), the mask, and the trained network.
+//!
+//! Each round is two named steps, OpenLTH-style: "prune level r" (the mask and start above) and
+//! "train level r" (training through [`fit::fit_stage`], the same resumable training as
+//! `lmc train`, then the ticket). The ticket holds both steps' outputs, so an up-to-date ticket
+//! skips both.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lmc_train::artifact::{self, Provenance};
+use lmc_train::artifact::Provenance;
 use lmc_train::data::Dataset;
-use lmc_train::fit::{self, Checkpoint, Observer, TrainConfig, TrainData, TrainState};
+use lmc_train::fit::{self, Observer, TrainConfig, TrainData, TrainState};
 use lmc_train::model::{Model, ModelSpec};
 use lmc_train::optim::Schedule;
 use lmc_train::params::{Mask, ParamVec};
+use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::rule::PruneRule;
-use crate::ticket::{read_ticket, sparsity_of, DataRecord, Origin, Parent, Ticket};
+use crate::ticket::{sparsity_of, DataRecord, Origin, Parent, Ticket};
 
 /// What a rewind resets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,6 +41,12 @@ pub enum Rewind {
     /// Every parameter.
     All,
 }
+
+/// Algorithm / payload version of pruning (IMP tickets and random baselines), hashed into every
+/// ticket's provenance: bump it (in [`stage::PRUNE_VERSION`], where every stage's version lives)
+/// when a change alters the tickets found or the Ticket payload; a change that keeps results
+/// bit-identical does not.
+pub const VERSION: u32 = stage::PRUNE_VERSION;
 
 /// Everything that decides an IMP run, apart from the number of rounds (so that a longer run
 /// reuses a shorter one's rounds). Part of each ticket's identity.
@@ -202,29 +214,38 @@ struct RoundIdentity<'a> {
     model: &'a Model,
 }
 
-/// Writes a checkpoint per epoch (at most one a second) and forwards to the user's observer.
-struct RoundObserver<'a> {
-    path: PathBuf,
-    run: Provenance,
-    inner: &'a mut dyn ImpObserver,
-    last_write: Instant,
+/// What "prune level r" hands to "train level r".
+struct Level {
+    round: usize,
+    /// The level's mask.
+    mask: Mask,
+    /// The parameters its training starts from.
+    start: ParamVec,
 }
 
-impl Observer for RoundObserver<'_> {
+/// The training-loop half of an [`ImpObserver`], every callback forwarded (`on_batch`
+/// included, so an observer sees IMP's batches as it sees `lmc train`'s).
+struct Training<'a>(&'a mut dyn ImpObserver);
+
+impl Observer for Training<'_> {
     fn on_step(&mut self, e: usize, s: u64, n: u64, l: f32) {
-        self.inner.on_step(e, s, n, l)
+        self.0.on_step(e, s, n, l)
+    }
+    fn on_batch(&mut self, e: usize, s: u64, b: &mut lmc_train::data::Batch) {
+        self.0.on_batch(e, s, b)
     }
     fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
-        if self.last_write.elapsed().as_secs_f64() >= 1.0 || state.epochs_done == 1 {
-            artifact::write(
-                &self.path,
-                &Checkpoint { run: self.run, state: state.clone() },
-                self.run,
-            )?;
-            self.last_write = Instant::now();
-        }
-        self.inner.on_epoch(state)
+        self.0.on_epoch(state)
     }
+}
+
+/// What every ticket of one IMP run records about where the search came from.
+struct Lineage {
+    init_seed: u64,
+    found_with: DataRecord,
+    parent: Option<Parent>,
+    /// Images the parent search processed (0 without `--from-ticket`).
+    images_before: u64,
 }
 
 impl Imp<'_> {
@@ -262,133 +283,164 @@ impl Imp<'_> {
         if let Some(f) = &self.from {
             inputs.push(f.provenance);
         }
-        Provenance::of("prune", &id, &inputs)
+        stage::provenance("prune", VERSION, &id, &inputs)
     }
 
-    /// Runs (or resumes) rounds 0..=`rounds`, writing `round-RR.lmc` for each.
+    /// The stage that writes round `r`'s ticket (its checkpoint is `round-RR.ckpt`).
+    fn level_stage(&self, r: usize) -> Stage {
+        Stage::new(Some(&round_path(self.out_dir, r)), self.round_provenance(r), self.fresh)
+            .with_checkpoint_path(round_checkpoint_path(self.out_dir, r))
+    }
+
+    /// Round `r`'s ticket when it is up to date (the step pair "prune level r", "train level r"
+    /// is then skipped: both outputs, the mask and the trained network, are in it).
+    fn cached_level(&self, stage: &Stage) -> Option<Ticket> {
+        let path = stage.out()?;
+        stage
+            .cached_if::<Ticket>(|h, t| {
+                h.provenance == stage.provenance()
+                    && t.trained.is_some()
+                    && t.validate(path).is_ok()
+            })
+            .map(|(_, t)| t)
+    }
+
+    /// Step "prune level r": the mask and starting parameters of round `r`. Level 0 keeps
+    /// everything (or the parent ticket's mask) and starts from theta0; level r >= 1 prunes the
+    /// network trained at level r-1 and rewinds to `point`.
+    fn prune_level(
+        &self,
+        r: usize,
+        prev: Option<&Ticket>,
+        point: Option<&ParamVec>,
+        theta0: &ParamVec,
+        mask0: &Mask,
+    ) -> Result<Level> {
+        let cfg = &self.config;
+        let (mask, start) = match (prev, point) {
+            (Some(p), Some(point)) => {
+                let trained = p.trained.as_ref().expect("IMP tickets hold their trained network");
+                (
+                    cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?,
+                    rewind(point, trained, cfg.rewind)?,
+                )
+            }
+            _ => (mask0.clone(), theta0.clone()),
+        };
+        Ok(Level { round: r, mask, start })
+    }
+
+    /// Step "train level r": trains the level through the one resumable training
+    /// ([`fit::fit_stage`]: resumes from `round-RR.ckpt`, checkpoints every epoch at most once a
+    /// second, forwards every training callback to `obs`) and writes its ticket. Level 0 also
+    /// records the rewind point theta_k (the parameters after `rewind_step` steps of this
+    /// training).
+    fn train_level(
+        &self,
+        level: Level,
+        stage: &mut Stage,
+        prev: Option<&Ticket>,
+        lineage: &Lineage,
+        rounds: usize,
+        obs: &mut dyn ImpObserver,
+    ) -> Result<Ticket> {
+        let cfg = &self.config;
+        let started = Instant::now();
+        let Level { round: r, mask, start } = level;
+        let (sparsity, layers) = sparsity_of(self.model, &mask);
+        let (_, _, total_steps) = cfg.train.plan(self.data.train.len());
+        obs.round_started(r, rounds, sparsity, total_steps);
+        let ticket_params = if r == 0 {
+            params_at_step(
+                self.model,
+                &mask,
+                self.data,
+                &cfg.train,
+                cfg.data_seed,
+                start.clone(),
+                cfg.rewind_step,
+            )?
+        } else {
+            start.clone()
+        };
+        std::fs::create_dir_all(self.out_dir).map_err(|e| Error::io(self.out_dir, e))?;
+        let data = TrainData::of(self.data, &cfg.train);
+        let state = fit::fit_stage(
+            stage,
+            self.model,
+            &mask,
+            &data,
+            &cfg.train,
+            cfg.data_seed,
+            start,
+            &mut Training(obs),
+        )?;
+        let images_processed =
+            prev.map_or(lineage.images_before, |p| p.images_processed) + state.images_seen;
+        let test_accuracy = state.curve.last().and_then(|c| c.test).map(|e| e.accuracy);
+        let ticket = Ticket {
+            model: self.model.clone(),
+            init_seed: lineage.init_seed,
+            rewind: ticket_params,
+            rewind_step: cfg.rewind_step,
+            mask,
+            sparsity,
+            layers,
+            origin: Origin::Imp { round: r, config: cfg.clone(), parent: lineage.parent.clone() },
+            found_with: lineage.found_with.clone(),
+            images_processed,
+            train_config: Some(cfg.train.clone()),
+            data_seed: Some(cfg.data_seed),
+            trained: Some(state.params),
+            test_accuracy,
+            curve: state.curve,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        stage.finish(&ticket)?;
+        Ok(ticket)
+    }
+
+    /// Runs (or resumes) rounds 0..=`rounds`, writing `round-RR.lmc` for each: per level, "prune
+    /// level r" then "train level r", both skipped when the level's ticket is up to date.
     pub fn run(&self, rounds: usize, obs: &mut dyn ImpObserver) -> Result<Vec<RoundRecord>> {
         self.validate()?;
         let cfg = &self.config;
-        let found_with = DataRecord {
-            name: self.data.name.clone(),
-            provenance: self.data_provenance,
-            train_images: self.data.train.len(),
+        let lineage = Lineage {
+            init_seed: self.from.as_ref().map_or(cfg.seed, |f| f.ticket.init_seed),
+            found_with: DataRecord {
+                name: self.data.name.clone(),
+                provenance: self.data_provenance,
+                train_images: self.data.train.len(),
+            },
+            parent: self.from.as_ref().map(|f| Parent {
+                provenance: f.provenance,
+                found_with: f.ticket.found_with.clone(),
+                sparsity: f.ticket.sparsity,
+                images_processed: f.ticket.images_processed,
+            }),
+            images_before: self.from.as_ref().map_or(0, |f| f.ticket.images_processed),
         };
-        let parent = self.from.as_ref().map(|f| Parent {
-            provenance: f.provenance,
-            found_with: f.ticket.found_with.clone(),
-            sparsity: f.ticket.sparsity,
-            images_processed: f.ticket.images_processed,
-        });
-        let (theta0, mask0, init_seed, images_before) = match &self.from {
-            Some(f) => (
-                f.ticket.rewind.clone(),
-                f.ticket.mask.clone(),
-                f.ticket.init_seed,
-                f.ticket.images_processed,
-            ),
-            None => (self.model.init(cfg.seed), Mask::dense(&self.model.layout), cfg.seed, 0),
+        let (theta0, mask0) = match &self.from {
+            Some(f) => (f.ticket.rewind.clone(), f.ticket.mask.clone()),
+            None => (self.model.init(cfg.seed), Mask::dense(&self.model.layout)),
         };
-        let (_, _, total_steps) = cfg.train.plan(self.data.train.len());
         let mut records = Vec::new();
         // The previous round's ticket and the rewind point R (round 0's ticket parameters).
         let mut prev: Option<Ticket> = None;
         let mut point: Option<ParamVec> = None;
         for r in 0..=rounds {
-            let path = round_path(self.out_dir, r);
-            let prov = self.round_provenance(r);
-            if !self.fresh && path.exists() {
-                if let Ok((h, t)) = read_ticket(&path) {
-                    if h.provenance == prov && t.trained.is_some() {
-                        let rec = record(&t, &path, true);
-                        obs.round_finished(&rec);
-                        records.push(rec);
-                        if r == 0 {
-                            point = Some(t.rewind.clone());
-                        }
-                        prev = Some(t);
-                        continue;
-                    }
+            let mut stage = self.level_stage(r);
+            let (ticket, cached) = match self.cached_level(&stage) {
+                Some(t) => (t, true),
+                None => {
+                    let level =
+                        self.prune_level(r, prev.as_ref(), point.as_ref(), &theta0, &mask0)?;
+                    let t =
+                        self.train_level(level, &mut stage, prev.as_ref(), &lineage, rounds, obs)?;
+                    (t, false)
                 }
-            }
-            let started = Instant::now();
-            let (mask, start) = match (&prev, &point) {
-                (Some(p), Some(point)) => {
-                    let trained =
-                        p.trained.as_ref().expect("IMP tickets hold their trained network");
-                    (
-                        cfg.rule.prune(trained, &p.mask, cfg.seed, r as u64)?,
-                        rewind(point, trained, cfg.rewind)?,
-                    )
-                }
-                _ => (mask0.clone(), theta0.clone()),
             };
-            let (sparsity, layers) = sparsity_of(self.model, &mask);
-            obs.round_started(r, rounds, sparsity, total_steps);
-            let ticket_params = if r == 0 {
-                params_at_step(
-                    self.model,
-                    &mask,
-                    self.data,
-                    &cfg.train,
-                    cfg.data_seed,
-                    start.clone(),
-                    cfg.rewind_step,
-                )?
-            } else {
-                start.clone()
-            };
-            let ckpt = round_checkpoint_path(self.out_dir, r);
-            let mut state = TrainState::start(start);
-            if !self.fresh && ckpt.exists() {
-                if let Ok((_, c)) = artifact::read::<Checkpoint>(&ckpt) {
-                    if c.run == prov {
-                        state = c.state;
-                    }
-                }
-            }
-            std::fs::create_dir_all(self.out_dir).map_err(|e| Error::io(self.out_dir, e))?;
-            let data = TrainData::of(self.data, &cfg.train);
-            let mut ro = RoundObserver {
-                path: ckpt.clone(),
-                run: prov,
-                inner: &mut *obs,
-                last_write: Instant::now(),
-            };
-            let state =
-                match fit::fit(self.model, &mask, &data, &cfg.train, cfg.data_seed, state, &mut ro)
-                {
-                    Ok(s) => s,
-                    Err(Error::Diverged { epoch, step, loss, .. }) => {
-                        let kept = Some(ckpt.clone()).filter(|c| c.exists());
-                        return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
-                    }
-                    Err(e) => return Err(e),
-                };
-            let images_processed =
-                prev.as_ref().map_or(images_before, |p| p.images_processed) + state.images_seen;
-            let test_accuracy = state.curve.last().and_then(|c| c.test).map(|e| e.accuracy);
-            let ticket = Ticket {
-                model: self.model.clone(),
-                init_seed,
-                rewind: ticket_params,
-                rewind_step: cfg.rewind_step,
-                mask,
-                sparsity,
-                layers,
-                origin: Origin::Imp { round: r, config: cfg.clone(), parent: parent.clone() },
-                found_with: found_with.clone(),
-                images_processed,
-                train_config: Some(cfg.train.clone()),
-                data_seed: Some(cfg.data_seed),
-                trained: Some(state.params),
-                test_accuracy,
-                curve: state.curve,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            artifact::write(&path, &ticket, prov)?;
-            let _ = std::fs::remove_file(&ckpt);
-            let rec = record(&ticket, &path, false);
+            let rec = record(&ticket, stage.out().expect("IMP stages write tickets"), cached);
             obs.round_finished(&rec);
             records.push(rec);
             if r == 0 {

@@ -91,5 +91,5 @@ fn untrained(like: &Ticket) -> Ticket {
 
 /// Provenance of a baseline ticket derived from `like`.
 pub fn baseline_provenance(origin: &Origin, like: Provenance) -> Provenance {
-    Provenance::of("prune-baseline", origin, &[like])
+    lmc_train::stage::provenance("prune-baseline", crate::imp::VERSION, origin, &[like])
 }

@@ -479,3 +479,30 @@ fn random_masks_copy_sparsity_and_reinit_copies_the_mask() {
     assert_eq!(re.rewind, m.init(77));
     assert_eq!(re.init_seed, 77);
 }
+
+/// Counts the batches and steps the training loop reports.
+#[derive(Default)]
+struct BatchCount {
+    batches: u64,
+    steps: u64,
+}
+impl Observer for BatchCount {
+    fn on_batch(&mut self, _e: usize, _s: u64, _b: &mut lmc_train::data::Batch) {
+        self.batches += 1;
+    }
+    fn on_step(&mut self, _e: usize, _s: u64, _n: u64, _l: f32) {
+        self.steps += 1;
+    }
+}
+impl ImpObserver for BatchCount {}
+
+#[test]
+fn imp_rounds_forward_every_batch_to_the_observer() {
+    let (ds, prov) = digits();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = imp_config("mlp:7,3", Rewind::Weights, 0, 2);
+    let mut count = BatchCount::default();
+    run_imp(&cfg, &ds, prov, dir.path(), 1, &mut count).unwrap();
+    // Two rounds of two epochs of 23 batches each, every one seen before its step.
+    assert_eq!((count.batches, count.steps), (2 * 2 * 23, 2 * 2 * 23));
+}

@@ -4,7 +4,7 @@
 //! offset size  field
 //!  0      8    magic  b"LMCARTF\0"
 //!  8      4    format version (u32 LE)      -- bumped whenever any payload schema changes
-//! 12      4    kind (u32 LE)                -- Run, Dataset, Ticket, Probe, Checkpoint
+//! 12      4    kind (u32 LE)                -- Run, Dataset, Ticket, Probe, and a kind per checkpoint
 //! 16     32    provenance hash (SHA-256 of stage + config + input hashes)
 //! 48      8    payload length (u64 LE)
 //! 56      4    CRC-32 of bytes 0..56 and of the payload
@@ -43,8 +43,12 @@ pub enum Kind {
     Ticket = 3,
     /// Probe results (`lmc probe`).
     Probe = 4,
-    /// Resumable training state (written next to an unfinished output).
+    /// Resumable training state (written next to an unfinished `lmc train` output or IMP round).
     Checkpoint = 5,
+    /// Resumable distillation state (pixels, momentum, counters).
+    DistillCheckpoint = 6,
+    /// Resumable loss-landscape state (the rows done so far).
+    LandscapeCheckpoint = 7,
 }
 
 impl Kind {
@@ -55,6 +59,8 @@ impl Kind {
             3 => Kind::Ticket,
             4 => Kind::Probe,
             5 => Kind::Checkpoint,
+            6 => Kind::DistillCheckpoint,
+            7 => Kind::LandscapeCheckpoint,
             _ => return None,
         })
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{self, Artifact, Kind, Provenance};
+use crate::artifact::{Artifact, Kind, Provenance};
 use crate::data::{self, Batch, Dataset, ImageSet, Normalization};
 pub use crate::mlp::{FirstLayer, SPARSE_INPUT_MAX_DENSITY};
 use crate::model::Model;
@@ -15,6 +15,7 @@ use crate::ops;
 use crate::optim::{Schedule, Sgd};
 use crate::params::{Mask, ParamVec};
 use crate::seed::{self, Stream};
+use crate::stage::{self, Stage};
 use crate::{Error, Result};
 
 /// Batch size used for evaluation (does not change results, only speed and memory).
@@ -356,7 +357,7 @@ pub fn fit(
         let epoch = state.epochs_done;
         let order = data::epoch_order(n, data_seed, epoch as u64);
         let mut aug = data.augment.then(|| seed::rng(data_seed, Stream::Augment, epoch as u64));
-        let (mut loss_sum, mut correct, mut seen, mut steps) = (0f64, 0usize, 0usize, 0u64);
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
         for (i, idx) in order.chunks(cfg.batch_size).enumerate() {
             if state.steps_done >= total_steps {
@@ -386,7 +387,6 @@ pub fn fit(
             loss_sum += loss as f64 * idx.len() as f64;
             correct += c;
             seen += idx.len();
-            steps += 1;
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
         }
         let last = state.epochs_done + 1 == epochs;
@@ -395,7 +395,6 @@ pub fn fit(
             Some(t) if due => Some(evaluate(model, &state.params, t, data.norm)),
             _ => None,
         };
-        let _ = steps;
         state.curve.push(EpochRecord {
             epoch: epoch + 1,
             steps: state.steps_done,
@@ -483,6 +482,11 @@ impl Artifact for Checkpoint {
     const KIND: Kind = Kind::Checkpoint;
 }
 
+/// Algorithm / payload version of training, hashed into every Run's provenance: bump it (in
+/// [`stage::TRAIN_VERSION`], where every stage's version lives) when a change alters training's
+/// results or the Run / Checkpoint payload; a change that keeps results bit-identical does not.
+pub const VERSION: u32 = stage::TRAIN_VERSION;
+
 /// Everything that identifies one replicate run.
 pub struct RunRequest<'a> {
     /// Architecture.
@@ -526,22 +530,20 @@ impl RunRequest<'_> {
             augment,
         };
         let mask_hash = Provenance::of("mask", &self.mask.keep, &[]);
-        Provenance::of("train", &id, &[self.dataset_provenance, mask_hash])
+        stage::provenance("train", VERSION, &id, &[self.dataset_provenance, mask_hash])
     }
 }
 
 /// Path of the checkpoint kept next to `out` while it is being produced.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".ckpt");
-    PathBuf::from(s)
+    crate::stage::checkpoint_path(out)
 }
 
+/// Writes the training checkpoint after each epoch (the first always, later ones at most once
+/// a second) and forwards every callback to the caller's observer.
 struct Checkpointer<'a> {
-    path: Option<&'a Path>,
-    run: Provenance,
+    stage: &'a mut Stage,
     inner: &'a mut dyn Observer,
-    last_write: Instant,
 }
 
 impl Observer for Checkpointer<'_> {
@@ -552,16 +554,40 @@ impl Observer for Checkpointer<'_> {
         self.inner.on_batch(e, s, b)
     }
     fn on_epoch(&mut self, state: &TrainState) -> Result<()> {
-        // Epochs shorter than a second are checkpointed at most once a second: resuming from an
-        // earlier epoch gives the same result, only a little later.
-        if let Some(p) = self.path {
-            if self.last_write.elapsed().as_secs_f64() >= 1.0 || state.epochs_done == 1 {
-                let ck = Checkpoint { run: self.run, state: state.clone() };
-                artifact::write(p, &ck, self.run)?;
-                self.last_write = Instant::now();
-            }
-        }
+        let run = self.stage.provenance();
+        self.stage.save_checkpoint_throttled(state.epochs_done == 1, || Checkpoint {
+            run,
+            state: state.clone(),
+        })?;
         self.inner.on_epoch(state)
+    }
+}
+
+/// [`fit`] as a resumable stage: starts from the stage's checkpoint when it has the stage's
+/// provenance (else from `init`), keeps the checkpoint up to date while training, and on
+/// divergence names the checkpoint left as the last good state. The caller writes the output
+/// with [`Stage::finish`]. `lmc train` (through [`train_run`]) and every IMP round train here.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_stage(
+    stage: &mut Stage,
+    model: &Model,
+    mask: &Mask,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    data_seed: u64,
+    init: ParamVec,
+    observer: &mut dyn Observer,
+) -> Result<TrainState> {
+    let state = match stage.resume::<Checkpoint>() {
+        Some(c) if c.run == stage.provenance() => c.state,
+        _ => TrainState::start(init),
+    };
+    let mut cp = Checkpointer { stage: &mut *stage, inner: observer };
+    match fit(model, mask, data, cfg, data_seed, state, &mut cp) {
+        Err(Error::Diverged { epoch, step, loss, .. }) => {
+            Err(Error::Diverged { epoch, step, loss, checkpoint: stage.kept_checkpoint() })
+        }
+        r => r,
     }
 }
 
@@ -575,41 +601,22 @@ pub fn train_run(
     observer: &mut dyn Observer,
 ) -> Result<(Run, Provenance, bool)> {
     let prov = req.provenance();
-    if let (Some(out), false) = (out, fresh) {
-        if out.exists() {
-            if let Ok((h, run)) = artifact::read::<Run>(out) {
-                if h.provenance == prov {
-                    return Ok((run, prov, true));
-                }
-            }
-        }
-    }
-    let ckpt = out.map(checkpoint_path);
-    let mut state = TrainState::start(req.init.clone());
-    if let (Some(ck), false) = (&ckpt, fresh) {
-        if ck.exists() {
-            match artifact::read::<Checkpoint>(ck) {
-                Ok((_, c)) if c.run == prov => state = c.state,
-                _ => {} // stale or damaged checkpoint of other settings: start over
-            }
-        }
+    let mut stage = Stage::new(out, prov, fresh);
+    if let Some(run) = stage.cached::<Run>() {
+        return Ok((run, prov, true));
     }
     let started = Instant::now();
     let data = TrainData::of(req.dataset, &req.config);
-    let mut cp = Checkpointer {
-        path: ckpt.as_deref(),
-        run: prov,
-        inner: observer,
-        last_write: Instant::now(),
-    };
-    let state = match fit(req.model, &req.mask, &data, &req.config, req.data_seed, state, &mut cp) {
-        Ok(s) => s,
-        Err(Error::Diverged { epoch, step, loss, .. }) => {
-            let kept = ckpt.filter(|c| c.exists());
-            return Err(Error::Diverged { epoch, step, loss, checkpoint: kept });
-        }
-        Err(e) => return Err(e),
-    };
+    let state = fit_stage(
+        &mut stage,
+        req.model,
+        &req.mask,
+        &data,
+        &req.config,
+        req.data_seed,
+        req.init.clone(),
+        observer,
+    )?;
     let run = Run {
         model: req.model.clone(),
         dataset: req.dataset.name.clone(),
@@ -624,11 +631,6 @@ pub fn train_run(
         images_seen: state.images_seen,
         seconds: started.elapsed().as_secs_f64(),
     };
-    if let Some(out) = out {
-        artifact::write(out, &run, prov)?;
-        if let Some(ck) = &ckpt {
-            let _ = std::fs::remove_file(ck);
-        }
-    }
+    stage.finish(&run)?;
     Ok((run, prov, false))
 }

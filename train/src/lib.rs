@@ -10,6 +10,7 @@
 //! - [`optim`] and [`fit`]: SGD with momentum / weight decay / Nesterov, schedules, the one training
 //!   loop and the one evaluation function.
 //! - [`artifact`]: the versioned, checksummed envelope every artifact is written in.
+//! - [`stage`]: the one resumable-stage mechanism (cache, checkpoint, resume) and the stage versions.
 //!
 //! ```no_run
 //! use lmc_train::{data, fit, model::{Model, ModelSpec}, params::Mask};
@@ -36,5 +37,6 @@ pub mod optim;
 pub mod params;
 pub mod seed;
 mod sparse_input;
+pub mod stage;
 
 pub use error::{Error, Result};
