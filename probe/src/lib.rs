@@ -147,6 +147,20 @@ pub fn inspect_summary(
     Ok(probe.summary())
 }
 
+/// JSON summary of a landscape checkpoint, for `lmc inspect`: how far the grid got.
+pub fn inspect_checkpoint_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
+    let c: landscape::LandscapeCheckpoint = artifact::decode(path, header, payload)?;
+    Ok(serde_json::json!({
+        "rows_done": c.landscape.rows_done,
+        "rows_total": c.landscape.rows_total,
+        "seconds": c.seconds,
+    }))
+}
+
 /// Checks that all runs share one architecture (spec, input shape, classes, layout) and one mask;
 /// `names` label them in the error.
 pub fn check_compatible(runs: &[&Run], names: &[String]) -> Result<()> {

@@ -25,14 +25,15 @@ use std::time::Instant;
 
 use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Dataset, ImageSet};
-use lmc_train::fit::{checkpoint_path, Run};
+use lmc_train::fit::Run;
 use lmc_train::model::{Model, ModelSpec};
 use lmc_train::params::Mask;
+use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
 
 use crate::hessian::{self, HessianConfig};
 use crate::interpolate::{self, InterpConfig, Split};
-use crate::landscape::{self, Landscape, LandscapeConfig, Method};
+use crate::landscape::{self, Landscape, LandscapeCheckpoint, LandscapeConfig, Method};
 use crate::{check_compatible, subsample, Probe, ProbeResult, RunRef};
 
 /// Progress of a running probe, for a progress bar; every method defaults to doing nothing.
@@ -167,25 +168,6 @@ fn default_out(first: &Path, probe: &str, prov: Provenance) -> PathBuf {
     dir.join(format!("{probe}-{}.lmc", prov.short()))
 }
 
-/// An existing output with provenance `prov`, unless `fresh`.
-fn cached(out: &Path, fresh: bool, prov: Provenance) -> Option<Probe> {
-    if fresh || !out.exists() {
-        return None;
-    }
-    match artifact::read::<Probe>(out) {
-        Ok((h, p)) if h.provenance == prov => Some(p),
-        _ => None,
-    }
-}
-
-/// Writes the CSV files, then the artifact (last, so an output that exists has its CSVs).
-fn save(out: &Path, probe: &Probe, prov: Provenance, csvs: &[(&Path, String)]) -> Result<()> {
-    for (p, text) in csvs {
-        artifact::write_atomic(p, text.as_bytes())?;
-    }
-    artifact::write(out, probe, prov)
-}
-
 /// The split `split` of `ds`.
 fn split_of(ds: &Dataset, split: Split) -> &ImageSet {
     match split {
@@ -194,21 +176,25 @@ fn split_of(ds: &Dataset, split: Split) -> &ImageSet {
     }
 }
 
-/// Runs `compute` unless `out` is up to date; `compute` returns the probe and the text of each CSV
-/// path of `csv` in order.
-fn run_cached(
+/// Runs `compute` unless `out` is up to date (same provenance, not `fresh`), then writes the CSV
+/// files and, last, the artifact, so an output that exists has its CSVs. `compute` gets the stage
+/// (for checkpoints) and returns the probe and the text of each path of `csv` in order.
+fn run_stage(
     out: PathBuf,
     csv: Vec<PathBuf>,
     fresh: bool,
     prov: Provenance,
-    compute: impl FnOnce(&Path) -> Result<(Probe, Vec<String>)>,
+    compute: impl FnOnce(&mut Stage) -> Result<(Probe, Vec<String>)>,
 ) -> Result<Outcome> {
-    if let Some(probe) = cached(&out, fresh, prov) {
+    let mut st = Stage::new(Some(&out), prov, fresh);
+    if let Some(probe) = st.cached::<Probe>() {
         return Ok(Outcome { probe, provenance: prov, out, csv, cached: true });
     }
-    let (probe, texts) = compute(&out)?;
-    let files: Vec<(&Path, String)> = csv.iter().map(PathBuf::as_path).zip(texts).collect();
-    save(&out, &probe, prov, &files)?;
+    let (probe, texts) = compute(&mut st)?;
+    for (p, text) in csv.iter().zip(texts) {
+        artifact::write_atomic(p, text.as_bytes())?;
+    }
+    st.finish(&probe)?;
     Ok(Outcome { probe, provenance: prov, out, csv, cached: false })
 }
 
@@ -240,7 +226,8 @@ impl InterpolateRequest<'_> {
     pub fn provenance(&self) -> Provenance {
         let mut ids = self.inputs.provenances();
         ids.push(self.dataset_provenance);
-        Provenance::of("probe-interpolate", &(&self.effective_config(), &self.splits), &ids)
+        let cfg = (&self.effective_config(), &self.splits);
+        stage::provenance("probe-interpolate", stage::INTERPOLATE_VERSION, &cfg, &ids)
     }
     /// `out`, else `<first run's folder>/interpolate-<short provenance>.lmc`.
     pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
@@ -264,7 +251,7 @@ impl InterpolateRequest<'_> {
         let prov = self.provenance();
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
-        run_cached(out, csv, fresh, prov, |_| {
+        run_stage(out, csv, fresh, prov, |_| {
             let t = Instant::now();
             let cfg = self.effective_config();
             let ds = self.dataset;
@@ -335,7 +322,7 @@ impl LandscapeRequest<'_> {
     pub fn provenance(&self) -> Provenance {
         let mut ids = self.inputs.provenances();
         ids.push(self.dataset_provenance);
-        Provenance::of("probe-landscape", &self.config, &ids)
+        stage::provenance("probe-landscape", stage::LANDSCAPE_VERSION, &self.config, &ids)
     }
     /// `out`, else `<first run's folder>/landscape-<short provenance>.lmc`.
     pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
@@ -349,9 +336,9 @@ impl LandscapeRequest<'_> {
         vec![out.with_extension("csv")]
     }
     /// Evaluates the grid and writes `out` (default [`Self::out_path`]) and its CSV, or returns an
-    /// up-to-date `out` as it is unless `fresh`. A checkpoint next to `out` holds the finished
-    /// rows while it runs; a killed run with the same provenance resumes from it (unless
-    /// `fresh`), and it is removed when the grid is done.
+    /// up-to-date `out` as it is unless `fresh`. A [`LandscapeCheckpoint`] next to `out`
+    /// ([`stage::checkpoint_path`]) holds the finished rows while it runs; a killed run with the
+    /// same provenance resumes from it (unless `fresh`), and it is removed when the grid is done.
     pub fn run(
         &self,
         out: Option<&Path>,
@@ -363,7 +350,7 @@ impl LandscapeRequest<'_> {
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
         let cfg = &self.config;
-        let done = run_cached(out, csv, fresh, prov, |out| {
+        run_stage(out, csv, fresh, prov, |st| {
             let t = Instant::now();
             let inputs = self.inputs;
             let run0 = &inputs.runs[0];
@@ -376,36 +363,27 @@ impl LandscapeRequest<'_> {
                 }
             };
             let set = subsample(split_of(self.dataset, cfg.split), cfg.samples, cfg.sample_seed);
-            let ckpt = checkpoint_path(out);
             let mut state = Landscape::start(cfg, &frame, &params, set.len());
             let mut seconds_before = 0.0;
-            if !fresh && ckpt.exists() {
-                if let Ok((h, p)) = artifact::read::<Probe>(&ckpt) {
-                    if let (true, ProbeResult::Landscape(l)) = (h.provenance == prov, p.result) {
-                        observer.resumed(&ckpt, l.rows_done, l.rows_total);
-                        seconds_before = p.seconds;
-                        state = l;
-                    }
+            if let Some(ck) = st.resume::<LandscapeCheckpoint>() {
+                if let Some(path) = st.checkpoint_path() {
+                    observer.resumed(path, ck.landscape.rows_done, ck.landscape.rows_total);
                 }
+                seconds_before = ck.seconds;
+                state = ck.landscape;
             }
             let points = |l: &Landscape| l.rows_done * cfg.x.points;
             let total = state.rows_total * cfg.x.points;
             observer.progress("", points(&state), total);
-            let meta = |l: Landscape, secs: f64| Probe {
-                model: inputs.model_name(),
-                dataset: self.dataset.name.clone(),
-                inputs: inputs.refs.clone(),
-                result: ProbeResult::Landscape(l),
-                seconds: secs,
-            };
             let mut on_row = |l: &Landscape| -> Result<()> {
                 observer.progress("", points(l), total);
+                // Rows can take milliseconds: checkpoint at most once a second. Resuming from an
+                // earlier row gives the same grid, only later.
                 if !l.is_complete() {
-                    artifact::write(
-                        &ckpt,
-                        &meta(l.clone(), seconds_before + t.elapsed().as_secs_f64()),
-                        prov,
-                    )?;
+                    st.save_checkpoint_throttled(false, || LandscapeCheckpoint {
+                        landscape: l.clone(),
+                        seconds: seconds_before + t.elapsed().as_secs_f64(),
+                    })?;
                 }
                 Ok(())
             };
@@ -419,13 +397,15 @@ impl LandscapeRequest<'_> {
                 &mut on_row,
             )?;
             let text = landscape::csv(&l);
-            let probe = meta(l, seconds_before + t.elapsed().as_secs_f64());
+            let probe = Probe {
+                model: inputs.model_name(),
+                dataset: self.dataset.name.clone(),
+                inputs: inputs.refs.clone(),
+                result: ProbeResult::Landscape(l),
+                seconds: seconds_before + t.elapsed().as_secs_f64(),
+            };
             Ok((probe, vec![text]))
-        })?;
-        if !done.cached {
-            let _ = std::fs::remove_file(checkpoint_path(&done.out));
-        }
-        Ok(done)
+        })
     }
 }
 
@@ -489,7 +469,7 @@ impl HessianRequest<'_> {
         let mut ids = self.inputs.provenances();
         ids.push(self.dataset_provenance);
         ids.extend(self.mask_from.as_ref().map(|m| m.provenance));
-        Provenance::of("probe-hessian", &self.config, &ids)
+        stage::provenance("probe-hessian", stage::HESSIAN_VERSION, &self.config, &ids)
     }
     /// `out`, else `<the run's folder>/hessian-<short provenance>.lmc`.
     pub fn out_path(&self, out: Option<&Path>) -> PathBuf {
@@ -521,7 +501,7 @@ impl HessianRequest<'_> {
         let prov = self.provenance();
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
-        run_cached(out, csv, fresh, prov, |_| {
+        run_stage(out, csv, fresh, prov, |_| {
             let t = Instant::now();
             let cfg = &self.config;
             let run = &self.inputs.runs[0];

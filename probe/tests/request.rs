@@ -1,6 +1,6 @@
 //! Probe requests run and cache a probe without the `lmc` binary: the second identical request
-//! returns the stored output, `fresh` recomputes it, a changed setting gives a new identity, and
-//! the default output lands next to the first run.
+//! returns the stored output, `fresh` recomputes it, a changed setting gives a new identity, the
+//! default output lands next to the first run, and a landscape resumes from its checkpoint.
 
 mod common;
 
@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use lmc_probe::hessian::{HessianConfig, HutchinsonConfig};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
-use lmc_probe::landscape::{Axis, LandscapeConfig, Method};
+use lmc_probe::landscape::{Axis, LandscapeCheckpoint, LandscapeConfig, Method};
 use lmc_probe::request::{
-    self, HessianRequest, InterpolateRequest, LandscapeRequest, ProbeInputs, Silent,
+    self, HessianRequest, InterpolateRequest, LandscapeRequest, Observer, ProbeInputs, Silent,
 };
 use lmc_probe::{Probe, ProbeResult};
 use lmc_train::artifact::{self, Provenance};
@@ -26,6 +26,22 @@ fn write_runs(dir: &Path, n: usize) -> Vec<PathBuf> {
             p
         })
         .collect()
+}
+
+/// Remembers what a probe reported.
+#[derive(Default)]
+struct Heard {
+    resumed: Option<(PathBuf, usize, usize)>,
+    last: Option<(usize, usize)>,
+}
+
+impl Observer for Heard {
+    fn progress(&mut self, _what: &str, done: usize, total: usize) {
+        self.last = Some((done, total));
+    }
+    fn resumed(&mut self, checkpoint: &Path, rows_done: usize, rows_total: usize) {
+        self.resumed = Some((checkpoint.to_path_buf(), rows_done, rows_total));
+    }
 }
 
 /// Equal field by field, NaN included (the std of a single pair's barrier is NaN): `Debug` prints
@@ -108,6 +124,23 @@ fn landscape_and_hessian_requests_are_cached_too() {
     assert_eq!(l.points.len(), 9);
     assert!(!lmc_train::fit::checkpoint_path(&out).exists());
     assert!(land.run(Some(&out), false, &mut Silent).unwrap().cached);
+
+    // A checkpoint holding the first row (of its own kind, with the request's provenance) is
+    // resumed, the observer hears of it, and the grid comes out as the uninterrupted one.
+    let mut part = l.clone();
+    part.rows_done = 1;
+    part.points.truncate(3);
+    let resumed = dir.path().join("resumed.lmc");
+    let ckpt = lmc_train::stage::checkpoint_path(&resumed);
+    let state = LandscapeCheckpoint { landscape: part, seconds: 0.0 };
+    artifact::write(&ckpt, &state, land.provenance()).unwrap();
+    let mut heard = Heard::default();
+    let back = land.run(Some(&resumed), false, &mut heard).unwrap();
+    assert_eq!(heard.resumed, Some((ckpt.clone(), 1, 3)));
+    assert_eq!(heard.last, Some((9, 9)));
+    let ProbeResult::Landscape(lb) = &back.probe.result else { panic!("not a landscape") };
+    assert_eq!(lb.points, l.points);
+    assert!(!ckpt.exists());
     // The plane needs more runs than one.
     let plane = LandscapeRequest {
         config: LandscapeConfig { method: Method::Plane, ..land.config.clone() },
