@@ -54,7 +54,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
         Kind::DistillCheckpoint => {
             lmc_distill::inspect_checkpoint_summary(&a.file, &header, &payload)?
         }
-        Kind::LandscapeCheckpoint => json!({}),
+        Kind::LandscapeCheckpoint => {
+            lmc_probe::inspect_checkpoint_summary(&a.file, &header, &payload)?
+        }
     };
     let out = json!({
         "file": a.file,

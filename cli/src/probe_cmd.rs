@@ -1,21 +1,23 @@
-//! `lmc probe interpolate | landscape | hessian`: measurements on trained runs. Each writes a
-//! Probe artifact and a CSV, reuses an up-to-date output (same provenance) unless --fresh, and
-//! prints a table or, with --json, one JSON object.
+//! `lmc probe interpolate | landscape | hessian`: measurements on trained runs. The flags become
+//! an `lmc_probe::request` (which writes the Probe artifact and its CSVs, reuses an up-to-date
+//! output unless --fresh, and resumes a landscape); this prints a table or, with --json, one JSON
+//! object.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
-use lmc_probe::landscape::{self, Axis, Landscape, LandscapeConfig, Method};
-use lmc_probe::{Probe, ProbeResult, RunRef};
-use lmc_train::artifact::{self, Provenance};
-use lmc_train::data::{self, Dataset};
-use lmc_train::fit::{checkpoint_path, Run};
-use lmc_train::model::ModelSpec;
+use lmc_probe::landscape::{Axis, LandscapeConfig, Method};
+use lmc_probe::request::{
+    self, HessianRequest, InterpolateRequest, LandscapeRequest, MaskFrom, Observer, Outcome,
+    ProbeInputs,
+};
+use lmc_probe::ProbeResult;
+use lmc_train::artifact::Provenance;
+use lmc_train::data::Dataset;
 use serde_json::json;
 
 use crate::progress::interactive;
@@ -86,11 +88,6 @@ struct InterpolateArgs {
     /// Seed of that subsample.
     #[arg(long, default_value_t = 0)]
     sample_seed: u64,
-    /// Re-estimate running normalisation statistics on training data after interpolating.
-    /// No current architecture keeps any (instance norm uses per-image statistics), so this
-    /// changes nothing today and says so.
-    #[arg(long)]
-    reestimate_norm: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -223,104 +220,47 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     }
 }
 
-/// Runs read from disk with their headers.
-struct Inputs {
-    paths: Vec<PathBuf>,
-    runs: Vec<Run>,
-    refs: Vec<RunRef>,
+/// The runs and the data set to evaluate on (`--dataset`, else the first run's).
+fn read_inputs(paths: &[PathBuf], c: &Common) -> Result<(ProbeInputs, Dataset, Provenance)> {
+    let inputs = ProbeInputs::read(paths)?;
+    let (ds, prov) = request::load_data(&inputs, c.dataset.as_deref(), c.data_dir.as_deref())?;
+    Ok((inputs, ds, prov))
 }
 
-impl Inputs {
-    fn read(paths: &[PathBuf]) -> Result<Inputs> {
-        let mut runs = Vec::new();
-        let mut refs = Vec::new();
-        for p in paths {
-            let (h, r) = artifact::read::<Run>(p)?;
-            refs.push(RunRef::of(p, &h, &r));
-            runs.push(r);
+/// Progress bars fed by a probe's observer, drawn from the first report on (so a cached probe
+/// shows none).
+struct Bars {
+    prefix: &'static str,
+    bar: Option<ProgressBar>,
+    json: bool,
+}
+
+impl Bars {
+    fn new(prefix: &'static str, json: bool) -> Bars {
+        Bars { prefix, bar: None, json }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
-        let inputs = Inputs { paths: paths.to_vec(), runs, refs };
-        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        lmc_probe::check_compatible(&inputs.all(), &names)?;
-        Ok(inputs)
-    }
-    fn all(&self) -> Vec<&Run> {
-        self.runs.iter().collect()
-    }
-    fn provenances(&self) -> Vec<Provenance> {
-        self.refs.iter().map(|r| r.provenance).collect()
-    }
-    fn model(&self) -> String {
-        self.runs[0].model.spec.to_string()
     }
 }
 
-/// The data set to evaluate on: `--dataset`, else the first run's.
-fn load_data(c: &Common, inputs: &Inputs) -> Result<(Dataset, Provenance)> {
-    let dir = data::resolve_data_dir(c.data_dir.as_deref());
-    let (name, flag) = match &c.dataset {
-        Some(d) => (d.clone(), true),
-        None => (inputs.runs[0].dataset.clone(), false),
-    };
-    let loaded = data::resolve_dataset(&name, Some(&dir));
-    let (ds, prov) = if flag {
-        loaded.context("--dataset")?
-    } else {
-        loaded.with_context(|| {
-            format!(
-                "{} was trained on '{name}'; choose the data to probe on with --dataset",
-                inputs.paths[0].display()
-            )
-        })?
-    };
-    let m = &inputs.runs[0].model;
-    if ds.train.shape != m.input || ds.classes != m.classes {
-        bail!(
-            "--dataset {}: {}x{}x{} images in {} classes, but the runs take {}x{}x{} images in {} classes",
-            ds.name,
-            ds.train.shape.channels,
-            ds.train.shape.height,
-            ds.train.shape.width,
-            ds.classes,
-            m.input.channels,
-            m.input.height,
-            m.input.width,
-            m.classes
-        );
+impl Observer for Bars {
+    fn progress(&mut self, what: &str, done: usize, total: usize) {
+        let b = self.bar.get_or_insert_with(|| bar(total as u64, self.prefix));
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+        b.set_message(what.to_string());
     }
-    Ok((ds, prov))
-}
-
-/// The output path: `--out`, else `<first run's folder>/<probe>-<short provenance>.lmc`.
-fn out_path(c: &Common, first: &Path, probe: &str, prov: Provenance) -> PathBuf {
-    c.out.clone().unwrap_or_else(|| {
-        let dir = first.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        dir.join(format!("{probe}-{}.lmc", prov.short()))
-    })
-}
-
-fn csv_path(out: &Path, suffix: &str) -> PathBuf {
-    out.with_extension(suffix)
-}
-
-/// An existing output with the same provenance, unless --fresh.
-fn cached(c: &Common, out: &Path, prov: Provenance) -> Option<Probe> {
-    if c.fresh || !out.exists() {
-        return None;
+    fn resumed(&mut self, checkpoint: &Path, rows_done: usize, rows_total: usize) {
+        if !self.json {
+            eprintln!(
+                "resuming from {} ({rows_done} of {rows_total} rows done)",
+                checkpoint.display()
+            );
+        }
     }
-    match artifact::read::<Probe>(out) {
-        Ok((h, p)) if h.provenance == prov => Some(p),
-        _ => None,
-    }
-}
-
-/// Writes the artifact and its CSV files.
-fn save(out: &Path, probe: &Probe, prov: Provenance, csvs: &[(PathBuf, String)]) -> Result<()> {
-    for (p, text) in csvs {
-        artifact::write_atomic(p, text.as_bytes())?;
-    }
-    artifact::write(out, probe, prov)?;
-    Ok(())
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -339,22 +279,17 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     b
 }
 
-fn emit(
-    json: bool,
-    out: &Path,
-    csvs: &[PathBuf],
-    prov: Provenance,
-    cached: bool,
-    probe: &Probe,
-    human: impl FnOnce(),
-) {
+/// Prints the outcome: one JSON object with --json, else `human()` and a line saying where the
+/// files are.
+fn emit(json: bool, o: &Outcome, human: impl FnOnce()) {
+    let probe = &o.probe;
     if json {
         let v = json!({
             "command": format!("probe {}", probe.result.name()),
-            "out": out,
-            "csv": csvs,
-            "provenance": prov.hex(),
-            "cached": cached,
+            "out": o.out,
+            "csv": o.csv,
+            "provenance": o.provenance.hex(),
+            "cached": o.cached,
             "seconds": probe.seconds,
             "summary": probe.summary(),
         });
@@ -363,75 +298,45 @@ fn emit(
         human();
         println!(
             "{} -> {} and {}",
-            if cached {
+            if o.cached {
                 format!("up to date (computed in {:.1} s), not recomputed", probe.seconds)
             } else {
                 format!("{:.1} s", probe.seconds)
             },
-            out.display(),
-            csvs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            o.out.display(),
+            o.csv.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     }
 }
 
 fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let alphas = interpolate::alpha_grid(a.alphas)?;
-    let inputs = Inputs::read(&a.runs)?;
-    let (ds, ds_prov) = load_data(&a.common, &inputs)?;
-    let splits: Vec<Split> = match a.split {
+    let (inputs, ds, ds_prov) = read_inputs(&a.runs, &a.common)?;
+    let splits = match a.split {
         SplitArg::Test => vec![Split::Test],
         SplitArg::Train => vec![Split::Train],
         SplitArg::Both => vec![Split::Test, Split::Train],
     };
-    let has_train = splits.contains(&Split::Train);
-    let cfg = InterpConfig {
-        alphas,
-        train_samples: if has_train { a.train_samples } else { None },
-        sample_seed: a.sample_seed,
-        reestimate_norm: a.reestimate_norm,
+    let req = InterpolateRequest {
+        inputs: &inputs,
+        dataset: &ds,
+        dataset_provenance: ds_prov,
+        splits,
+        config: InterpConfig { alphas, train_samples: a.train_samples, sample_seed: a.sample_seed },
     };
-    let mut ids = inputs.provenances();
-    ids.push(ds_prov);
-    let prov = Provenance::of("probe-interpolate", &(&cfg, &splits), &ids);
-    let out = out_path(&a.common, &inputs.paths[0], "interpolate", prov);
-    let csv = csv_path(&out, "csv");
-    let (probe, was_cached) = match cached(&a.common, &out, prov) {
-        Some(p) => (p, true),
-        None => {
-            if a.reestimate_norm && lmc_probe::running_statistics(&inputs.runs[0].model) == 0 {
-                eprintln!("note: {} keeps no running normalisation statistics; --reestimate-norm has nothing to re-estimate", inputs.model());
-            }
-            let t = Instant::now();
-            let train = lmc_probe::subsample(&ds.train, cfg.train_samples, cfg.sample_seed);
-            let sets: Vec<(Split, &data::ImageSet)> = splits
-                .iter()
-                .map(|s| match s {
-                    Split::Test => (*s, &ds.test),
-                    Split::Train => (*s, &train),
-                })
-                .collect();
-            let r = interpolate::interpolate(&inputs.all(), &sets, &ds.norm, &cfg)?;
-            let probe = Probe {
-                model: inputs.model(),
-                dataset: ds.name.clone(),
-                inputs: inputs.refs.clone(),
-                result: ProbeResult::Interpolation(r),
-                seconds: t.elapsed().as_secs_f64(),
-            };
-            let ProbeResult::Interpolation(r) = &probe.result else { unreachable!() };
-            save(&out, &probe, prov, &[(csv.clone(), interpolate::csv(r))])?;
-            (probe, false)
-        }
-    };
+    let mut bars = Bars::new("interpolate", a.common.json);
+    let done = req.run(a.common.out.as_deref(), a.common.fresh, &mut bars)?;
+    bars.finish();
+    let probe = &done.probe;
     let ProbeResult::Interpolation(r) = &probe.result else {
-        bail!("{}: not an interpolation probe", out.display())
+        bail!("{}: not an interpolation probe", done.out.display())
     };
-    emit(a.common.json, &out, std::slice::from_ref(&csv), prov, was_cached, &probe, || {
+    emit(a.common.json, &done, || {
         for p in &r.pairs {
             println!(
                 "{} <-> {}: L2 distance {:.4}",
-                inputs.paths[p.a].display(),
-                inputs.paths[p.b].display(),
+                inputs.paths()[p.a].display(),
+                inputs.paths()[p.b].display(),
                 p.l2_distance
             );
             for c in &p.curves {
@@ -478,24 +383,14 @@ fn parse_range(s: Option<&str>, default: (f64, f64), flag: &str) -> Result<(f64,
 }
 
 fn run_landscape(a: LandscapeArgs) -> Result<()> {
-    let n = a.runs.len();
     let two_d = a.dims == 2;
-    let method = match (a.method, n) {
-        (Some(MethodArg::Plane), _) => Method::Plane,
-        (Some(MethodArg::Random), 1) => Method::Random,
-        (Some(MethodArg::Random), _) => {
-            bail!("--method random explores around one run; {n} were given")
-        }
-        (None, 1) => Method::Random,
-        (None, _) => Method::Plane,
+    // The request checks that the number of runs fits the method.
+    let method = match a.method {
+        Some(MethodArg::Plane) => Method::Plane,
+        Some(MethodArg::Random) => Method::Random,
+        None if a.runs.len() == 1 => Method::Random,
+        None => Method::Plane,
     };
-    if method == Method::Plane && !(if two_d { (3..=4).contains(&n) } else { (2..=4).contains(&n) })
-    {
-        bail!(
-            "the plane through trained copies needs {} runs, got {n}",
-            if two_d { "3 or 4" } else { "2, 3 or 4 (--dims 1)" }
-        );
-    }
     let default = if method == Method::Plane { (-2.0, 2.0) } else { (-1.0, 1.0) };
     let (x0, x1) = parse_range(a.x_range.as_deref(), default, "--x-range")?;
     let (y0, y1) =
@@ -503,104 +398,30 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
     if a.y_range.is_some() && !two_d {
         bail!("--y-range needs --dims 2");
     }
-    let x = Axis { min: x0, max: x1, points: a.resolution };
-    x.validate("--x-range")?;
     let cfg = LandscapeConfig {
         method,
-        x,
+        x: Axis { min: x0, max: x1, points: a.resolution },
         y: two_d.then_some(Axis { min: y0, max: y1, points: a.resolution }),
         split: a.split.into(),
         samples: a.samples,
         sample_seed: a.sample_seed,
         direction_seed: a.direction_seed,
     };
-    if a.samples == Some(0) {
-        bail!("--samples must be at least 1");
-    }
-    let inputs = Inputs::read(&a.runs)?;
-    let (ds, ds_prov) = load_data(&a.common, &inputs)?;
-    let mut ids = inputs.provenances();
-    ids.push(ds_prov);
-    let prov = Provenance::of("probe-landscape", &cfg, &ids);
-    let out = out_path(&a.common, &inputs.paths[0], "landscape", prov);
-    let csv = csv_path(&out, "csv");
-    let (probe, was_cached) = match cached(&a.common, &out, prov) {
-        Some(p) => (p, true),
-        None => {
-            let t = Instant::now();
-            let run0 = &inputs.runs[0];
-            let params: Vec<_> = inputs.runs.iter().map(|r| &r.params).collect();
-            let frame = match method {
-                Method::Plane => landscape::plane_frame(&params, two_d)?,
-                Method::Random => {
-                    landscape::random_frame(&run0.params, &run0.mask, two_d, cfg.direction_seed)
-                }
-            };
-            let split = match cfg.split {
-                Split::Train => &ds.train,
-                Split::Test => &ds.test,
-            };
-            let set = lmc_probe::subsample(split, cfg.samples, cfg.sample_seed);
-            let ckpt = checkpoint_path(&out);
-            let mut state = Landscape::start(&cfg, &frame, &params, set.len());
-            let mut seconds_before = 0.0;
-            if !a.common.fresh && ckpt.exists() {
-                if let Ok((h, p)) = artifact::read::<Probe>(&ckpt) {
-                    if let (true, ProbeResult::Landscape(l)) = (h.provenance == prov, p.result) {
-                        if !a.common.json {
-                            eprintln!(
-                                "resuming from {} ({} of {} rows done)",
-                                ckpt.display(),
-                                l.rows_done,
-                                l.rows_total
-                            );
-                        }
-                        seconds_before = p.seconds;
-                        state = l;
-                    }
-                }
-            }
-            let pb = bar((state.rows_total * cfg.x.points) as u64, "landscape");
-            pb.set_position((state.rows_done * cfg.x.points) as u64);
-            let meta = |l: Landscape, secs: f64| Probe {
-                model: inputs.model(),
-                dataset: ds.name.clone(),
-                inputs: inputs.refs.clone(),
-                result: ProbeResult::Landscape(l),
-                seconds: secs,
-            };
-            let mut on_row = |l: &Landscape| -> lmc_train::Result<()> {
-                pb.set_position((l.rows_done * cfg.x.points) as u64);
-                if !l.is_complete() {
-                    artifact::write(
-                        &ckpt,
-                        &meta(l.clone(), seconds_before + t.elapsed().as_secs_f64()),
-                        prov,
-                    )?;
-                }
-                Ok(())
-            };
-            let l = landscape::run_grid(
-                &run0.model,
-                &run0.mask,
-                &frame,
-                &set,
-                &ds.norm,
-                state,
-                &mut on_row,
-            )?;
-            pb.finish_and_clear();
-            let probe = meta(l, seconds_before + t.elapsed().as_secs_f64());
-            let ProbeResult::Landscape(l) = &probe.result else { unreachable!() };
-            save(&out, &probe, prov, &[(csv.clone(), landscape::csv(l))])?;
-            let _ = std::fs::remove_file(&ckpt);
-            (probe, false)
-        }
+    let (inputs, ds, ds_prov) = read_inputs(&a.runs, &a.common)?;
+    let req = LandscapeRequest {
+        inputs: &inputs,
+        dataset: &ds,
+        dataset_provenance: ds_prov,
+        config: cfg,
     };
+    let mut bars = Bars::new("landscape", a.common.json);
+    let done = req.run(a.common.out.as_deref(), a.common.fresh, &mut bars)?;
+    bars.finish();
+    let probe = &done.probe;
     let ProbeResult::Landscape(l) = &probe.result else {
-        bail!("{}: not a landscape probe", out.display())
+        bail!("{}: not a landscape probe", done.out.display())
     };
-    emit(a.common.json, &out, std::slice::from_ref(&csv), prov, was_cached, &probe, || {
+    emit(a.common.json, &done, || {
         let kind = match l.config.method {
             Method::Plane => "plane through the runs",
             Method::Random => "filter-normalised random directions",
@@ -637,22 +458,14 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_chunk(spec: &ModelSpec) -> usize {
-    match spec {
-        ModelSpec::Mlp { .. } | ModelSpec::Lenet300100 => 2048,
-        ModelSpec::ConvNet { .. } => 128,
-    }
-}
-
 fn run_hessian(a: HessianArgs) -> Result<()> {
-    let inputs = Inputs::read(std::slice::from_ref(&a.run))?;
-    let run = &inputs.runs[0];
+    let inputs = ProbeInputs::read(std::slice::from_ref(&a.run))?;
     let hutch = a.trace || (a.top_k == 0 && !a.exact_diag);
     let cfg = HessianConfig {
         split: a.split.into(),
         samples: a.samples,
         sample_seed: a.sample_seed,
-        chunk: a.chunk.unwrap_or_else(|| default_chunk(&run.model.spec)),
+        chunk: HessianRequest::chunk_or_default(&inputs, a.chunk),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
             e => {
@@ -674,76 +487,27 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         seed: a.seed,
     };
     cfg.validate()?;
-    let (mask, mask_source, mask_prov) = match &a.mask_from {
-        Some(p) => {
-            let (h, other) = artifact::read::<Run>(p)?;
-            if other.model.layout != run.model.layout {
-                bail!(
-                    "--mask-from {}: its architecture ({}) differs from {} ({})",
-                    p.display(),
-                    other.model.spec,
-                    a.run.display(),
-                    run.model.spec
-                );
-            }
-            (other.mask, p.display().to_string(), Some(h.provenance))
-        }
-        None => (run.mask.clone(), "run".to_string(), None),
+    let mask_from = match &a.mask_from {
+        Some(p) => Some(MaskFrom::read(p, inputs.model(), &a.run)?),
+        None => None,
     };
-    let (ds, ds_prov) = load_data(&a.common, &inputs)?;
-    let mut ids = inputs.provenances();
-    ids.push(ds_prov);
-    ids.extend(mask_prov);
-    let prov = Provenance::of("probe-hessian", &cfg, &ids);
-    let out = out_path(&a.common, &a.run, "hessian", prov);
-    let csvs = vec![csv_path(&out, "csv"), csv_path(&out, "samples.csv")];
-    let (probe, was_cached) = match cached(&a.common, &out, prov) {
-        Some(p) => (p, true),
-        None => {
-            let t = Instant::now();
-            let split = match cfg.split {
-                Split::Train => &ds.train,
-                Split::Test => &ds.test,
-            };
-            let set = lmc_probe::subsample(split, Some(cfg.samples), cfg.sample_seed);
-            let pb = bar(a.max_samples as u64, "hessian");
-            let mut progress = |what: &str, done: usize, total: usize| {
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-                pb.set_message(what.to_string());
-            };
-            let r = hessian::probe(
-                &run.model,
-                &run.params,
-                &run.mask,
-                (&mask, &mask_source),
-                &set,
-                &ds.norm,
-                &cfg,
-                &mut progress,
-            )?;
-            pb.finish_and_clear();
-            let probe = Probe {
-                model: inputs.model(),
-                dataset: ds.name.clone(),
-                inputs: inputs.refs.clone(),
-                result: ProbeResult::Hessian(r),
-                seconds: t.elapsed().as_secs_f64(),
-            };
-            let ProbeResult::Hessian(r) = &probe.result else { unreachable!() };
-            save(
-                &out,
-                &probe,
-                prov,
-                &[(csvs[0].clone(), hessian::csv(r)), (csvs[1].clone(), hessian::samples_csv(r))],
-            )?;
-            (probe, false)
-        }
+    let (ds, ds_prov) =
+        request::load_data(&inputs, a.common.dataset.as_deref(), a.common.data_dir.as_deref())?;
+    let req = HessianRequest {
+        inputs: &inputs,
+        dataset: &ds,
+        dataset_provenance: ds_prov,
+        mask_from,
+        config: cfg,
     };
+    let mut bars = Bars::new("hessian", a.common.json);
+    let done = req.run(a.common.out.as_deref(), a.common.fresh, &mut bars)?;
+    bars.finish();
+    let probe = &done.probe;
     let ProbeResult::Hessian(r) = &probe.result else {
-        bail!("{}: not a Hessian probe", out.display())
+        bail!("{}: not a Hessian probe", done.out.display())
     };
-    emit(a.common.json, &out, &csvs, prov, was_cached, &probe, || print_hessian(r));
+    emit(a.common.json, &done, || print_hessian(r));
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lmc_probe::landscape::LandscapeCheckpoint;
 use lmc_probe::{Probe, ProbeResult};
 use lmc_train::artifact;
 use lmc_train::fit::Run;
@@ -129,7 +130,8 @@ fn landscapes_plane_random_and_resume() {
     l.rows_done = 2;
     l.points.truncate(10);
     let resumed = dir.path().join("resumed.lmc");
-    artifact::write(&lmc_train::fit::checkpoint_path(&resumed), &full, h.provenance).unwrap();
+    let ckpt = LandscapeCheckpoint { landscape: l.clone(), seconds: full.seconds };
+    artifact::write(&lmc_train::fit::checkpoint_path(&resumed), &ckpt, h.provenance).unwrap();
     let mut c = lmc();
     plane_args(&mut c, &resumed);
     let o = run_ok(&mut c);

@@ -43,8 +43,6 @@ pub struct InterpConfig {
     pub train_samples: Option<usize>,
     /// Seed of that subsample.
     pub sample_seed: u64,
-    /// Re-estimate running normalisation statistics on training data after interpolating.
-    pub reestimate_norm: bool,
 }
 
 impl Default for InterpConfig {
@@ -53,7 +51,6 @@ impl Default for InterpConfig {
             alphas: alpha_grid(11).expect("11 > 1"),
             train_samples: None,
             sample_seed: 0,
-            reestimate_norm: false,
         }
     }
 }
@@ -236,8 +233,8 @@ pub fn interpolate(
     for (split, set) in sets {
         check_data(model, set, &format!("the {split} split"))?;
     }
-    // Running statistics would be interpolated with the parameters and, with `reestimate_norm`,
-    // re-estimated on training batches; no current architecture has any.
+    // Running statistics would have to be interpolated with the parameters (or re-estimated on
+    // training batches); no current architecture has any.
     let norm_statistics = match running_statistics(model) {
         0 => NO_RUNNING_STATS.to_string(),
         n => return Err(Error::invalid(format!("this architecture has {n} running normalisation statistics, which interpolation does not handle yet"))),

@@ -10,6 +10,7 @@
 //!   linear weight, rescaled to the norm of the same filter of the weights), bias and norm entries
 //!   zeroed. Pruned entries are zeroed too, so every point stays inside the subnetwork.
 
+use lmc_train::artifact::{Artifact, Kind};
 use lmc_train::data::{ImageSet, Normalization};
 use lmc_train::model::Model;
 use lmc_train::params::{Layout, Mask, ParamVec};
@@ -333,6 +334,20 @@ impl Landscape {
     pub fn min_loss(&self) -> Option<GridPoint> {
         self.points.iter().copied().min_by(|a, b| a.loss.total_cmp(&b.loss))
     }
+}
+
+/// The state of an unfinished landscape, kept next to its output while the grid runs (its own
+/// artifact kind, so it can never be mistaken for a finished Probe).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LandscapeCheckpoint {
+    /// The rows done so far.
+    pub landscape: Landscape,
+    /// Seconds spent on them, over every run that contributed.
+    pub seconds: f64,
+}
+
+impl Artifact for LandscapeCheckpoint {
+    const KIND: Kind = Kind::LandscapeCheckpoint;
 }
 
 /// Evaluates the rows of `state` not done yet on `set` (already subsampled), calling `on_row`

@@ -8,10 +8,12 @@
 //!   estimates of the trace and diagonal, top eigenvalues by power iteration with deflation, the
 //!   exact diagonal of small models, and per-layer summaries.
 //! - [`interop`]: safetensors export/import with PyTorch state-dict names.
+//! - [`request`]: one request type per probe (its provenance, output paths, caching, the
+//!   landscape's resume), which `lmc probe` fills from its flags.
 //!
 //! Every probe is plain vector arithmetic on [`ParamVec`]s plus the one evaluation function
 //! ([`lmc_train::fit::evaluate`]) and the one gradient function ([`lmc_train::fit::loss_and_grad`]);
-//! results are stored as a [`Probe`] artifact (and a CSV by the CLI).
+//! results are stored as a [`Probe`] artifact with CSV files next to it (see [`request`]).
 //!
 //! ```no_run
 //! use lmc_probe::interpolate::{self, InterpConfig, Split};
@@ -42,6 +44,7 @@ pub mod hessian;
 pub mod interop;
 pub mod interpolate;
 pub mod landscape;
+pub mod request;
 pub mod stats;
 
 /// One input run of a probe, as recorded in the artifact.
@@ -142,6 +145,20 @@ pub fn inspect_summary(
 ) -> lmc_train::Result<serde_json::Value> {
     let probe: Probe = artifact::decode(path, header, payload)?;
     Ok(probe.summary())
+}
+
+/// JSON summary of a landscape checkpoint, for `lmc inspect`: how far the grid got.
+pub fn inspect_checkpoint_summary(
+    path: &Path,
+    header: &Header,
+    payload: &[u8],
+) -> lmc_train::Result<serde_json::Value> {
+    let c: landscape::LandscapeCheckpoint = artifact::decode(path, header, payload)?;
+    Ok(serde_json::json!({
+        "rows_done": c.landscape.rows_done,
+        "rows_total": c.landscape.rows_total,
+        "seconds": c.seconds,
+    }))
 }
 
 /// Checks that all runs share one architecture (spec, input shape, classes, layout) and one mask;
