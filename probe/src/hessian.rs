@@ -110,31 +110,31 @@ impl HessianConfig {
     /// Checks the settings, naming the flag at fault.
     pub fn validate(&self) -> Result<()> {
         if self.samples == 0 {
-            return Err(Error::invalid("--samples must be at least 1"));
+            return Err(Error::setting("--samples must be at least 1"));
         }
         if self.chunk == 0 {
-            return Err(Error::invalid("--chunk must be at least 1"));
+            return Err(Error::setting("--chunk must be at least 1"));
         }
         if let Some(e) = self.eps_rel {
             if !(e.is_finite() && e > 0.0) {
-                return Err(Error::invalid(format!(
+                return Err(Error::setting(format!(
                     "--eps-rel {e}: must be a positive number (or auto)"
                 )));
             }
         }
         if let Some(h) = &self.hutchinson {
             if h.max_samples == 0 {
-                return Err(Error::invalid("--max-samples must be at least 1"));
+                return Err(Error::setting("--max-samples must be at least 1"));
             }
             if !(h.tol >= 0.0 && h.tol.is_finite()) {
-                return Err(Error::invalid(format!("--tol {}: must be >= 0", h.tol)));
+                return Err(Error::setting(format!("--tol {}: must be >= 0", h.tol)));
             }
         }
         if self.top_k > 0 && self.power_iters == 0 {
-            return Err(Error::invalid("--power-iters must be at least 1"));
+            return Err(Error::setting("--power-iters must be at least 1"));
         }
         if self.hutchinson.is_none() && self.top_k == 0 && !self.exact_diag {
-            return Err(Error::invalid("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K or --exact-diag"));
+            return Err(Error::setting("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K or --exact-diag"));
         }
         Ok(())
     }
@@ -169,7 +169,7 @@ impl<'a> HessianProblem<'a> {
         check_data(model, set, "the Hessian's samples")?;
         params.check_same_layout(&model.layout, "Hessian")?;
         if chunk == 0 {
-            return Err(Error::invalid("--chunk must be at least 1"));
+            return Err(Error::setting("--chunk must be at least 1"));
         }
         if let Some(m) = &restrict {
             m.validate(&model.layout)?;
@@ -539,7 +539,7 @@ pub fn top_eigenvalues(
 pub fn exact_diagonal(p: &HessianProblem) -> Result<Vec<f64>> {
     let d = p.space_dim();
     if d > EXACT_DIAG_MAX_PARAMS {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "--exact-diag: the model has {d} parameters in the probed space, above the limit of {EXACT_DIAG_MAX_PARAMS} (the exact diagonal costs two full gradients per parameter); use the Hutchinson estimate (--trace) instead"
         )));
     }

@@ -49,7 +49,7 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
         .iter()
         .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::invalid(format!("safetensors: {e:?}")))?;
+        .map_err(|e| Error::data(format!("safetensors: {e:?}")))?;
     let shell = Run {
         params: ParamVec { layout: run.params.layout.clone(), data: vec![] },
         mask: Mask { keep: vec![] },
@@ -63,10 +63,10 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
     meta.insert(
         RUN_KEY.to_string(),
         serde_json::to_string(&shell)
-            .map_err(|e| Error::invalid(format!("cannot encode run metadata: {e}")))?,
+            .map_err(|e| Error::data(format!("cannot encode run metadata: {e}")))?,
     );
     safetensors::serialize(views, &Some(meta))
-        .map_err(|e| Error::invalid(format!("safetensors: {e:?}")))
+        .map_err(|e| Error::data(format!("safetensors: {e:?}")))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -58,8 +58,8 @@ impl Default for InterpConfig {
 /// `n` evenly spaced alphas from 0 to 1 inclusive (the authors use 11, Frankle 30).
 pub fn alpha_grid(n: usize) -> Result<Vec<f64>> {
     match n {
-        0 => Err(Error::invalid("--alphas 0: the alpha grid is empty; give at least 2 points (0 and 1 are always included)")),
-        1 => Err(Error::invalid("--alphas 1: a barrier needs both endpoints, so the grid needs at least 2 points")),
+        0 => Err(Error::setting("--alphas 0: the alpha grid is empty; give at least 2 points (0 and 1 are always included)")),
+        1 => Err(Error::setting("--alphas 1: a barrier needs both endpoints, so the grid needs at least 2 points")),
         _ => Ok((0..n).map(|i| if i + 1 == n { 1.0 } else { i as f64 / (n - 1) as f64 }).collect()),
     }
 }
@@ -67,15 +67,15 @@ pub fn alpha_grid(n: usize) -> Result<Vec<f64>> {
 /// Errors unless `alphas` is an increasing grid from exactly 0 to exactly 1.
 pub fn check_alphas(alphas: &[f64]) -> Result<()> {
     if alphas.is_empty() {
-        return Err(Error::invalid("the alpha grid is empty"));
+        return Err(Error::setting("the alpha grid is empty"));
     }
     if alphas.len() < 2 || alphas[0] != 0.0 || *alphas.last().unwrap() != 1.0 {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "the alpha grid must start at 0 and end at 1 (got {alphas:?})"
         )));
     }
     if alphas.iter().any(|a| !a.is_finite()) || alphas.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "the alpha grid must be strictly increasing (got {alphas:?})"
         )));
     }
@@ -87,13 +87,13 @@ pub fn check_alphas(alphas: &[f64]) -> Result<()> {
 /// negative. Errors on fewer than two values or a NaN.
 pub fn barrier(values: &[f64]) -> Result<(f64, usize)> {
     if values.len() < 2 {
-        return Err(Error::invalid(format!(
+        return Err(Error::data(format!(
             "a barrier needs at least the two endpoints, got {} values",
             values.len()
         )));
     }
     if values.iter().any(|v| v.is_nan()) {
-        return Err(Error::invalid("a curve value is NaN"));
+        return Err(Error::data("a curve value is NaN"));
     }
     let mut arg = 0;
     for (i, &v) in values.iter().enumerate() {
@@ -218,7 +218,7 @@ pub fn interpolate(
     cfg: &InterpConfig,
 ) -> Result<Interpolation> {
     if runs.len() < 2 {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "interpolation needs at least two runs, got {}",
             runs.len()
         )));
@@ -227,7 +227,7 @@ pub fn interpolate(
     check_compatible(runs, &names)?;
     check_alphas(&cfg.alphas)?;
     if sets.is_empty() {
-        return Err(Error::invalid("no split to evaluate on"));
+        return Err(Error::setting("no split to evaluate on"));
     }
     let model = &runs[0].model;
     for (split, set) in sets {
@@ -237,7 +237,7 @@ pub fn interpolate(
     // training batches); no current architecture has any.
     let norm_statistics = match running_statistics(model) {
         0 => NO_RUNNING_STATS.to_string(),
-        n => return Err(Error::invalid(format!("this architecture has {n} running normalisation statistics, which interpolation does not handle yet"))),
+        n => return Err(Error::incompatible(format!("this architecture has {n} running normalisation statistics, which interpolation does not handle yet"))),
     };
     let mask = &runs[0].mask;
     let mut pairs = Vec::new();

@@ -49,13 +49,13 @@ impl Axis {
     /// Errors unless `min < max` (both finite) and `points >= 2`; `flag` names the option.
     pub fn validate(&self, flag: &str) -> Result<()> {
         if !(self.min.is_finite() && self.max.is_finite() && self.min < self.max) {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "{flag} {}:{}: needs finite MIN < MAX",
                 self.min, self.max
             )));
         }
         if self.points < 2 {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "--resolution {}: a grid axis needs at least 2 points",
                 self.points
             )));
@@ -124,7 +124,7 @@ fn combine(terms: &[(f64, &ParamVec)]) -> ParamVec {
 pub fn plane_frame(runs: &[&ParamVec], two_d: bool) -> Result<Frame> {
     let need = if two_d { "3 or 4" } else { "2, 3 or 4" };
     if runs.len() > 4 || runs.len() < if two_d { 3 } else { 2 } {
-        return Err(Error::invalid(format!(
+        return Err(Error::setting(format!(
             "the plane through trained copies needs {need} runs, got {}",
             runs.len()
         )));
@@ -143,7 +143,7 @@ pub fn plane_frame(runs: &[&ParamVec], two_d: bool) -> Result<Frame> {
     for (name, d) in [("V0 = (m0 - m1)/2", Some(&d1)), ("V1", d2.as_ref())] {
         if let Some(d) = d {
             if d.data.iter().all(|&v| v == 0.0) {
-                return Err(Error::invalid(format!(
+                return Err(Error::incompatible(format!(
                     "plane direction {name} is zero: the runs coincide, so they span no plane"
                 )));
             }
@@ -368,14 +368,14 @@ pub fn run_grid(
         y.validate("--y-range")?;
     }
     if cfg.y.is_some() != frame.d2.is_some() {
-        return Err(Error::invalid("a 2-D grid needs two directions and a 1-D grid one"));
+        return Err(Error::setting("a 2-D grid needs two directions and a 1-D grid one"));
     }
     check_data(model, set, &format!("the {} split", cfg.split))?;
     frame.centre.check_same_layout(&model.layout, "landscape centre")?;
     let xs = cfg.x.values();
     let ys = cfg.y.map_or(vec![0.0], |y| y.values());
     if state.points.len() != state.rows_done * xs.len() || state.rows_total != ys.len() {
-        return Err(Error::invalid("landscape checkpoint does not match its grid"));
+        return Err(Error::incompatible("landscape checkpoint does not match its grid"));
     }
     while state.rows_done < state.rows_total {
         let iy = state.rows_done;

@@ -165,11 +165,11 @@ pub fn inspect_checkpoint_summary(
 /// `names` label them in the error.
 pub fn check_compatible(runs: &[&Run], names: &[String]) -> Result<()> {
     let Some(first) = runs.first() else {
-        return Err(Error::invalid("no runs given"));
+        return Err(Error::setting("no runs given"));
     };
     for (r, name) in runs.iter().zip(names).skip(1) {
         if r.model != first.model {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "{name} is a {} on {}x{}x{} inputs with {} classes ({} parameters), but {} is a {} on {}x{}x{} inputs with {} classes ({} parameters): probes need runs of one architecture",
                 r.model.spec,
                 r.model.input.channels,
@@ -188,7 +188,7 @@ pub fn check_compatible(runs: &[&Run], names: &[String]) -> Result<()> {
         }
         if r.mask != first.mask {
             let differ = r.mask.keep.iter().zip(&first.mask.keep).filter(|(a, b)| a != b).count();
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "{name} and {} have different masks ({differ} of {} entries differ; sparsity {:.2}% vs {:.2}%): probes need copies of one subnetwork",
                 names[0],
                 r.mask.keep.len(),
@@ -198,10 +198,12 @@ pub fn check_compatible(runs: &[&Run], names: &[String]) -> Result<()> {
         }
     }
     for (r, name) in runs.iter().zip(names) {
-        r.mask.validate(&r.model.layout).map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+        r.mask
+            .validate(&r.model.layout)
+            .map_err(|e| Error::incompatible(format!("{name}: {e}")))?;
         r.params.check_same_layout(&r.model.layout, name)?;
         if !r.params.all_finite() {
-            return Err(Error::invalid(format!("{name}: parameters contain NaN or infinity")));
+            return Err(Error::data(format!("{name}: parameters contain NaN or infinity")));
         }
     }
     Ok(())
@@ -211,19 +213,19 @@ pub fn check_compatible(runs: &[&Run], names: &[String]) -> Result<()> {
 pub fn check_data(model: &Model, set: &ImageSet, what: &str) -> Result<()> {
     let ImageShape { channels, height, width } = set.shape;
     if set.shape != model.input {
-        return Err(Error::invalid(format!(
+        return Err(Error::incompatible(format!(
             "{what} has {channels}x{height}x{width} images but the model takes {}x{}x{}: pass the data set the runs were trained on (--dataset)",
             model.input.channels, model.input.height, model.input.width
         )));
     }
     if let Some(&l) = set.labels.iter().find(|&&l| l as usize >= model.classes) {
-        return Err(Error::invalid(format!(
+        return Err(Error::incompatible(format!(
             "{what} has label {l} but the model has {} classes",
             model.classes
         )));
     }
     if set.is_empty() {
-        return Err(Error::invalid(format!("{what} is empty")));
+        return Err(Error::data(format!("{what} is empty")));
     }
     Ok(())
 }

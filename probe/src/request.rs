@@ -119,11 +119,11 @@ pub fn load_data(
     let m = inputs.model();
     let (ds, prov) = match dataset {
         Some(d) => data::resolve_dataset(d, Some(&dir))
-            .map_err(|e| Error::invalid(format!("--dataset: {e}")))?,
+            .map_err(|e| Error::setting(format!("--dataset: {e}")))?,
         None => {
             let name = &inputs.runs[0].dataset;
             data::resolve_dataset(name, Some(&dir)).map_err(|e| {
-                Error::invalid(format!(
+                Error::setting(format!(
                     "{} was trained on '{name}'; choose the data to probe on with --dataset: {e}",
                     first.display()
                 ))
@@ -131,7 +131,7 @@ pub fn load_data(
         }
     };
     if ds.train.shape != m.input || ds.classes != m.classes {
-        return Err(Error::invalid(format!(
+        return Err(Error::incompatible(format!(
             "--dataset {}: {}x{}x{} images in {} classes, but the runs take {}x{}x{} images in {} classes",
             ds.name,
             ds.train.shape.channels,
@@ -297,12 +297,12 @@ impl LandscapeRequest<'_> {
         let two_d = self.config.y.is_some();
         match self.config.method {
             Method::Random if n != 1 => {
-                return Err(Error::invalid(format!(
+                return Err(Error::setting(format!(
                     "--method random explores around one run; {n} were given"
                 )))
             }
             Method::Plane if !(if two_d { 3..=4 } else { 2..=4 }).contains(&n) => {
-                return Err(Error::invalid(format!(
+                return Err(Error::setting(format!(
                     "the plane through trained copies needs {} runs, got {n}",
                     if two_d { "3 or 4" } else { "2, 3 or 4 (--dims 1)" }
                 )))
@@ -314,7 +314,7 @@ impl LandscapeRequest<'_> {
             y.validate("--y-range")?;
         }
         if self.config.samples == Some(0) {
-            return Err(Error::invalid("--samples must be at least 1"));
+            return Err(Error::setting("--samples must be at least 1"));
         }
         Ok(())
     }
@@ -433,7 +433,7 @@ impl MaskFrom {
     pub fn read(path: &Path, model: &Model, probed: &Path) -> Result<MaskFrom> {
         let (h, other) = artifact::read::<Run>(path)?;
         if other.model.layout != model.layout {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "--mask-from {}: its architecture ({}) differs from {} ({})",
                 path.display(),
                 other.model.spec,
@@ -492,7 +492,7 @@ impl HessianRequest<'_> {
         observer: &mut dyn Observer,
     ) -> Result<Outcome> {
         if self.inputs.runs.len() != 1 {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "a Hessian probe takes one run, got {}",
                 self.inputs.runs.len()
             )));

@@ -54,10 +54,10 @@ fn random_directions_grid_resumes_exactly() {
     let mut saved = None;
     let err = landscape::run_grid(&run.model, &run.mask, &frame, &set, &ds.norm, start, &mut |s| {
         saved = Some(s.clone());
-        Err(Error::invalid("killed"))
+        Err(Error::interrupted("killed"))
     })
     .unwrap_err();
-    assert!(err.to_string().contains("killed"));
+    assert!(matches!(&err, Error::Interrupted(m) if m == "killed"), "{err}");
     let partial = saved.unwrap();
     assert_eq!(partial.rows_done, 1);
     let resumed = landscape::run_grid(
