@@ -15,7 +15,7 @@ use lmc_probe::{Probe, ProbeResult, RunRef};
 use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Dataset};
 use lmc_train::fit::{checkpoint_path, Run};
-use lmc_train::model::ModelSpec;
+use lmc_train::model::Model;
 use serde_json::json;
 
 use crate::progress::interactive;
@@ -637,11 +637,8 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_chunk(spec: &ModelSpec) -> usize {
-    match spec {
-        ModelSpec::Mlp { .. } | ModelSpec::Lenet300100 => 2048,
-        ModelSpec::ConvNet { .. } => 128,
-    }
+fn default_chunk(model: &Model) -> usize {
+    model.probe_chunk()
 }
 
 fn run_hessian(a: HessianArgs) -> Result<()> {
@@ -652,7 +649,7 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         split: a.split.into(),
         samples: a.samples,
         sample_seed: a.sample_seed,
-        chunk: a.chunk.unwrap_or_else(|| default_chunk(&run.model.spec)),
+        chunk: a.chunk.unwrap_or_else(|| default_chunk(&run.model)),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
             e => {

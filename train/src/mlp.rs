@@ -23,6 +23,7 @@
 use rayon::prelude::*;
 
 use crate::fit::MLP_GROUP;
+use crate::model::DenseLayer;
 use crate::ops::gemm::{sgemm, sgemm_split, Layout, Par};
 use crate::ops::softmax_xent_rows;
 use crate::sparse_input::SparseInput;
@@ -60,12 +61,11 @@ pub(crate) struct MlpBuffers {
     sparse: SparseInput,
 }
 
-/// Loss (mean cross-entropy) and number correct of an MLP with layer widths
-/// `widths = [input, hidden..., classes]` at `params` (PyTorch layout: per layer the weight
-/// (out x in), then the bias) on the `n` rows of `x`; writes the gradient to `grad` (same layout
-/// as `params`, every element overwritten).
+/// Loss (mean cross-entropy) and number correct of an MLP with `layers` (as the model's layout
+/// places each weight (out x in) and bias in `params`) on the `n` rows of `x`; writes the gradient
+/// to `grad` (same layout as `params`, every element overwritten).
 pub(crate) fn loss_and_grad(
-    widths: &[usize],
+    layers_at: &[DenseLayer],
     params: &[f32],
     x: &[f32],
     labels: &[u8],
@@ -74,7 +74,9 @@ pub(crate) fn loss_and_grad(
     first: FirstLayer,
 ) -> (f32, usize) {
     let n = labels.len();
-    let layers = widths.len() - 1;
+    let widths: Vec<usize> =
+        layers_at.iter().map(|l| l.inputs).chain(layers_at.last().map(|l| l.outputs)).collect();
+    let layers_n = layers_at.len();
     assert_eq!(
         x.len(),
         n * widths[0],
@@ -82,19 +84,25 @@ pub(crate) fn loss_and_grad(
         x.len(),
         widths[0]
     );
-    // Offsets of each layer's weight and bias in the flat vector: the model's `Layout` order
-    // (weight, then bias, per layer), checked against the parameter count below.
-    let mut offsets = Vec::with_capacity(layers);
+    // Phase 2 hands each layer its gradient as one slice (weight, then bias), so the layers must
+    // tile the vector in order; the MLP layout does.
     let mut at = 0;
-    for l in 0..layers {
-        let (inf, outf) = (widths[l], widths[l + 1]);
-        offsets.push((at, at + outf * inf));
-        at += outf * inf + outf;
+    for (l, layer) in layers_at.iter().enumerate() {
+        assert!(
+            layer.weight.start == at
+                && layer.weight.len() == layer.inputs * layer.outputs
+                && layer.bias.start == layer.weight.end
+                && layer.bias.len() == layer.outputs
+                && (l == 0 || layer.inputs == layers_at[l - 1].outputs),
+            "mlp: layer {l} does not follow the layout order"
+        );
+        at = layer.bias.end;
     }
     assert_eq!(at, params.len(), "mlp: {} parameters for widths {widths:?}", params.len());
     assert_eq!(grad.len(), params.len(), "mlp: gradient buffer of the wrong size");
-    let weight = |l: usize| &params[offsets[l].0..offsets[l].1];
-    let bias = |l: usize| &params[offsets[l].1..offsets[l].1 + widths[l + 1]];
+    let layers = layers_n;
+    let weight = |l: usize| &params[layers_at[l].weight.clone()];
+    let bias = |l: usize| &params[layers_at[l].bias.clone()];
 
     let sparse = first != FirstLayer::Dense && n > 0 && {
         let density = bufs.sparse.density(x, n, widths[0]);
