@@ -12,7 +12,8 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::norm::{add_channel_totals, normalize_plane, plane_backward};
-use super::{avx2, read, ELEM_CHUNK, T1, T4};
+use super::{read, ELEM_CHUNK, T1, T4};
+use crate::cpu::Build;
 
 /// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
 #[inline(always)]
@@ -28,6 +29,18 @@ fn relu1(z: f32) -> f32 {
 /// `avg_pool2d(relu(x), k)` for `None`, as one op (see the module docs). Same shapes, rounding
 /// and panics as the separate ops; results are bit-identical to them and to any thread count.
 pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
+    x: T4<Tp>,
+    norm: Option<(&T1, &T1)>,
+    eps: f32,
+    k: usize,
+) -> T4<Tp> {
+    norm_relu_pool_with(Build::selected(), x, norm, eps, k)
+}
+
+/// [`norm_relu_pool`] with its plane loops (forward and backward) compiled for `build`, so tests
+/// can compare the builds.
+pub(crate) fn norm_relu_pool_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
     x: T4<Tp>,
     norm: Option<(&T1, &T1)>,
     eps: f32,
@@ -76,7 +89,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
         .enumerate()
         .with_min_len(min_planes)
         .for_each(|(pi, ((xp, yp), rs))| {
-            avx2(|| {
+            build.run(|| {
                 if has_norm {
                     *rs = normalize_plane(xp, eps);
                 }
@@ -132,7 +145,7 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
                     .for_each_init(
                         || vec![0.0f32; m],
                         |gz, (pi, (((dxp, dyp), xp), s))| {
-                            avx2(|| {
+                            build.run(|| {
                                 let ch = pi % c;
                                 let z = pre(&gv, &bv, ch);
                                 // Pool backward into a zeroed plane (uncovered rows/columns stay 0),

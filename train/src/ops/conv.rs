@@ -4,7 +4,8 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Layout, Par};
-use super::{avx2, read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+use crate::cpu::Build;
 
 /// The hyper-parameters of [`conv2d`] (stride is always 1, padding is zeros).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +127,19 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     cfg: Conv2dCfg,
     input_grad: bool,
 ) -> T4<Tp> {
+    conv2d_with(Build::selected(), x, w, b, cfg, input_grad)
+}
+
+/// [`conv2d`] with its per-sample loops (im2col, col2im, bias and gradient sums) compiled for
+/// `build` in forward and backward, so tests can compare the builds.
+pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
+    x: T4<Tp>,
+    w: &T1,
+    b: Option<&T1>,
+    cfg: Conv2dCfg,
+    input_grad: bool,
+) -> T4<Tp> {
     let x = x.contiguous();
     let (n, cin, h, wd) = *x.shape();
     let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
@@ -159,7 +173,7 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     // is 51 MB for ConvNet-3 at batch 128 on MNIST).
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let forward = |ni: usize, yn: &mut [std::mem::MaybeUninit<f32>], col: &mut [f32], par: Par| {
-        avx2(|| {
+        build.run(|| {
             for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
                 let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
                 for e in row {
@@ -208,7 +222,7 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             // when `dx` is given, adds the input gradient of its samples into it.
             let dcol_len = if input_grad { col_len } else { 0 };
             let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
-                avx2(|| {
+                build.run(|| {
                     let (col, dcol) = buf.split_at_mut(col_len);
                     let s0 = c * BATCH_CHUNK;
                     let s1 = (s0 + BATCH_CHUNK).min(n);
