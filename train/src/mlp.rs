@@ -14,7 +14,7 @@
 //! count): the forward and the backward through the activations run per group of
 //! [`MLP_GROUP`](crate::fit::MLP_GROUP) samples as parallel tasks, each one single-threaded
 //! product after another; then each layer's weight gradient `dW = dZ^T A` is one product over
-//! the whole batch, split into fixed output blocks ([`sgemm_split`]), with the layers' products
+//! the whole batch, split into fixed output blocks ([`Gemm::run_split`](crate::ops::gemm::Gemm::run_split)), with the layers' products
 //! running side by side.
 //!
 //! On mostly-background inputs (MNIST) the first layer's two products, ~85% of the step's
@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::fit::MLP_GROUP;
 use crate::model::DenseLayer;
-use crate::ops::gemm::{sgemm, sgemm_split, Layout, Par};
+use crate::ops::gemm::{Gemm, Layout, Operand, Par};
 use crate::ops::softmax_xent_rows;
 use crate::sparse_input::SparseInput;
 
@@ -158,19 +158,15 @@ pub(crate) fn loss_and_grad(
                     split.forward(r0..r1, outf, out);
                 } else {
                     // z (m x out) = a (m x in) W^T (in x out)
-                    sgemm(
+                    Gemm {
                         m,
-                        outf,
-                        inf,
-                        out,
-                        Layout::row_major(outf),
-                        false,
-                        input,
-                        Layout::row_major(inf),
-                        weight(l),
-                        Layout::transposed(inf),
-                        Par::Seq,
-                    );
+                        n: outf,
+                        k: inf,
+                        lhs: Operand::row_major(input, inf),
+                        rhs: Operand::transposed(weight(l), inf),
+                        accumulate: false,
+                    }
+                    .run(out, Layout::row_major(outf), Par::Seq);
                 }
                 let b = bias(l);
                 let hidden = l + 1 < layers;
@@ -191,19 +187,15 @@ pub(crate) fn loss_and_grad(
                 let upstream: &[f32] = if l == layers - 1 { &act[l][..] } else { &upper[0][..] };
                 let below = &mut lower[l - 1][..];
                 // dA (m x in) = dZ (m x out) W (out x in), then through the ReLU.
-                sgemm(
+                Gemm {
                     m,
-                    inf,
-                    outf,
-                    below,
-                    Layout::row_major(inf),
-                    false,
-                    upstream,
-                    Layout::row_major(outf),
-                    weight(l),
-                    Layout::row_major(inf),
-                    Par::Seq,
-                );
+                    n: inf,
+                    k: outf,
+                    lhs: Operand::row_major(upstream, outf),
+                    rhs: Operand::row_major(weight(l), inf),
+                    accumulate: false,
+                }
+                .run(below, Layout::row_major(inf), Par::Seq);
                 for (d, a) in below.iter_mut().zip(act[l - 1].iter()) {
                     // Gradient 0 where the ReLU output is 0 (PyTorch: 0 at 0); AND on the bits
                     // so it vectorises.
@@ -247,17 +239,15 @@ pub(crate) fn loss_and_grad(
         match split {
             Some(s) => s.weight_grad(upstream(l), db, outf, dw),
             // dW (out x in) = dZ^T (out x n) A (n x in)
-            None => sgemm_split(
-                outf,
-                inf,
-                n,
-                dw,
-                false,
-                upstream(l),
-                Layout::transposed(outf),
-                input,
-                Layout::row_major(inf),
-            ),
+            None => Gemm {
+                m: outf,
+                n: inf,
+                k: n,
+                lhs: Operand::transposed(upstream(l), outf),
+                rhs: Operand::row_major(input, inf),
+                accumulate: false,
+            }
+            .run_split(dw),
         }
     });
 

@@ -3,7 +3,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Layout, Par};
+use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 use crate::cpu::Build;
 
@@ -191,8 +191,15 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                 im2col(&g, xn, col);
                 col
             };
-            let pl = Layout::row_major(pd);
-            sgemm(cout, pd, kd, yn, pl, true, &wv, Layout::row_major(kd), cm, pl, par);
+            Gemm {
+                m: cout,
+                n: pd,
+                k: kd,
+                lhs: Operand::row_major(&wv, kd),
+                rhs: Operand::row_major(cm, pd),
+                accumulate: true,
+            }
+            .run(yn, Layout::row_major(pd), par);
         })
     };
     let spare = &mut y.spare_capacity_mut()[..n * ys];
@@ -239,19 +246,15 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                             col
                         };
                         // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
-                        sgemm(
-                            cout,
-                            kd,
-                            pd,
-                            &mut dw,
-                            Layout::row_major(kd),
-                            ni > s0,
-                            dyn_,
-                            Layout::row_major(pd),
-                            cm,
-                            Layout::transposed(pd),
-                            par,
-                        );
+                        Gemm {
+                            m: cout,
+                            n: kd,
+                            k: pd,
+                            lhs: Operand::row_major(dyn_, pd),
+                            rhs: Operand::transposed(cm, pd),
+                            accumulate: ni > s0,
+                        }
+                        .run(&mut dw, Layout::row_major(kd), par);
                         if has_bias {
                             for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
                                 *d += sum_f32(row);
@@ -262,19 +265,15 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                             // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
                             let (dst, acc): (&mut [f32], bool) =
                                 if g.direct() { (dxn, true) } else { (dcol, false) };
-                            sgemm(
-                                kd,
-                                pd,
-                                cout,
-                                dst,
-                                Layout::row_major(pd),
-                                acc,
-                                &wv,
-                                Layout::transposed(kd),
-                                dyn_,
-                                Layout::row_major(pd),
-                                par,
-                            );
+                            Gemm {
+                                m: kd,
+                                n: pd,
+                                k: cout,
+                                lhs: Operand::transposed(&wv, kd),
+                                rhs: Operand::row_major(dyn_, pd),
+                                accumulate: acc,
+                            }
+                            .run(dst, Layout::row_major(pd), par);
                             if !g.direct() {
                                 col2im_add(&g, dcol, dxn);
                             }
