@@ -87,7 +87,10 @@ fn chunk<const MOM: bool, const FIRST: bool, const NEST: bool>(
     wd: f32,
     lr: f32,
 ) {
-    build.run(|| update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr))
+    build.run(
+        #[inline(always)]
+        || update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr),
+    )
 }
 
 /// The update of one chunk; `MOM`, `FIRST`, `NEST` select PyTorch's branches.

@@ -73,23 +73,29 @@ impl SparseInput {
         self.z.extend_from_slice(&x[..inf]);
         let build = self.build;
         let z = &mut self.z;
-        build.run(|| {
-            for r in x.chunks_exact(inf).skip(1) {
-                for (z, v) in z.iter_mut().zip(r) {
-                    // `min` ignores NaN (unless the whole column is NaN).
-                    *z = z.min(*v);
+        build.run(
+            #[inline(always)]
+            || {
+                for r in x.chunks_exact(inf).skip(1) {
+                    for (z, v) in z.iter_mut().zip(r) {
+                        // `min` ignores NaN (unless the whole column is NaN).
+                        *z = z.min(*v);
+                    }
                 }
-            }
-        });
+            },
+        );
         if !self.z.iter().all(|z| z.is_finite()) {
             return f32::INFINITY;
         }
         let z = &self.z;
-        let nnz: usize = build.run(|| {
-            x.chunks_exact(inf)
-                .map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count())
-                .sum()
-        });
+        let nnz: usize = build.run(
+            #[inline(always)]
+            || {
+                x.chunks_exact(inf)
+                    .map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count())
+                    .sum()
+            },
+        );
         nnz as f32 / (n * inf).max(1) as f32
     }
 

@@ -65,12 +65,12 @@ impl Build {
         }
     }
 
-    /// Runs `f` compiled for this build: where LLVM inlines the closure into the AVX2 function,
-    /// its loops (and the `#[inline(always)]` functions it calls) are compiled 8 wide. LLVM
-    /// declines for large closures, which then run their baseline compilation in either build
-    /// (same bits, 4 wide): at the time of writing, disassembly shows that for `conv2d`'s
-    /// per-sample closures and `norm_relu_pool`'s plane closures. [`run_kernel!`] guarantees the
-    /// inlining for a named `#[inline(always)]` kernel. Panics for a build the CPU cannot run.
+    /// Runs `f` compiled for this build: `f` is inlined into the AVX2 function, so its loops (and
+    /// the `#[inline(always)]` functions it calls) are compiled 8 wide. Mark a large closure
+    /// `#[inline(always)]` (`build.run(#[inline(always)] || ...)`): LLVM otherwise declines to
+    /// inline it, and its baseline compilation then runs in both builds (same bits, 4 wide;
+    /// disassembly showed that for conv2d's per-sample work and norm_relu_pool's planes).
+    /// Panics for a build the CPU cannot run.
     #[inline(always)]
     pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
         match self {
