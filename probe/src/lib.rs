@@ -32,7 +32,7 @@ use std::path::Path;
 use lmc_train::artifact::{self, Artifact, Header, Kind, Provenance};
 use lmc_train::data::{ImageSet, ImageShape, Normalization};
 use lmc_train::fit::{self, Eval, Run};
-use lmc_train::model::{Model, ModelSpec, Norm};
+use lmc_train::model::Model;
 use lmc_train::params::{Mask, ParamVec};
 use lmc_train::seed::{self, Stream};
 use lmc_train::{Error, Result};
@@ -230,18 +230,10 @@ pub fn check_data(model: &Model, set: &ImageSet, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Number of running normalisation statistics (batch-norm means and variances) the model keeps.
-///
-/// Every current architecture has none: ConvNet's instance norm normalises each image by its own
-/// statistics, and MLPs have no norm. The match is exhaustive on purpose, so that adding a
-/// batch-norm architecture fails to compile here until interpolation handles its statistics.
+/// Number of running normalisation statistics (batch-norm means and variances) the model keeps
+/// ([`Model::running_statistics`]; none for every current architecture).
 pub fn running_statistics(model: &Model) -> usize {
-    match &model.spec {
-        ModelSpec::Mlp { .. } | ModelSpec::Lenet300100 => 0,
-        ModelSpec::ConvNet { norm, .. } => match norm {
-            Norm::Instance | Norm::None => 0,
-        },
-    }
+    model.running_statistics()
 }
 
 /// A fixed subsample of `n` images of `set`, drawn without replacement by `seed` (all of it when
@@ -304,16 +296,13 @@ pub enum Parallelism {
 }
 
 impl Parallelism {
-    /// The choice for `model`. Measured on the 2-core machine with LeNet-300-100 on 10,000 MNIST
-    /// images the two are equal within noise (the GEMMs already use both cores), and for small
-    /// MLPs points win (their GEMMs are too small to split), so MLPs evaluate points in parallel.
-    /// ConvNets evaluate one point at a time: their ops parallelise well over the batch, and two
-    /// concurrent 1000-image evaluations would double the activation memory (~0.5 GB per conv
-    /// layer for ConvNet-3 on CIFAR-10).
+    /// The choice for `model`, which knows its own ([`Model::parallel_points`]): MLPs evaluate
+    /// points side by side, ConvNets one point at a time with parallel ops.
     pub fn auto(model: &Model) -> Parallelism {
-        match model.spec {
-            ModelSpec::Mlp { .. } | ModelSpec::Lenet300100 => Parallelism::Points,
-            ModelSpec::ConvNet { .. } => Parallelism::Ops,
+        if model.parallel_points() {
+            Parallelism::Points
+        } else {
+            Parallelism::Ops
         }
     }
 }

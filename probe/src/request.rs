@@ -26,7 +26,7 @@ use std::time::Instant;
 use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Dataset, ImageSet};
 use lmc_train::fit::Run;
-use lmc_train::model::{Model, ModelSpec};
+use lmc_train::model::Model;
 use lmc_train::params::Mask;
 use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
@@ -409,13 +409,10 @@ impl LandscapeRequest<'_> {
     }
 }
 
-/// Images per gradient call of a Hessian probe when `--chunk` is not given: large for MLPs (their
-/// activations are small), small for ConvNets (whose activations per image are large).
+/// Images per gradient call of a Hessian probe when `--chunk` is not given: the architecture's
+/// own choice ([`Model::probe_chunk`]).
 pub fn default_chunk(model: &Model) -> usize {
-    match model.spec {
-        ModelSpec::Mlp { .. } | ModelSpec::Lenet300100 => 2048,
-        ModelSpec::ConvNet { .. } => 128,
-    }
+    model.probe_chunk()
 }
 
 /// Another run's mask to split the per-layer Hessian mass by (`--mask-from`).

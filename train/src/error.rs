@@ -80,8 +80,4 @@ impl Error {
     pub fn interrupted(msg: impl Into<String>) -> Self {
         Error::Interrupted(msg.into())
     }
-    /// Transitional alias of [`Error::setting`], removed once every caller says which kind it means.
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        Error::Setting(msg.into())
-    }
 }

@@ -223,9 +223,9 @@ pub fn loss_and_grad(
     labels: &[u8],
     bufs: &mut GradBuffers,
 ) -> (f32, usize) {
-    if let Some(widths) = model.mlp_widths() {
+    if let Some(layers) = model.mlp_layers() {
         return crate::mlp::loss_and_grad(
-            &widths,
+            &layers,
             &params.data,
             x,
             labels,

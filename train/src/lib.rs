@@ -27,6 +27,7 @@
 
 pub mod artifact;
 pub mod bench;
+pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod fit;

@@ -14,7 +14,7 @@
 //! count): the forward and the backward through the activations run per group of
 //! [`MLP_GROUP`](crate::fit::MLP_GROUP) samples as parallel tasks, each one single-threaded
 //! product after another; then each layer's weight gradient `dW = dZ^T A` is one product over
-//! the whole batch, split into fixed output blocks ([`sgemm_split`]), with the layers' products
+//! the whole batch, split into fixed output blocks ([`Gemm::run_split`](crate::ops::gemm::Gemm::run_split)), with the layers' products
 //! running side by side.
 //!
 //! On mostly-background inputs (MNIST) the first layer's two products, ~85% of the step's
@@ -23,7 +23,8 @@
 use rayon::prelude::*;
 
 use crate::fit::MLP_GROUP;
-use crate::ops::gemm::{sgemm, sgemm_split, Layout, Par};
+use crate::model::DenseLayer;
+use crate::ops::gemm::{Gemm, Layout, Operand, Par};
 use crate::ops::softmax_xent_rows;
 use crate::sparse_input::SparseInput;
 
@@ -60,12 +61,11 @@ pub(crate) struct MlpBuffers {
     sparse: SparseInput,
 }
 
-/// Loss (mean cross-entropy) and number correct of an MLP with layer widths
-/// `widths = [input, hidden..., classes]` at `params` (PyTorch layout: per layer the weight
-/// (out x in), then the bias) on the `n` rows of `x`; writes the gradient to `grad` (same layout
-/// as `params`, every element overwritten).
+/// Loss (mean cross-entropy) and number correct of an MLP with `layers` (as the model's layout
+/// places each weight (out x in) and bias in `params`) on the `n` rows of `x`; writes the gradient
+/// to `grad` (same layout as `params`, every element overwritten).
 pub(crate) fn loss_and_grad(
-    widths: &[usize],
+    layers_at: &[DenseLayer],
     params: &[f32],
     x: &[f32],
     labels: &[u8],
@@ -74,7 +74,9 @@ pub(crate) fn loss_and_grad(
     first: FirstLayer,
 ) -> (f32, usize) {
     let n = labels.len();
-    let layers = widths.len() - 1;
+    let widths: Vec<usize> =
+        layers_at.iter().map(|l| l.inputs).chain(layers_at.last().map(|l| l.outputs)).collect();
+    let layers_n = layers_at.len();
     assert_eq!(
         x.len(),
         n * widths[0],
@@ -82,19 +84,25 @@ pub(crate) fn loss_and_grad(
         x.len(),
         widths[0]
     );
-    // Offsets of each layer's weight and bias in the flat vector: the model's `Layout` order
-    // (weight, then bias, per layer), checked against the parameter count below.
-    let mut offsets = Vec::with_capacity(layers);
+    // Phase 2 hands each layer its gradient as one slice (weight, then bias), so the layers must
+    // tile the vector in order; the MLP layout does.
     let mut at = 0;
-    for l in 0..layers {
-        let (inf, outf) = (widths[l], widths[l + 1]);
-        offsets.push((at, at + outf * inf));
-        at += outf * inf + outf;
+    for (l, layer) in layers_at.iter().enumerate() {
+        assert!(
+            layer.weight.start == at
+                && layer.weight.len() == layer.inputs * layer.outputs
+                && layer.bias.start == layer.weight.end
+                && layer.bias.len() == layer.outputs
+                && (l == 0 || layer.inputs == layers_at[l - 1].outputs),
+            "mlp: layer {l} does not follow the layout order"
+        );
+        at = layer.bias.end;
     }
     assert_eq!(at, params.len(), "mlp: {} parameters for widths {widths:?}", params.len());
     assert_eq!(grad.len(), params.len(), "mlp: gradient buffer of the wrong size");
-    let weight = |l: usize| &params[offsets[l].0..offsets[l].1];
-    let bias = |l: usize| &params[offsets[l].1..offsets[l].1 + widths[l + 1]];
+    let layers = layers_n;
+    let weight = |l: usize| &params[layers_at[l].weight.clone()];
+    let bias = |l: usize| &params[layers_at[l].bias.clone()];
 
     let sparse = first != FirstLayer::Dense && n > 0 && {
         let density = bufs.sparse.density(x, n, widths[0]);
@@ -150,19 +158,15 @@ pub(crate) fn loss_and_grad(
                     split.forward(r0..r1, outf, out);
                 } else {
                     // z (m x out) = a (m x in) W^T (in x out)
-                    sgemm(
+                    Gemm {
                         m,
-                        outf,
-                        inf,
-                        out,
-                        Layout::row_major(outf),
-                        false,
-                        input,
-                        Layout::row_major(inf),
-                        weight(l),
-                        Layout::transposed(inf),
-                        Par::Seq,
-                    );
+                        n: outf,
+                        k: inf,
+                        lhs: Operand::row_major(input, inf),
+                        rhs: Operand::transposed(weight(l), inf),
+                        accumulate: false,
+                    }
+                    .run(out, Layout::row_major(outf), Par::Seq);
                 }
                 let b = bias(l);
                 let hidden = l + 1 < layers;
@@ -183,19 +187,15 @@ pub(crate) fn loss_and_grad(
                 let upstream: &[f32] = if l == layers - 1 { &act[l][..] } else { &upper[0][..] };
                 let below = &mut lower[l - 1][..];
                 // dA (m x in) = dZ (m x out) W (out x in), then through the ReLU.
-                sgemm(
+                Gemm {
                     m,
-                    inf,
-                    outf,
-                    below,
-                    Layout::row_major(inf),
-                    false,
-                    upstream,
-                    Layout::row_major(outf),
-                    weight(l),
-                    Layout::row_major(inf),
-                    Par::Seq,
-                );
+                    n: inf,
+                    k: outf,
+                    lhs: Operand::row_major(upstream, outf),
+                    rhs: Operand::row_major(weight(l), inf),
+                    accumulate: false,
+                }
+                .run(below, Layout::row_major(inf), Par::Seq);
                 for (d, a) in below.iter_mut().zip(act[l - 1].iter()) {
                     // Gradient 0 where the ReLU output is 0 (PyTorch: 0 at 0); AND on the bits
                     // so it vectorises.
@@ -239,17 +239,15 @@ pub(crate) fn loss_and_grad(
         match split {
             Some(s) => s.weight_grad(upstream(l), db, outf, dw),
             // dW (out x in) = dZ^T (out x n) A (n x in)
-            None => sgemm_split(
-                outf,
-                inf,
-                n,
-                dw,
-                false,
-                upstream(l),
-                Layout::transposed(outf),
-                input,
-                Layout::row_major(inf),
-            ),
+            None => Gemm {
+                m: outf,
+                n: inf,
+                k: n,
+                lhs: Operand::transposed(upstream(l), outf),
+                rhs: Operand::row_major(input, inf),
+                accumulate: false,
+            }
+            .run_split(dw),
         }
     });
 

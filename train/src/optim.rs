@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::Build;
 use crate::params::Mask;
 use crate::{Error, Result};
 
@@ -37,32 +38,47 @@ impl Sgd {
         lr: f64,
         mask: &Mask,
     ) {
+        self.step_with(Build::selected(), params, grad, buf, first, lr, mask)
+    }
+
+    /// [`Sgd::step`] with the update compiled for `build` (tests compare the builds).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_with(
+        &self,
+        build: Build,
+        params: &mut [f32],
+        grad: &mut [f32],
+        buf: &mut [f32],
+        first: bool,
+        lr: f64,
+        mask: &Mask,
+    ) {
         let (mu, wd, lr) = (self.momentum as f32, self.weight_decay as f32, lr as f32);
         // Branch-free inner loops (the variant is a compile-time constant of `update`), so they
         // vectorise.
         let f: UpdateFn = match (mu != 0.0, first, self.nesterov) {
-            (false, _, _) => dispatch::<false, false, false>,
-            (true, true, false) => dispatch::<true, true, false>,
-            (true, false, false) => dispatch::<true, false, false>,
-            (true, true, true) => dispatch::<true, true, true>,
-            (true, false, true) => dispatch::<true, false, true>,
+            (false, _, _) => chunk::<false, false, false>,
+            (true, true, false) => chunk::<true, true, false>,
+            (true, false, false) => chunk::<true, false, false>,
+            (true, true, true) => chunk::<true, true, true>,
+            (true, false, true) => chunk::<true, false, true>,
         };
         params
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks_mut(CHUNK))
             .zip(buf.par_chunks_mut(CHUNK))
             .zip(mask.keep.par_chunks(CHUNK))
-            .for_each(|(((p, g), b), keep)| f(p, g, b, keep, mu, wd, lr));
+            .for_each(|(((p, g), b), keep)| f(build, p, g, b, keep, mu, wd, lr));
     }
 }
 
 /// The signature of one chunk's update.
-type UpdateFn = fn(&mut [f32], &[f32], &mut [f32], &[bool], f32, f32, f32);
+type UpdateFn = fn(Build, &mut [f32], &[f32], &mut [f32], &[bool], f32, f32, f32);
 
-/// [`update`] compiled for AVX2 when the CPU has it (8-wide instead of the baseline's 4-wide
-/// SSE), else the baseline build. The same IEEE operations run either way (Rust never fuses a
-/// multiply and an add on its own), so the results are identical bit for bit.
-fn dispatch<const MOM: bool, const FIRST: bool, const NEST: bool>(
+/// [`update`] compiled for `build` (8-wide instead of the baseline's 4-wide SSE for AVX2).
+#[allow(clippy::too_many_arguments)]
+fn chunk<const MOM: bool, const FIRST: bool, const NEST: bool>(
+    build: Build,
     p: &mut [f32],
     g: &[f32],
     b: &mut [f32],
@@ -71,26 +87,10 @@ fn dispatch<const MOM: bool, const FIRST: bool, const NEST: bool>(
     wd: f32,
     lr: f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<const MOM: bool, const FIRST: bool, const NEST: bool>(
-            p: &mut [f32],
-            g: &[f32],
-            b: &mut [f32],
-            keep: &[bool],
-            mu: f32,
-            wd: f32,
-            lr: f32,
-        ) {
-            update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr)
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { avx2::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr) };
-        }
-    }
-    update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr)
+    build.run(
+        #[inline(always)]
+        || update::<MOM, FIRST, NEST>(p, g, b, keep, mu, wd, lr),
+    )
 }
 
 /// The update of one chunk; `MOM`, `FIRST`, `NEST` select PyTorch's branches.
@@ -138,7 +138,7 @@ impl Schedule {
     /// Parses `constant` or `multistep:F1,F2,...` with the given gamma.
     pub fn parse(s: &str, gamma: f64) -> Result<Schedule> {
         let bad = |why: &str| {
-            Error::invalid(format!("--schedule '{s}': {why} (expected constant or multistep:F1,F2,... with fractions of training in (0,1))"))
+            Error::setting(format!("--schedule '{s}': {why} (expected constant or multistep:F1,F2,... with fractions of training in (0,1))"))
         };
         match s.split_once(':') {
             None if s == "constant" => Ok(Schedule::Constant),
@@ -154,7 +154,7 @@ impl Schedule {
                     return Err(bad("milestones must be ascending"));
                 }
                 if !(gamma > 0.0 && gamma.is_finite()) {
-                    return Err(Error::invalid(format!("--gamma {gamma}: must be positive")));
+                    return Err(Error::setting(format!("--gamma {gamma}: must be positive")));
                 }
                 Ok(Schedule::MultiStep { milestones, gamma })
             }
@@ -213,34 +213,6 @@ mod tests {
         let mut p = vec![1.0f32];
         nag.step(&mut p, &mut vec![0.5], &mut [0.0], true, 0.1, &Mask { keep: vec![true] });
         assert!((p[0] - 0.886).abs() < 1e-6);
-    }
-
-    #[test]
-    fn the_avx2_build_of_the_update_gives_the_baseline_bits() {
-        // On a CPU with AVX2, `dispatch` runs the 8-wide build; it must agree with the baseline
-        // build bit for bit, for every branch (on a CPU without AVX2 both are the baseline).
-        let n = 1000;
-        let vals = |k: u32| -> Vec<f32> {
-            (0..n as u32).map(|i| ((i * 7919 + k * 104729) % 2001) as f32 / 1000.0 - 1.0).collect()
-        };
-        let keep: Vec<bool> = (0..n).map(|i| i % 5 != 0).collect();
-        let fs: [(UpdateFn, UpdateFn); 5] = [
-            (dispatch::<false, false, false>, update::<false, false, false>),
-            (dispatch::<true, true, false>, update::<true, true, false>),
-            (dispatch::<true, false, false>, update::<true, false, false>),
-            (dispatch::<true, true, true>, update::<true, true, true>),
-            (dispatch::<true, false, true>, update::<true, false, true>),
-        ];
-        for (fast, base) in fs {
-            let run = |f: UpdateFn| {
-                let (mut p, g, mut b) = (vals(1), vals(2), vals(3));
-                f(&mut p, &g, &mut b, &keep, 0.9, 5e-4, 0.1);
-                (p, b)
-            };
-            let (a, b) = (run(fast), run(base));
-            assert!(a.0.iter().zip(&b.0).all(|(x, y)| x.to_bits() == y.to_bits()));
-            assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()));
-        }
     }
 
     #[test]

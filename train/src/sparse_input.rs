@@ -24,39 +24,20 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::{run_kernel, Build};
+
 /// Outputs per register block of the forward product: 8 AVX vectors.
 const FWD_BLOCK: usize = 64;
 
 /// Outputs per register block (and per parallel task) of the weight gradient: 4 AVX vectors.
 const GRAD_BLOCK: usize = 32;
 
-/// Runs the `#[inline(always)]` kernel `$kernel` compiled with AVX2 when the CPU has it, else as
-/// built (baseline x86-64); the same IEEE operations in the same order either way (see
-/// [`crate::ops::avx2`], which this does for kernels too large to be inlined into a closure).
-macro_rules! with_avx2 {
-    ($kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn fast($($arg: $ty),*) {
-                $kernel($($arg),*)
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
-                unsafe { fast($($arg),*) }
-            } else {
-                $kernel($($arg),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        $kernel($($arg),*)
-    }};
-}
-
 /// A batch split into background and sparse part, and the block-major `W^T` it multiplies.
 /// Buffers are kept between steps.
 #[derive(Default)]
 pub(crate) struct SparseInput {
+    /// The build its kernels run (the process's unless a test picks one).
+    pub(crate) build: Build,
     /// Input width.
     inf: usize,
     /// Background value of each input column.
@@ -90,24 +71,31 @@ impl SparseInput {
         self.inf = inf;
         self.z.clear();
         self.z.extend_from_slice(&x[..inf]);
+        let build = self.build;
         let z = &mut self.z;
-        crate::ops::avx2(|| {
-            for r in x.chunks_exact(inf).skip(1) {
-                for (z, v) in z.iter_mut().zip(r) {
-                    // `min` ignores NaN (unless the whole column is NaN).
-                    *z = z.min(*v);
+        build.run(
+            #[inline(always)]
+            || {
+                for r in x.chunks_exact(inf).skip(1) {
+                    for (z, v) in z.iter_mut().zip(r) {
+                        // `min` ignores NaN (unless the whole column is NaN).
+                        *z = z.min(*v);
+                    }
                 }
-            }
-        });
+            },
+        );
         if !self.z.iter().all(|z| z.is_finite()) {
             return f32::INFINITY;
         }
         let z = &self.z;
-        let nnz: usize = crate::ops::avx2(|| {
-            x.chunks_exact(inf)
-                .map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count())
-                .sum()
-        });
+        let nnz: usize = build.run(
+            #[inline(always)]
+            || {
+                x.chunks_exact(inf)
+                    .map(|r| r.iter().zip(z).filter(|(v, zp)| *v - *zp != 0.0).count())
+                    .sum()
+            },
+        );
         nnz as f32 / (n * inf).max(1) as f32
     }
 
@@ -176,17 +164,17 @@ impl SparseInput {
         let blocks = outf.div_ceil(FWD_BLOCK);
         self.wt.resize(blocks * inf * FWD_BLOCK, 0.0);
         self.wz.resize(blocks * FWD_BLOCK, 0.0);
-        let z = &self.z;
+        let (z, build) = (&self.z, self.build);
         self.wt.par_chunks_mut(inf * FWD_BLOCK).zip(self.wz.par_chunks_mut(FWD_BLOCK)).enumerate().for_each(|(b, (wt, wz))| {
             let rows = &w[b * FWD_BLOCK * inf..((b + 1) * FWD_BLOCK).min(outf) * inf];
-            with_avx2!(transpose_block(rows: &[f32], inf: usize, wt: &mut [f32], z: &[f32], wz: &mut [f32]));
+            run_kernel!(build, transpose_block(build: Build, rows: &[f32], inf: usize, wt: &mut [f32], z: &[f32], wz: &mut [f32]));
         });
     }
 
     /// Rows `rows` of `X W^T` (without bias) into `out` (rows.len() x outf).
     pub(crate) fn forward(&self, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]) {
         let this = self;
-        with_avx2!(forward_rows(this: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]));
+        run_kernel!(self.build, forward_rows(this: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out: &mut [f32]));
     }
 
     /// The weight gradient `dW = dZ^T X` (out x in, row-major) into `dw`, given `dz` (n x outf)
@@ -207,7 +195,7 @@ impl SparseInput {
             .enumerate()
             .for_each(|(b, ((gt, dzb), dw))| {
                 let c0 = b * GRAD_BLOCK;
-                with_avx2!(grad_block(this: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]));
+                run_kernel!(this.build, grad_block(this: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]));
             });
         self.gt = gt;
         self.dzb = dzb;
@@ -217,9 +205,16 @@ impl SparseInput {
 /// Block `wt` (`inf x FWD_BLOCK`) of `W^T` from the weight rows `rows` (at most `FWD_BLOCK` of
 /// them, `inf` wide; missing ones are zeros), and that block of `W z`.
 #[inline(always)]
-fn transpose_block(rows: &[f32], inf: usize, wt: &mut [f32], z: &[f32], wz: &mut [f32]) {
+fn transpose_block(
+    build: Build,
+    rows: &[f32],
+    inf: usize,
+    wt: &mut [f32],
+    z: &[f32],
+    wz: &mut [f32],
+) {
     let w = rows.len() / inf;
-    transpose(rows, inf, wt, FWD_BLOCK, w, inf);
+    transpose(build, rows, inf, wt, FWD_BLOCK, w, inf);
     for r in wt.chunks_exact_mut(FWD_BLOCK) {
         r[w..].fill(0.0);
     }
@@ -287,13 +282,21 @@ fn grad_block(
         }
         out.copy_from_slice(&acc);
     }
-    transpose(gt, GRAD_BLOCK, dw, inf, inf, w);
+    transpose(s.build, gt, GRAD_BLOCK, dw, inf, inf, w);
 }
 
 /// `dst[c * ds + r] = src[r * ss + c]` for `r < rows`, `c < cols`: 8 x 8 tiles in AVX registers
-/// where the CPU has AVX (a strided scalar copy was ~40% of the sparse path's time), the edges
+/// in the AVX2 build (a strided scalar copy was ~40% of the sparse path's time), the edges
 /// element by element. A plain copy, so the result is the same either way.
-fn transpose(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, rows: usize, cols: usize) {
+fn transpose(
+    build: Build,
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
     if rows == 0 || cols == 0 {
         return;
     }
@@ -305,7 +308,7 @@ fn transpose(src: &[f32], ss: usize, dst: &mut [f32], ds: usize, rows: usize, co
     let (r8, c8) = (rows - rows % 8, cols - cols % 8);
     let mut tiled = false;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
+    if build == Build::Avx2 && std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: AVX is present; the tiles lie within the bounds asserted above.
         unsafe { transpose_tiles_avx(src.as_ptr(), ss, dst.as_mut_ptr(), ds, r8, c8) };
         tiled = true;
@@ -382,7 +385,9 @@ mod tests {
         {
             let src: Vec<f32> = (0..(rows - 1) * ss + cols).map(|i| i as f32).collect();
             let mut dst = vec![-1.0f32; (cols - 1) * ds + rows];
-            transpose(&src, ss, &mut dst, ds, rows, cols);
+            for build in [Build::Baseline, Build::selected()] {
+                transpose(build, &src, ss, &mut dst, ds, rows, cols);
+            }
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(dst[c * ds + r], src[r * ss + c], "{rows}x{cols}: ({r}, {c})");

@@ -12,7 +12,8 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::norm::{add_channel_totals, normalize_plane, plane_backward};
-use super::{avx2, read, ELEM_CHUNK, T1, T4};
+use super::{read, ELEM_CHUNK, T1, T4};
+use crate::cpu::Build;
 
 /// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
 #[inline(always)]
@@ -28,6 +29,18 @@ fn relu1(z: f32) -> f32 {
 /// `avg_pool2d(relu(x), k)` for `None`, as one op (see the module docs). Same shapes, rounding
 /// and panics as the separate ops; results are bit-identical to them and to any thread count.
 pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
+    x: T4<Tp>,
+    norm: Option<(&T1, &T1)>,
+    eps: f32,
+    k: usize,
+) -> T4<Tp> {
+    norm_relu_pool_with(Build::selected(), x, norm, eps, k)
+}
+
+/// [`norm_relu_pool`] with its plane loops (forward and backward) compiled for `build`, so tests
+/// can compare the builds.
+pub(crate) fn norm_relu_pool_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
     x: T4<Tp>,
     norm: Option<(&T1, &T1)>,
     eps: f32,
@@ -76,41 +89,44 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
         .enumerate()
         .with_min_len(min_planes)
         .for_each(|(pi, ((xp, yp), rs))| {
-            avx2(|| {
-                if has_norm {
-                    *rs = normalize_plane(xp, eps);
-                }
-                let z = pre(&gv, &bv, pi % c);
-                for oy in 0..ho {
-                    let yr = &mut yp[oy * wo..(oy + 1) * wo];
-                    if k == 2 {
-                        // As `avg_pool2d`'s vectorised case.
-                        let r0 = &xp[2 * oy * w..2 * oy * w + 2 * wo];
-                        let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
-                        for ((yv, a), b) in
-                            yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2))
-                        {
-                            *yv = ((relu1(z(a[0])) + relu1(z(a[1])))
-                                + (relu1(z(b[0])) + relu1(z(b[1]))))
-                                * 0.25;
-                        }
-                        continue;
+            build.run(
+                #[inline(always)]
+                || {
+                    if has_norm {
+                        *rs = normalize_plane(xp, eps);
                     }
-                    for ky in 0..k {
-                        let xr = &xp[(oy * k + ky) * w..(oy * k + ky) * w + wo * k];
-                        for (yv, win) in yr.iter_mut().zip(xr.chunks_exact(k)) {
-                            let mut s = 0.0f32;
-                            for v in win {
-                                s += relu1(z(*v));
+                    let z = pre(&gv, &bv, pi % c);
+                    for oy in 0..ho {
+                        let yr = &mut yp[oy * wo..(oy + 1) * wo];
+                        if k == 2 {
+                            // As `avg_pool2d`'s vectorised case.
+                            let r0 = &xp[2 * oy * w..2 * oy * w + 2 * wo];
+                            let r1 = &xp[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
+                            for ((yv, a), b) in
+                                yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2))
+                            {
+                                *yv = ((relu1(z(a[0])) + relu1(z(a[1])))
+                                    + (relu1(z(b[0])) + relu1(z(b[1]))))
+                                    * 0.25;
                             }
-                            *yv += s;
+                            continue;
+                        }
+                        for ky in 0..k {
+                            let xr = &xp[(oy * k + ky) * w..(oy * k + ky) * w + wo * k];
+                            for (yv, win) in yr.iter_mut().zip(xr.chunks_exact(k)) {
+                                let mut s = 0.0f32;
+                                for v in win {
+                                    s += relu1(z(*v));
+                                }
+                                *yv += s;
+                            }
+                        }
+                        for yv in yr.iter_mut() {
+                            *yv /= inv;
                         }
                     }
-                    for yv in yr.iter_mut() {
-                        *yv /= inv;
-                    }
-                }
-            })
+                },
+            )
         });
     let out = x.device().tensor_from_vec(y, (n, c, ho, wo));
 
@@ -132,36 +148,43 @@ pub fn norm_relu_pool<Tp: Tape<f32, Cpu>>(
                     .for_each_init(
                         || vec![0.0f32; m],
                         |gz, (pi, (((dxp, dyp), xp), s))| {
-                            avx2(|| {
-                                let ch = pi % c;
-                                let z = pre(&gv, &bv, ch);
-                                // Pool backward into a zeroed plane (uncovered rows/columns stay 0),
-                                // then the ReLU mask: as the separate ops accumulate them.
-                                gz.fill(0.0);
-                                for oy in 0..ho {
-                                    let dyr = &dyp[oy * wo..(oy + 1) * wo];
-                                    for ky in 0..k {
-                                        let row = (oy * k + ky) * w;
-                                        let (gr, xr) =
-                                            (&mut gz[row..row + wo * k], &xp[row..row + wo * k]);
-                                        for ((win, xw), g) in
-                                            gr.chunks_exact_mut(k).zip(xr.chunks_exact(k)).zip(dyr)
-                                        {
-                                            let g = if k == 2 { g * 0.25 } else { g / inv };
-                                            for (d, v) in win.iter_mut().zip(xw) {
-                                                *d += if z(*v) > 0.0 { 0.0 + g } else { 0.0 };
+                            build.run(
+                                #[inline(always)]
+                                || {
+                                    let ch = pi % c;
+                                    let z = pre(&gv, &bv, ch);
+                                    // Pool backward into a zeroed plane (uncovered rows/columns stay 0),
+                                    // then the ReLU mask: as the separate ops accumulate them.
+                                    gz.fill(0.0);
+                                    for oy in 0..ho {
+                                        let dyr = &dyp[oy * wo..(oy + 1) * wo];
+                                        for ky in 0..k {
+                                            let row = (oy * k + ky) * w;
+                                            let (gr, xr) = (
+                                                &mut gz[row..row + wo * k],
+                                                &xp[row..row + wo * k],
+                                            );
+                                            for ((win, xw), g) in gr
+                                                .chunks_exact_mut(k)
+                                                .zip(xr.chunks_exact(k))
+                                                .zip(dyr)
+                                            {
+                                                let g = if k == 2 { g * 0.25 } else { g / inv };
+                                                for (d, v) in win.iter_mut().zip(xw) {
+                                                    *d += if z(*v) > 0.0 { 0.0 + g } else { 0.0 };
+                                                }
                                             }
                                         }
                                     }
-                                }
-                                if !has_norm {
-                                    for (d, g) in dxp.iter_mut().zip(gz.iter()) {
-                                        *d += g;
+                                    if !has_norm {
+                                        for (d, g) in dxp.iter_mut().zip(gz.iter()) {
+                                            *d += g;
+                                        }
+                                        return;
                                     }
-                                    return;
-                                }
-                                *s = plane_backward(gz, xp, gv[ch], rstd[pi], dxp);
-                            })
+                                    *s = plane_backward(gz, xp, gv[ch], rstd[pi], dxp);
+                                },
+                            )
                         },
                     );
             }

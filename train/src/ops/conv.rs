@@ -3,8 +3,9 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Layout, Par};
-use super::{avx2, read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+use super::gemm::{Gemm, Layout, Operand, Par};
+use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
+use crate::cpu::Build;
 
 /// The hyper-parameters of [`conv2d`] (stride is always 1, padding is zeros).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +127,19 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     cfg: Conv2dCfg,
     input_grad: bool,
 ) -> T4<Tp> {
+    conv2d_with(Build::selected(), x, w, b, cfg, input_grad)
+}
+
+/// [`conv2d`] with its per-sample loops (im2col, col2im, bias and gradient sums) compiled for
+/// `build` in forward and backward, so tests can compare the builds.
+pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
+    x: T4<Tp>,
+    w: &T1,
+    b: Option<&T1>,
+    cfg: Conv2dCfg,
+    input_grad: bool,
+) -> T4<Tp> {
     let x = x.contiguous();
     let (n, cin, h, wd) = *x.shape();
     let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
@@ -159,27 +173,38 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     // is 51 MB for ConvNet-3 at batch 128 on MNIST).
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let forward = |ni: usize, yn: &mut [std::mem::MaybeUninit<f32>], col: &mut [f32], par: Par| {
-        avx2(|| {
-            for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
-                let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
-                for e in row {
-                    e.write(v);
+        build.run(
+            #[inline(always)]
+            || {
+                for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
+                    let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
+                    for e in row {
+                        e.write(v);
+                    }
                 }
-            }
-            // SAFETY: every element of `yn` was initialised just above, and f32 has the layout
-            // of MaybeUninit<f32>.
-            let yn: &mut [f32] =
-                unsafe { std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len()) };
-            let xn = &xv[ni * xs..(ni + 1) * xs];
-            let cm: &[f32] = if g.direct() {
-                xn
-            } else {
-                im2col(&g, xn, col);
-                col
-            };
-            let pl = Layout::row_major(pd);
-            sgemm(cout, pd, kd, yn, pl, true, &wv, Layout::row_major(kd), cm, pl, par);
-        })
+                // SAFETY: every element of `yn` was initialised just above, and f32 has the layout
+                // of MaybeUninit<f32>.
+                let yn: &mut [f32] = unsafe {
+                    std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len())
+                };
+                let xn = &xv[ni * xs..(ni + 1) * xs];
+                let cm: &[f32] = if g.direct() {
+                    xn
+                } else {
+                    im2col(&g, xn, col);
+                    col
+                };
+                Gemm {
+                    m: cout,
+                    n: pd,
+                    k: kd,
+                    lhs: Operand::row_major(&wv, kd),
+                    rhs: Operand::row_major(cm, pd),
+                    accumulate: true,
+                }
+                .run(yn, Layout::row_major(pd), par);
+            },
+        )
     };
     let spare = &mut y.spare_capacity_mut()[..n * ys];
     if tasks_in_parallel(n) {
@@ -208,66 +233,65 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
             // when `dx` is given, adds the input gradient of its samples into it.
             let dcol_len = if input_grad { col_len } else { 0 };
             let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
-                avx2(|| {
-                    let (col, dcol) = buf.split_at_mut(col_len);
-                    let s0 = c * BATCH_CHUNK;
-                    let s1 = (s0 + BATCH_CHUNK).min(n);
-                    let mut dw = vec![0.0f32; cout * kd];
-                    let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
-                    let mut dx = dx;
-                    for ni in s0..s1 {
-                        let dyn_ = &dy[ni * ys..(ni + 1) * ys];
-                        let xn = &xv[ni * xs..(ni + 1) * xs];
-                        let cm: &[f32] = if g.direct() {
-                            xn
-                        } else {
-                            im2col(&g, xn, col);
-                            col
-                        };
-                        // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
-                        sgemm(
-                            cout,
-                            kd,
-                            pd,
-                            &mut dw,
-                            Layout::row_major(kd),
-                            ni > s0,
-                            dyn_,
-                            Layout::row_major(pd),
-                            cm,
-                            Layout::transposed(pd),
-                            par,
-                        );
-                        if has_bias {
-                            for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
-                                *d += sum_f32(row);
+                build.run(
+                    #[inline(always)]
+                    || {
+                        let (col, dcol) = buf.split_at_mut(col_len);
+                        let s0 = c * BATCH_CHUNK;
+                        let s1 = (s0 + BATCH_CHUNK).min(n);
+                        let mut dw = vec![0.0f32; cout * kd];
+                        let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
+                        let mut dx = dx;
+                        for ni in s0..s1 {
+                            let dyn_ = &dy[ni * ys..(ni + 1) * ys];
+                            let xn = &xv[ni * xs..(ni + 1) * xs];
+                            let cm: &[f32] = if g.direct() {
+                                xn
+                            } else {
+                                im2col(&g, xn, col);
+                                col
+                            };
+                            // dW (cout x kd) += dy_n (cout x pd) * col_n^T (pd x kd)
+                            Gemm {
+                                m: cout,
+                                n: kd,
+                                k: pd,
+                                lhs: Operand::row_major(dyn_, pd),
+                                rhs: Operand::transposed(cm, pd),
+                                accumulate: ni > s0,
+                            }
+                            .run(&mut dw, Layout::row_major(kd), par);
+                            if has_bias {
+                                for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
+                                    *d += sum_f32(row);
+                                }
+                            }
+                            if let Some(dx) = dx.as_deref_mut() {
+                                let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
+                                // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
+                                let (dst, acc): (&mut [f32], bool) =
+                                    if g.direct() { (dxn, true) } else { (dcol, false) };
+                                Gemm {
+                                    m: kd,
+                                    n: pd,
+                                    k: cout,
+                                    lhs: Operand::transposed(&wv, kd),
+                                    rhs: Operand::row_major(dyn_, pd),
+                                    accumulate: acc,
+                                }
+                                .run(
+                                    dst,
+                                    Layout::row_major(pd),
+                                    par,
+                                );
+                                if !g.direct() {
+                                    col2im_add(&g, dcol, dxn);
+                                }
                             }
                         }
-                        if let Some(dx) = dx.as_deref_mut() {
-                            let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
-                            // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
-                            let (dst, acc): (&mut [f32], bool) =
-                                if g.direct() { (dxn, true) } else { (dcol, false) };
-                            sgemm(
-                                kd,
-                                pd,
-                                cout,
-                                dst,
-                                Layout::row_major(pd),
-                                acc,
-                                &wv,
-                                Layout::transposed(kd),
-                                dyn_,
-                                Layout::row_major(pd),
-                                par,
-                            );
-                            if !g.direct() {
-                                col2im_add(&g, dcol, dxn);
-                            }
-                        }
-                    }
-                    (dw, db)
-                })
+                        (dw, db)
+                    },
+                )
             };
             let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
                 with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))

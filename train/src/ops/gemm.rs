@@ -60,56 +60,84 @@ impl Par {
     }
 }
 
-/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`; `accumulate` adds to `dst` instead of
-/// overwriting it. Panics if a matrix does not fit its slice or `dst` overlaps an input (the
-/// borrow checker already rules that out).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dl: Layout,
-    accumulate: bool,
-    lhs: &[f32],
-    ll: Layout,
-    rhs: &[f32],
-    rl: Layout,
-    par: Par,
-) {
-    if m == 0 || n == 0 {
-        return;
+/// A matrix operand of a product: its elements and where each sits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand<'a> {
+    /// The slice the matrix lives in.
+    pub data: &'a [f32],
+    /// Where element (r, c) is.
+    pub layout: Layout,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        Operand { data, layout: Layout::row_major(cols) }
     }
-    dl.check(m, n, dst.len(), "dst");
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                for c in 0..n {
-                    dst[r * dl.rs + c * dl.cs] = 0.0;
+    /// The transpose of the row-major matrix with `cols` columns in `data`.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Operand { data, layout: Layout::transposed(cols) }
+    }
+}
+
+/// The product `lhs (m x k) * rhs (k x n)`, written into an `m x n` destination by
+/// [`Gemm::run`] or [`Gemm::run_split`]: added to it when `accumulate`, else overwriting it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gemm<'a> {
+    /// Rows of the result and of `lhs`.
+    pub m: usize,
+    /// Columns of the result and of `rhs`.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// The left factor (m x k).
+    pub lhs: Operand<'a>,
+    /// The right factor (k x n).
+    pub rhs: Operand<'a>,
+    /// Add to the destination instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Gemm<'_> {
+    /// `dst (m x n, laid out as dl) = [dst +] lhs * rhs`, threaded as `par` says. Panics if a
+    /// matrix does not fit its slice (`dst` cannot overlap an input: the borrow checker rules
+    /// that out).
+    pub fn run(&self, dst: &mut [f32], dl: Layout, par: Par) {
+        let Gemm { m, n, k, lhs, rhs, accumulate } = *self;
+        if m == 0 || n == 0 {
+            return;
+        }
+        dl.check(m, n, dst.len(), "dst");
+        if k == 0 {
+            if !accumulate {
+                for r in 0..m {
+                    for c in 0..n {
+                        dst[r * dl.rs + c * dl.cs] = 0.0;
+                    }
                 }
             }
+            return;
         }
-        return;
-    }
-    ll.check(m, k, lhs.len(), "lhs");
-    rl.check(k, n, rhs.len(), "rhs");
-    // SAFETY: every element gemm touches lies inside its slice (checked above); `dst` is a
-    // unique borrow, so it cannot alias `lhs` or `rhs`; strides are non-negative and fit isize
-    // because the slices exist.
-    unsafe {
-        raw(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dl,
-            accumulate,
-            lhs.as_ptr(),
-            ll,
-            rhs.as_ptr(),
-            rl,
-            par.to_gemm(),
-        )
+        lhs.layout.check(m, k, lhs.data.len(), "lhs");
+        rhs.layout.check(k, n, rhs.data.len(), "rhs");
+        // SAFETY: every element gemm touches lies inside its slice (checked above); `dst` is a
+        // unique borrow, so it cannot alias `lhs` or `rhs`; strides are non-negative and fit
+        // isize because the slices exist.
+        unsafe {
+            raw(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dl,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.layout,
+                rhs.data.as_ptr(),
+                rhs.layout,
+                par.to_gemm(),
+            )
+        }
     }
 }
 
@@ -155,14 +183,14 @@ unsafe fn raw(
     )
 }
 
-/// Multiply-accumulates per task in [`sgemm_split`] (at most; the task count is the smallest
+/// Multiply-accumulates per task in [`Gemm::run_split`] (at most; the task count is the smallest
 /// power of two that gets there, capped at 64).
 const TASK_MACS: usize = 16 << 20;
 
 /// A raw output pointer that rayon tasks may share: each task writes a disjoint block.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: only used by `sgemm_split`, whose tasks write disjoint row or column blocks.
+// SAFETY: only used by `Gemm::run_split`, whose tasks write disjoint row or column blocks.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -174,60 +202,58 @@ impl SendPtr {
     }
 }
 
-/// [`sgemm`] for a dense row-major `dst` (`m x n`), split into blocks of rows (when `m >= n`)
-/// or columns that run as rayon tasks, each a single-threaded `gemm` call. The split follows
-/// the larger output dimension so the operand every task re-packs is the smaller one.
-///
-/// Why not `gemm`'s own threading: for the small products of an MLP (LeNet-300-100 at batch
-/// 128: M = 128, N <= 784, K <= 784) its per-call thread hand-off costs more than it saves; a
-/// whole LeNet step on one thread with sequential gemm calls was faster (47k images/s) than on
-/// two with `gemm`'s threading (41k). The blocks depend only on the shape, so results are
-/// bit-identical for any thread count.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm_split(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    ll: Layout,
-    rhs: &[f32],
-    rl: Layout,
-) {
-    use rayon::prelude::*;
-    let dl = Layout::row_major(n);
-    let macs = m * n * k;
-    let mut tasks = 1usize;
-    while macs / tasks > TASK_MACS && tasks < 64 {
-        tasks *= 2;
-    }
-    let rows = m >= n;
-    let len = if rows { m } else { n };
-    let block = len.div_ceil(tasks).max(1);
-    let tasks = len.div_ceil(block);
-    if tasks <= 1 || k == 0 {
-        return sgemm(m, n, k, dst, dl, accumulate, lhs, ll, rhs, rl, Par::Seq);
-    }
-    dl.check(m, n, dst.len(), "dst");
-    ll.check(m, k, lhs.len(), "lhs");
-    rl.check(k, n, rhs.len(), "rhs");
-    let out = SendPtr(dst.as_mut_ptr());
-    (0..tasks).into_par_iter().for_each(|t| {
-        let s0 = t * block;
-        let s1 = (s0 + block).min(len);
-        let (bm, bn, d_off, l_off, r_off) = if rows {
-            (s1 - s0, n, s0 * n, s0 * ll.rs, 0)
-        } else {
-            (m, s1 - s0, s0, 0, s0 * rl.cs)
-        };
-        // SAFETY: the block lies inside `dst`, `lhs` and `rhs` (their full extents were checked
-        // above); blocks of different tasks are disjoint rows or columns of `dst`, so no two
-        // tasks write the same element, and `dst` is exclusively borrowed for the whole call.
-        unsafe {
-            let (d, l, r) =
-                (out.get().add(d_off), lhs.as_ptr().add(l_off), rhs.as_ptr().add(r_off));
-            raw(bm, bn, k, d, dl, accumulate, l, ll, r, rl, gemm::Parallelism::None)
+impl Gemm<'_> {
+    /// [`Gemm::run`] for a dense row-major `dst` (`m x n`), split into blocks of rows (when
+    /// `m >= n`) or columns that run as rayon tasks, each a single-threaded `gemm` call. The
+    /// split follows the larger output dimension so the operand every task re-packs is the
+    /// smaller one.
+    ///
+    /// Why not `gemm`'s own threading: for the small products of an MLP (LeNet-300-100 at batch
+    /// 128: M = 128, N <= 784, K <= 784) its per-call thread hand-off costs more than it saves; a
+    /// whole LeNet step on one thread with sequential gemm calls was faster (47k images/s) than
+    /// on two with `gemm`'s threading (41k). The blocks depend only on the shape, so results are
+    /// bit-identical for any thread count.
+    pub fn run_split(&self, dst: &mut [f32]) {
+        use rayon::prelude::*;
+        let Gemm { m, n, k, lhs, rhs, accumulate } = *self;
+        let (ll, rl) = (lhs.layout, rhs.layout);
+        let dl = Layout::row_major(n);
+        let macs = m * n * k;
+        let mut tasks = 1usize;
+        while macs / tasks > TASK_MACS && tasks < 64 {
+            tasks *= 2;
         }
-    });
+        let rows = m >= n;
+        let len = if rows { m } else { n };
+        let block = len.div_ceil(tasks).max(1);
+        let tasks = len.div_ceil(block);
+        if tasks <= 1 || k == 0 {
+            return self.run(dst, dl, Par::Seq);
+        }
+        dl.check(m, n, dst.len(), "dst");
+        ll.check(m, k, lhs.data.len(), "lhs");
+        rl.check(k, n, rhs.data.len(), "rhs");
+        let out = SendPtr(dst.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|t| {
+            let s0 = t * block;
+            let s1 = (s0 + block).min(len);
+            let (bm, bn, d_off, l_off, r_off) = if rows {
+                (s1 - s0, n, s0 * n, s0 * ll.rs, 0)
+            } else {
+                (m, s1 - s0, s0, 0, s0 * rl.cs)
+            };
+            // SAFETY: the block lies inside `dst`, `lhs` and `rhs` (their full extents were
+            // checked above); blocks of different tasks are disjoint rows or columns of `dst`, so
+            // no two tasks write the same element, and `dst` is exclusively borrowed for the
+            // whole call.
+            unsafe {
+                let (d, l, r) = (
+                    out.get().add(d_off),
+                    lhs.data.as_ptr().add(l_off),
+                    rhs.data.as_ptr().add(r_off),
+                );
+                raw(bm, bn, k, d, dl, accumulate, l, ll, r, rl, gemm::Parallelism::None)
+            }
+        });
+    }
 }

@@ -2,7 +2,7 @@
 
 use dfdx::prelude::*;
 
-use super::gemm::{sgemm_split, Layout};
+use super::gemm::{Gemm, Operand};
 use super::{read, T1, T2};
 
 /// `y = x W^T + b` for `x` (N, in), `w` (out, in) row-major like PyTorch's `nn.Linear`, `b` (out).
@@ -38,17 +38,15 @@ pub fn linear<Tp: Tape<f32, Cpu>>(
         row.copy_from_slice(&bv);
     }
     // y (n x out) += x (n x in) * W^T (in x out)
-    sgemm_split(
-        n,
-        outf,
-        inf,
-        &mut y,
-        true,
-        &xv,
-        Layout::row_major(inf),
-        &wv,
-        Layout::transposed(inf),
-    );
+    Gemm {
+        m: n,
+        n: outf,
+        k: inf,
+        lhs: Operand::row_major(&xv, inf),
+        rhs: Operand::transposed(&wv, inf),
+        accumulate: true,
+    }
+    .run_split(&mut y);
     let out = x.device().tensor_from_vec(y, (n, outf));
 
     if Tp::OWNS_TAPE {
@@ -63,14 +61,28 @@ pub fn linear<Tp: Tape<f32, Cpu>>(
                 || {
                     if input_grad {
                         // dx (n x in) += dy (n x out) * W (out x in)
-                        let (l, r) = (Layout::row_major(outf), Layout::row_major(inf));
-                        sgemm_split(n, inf, outf, &mut dx, true, &dy, l, &wv, r);
+                        Gemm {
+                            m: n,
+                            n: inf,
+                            k: outf,
+                            lhs: Operand::row_major(&dy, outf),
+                            rhs: Operand::row_major(&wv, inf),
+                            accumulate: true,
+                        }
+                        .run_split(&mut dx);
                     }
                 },
                 || {
                     // dW (out x in) += dy^T (out x n) * x (n x in)
-                    let (l, r) = (Layout::transposed(outf), Layout::row_major(inf));
-                    sgemm_split(outf, inf, n, &mut dw, true, &dy, l, &xv, r);
+                    Gemm {
+                        m: outf,
+                        n: inf,
+                        k: n,
+                        lhs: Operand::transposed(&dy, outf),
+                        rhs: Operand::row_major(&xv, inf),
+                        accumulate: true,
+                    }
+                    .run_split(&mut dw);
                 },
             );
             **grads.get_or_alloc_mut(&x_g)? = dx;

@@ -45,6 +45,10 @@ mod pool;
 
 pub use act::{flatten, relu, relu2};
 pub use block::norm_relu_pool;
+#[cfg(test)]
+pub(crate) use block::norm_relu_pool_with;
+#[cfg(test)]
+pub(crate) use conv::conv2d_with;
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
 pub(crate) use loss::softmax_xent_rows;
@@ -53,30 +57,6 @@ pub use norm::instance_norm;
 pub use pool::avg_pool2d;
 
 use dfdx::prelude::{HasShape, Shape};
-
-/// Runs `f` inside a function compiled with AVX2 enabled, when the CPU has AVX2 (else as is).
-///
-/// Why: the crate builds for baseline x86-64, so our own loops (im2col, col2im, the fused
-/// norm/ReLU/pool planes) vectorise 4 floats wide (SSE); `gemm` picks its kernels at run time,
-/// but these loops cannot without this. `f` is inlined into the AVX2 function, so its loops are
-/// compiled 8 wide. The same IEEE operations run in the same order either way (Rust never fuses
-/// a multiply and an add, nor reorders a float sum, on its own), so results are identical bit
-/// for bit; the fused-op tests compare it against the composed ops, which run baseline.
-#[inline(always)]
-pub(crate) fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
 
 /// Samples per task in batch-parallel loops whose results are reduced over the batch (conv
 /// weight gradients): a constant, so the reduction order never depends on the thread count.

@@ -1,5 +1,13 @@
 //! Architectures: [`ModelSpec`] (what the user writes on the command line) and [`Model`] (a spec
 //! bound to an input shape and class count, with its parameter [`Layout`] and forward pass).
+//!
+//! Each architecture lives in its own file (`mlp.rs`, `convnet.rs`) as an implementation of the
+//! private `Architecture` trait: its layout and names, its embedding (the forward pass up to the
+//! classifier, with every ReLU behind a [`Relus`] hook), its cost and its policies (probe chunk,
+//! evaluation parallelism, running statistics, MLP fast-path eligibility). This file holds what
+//! they share: the spec's syntax (parsing and `Display`), the classifier, initialisation, and
+//! `with_arch!`, the one match from a spec to its implementation. Other crates ask [`Model`]
+//! and never match on [`ModelSpec`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,10 +17,17 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::ImageShape;
-use crate::ops::{self, Conv2dCfg, T1, T2, T4};
-use crate::params::{Layout, ParamKind, ParamVec};
+use crate::ops::{self, T1, T2, T4};
+use crate::params::{Layout, ParamInfo, ParamKind, ParamVec};
 use crate::seed::{self, Stream};
 use crate::{Error, Result};
+
+mod convnet;
+mod mlp;
+mod relu;
+
+use relu::Relu;
+pub use relu::{Patterns, Relus};
 
 /// Normalisation layer of a ConvNet block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,7 +91,7 @@ impl FromStr for ModelSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let bad =
-            |why: String| Error::invalid(format!("invalid model spec '{s}': {why} ({SPEC_HELP})"));
+            |why: String| Error::setting(format!("invalid model spec '{s}': {why} ({SPEC_HELP})"));
         let (head, args) = match s.split_once(':') {
             Some((h, a)) => (h.trim(), Some(a.trim())),
             None => (s.trim(), None),
@@ -139,79 +154,147 @@ pub struct Model {
     pub layout: Layout,
 }
 
-fn hidden_of(spec: &ModelSpec) -> Option<Vec<usize>> {
-    match spec {
-        ModelSpec::Mlp { hidden } => Some(hidden.clone()),
-        ModelSpec::Lenet300100 => Some(vec![300, 100]),
-        ModelSpec::ConvNet { .. } => None,
-    }
+/// One layout entry as an architecture declares it: name, shape, kind.
+type Item = (String, Vec<usize>, ParamKind);
+
+/// What one architecture provides; each is implemented in its own file, and [`with_arch!`] is
+/// the one place that maps a [`ModelSpec`] variant to its implementation.
+///
+/// Shared by every architecture (and so not here): the classifier is a linear layer on the
+/// embedding and owns the layout's last two entries (weight, then bias), initialisation follows
+/// the layout's kinds, and prunability is the layout's (`ParamInfo::prunable`: conv and linear
+/// weights).
+trait Architecture {
+    /// The layout's entries before the classifier, in forward order, with PyTorch's names, and
+    /// the embedding's width (the classifier's fan-in). `spec` is for error messages.
+    fn features(&self, spec: &ModelSpec, input: ImageShape) -> Result<(Vec<Item>, usize)>;
+    /// PyTorch's names of the classifier's weight and bias.
+    fn classifier_names(&self) -> (&'static str, &'static str);
+    /// The embedding: `p` holds one tensor per layout entry (the classifier's two are ignored);
+    /// `input_grad` asks the first layer to propagate gradients to the images; every ReLU goes
+    /// through `relu`.
+    fn embed<Tp: Tape<f32, Cpu>>(
+        &self,
+        p: &[T1],
+        x: T4<Tp>,
+        input_grad: bool,
+        relu: &mut Relu,
+    ) -> T2<Tp>;
+    /// Multiply-accumulates of the embedding for one image.
+    fn embed_macs(&self, input: ImageShape) -> u64;
+    /// Images per chunk when a probe evaluates a set (bounds activation memory).
+    fn probe_chunk(&self) -> usize;
+    /// Whether evaluating several parameter vectors should run them side by side (rayon over
+    /// points) rather than one at a time with parallel ops inside.
+    fn parallel_points(&self) -> bool;
+    /// Number of running normalisation statistics (batch-norm means and variances) kept
+    /// outside the parameters.
+    fn running_statistics(&self) -> usize;
+    /// Hidden widths when the network is a stack of linear layers with ReLUs, which can train
+    /// through the graph-free step (`mlp.rs`).
+    fn mlp_hidden(&self) -> Option<&[usize]>;
+}
+
+/// Binds `$a` to the [`Architecture`] implementing `$spec` and evaluates `$body`: the one match
+/// from spec to implementation.
+macro_rules! with_arch {
+    ($spec:expr, $a:ident => $body:expr) => {
+        match $spec {
+            ModelSpec::Mlp { hidden } => {
+                let $a = mlp::Mlp { hidden };
+                $body
+            }
+            ModelSpec::Lenet300100 => {
+                let $a = mlp::Mlp { hidden: &mlp::LENET_300_100 };
+                $body
+            }
+            ModelSpec::ConvNet { depth, width, norm } => {
+                let $a = convnet::ConvNet { depth: *depth, width: *width, norm: *norm };
+                $body
+            }
+        }
+    };
+}
+
+/// One dense layer of an MLP: its widths and where its weight (out x in) and bias sit in the
+/// flat parameter vector, read from the layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DenseLayer {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub weight: std::ops::Range<usize>,
+    pub bias: std::ops::Range<usize>,
 }
 
 impl Model {
     /// Binds `spec` to an input shape; fails when the input is too small for the architecture.
     pub fn new(spec: &ModelSpec, input: ImageShape, classes: usize) -> Result<Model> {
         if classes < 2 {
-            return Err(Error::invalid(format!(
+            return Err(Error::data(format!(
                 "a classifier needs at least 2 classes, got {classes}"
             )));
         }
-        let mut items = Vec::new();
-        let w = |name: String, shape: Vec<usize>| (name, shape, ParamKind::Weight);
-        if let Some(hidden) = hidden_of(spec) {
-            // OpenLTH's mnist_lenet names: fc_layers.i then fc.
-            let mut fan_in = input.len();
-            for (i, &h) in hidden.iter().enumerate() {
-                items.push(w(format!("fc_layers.{i}.weight"), vec![h, fan_in]));
-                items.push((format!("fc_layers.{i}.bias"), vec![h], ParamKind::Bias));
-                fan_in = h;
-            }
-            items.push(w("fc.weight".into(), vec![classes, fan_in]));
-            items.push(("fc.bias".into(), vec![classes], ParamKind::Bias));
-        } else if let ModelSpec::ConvNet { depth, width, norm } = spec {
-            // DC/DM ConvNet names: features.{index in the Sequential}, then classifier.
-            let per_block = if *norm == Norm::None { 3 } else { 4 };
-            let (mut c, mut h, mut wd) = (input.channels, input.height, input.width);
-            for d in 0..*depth {
-                if h < 2 || wd < 2 {
-                    return Err(Error::invalid(format!(
-                        "model spec '{spec}': depth {depth} pools a {}x{} input below 1x1 at block {d}",
-                        input.height, input.width
-                    )));
-                }
-                let i = d * per_block;
-                items.push(w(format!("features.{i}.weight"), vec![*width, c, 3, 3]));
-                items.push((format!("features.{i}.bias"), vec![*width], ParamKind::Bias));
-                if *norm == Norm::Instance {
-                    items.push((
-                        format!("features.{}.weight", i + 1),
-                        vec![*width],
-                        ParamKind::NormScale,
-                    ));
-                    items.push((
-                        format!("features.{}.bias", i + 1),
-                        vec![*width],
-                        ParamKind::NormShift,
-                    ));
-                }
-                c = *width;
-                h /= 2;
-                wd /= 2;
-            }
-            items.push(w("classifier.weight".into(), vec![classes, c * h * wd]));
-            items.push(("classifier.bias".into(), vec![classes], ParamKind::Bias));
-        }
+        let (mut items, features) = with_arch!(spec, a => a.features(spec, input))?;
+        let (weight, bias) = with_arch!(spec, a => a.classifier_names());
+        items.push((weight.into(), vec![classes, features], ParamKind::Weight));
+        items.push((bias.into(), vec![classes], ParamKind::Bias));
         Ok(Model { spec: spec.clone(), input, classes, layout: Layout::new(items) })
-    }
-
-    /// Whether the architecture is a multilayer perceptron (no convolutions).
-    pub fn is_mlp(&self) -> bool {
-        hidden_of(&self.spec).is_some()
     }
 
     /// For an MLP, its layer widths: input features, each hidden width, classes.
     pub fn mlp_widths(&self) -> Option<Vec<usize>> {
-        let hidden = hidden_of(&self.spec)?;
+        let hidden = with_arch!(&self.spec, a => a.mlp_hidden().map(<[usize]>::to_vec))?;
         Some(std::iter::once(self.input.len()).chain(hidden).chain([self.classes]).collect())
+    }
+
+    /// For an MLP, its layers as the layout places them (weight, then bias, per layer).
+    pub(crate) fn mlp_layers(&self) -> Option<Vec<DenseLayer>> {
+        self.mlp_widths()?;
+        let layers = self
+            .layout
+            .entries
+            .chunks_exact(2)
+            .map(|wb| {
+                let (w, b) = (&wb[0], &wb[1]);
+                assert!(
+                    w.kind == ParamKind::Weight && b.kind == ParamKind::Bias && w.shape.len() == 2,
+                    "mlp layout: '{}' and '{}' are not a linear layer",
+                    w.name,
+                    b.name
+                );
+                DenseLayer {
+                    inputs: w.shape[1],
+                    outputs: w.shape[0],
+                    weight: w.range(),
+                    bias: b.range(),
+                }
+            })
+            .collect();
+        Some(layers)
+    }
+
+    /// The prunable tensors (conv and linear weights), in layout order.
+    pub fn prunable(&self) -> impl Iterator<Item = &ParamInfo> {
+        self.layout.entries.iter().filter(|e| e.prunable())
+    }
+
+    /// Images per chunk when a probe evaluates a set: large for MLPs (their activations are
+    /// small), smaller for convolutional networks (bounds activation memory).
+    pub fn probe_chunk(&self) -> usize {
+        with_arch!(&self.spec, a => a.probe_chunk())
+    }
+
+    /// Whether evaluating several parameter vectors should run them side by side (rayon over
+    /// points; MLPs) rather than one at a time with the ops parallel inside (ConvNets).
+    pub fn parallel_points(&self) -> bool {
+        with_arch!(&self.spec, a => a.parallel_points())
+    }
+
+    /// Number of running normalisation statistics (batch-norm means and variances) the model
+    /// keeps. None today: ConvNet's instance norm normalises each image by its own statistics,
+    /// and MLPs have no norm.
+    pub fn running_statistics(&self) -> usize {
+        with_arch!(&self.spec, a => a.running_statistics())
     }
 
     /// PyTorch's default initialisation, drawn from `seed`: conv/linear weights and biases
@@ -252,11 +335,23 @@ impl Model {
     /// Forward pass: images (N, C, H, W) to logits (N, classes). `input_grad` asks the first layer
     /// to propagate gradients to the images (distillation needs it; training does not).
     pub fn forward<Tp: Tape<f32, Cpu>>(&self, p: &[T1], x: T4<Tp>, input_grad: bool) -> T2<Tp> {
+        self.forward_with(p, x, input_grad, &mut Relus::Plain)
+    }
+
+    /// [`Model::forward`] with its ReLUs controlled by `relus` (record or replay their
+    /// patterns); with [`Relus::Plain`] it is `forward`.
+    pub fn forward_with<Tp: Tape<f32, Cpu>>(
+        &self,
+        p: &[T1],
+        x: T4<Tp>,
+        input_grad: bool,
+        relus: &mut Relus,
+    ) -> T2<Tp> {
         let k = p.len() - 2;
-        // The classifier is the first layer only for an MLP without hidden layers.
-        let classifier_first = hidden_of(&self.spec).is_some_and(|h| h.is_empty());
+        // The classifier is the first layer when the embedding has no parameters (`mlp:`).
+        let classifier_first = k == 0;
         ops::linear(
-            self.embed(p, x, input_grad),
+            self.embed_with(p, x, input_grad, relus),
             &p[k],
             &p[k + 1],
             self.classes,
@@ -267,55 +362,25 @@ impl Model {
     /// Features before the classifier (N, F): what distribution matching embeds. Takes the full
     /// parameter list and ignores the classifier's two tensors.
     pub fn embed<Tp: Tape<f32, Cpu>>(&self, p: &[T1], x: T4<Tp>, input_grad: bool) -> T2<Tp> {
-        if let Some(hidden) = hidden_of(&self.spec) {
-            let mut h = ops::flatten(x);
-            for (i, &width) in hidden.iter().enumerate() {
-                h = ops::relu2(ops::linear(
-                    h,
-                    &p[2 * i],
-                    &p[2 * i + 1],
-                    width,
-                    input_grad || i > 0,
-                ));
-            }
-            return h;
-        }
-        let ModelSpec::ConvNet { depth, width, norm } = &self.spec else { unreachable!() };
-        let mut h = x;
-        let mut k = 0;
-        for d in 0..*depth {
-            let cfg = Conv2dCfg { out_channels: *width, kernel: 3, padding: 1 };
-            h = ops::conv2d(h, &p[k], Some(&p[k + 1]), cfg, input_grad || d > 0);
-            k += 2;
-            // norm -> ReLU -> pool as one fused op (bit-identical to the three separate ops).
-            let affine = (*norm == Norm::Instance).then(|| (&p[k], &p[k + 1]));
-            h = ops::norm_relu_pool(h, affine, 1e-5, 2);
-            if affine.is_some() {
-                k += 2;
-            }
-        }
-        ops::flatten(h)
+        self.embed_with(p, x, input_grad, &mut Relus::Plain)
+    }
+
+    /// [`Model::embed`] with its ReLUs controlled by `relus`.
+    pub fn embed_with<Tp: Tape<f32, Cpu>>(
+        &self,
+        p: &[T1],
+        x: T4<Tp>,
+        input_grad: bool,
+        relus: &mut Relus,
+    ) -> T2<Tp> {
+        let mut relu = Relu::new(relus);
+        with_arch!(&self.spec, a => a.embed(p, x, input_grad, &mut relu))
     }
 
     /// Multiply-accumulates of one forward pass for one image (for GFLOP/s reporting).
     pub fn forward_macs(&self) -> u64 {
-        let mut macs = 0u64;
-        if let ModelSpec::ConvNet { depth, width, .. } = &self.spec {
-            let (mut c, mut h, mut w) = (self.input.channels, self.input.height, self.input.width);
-            for _ in 0..*depth {
-                macs += (h * w * width * c * 9) as u64;
-                c = *width;
-                h /= 2;
-                w /= 2;
-            }
-            return macs + (c * h * w * self.classes) as u64;
-        }
-        self.layout
-            .entries
-            .iter()
-            .filter(|e| e.kind == ParamKind::Weight)
-            .map(|e| e.len() as u64)
-            .sum()
+        let classifier = self.layout.entries[self.layout.entries.len() - 2].len() as u64;
+        with_arch!(&self.spec, a => a.embed_macs(self.input)) + classifier
     }
 }
 
@@ -391,5 +456,33 @@ mod tests {
         assert!((sd / (bound as f64 / 3f64.sqrt()) - 1.0).abs() < 0.1, "{sd}");
         let b2 = a.get("fc.bias").unwrap();
         assert!(b2.iter().all(|v| v.abs() <= 1.0 / 20f32.sqrt()));
+    }
+
+    #[test]
+    fn policies_and_costs_come_from_the_architecture() {
+        let lenet = Model::new(&ModelSpec::Lenet300100, shape(1, 28), 10).unwrap();
+        assert_eq!(lenet.mlp_widths(), Some(vec![784, 300, 100, 10]));
+        assert_eq!(lenet.forward_macs(), 266_200);
+        assert_eq!((lenet.probe_chunk(), lenet.parallel_points()), (2048, true));
+        let layers = lenet.mlp_layers().unwrap();
+        let e = &lenet.layout.entries;
+        for (l, layer) in layers.iter().enumerate() {
+            assert_eq!(
+                (layer.weight.clone(), layer.bias.clone()),
+                (e[2 * l].range(), e[2 * l + 1].range())
+            );
+        }
+        assert_eq!(lenet.prunable().count(), 3);
+        let cn = Model::new(&"convnet".parse().unwrap(), shape(3, 32), 10).unwrap();
+        assert_eq!(cn.mlp_widths(), None);
+        assert!(cn.mlp_layers().is_none());
+        // 32*32*128*3*9 + 16*16*128*128*9 + 8*8*128*128*9 + 2048*10.
+        assert_eq!(cn.forward_macs(), 3_538_944 + 37_748_736 + 9_437_184 + 20_480);
+        assert_eq!((cn.probe_chunk(), cn.parallel_points()), (128, false));
+        assert_eq!(cn.running_statistics(), 0);
+        assert_eq!(
+            cn.prunable().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["features.0.weight", "features.4.weight", "features.8.weight", "classifier.weight"]
+        );
     }
 }

@@ -1,0 +1,175 @@
+//! Every dispatched kernel run in both builds on awkward sizes (edges of every block, tile and
+//! sample group), compared bit for bit. On a CPU without AVX2 only the baseline runs, and the
+//! tests say that they compared nothing.
+
+use dfdx::prelude::*;
+
+use super::Build;
+use crate::ops::{self, conv2d_with, norm_relu_pool_with, Conv2dCfg, T1};
+use crate::optim::Sgd;
+use crate::params::Mask;
+use crate::sparse_input::SparseInput;
+
+/// Values in [-1, 1) from a fixed seed (a small LCG: the test needs variety, not quality).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Runs `kernel` in the baseline build, checks it produced something, and, where the CPU has
+/// AVX2, in the AVX2 build too, comparing the bits. Returns whether it compared.
+fn both_ways(what: &str, kernel: impl Fn(Build) -> Vec<Vec<f32>>) -> bool {
+    let base = kernel(Build::Baseline);
+    assert!(
+        !base.is_empty() && base.iter().all(|v| !v.is_empty() && v.iter().any(|x| *x != 0.0)),
+        "{what}: the baseline build produced no values"
+    );
+    if !Build::Avx2.available() {
+        eprintln!(
+            "{what}: this CPU has no AVX2, so only the baseline build ran (compared nothing)"
+        );
+        return false;
+    }
+    let fast = kernel(Build::Avx2);
+    assert_eq!(base.len(), fast.len(), "{what}");
+    for (i, (b, f)) in base.iter().zip(&fast).enumerate() {
+        assert!(bits(b) == bits(f), "{what}: output {i} differs between the builds");
+    }
+    true
+}
+
+#[test]
+fn the_switch_forces_the_baseline() {
+    assert_eq!(Build::choose(Some("1"), true), Build::Baseline);
+    assert_eq!(Build::choose(Some("0"), true), Build::Avx2);
+    assert_eq!(Build::choose(None, true), Build::Avx2);
+    assert_eq!(Build::choose(None, false), Build::Baseline);
+    assert!(Build::Baseline.available());
+    assert!(Build::selected().available());
+}
+
+fn t1(dev: &Cpu, v: &[f32]) -> T1 {
+    dev.tensor_from_vec(v.to_vec(), (v.len(),))
+}
+
+/// conv2d's forward (bias fill, im2col) and backward (im2col, col2im, bias and weight sums) with
+/// the input gradient, for kernels with padding, without, larger than the padding, and 1x1.
+#[test]
+fn conv2d_builds_agree() {
+    let dev = Cpu::default();
+    // 11 samples: one whole group of 8 and a partial one; odd, non-square images.
+    let (n, cin, h, w, cout) = (11, 3, 7, 9, 5);
+    for (k, p) in [(3, 1), (2, 0), (5, 1), (1, 0)] {
+        let x = values(n * cin * h * w, 1);
+        let wv = values(cout * cin * k * k, 2);
+        let bv = values(cout, 3);
+        let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
+        let target = values(n * cout * ho * wo, 4);
+        both_ways(&format!("conv2d k={k} p={p}"), |build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, cin, h, w));
+            let (wt, bt) = (t1(&dev, &wv), t1(&dev, &bv));
+            let cfg = Conv2dCfg { out_channels: cout, kernel: k, padding: p };
+            let y = conv2d_with(build, xt.leaky_trace(), &wt, Some(&bt), cfg, true);
+            let mut yv = vec![0.0; n * cout * ho * wo];
+            y.copy_into(&mut yv);
+            let g = ops::mse_loss(ops::flatten(y), &target).backward();
+            vec![yv, g.get(&xt).as_vec(), g.get(&wt).as_vec(), g.get(&bt).as_vec()]
+        });
+    }
+}
+
+/// The fused norm/ReLU/pool planes, forward and backward, with and without the norm, for the
+/// 2x2 pool's own loop and the general one, on planes the pool does not tile.
+#[test]
+fn norm_relu_pool_builds_agree() {
+    let dev = Cpu::default();
+    let (n, c, h, w) = (3, 5, 9, 11);
+    for (affine, k) in [(true, 2), (false, 2), (true, 3), (false, 3)] {
+        let x = values(n * c * h * w, 5);
+        let (gv, bv) = (values(c, 6), values(c, 7));
+        let (ho, wo) = (h / k, w / k);
+        let target = values(n * c * ho * wo, 8);
+        both_ways(&format!("norm_relu_pool norm={affine} k={k}"), |build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, c, h, w));
+            let (gt, bt) = (t1(&dev, &gv), t1(&dev, &bv));
+            let norm = affine.then_some((&gt, &bt));
+            let y = norm_relu_pool_with(build, xt.leaky_trace(), norm, 1e-5, k);
+            let mut yv = vec![0.0; n * c * ho * wo];
+            y.copy_into(&mut yv);
+            let g = ops::mse_loss(ops::flatten(y), &target).backward();
+            let mut out = vec![yv, g.get(&xt).as_vec()];
+            if affine {
+                out.extend([g.get(&gt).as_vec(), g.get(&bt).as_vec()]);
+            }
+            out
+        });
+    }
+}
+
+/// The sparse first layer's kernels: the background scan and count, the weight's block
+/// transposes, the forward rows and the weight-gradient blocks (with their tiled transposes),
+/// for widths that leave partial blocks and tiles everywhere.
+#[test]
+fn sparse_input_builds_agree() {
+    let (n, inf, outf) = (37, 70, 75);
+    // Mostly background: each column's minimum, with ~20% of entries above it.
+    let z = values(inf, 9);
+    let noise = values(n * inf, 10);
+    let x: Vec<f32> = (0..n * inf)
+        .map(|i| if noise[i] > 0.6 { z[i % inf] + noise[i] } else { z[i % inf] })
+        .collect();
+    let w = values(outf * inf, 11);
+    let dz = values(n * outf, 12);
+    let db: Vec<f32> = (0..outf).map(|j| (0..n).map(|i| dz[i * outf + j]).sum()).collect();
+    both_ways("sparse_input", |build| {
+        let mut s = SparseInput::default();
+        s.build = build;
+        let density = s.density(&x, n, inf);
+        assert!(density > 0.0 && density < 0.5, "{density}");
+        s.split(&x, n);
+        s.set_weight(&w, outf);
+        let mut out = vec![0.0; n * outf];
+        // Two row ranges, the second not starting at 0.
+        s.forward(0..20, outf, &mut out[..20 * outf]);
+        s.forward(20..n, outf, &mut out[20 * outf..]);
+        let mut dw = vec![0.0; outf * inf];
+        s.weight_grad(&dz, &db, outf, &mut dw);
+        vec![vec![density], out, dw]
+    });
+}
+
+/// Each of the SGD update's branches (plain; momentum first step and later; Nesterov first
+/// step and later), over a length that is not a multiple of any vector width.
+#[test]
+fn sgd_builds_agree() {
+    let n = 1003;
+    let keep: Vec<bool> = (0..n).map(|i| i % 5 != 0).collect();
+    let mask = Mask { keep };
+    for (momentum, first, nesterov) in [
+        (0.0, false, false),
+        (0.9, true, false),
+        (0.9, false, false),
+        (0.9, true, true),
+        (0.9, false, true),
+    ] {
+        let sgd = Sgd { momentum, weight_decay: 5e-4, nesterov };
+        both_ways(&format!("sgd momentum={momentum} first={first} nesterov={nesterov}"), |build| {
+            let (mut p, mut g, mut b) = (values(n, 13), values(n, 14), values(n, 15));
+            sgd.step_with(build, &mut p, &mut g, &mut b, first, 0.1, &mask);
+            let mut out = vec![p];
+            if momentum != 0.0 {
+                out.push(b);
+            }
+            out
+        });
+    }
+}
