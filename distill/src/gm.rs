@@ -6,7 +6,7 @@
 //!
 //! Its gradient w.r.t. the synthetic pixels is a mixed second derivative. dfdx has no double
 //! backward, so with `u = dD/dg_syn` (a vector in parameter space) it is computed by a central
-//! finite difference of input gradients (PAPER.md, "Stage 1"):
+//! finite difference of input gradients (the construction DARTS uses, Liu et al. 2019):
 //!
 //! `dD/dS = [grad_S L(S; theta + eps u) - grad_S L(S; theta - eps u)] / (2 eps)`, exact up to
 //! O(eps^2), with `eps = fd_eps / ||u||` (the scaling DARTS uses for the same construction), and

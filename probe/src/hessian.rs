@@ -1,7 +1,7 @@
 //! Second-order probes of the training loss L(theta) = mean cross-entropy over a fixed set of
 //! training images (weight decay not included), without double backward:
 //!
-//! - Hessian-vector products by a central difference of gradients (PAPER.md, stage 4):
+//! - Hessian-vector products by a central difference of gradients (as in Pearlmutter 1994, section 2):
 //!   Hv = [g(theta + eps v) - g(theta - eps v)] / (2 eps), with eps relative to the parameter scale
 //!   (see [`HessianProblem::eps_for`]) and the difference accumulated in f64;
 //! - Hutchinson's estimators with Rademacher v (Hutchinson 1990; Bekas et al. 2007 for the
@@ -249,7 +249,8 @@ impl<'a> HessianProblem<'a> {
 
     /// The step for direction `v`: eps = eps_rel * ||theta|| / ||v|| (norms over the probed space),
     /// so the perturbation eps * v always has length eps_rel * ||theta||: relative to the
-    /// parameter scale, as PAPER.md asks. For a Rademacher vector each coordinate then moves by
+    /// parameter scale (a fixed absolute step would be too small for large weights and too large
+    /// for small ones). For a Rademacher vector each coordinate then moves by
     /// eps_rel times the parameters' RMS value; a basis vector e_i gets the same total step, which
     /// keeps the f32 gradients' rounding error small against the change it measures.
     pub fn eps_for(&self, v: &[f64]) -> f64 {
