@@ -380,7 +380,7 @@ pub fn distill(
         ck.state.epochs_done += 1;
         let last = ck.state.steps_done == cfg.iterations;
         // Every `checkpoint_every` iterations, and at least once a minute (GM iterations are long).
-        let due = ck.state.steps_done % opts.checkpoint_every.max(1) == 0
+        let due = ck.state.steps_done.is_multiple_of(opts.checkpoint_every.max(1))
             || last_save.elapsed().as_secs() >= 60;
         if stop || (!last && due) {
             save(&mut ck)?;

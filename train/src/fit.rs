@@ -390,7 +390,7 @@ pub fn fit(
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
         }
         let last = state.epochs_done + 1 == epochs;
-        let due = last || (cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0);
+        let due = last || (cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every));
         let test = match data.test {
             Some(t) if due => Some(evaluate(model, &state.params, t, data.norm)),
             _ => None,

@@ -202,16 +202,16 @@ mod tests {
         let sgd = Sgd { momentum: 0.9, weight_decay: 0.1, nesterov: false };
         let mask = Mask { keep: vec![true, false] };
         let (mut p, mut b) = (vec![1.0f32, 3.0], vec![0.0f32; 2]);
-        sgd.step(&mut p, &mut vec![0.5, 0.5], &mut b, true, 0.1, &mask);
+        sgd.step(&mut p, &mut [0.5, 0.5], &mut b, true, 0.1, &mask);
         assert!((p[0] - 0.94).abs() < 1e-6);
-        sgd.step(&mut p, &mut vec![0.5, 0.5], &mut b, false, 0.1, &mask);
+        sgd.step(&mut p, &mut [0.5, 0.5], &mut b, false, 0.1, &mask);
         assert!((p[0] - 0.8266).abs() < 1e-6, "{}", p[0]);
         assert_eq!(p[1], 0.0);
         assert_eq!(b[1], 0.0);
         // Nesterov, step 1: d = 0.6, buf = 0.6, d = 0.6 + 0.9*0.6 = 1.14, p = 1 - 0.114 = 0.886
         let nag = Sgd { nesterov: true, ..sgd };
         let mut p = vec![1.0f32];
-        nag.step(&mut p, &mut vec![0.5], &mut [0.0], true, 0.1, &Mask { keep: vec![true] });
+        nag.step(&mut p, &mut [0.5], &mut [0.0], true, 0.1, &Mask { keep: vec![true] });
         assert!((p[0] - 0.886).abs() < 1e-6);
     }
 

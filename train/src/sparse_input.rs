@@ -195,7 +195,8 @@ impl SparseInput {
             .enumerate()
             .for_each(|(b, ((gt, dzb), dw))| {
                 let c0 = b * GRAD_BLOCK;
-                run_kernel!(this.build, grad_block(this: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, gt: &mut [f32], dzb: &mut [f32], dw: &mut [f32]));
+                let out = BlockOut { gt, dzb, dw };
+                run_kernel!(this.build, grad_block(this: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, out: BlockOut<'_>));
             });
         self.gt = gt;
         self.dzb = dzb;
@@ -248,21 +249,21 @@ fn forward_rows(s: &SparseInput, rows: std::ops::Range<usize>, outf: usize, out:
     }
 }
 
+/// One output block's buffers for [`grad_block`]: its register-block accumulator, its copy of
+/// `dZ`'s columns, and its rows of `dW`.
+struct BlockOut<'a> {
+    gt: &'a mut [f32],
+    dzb: &'a mut [f32],
+    dw: &'a mut [f32],
+}
+
 /// Output block `c0..c0 + GRAD_BLOCK` of the weight gradient: per input column `p`, `z_p db`
 /// plus its entries' values times their rows of `dZ` (copied to the L1-sized `dzb` first),
 /// accumulated in registers into `gt` (`inf x GRAD_BLOCK`); then written transposed into `dw`
 /// (this block's rows of `dW`).
 #[inline(always)]
-fn grad_block(
-    s: &SparseInput,
-    dz: &[f32],
-    db: &[f32],
-    outf: usize,
-    c0: usize,
-    gt: &mut [f32],
-    dzb: &mut [f32],
-    dw: &mut [f32],
-) {
+fn grad_block(s: &SparseInput, dz: &[f32], db: &[f32], outf: usize, c0: usize, out: BlockOut<'_>) {
+    let BlockOut { gt, dzb, dw } = out;
     let inf = s.inf;
     let w = GRAD_BLOCK.min(outf - c0);
     for (dst, row) in dzb.chunks_exact_mut(GRAD_BLOCK).zip(dz.chunks_exact(outf)) {
