@@ -384,6 +384,13 @@ fn bad_input_is_an_error_not_a_panic() {
     neg.var[1] = -1.0;
     let e = batch_norm_eval(x.clone(), &g, &b, &neg, BN_EPS).unwrap_err().to_string();
     assert!(e.contains("channel 1"), "{e}");
+    // Empty planes in evaluation mode: an empty output, zero gradients.
+    let e0 = dev().tensor_from_vec(Vec::<f32>::new(), (2, 2, 0, 3));
+    let y0 = batch_norm_eval(e0.leaky_trace(), &g, &b, &RunningStats::new(2), BN_EPS).unwrap();
+    assert_eq!(vec_of(&y0).len(), 0);
+    let gr = dot_loss(y0, &[]).backward();
+    assert_eq!(vec_of(&gr.get(&g)), vec![0.0; 2]);
+    assert!(batch_norm_train(e0, &g, &b, BN_EPS).is_err());
     // Updating running statistics of another width.
     let (_, st) = batch_norm_train(x, &g, &b, BN_EPS).unwrap();
     let mut rs3 = RunningStats::new(3);

@@ -197,7 +197,8 @@ fn channel_sums(planes: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
     tot
 }
 
-/// `y = x * scale[c] + shift[c]` over all planes (parallel over planes).
+/// `y = x * scale[c] + shift[c]` over all planes of `p` values (parallel over planes; `p` must
+/// be positive).
 fn affine_planes(xv: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32], p: usize) {
     let c = scale.len();
     y.par_chunks_mut(p)
@@ -381,19 +382,19 @@ pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
         rstd.push(1.0 / d.sqrt());
     }
     let mean: Vec<f64> = running.mean.iter().map(|m| *m as f64).collect();
-    let p = h * w;
+    // Empty planes (H or W = 0) have no values: a plane length of 1 makes every loop below run
+    // over nothing instead of dividing by zero.
+    let p = (h * w).max(1);
     let x = x.contiguous();
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
     let (gv, bv) = (read(gamma), read(beta));
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let mut y = vec![0.0f32; n * c * p];
-    if p > 0 {
-        affine_planes(&xv, &mut y, &scale, &shift, p);
-    }
+    let mut y = vec![0.0f32; n * c * h * w];
+    affine_planes(&xv, &mut y, &scale, &shift, p);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
 
-    if Tp::OWNS_TAPE && p > 0 {
+    if Tp::OWNS_TAPE {
         let (x_g, g_g, b_g, out_g) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
         let mean32 = running.mean.clone();
         let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
