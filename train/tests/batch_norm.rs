@@ -362,6 +362,25 @@ fn running_stats_update_by_hand() {
 }
 
 #[test]
+fn cumulative_update_averages_batches() {
+    // momentum=None in PyTorch: from a fresh state the first batch is taken as it is, then each
+    // batch weighs 1/k. Batches with means 3 and 5 (unbiased variances 1 and 3) average to 4
+    // and 2 after two batches.
+    let b1 = BatchStats { mean: vec![3.0], var_unbiased: vec![1.0], count: 4 };
+    let b2 = BatchStats { mean: vec![5.0], var_unbiased: vec![3.0], count: 4 };
+    let mut rs = RunningStats::new(1);
+    rs.update_cumulative(&b1).unwrap();
+    assert_eq!((rs.mean[0], rs.var[0], rs.num_batches_tracked), (3.0, 1.0, 1));
+    rs.update_cumulative(&b2).unwrap();
+    assert_eq!((rs.mean[0], rs.var[0], rs.num_batches_tracked), (4.0, 2.0, 2));
+    // A third batch of mean 10 weighs 1/3: (3 + 5 + 10) / 3 = 6.
+    rs.update_cumulative(&BatchStats { mean: vec![10.0], var_unbiased: vec![2.0], count: 4 })
+        .unwrap();
+    assert_close("cumulative mean", &rs.mean, &[6.0], 1e-6);
+    assert_close("cumulative var", &rs.var, &[2.0], 1e-6);
+}
+
+#[test]
 fn bad_input_is_an_error_not_a_panic() {
     let (g, b) = (t1(&[1.0, 1.0]), t1(&[0.0, 0.0]));
     // M = N * H * W = 1: PyTorch's "Expected more than 1 value per channel when training".

@@ -99,6 +99,16 @@ impl RunningStats {
         self.num_batches_tracked += 1;
         Ok(())
     }
+
+    /// PyTorch's update with `momentum=None`: a cumulative (equal-weight) average over the batches
+    /// tracked, the factor being `1 / (num_batches_tracked + 1)`, rounded to f32 as PyTorch's
+    /// kernel does. From [`RunningStats::new`] the first batch's statistics are taken as they are.
+    /// This is how `torch.optim.swa_utils.update_bn` re-estimates statistics after weights were
+    /// averaged or interpolated: reset with `new`, then call this once per batch.
+    pub fn update_cumulative(&mut self, batch: &BatchStats) -> Result<()> {
+        let factor = 1.0 / (self.num_batches_tracked as f64 + 1.0);
+        self.update(batch, factor as f32)
+    }
 }
 
 /// Checks the shapes batch norm needs: `gamma` and `beta` of C elements, and (`train`) more than
