@@ -10,8 +10,8 @@
 
 use dfdx::prelude::*;
 use lmc_train::ops::{
-    batch_norm_eval, batch_norm_train, check_batch_norm_train, BatchStats, RunningStats, BN_EPS,
-    BN_MOMENTUM, T1, T4,
+    batch_norm_eval, batch_norm_train, check_batch_norm_train, conv2d, BatchStats, Conv2dCfg,
+    RunningStats, BN_EPS, BN_MOMENTUM, T1, T4,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -66,23 +66,41 @@ fn dot_loss<Tp: Tape<f32, Cpu>>(y: T4<Tp>, r: &[f32]) -> Tensor<(), f32, Cpu, Tp
     out.put_tape(tape)
 }
 
-/// Batch norm as a test subject: training mode, or evaluation mode with the given statistics.
+/// Batch norm as a test subject: training mode, or evaluation mode with the given statistics;
+/// `ps` = [gamma, beta]. With `sandwich`, `conv -> batch norm -> conv` (3x3, padding 1, C to C
+/// channels, no bias, weights `ps[2]` and `ps[3]`): batch norm's input then comes from another
+/// op on the tape and its input gradient flows on into one.
 #[derive(Clone)]
 struct Bn {
     x: S4,
     running: Option<RunningStats>,
+    sandwich: bool,
 }
 
 impl Bn {
-    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, g: &T1, b: &T1) -> T4<Tp> {
-        match &self.running {
-            None => batch_norm_train(x, g, b, BN_EPS).unwrap().0,
-            Some(rs) => batch_norm_eval(x, g, b, rs, BN_EPS).unwrap(),
+    fn train(x: S4) -> Self {
+        Bn { x, running: None, sandwich: false }
+    }
+    fn eval(x: S4, rs: RunningStats) -> Self {
+        Bn { x, running: Some(rs), sandwich: false }
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let cfg = Conv2dCfg { out_channels: self.x.1, kernel: 3, padding: 1 };
+        let x = if self.sandwich { conv2d(x, &ps[2], None, cfg, true) } else { x };
+        let y = match &self.running {
+            None => batch_norm_train(x, &ps[0], &ps[1], BN_EPS).unwrap().0,
+            Some(rs) => batch_norm_eval(x, &ps[0], &ps[1], rs, BN_EPS).unwrap(),
+        };
+        if self.sandwich {
+            conv2d(y, &ps[3], None, cfg, true)
+        } else {
+            y
         }
     }
     fn forward(&self, x: &[f32], ps: &[Vec<f32>]) -> Vec<f32> {
         let xt = dev().tensor_from_vec(x.to_vec(), self.x);
-        vec_of(&self.run(xt, &t1(&ps[0]), &t1(&ps[1])))
+        let pts: Vec<T1> = ps.iter().map(|p| t1(p)).collect();
+        vec_of(&self.run(xt, &pts))
     }
     fn loss(&self, x: &[f32], ps: &[Vec<f32>], r: &[f32]) -> f64 {
         self.forward(x, ps).iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
@@ -90,11 +108,11 @@ impl Bn {
     /// Output (traced run), input gradient and parameter gradients of `sum(out * r)`.
     fn grads(&self, x: &[f32], ps: &[Vec<f32>], r: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
         let xt = dev().tensor_from_vec(x.to_vec(), self.x);
-        let (g, b) = (t1(&ps[0]), t1(&ps[1]));
-        let y = self.run(xt.leaky_trace(), &g, &b);
+        let pts: Vec<T1> = ps.iter().map(|p| t1(p)).collect();
+        let y = self.run(xt.leaky_trace(), &pts);
         let yv = vec_of(&y);
         let gr = dot_loss(y, r).backward();
-        (yv, vec_of(&gr.get(&xt)), vec![vec_of(&gr.get(&g)), vec_of(&gr.get(&b))])
+        (yv, vec_of(&gr.get(&xt)), pts.iter().map(|p| vec_of(&gr.get(p))).collect())
     }
 }
 
@@ -222,7 +240,27 @@ fn train_gradients_match_finite_differences() {
     // tolerance, as for instance norm (f32 rounding of L(x +- eps v) is ~1e-4 of the derivative).
     for (k, s) in SHAPES.iter().copied().enumerate() {
         let (x, ps) = case(s, 100 + 10 * k as u64);
-        grad_check(&format!("train {s:?}"), &Bn { x: s, running: None }, &x, &ps, 1e-3, 2e-2);
+        grad_check(&format!("train {s:?}"), &Bn::train(s), &x, &ps, 1e-3, 2e-2);
+    }
+}
+
+#[test]
+fn gradients_through_a_conv_sandwich() {
+    // conv -> batch norm -> conv in both modes: batch norm reads a traced intermediate and hands
+    // its input gradient on. Training mode is smooth: the instance-norm step and tolerance. In
+    // evaluation mode the loss is at most quadratic along each direction (products of weights),
+    // where central differences are exact whatever the step; the beta gradient is small next to
+    // the loss (a sum over hundreds of f32 terms), whose rounding gave 5e-3 relative errors at a
+    // step of 1e-2: a step of 5e-2 keeps it well under the 1e-2 tolerance.
+    for s in [(3, 4, 5, 5), (2, 3, 1, 6)] {
+        let c = s.1;
+        let (x, mut ps) = case(s, 600);
+        ps.push(rv(c * c * 9, 601));
+        ps.push(rv(c * c * 9, 602));
+        let train = Bn { sandwich: true, ..Bn::train(s) };
+        grad_check(&format!("conv-bn-conv train {s:?}"), &train, &x, &ps, 1e-3, 2e-2);
+        let eval = Bn { sandwich: true, ..Bn::eval(s, running_of(s, 603)) };
+        grad_check(&format!("conv-bn-conv eval {s:?}"), &eval, &x, &ps, 5e-2, 1e-2);
     }
 }
 
@@ -233,7 +271,7 @@ fn train_input_gradient_is_orthogonal_to_constants_and_xhat() {
     let s = (3, 5, 3, 3);
     let (x, ps) = case(s, 7);
     let r = rv(numel(s), 8);
-    let (_, gx, _) = Bn { x: s, running: None }.grads(&x, &ps, &r);
+    let (_, gx, _) = Bn::train(s).grads(&x, &ps, &r);
     let refs = naive_stats(&x, s);
     let (c, p) = (s.1, s.2 * s.3);
     let mut sums = vec![(0.0f64, 0.0f64, 0.0f64); c];
@@ -268,7 +306,7 @@ fn eval_forward_and_gradients() {
         let rs = running_of(s, 300 + k as u64);
         let stats: Vec<(f64, f64)> =
             rs.mean.iter().zip(&rs.var).map(|(m, v)| (*m as f64, *v as f64)).collect();
-        let op = Bn { x: s, running: Some(rs) };
+        let op = Bn::eval(s, rs);
         let name = format!("eval {s:?}");
         let want = naive_bn(&x, s, &ps[0], &ps[1], &stats, 1e-5);
         assert_close(&name, &op.forward(&x, &ps), &want, 2e-5);
@@ -301,8 +339,8 @@ fn eval_equals_train_when_running_stats_are_the_batchs() {
         assert_close(&name, &vec_of(&ye), &vec_of(&yt), 1e-5);
         // The parameter gradients do not involve the statistics' derivatives, so they agree too
         // (dbeta = sum dy is computed identically, bit for bit).
-        let (_, _, gt) = Bn { x: s, running: None }.grads(&x, &ps, &r);
-        let (_, _, ge) = Bn { x: s, running: Some(rs) }.grads(&x, &ps, &r);
+        let (_, _, gt) = Bn::train(s).grads(&x, &ps, &r);
+        let (_, _, ge) = Bn::eval(s, rs).grads(&x, &ps, &r);
         assert_close(&format!("{name} dgamma"), &ge[0], &gt[0], 1e-5);
         assert_eq!(bits(&ge[1]), bits(&gt[1]), "{name}: dbeta");
     }
@@ -431,7 +469,7 @@ fn bit_identical_across_thread_counts() {
     for s in [(10, 16, 32, 32), (3, 5, 3, 3), (64, 4, 4, 4)] {
         let (x, ps) = case(s, 500);
         let r = rv(numel(s), 501);
-        for op in [Bn { x: s, running: None }, Bn { x: s, running: Some(running_of(s, 502)) }] {
+        for op in [Bn::train(s), Bn::eval(s, running_of(s, 502))] {
             let run = |n| {
                 in_pool(n, || {
                     let (y, gx, gps) = op.grads(&x, &ps, &r);
