@@ -74,9 +74,10 @@ impl RunningStats {
     /// PyTorch's update with a fixed momentum: `running = (1 - momentum) * running + momentum *
     /// batch` for the mean and for the *unbiased* variance, and `num_batches_tracked += 1`.
     ///
-    /// As PyTorch's CPU kernel, `1 - momentum` is formed in f32; the blend is computed in f64 and
-    /// rounded once. (PyTorch's `momentum=None`, a cumulative average, is not supported.)
-    /// Errors if `batch` has a different number of channels.
+    /// As in PyTorch's CPU kernel, `momentum` and `1 - momentum` are f32 values; PyTorch blends
+    /// the mean in f32 and the variance partly in f64, we blend both in f64 and round once, which
+    /// agrees to within an f32 ulp. For `momentum=None` see [`RunningStats::update_cumulative`].
+    /// Errors (changing nothing) if `batch` has a different number of channels.
     pub fn update(&mut self, batch: &BatchStats, momentum: f32) -> Result<()> {
         let c = self.channels();
         if batch.mean.len() != c || batch.var_unbiased.len() != c || self.var.len() != c {
