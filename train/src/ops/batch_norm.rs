@@ -352,9 +352,9 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
     Ok((out.put_tape(tape), stats))
 }
 
-/// Batch normalisation in evaluation mode, PyTorch's `BatchNorm2d.eval()` forward: `y = gamma[c]
-/// * (x - running.mean[c]) / sqrt(running.var[c] + eps) + beta[c]`, a per-channel affine map of
-/// `x` (any batch size, M = 1 included). The running statistics are constants here.
+/// Batch normalisation in evaluation mode, PyTorch's `BatchNorm2d.eval()` forward, per channel
+/// `y = gamma * (x - running.mean) / sqrt(running.var + eps) + beta`: an affine map of `x` (any
+/// batch size, M = 1 included). The running statistics are constants here.
 ///
 /// Backward: `dx = dy * gamma * rstd`, `dgamma += sum(dy * xhat)`, `dbeta += sum dy` with
 /// `xhat = (x - running.mean) * rstd` (so losses in evaluation mode, e.g. for Hessians, can be
