@@ -453,6 +453,11 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut rs3 = RunningStats::new(3);
     assert!(rs3.update(&st, BN_MOMENTUM).is_err());
     assert_eq!(rs3, RunningStats::new(3), "a failed update changes nothing");
+    let mut rs2 = RunningStats::new(2);
+    for m in [-0.1, 1.5, f32::NAN] {
+        assert!(rs2.update(&st, m).is_err(), "momentum {m}");
+    }
+    assert_eq!(rs2, RunningStats::new(2), "a failed update changes nothing");
     let _: &BatchStats = &st;
 }
 

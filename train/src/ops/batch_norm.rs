@@ -77,8 +77,14 @@ impl RunningStats {
     /// As in PyTorch's CPU kernel, `momentum` and `1 - momentum` are f32 values; PyTorch blends
     /// the mean in f32 and the variance partly in f64, we blend both in f64 and round once, which
     /// agrees to within an f32 ulp. For `momentum=None` see [`RunningStats::update_cumulative`].
-    /// Errors (changing nothing) if `batch` has a different number of channels.
+    /// Errors (changing nothing) if `batch` has a different number of channels or `momentum` is
+    /// not in [0, 1].
     pub fn update(&mut self, batch: &BatchStats, momentum: f32) -> Result<()> {
+        if !(0.0..=1.0).contains(&momentum) {
+            return Err(Error::invalid(format!(
+                "batch norm: momentum must be in [0, 1], got {momentum}"
+            )));
+        }
         let c = self.channels();
         if batch.mean.len() != c || batch.var_unbiased.len() != c || self.var.len() != c {
             return Err(Error::invalid(format!(
