@@ -35,6 +35,7 @@ macro_rules! take_grad {
 }
 
 mod act;
+mod batch_norm;
 mod block;
 mod conv;
 pub(crate) mod gemm;
@@ -44,6 +45,10 @@ mod norm;
 mod pool;
 
 pub use act::{flatten, relu, relu2};
+pub use batch_norm::{
+    batch_norm_eval, batch_norm_train, check_batch_norm_train, BatchStats, RunningStats, BN_EPS,
+    BN_MOMENTUM,
+};
 pub use block::norm_relu_pool;
 #[cfg(test)]
 pub(crate) use block::norm_relu_pool_with;

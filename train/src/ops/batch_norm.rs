@@ -1,0 +1,454 @@
+//! Batch normalisation with a per-channel affine transform, exactly PyTorch's `BatchNorm2d`
+//! (`affine=True`, `track_running_stats=True`, a fixed `momentum`), in both modes:
+//!
+//! - [`batch_norm_train`]: each channel is normalised over (N, H, W) with the batch mean and the
+//!   *biased* batch variance; the batch's mean and *unbiased* variance are returned as
+//!   [`BatchStats`] so the caller updates its [`RunningStats`] (PyTorch does that inside the
+//!   forward; here it is explicit, so a forward pass never mutates model state behind the
+//!   caller's back, e.g. during a Hessian or a finite-difference probe).
+//! - [`batch_norm_eval`]: the same affine map with the running statistics (a constant per-channel
+//!   scale and shift of `x`).
+//!
+//! Both forwards compute `y = x * scale[c] + shift[c]` with `scale = gamma / sqrt(var + eps)` and
+//! `shift = beta - mean * scale` formed in f64 and rounded once (PyTorch's CPU kernel uses the same
+//! form), so evaluation mode reproduces training mode up to the f32 rounding of the stored
+//! statistics when the running statistics equal the batch's.
+//!
+//! Work is split over the N*C planes of H*W values (more tasks than channels, and each task owns
+//! a contiguous slice, so no aliasing tricks are needed); every per-channel reduction is a
+//! per-plane f64 value (16 interleaved partial sums combined in a fixed order) summed over n in
+//! order 0..N. Nothing depends on the rayon thread count, so results are bit-identical for any.
+//!
+//! Memory: forward reads x into one buffer (the only way to read a dfdx tensor) and writes the
+//! output; backward keeps that copy of x (not xhat) and recomputes `xhat = (x - mean) * rstd` on
+//! the fly. Keeping x costs the same memory as keeping xhat but saves forward a full-size write
+//! pass (normalising in place), and the recomputation is two flops per element inside loops
+//! that are bound by memory traffic. Besides that, only per-plane and per-channel scalars are
+//! allocated.
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use super::{avx2, combine16, read, ELEM_CHUNK, T1, T4};
+use crate::{Error, Result};
+
+/// PyTorch's default `BatchNorm2d` momentum for the running statistics.
+pub const BN_MOMENTUM: f32 = 0.1;
+/// PyTorch's default `BatchNorm2d` epsilon.
+pub const BN_EPS: f32 = 1e-5;
+
+/// The statistics of one training batch, per channel, for [`RunningStats::update`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Mean over (N, H, W).
+    pub mean: Vec<f32>,
+    /// Unbiased variance over (N, H, W): the biased one (used to normalise) times M / (M - 1).
+    pub var_unbiased: Vec<f32>,
+    /// Values per channel, M = N * H * W (always >= 2).
+    pub count: usize,
+}
+
+/// Running statistics of a batch-norm layer: state, not parameters (never trained or pruned).
+/// Named like PyTorch's buffers `running_mean`, `running_var`, `num_batches_tracked`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningStats {
+    /// Running mean per channel.
+    pub mean: Vec<f32>,
+    /// Running (unbiased) variance per channel.
+    pub var: Vec<f32>,
+    /// Training batches seen (PyTorch stores it as an int64 scalar).
+    pub num_batches_tracked: u64,
+}
+
+impl RunningStats {
+    /// PyTorch's initial state for `c` channels: mean 0, variance 1, no batches tracked.
+    pub fn new(c: usize) -> Self {
+        RunningStats { mean: vec![0.0; c], var: vec![1.0; c], num_batches_tracked: 0 }
+    }
+
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// PyTorch's update with a fixed momentum: `running = (1 - momentum) * running + momentum *
+    /// batch` for the mean and for the *unbiased* variance, and `num_batches_tracked += 1`.
+    ///
+    /// As in PyTorch's CPU kernel, `momentum` and `1 - momentum` are f32 values; PyTorch blends
+    /// the mean in f32 and the variance partly in f64, we blend both in f64 and round once, which
+    /// agrees to within an f32 ulp. For `momentum=None` see [`RunningStats::update_cumulative`].
+    /// Errors (changing nothing) if `batch` has a different number of channels or `momentum` is
+    /// not in [0, 1].
+    pub fn update(&mut self, batch: &BatchStats, momentum: f32) -> Result<()> {
+        if !(0.0..=1.0).contains(&momentum) {
+            return Err(Error::invalid(format!(
+                "batch norm: momentum must be in [0, 1], got {momentum}"
+            )));
+        }
+        let c = self.channels();
+        if batch.mean.len() != c || batch.var_unbiased.len() != c || self.var.len() != c {
+            return Err(Error::invalid(format!(
+                "batch norm: running statistics have {} means and {} variances, the batch {} and \
+                 {}",
+                c,
+                self.var.len(),
+                batch.mean.len(),
+                batch.var_unbiased.len()
+            )));
+        }
+        let (m, keep) = (momentum as f64, (1.0f32 - momentum) as f64);
+        for (r, b) in self.mean.iter_mut().zip(&batch.mean) {
+            *r = (keep * *r as f64 + m * *b as f64) as f32;
+        }
+        for (r, b) in self.var.iter_mut().zip(&batch.var_unbiased) {
+            *r = (keep * *r as f64 + m * *b as f64) as f32;
+        }
+        self.num_batches_tracked += 1;
+        Ok(())
+    }
+
+    /// PyTorch's update with `momentum=None`: a cumulative (equal-weight) average over the batches
+    /// tracked, the factor being `1 / (num_batches_tracked + 1)`, rounded to f32 as PyTorch's
+    /// kernel does. From [`RunningStats::new`] the first batch's statistics are taken as they are.
+    /// This is how `torch.optim.swa_utils.update_bn` re-estimates statistics after weights were
+    /// averaged or interpolated: reset with `new`, then call this once per batch.
+    pub fn update_cumulative(&mut self, batch: &BatchStats) -> Result<()> {
+        let factor = 1.0 / (self.num_batches_tracked as f64 + 1.0);
+        self.update(batch, factor as f32)
+    }
+}
+
+/// Checks the shapes batch norm needs: `gamma` and `beta` of C elements, and (`train`) more than
+/// one value per channel, M = N * H * W > 1. With M = 1 the biased variance is 0 and the output
+/// is just `beta` (the unbiased variance is 0/0): PyTorch raises "Expected more than 1 value per
+/// channel when training"; we return the same kind of error.
+fn check(
+    op: &str,
+    (n, c, h, w): (usize, usize, usize, usize),
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+    train: bool,
+) -> Result<()> {
+    for (name, p) in [("gamma", gamma), ("beta", beta)] {
+        if p.shape().0 != c {
+            return Err(Error::invalid(format!(
+                "{op}: {name} has {} elements, the input {c} channels",
+                p.shape().0
+            )));
+        }
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(format!("{op}: eps must be finite and >= 0, got {eps}")));
+    }
+    if train {
+        check_batch_norm_train((n, c, h, w))?;
+    }
+    Ok(())
+}
+
+/// Whether [`batch_norm_train`] accepts an input of `shape` (N, C, H, W): M = N * H * W > 1.
+/// For callers that want to reject a batch before tracing anything.
+pub fn check_batch_norm_train(shape: (usize, usize, usize, usize)) -> Result<()> {
+    let (n, c, h, w) = shape;
+    if n * h * w <= 1 {
+        return Err(Error::invalid(format!(
+            "batch norm: expected more than 1 value per channel when training, got input size \
+             [{n}, {c}, {h}, {w}] (it needs a batch of at least 2, or planes larger than 1x1)"
+        )));
+    }
+    Ok(())
+}
+
+/// `(sum x, sum (x - mean_p)^2)` of one plane in f64, `mean_p` its own mean: the plane (a few KiB)
+/// is read twice while it is in L1, so this is one pass over memory yet as accurate as a
+/// two-pass variance.
+#[inline(always)]
+fn plane_stats(xp: &[f32]) -> (f64, f64) {
+    let s = super::sum_f64(xp);
+    let mp = s / xp.len() as f64;
+    let mut acc = [0.0f64; 16];
+    let mut it = xp.chunks_exact(16);
+    for ch in &mut it {
+        for j in 0..16 {
+            let d = ch[j] as f64 - mp;
+            acc[j] += d * d;
+        }
+    }
+    for (j, v) in it.remainder().iter().enumerate() {
+        let d = *v as f64 - mp;
+        acc[j] += d * d;
+    }
+    (s, combine16(acc))
+}
+
+/// `(sum dy * xhat, sum dy)` of one plane in f64, with `xhat = (x - mean) * rstd` recomputed in
+/// f32.
+#[inline(always)]
+fn plane_grad_sums(dy: &[f32], xp: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
+    let (mut a, mut b) = ([0.0f64; 16], [0.0f64; 16]);
+    let (mut id, mut ix) = (dy.chunks_exact(16), xp.chunks_exact(16));
+    for (cd, cx) in (&mut id).zip(&mut ix) {
+        for j in 0..16 {
+            let xh = (cx[j] - mean) * rstd;
+            a[j] += cd[j] as f64 * xh as f64;
+            b[j] += cd[j] as f64;
+        }
+    }
+    for (j, (d, x)) in id.remainder().iter().zip(ix.remainder()).enumerate() {
+        let xh = (*x - mean) * rstd;
+        a[j] += *d as f64 * xh as f64;
+        b[j] += *d as f64;
+    }
+    (combine16(a), combine16(b))
+}
+
+/// Per-channel sums of per-plane pairs (`planes[pi]` belongs to channel `pi % c`), added over n
+/// in order 0..N in f64.
+fn channel_sums(planes: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
+    let mut tot = vec![(0.0f64, 0.0f64); c];
+    for (pi, (a, b)) in planes.iter().enumerate() {
+        tot[pi % c].0 += a;
+        tot[pi % c].1 += b;
+    }
+    tot
+}
+
+/// `y = x * scale[c] + shift[c]` over all planes of `p` values (parallel over planes; `p` must
+/// be positive).
+fn affine_planes(xv: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32], p: usize) {
+    let c = scale.len();
+    y.par_chunks_mut(p)
+        .zip(xv.par_chunks(p))
+        .enumerate()
+        .with_min_len((ELEM_CHUNK / p).max(1))
+        .for_each(|(pi, (yp, xp))| {
+            avx2(|| {
+                let (s, t) = (scale[pi % c], shift[pi % c]);
+                for (yv, xv) in yp.iter_mut().zip(xp) {
+                    *yv = xv * s + t;
+                }
+            })
+        });
+}
+
+/// Per-channel `(scale, shift) = (gamma * rstd, beta - mean * gamma * rstd)`, formed in f64.
+fn scale_shift(gv: &[f32], bv: &[f32], mean: &[f64], rstd: &[f64]) -> (Vec<f32>, Vec<f32>) {
+    let mut scale = Vec::with_capacity(gv.len());
+    let mut shift = Vec::with_capacity(gv.len());
+    for (((g, b), m), r) in gv.iter().zip(bv).zip(mean).zip(rstd) {
+        let s = *g as f64 * r;
+        scale.push(s as f32);
+        shift.push((*b as f64 - m * s) as f32);
+    }
+    (scale, shift)
+}
+
+/// Batch normalisation in training mode, PyTorch's `BatchNorm2d.train()` forward: channel c of
+/// `x` (N, C, H, W) is normalised over its M = N*H*W values with the batch mean and the biased
+/// variance (two-pass accurate, in f64), `y = gamma[c] * (x - mean) / sqrt(var + eps) +
+/// beta[c]`. Returns the output and the batch's [`BatchStats`] (mean, unbiased variance) for
+/// [`RunningStats::update`]; the running statistics play no part in the output.
+///
+/// Backward, per channel with `xhat = (x - mean) * rstd`:
+/// `dx = gamma * rstd / M * (M * dy - sum dy - xhat * sum(dy * xhat))`,
+/// `dgamma += sum(dy * xhat)`, `dbeta += sum dy` (the batch statistics are differentiated
+/// through, as PyTorch does in training mode).
+///
+/// Errors (nothing is traced then): `gamma`/`beta` not of C elements, `eps` negative or not
+/// finite, or M <= 1 (PyTorch: "Expected more than 1 value per channel when training").
+pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+) -> Result<(T4<Tp>, BatchStats)> {
+    let shape = *x.shape();
+    check("batch_norm_train", shape, gamma, beta, eps, true)?;
+    let (n, c, h, w) = shape;
+    let (p, mc) = (h * w, n * h * w);
+    let x = x.contiguous();
+    let (x, mut tape) = x.split_tape();
+    let xv = read(&x);
+    let (gv, bv) = (read(gamma), read(beta));
+    let min_planes = (ELEM_CHUNK / p).max(1);
+
+    // Per plane (sum, sum of squared deviations from the plane's mean); per channel, the total
+    // sum of squares about the channel mean is the within-plane part plus the between-plane part
+    // `P * (mean_p - mean)^2` (exact algebra, no cancellation).
+    let mut ps = vec![(0.0f64, 0.0f64); n * c];
+    ps.par_iter_mut()
+        .zip(xv.par_chunks(p))
+        .with_min_len(min_planes)
+        .for_each(|(s, xp)| *s = avx2(|| plane_stats(xp)));
+    let mf = mc as f64;
+    let mean: Vec<f64> = channel_sums(&ps, c).iter().map(|(s, _)| s / mf).collect();
+    let mut ss = vec![0.0f64; c];
+    for (pi, (s, m2)) in ps.iter().enumerate() {
+        let d = s / p as f64 - mean[pi % c];
+        ss[pi % c] += m2 + p as f64 * d * d;
+    }
+    let var: Vec<f64> = ss.iter().map(|s| s / mf).collect();
+    let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
+    let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
+    let mut y = vec![0.0f32; n * c * p];
+    affine_planes(&xv, &mut y, &scale, &shift, p);
+    let out = x.device().tensor_from_vec(y, (n, c, h, w));
+    let stats = BatchStats {
+        mean: mean.iter().map(|m| *m as f32).collect(),
+        var_unbiased: var.iter().map(|v| (v * mf / (mf - 1.0)) as f32).collect(),
+        count: mc,
+    };
+
+    if Tp::OWNS_TAPE {
+        let (x_g, g_g, b_g, out_g) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
+        let mean32: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
+        let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
+        tape.add_backward_op(move |grads| {
+            let dy = take_grad!(grads, out_g);
+            // Pass 1: per plane (sum dy * xhat, sum dy), then per channel in n order.
+            let mut sums = vec![(0.0f64, 0.0f64); n * c];
+            sums.par_iter_mut()
+                .zip(dy.par_chunks(p))
+                .zip(xv.par_chunks(p))
+                .enumerate()
+                .with_min_len(min_planes)
+                .for_each(|(pi, ((s, dyp), xp))| {
+                    let ch = pi % c;
+                    *s = avx2(|| plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]));
+                });
+            let tot = channel_sums(&sums, c);
+            // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
+            // c1 = gr * sum(dy * xhat) / M.
+            let mut coef = Vec::with_capacity(c);
+            for ch in 0..c {
+                let gr = gv[ch] as f64 * rstd[ch];
+                let (a, b) = tot[ch];
+                coef.push(((gr as f32), (gr * b / mf) as f32, (gr * a / mf) as f32));
+            }
+            {
+                // Pass 2.
+                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
+                dx.par_chunks_mut(p)
+                    .zip(dy.par_chunks(p))
+                    .zip(xv.par_chunks(p))
+                    .enumerate()
+                    .with_min_len(min_planes)
+                    .for_each(|(pi, ((dxp, dyp), xp))| {
+                        let ch = pi % c;
+                        let (gr, c0, c1) = coef[ch];
+                        let (m, r) = (mean32[ch], rstd32[ch]);
+                        avx2(|| {
+                            for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
+                                *d += gr * g - c0 - c1 * ((xv - m) * r);
+                            }
+                        })
+                    });
+            }
+            drop(dy);
+            for (d, t) in grads.get_or_alloc_mut(&g_g)?.iter_mut().zip(&tot) {
+                *d += t.0 as f32;
+            }
+            for (d, t) in grads.get_or_alloc_mut(&b_g)?.iter_mut().zip(&tot) {
+                *d += t.1 as f32;
+            }
+            Ok(())
+        });
+    }
+    Ok((out.put_tape(tape), stats))
+}
+
+/// Batch normalisation in evaluation mode, PyTorch's `BatchNorm2d.eval()` forward, per channel
+/// `y = gamma * (x - running.mean) / sqrt(running.var + eps) + beta`: an affine map of `x` (any
+/// batch size, M = 1 included). The running statistics are constants here.
+///
+/// Backward: `dx = dy * gamma * rstd`, `dgamma += sum(dy * xhat)`, `dbeta += sum dy` with
+/// `xhat = (x - running.mean) * rstd` (so losses in evaluation mode, e.g. for Hessians, can be
+/// differentiated).
+///
+/// Errors: `gamma`, `beta` or the running statistics not of C elements, `eps` negative or not
+/// finite, or a channel whose `running.var + eps` is not positive and finite (the output would
+/// be infinite or NaN; PyTorch would silently return that).
+pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+) -> Result<T4<Tp>> {
+    let shape = *x.shape();
+    check("batch_norm_eval", shape, gamma, beta, eps, false)?;
+    let (n, c, h, w) = shape;
+    if running.mean.len() != c || running.var.len() != c {
+        return Err(Error::invalid(format!(
+            "batch_norm_eval: running statistics have {} means and {} variances, the input {c} \
+             channels",
+            running.mean.len(),
+            running.var.len()
+        )));
+    }
+    let mut rstd = Vec::with_capacity(c);
+    for (ch, v) in running.var.iter().enumerate() {
+        let d = *v as f64 + eps as f64;
+        if !(d > 0.0 && d.is_finite()) {
+            return Err(Error::invalid(format!(
+                "batch_norm_eval: channel {ch}: running variance {v} + eps {eps} is not positive \
+                 and finite"
+            )));
+        }
+        rstd.push(1.0 / d.sqrt());
+    }
+    let mean: Vec<f64> = running.mean.iter().map(|m| *m as f64).collect();
+    // Empty planes (H or W = 0) have no values: a plane length of 1 makes every loop below run
+    // over nothing instead of dividing by zero.
+    let p = (h * w).max(1);
+    let x = x.contiguous();
+    let (x, mut tape) = x.split_tape();
+    let xv = read(&x);
+    let (gv, bv) = (read(gamma), read(beta));
+    let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
+    let mut y = vec![0.0f32; n * c * h * w];
+    affine_planes(&xv, &mut y, &scale, &shift, p);
+    let out = x.device().tensor_from_vec(y, (n, c, h, w));
+
+    if Tp::OWNS_TAPE {
+        let (x_g, g_g, b_g, out_g) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
+        let mean32 = running.mean.clone();
+        let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
+        let min_planes = (ELEM_CHUNK / p).max(1);
+        tape.add_backward_op(move |grads| {
+            let dy = take_grad!(grads, out_g);
+            // One pass: dx, and per plane (sum dy * xhat, sum dy).
+            let mut sums = vec![(0.0f64, 0.0f64); n * c];
+            {
+                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
+                dx.par_chunks_mut(p)
+                    .zip(dy.par_chunks(p))
+                    .zip(xv.par_chunks(p))
+                    .zip(sums.par_iter_mut())
+                    .enumerate()
+                    .with_min_len(min_planes)
+                    .for_each(|(pi, (((dxp, dyp), xp), s))| {
+                        let ch = pi % c;
+                        let sc = scale[ch];
+                        avx2(|| {
+                            for (d, g) in dxp.iter_mut().zip(dyp) {
+                                *d += g * sc;
+                            }
+                            *s = plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]);
+                        })
+                    });
+            }
+            drop(dy);
+            let tot = channel_sums(&sums, c);
+            for (d, t) in grads.get_or_alloc_mut(&g_g)?.iter_mut().zip(&tot) {
+                *d += t.0 as f32;
+            }
+            for (d, t) in grads.get_or_alloc_mut(&b_g)?.iter_mut().zip(&tot) {
+                *d += t.1 as f32;
+            }
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
