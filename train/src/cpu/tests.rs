@@ -5,7 +5,8 @@
 use dfdx::prelude::*;
 
 use super::Build;
-use crate::ops::{self, conv2d_with, norm_relu_pool_with, Conv2dCfg, T1};
+use crate::ops::batch_norm::{batch_norm_eval_with, batch_norm_train_with};
+use crate::ops::{self, conv2d_with, norm_relu_pool_with, Conv2dCfg, RunningStats, T1};
 use crate::optim::Sgd;
 use crate::params::Mask;
 use crate::sparse_input::SparseInput;
@@ -110,6 +111,41 @@ fn norm_relu_pool_builds_agree() {
             if affine {
                 out.extend([g.get(&gt).as_vec(), g.get(&bt).as_vec()]);
             }
+            out
+        });
+    }
+}
+
+/// Batch norm in both modes: statistics, the affine output and the backward planes.
+#[test]
+fn batch_norm_builds_agree() {
+    let dev = Cpu::default();
+    let (n, c, h, w) = (3, 5, 7, 9);
+    let x = values(n * c * h * w, 11);
+    let (gv, bv) = (values(c, 12), values(c, 13));
+    let target = values(n * c * h * w, 14);
+    let running = RunningStats {
+        mean: values(c, 15),
+        var: values(c, 16).iter().map(|v| 1.0 + v.abs()).collect(),
+        num_batches_tracked: 3,
+    };
+    for train in [true, false] {
+        both_ways(&format!("batch_norm train={train}"), |build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, c, h, w));
+            let (gt, bt) = (t1(&dev, &gv), t1(&dev, &bv));
+            let (y, stats) = if train {
+                let (y, s) =
+                    batch_norm_train_with(build, xt.leaky_trace(), &gt, &bt, 1e-5).unwrap();
+                (y, vec![s.mean, s.var_unbiased])
+            } else {
+                let y = batch_norm_eval_with(build, xt.leaky_trace(), &gt, &bt, &running, 1e-5);
+                (y.unwrap(), vec![])
+            };
+            let mut yv = vec![0.0; n * c * h * w];
+            y.copy_into(&mut yv);
+            let g = ops::mse_loss(ops::flatten(y), &target).backward();
+            let mut out = vec![yv, g.get(&xt).as_vec(), g.get(&gt).as_vec(), g.get(&bt).as_vec()];
+            out.extend(stats);
             out
         });
     }

@@ -29,7 +29,8 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::{avx2, combine16, read, ELEM_CHUNK, T1, T4};
+use super::{combine16, read, ELEM_CHUNK, T1, T4};
+use crate::cpu::Build;
 use crate::{Error, Result};
 
 /// PyTorch's default `BatchNorm2d` momentum for the running statistics.
@@ -81,13 +82,13 @@ impl RunningStats {
     /// not in [0, 1].
     pub fn update(&mut self, batch: &BatchStats, momentum: f32) -> Result<()> {
         if !(0.0..=1.0).contains(&momentum) {
-            return Err(Error::invalid(format!(
+            return Err(Error::setting(format!(
                 "batch norm: momentum must be in [0, 1], got {momentum}"
             )));
         }
         let c = self.channels();
         if batch.mean.len() != c || batch.var_unbiased.len() != c || self.var.len() != c {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "batch norm: running statistics have {} means and {} variances, the batch {} and \
                  {}",
                 c,
@@ -132,14 +133,14 @@ fn check(
 ) -> Result<()> {
     for (name, p) in [("gamma", gamma), ("beta", beta)] {
         if p.shape().0 != c {
-            return Err(Error::invalid(format!(
+            return Err(Error::incompatible(format!(
                 "{op}: {name} has {} elements, the input {c} channels",
                 p.shape().0
             )));
         }
     }
     if !(eps.is_finite() && eps >= 0.0) {
-        return Err(Error::invalid(format!("{op}: eps must be finite and >= 0, got {eps}")));
+        return Err(Error::setting(format!("{op}: eps must be finite and >= 0, got {eps}")));
     }
     if train {
         check_batch_norm_train((n, c, h, w))?;
@@ -152,7 +153,7 @@ fn check(
 pub fn check_batch_norm_train(shape: (usize, usize, usize, usize)) -> Result<()> {
     let (n, c, h, w) = shape;
     if n * h * w <= 1 {
-        return Err(Error::invalid(format!(
+        return Err(Error::data(format!(
             "batch norm: expected more than 1 value per channel when training, got input size \
              [{n}, {c}, {h}, {w}] (it needs a batch of at least 2, or planes larger than 1x1)"
         )));
@@ -216,19 +217,22 @@ fn channel_sums(planes: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
 
 /// `y = x * scale[c] + shift[c]` over all planes of `p` values (parallel over planes; `p` must
 /// be positive).
-fn affine_planes(xv: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32], p: usize) {
+fn affine_planes(build: Build, xv: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32], p: usize) {
     let c = scale.len();
     y.par_chunks_mut(p)
         .zip(xv.par_chunks(p))
         .enumerate()
         .with_min_len((ELEM_CHUNK / p).max(1))
         .for_each(|(pi, (yp, xp))| {
-            avx2(|| {
-                let (s, t) = (scale[pi % c], shift[pi % c]);
-                for (yv, xv) in yp.iter_mut().zip(xp) {
-                    *yv = xv * s + t;
-                }
-            })
+            build.run(
+                #[inline(always)]
+                || {
+                    let (s, t) = (scale[pi % c], shift[pi % c]);
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = xv * s + t;
+                    }
+                },
+            )
         });
 }
 
@@ -263,6 +267,17 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
     beta: &T1,
     eps: f32,
 ) -> Result<(T4<Tp>, BatchStats)> {
+    batch_norm_train_with(Build::selected(), x, gamma, beta, eps)
+}
+
+/// [`batch_norm_train`] compiled for `build` (the dispatch tests run both builds).
+pub(crate) fn batch_norm_train_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+) -> Result<(T4<Tp>, BatchStats)> {
     let shape = *x.shape();
     check("batch_norm_train", shape, gamma, beta, eps, true)?;
     let (n, c, h, w) = shape;
@@ -277,10 +292,12 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
     // sum of squares about the channel mean is the within-plane part plus the between-plane part
     // `P * (mean_p - mean)^2` (exact algebra, no cancellation).
     let mut ps = vec![(0.0f64, 0.0f64); n * c];
-    ps.par_iter_mut()
-        .zip(xv.par_chunks(p))
-        .with_min_len(min_planes)
-        .for_each(|(s, xp)| *s = avx2(|| plane_stats(xp)));
+    ps.par_iter_mut().zip(xv.par_chunks(p)).with_min_len(min_planes).for_each(|(s, xp)| {
+        *s = build.run(
+            #[inline(always)]
+            || plane_stats(xp),
+        )
+    });
     let mf = mc as f64;
     let mean: Vec<f64> = channel_sums(&ps, c).iter().map(|(s, _)| s / mf).collect();
     let mut ss = vec![0.0f64; c];
@@ -292,7 +309,7 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
     let mut y = vec![0.0f32; n * c * p];
-    affine_planes(&xv, &mut y, &scale, &shift, p);
+    affine_planes(build, &xv, &mut y, &scale, &shift, p);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
     let stats = BatchStats {
         mean: mean.iter().map(|m| *m as f32).collect(),
@@ -315,7 +332,10 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
                 .with_min_len(min_planes)
                 .for_each(|(pi, ((s, dyp), xp))| {
                     let ch = pi % c;
-                    *s = avx2(|| plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]));
+                    *s = build.run(
+                        #[inline(always)]
+                        || plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]),
+                    );
                 });
             let tot = channel_sums(&sums, c);
             // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
@@ -338,11 +358,14 @@ pub fn batch_norm_train<Tp: Tape<f32, Cpu>>(
                         let ch = pi % c;
                         let (gr, c0, c1) = coef[ch];
                         let (m, r) = (mean32[ch], rstd32[ch]);
-                        avx2(|| {
-                            for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
-                                *d += gr * g - c0 - c1 * ((xv - m) * r);
-                            }
-                        })
+                        build.run(
+                            #[inline(always)]
+                            || {
+                                for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
+                                    *d += gr * g - c0 - c1 * ((xv - m) * r);
+                                }
+                            },
+                        )
                     });
             }
             drop(dy);
@@ -376,11 +399,23 @@ pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
     running: &RunningStats,
     eps: f32,
 ) -> Result<T4<Tp>> {
+    batch_norm_eval_with(Build::selected(), x, gamma, beta, running, eps)
+}
+
+/// [`batch_norm_eval`] compiled for `build` (the dispatch tests run both builds).
+pub(crate) fn batch_norm_eval_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+) -> Result<T4<Tp>> {
     let shape = *x.shape();
     check("batch_norm_eval", shape, gamma, beta, eps, false)?;
     let (n, c, h, w) = shape;
     if running.mean.len() != c || running.var.len() != c {
-        return Err(Error::invalid(format!(
+        return Err(Error::incompatible(format!(
             "batch_norm_eval: running statistics have {} means and {} variances, the input {c} \
              channels",
             running.mean.len(),
@@ -391,7 +426,7 @@ pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
     for (ch, v) in running.var.iter().enumerate() {
         let d = *v as f64 + eps as f64;
         if !(d > 0.0 && d.is_finite()) {
-            return Err(Error::invalid(format!(
+            return Err(Error::data(format!(
                 "batch_norm_eval: channel {ch}: running variance {v} + eps {eps} is not positive \
                  and finite"
             )));
@@ -408,7 +443,7 @@ pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
     let (gv, bv) = (read(gamma), read(beta));
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
     let mut y = vec![0.0f32; n * c * h * w];
-    affine_planes(&xv, &mut y, &scale, &shift, p);
+    affine_planes(build, &xv, &mut y, &scale, &shift, p);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
 
     if Tp::OWNS_TAPE {
@@ -431,12 +466,15 @@ pub fn batch_norm_eval<Tp: Tape<f32, Cpu>>(
                     .for_each(|(pi, (((dxp, dyp), xp), s))| {
                         let ch = pi % c;
                         let sc = scale[ch];
-                        avx2(|| {
-                            for (d, g) in dxp.iter_mut().zip(dyp) {
-                                *d += g * sc;
-                            }
-                            *s = plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]);
-                        })
+                        build.run(
+                            #[inline(always)]
+                            || {
+                                for (d, g) in dxp.iter_mut().zip(dyp) {
+                                    *d += g * sc;
+                                }
+                                *s = plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]);
+                            },
+                        )
                     });
             }
             drop(dy);

@@ -35,7 +35,7 @@ macro_rules! take_grad {
 }
 
 mod act;
-mod batch_norm;
+pub(crate) mod batch_norm;
 mod block;
 mod conv;
 pub(crate) mod gemm;
