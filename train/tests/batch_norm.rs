@@ -4,7 +4,7 @@
 //! running-statistics update against a hand calculation, errors instead of panics, and
 //! bit-identical results for rayon pools of 1, 2 and 3 threads.
 //!
-//! Finite differences as in `tests/ops.rs` (whose harness this repeats in small): the scalar is
+//! Finite differences as in `tests/ops.rs` (the shared helpers are in `tests/common/`): the scalar is
 //! `L = sum(out * r)` with a fixed random `r`; along a random direction `v` we compare
 //! `L(x + eps v) - L(x - eps v)` with `<grad, (x + eps v) - (x - eps v)>`, both in f64.
 
@@ -13,58 +13,9 @@ use lmc_train::ops::{
     batch_norm_eval, batch_norm_train, check_batch_norm_train, conv2d, BatchStats, Conv2dCfg,
     RunningStats, BN_EPS, BN_MOMENTUM, T1, T4,
 };
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-type S4 = (usize, usize, usize, usize);
-
-fn dev() -> Cpu {
-    Cpu::default()
-}
-
-/// Uniform(-1, 1) values from a fixed seed.
-fn rv(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
-}
-
-fn t1(v: &[f32]) -> T1 {
-    dev().tensor_from_vec(v.to_vec(), (v.len(),))
-}
-
-fn vec_of<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
-    let mut v = vec![0.0; t.shape().num_elements()];
-    t.copy_into(&mut v);
-    v
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn numel((n, c, h, w): S4) -> usize {
-    n * c * h * w
-}
-
-/// `sum(y * r)` as a tape op.
-fn dot_loss<Tp: Tape<f32, Cpu>>(y: T4<Tp>, r: &[f32]) -> Tensor<(), f32, Cpu, Tp> {
-    let (y, mut tape) = y.split_tape();
-    let yv = vec_of(&y);
-    assert_eq!(yv.len(), r.len());
-    let l: f64 = yv.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
-    let out = dev().tensor_from_vec(vec![l as f32], ());
-    let (y_g, out_g) = (y.ghost(), out.ghost());
-    let r = r.to_vec();
-    tape.add_backward_op(move |grads| {
-        let dl = grads.get_or_alloc_mut(&out_g)?[0];
-        let dy = grads.get_or_alloc_mut(&y_g)?;
-        for (d, ri) in dy.iter_mut().zip(&r) {
-            *d += ri * dl;
-        }
-        Ok(())
-    });
-    out.put_tape(tape)
-}
+mod common;
+use common::{bits, dev, dot_loss, numel, rv, t1, vec_of, S4};
 
 /// Batch norm as a test subject: training mode, or evaluation mode with the given statistics;
 /// `ps` = [gamma, beta]. With `sandwich`, `conv -> batch norm -> conv` (3x3, padding 1, C to C

@@ -12,57 +12,9 @@ use lmc_train::ops::{
     accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss,
     norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
 };
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-type S4 = (usize, usize, usize, usize);
-
-fn dev() -> Cpu {
-    Cpu::default()
-}
-
-/// Uniform(-1, 1) values from a fixed seed.
-fn rv(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
-}
-
-fn t1(v: &[f32]) -> T1 {
-    dev().tensor_from_vec(v.to_vec(), (v.len(),))
-}
-
-fn vec_of<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
-    let mut v = vec![0.0; t.shape().num_elements()];
-    t.copy_into(&mut v);
-    v
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// `sum(y * r)` as a tape op (test-side, so the harness works for any output shape).
-fn dot_loss<S: Shape, Tp: Tape<f32, Cpu>>(
-    y: Tensor<S, f32, Cpu, Tp>,
-    r: &[f32],
-) -> Tensor<(), f32, Cpu, Tp> {
-    let (y, mut tape) = y.split_tape();
-    let yv = vec_of(&y);
-    assert_eq!(yv.len(), r.len());
-    let l: f64 = yv.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum();
-    let out = dev().tensor_from_vec(vec![l as f32], ());
-    let (y_g, out_g) = (y.ghost(), out.ghost());
-    let r = r.to_vec();
-    tape.add_backward_op(move |grads| {
-        let dl = grads.get_or_alloc_mut(&out_g)?[0];
-        let dy = grads.get_or_alloc_mut(&y_g)?;
-        for (d, ri) in dy.iter_mut().zip(&r) {
-            *d += ri * dl;
-        }
-        Ok(())
-    });
-    out.put_tape(tape)
-}
+mod common;
+use common::{bits, dev, dot_loss, rv, t1, vec_of, S4};
 
 /// An op under test: input of shape `X`, parameters given as flat tensors.
 trait Op {
