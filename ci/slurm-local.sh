@@ -114,8 +114,29 @@ say "local reference run -> $LOCAL_OUT"
 cargo xtask pipeline --preset digits --out "$LOCAL_OUT"
 say "Slurm run -> $WORK/slurm (at most $LIMIT s)"
 t0=$(date +%s)
-timeout "$((LIMIT + 60))" cargo xtask pipeline --preset digits --out "$WORK/slurm" \
-    --executor slurm --wait "$LIMIT"
+run_slurm() {
+    timeout "$((LIMIT + 60))" cargo xtask pipeline --preset digits --out "$WORK/slurm" \
+        --executor slurm "$@" 2>&1 | tee -a "$WORK/pipeline.log"
+}
+# Submit without waiting, then kill slurmd while a stage runs and start it again: the rerun must
+# find the queued and running jobs (submitting nothing twice) and complete.
+run_slurm >/dev/null
+running=""
+for _ in $(seq 120); do
+    running=$(squeue -h --me -t RUNNING -o %i | head -n 1)
+    [ -n "$running" ] && break
+    sleep 0.5
+done
+say "killing slurmd while job ${running:-?} runs, then starting it again"
+kill "$(cat "$WORK/slurmd.pid")"
+sleep 3
+slurmd
+run_slurm --wait "$LIMIT" | tee "$WORK/rerun.log" >/dev/null
+grep -q "submitted 0 jobs" "$WORK/rerun.log" || {
+    say "the rerun submitted stages that were already queued or running:"
+    grep "submitted" "$WORK/rerun.log" >&2
+    exit 1
+}
 say "Slurm run finished in $(($(date +%s) - t0)) s"
 cargo xtask pipeline --preset digits --out "$WORK/slurm" --status | tail -n 1
 cargo xtask same-summary "$LOCAL_OUT/report/summary.json" "$WORK/slurm/report/summary.json"
