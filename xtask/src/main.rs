@@ -227,7 +227,7 @@ fn main() -> Result<()> {
                 }
             };
             let (results, diagonals) = pipeline::gather(&graph, &preset, &out, &ran)?;
-            let png = graph.nodes[graph.distill].dir_in(&out).join("distilled.png");
+            let png = graph.nodes[graph.seeds[0].distill].dir_in(&out).join("distilled.png");
             let png = Some(png).filter(|p| p.exists());
             report::write(&out.join("report"), &results, &diagonals, png.as_deref())
                 .context("writing the report")?;

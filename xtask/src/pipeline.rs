@@ -37,6 +37,10 @@ pub struct Preset {
     pub model: String,
     /// Initialisation seed (every method's tickets share it).
     pub seed: u64,
+    /// A seed sweep: when given, the whole study runs once per seed (instead of `seed`), its
+    /// stages named `...-sSEED`, and the report adds mean +- std across seeds per condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
     /// Replicates per condition.
     pub replicates: usize,
     /// IMP rounds retrained and probed (0 = dense).
@@ -141,6 +145,10 @@ pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)>
                 kinds.join(", ")
             );
         }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(s) = preset.seeds.iter().find(|s| !seen.insert(**s)) {
+        bail!("{}: seed {s} is listed twice in seeds", path.display());
     }
     if preset.replicates < 2 {
         bail!("{}: replicates must be at least 2 (interpolation needs a pair)", path.display());
@@ -275,6 +283,17 @@ impl Node {
 pub struct Graph {
     /// The stages.
     pub nodes: Vec<Node>,
+    /// One study per seed (one, unless the preset sweeps `seeds`).
+    pub seeds: Vec<SeedPlan>,
+    /// Whether the preset sweeps seeds (stage and condition names then end in `-sSEED`).
+    pub sweep: bool,
+}
+
+/// The stages of one seed's study.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedPlan {
+    /// The seed.
+    pub seed: u64,
     /// The distillation stage.
     pub distill: usize,
     /// IMP on the distilled set.
@@ -512,6 +531,9 @@ pub struct ConditionSummary {
     pub method: String,
     /// IMP round (0 = dense).
     pub round: usize,
+    /// The seed, in a seed sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Fraction of prunable weights removed.
     pub sparsity: f64,
     /// Final test accuracy of each replicate.
@@ -588,6 +610,80 @@ pub struct Results {
     pub landscapes: Vec<LandscapeSummary>,
     /// Stage compute.
     pub compute: Vec<StageCompute>,
+    /// In a seed sweep: each condition across seeds.
+    pub sweep: Vec<SweepSummary>,
+}
+
+/// Mean and sample standard deviation.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct MeanStd {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (n - 1; 0 for one value).
+    pub std: f64,
+}
+
+impl MeanStd {
+    fn of(v: &[f64]) -> Self {
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        MeanStd { mean, std: var.sqrt() }
+    }
+}
+
+/// One condition across the seeds of a sweep: each seed's replicate mean, then mean +- std.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepSummary {
+    /// `METHOD-rROUND`.
+    pub condition: String,
+    /// Method.
+    pub method: String,
+    /// IMP round.
+    pub round: usize,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+    /// Sparsity.
+    pub sparsity: MeanStd,
+    /// Mean test accuracy of the replicates.
+    pub test_accuracy: MeanStd,
+    /// Mean error barrier.
+    pub error_barrier: MeanStd,
+    /// Mean loss barrier.
+    pub loss_barrier: MeanStd,
+}
+
+/// Groups per-seed conditions by (method, round), in first-seen order.
+fn across_seeds(conds: &[ConditionSummary]) -> Vec<SweepSummary> {
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    for c in conds {
+        if !keys.iter().any(|k| k.0 == c.method && k.1 == c.round) {
+            keys.push((c.method.clone(), c.round));
+        }
+    }
+    keys.into_iter()
+        .map(|(method, round)| {
+            let g: Vec<&ConditionSummary> =
+                conds.iter().filter(|c| c.method == method && c.round == round).collect();
+            let f = |v: fn(&ConditionSummary) -> f64| {
+                MeanStd::of(&g.iter().map(|c| v(c)).collect::<Vec<_>>())
+            };
+            SweepSummary {
+                condition: format!("{method}-r{round}"),
+                seeds: g.iter().filter_map(|c| c.seed).collect(),
+                sparsity: f(|c| c.sparsity),
+                test_accuracy: f(|c| c.test_accuracy_mean),
+                error_barrier: f(|c| c.error_barrier_mean),
+                loss_barrier: f(|c| c.loss_barrier_mean),
+                method,
+                round,
+            }
+        })
+        .collect()
 }
 
 /// The part of `lmc prune --json` the pipeline reads.
@@ -625,15 +721,30 @@ pub type Diagonals = Vec<(String, Vec<f64>)>;
 /// always was), so a study on another copy of the data is another study.
 pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
     let mut b = Builder { nodes: vec![], data_dir, resources: &preset.resources };
+    let sweep = !preset.seeds.is_empty();
+    let seeds = if sweep { preset.seeds.clone() } else { vec![preset.seed] };
+    let mut plans = Vec::new();
+    for seed in seeds {
+        // Without a sweep the names (and so the keys and folders) are what they always were.
+        let sfx = if sweep { format!("-s{seed}") } else { String::new() };
+        plans.push(plan_seed(&mut b, preset, seed, &sfx)?);
+    }
+    let g = Graph { nodes: b.nodes, seeds: plans, sweep };
+    g.validate()?;
+    Ok(g)
+}
+
+/// The stages of one seed's study; `sfx` ends every stage name.
+fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result<SeedPlan> {
     let ds = preset.dataset.clone();
-    let seed = preset.seed.to_string();
+    let seed = seed_n.to_string();
     let max_round = *preset.rounds.iter().max().unwrap_or(&0);
     let rounds_arg = max_round.max(1).to_string();
     // 1. Distill.
     let mut a = lit(&["distill", "--dataset", &ds, "--model", &preset.model, "--seed", &seed]);
     a.extend(lits(preset.distill.to_args()?));
     a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
-    let distill = b.add("distill", "distill", a)?;
+    let distill = b.add(&format!("distill{sfx}"), "distill", a)?;
     // 2. IMP on distilled data, on real data.
     let prune_head = || {
         lit(&[
@@ -652,11 +763,11 @@ pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
     a.extend([Arg::Lit("--train-set".into()), Arg::In(distill, "distilled.lmc".into())]);
     a.extend(lits(preset.prune_distilled.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
-    let prune_distilled = b.add("prune-distilled", "prune-distilled", a)?;
+    let prune_distilled = b.add(&format!("prune-distilled{sfx}"), "prune-distilled", a)?;
     let mut a = prune_head();
     a.extend(lits(preset.prune.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
-    let prune_real = b.add("prune-real", "prune", a)?;
+    let prune_real = b.add(&format!("prune-real{sfx}"), "prune", a)?;
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
     // 3. Conditions: dense, then per round distilled / imp / random (ticket node, file).
     // (method, round, IMP stage that reports its sparsity, (ticket stage, ticket file)).
@@ -668,14 +779,14 @@ pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
         let mut a = lit(&["prune", "random", "--seed", &seed]);
         a.extend([Arg::Lit("--like".into()), Arg::In(prune_real, ticket(r))]);
         a.extend([Arg::Lit("--out".into()), Arg::Own("random.lmc".into())]);
-        let rs = b.add(&format!("random-r{r}"), "random", a)?;
+        let rs = b.add(&format!("random-r{r}{sfx}"), "random", a)?;
         conds.push(("random", r, Some(prune_real), (rs, "random.lmc".into())));
     }
     // 4. Replicates and probes per condition.
     let reps = preset.replicates.to_string();
     let mut conditions = Vec::new();
     for (method, round, sparsity_from, (tnode, tfile)) in conds {
-        let label = format!("{method}-r{round}");
+        let label = format!("{method}-r{round}{sfx}");
         let mut a = lit(&["train", "--dataset", &ds, "--replicates", &reps, "--seed", &seed]);
         a.extend([Arg::Lit("--ticket".into()), Arg::In(tnode, tfile)]);
         a.extend(lits(preset.train.to_args()?));
@@ -713,9 +824,7 @@ pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
             landscape,
         });
     }
-    let g = Graph { nodes: b.nodes, distill, prune_distilled, prune_real, conditions };
-    g.validate()?;
-    Ok(g)
+    Ok(SeedPlan { seed: seed_n, distill, prune_distilled, prune_real, conditions })
 }
 
 /// Gathers the report's numbers from the finished stages of `g` under `out`. `ran[i]` says
@@ -742,104 +851,109 @@ pub fn gather(
             Ok(StageOut { name: n.name.clone(), dir, key: n.key.clone(), record, cached: !ran[i] })
         })
         .collect::<Result<_>>()?;
-    let rounds_distilled = stages[g.prune_distilled].output::<PruneOutput>()?.rounds;
-    let rounds_real = stages[g.prune_real].output::<PruneOutput>()?.rounds;
-    let sparsity_of = |node: Option<usize>, r: usize| -> Result<f64> {
-        let Some(node) = node else { return Ok(0.0) };
-        let rounds = if node == g.prune_distilled { &rounds_distilled } else { &rounds_real };
-        rounds
-            .iter()
-            .find(|x| x.round == r)
-            .map(|x| x.sparsity)
-            .with_context(|| format!("IMP reported no round {r}"))
-    };
     let imp_round = |record: &RoundRecord| ImpRound {
         remaining: 1.0 - record.sparsity,
         record: record.clone(),
     };
-    let mut results = Results {
-        preset: Some(preset.clone()),
-        distill: Some(stages[g.distill].output::<DistillSummary>()?),
-        imp_rounds: ImpRounds {
-            distilled: rounds_distilled.iter().map(imp_round).collect(),
-            imp: rounds_real.iter().map(imp_round).collect(),
-        },
-        ..Default::default()
-    };
+    let mut results = Results { preset: Some(preset.clone()), ..Default::default() };
     let mut diagonals = Vec::new();
-    let mut images_seen = std::collections::HashMap::new();
-    for c in &g.conditions {
-        let label = format!("{}-r{}", c.method, c.round);
-        let tr = &stages[c.train];
-        let mut accs = Vec::new();
-        let mut images = 0;
-        for i in 0..preset.replicates {
-            let path = tr.dir.join(format!("runs/replicate-{i}.lmc"));
-            let (_, run) = artifact::read::<Run>(&path)
-                .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
-            accs.push(run.final_test_accuracy());
-            images += run.images_seen;
-        }
-        images_seen.insert(tr.name.clone(), images);
-        let ip = &stages[c.interpolate];
-        let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
-            bail!("stage {}: interpolate.lmc holds another probe", ip.name);
-        };
-        let hs = &stages[c.hessian];
-        let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
-            bail!("stage {}: hessian.lmc holds another probe", hs.name);
-        };
-        if let Some(d) = &hessian.diagonal {
-            diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
-        }
-        if let Some(l) = c.landscape {
-            let ls = &stages[l];
-            let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
-                bail!("stage {}: landscape.lmc holds another probe", ls.name);
-            };
-            results.landscapes.push(LandscapeSummary { condition: label.clone(), result });
-        }
-        let barriers = interp.summary.first().with_context(|| {
-            format!("stage {}: the interpolation has no barrier summary", ip.name)
-        })?;
-        let curve = interp
-            .pairs
-            .first()
-            .and_then(|p| p.curves.first())
-            .with_context(|| format!("stage {}: the interpolation has no curve", ip.name))?;
-        results.conditions.push(ConditionSummary {
-            condition: label,
-            method: c.method.clone(),
-            round: c.round,
-            sparsity: sparsity_of(c.sparsity_from, c.round)?,
-            test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
-            test_accuracy: accs,
-            error_barrier_mean: barriers.error_barrier.mean,
-            loss_barrier_mean: barriers.loss_barrier.mean,
-            l2_distance_mean: interp.l2_distance.mean,
-            interpolation: curve.points.clone(),
-            hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
-            hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
-        });
-    }
     // Images each stage processed: the distillation's, an IMP search's last round (its running
     // total), a replicate group's sum; probes and random masks train nothing.
-    let distill_images = results.distill.as_ref().map(|d| d.images_processed);
-    let last_round = |r: &[RoundRecord]| r.last().map(|x| x.images_processed);
+    let mut images_seen = std::collections::HashMap::new();
+    for sp in &g.seeds {
+        let sfx = if g.sweep { format!("-s{}", sp.seed) } else { String::new() };
+        let rounds_distilled = stages[sp.prune_distilled].output::<PruneOutput>()?.rounds;
+        let rounds_real = stages[sp.prune_real].output::<PruneOutput>()?.rounds;
+        let distill = stages[sp.distill].output::<DistillSummary>()?;
+        let last_round = |r: &[RoundRecord]| r.last().map(|x| x.images_processed);
+        images_seen.insert(sp.distill, Some(distill.images_processed));
+        images_seen.insert(sp.prune_distilled, last_round(&rounds_distilled));
+        images_seen.insert(sp.prune_real, last_round(&rounds_real));
+        let sparsity_of = |node: Option<usize>, r: usize| -> Result<f64> {
+            let Some(node) = node else { return Ok(0.0) };
+            let rounds = if node == sp.prune_distilled { &rounds_distilled } else { &rounds_real };
+            rounds
+                .iter()
+                .find(|x| x.round == r)
+                .map(|x| x.sparsity)
+                .with_context(|| format!("IMP reported no round {r}"))
+        };
+        // The distillation and IMP plots show the first seed's searches.
+        if results.distill.is_none() {
+            results.imp_rounds = ImpRounds {
+                distilled: rounds_distilled.iter().map(imp_round).collect(),
+                imp: rounds_real.iter().map(imp_round).collect(),
+            };
+            results.distill = Some(distill);
+        }
+        for c in &sp.conditions {
+            let label = format!("{}-r{}{sfx}", c.method, c.round);
+            let tr = &stages[c.train];
+            let mut accs = Vec::new();
+            let mut images = 0;
+            for i in 0..preset.replicates {
+                let path = tr.dir.join(format!("runs/replicate-{i}.lmc"));
+                let (_, run) = artifact::read::<Run>(&path)
+                    .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
+                accs.push(run.final_test_accuracy());
+                images += run.images_seen;
+            }
+            images_seen.insert(c.train, Some(images));
+            let ip = &stages[c.interpolate];
+            let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
+                bail!("stage {}: interpolate.lmc holds another probe", ip.name);
+            };
+            let hs = &stages[c.hessian];
+            let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
+                bail!("stage {}: hessian.lmc holds another probe", hs.name);
+            };
+            if let Some(d) = &hessian.diagonal {
+                diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
+            }
+            if let Some(l) = c.landscape {
+                let ls = &stages[l];
+                let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
+                    bail!("stage {}: landscape.lmc holds another probe", ls.name);
+                };
+                results.landscapes.push(LandscapeSummary { condition: label.clone(), result });
+            }
+            let barriers = interp.summary.first().with_context(|| {
+                format!("stage {}: the interpolation has no barrier summary", ip.name)
+            })?;
+            let curve =
+                interp.pairs.first().and_then(|p| p.curves.first()).with_context(|| {
+                    format!("stage {}: the interpolation has no curve", ip.name)
+                })?;
+            results.conditions.push(ConditionSummary {
+                condition: label,
+                method: c.method.clone(),
+                round: c.round,
+                seed: g.sweep.then_some(sp.seed),
+                sparsity: sparsity_of(c.sparsity_from, c.round)?,
+                test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
+                test_accuracy: accs,
+                error_barrier_mean: barriers.error_barrier.mean,
+                loss_barrier_mean: barriers.loss_barrier.mean,
+                l2_distance_mean: interp.l2_distance.mean,
+                interpolation: curve.points.clone(),
+                hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
+                hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
+            });
+        }
+    }
     results.compute = stages
         .iter()
-        .map(|s| StageCompute {
+        .enumerate()
+        .map(|(i, s)| StageCompute {
             stage: s.name.clone(),
             seconds: s.record.seconds,
-            images_processed: match s.name.as_str() {
-                "distill" => distill_images,
-                "prune-distilled" => last_round(&rounds_distilled),
-                "prune-real" => last_round(&rounds_real),
-                n => images_seen.get(n).copied(),
-            },
+            images_processed: images_seen.get(&i).copied().flatten(),
             cached: s.cached,
         })
         .collect();
+    if g.sweep {
+        results.sweep = across_seeds(&results.conditions);
+    }
     Ok((results, diagonals))
 }
 
@@ -904,7 +1018,8 @@ mod tests {
         // 2 landscapes.
         assert_eq!(g.nodes.len(), 5 + 7 * 3 + 2);
         assert_eq!(g.edges().len(), 1 + 2 + 7 * 3 + 2);
-        assert_eq!(g.conditions.len(), 7);
+        assert_eq!(g.seeds.len(), 1);
+        assert_eq!(g.seeds[0].conditions.len(), 7);
         // Inputs come first, and every input path names a file in a parent's folder.
         for (i, n) in g.nodes.iter().enumerate() {
             assert!(n.inputs.iter().all(|&p| p < i));
@@ -919,8 +1034,11 @@ mod tests {
             }
         }
         // The sweep is a DAG: everything downstream of the distilled IMP search.
-        let down: Vec<&str> =
-            g.dependants(g.prune_distilled).iter().map(|&i| g.nodes[i].name.as_str()).collect();
+        let down: Vec<&str> = g
+            .dependants(g.seeds[0].prune_distilled)
+            .iter()
+            .map(|&i| g.nodes[i].name.as_str())
+            .collect();
         assert!(down.contains(&"train-distilled-r4") && down.contains(&"landscape-distilled-r4"));
         assert!(!down.iter().any(|n| n.contains("imp") || n.contains("random")));
         // Resources: per-kind defaults, overridable from the preset.
@@ -934,6 +1052,25 @@ mod tests {
         let mut bad = g.clone();
         bad.nodes[0].inputs.push(3);
         assert!(bad.validate().unwrap_err().to_string().contains("distill"));
+    }
+
+    #[test]
+    fn a_seed_sweep_expands_into_one_study_per_seed() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (mut preset, _) = load_preset("digits", root).unwrap();
+        let single = plan(&preset, None).unwrap();
+        preset.seeds = vec![0, 1, 2];
+        let g = plan(&preset, None).unwrap();
+        assert!(g.sweep);
+        assert_eq!(g.nodes.len(), 3 * single.nodes.len());
+        assert_eq!(g.edges().len(), 3 * single.edges().len());
+        assert!(g.nodes.iter().any(|n| n.name == "train-imp-r4-s2"));
+        assert!(g.nodes.iter().any(|n| n.argv.windows(2).any(|w| w == ["--seed", "1"])));
+        // Seed 0's study is another study than the single-seed one only by its names.
+        assert_ne!(g.nodes[0].key, single.nodes[0].key);
+        let m = MeanStd::of(&[1.0, 2.0, 3.0]);
+        assert_eq!((m.mean, m.std), (2.0, 1.0));
+        assert_eq!(MeanStd::of(&[0.5]).std, 0.0);
     }
 
     #[test]

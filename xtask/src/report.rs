@@ -149,13 +149,14 @@ pub fn write(
     if let Some(png) = distill_png {
         std::fs::copy(png, dir.join("distilled.png"))?;
     }
-    std::fs::write(
-        dir.join("summary.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({
-            "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
-            "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
-        }))?,
-    )?;
+    let mut summary = serde_json::json!({
+        "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
+        "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
+    });
+    if !res.sweep.is_empty() {
+        summary["sweep"] = serde_json::to_value(&res.sweep)?;
+    }
+    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
     // Markdown.
     let preset = res.preset.as_ref();
     let mut md = String::new();
@@ -178,6 +179,25 @@ pub fn write(
                 _ => "-".into(),
             }
         )?;
+    }
+    if !res.sweep.is_empty() {
+        writeln!(md, "\n## Across seeds\n\nEach seed's replicate mean, then mean ± sample standard deviation over the seeds.\n")?;
+        writeln!(md, "| condition | seeds | sparsity (%) | test accuracy (%) | error barrier (points) | loss barrier |\n|---|---|---|---|---|---|")?;
+        for s in &res.sweep {
+            writeln!(
+                md,
+                "| {} | {} | {:.1} | {} ± {} | {} ± {} | {} ± {} |",
+                s.condition,
+                s.seeds.len(),
+                100.0 * s.sparsity.mean,
+                pct(s.test_accuracy.mean),
+                pct(s.test_accuracy.std),
+                pct(s.error_barrier.mean),
+                pct(s.error_barrier.std),
+                fixed(s.loss_barrier.mean, 4),
+                fixed(s.loss_barrier.std, 4)
+            )?;
+        }
     }
     let img = |md: &mut String, file: &str, alt: &str| writeln!(md, "\n![{alt}]({file})\n");
     writeln!(md, "\n## Plots")?;
