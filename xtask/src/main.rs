@@ -60,8 +60,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "local")]
         executor: Executor,
         /// Local executor: stages run at once (each gets cores/N threads).
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
         /// Slurm: `--partition` for every job [default: the preset's [slurm] partition].
         #[arg(long)]
         partition: Option<String>,
@@ -204,7 +204,7 @@ fn main() -> Result<()> {
             let data_dir = data_dir.map(|d| std::path::absolute(&d)).transpose()?;
             let env = exec::Env { lmc, out: out.clone(), data_dir };
             let ran = match executor {
-                Executor::Local => exec::run_local(&graph, &env, jobs)?,
+                Executor::Local => exec::run_local(&graph, &env, jobs.into())?,
                 Executor::Slurm => {
                     let mut opts = preset.slurm.clone();
                     opts.partition = partition.or(opts.partition);

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::pipeline::{ConditionSummary, Results};
+use crate::pipeline::{ConditionSummary, Results, SweepSummary};
 use crate::plot::{self, Series};
 
 const METHODS: [&str; 4] = ["dense", "distilled", "imp", "random"];
@@ -46,6 +46,16 @@ pub fn write(
     let mut acc = Vec::new();
     let mut bar = Vec::new();
     for m in METHODS.iter().skip(1) {
+        if !res.sweep.is_empty() {
+            // A seed sweep plots each condition's mean over the seeds (one point per sparsity).
+            let sw = res.sweep.iter().filter(|s| s.method == *m || s.method == "dense");
+            let pts = |value: fn(&SweepSummary) -> f64| -> Vec<(f64, f64)> {
+                sw.clone().map(|s| (100.0 * s.sparsity.mean, 100.0 * value(s))).collect()
+            };
+            acc.push(Series { name: m.to_string(), points: pts(|s| s.test_accuracy.mean) });
+            bar.push(Series { name: m.to_string(), points: pts(|s| s.error_barrier.mean) });
+            continue;
+        }
         let pts = |value: fn(&ConditionSummary) -> f64| -> Vec<(f64, f64)> {
             by_method(conds, m).map(|c| (100.0 * c.sparsity, 100.0 * value(c))).collect()
         };
