@@ -2,7 +2,11 @@
 //! cargo does.
 //!
 //! - `cargo xtask pipeline [--preset NAME|FILE] [--data-dir DIR] [--out DIR] [--fresh]`: the whole
-//!   study (see `pipeline.rs`), then the report (see `report.rs`).
+//!   study as a stage graph (see `pipeline.rs`; `--plan [--json]` prints it, `--status` shows
+//!   each stage's state), run by an executor (see `exec.rs`: `--jobs N` locally, or
+//!   `--executor slurm [--partition P] [--account A] [--sbatch-arg X]... [--wait SECONDS]`), then
+//!   the report (see `report.rs`).
+//! - `cargo xtask same-summary A B`: whether two summary.json files hold the same numbers.
 //! - `cargo xtask bench`: every criterion bench, then `lmc bench`.
 
 use std::path::{Path, PathBuf};

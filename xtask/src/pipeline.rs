@@ -1,5 +1,7 @@
 //! `cargo xtask pipeline`: distill -> prune (distilled, real, random) -> train replicates ->
-//! probe -> report, driving the `lmc` binary stage by stage.
+//! probe -> report. `plan` expands a preset into a [`Graph`] of `lmc` invocations before anything
+//! runs; an executor (`exec.rs`) runs the stages not yet done; `gather` reads the report's
+//! numbers from their artifacts.
 //!
 //! Caching ("configuration is identity"): every stage runs in `OUT/stages/<stage>-<hash>/`, where
 //! the hash covers the stage's full command line (with its inputs' hashes in place of their
