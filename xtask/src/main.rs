@@ -2,16 +2,21 @@
 //! cargo does.
 //!
 //! - `cargo xtask pipeline [--preset NAME|FILE] [--data-dir DIR] [--out DIR] [--fresh]`: the whole
-//!   study (see `pipeline.rs`), then the report (see `report.rs`).
+//!   study as a stage graph (see `pipeline.rs`; `--plan [--json]` prints it, `--status` shows
+//!   each stage's state), run by an executor (see `exec.rs`: `--jobs N` locally, or
+//!   `--executor slurm [--partition P] [--account A] [--sbatch-arg X]... [--wait SECONDS]`), then
+//!   the report (see `report.rs`).
+//! - `cargo xtask same-summary A B`: whether two summary.json files hold the same numbers.
 //! - `cargo xtask bench`: every criterion bench, then `lmc bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod exec;
 mod pipeline;
 mod plot;
 mod report;
@@ -21,6 +26,12 @@ mod report;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Executor {
+    Local,
+    Slurm,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +51,47 @@ enum Cmd {
         /// Forget every cached stage and run everything again.
         #[arg(long)]
         fresh: bool,
+        /// Print the stage graph (stages, commands, inputs, resources) and run nothing.
+        #[arg(long)]
+        plan: bool,
+        /// With --plan: print it as JSON.
+        #[arg(long, requires = "plan")]
+        json: bool,
+        /// Print each stage's state (done / queued / running / failed with its log / not run).
+        #[arg(long, conflicts_with = "plan")]
+        status: bool,
+        /// Where stages run: `local` (this machine) or `slurm` (one sbatch job per stage).
+        #[arg(long, value_enum, default_value = "local")]
+        executor: Executor,
+        /// Local executor: stages run at once (each gets cores/N threads).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// Slurm: `--partition` for every job [default: the preset's [slurm] partition].
+        #[arg(long)]
+        partition: Option<String>,
+        /// Slurm: `--account` for every job [default: the preset's [slurm] account].
+        #[arg(long)]
+        account: Option<String>,
+        /// Slurm: an extra sbatch argument (repeatable), after the preset's `sbatch_args`.
+        #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+        sbatch_args: Vec<String>,
+        /// Slurm: after submitting, wait up to this many seconds for every stage, then write the
+        /// report (without it, run the command again once the jobs are done).
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Run one stage from its `stage.json` (what a Slurm job executes).
+    #[command(hide = true)]
+    RunStage {
+        /// The stage's `stage.json`.
+        spec: PathBuf,
+    },
+    /// Compare two summary.json files, ignoring timings and cache flags (exit 1 if they differ).
+    SameSummary {
+        /// First summary.json.
+        a: PathBuf,
+        /// Second summary.json.
+        b: PathBuf,
     },
     /// Run the criterion benches of every stage, then `lmc bench`.
     Bench,
@@ -104,41 +156,129 @@ fn lmc_executable(messages: &str) -> Option<PathBuf> {
 fn main() -> Result<()> {
     let root = root();
     match Cli::parse().command {
-        Cmd::Pipeline { preset, data_dir, out, fresh } => {
+        Cmd::Pipeline {
+            preset,
+            data_dir,
+            out,
+            fresh,
+            plan,
+            json,
+            status,
+            executor,
+            jobs,
+            partition,
+            account,
+            sbatch_args,
+            wait,
+        } => {
             let (preset, path) = pipeline::load_preset(&preset, &root)?;
             let out =
                 out.unwrap_or_else(|| root.join("runs").join(format!("pipeline-{}", preset.name)));
+            // Absolute, so a job that starts in another folder (or on another node) finds it.
+            let out = std::path::absolute(&out)?;
+            let data_dir = data_dir.or_else(|| std::env::var_os("LMC_DATA_DIR").map(PathBuf::from));
+            let graph = pipeline::plan(&preset, data_dir.as_deref())?;
+            if plan {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&graph.plan_json())?);
+                } else {
+                    print!("{}", graph.plan_text());
+                }
+                return Ok(());
+            }
+            if status {
+                exec::print_status(&graph, &out);
+                return Ok(());
+            }
+            if executor == Executor::Slurm && !exec::on_path("sbatch") {
+                bail!("--executor slurm: no `sbatch` on PATH (install slurm-client, or run on a login node); nothing was submitted");
+            }
             if fresh {
                 let _ = std::fs::remove_dir_all(out.join("stages"));
             }
             let lmc = build_lmc(&root)?;
             eprintln!(
-                "[pipeline] preset {} ({}) -> {}",
+                "[pipeline] preset {} ({}) -> {}: {} stages",
                 preset.name,
                 path.display(),
-                out.display()
+                out.display(),
+                graph.nodes.len()
             );
             let t = Instant::now();
-            let data_dir = data_dir.or_else(|| std::env::var_os("LMC_DATA_DIR").map(PathBuf::from));
-            let mut runner = pipeline::Runner { lmc, out: out.clone(), data_dir, log: vec![] };
-            let (results, diagonals) = pipeline::run(&mut runner, &preset)?;
-            let png = runner
-                .log
-                .iter()
-                .find(|s| s.name == "distill")
-                .map(|s| s.dir.join("distilled.png"))
-                .filter(|p| p.exists());
+            let data_dir = data_dir.map(|d| std::path::absolute(&d)).transpose()?;
+            let env = exec::Env { lmc, out: out.clone(), data_dir };
+            let ran = match executor {
+                Executor::Local => exec::run_local(&graph, &env, jobs.into())?,
+                Executor::Slurm => {
+                    let mut opts = preset.slurm.clone();
+                    opts.partition = partition.or(opts.partition);
+                    opts.account = account.or(opts.account);
+                    opts.sbatch_args.extend(sbatch_args);
+                    let before = exec::done(&graph, &out);
+                    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+                    let n = exec::submit(&graph, &env, &opts, &xtask)?;
+                    eprintln!("[pipeline] submitted {n} jobs");
+                    match wait {
+                        Some(s) => exec::wait(&graph, &out, Duration::from_secs(s))?,
+                        None => {
+                            if !exec::done(&graph, &out).iter().all(|d| *d) {
+                                eprintln!("[pipeline] not waiting (--wait SECONDS); see --status, and run the same command again once every stage is done to write the report");
+                                return Ok(());
+                            }
+                        }
+                    }
+                    before.iter().map(|d| !d).collect()
+                }
+            };
+            let (results, diagonals) = pipeline::gather(&graph, &preset, &out, &ran)?;
+            let png = graph.nodes[graph.seeds[0].distill].dir_in(&out).join("distilled.png");
+            let png = Some(png).filter(|p| p.exists());
             report::write(&out.join("report"), &results, &diagonals, png.as_deref())
                 .context("writing the report")?;
-            let ran = runner.log.iter().filter(|s| !s.cached).count();
+            let n_ran = ran.iter().filter(|r| **r).count();
             eprintln!(
-                "[pipeline] {} stages ({ran} run, {} cached) in {:.1} s; report: {}",
-                runner.log.len(),
-                runner.log.len() - ran,
+                "[pipeline] {} stages ({n_ran} run, {} cached) in {:.1} s; report: {}",
+                ran.len(),
+                ran.len() - n_ran,
                 t.elapsed().as_secs_f64(),
                 out.join("report/index.html").display()
             );
             Ok(())
+        }
+        Cmd::RunStage { spec } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("reading {}", spec.display()))?;
+            let spec: exec::StageSpec = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a stage spec", spec.display()))?;
+            // Under Slurm the stage gets the cores it asked for.
+            let threads = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.parse().ok());
+            exec::run_stage(&spec, threads)?;
+            Ok(())
+        }
+        Cmd::SameSummary { a, b } => {
+            let read = |p: &Path| -> Result<serde_json::Value> {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Ok(serde_json::from_str(&text)?)
+            };
+            // summary.json lies in OUT/report/; artifact paths in it start with OUT.
+            let root = |p: &Path| -> Result<String> {
+                let abs = std::path::absolute(p)?;
+                Ok(abs
+                    .parent()
+                    .and_then(Path::parent)
+                    .map_or(String::new(), |r| r.display().to_string()))
+            };
+            let d = exec::summary_diffs(&read(&a)?, &read(&b)?, [&root(&a)?, &root(&b)?]);
+            if d.is_empty() {
+                println!("same numbers (timings and cache flags aside)");
+                Ok(())
+            } else {
+                for x in d.iter().take(40) {
+                    println!("  {x}");
+                }
+                bail!("{} differences", d.len())
+            }
         }
         Cmd::CheckReport { dir } => {
             check_report(&dir.unwrap_or_else(|| root.join("runs/pipeline-digits/report")))

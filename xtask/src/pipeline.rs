@@ -1,5 +1,7 @@
 //! `cargo xtask pipeline`: distill -> prune (distilled, real, random) -> train replicates ->
-//! probe -> report, driving the `lmc` binary stage by stage.
+//! probe -> report. `plan` expands a preset into a [`Graph`] of `lmc` invocations before anything
+//! runs; an executor (`exec.rs`) runs the stages not yet done; `gather` reads the report's
+//! numbers from their artifacts.
 //!
 //! Caching ("configuration is identity"): every stage runs in `OUT/stages/<stage>-<hash>/`, where
 //! the hash covers the stage's full command line (with its inputs' hashes in place of their
@@ -7,9 +9,8 @@
 //! only the stages whose command lines change (and those downstream) run again. A killed stage is
 //! re-run in the same folder, where `lmc`'s own checkpoints let it resume.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lmc_distill::summary::DistillSummary;
@@ -23,8 +24,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A preset: one TOML file (see `presets/`).
+/// A preset: one TOML file (see `presets/`). Unknown keys are errors, so a typo does not
+/// silently run the defaults.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Preset {
     /// Short name.
     pub name: String,
@@ -36,6 +39,10 @@ pub struct Preset {
     pub model: String,
     /// Initialisation seed (every method's tickets share it).
     pub seed: u64,
+    /// A seed sweep: when given, the whole study runs once per seed (instead of `seed`), its
+    /// stages named `...-sSEED`, and the report adds mean +- std across seeds per condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
     /// Replicates per condition.
     pub replicates: usize,
     /// IMP rounds retrained and probed (0 = dense).
@@ -63,10 +70,37 @@ pub struct Preset {
     #[serde(default)]
     /// Flags of `lmc probe hessian`.
     pub hessian: Flags,
+    /// `[resources.KIND]`: cpus / mem_mb / time_min per stage kind (see `STAGE_KINDS`), for
+    /// the Slurm executor's requests.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<String, Resources>,
+    /// `[slurm]`: where the Slurm executor submits.
+    #[serde(default, skip_serializing_if = "SlurmOptions::is_empty")]
+    pub slurm: SlurmOptions,
+}
+
+/// `[slurm]` in a preset (each can also be given on the command line, which wins).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmOptions {
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// Extra `sbatch` arguments, e.g. `["--qos=short"]`.
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+}
+
+impl SlurmOptions {
+    fn is_empty(&self) -> bool {
+        self.partition.is_none() && self.account.is_none() && self.sbatch_args.is_empty()
+    }
 }
 
 /// `[stage.args]`: extra `--key value` flags.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Flags {
     /// Flag name (without dashes) -> value; `true` is a bare flag, `false` omits it.
     #[serde(default)]
@@ -104,6 +138,20 @@ pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)>
         .with_context(|| format!("--preset {name_or_path}: cannot read {}", path.display()))?;
     let preset: Preset =
         toml::from_str(&text).with_context(|| format!("{}: not a valid preset", path.display()))?;
+    for kind in preset.resources.keys() {
+        if !STAGE_KINDS.iter().any(|k| k.0 == kind) {
+            let kinds: Vec<&str> = STAGE_KINDS.iter().map(|k| k.0).collect();
+            bail!(
+                "{}: [resources.{kind}]: no such stage kind (one of {})",
+                path.display(),
+                kinds.join(", ")
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(s) = preset.seeds.iter().find(|s| !seen.insert(**s)) {
+        bail!("{}: seed {s} is listed twice in seeds", path.display());
+    }
     if preset.replicates < 2 {
         bail!("{}: replicates must be at least 2 (interpolation needs a pair)", path.display());
     }
@@ -136,40 +184,229 @@ pub struct StageOut {
     pub record: StageRecord,
     /// Whether it was found done.
     pub cached: bool,
-    /// Wall seconds this time (0 when cached).
-    pub seconds: f64,
 }
 
-/// Runs `lmc` stages with caching.
-pub struct Runner {
-    /// The `lmc` binary.
-    pub lmc: PathBuf,
-    /// Pipeline output folder.
-    pub out: PathBuf,
-    /// `--data-dir` for every stage, if any.
-    pub data_dir: Option<PathBuf>,
-    /// Every stage run so far, in order.
-    pub log: Vec<StageOut>,
-}
-
-/// Marks a path argument that points into an input stage's folder: hashed as the stage key plus
-/// the relative path, so moving OUT does not invalidate the cache.
+/// An argument of a stage's command line while the graph is built.
 pub enum Arg {
     /// A literal argument.
     Lit(String),
-    /// A file inside a previous stage's folder.
-    In(String, String),
-    /// A file inside this stage's own folder.
+    /// A file inside an input stage's folder (the node's index in the graph): hashed as that
+    /// stage's key plus the relative path, so moving OUT does not invalidate the cache.
+    In(usize, String),
+    /// A file inside this stage's own folder (one of its outputs).
     Own(String),
 }
 
-impl Runner {
-    fn stage_dir(&self, name: &str, key: &str) -> PathBuf {
-        self.out.join("stages").join(format!("{name}-{}", &key[..12]))
+/// What a stage asks of the machine that runs it (Slurm's `--cpus-per-task`, `--mem`, `--time`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Cores (also the stage's RAYON_NUM_THREADS under Slurm).
+    pub cpus: Option<usize>,
+    /// Memory in MiB.
+    pub mem_mb: Option<u64>,
+    /// Wall-time limit in minutes.
+    pub time_min: Option<u64>,
+}
+
+/// Stage kinds, with the resources each asks for unless the preset's `[resources.KIND]` says
+/// otherwise: sized for the shipped presets (a dataset in memory, a few models), generous in time
+/// because a scheduler kills a job that overruns.
+pub const STAGE_KINDS: [(&str, usize, u64, u64); 8] = [
+    ("distill", 2, 4096, 240),
+    ("prune", 2, 4096, 480),
+    ("prune-distilled", 2, 4096, 480),
+    ("random", 1, 1024, 10),
+    ("train", 2, 4096, 480),
+    ("interpolate", 2, 4096, 120),
+    ("landscape", 2, 4096, 120),
+    ("hessian", 2, 4096, 120),
+];
+
+/// Resources with every field set.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct NodeResources {
+    /// Cores.
+    pub cpus: usize,
+    /// Memory in MiB.
+    pub mem_mb: u64,
+    /// Wall-time limit in minutes.
+    pub time_min: u64,
+}
+
+/// One stage of the graph: everything needed to run it anywhere that sees OUT.
+#[derive(Clone, Debug, Serialize)]
+pub struct Node {
+    /// Stage label (unique in the graph).
+    pub name: String,
+    /// Its kind (a key of `STAGE_KINDS`).
+    pub kind: String,
+    /// Content hash of its command line, its inputs' keys and its lmc stage version.
+    pub key: String,
+    /// Its folder, relative to OUT.
+    pub dir: String,
+    /// The `lmc` arguments; the ones listed in `path_args` are relative to OUT.
+    pub argv: Vec<String>,
+    /// Indices into `argv` of the paths (inputs and outputs).
+    pub path_args: Vec<usize>,
+    /// The stages whose outputs it reads (indices of `Graph::nodes`).
+    pub inputs: Vec<usize>,
+    /// The files it writes, relative to its folder.
+    pub outputs: Vec<String>,
+    /// What it asks of the machine.
+    pub resources: NodeResources,
+}
+
+impl Node {
+    /// Its folder under `out`.
+    pub fn dir_in(&self, out: &Path) -> PathBuf {
+        out.join(&self.dir)
     }
 
-    /// Runs `lmc ARGS --json` in a cached stage folder and returns its JSON.
-    pub fn stage(&mut self, name: &str, args: Vec<Arg>) -> Result<StageOut> {
+    /// The `lmc` arguments with paths under `out`.
+    pub fn argv_in(&self, out: &Path) -> Vec<String> {
+        self.argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                if self.path_args.contains(&i) {
+                    out.join(a).display().to_string()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+/// The study as a DAG, expanded from a preset before anything runs. Nodes are in a topological
+/// order (every input comes before its consumers), the order a single worker runs them in.
+#[derive(Clone, Debug, Serialize)]
+pub struct Graph {
+    /// The stages.
+    pub nodes: Vec<Node>,
+    /// One study per seed (one, unless the preset sweeps `seeds`).
+    pub seeds: Vec<SeedPlan>,
+    /// Whether the preset sweeps seeds (stage and condition names then end in `-sSEED`).
+    pub sweep: bool,
+}
+
+/// The stages of one seed's study.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedPlan {
+    /// The seed.
+    pub seed: u64,
+    /// The distillation stage.
+    pub distill: usize,
+    /// IMP on the distilled set.
+    pub prune_distilled: usize,
+    /// IMP on real data.
+    pub prune_real: usize,
+    /// The conditions whose replicates are trained and probed.
+    pub conditions: Vec<Condition>,
+}
+
+impl Graph {
+    /// `(input, consumer)` pairs.
+    pub fn edges(&self) -> Vec<(usize, usize)> {
+        let mut e = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            e.extend(n.inputs.iter().map(|&p| (p, i)));
+        }
+        e
+    }
+
+    /// Nodes that (transitively) read `i`'s outputs.
+    pub fn dependants(&self, i: usize) -> Vec<usize> {
+        let mut hit = vec![false; self.nodes.len()];
+        hit[i] = true;
+        let mut out = Vec::new();
+        for (j, n) in self.nodes.iter().enumerate().skip(i + 1) {
+            if n.inputs.iter().any(|&p| hit[p]) {
+                hit[j] = true;
+                out.push(j);
+            }
+        }
+        out
+    }
+
+    /// Checks what a hand-built graph could get wrong: an input that is not an earlier node (a
+    /// cycle or a missing stage), two stages in one folder.
+    pub fn validate(&self) -> Result<()> {
+        let mut dirs = std::collections::HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &p in &n.inputs {
+                if p >= i {
+                    bail!("stage {}: input #{p} does not come before it (a cycle?)", n.name);
+                }
+            }
+            if !dirs.insert(&n.dir) {
+                bail!("two stages share the folder {}", n.dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// A human-readable listing: each stage, its folder, resources, command and inputs.
+    pub fn plan_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} stages, {} edges (paths relative to the output folder)",
+            self.nodes.len(),
+            self.edges().len()
+        );
+        for n in &self.nodes {
+            let r = &n.resources;
+            let _ = writeln!(
+                s,
+                "{}  [{}]  cpus {} mem {} MiB time {} min",
+                n.name, n.dir, r.cpus, r.mem_mb, r.time_min
+            );
+            let _ = writeln!(s, "    lmc {}", n.argv.join(" "));
+            if !n.inputs.is_empty() {
+                let ins: Vec<&str> =
+                    n.inputs.iter().map(|&p| self.nodes[p].name.as_str()).collect();
+                let _ = writeln!(s, "    <- {}", ins.join(", "));
+            }
+        }
+        s
+    }
+
+    /// The plan as JSON: stages (inputs by name) and edges.
+    pub fn plan_json(&self) -> Value {
+        let stages: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "name": n.name, "kind": n.kind, "key": n.key, "dir": n.dir,
+                    "argv": n.argv, "path_args": n.path_args,
+                    "inputs": n.inputs.iter().map(|&p| &self.nodes[p].name).collect::<Vec<_>>(),
+                    "outputs": n.outputs, "resources": n.resources,
+                })
+            })
+            .collect();
+        let edges: Vec<Value> = self
+            .edges()
+            .into_iter()
+            .map(|(a, b)| serde_json::json!([self.nodes[a].name, self.nodes[b].name]))
+            .collect();
+        serde_json::json!({"stages": stages, "edges": edges})
+    }
+}
+
+/// Builds nodes; keys are hashed exactly as the sequential pipeline hashed them, so caches carry
+/// over.
+struct Builder<'a> {
+    nodes: Vec<Node>,
+    data_dir: Option<&'a Path>,
+    resources: &'a BTreeMap<String, Resources>,
+}
+
+impl Builder<'_> {
+    fn add(&mut self, name: &str, kind: &str, args: Vec<Arg>) -> Result<usize> {
         let mut h = Sha256::new();
         h.update(name.as_bytes());
         // The lmc stage's algorithm version: after an upgrade that changes a stage's results, its
@@ -179,85 +416,62 @@ impl Runner {
         for a in &args {
             match a {
                 Arg::Lit(s) => h.update(format!("L{s}\0")),
-                Arg::In(k, rel) => h.update(format!("I{k}/{rel}\0")),
+                Arg::In(i, rel) => h.update(format!("I{}/{rel}\0", self.nodes[*i].key)),
                 Arg::Own(rel) => h.update(format!("O{rel}\0")),
             }
         }
-        if let Some(d) = &self.data_dir {
+        if let Some(d) = self.data_dir {
             h.update(format!("D{}\0", d.display()));
         }
         let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        let dir = self.stage_dir(name, &key);
-        let done = dir.join("result.json");
-        if let Ok(text) = std::fs::read_to_string(&done) {
-            match serde_json::from_str::<StageRecord>(&text) {
-                Ok(record) => {
-                    eprintln!("[pipeline] {name}: up to date ({})", dir.display());
-                    let s = StageOut {
-                        name: name.into(),
-                        dir,
-                        key,
-                        record,
-                        cached: true,
-                        seconds: 0.0,
-                    };
-                    self.log.push(s.clone());
-                    return Ok(s);
+        let dir = format!("stages/{name}-{}", &key[..12]);
+        let (mut argv, mut path_args, mut inputs, mut outputs) = (vec![], vec![], vec![], vec![]);
+        for a in args {
+            match a {
+                Arg::Lit(s) => argv.push(s),
+                Arg::In(i, rel) => {
+                    path_args.push(argv.len());
+                    argv.push(format!("{}/{rel}", self.nodes[i].dir));
+                    if !inputs.contains(&i) {
+                        inputs.push(i);
+                    }
                 }
-                Err(e) => eprintln!(
-                    "[pipeline] {name}: {} is unreadable ({e}); running again",
-                    done.display()
-                ),
+                Arg::Own(rel) => {
+                    path_args.push(argv.len());
+                    argv.push(format!("{dir}/{rel}"));
+                    outputs.push(rel);
+                }
             }
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let argv: Vec<String> = args
+        let (_, cpus, mem_mb, time_min) = *STAGE_KINDS
             .iter()
-            .map(|a| match a {
-                Arg::Lit(s) => s.clone(),
-                Arg::In(k, rel) => self.find_dir(k).join(rel).display().to_string(),
-                Arg::Own(rel) => dir.join(rel).display().to_string(),
-            })
-            .collect();
-        let mut cmd = Command::new(&self.lmc);
-        cmd.args(&argv).arg("--json");
-        if let Some(d) = &self.data_dir {
-            if reads_data(&argv) {
-                cmd.arg("--data-dir").arg(d);
-            }
-        }
-        eprintln!("[pipeline] {name}: lmc {}", argv.join(" "));
-        let t = Instant::now();
-        let output = cmd.output().map_err(|e| {
-            anyhow::anyhow!("stage {name}: cannot start the lmc binary {}: {e}", self.lmc.display())
-        })?;
-        let seconds = t.elapsed().as_secs_f64();
-        if !output.status.success() {
-            bail!(
-                "stage {name} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        let output: Value = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("stage {name}: lmc printed no JSON"))?;
-        let record = StageRecord { stage: name.into(), argv, seconds, output };
-        let tmp = dir.join(".result.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
-        std::fs::rename(&tmp, &done)?;
-        eprintln!("[pipeline] {name}: done in {seconds:.1} s");
-        let s = StageOut { name: name.into(), dir, key, record, cached: false, seconds };
-        self.log.push(s.clone());
-        Ok(s)
+            .find(|k| k.0 == kind)
+            .with_context(|| format!("unknown stage kind {kind}"))?;
+        let o = self.resources.get(kind).cloned().unwrap_or_default();
+        let resources = NodeResources {
+            cpus: o.cpus.unwrap_or(cpus).max(1),
+            mem_mb: o.mem_mb.unwrap_or(mem_mb),
+            time_min: o.time_min.unwrap_or(time_min),
+        };
+        self.nodes.push(Node {
+            name: name.into(),
+            kind: kind.into(),
+            key,
+            dir,
+            argv,
+            path_args,
+            inputs,
+            outputs,
+            resources,
+        });
+        Ok(self.nodes.len() - 1)
     }
+}
 
-    fn find_dir(&self, key: &str) -> PathBuf {
-        self.log
-            .iter()
-            .find(|s| s.key == key)
-            .map(|s| s.dir.clone())
-            .expect("inputs run before their consumers")
-    }
+/// Reads a stage's `result.json`, if it is there and readable.
+pub fn load_record(dir: &Path) -> Option<StageRecord> {
+    let text = std::fs::read_to_string(dir.join("result.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// One (method, round) whose replicates are trained and probed.
@@ -267,16 +481,22 @@ pub struct Condition {
     pub method: String,
     /// IMP round (0 = dense).
     pub round: usize,
-    /// Fraction of prunable weights removed.
-    pub sparsity: f64,
-    /// Ticket stage key and file.
-    #[serde(skip)]
-    pub ticket: (String, String),
+    /// The IMP stage whose output reports this condition's sparsity (none for the dense net):
+    /// known only once that stage ran, so it is read when the report is gathered.
+    pub sparsity_from: Option<usize>,
+    /// Replicate training.
+    pub train: usize,
+    /// Interpolation probe.
+    pub interpolate: usize,
+    /// Hessian probe.
+    pub hessian: usize,
+    /// Landscape probe, if the preset asks for one.
+    pub landscape: Option<usize>,
 }
 
 /// Whether an `lmc` command line reads a dataset (and so takes `--data-dir`): every command that
 /// names `--dataset`, and the probes, which default to the data their runs were trained on.
-fn reads_data(argv: &[String]) -> bool {
+pub fn reads_data(argv: &[String]) -> bool {
     argv.first().is_some_and(|c| c == "probe") || argv.iter().any(|a| a == "--dataset")
 }
 
@@ -313,6 +533,9 @@ pub struct ConditionSummary {
     pub method: String,
     /// IMP round (0 = dense).
     pub round: usize,
+    /// The seed, in a seed sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Fraction of prunable weights removed.
     pub sparsity: f64,
     /// Final test accuracy of each replicate.
@@ -389,6 +612,80 @@ pub struct Results {
     pub landscapes: Vec<LandscapeSummary>,
     /// Stage compute.
     pub compute: Vec<StageCompute>,
+    /// In a seed sweep: each condition across seeds.
+    pub sweep: Vec<SweepSummary>,
+}
+
+/// Mean and sample standard deviation.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct MeanStd {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (n - 1; 0 for one value).
+    pub std: f64,
+}
+
+impl MeanStd {
+    fn of(v: &[f64]) -> Self {
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        MeanStd { mean, std: var.sqrt() }
+    }
+}
+
+/// One condition across the seeds of a sweep: each seed's replicate mean, then mean +- std.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepSummary {
+    /// `METHOD-rROUND`.
+    pub condition: String,
+    /// Method.
+    pub method: String,
+    /// IMP round.
+    pub round: usize,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+    /// Sparsity.
+    pub sparsity: MeanStd,
+    /// Mean test accuracy of the replicates.
+    pub test_accuracy: MeanStd,
+    /// Mean error barrier.
+    pub error_barrier: MeanStd,
+    /// Mean loss barrier.
+    pub loss_barrier: MeanStd,
+}
+
+/// Groups per-seed conditions by (method, round), in first-seen order.
+fn across_seeds(conds: &[ConditionSummary]) -> Vec<SweepSummary> {
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    for c in conds {
+        if !keys.iter().any(|k| k.0 == c.method && k.1 == c.round) {
+            keys.push((c.method.clone(), c.round));
+        }
+    }
+    keys.into_iter()
+        .map(|(method, round)| {
+            let g: Vec<&ConditionSummary> =
+                conds.iter().filter(|c| c.method == method && c.round == round).collect();
+            let f = |v: fn(&ConditionSummary) -> f64| {
+                MeanStd::of(&g.iter().map(|c| v(c)).collect::<Vec<_>>())
+            };
+            SweepSummary {
+                condition: format!("{method}-r{round}"),
+                seeds: g.iter().filter_map(|c| c.seed).collect(),
+                sparsity: f(|c| c.sparsity),
+                test_accuracy: f(|c| c.test_accuracy_mean),
+                error_barrier: f(|c| c.error_barrier_mean),
+                loss_barrier: f(|c| c.loss_barrier_mean),
+                method,
+                round,
+            }
+        })
+        .collect()
 }
 
 /// The part of `lmc prune --json` the pipeline reads.
@@ -422,201 +719,243 @@ impl StageOut {
 /// Hessian-diagonal estimates per condition label.
 pub type Diagonals = Vec<(String, Vec<f64>)>;
 
-/// Runs every stage of `preset`.
-pub fn run(runner: &mut Runner, preset: &Preset) -> Result<(Results, Diagonals)> {
+/// Expands `preset` into its stage graph; nothing runs. `data_dir` is part of every key (as it
+/// always was), so a study on another copy of the data is another study.
+pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
+    let mut b = Builder { nodes: vec![], data_dir, resources: &preset.resources };
+    let sweep = !preset.seeds.is_empty();
+    let seeds = if sweep { preset.seeds.clone() } else { vec![preset.seed] };
+    let mut plans = Vec::new();
+    for seed in seeds {
+        // Without a sweep the names (and so the keys and folders) are what they always were.
+        let sfx = if sweep { format!("-s{seed}") } else { String::new() };
+        plans.push(plan_seed(&mut b, preset, seed, &sfx)?);
+    }
+    let g = Graph { nodes: b.nodes, seeds: plans, sweep };
+    g.validate()?;
+    Ok(g)
+}
+
+/// The stages of one seed's study; `sfx` ends every stage name.
+fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result<SeedPlan> {
     let ds = preset.dataset.clone();
-    let seed = preset.seed.to_string();
+    let seed = seed_n.to_string();
     let max_round = *preset.rounds.iter().max().unwrap_or(&0);
     let rounds_arg = max_round.max(1).to_string();
     // 1. Distill.
     let mut a = lit(&["distill", "--dataset", &ds, "--model", &preset.model, "--seed", &seed]);
     a.extend(lits(preset.distill.to_args()?));
     a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
-    let distill = runner.stage("distill", a)?;
+    let distill = b.add(&format!("distill{sfx}"), "distill", a)?;
     // 2. IMP on distilled data, on real data.
-    let mut a = lit(&[
-        "prune",
-        "--dataset",
-        &ds,
-        "--model",
-        &preset.model,
-        "--seed",
-        &seed,
-        "--rounds",
-        &rounds_arg,
-    ]);
-    a.extend([
-        Arg::Lit("--train-set".into()),
-        Arg::In(distill.key.clone(), "distilled.lmc".into()),
-    ]);
+    let prune_head = || {
+        lit(&[
+            "prune",
+            "--dataset",
+            &ds,
+            "--model",
+            &preset.model,
+            "--seed",
+            &seed,
+            "--rounds",
+            &rounds_arg,
+        ])
+    };
+    let mut a = prune_head();
+    a.extend([Arg::Lit("--train-set".into()), Arg::In(distill, "distilled.lmc".into())]);
     a.extend(lits(preset.prune_distilled.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
-    let imp_distilled = runner.stage("prune-distilled", a)?;
-    let mut a = lit(&[
-        "prune",
-        "--dataset",
-        &ds,
-        "--model",
-        &preset.model,
-        "--seed",
-        &seed,
-        "--rounds",
-        &rounds_arg,
-    ]);
+    let prune_distilled = b.add(&format!("prune-distilled{sfx}"), "prune-distilled", a)?;
+    let mut a = prune_head();
     a.extend(lits(preset.prune.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
-    let imp_real = runner.stage("prune-real", a)?;
+    let prune_real = b.add(&format!("prune-real{sfx}"), "prune", a)?;
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
-    let rounds_distilled = imp_distilled.output::<PruneOutput>()?.rounds;
-    let rounds_real = imp_real.output::<PruneOutput>()?.rounds;
-    let sparsity_of = |rounds: &[RoundRecord], r: usize| -> Result<f64> {
-        rounds
-            .iter()
-            .find(|x| x.round == r)
-            .map(|x| x.sparsity)
-            .with_context(|| format!("IMP reported no round {r}"))
-    };
-    // 3. Conditions: dense, then per round distilled / imp / random.
-    let mut conds = vec![Condition {
-        method: "dense".into(),
-        round: 0,
-        sparsity: 0.0,
-        ticket: (imp_real.key.clone(), ticket(0)),
-    }];
+    // 3. Conditions: dense, then per round distilled / imp / random (ticket node, file).
+    // (method, round, IMP stage that reports its sparsity, (ticket stage, ticket file)).
+    type Planned<'a> = (&'a str, usize, Option<usize>, (usize, String));
+    let mut conds: Vec<Planned> = vec![("dense", 0, None, (prune_real, ticket(0)))];
     for &r in preset.rounds.iter().filter(|&&r| r > 0) {
-        conds.push(Condition {
-            method: "distilled".into(),
-            round: r,
-            sparsity: sparsity_of(&rounds_distilled, r)?,
-            ticket: (imp_distilled.key.clone(), ticket(r)),
-        });
-        conds.push(Condition {
-            method: "imp".into(),
-            round: r,
-            sparsity: sparsity_of(&rounds_real, r)?,
-            ticket: (imp_real.key.clone(), ticket(r)),
-        });
+        conds.push(("distilled", r, Some(prune_distilled), (prune_distilled, ticket(r))));
+        conds.push(("imp", r, Some(prune_real), (prune_real, ticket(r))));
         let mut a = lit(&["prune", "random", "--seed", &seed]);
-        a.extend([Arg::Lit("--like".into()), Arg::In(imp_real.key.clone(), ticket(r))]);
+        a.extend([Arg::Lit("--like".into()), Arg::In(prune_real, ticket(r))]);
         a.extend([Arg::Lit("--out".into()), Arg::Own("random.lmc".into())]);
-        let rs = runner.stage(&format!("random-r{r}"), a)?;
-        conds.push(Condition {
-            method: "random".into(),
-            round: r,
-            sparsity: sparsity_of(&rounds_real, r)?,
-            ticket: (rs.key.clone(), "random.lmc".into()),
-        });
+        let rs = b.add(&format!("random-r{r}{sfx}"), "random", a)?;
+        conds.push(("random", r, Some(prune_real), (rs, "random.lmc".into())));
     }
     // 4. Replicates and probes per condition.
-    let imp_round = |record: &RoundRecord| ImpRound {
-        remaining: 1.0 - record.sparsity,
-        record: record.clone(),
-    };
-    let mut results = Results {
-        preset: Some(preset.clone()),
-        distill: Some(distill.output::<DistillSummary>()?),
-        imp_rounds: ImpRounds {
-            distilled: rounds_distilled.iter().map(imp_round).collect(),
-            imp: rounds_real.iter().map(imp_round).collect(),
-        },
-        ..Default::default()
-    };
-    let mut diagonals = Vec::new();
-    let mut images_seen = std::collections::HashMap::new();
     let reps = preset.replicates.to_string();
-    for c in &conds {
-        let label = format!("{}-r{}", c.method, c.round);
+    let mut conditions = Vec::new();
+    for (method, round, sparsity_from, (tnode, tfile)) in conds {
+        let label = format!("{method}-r{round}{sfx}");
         let mut a = lit(&["train", "--dataset", &ds, "--replicates", &reps, "--seed", &seed]);
-        a.extend([Arg::Lit("--ticket".into()), Arg::In(c.ticket.0.clone(), c.ticket.1.clone())]);
+        a.extend([Arg::Lit("--ticket".into()), Arg::In(tnode, tfile)]);
         a.extend(lits(preset.train.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("runs".into())]);
-        let tr = runner.stage(&format!("train-{label}"), a)?;
-        let replicate = |i: usize| format!("runs/replicate-{i}.lmc");
-        let mut accs = Vec::new();
-        let mut images = 0;
-        for i in 0..preset.replicates {
-            let path = tr.dir.join(replicate(i));
-            let (_, run) = artifact::read::<Run>(&path)
-                .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
-            accs.push(run.final_test_accuracy());
-            images += run.images_seen;
-        }
-        images_seen.insert(tr.name.clone(), images);
-        let rep = |i: usize| Arg::In(tr.key.clone(), replicate(i));
+        let train = b.add(&format!("train-{label}"), "train", a)?;
+        let rep = |i: usize| Arg::In(train, format!("runs/replicate-{i}.lmc"));
         let mut a = lit(&["probe", "interpolate"]);
         a.extend((0..preset.replicates).map(rep));
         a.extend(lits(preset.interpolate.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("interpolate.lmc".into())]);
-        let ip = runner.stage(&format!("interpolate-{label}"), a)?;
-        let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
-            bail!("stage {}: interpolate.lmc holds another probe", ip.name);
-        };
+        let interpolate = b.add(&format!("interpolate-{label}"), "interpolate", a)?;
         let mut a = lit(&["probe", "hessian"]);
         a.push(rep(0));
         a.extend(lits(preset.hessian.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("hessian.lmc".into())]);
-        let hs = runner.stage(&format!("hessian-{label}"), a)?;
-        let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
-            bail!("stage {}: hessian.lmc holds another probe", hs.name);
-        };
-        if let Some(d) = &hessian.diagonal {
-            diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
-        }
-        let landscape = (c.method == "dense" || c.method == "distilled")
-            && preset.landscape_rounds.contains(&c.round);
-        if landscape {
+        let hessian = b.add(&format!("hessian-{label}"), "hessian", a)?;
+        let landscape = if (method == "dense" || method == "distilled")
+            && preset.landscape_rounds.contains(&round)
+        {
             let mut a = lit(&["probe", "landscape"]);
             a.push(rep(0));
             a.extend(lits(preset.landscape.to_args()?));
             a.extend([Arg::Lit("--out".into()), Arg::Own("landscape.lmc".into())]);
-            let ls = runner.stage(&format!("landscape-{label}"), a)?;
-            let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
-                bail!("stage {}: landscape.lmc holds another probe", ls.name);
-            };
-            results.landscapes.push(LandscapeSummary { condition: label.clone(), result });
-        }
-        let barriers = interp.summary.first().with_context(|| {
-            format!("stage {}: the interpolation has no barrier summary", ip.name)
-        })?;
-        let curve = interp
-            .pairs
-            .first()
-            .and_then(|p| p.curves.first())
-            .with_context(|| format!("stage {}: the interpolation has no curve", ip.name))?;
-        results.conditions.push(ConditionSummary {
-            condition: label,
-            method: c.method.clone(),
-            round: c.round,
-            sparsity: c.sparsity,
-            test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
-            test_accuracy: accs,
-            error_barrier_mean: barriers.error_barrier.mean,
-            loss_barrier_mean: barriers.loss_barrier.mean,
-            l2_distance_mean: interp.l2_distance.mean,
-            interpolation: curve.points.clone(),
-            hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
-            hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
+            Some(b.add(&format!("landscape-{label}"), "landscape", a)?)
+        } else {
+            None
+        };
+        conditions.push(Condition {
+            method: method.into(),
+            round,
+            sparsity_from,
+            train,
+            interpolate,
+            hessian,
+            landscape,
         });
     }
+    Ok(SeedPlan { seed: seed_n, distill, prune_distilled, prune_real, conditions })
+}
+
+/// Gathers the report's numbers from the finished stages of `g` under `out`. `ran[i]` says
+/// whether node `i` ran in this invocation (the rest were found done).
+pub fn gather(
+    g: &Graph,
+    preset: &Preset,
+    out: &Path,
+    ran: &[bool],
+) -> Result<(Results, Diagonals)> {
+    let stages: Vec<StageOut> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let dir = n.dir_in(out);
+            let record = load_record(&dir).with_context(|| {
+                format!(
+                    "stage {} is not done: no readable {}",
+                    n.name,
+                    dir.join("result.json").display()
+                )
+            })?;
+            Ok(StageOut { name: n.name.clone(), dir, key: n.key.clone(), record, cached: !ran[i] })
+        })
+        .collect::<Result<_>>()?;
+    let imp_round = |record: &RoundRecord| ImpRound {
+        remaining: 1.0 - record.sparsity,
+        record: record.clone(),
+    };
+    let mut results = Results { preset: Some(preset.clone()), ..Default::default() };
+    let mut diagonals = Vec::new();
     // Images each stage processed: the distillation's, an IMP search's last round (its running
     // total), a replicate group's sum; probes and random masks train nothing.
-    let distill_images = results.distill.as_ref().map(|d| d.images_processed);
-    let last_round = |r: &[RoundRecord]| r.last().map(|x| x.images_processed);
-    results.compute = runner
-        .log
+    let mut images_seen = std::collections::HashMap::new();
+    for sp in &g.seeds {
+        let sfx = if g.sweep { format!("-s{}", sp.seed) } else { String::new() };
+        let rounds_distilled = stages[sp.prune_distilled].output::<PruneOutput>()?.rounds;
+        let rounds_real = stages[sp.prune_real].output::<PruneOutput>()?.rounds;
+        let distill = stages[sp.distill].output::<DistillSummary>()?;
+        let last_round = |r: &[RoundRecord]| r.last().map(|x| x.images_processed);
+        images_seen.insert(sp.distill, Some(distill.images_processed));
+        images_seen.insert(sp.prune_distilled, last_round(&rounds_distilled));
+        images_seen.insert(sp.prune_real, last_round(&rounds_real));
+        let sparsity_of = |node: Option<usize>, r: usize| -> Result<f64> {
+            let Some(node) = node else { return Ok(0.0) };
+            let rounds = if node == sp.prune_distilled { &rounds_distilled } else { &rounds_real };
+            rounds
+                .iter()
+                .find(|x| x.round == r)
+                .map(|x| x.sparsity)
+                .with_context(|| format!("IMP reported no round {r}"))
+        };
+        // The distillation and IMP plots show the first seed's searches.
+        if results.distill.is_none() {
+            results.imp_rounds = ImpRounds {
+                distilled: rounds_distilled.iter().map(imp_round).collect(),
+                imp: rounds_real.iter().map(imp_round).collect(),
+            };
+            results.distill = Some(distill);
+        }
+        for c in &sp.conditions {
+            let label = format!("{}-r{}{sfx}", c.method, c.round);
+            let tr = &stages[c.train];
+            let mut accs = Vec::new();
+            let mut images = 0;
+            for i in 0..preset.replicates {
+                let path = tr.dir.join(format!("runs/replicate-{i}.lmc"));
+                let (_, run) = artifact::read::<Run>(&path)
+                    .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
+                accs.push(run.final_test_accuracy());
+                images += run.images_seen;
+            }
+            images_seen.insert(c.train, Some(images));
+            let ip = &stages[c.interpolate];
+            let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
+                bail!("stage {}: interpolate.lmc holds another probe", ip.name);
+            };
+            let hs = &stages[c.hessian];
+            let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
+                bail!("stage {}: hessian.lmc holds another probe", hs.name);
+            };
+            if let Some(d) = &hessian.diagonal {
+                diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
+            }
+            if let Some(l) = c.landscape {
+                let ls = &stages[l];
+                let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
+                    bail!("stage {}: landscape.lmc holds another probe", ls.name);
+                };
+                results.landscapes.push(LandscapeSummary { condition: label.clone(), result });
+            }
+            let barriers = interp.summary.first().with_context(|| {
+                format!("stage {}: the interpolation has no barrier summary", ip.name)
+            })?;
+            let curve =
+                interp.pairs.first().and_then(|p| p.curves.first()).with_context(|| {
+                    format!("stage {}: the interpolation has no curve", ip.name)
+                })?;
+            results.conditions.push(ConditionSummary {
+                condition: label,
+                method: c.method.clone(),
+                round: c.round,
+                seed: g.sweep.then_some(sp.seed),
+                sparsity: sparsity_of(c.sparsity_from, c.round)?,
+                test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
+                test_accuracy: accs,
+                error_barrier_mean: barriers.error_barrier.mean,
+                loss_barrier_mean: barriers.loss_barrier.mean,
+                l2_distance_mean: interp.l2_distance.mean,
+                interpolation: curve.points.clone(),
+                hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
+                hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
+            });
+        }
+    }
+    results.compute = stages
         .iter()
-        .map(|s| StageCompute {
+        .enumerate()
+        .map(|(i, s)| StageCompute {
             stage: s.name.clone(),
             seconds: s.record.seconds,
-            images_processed: match s.name.as_str() {
-                "distill" => distill_images,
-                "prune-distilled" => last_round(&rounds_distilled),
-                "prune-real" => last_round(&rounds_real),
-                n => images_seen.get(n).copied(),
-            },
+            images_processed: images_seen.get(&i).copied().flatten(),
             cached: s.cached,
         })
         .collect();
+    if g.sweep {
+        results.sweep = across_seeds(&results.conditions);
+    }
     Ok((results, diagonals))
 }
 
@@ -670,6 +1009,86 @@ mod tests {
         assert!(reads_data(&v("probe interpolate a.lmc b.lmc")));
         assert!(reads_data(&v("probe hessian a.lmc --samples 512")));
         assert!(!reads_data(&v("prune random --seed 0 --like t.lmc")));
+    }
+
+    #[test]
+    fn the_digits_graph_lists_every_stage_and_edge_before_anything_runs() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (preset, _) = load_preset("digits", root).unwrap();
+        let g = plan(&preset, None).unwrap();
+        // distill, 2 IMP searches, 2 random masks; 7 conditions x (train, interpolate, hessian);
+        // 2 landscapes.
+        assert_eq!(g.nodes.len(), 5 + 7 * 3 + 2);
+        assert_eq!(g.edges().len(), 1 + 2 + 7 * 3 + 2);
+        assert_eq!(g.seeds.len(), 1);
+        assert_eq!(g.seeds[0].conditions.len(), 7);
+        // Inputs come first, and every input path names a file in a parent's folder.
+        for (i, n) in g.nodes.iter().enumerate() {
+            assert!(n.inputs.iter().all(|&p| p < i));
+            for &a in &n.path_args {
+                let arg = &n.argv[a];
+                assert!(
+                    arg.starts_with(&n.dir)
+                        || n.inputs.iter().any(|&p| arg.starts_with(&g.nodes[p].dir)),
+                    "{}: {arg}",
+                    n.name
+                );
+            }
+        }
+        // The sweep is a DAG: everything downstream of the distilled IMP search.
+        let down: Vec<&str> = g
+            .dependants(g.seeds[0].prune_distilled)
+            .iter()
+            .map(|&i| g.nodes[i].name.as_str())
+            .collect();
+        assert!(down.contains(&"train-distilled-r4") && down.contains(&"landscape-distilled-r4"));
+        assert!(!down.iter().any(|n| n.contains("imp") || n.contains("random")));
+        // Resources: per-kind defaults, overridable from the preset.
+        let mut p2 = preset.clone();
+        p2.resources.insert("train".into(), Resources { cpus: Some(8), ..Default::default() });
+        let g2 = plan(&p2, None).unwrap();
+        let t = g2.nodes.iter().find(|n| n.name == "train-dense-r0").unwrap();
+        assert_eq!(t.resources.cpus, 8);
+        assert_eq!(t.key, g.nodes.iter().find(|n| n.name == "train-dense-r0").unwrap().key);
+        // A hand-broken graph is refused.
+        let mut bad = g.clone();
+        bad.nodes[0].inputs.push(3);
+        assert!(bad.validate().unwrap_err().to_string().contains("distill"));
+    }
+
+    #[test]
+    fn a_seed_sweep_expands_into_one_study_per_seed() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (mut preset, _) = load_preset("digits", root).unwrap();
+        let single = plan(&preset, None).unwrap();
+        preset.seeds = vec![0, 1, 2];
+        let g = plan(&preset, None).unwrap();
+        assert!(g.sweep);
+        assert_eq!(g.nodes.len(), 3 * single.nodes.len());
+        assert_eq!(g.edges().len(), 3 * single.edges().len());
+        assert!(g.nodes.iter().any(|n| n.name == "train-imp-r4-s2"));
+        assert!(g.nodes.iter().any(|n| n.argv.windows(2).any(|w| w == ["--seed", "1"])));
+        // Seed 0's study is another study than the single-seed one only by its names.
+        assert_ne!(g.nodes[0].key, single.nodes[0].key);
+        let m = MeanStd::of(&[1.0, 2.0, 3.0]);
+        assert_eq!((m.mean, m.std), (2.0, 1.0));
+        assert_eq!(MeanStd::of(&[0.5]).std, 0.0);
+    }
+
+    #[test]
+    fn an_unknown_preset_key_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("lmc-preset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let text = std::fs::read_to_string(root.join("presets/digits.toml")).unwrap();
+        let p = dir.join("typo.toml");
+        std::fs::write(&p, text.replace("replicates = 2", "replicate = 2")).unwrap();
+        let e = format!("{:#}", load_preset(p.to_str().unwrap(), root).unwrap_err());
+        assert!(e.contains("replicate"), "{e}");
+        std::fs::write(&p, format!("{text}\n[resources.trian]\ncpus = 1\n")).unwrap();
+        let e = format!("{:#}", load_preset(p.to_str().unwrap(), root).unwrap_err());
+        assert!(e.contains("trian"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

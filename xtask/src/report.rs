@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::pipeline::{ConditionSummary, Results};
+use crate::pipeline::{ConditionSummary, Results, SweepSummary};
 use crate::plot::{self, Series};
 
 const METHODS: [&str; 4] = ["dense", "distilled", "imp", "random"];
@@ -46,6 +46,16 @@ pub fn write(
     let mut acc = Vec::new();
     let mut bar = Vec::new();
     for m in METHODS.iter().skip(1) {
+        if !res.sweep.is_empty() {
+            // A seed sweep plots each condition's mean over the seeds (one point per sparsity).
+            let sw = res.sweep.iter().filter(|s| s.method == *m || s.method == "dense");
+            let pts = |value: fn(&SweepSummary) -> f64| -> Vec<(f64, f64)> {
+                sw.clone().map(|s| (100.0 * s.sparsity.mean, 100.0 * value(s))).collect()
+            };
+            acc.push(Series { name: m.to_string(), points: pts(|s| s.test_accuracy.mean) });
+            bar.push(Series { name: m.to_string(), points: pts(|s| s.error_barrier.mean) });
+            continue;
+        }
         let pts = |value: fn(&ConditionSummary) -> f64| -> Vec<(f64, f64)> {
             by_method(conds, m).map(|c| (100.0 * c.sparsity, 100.0 * value(c))).collect()
         };
@@ -149,13 +159,14 @@ pub fn write(
     if let Some(png) = distill_png {
         std::fs::copy(png, dir.join("distilled.png"))?;
     }
-    std::fs::write(
-        dir.join("summary.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({
-            "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
-            "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
-        }))?,
-    )?;
+    let mut summary = serde_json::json!({
+        "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
+        "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
+    });
+    if !res.sweep.is_empty() {
+        summary["sweep"] = serde_json::to_value(&res.sweep)?;
+    }
+    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
     // Markdown.
     let preset = res.preset.as_ref();
     let mut md = String::new();
@@ -178,6 +189,25 @@ pub fn write(
                 _ => "-".into(),
             }
         )?;
+    }
+    if !res.sweep.is_empty() {
+        writeln!(md, "\n## Across seeds\n\nEach seed's replicate mean, then mean ± sample standard deviation over the seeds.\n")?;
+        writeln!(md, "| condition | seeds | sparsity (%) | test accuracy (%) | error barrier (points) | loss barrier |\n|---|---|---|---|---|---|")?;
+        for s in &res.sweep {
+            writeln!(
+                md,
+                "| {} | {} | {:.1} | {} ± {} | {} ± {} | {} ± {} |",
+                s.condition,
+                s.seeds.len(),
+                100.0 * s.sparsity.mean,
+                pct(s.test_accuracy.mean),
+                pct(s.test_accuracy.std),
+                pct(s.error_barrier.mean),
+                pct(s.error_barrier.std),
+                fixed(s.loss_barrier.mean, 4),
+                fixed(s.loss_barrier.std, 4)
+            )?;
+        }
     }
     let img = |md: &mut String, file: &str, alt: &str| writeln!(md, "\n![{alt}]({file})\n");
     writeln!(md, "\n## Plots")?;
