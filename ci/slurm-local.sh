@@ -17,6 +17,8 @@ WORK=${LMC_SLURM_TEST_DIR:-$(mktemp -d /tmp/lmc-slurm.XXXXXX)}
 LOCAL_OUT=${LMC_SLURM_TEST_LOCAL:-$WORK/local}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
+# mktemp makes the folder 0700; munged runs as the munge user and keeps its pid file below it.
+chmod 755 "$WORK"
 say() { echo "[slurm-test] $*" >&2; }
 
 if [ "$(id -u)" != 0 ]; then
