@@ -6,12 +6,11 @@
 //! e.g. `-- convnet 1 mnist` (reads `../shared/data`, or `$LMC_DATA_DIR`).
 use lmc_distill::config::{Distance, DistillConfig, Method};
 use lmc_distill::dsa::{AugParams, Augmentation};
-use lmc_distill::frozen::{Patterns, Relus};
 use lmc_distill::problem::Problem;
 use lmc_distill::{gm, run};
 use lmc_train::data::{self, Batch, DatasetName};
 use lmc_train::fit::{self, GradBuffers};
-use lmc_train::model::Model;
+use lmc_train::model::{Model, Patterns, Relus};
 use lmc_train::seed::{self, Stream};
 use std::sync::Arc;
 fn main() {

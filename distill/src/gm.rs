@@ -10,21 +10,29 @@
 //!
 //! `dD/dS = [grad_S L(S; theta + eps u) - grad_S L(S; theta - eps u)] / (2 eps)`, exact up to
 //! O(eps^2), with `eps = fd_eps / ||u||` (the scaling DARTS uses for the same construction), and
-//! the ReLU patterns of the unshifted pass frozen in both shifted passes ([`crate::frozen`]
-//! explains why: without it the difference is dominated by units that flip).
+//! the ReLU patterns of the unshifted pass frozen in both shifted passes through the model's ReLU
+//! hook ([`Model::forward_with`] with [`Relus::Record`] / [`Relus::Replay`]).
+//!
+//! Why freeze: the parameter gradient of a ReLU network jumps wherever a unit's pre-activation
+//! crosses zero. ConvNet-3 has ~130,000 ReLU units per MNIST image, and after instance norm their
+//! pre-activations sit around zero, so moving the parameters by as little as 1e-5 (in norm) flips
+//! about one of them in a batch of ten and the central difference picks up that jump divided by
+//! `2 eps` (measured on MNIST: noise 30x the signal at every eps f32 can resolve). Double backward
+//! (what DC/IDC use in PyTorch) differentiates inside the current linear region (ReLU'' = 0), and
+//! so do the replayed passes: conv, instance norm, pooling, linear and cross-entropy are smooth.
 
 use std::sync::Arc;
 
 use dfdx::prelude::*;
 use lmc_train::data::Batch;
 use lmc_train::fit::{self, GradBuffers};
+use lmc_train::model::{Patterns, Relus};
 use lmc_train::ops;
 use lmc_train::params::{Layout, ParamInfo, ParamVec};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Distance;
 use crate::dsa::Augmentation;
-use crate::frozen::{self, Patterns, Relus};
 use crate::problem::Problem;
 
 /// The parameter tensors a distance compares (see [`Distance`]).
@@ -85,7 +93,7 @@ pub fn distance(layout: &Layout, d: Distance, g_real: &[f32], g_syn: &[f32]) -> 
 
 /// The synthetic side at `params`: mean cross-entropy of the decoded, augmented `stored` images
 /// (all of class `label`), its parameter gradient (flat) and its gradient w.r.t. `stored`. The
-/// ReLUs record or replay their patterns as `relus` says (see [`crate::frozen`]).
+/// ReLUs record or replay their patterns as `relus` says (see the module doc).
 pub fn syn_pass(
     p: &Problem,
     params: &ParamVec,
@@ -98,7 +106,7 @@ pub fn syn_pass(
     let n = stored.len() / p.shape().len();
     let tensors = model.tensors(&p.dev, params);
     let x = p.images(stored.to_vec(), n);
-    let logits = frozen::forward(model, &tensors, p.synthetic_input(x.leaky_trace(), aug), relus);
+    let logits = model.forward_with(&tensors, p.synthetic_input(x.leaky_trace(), aug), true, relus);
     let labels = vec![label; n * p.per_stored()];
     let loss = ops::cross_entropy(logits, &labels);
     let value = loss.array();

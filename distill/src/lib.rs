@@ -37,7 +37,6 @@ pub mod dm;
 pub mod dsa;
 pub mod eval;
 pub mod formation;
-pub mod frozen;
 pub mod gm;
 pub mod grid;
 mod linop;

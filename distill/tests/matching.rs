@@ -8,14 +8,13 @@ use std::sync::Arc;
 use lmc_distill::config::{Distance, DistillConfig, Method};
 use lmc_distill::dsa::{AugParams, Augmentation};
 use lmc_distill::eval::{self, EvalConfig};
-use lmc_distill::frozen::{self, Patterns, Relus};
 use lmc_distill::problem::Problem;
 use lmc_distill::run::{self, DistillCheckpoint, DistillRequest, RunOptions};
 use lmc_distill::{dm, gm};
 use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Batch, Dataset, DatasetName, SyntheticSet};
 use lmc_train::fit::{self, GradBuffers};
-use lmc_train::model::Model;
+use lmc_train::model::{Model, Patterns, Relus};
 use lmc_train::params::ParamVec;
 use lmc_train::seed::{self, Stream};
 
@@ -138,12 +137,11 @@ fn frozen_forward_equals_model_forward() {
         m.forward(&t, x(), true).copy_into(&mut want);
         let mut p = Patterns::default();
         let mut got = vec![0.0f32; 30];
-        frozen::forward(&m, &t, x(), &mut Relus::Record(&mut p)).copy_into(&mut got);
+        m.forward_with(&t, x(), true, &mut Relus::Record(&mut p)).copy_into(&mut got);
         assert_eq!(got, want, "{spec}");
         let mut again = vec![0.0f32; 30];
-        frozen::forward(&m, &t, x(), &mut Relus::Replay(&p)).copy_into(&mut again);
+        m.forward_with(&t, x(), true, &mut Relus::Replay(&p)).copy_into(&mut again);
         assert_eq!(again, want, "{spec}");
-        assert!(frozen::supports(&m.spec));
     }
 }
 
