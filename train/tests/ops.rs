@@ -9,8 +9,8 @@
 use dfdx::prelude::*;
 // Explicit names: `relu` and `mse_loss` also exist in dfdx's prelude, and an explicit import wins.
 use lmc_train::ops::{
-    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss,
-    norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
+    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, global_avg_pool, instance_norm,
+    linear, mse_loss, norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
 };
 
 mod common;
@@ -165,6 +165,18 @@ impl Op for PoolOp {
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, _: &[T1]) -> T4<Tp> {
         avg_pool2d(x, self.1)
+    }
+}
+
+struct GapOp(S4);
+impl Op for GapOp {
+    type X = S4;
+    type Y = (usize, usize);
+    fn x_shape(&self) -> S4 {
+        self.0
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, _: &[T1]) -> T2<Tp> {
+        global_avg_pool(x)
     }
 }
 
@@ -573,6 +585,33 @@ fn conv2d_strided_1x1_reads_every_other_pixel() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// global_avg_pool
+
+#[test]
+fn global_avg_pool_values_and_gradients() {
+    let y = vec_of(&global_avg_pool(
+        dev().tensor_from_vec(vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 0.5, 0.5], (1, 2, 2, 2)),
+    ));
+    assert_eq!(y, [2.5, 0.0]);
+    for x in [(2, 3, 5, 7), (3, 2, 1, 1), (2, 4, 8, 8), (17, 3, 4, 4)] {
+        let op = GapOp(x);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 21);
+        let plane = x.2 * x.3;
+        let want: Vec<f32> = xv
+            .chunks(plane)
+            .map(|p| (p.iter().map(|v| *v as f64).sum::<f64>() / plane as f64) as f32)
+            .collect();
+        assert_close(&format!("gap {x:?}"), &forward(&op, &xv, &[]), &want, 1e-6);
+        // Linear: exact up to rounding. The gradient is dy / (H W) everywhere in the plane.
+        let (gx, _) = grad_check(&format!("gap {x:?}"), &op, &xv, &[], 1e-2, 1e-3, true);
+        let r = rv(x.0 * x.1, 1234);
+        for (i, g) in gx.iter().enumerate() {
+            assert_eq!(*g, r[i / plane] / plane as f32, "gap {x:?} gradient {i}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // avg_pool2d
 
 #[test]
@@ -910,4 +949,5 @@ fn strided_ops_bit_identical_across_thread_counts() {
             &conv1.params(53),
         );
     }
+    assert_same_bits("global_avg_pool", &GapOp(x), &xv, &[]);
 }

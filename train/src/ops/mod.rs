@@ -59,7 +59,7 @@ pub use linear::linear;
 pub(crate) use loss::softmax_xent_rows;
 pub use loss::{accuracy_counts, cross_entropy, mse_loss};
 pub use norm::instance_norm;
-pub use pool::avg_pool2d;
+pub use pool::{avg_pool2d, global_avg_pool};
 
 use dfdx::prelude::{HasShape, Shape};
 
