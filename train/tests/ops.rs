@@ -180,6 +180,57 @@ impl Op for GapOp {
     }
 }
 
+/// A residual block's shortcut.
+#[derive(Clone, Copy, Debug)]
+enum Shortcut {
+    /// The input itself (same channels, stride 1).
+    Identity,
+    /// A 1x1 convolution at the block's stride (no bias), as a ResNet's stage entry.
+    Conv1x1,
+}
+
+/// A residual block without norms: conv3x3 (stride `stride`) -> ReLU -> conv3x3, plus the
+/// shortcut, added with dfdx's `+`. Both branches start from the same traced input: the main
+/// branch carries the input's tape, the shortcut starts from an empty tape of the same kind
+/// (`retaped`), and `+` merges the two tapes, so the input's gradient is the sum of both paths.
+struct ResBlockOp {
+    x: S4,
+    cout: usize,
+    stride: usize,
+    shortcut: Shortcut,
+}
+impl Op for ResBlockOp {
+    type X = S4;
+    type Y = S4;
+    fn x_shape(&self) -> S4 {
+        self.x
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let (x, tape) = x.split_tape();
+        let c1 = Conv2dCfg::new(self.cout, 3, 1).with_stride(self.stride);
+        let h = conv2d(x.clone().put_tape(tape), &ps[0], None, c1, true);
+        let h = conv2d(relu(h), &ps[1], None, Conv2dCfg::new(self.cout, 3, 1), true);
+        match self.shortcut {
+            // `x` has no tape: the add's backward still writes into x's gradient (same id).
+            Shortcut::Identity => h + x,
+            Shortcut::Conv1x1 => {
+                let c = Conv2dCfg::new(self.cout, 1, 0).with_stride(self.stride);
+                h + conv2d(x.retaped::<Tp>(), &ps[2], None, c, true)
+            }
+        }
+    }
+}
+impl ResBlockOp {
+    fn params(&self, seed: u64) -> Vec<Vec<f32>> {
+        let (cin, cout) = (self.x.1, self.cout);
+        let mut ps = vec![rv(cout * cin * 9, seed), rv(cout * cout * 9, seed + 1)];
+        if let Shortcut::Conv1x1 = self.shortcut {
+            ps.push(rv(cout * cin, seed + 2));
+        }
+        ps
+    }
+}
+
 struct NormOp(S4);
 impl Op for NormOp {
     type X = S4;
@@ -612,6 +663,63 @@ fn global_avg_pool_values_and_gradients() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// residual block: dfdx's `+` joins two branches of one input
+
+#[test]
+fn residual_block_gradients() {
+    // Piecewise linear (one ReLU): central differences are exact unless a step crosses a kink,
+    // so a small step keeps crossings rare and a 1e-2 tolerance leaves margin for rounding.
+    for (x, cout, stride, shortcut) in [
+        ((2, 3, 7, 7), 4, 2, Shortcut::Conv1x1),
+        ((2, 3, 8, 8), 4, 2, Shortcut::Conv1x1),
+        ((2, 3, 6, 6), 4, 1, Shortcut::Conv1x1),
+        ((2, 4, 5, 5), 4, 1, Shortcut::Identity),
+    ] {
+        let op = ResBlockOp { x, cout, stride, shortcut };
+        let ps = op.params(31);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 33);
+        let name = format!("block {x:?} s{stride} {shortcut:?}");
+        let (gx, _) = grad_check(&name, &op, &xv, &ps, 1e-3, 1e-2, true);
+        // Both paths reach the input: without the shortcut's share the gradient differs.
+        let r = rv(forward(&op, &xv, &ps).len(), 1234);
+        let (_, gx_main, _) = grads(&MainBranch(&op), &xv, &ps[..2], &r);
+        assert!(gx.iter().zip(&gx_main).any(|(a, b)| a != b), "{name}: shortcut adds nothing");
+    }
+}
+
+/// A residual block's main branch alone (no shortcut, no add).
+struct MainBranch<'a>(&'a ResBlockOp);
+impl Op for MainBranch<'_> {
+    type X = S4;
+    type Y = S4;
+    fn x_shape(&self) -> S4 {
+        self.0.x
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let c1 = Conv2dCfg::new(self.0.cout, 3, 1).with_stride(self.0.stride);
+        let h = conv2d(x, &ps[0], None, c1, true);
+        conv2d(relu(h), &ps[1], None, Conv2dCfg::new(self.0.cout, 3, 1), true)
+    }
+}
+
+#[test]
+fn residual_block_output_is_the_sum_of_its_branches() {
+    let op = ResBlockOp { x: (2, 3, 7, 7), cout: 4, stride: 2, shortcut: Shortcut::Conv1x1 };
+    let ps = op.params(41);
+    let xv = rv(2 * 3 * 49, 43);
+    let main = forward(&MainBranch(&op), &xv, &ps);
+    let sc_op = ConvOp {
+        x: op.x,
+        cfg: Conv2dCfg::new(4, 1, 0).with_stride(2),
+        bias: false,
+        input_grad: true,
+    };
+    let sc = forward(&sc_op, &xv, &ps[2..]);
+    let want: Vec<f32> = main.iter().zip(&sc).map(|(a, b)| a + b).collect();
+    assert_eq!(bits(&forward(&op, &xv, &ps)), bits(&want));
+}
+
+// ---------------------------------------------------------------------------------------------
 // avg_pool2d
 
 #[test]
@@ -950,4 +1058,6 @@ fn strided_ops_bit_identical_across_thread_counts() {
         );
     }
     assert_same_bits("global_avg_pool", &GapOp(x), &xv, &[]);
+    let block = ResBlockOp { x, cout: 32, stride: 2, shortcut: Shortcut::Conv1x1 };
+    assert_same_bits("residual block", &block, &xv, &block.params(54));
 }
