@@ -155,9 +155,9 @@ fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
 
 /// 2-D convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, k, k) and optional bias `b`
 /// (Cout), zero padding p = `cfg.padding`, stride s = `cfg.stride`: output (N, Cout, Ho, Wo) with
-/// Ho = floor((H + 2p - k) / s) + 1 (likewise Wo), like PyTorch's `Conv2d`; input rows and
-/// columns that no window reaches (the last ones, when the stride does not divide) get zero
-/// gradient.
+/// Ho = floor((H + 2p - k) / s) + 1 (likewise Wo), like PyTorch's `Conv2d`; input pixels that
+/// no window reads (every other row and column for a 1x1 kernel at stride 2, the last ones when
+/// the stride does not divide) get zero gradient.
 ///
 /// With `input_grad == false` the backward pass skips the input gradient (x's gradient is still
 /// allocated, as zeros): the first layer of a network never needs it.

@@ -93,7 +93,7 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
 
 /// Global average pooling: `x` (N, C, H, W) to (N, C), each plane's mean (PyTorch's
 /// `AdaptiveAvgPool2d(1)` followed by a flatten, as a ResNet ends). Each plane is summed in a
-/// fixed order ([`sum_f32`]) and divided by H * W, so the result does not depend on threads;
+/// fixed order (`sum_f32`) and divided by H * W, so the result does not depend on threads;
 /// backward spreads each output's gradient / (H * W) over its plane.
 pub fn global_avg_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>) -> T2<Tp> {
     let x = x.contiguous();
