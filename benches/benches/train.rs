@@ -37,7 +37,7 @@ fn conv(c: &mut Criterion) {
         let x = input(&dev, n, cin, hw);
         let w = param(&dev, 128 * cin * 9, 0.1);
         let b = param(&dev, 128, 0.1);
-        let cfg = Conv2dCfg { out_channels: 128, kernel: 3, padding: 1 };
+        let cfg = Conv2dCfg { out_channels: 128, kernel: 3, padding: 1, stride: 1 };
         g.throughput(Throughput::Elements(n as u64));
         let id = format!("{cin}x{hw}x{hw}");
         g.bench_with_input(BenchmarkId::new("forward", &id), &(), |bch, _| {

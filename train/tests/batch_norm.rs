@@ -36,7 +36,7 @@ impl Bn {
         Bn { x, running: Some(rs), sandwich: false }
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
-        let cfg = Conv2dCfg { out_channels: self.x.1, kernel: 3, padding: 1 };
+        let cfg = Conv2dCfg { out_channels: self.x.1, kernel: 3, padding: 1, stride: 1 };
         let x = if self.sandwich { conv2d(x, &ps[2], None, cfg, true) } else { x };
         let y = match &self.running {
             None => batch_norm_train(x, &ps[0], &ps[1], BN_EPS).unwrap().0,

@@ -9,8 +9,8 @@
 use dfdx::prelude::*;
 // Explicit names: `relu` and `mse_loss` also exist in dfdx's prelude, and an explicit import wins.
 use lmc_train::ops::{
-    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, instance_norm, linear, mse_loss,
-    norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
+    accuracy_counts, avg_pool2d, conv2d, cross_entropy, flatten, global_avg_pool, instance_norm,
+    linear, mse_loss, norm_relu_pool, relu, relu2, Conv2dCfg, T1, T2, T4,
 };
 
 mod common;
@@ -168,6 +168,69 @@ impl Op for PoolOp {
     }
 }
 
+struct GapOp(S4);
+impl Op for GapOp {
+    type X = S4;
+    type Y = (usize, usize);
+    fn x_shape(&self) -> S4 {
+        self.0
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, _: &[T1]) -> T2<Tp> {
+        global_avg_pool(x)
+    }
+}
+
+/// A residual block's shortcut.
+#[derive(Clone, Copy, Debug)]
+enum Shortcut {
+    /// The input itself (same channels, stride 1).
+    Identity,
+    /// A 1x1 convolution at the block's stride (no bias), as a ResNet's stage entry.
+    Conv1x1,
+}
+
+/// A residual block without norms: conv3x3 (stride `stride`) -> ReLU -> conv3x3, plus the
+/// shortcut, added with dfdx's `+`. Both branches start from the same traced input: the main
+/// branch carries the input's tape, the shortcut starts from an empty tape of the same kind
+/// (`retaped`), and `+` merges the two tapes, so the input's gradient is the sum of both paths.
+struct ResBlockOp {
+    x: S4,
+    cout: usize,
+    stride: usize,
+    shortcut: Shortcut,
+}
+impl Op for ResBlockOp {
+    type X = S4;
+    type Y = S4;
+    fn x_shape(&self) -> S4 {
+        self.x
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let (x, tape) = x.split_tape();
+        let c1 = Conv2dCfg::new(self.cout, 3, 1).with_stride(self.stride);
+        let h = conv2d(x.clone().put_tape(tape), &ps[0], None, c1, true);
+        let h = conv2d(relu(h), &ps[1], None, Conv2dCfg::new(self.cout, 3, 1), true);
+        match self.shortcut {
+            // `x` has no tape: the add's backward still writes into x's gradient (same id).
+            Shortcut::Identity => h + x,
+            Shortcut::Conv1x1 => {
+                let c = Conv2dCfg::new(self.cout, 1, 0).with_stride(self.stride);
+                h + conv2d(x.retaped::<Tp>(), &ps[2], None, c, true)
+            }
+        }
+    }
+}
+impl ResBlockOp {
+    fn params(&self, seed: u64) -> Vec<Vec<f32>> {
+        let (cin, cout) = (self.x.1, self.cout);
+        let mut ps = vec![rv(cout * cin * 9, seed), rv(cout * cout * 9, seed + 1)];
+        if let Shortcut::Conv1x1 = self.shortcut {
+            ps.push(rv(cout * cin, seed + 2));
+        }
+        ps
+    }
+}
+
 struct NormOp(S4);
 impl Op for NormOp {
     type X = S4;
@@ -293,8 +356,8 @@ impl Op for NetOp {
         (3, 2, 6, 6)
     }
     fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> Tensor<(), f32, Cpu, Tp> {
-        let c1 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
-        let c2 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1 };
+        let c1 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1, stride: 1 };
+        let c2 = Conv2dCfg { out_channels: 4, kernel: 3, padding: 1, stride: 1 };
         let h = conv2d(x, &ps[0], None, c1, false);
         let h = instance_norm(h, &ps[1], &ps[2], 1e-5);
         let h = relu(h);
@@ -318,8 +381,9 @@ fn naive_conv(
     cout: usize,
     k: usize,
     p: usize,
+    stride: usize,
 ) -> Vec<f32> {
-    let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
+    let (ho, wo) = ((h + 2 * p - k) / stride + 1, (w + 2 * p - k) / stride + 1);
     let mut y = vec![0.0f32; n * cout * ho * wo];
     for ni in 0..n {
         for co in 0..cout {
@@ -329,7 +393,7 @@ fn naive_conv(
                     for ci in 0..cin {
                         for ky in 0..k {
                             for kx in 0..k {
-                                let (iy, ix) = (oy + ky, ox + kx);
+                                let (iy, ix) = (oy * stride + ky, ox * stride + kx);
                                 if iy < p || ix < p || iy - p >= h || ix - p >= w {
                                     continue;
                                 }
@@ -407,7 +471,7 @@ fn conv2d_hand_computed() {
             xt,
             &t1(w),
             bt.as_ref(),
-            Conv2dCfg { out_channels: 1, kernel: k, padding: p },
+            Conv2dCfg { out_channels: 1, kernel: k, padding: p, stride: 1 },
             true,
         ))
     };
@@ -439,14 +503,14 @@ fn conv2d_matches_naive() {
     ] {
         let op = ConvOp {
             x,
-            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p },
+            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p, stride: 1 },
             bias,
             input_grad: true,
         };
         let ps = op.params(7);
         let xv = rv(x.0 * x.1 * x.2 * x.3, 3);
         let y = forward(&op, &xv, &ps);
-        let want = naive_conv(&xv, x, &ps[0], ps.get(1).map(|v| v.as_slice()), cout, k, p);
+        let want = naive_conv(&xv, x, &ps[0], ps.get(1).map(|v| v.as_slice()), cout, k, p, 1);
         assert_close(&format!("conv {x:?} k{k} p{p}"), &y, &want, 1e-5);
     }
 }
@@ -465,7 +529,7 @@ fn conv2d_gradients() {
     ] {
         let op = ConvOp {
             x,
-            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p },
+            cfg: Conv2dCfg { out_channels: cout, kernel: k, padding: p, stride: 1 },
             bias,
             input_grad: true,
         };
@@ -478,7 +542,7 @@ fn conv2d_gradients() {
 #[test]
 fn conv2d_without_input_grad() {
     let x = (3, 2, 5, 5);
-    let cfg = Conv2dCfg { out_channels: 3, kernel: 3, padding: 1 };
+    let cfg = Conv2dCfg { out_channels: 3, kernel: 3, padding: 1, stride: 1 };
     let with = ConvOp { x, cfg, bias: true, input_grad: true };
     let without = ConvOp { x, cfg, bias: true, input_grad: false };
     let ps = with.params(1);
@@ -491,6 +555,168 @@ fn conv2d_without_input_grad() {
     assert!(gx_full.iter().any(|v| *v != 0.0));
     assert_eq!(bits(&gps[0]), bits(&gps_full[0]));
     assert_eq!(bits(&gps[1]), bits(&gps_full[1]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// strided conv2d (a ResNet's stage entry: 3x3 stride 2 padding 1, and its 1x1 stride 2 shortcut)
+
+/// (input, out channels, kernel, padding, stride, bias): odd and even sizes (an odd size leaves
+/// the last row and column unread by the 1x1 stride-2 kernel), non-square images, a stride of 3,
+/// and a batch of more than one sample group.
+const STRIDED: [(S4, usize, usize, usize, usize, bool); 9] = [
+    ((2, 3, 7, 7), 4, 3, 1, 2, true),
+    ((2, 3, 8, 8), 4, 3, 1, 2, false),
+    ((2, 3, 7, 6), 4, 3, 1, 2, false),
+    ((2, 4, 7, 7), 3, 1, 0, 2, true),
+    ((2, 4, 8, 6), 3, 1, 0, 2, false),
+    ((2, 4, 5, 5), 3, 1, 0, 1, false),
+    ((1, 2, 5, 6), 2, 5, 2, 3, true),
+    ((10, 3, 9, 9), 4, 3, 1, 2, true),
+    ((2, 2, 1, 1), 3, 3, 1, 2, true), // a 1x1 image: a ResNet's last stage on 8x8 digits
+];
+
+#[test]
+fn conv2d_output_size_is_pytorchs() {
+    // floor((n + 2p - k) / s) + 1
+    let c3 = Conv2dCfg::new(16, 3, 1).with_stride(2);
+    let c1 = Conv2dCfg::new(16, 1, 0).with_stride(2);
+    for (n, want) in [(32, 16), (16, 8), (8, 4), (7, 4), (2, 1), (1, 1)] {
+        assert_eq!(c3.out_size(n), Some(want), "3x3 s2 p1 on {n}");
+        assert_eq!(c1.out_size(n), Some(want), "1x1 s2 p0 on {n}");
+    }
+    assert_eq!(Conv2dCfg::new(4, 3, 1).out_size(9), Some(9));
+    assert_eq!(Conv2dCfg::new(4, 5, 0).out_size(4), None);
+    assert_eq!(Conv2dCfg::new(4, 1, 0).with_stride(0).out_size(4), None);
+    assert_eq!(
+        Conv2dCfg::new(4, 3, 1),
+        Conv2dCfg { out_channels: 4, kernel: 3, padding: 1, stride: 1 }
+    );
+}
+
+#[test]
+fn conv2d_strided_matches_naive() {
+    for (x, cout, k, p, s, bias) in STRIDED {
+        let cfg = Conv2dCfg::new(cout, k, p).with_stride(s);
+        let op = ConvOp { x, cfg, bias, input_grad: true };
+        let ps = op.params(17);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 13);
+        let y = forward(&op, &xv, &ps);
+        let want = naive_conv(&xv, x, &ps[0], ps.get(1).map(|v| v.as_slice()), cout, k, p, s);
+        assert_close(&format!("conv {x:?} k{k} p{p} s{s}"), &y, &want, 1e-5);
+    }
+}
+
+#[test]
+fn conv2d_strided_gradients() {
+    // Linear in x and in (w, b), as in `conv2d_gradients`.
+    for (x, cout, k, p, s, bias) in STRIDED {
+        let cfg = Conv2dCfg::new(cout, k, p).with_stride(s);
+        let op = ConvOp { x, cfg, bias, input_grad: true };
+        let ps = op.params(15);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 19);
+        grad_check(&format!("conv {x:?} k{k} p{p} s{s}"), &op, &xv, &ps, 1e-2, 1e-2, true);
+    }
+}
+
+#[test]
+fn conv2d_strided_1x1_reads_every_other_pixel() {
+    // A 1x1 stride-2 kernel reads the even rows and columns only: the others get exactly zero
+    // gradient, and the output is the subsampled input times the weight.
+    let x = (2, 3, 7, 6);
+    let op =
+        ConvOp { x, cfg: Conv2dCfg::new(2, 1, 0).with_stride(2), bias: false, input_grad: true };
+    let ps = op.params(3);
+    let xv = rv(2 * 3 * 42, 4);
+    let r = rv(2 * 2 * 4 * 3, 5);
+    let (_, gx, _) = grads(&op, &xv, &ps, &r);
+    for (i, g) in gx.iter().enumerate() {
+        let (iy, ix) = ((i / 6) % 7, i % 6);
+        assert_eq!(*g == 0.0, iy % 2 == 1 || ix % 2 == 1, "input gradient {i} ({iy}, {ix}): {g}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// global_avg_pool
+
+#[test]
+fn global_avg_pool_values_and_gradients() {
+    let y = vec_of(&global_avg_pool(
+        dev().tensor_from_vec(vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 0.5, 0.5], (1, 2, 2, 2)),
+    ));
+    assert_eq!(y, [2.5, 0.0]);
+    for x in [(2, 3, 5, 7), (3, 2, 1, 1), (2, 4, 8, 8), (17, 3, 4, 4)] {
+        let op = GapOp(x);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 21);
+        let plane = x.2 * x.3;
+        let want: Vec<f32> = xv
+            .chunks(plane)
+            .map(|p| (p.iter().map(|v| *v as f64).sum::<f64>() / plane as f64) as f32)
+            .collect();
+        assert_close(&format!("gap {x:?}"), &forward(&op, &xv, &[]), &want, 1e-6);
+        // Linear: exact up to rounding. The gradient is dy / (H W) everywhere in the plane.
+        let (gx, _) = grad_check(&format!("gap {x:?}"), &op, &xv, &[], 1e-2, 1e-3, true);
+        let r = rv(x.0 * x.1, 1234);
+        for (i, g) in gx.iter().enumerate() {
+            assert_eq!(*g, r[i / plane] / plane as f32, "gap {x:?} gradient {i}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// residual block: dfdx's `+` joins two branches of one input
+
+#[test]
+fn residual_block_gradients() {
+    // Piecewise linear (one ReLU): central differences are exact unless a step crosses a kink,
+    // so a small step keeps crossings rare and a 1e-2 tolerance leaves margin for rounding.
+    for (x, cout, stride, shortcut) in [
+        ((2, 3, 7, 7), 4, 2, Shortcut::Conv1x1),
+        ((2, 3, 8, 8), 4, 2, Shortcut::Conv1x1),
+        ((2, 3, 6, 6), 4, 1, Shortcut::Conv1x1),
+        ((2, 4, 5, 5), 4, 1, Shortcut::Identity),
+    ] {
+        let op = ResBlockOp { x, cout, stride, shortcut };
+        let ps = op.params(31);
+        let xv = rv(x.0 * x.1 * x.2 * x.3, 33);
+        let name = format!("block {x:?} s{stride} {shortcut:?}");
+        let (gx, _) = grad_check(&name, &op, &xv, &ps, 1e-3, 1e-2, true);
+        // Both paths reach the input: without the shortcut's share the gradient differs.
+        let r = rv(forward(&op, &xv, &ps).len(), 1234);
+        let (_, gx_main, _) = grads(&MainBranch(&op), &xv, &ps[..2], &r);
+        assert!(gx.iter().zip(&gx_main).any(|(a, b)| a != b), "{name}: shortcut adds nothing");
+    }
+}
+
+/// A residual block's main branch alone (no shortcut, no add).
+struct MainBranch<'a>(&'a ResBlockOp);
+impl Op for MainBranch<'_> {
+    type X = S4;
+    type Y = S4;
+    fn x_shape(&self) -> S4 {
+        self.0.x
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let c1 = Conv2dCfg::new(self.0.cout, 3, 1).with_stride(self.0.stride);
+        let h = conv2d(x, &ps[0], None, c1, true);
+        conv2d(relu(h), &ps[1], None, Conv2dCfg::new(self.0.cout, 3, 1), true)
+    }
+}
+
+#[test]
+fn residual_block_output_is_the_sum_of_its_branches() {
+    let op = ResBlockOp { x: (2, 3, 7, 7), cout: 4, stride: 2, shortcut: Shortcut::Conv1x1 };
+    let ps = op.params(41);
+    let xv = rv(2 * 3 * 49, 43);
+    let main = forward(&MainBranch(&op), &xv, &ps);
+    let sc_op = ConvOp {
+        x: op.x,
+        cfg: Conv2dCfg::new(4, 1, 0).with_stride(2),
+        bias: false,
+        input_grad: true,
+    };
+    let sc = forward(&sc_op, &xv, &ps[2..]);
+    let want: Vec<f32> = main.iter().zip(&sc).map(|(a, b)| a + b).collect();
+    assert_eq!(bits(&forward(&op, &xv, &ps)), bits(&want));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -781,7 +1007,7 @@ fn bit_identical_across_thread_counts() {
     let xv = rv(10 * 16 * 144, 91);
     let conv = ConvOp {
         x,
-        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 },
+        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1, stride: 1 },
         bias: true,
         input_grad: true,
     };
@@ -792,7 +1018,7 @@ fn bit_identical_across_thread_counts() {
     let x1 = (1, 32, 16, 16);
     let conv1 = ConvOp {
         x: x1,
-        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1 },
+        cfg: Conv2dCfg { out_channels: 32, kernel: 3, padding: 1, stride: 1 },
         bias: true,
         input_grad: true,
     };
@@ -811,4 +1037,27 @@ fn bit_identical_across_thread_counts() {
     let block = BlockOp { x, norm: true, k: 2, fused: true };
     assert_same_bits("block", &block, &xv, &[rv(16, 95), rv(16, 96)]);
     assert_same_bits("relu", &ReluOp(x), &xv, &[]);
+}
+
+#[test]
+fn strided_ops_bit_identical_across_thread_counts() {
+    // ResNet shapes, shrunk: a stage entry (3x3 stride 2) and its shortcut (1x1 stride 2) on a
+    // batch of two unequal sample groups, and one sample (gemm then uses the pool).
+    let x = (10, 16, 12, 12);
+    let xv = rv(10 * 16 * 144, 51);
+    for (k, p) in [(3, 1), (1, 0)] {
+        let cfg = Conv2dCfg::new(32, k, p).with_stride(2);
+        let conv = ConvOp { x, cfg, bias: true, input_grad: true };
+        assert_same_bits(&format!("conv {k}x{k} s2 b10"), &conv, &xv, &conv.params(52));
+        let conv1 = ConvOp { x: (1, 16, 12, 12), ..conv };
+        assert_same_bits(
+            &format!("conv {k}x{k} s2 b1"),
+            &conv1,
+            &xv[..16 * 144],
+            &conv1.params(53),
+        );
+    }
+    assert_same_bits("global_avg_pool", &GapOp(x), &xv, &[]);
+    let block = ResBlockOp { x, cout: 32, stride: 2, shortcut: Shortcut::Conv1x1 };
+    assert_same_bits("residual block", &block, &xv, &block.params(54));
 }

@@ -63,22 +63,35 @@ fn t1(dev: &Cpu, v: &[f32]) -> T1 {
 }
 
 /// conv2d's forward (bias fill, im2col) and backward (im2col, col2im, bias and weight sums) with
-/// the input gradient, for kernels with padding, without, larger than the padding, and 1x1.
+/// the input gradient, for kernels with padding, without, larger than the padding, and 1x1; at
+/// stride 1 and at stride 2 (a ResNet's stage entry 3x3 and its 1x1 shortcut, whose strided
+/// gather and scatter are separate loops), on sizes the stride does and does not divide.
 #[test]
 fn conv2d_builds_agree() {
     let dev = Cpu::default();
     // 11 samples: one whole group of 8 and a partial one; odd, non-square images.
-    let (n, cin, h, w, cout) = (11, 3, 7, 9, 5);
-    for (k, p) in [(3, 1), (2, 0), (5, 1), (1, 0)] {
+    let (n, cin, cout) = (11, 3, 5);
+    // (h, w, kernel, padding, stride)
+    for (h, w, k, p, s) in [
+        (7, 9, 3, 1, 1),
+        (7, 9, 2, 0, 1),
+        (7, 9, 5, 1, 1),
+        (7, 9, 1, 0, 1),
+        (7, 9, 3, 1, 2),
+        (8, 10, 3, 1, 2),
+        (7, 9, 1, 0, 2),
+        (8, 10, 1, 0, 2),
+        (7, 9, 5, 2, 3),
+    ] {
+        let cfg = Conv2dCfg { out_channels: cout, kernel: k, padding: p, stride: s };
         let x = values(n * cin * h * w, 1);
         let wv = values(cout * cin * k * k, 2);
         let bv = values(cout, 3);
-        let (ho, wo) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
+        let (ho, wo) = (cfg.out_size(h).unwrap(), cfg.out_size(w).unwrap());
         let target = values(n * cout * ho * wo, 4);
-        both_ways(&format!("conv2d k={k} p={p}"), |build| {
+        both_ways(&format!("conv2d {h}x{w} k={k} p={p} s={s}"), |build| {
             let xt = dev.tensor_from_vec(x.clone(), (n, cin, h, w));
             let (wt, bt) = (t1(&dev, &wv), t1(&dev, &bv));
-            let cfg = Conv2dCfg { out_channels: cout, kernel: k, padding: p };
             let y = conv2d_with(build, xt.leaky_trace(), &wt, Some(&bt), cfg, true);
             let mut yv = vec![0.0; n * cout * ho * wo];
             y.copy_into(&mut yv);

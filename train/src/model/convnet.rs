@@ -60,7 +60,7 @@ impl Architecture for ConvNet {
         let mut h = x;
         let mut k = 0;
         for d in 0..self.depth {
-            let cfg = Conv2dCfg { out_channels: self.width, kernel: 3, padding: 1 };
+            let cfg = Conv2dCfg { out_channels: self.width, kernel: 3, padding: 1, stride: 1 };
             h = ops::conv2d(h, &p[k], Some(&p[k + 1]), cfg, input_grad || d > 0);
             k += 2;
             let affine = (self.norm == Norm::Instance).then(|| (&p[k], &p[k + 1]));

@@ -1,4 +1,4 @@
-//! 2-D convolution (stride 1, zero padding) as im2col + `gemm`, one sample at a time.
+//! 2-D convolution (zero padding, any stride) as im2col + `gemm`, one sample at a time.
 
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -7,7 +7,7 @@ use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 use crate::cpu::Build;
 
-/// The hyper-parameters of [`conv2d`] (stride is always 1, padding is zeros).
+/// The hyper-parameters of [`conv2d`] (padding is zeros).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2dCfg {
     /// Output channels (the weight is (out_channels, in_channels, kernel, kernel)).
@@ -16,6 +16,28 @@ pub struct Conv2dCfg {
     pub kernel: usize,
     /// Zero padding on each side.
     pub padding: usize,
+    /// Step between output pixels, in both directions (1: every position; a ResNet stage entry
+    /// and its 1x1 shortcut use 2).
+    pub stride: usize,
+}
+
+impl Conv2dCfg {
+    /// A stride-1 convolution (the ConvNet's and most of a ResNet's).
+    pub fn new(out_channels: usize, kernel: usize, padding: usize) -> Self {
+        Conv2dCfg { out_channels, kernel, padding, stride: 1 }
+    }
+
+    /// The same convolution with stride `stride`.
+    pub fn with_stride(self, stride: usize) -> Self {
+        Conv2dCfg { stride, ..self }
+    }
+
+    /// The output size along a dimension of input size `n`: floor((n + 2p - k) / s) + 1, like
+    /// PyTorch; `None` if the kernel does not fit the padded input or the stride is 0.
+    pub fn out_size(&self, n: usize) -> Option<usize> {
+        let span = (n + 2 * self.padding).checked_sub(self.kernel)?;
+        (self.stride > 0).then(|| span / self.stride + 1)
+    }
 }
 
 /// The sizes of one convolution.
@@ -26,6 +48,7 @@ struct Geom {
     w: usize,
     k: usize,
     p: usize,
+    s: usize,
     ho: usize,
     wo: usize,
 }
@@ -39,21 +62,24 @@ impl Geom {
     fn pd(&self) -> usize {
         self.ho * self.wo
     }
-    /// A 1x1 kernel without padding needs no im2col: the input is the column matrix.
+    /// A 1x1 kernel without padding at stride 1 needs no im2col: the input is the column
+    /// matrix. (At stride 2 the 1x1 shortcut still goes through im2col, which subsamples.)
     fn direct(&self) -> bool {
-        self.k == 1 && self.p == 0
+        self.k == 1 && self.p == 0 && self.s == 1
     }
-    /// For output column `kx` of the kernel: the output columns `ox0..ox1` read inside the
-    /// image (the others read padding), and `ix0`, the input column read at `ox0`.
+    /// For column `kx` of the kernel: the output columns `ox0..ox1` that read inside the image
+    /// (the others read padding), and `ix0`, the input column read at `ox0`; output column `ox`
+    /// reads input column `ox * s + kx - p`.
     fn cols(&self, kx: usize) -> (usize, usize, usize) {
-        let ox0 = self.p.saturating_sub(kx).min(self.wo);
-        let ox1 = (self.w + self.p).saturating_sub(kx).min(self.wo).max(ox0);
-        // ox0 + kx >= p whenever the range is non-empty; saturate for the empty case.
-        (ox0, ox1, (ox0 + kx).saturating_sub(self.p))
+        let s = self.s;
+        let ox0 = self.p.saturating_sub(kx).div_ceil(s).min(self.wo);
+        let ox1 = (self.w + self.p).saturating_sub(kx).div_ceil(s).min(self.wo).max(ox0);
+        // ox0 * s + kx >= p whenever the range is non-empty; saturate for the empty case.
+        (ox0, ox1, (ox0 * s + kx).saturating_sub(self.p))
     }
     /// The input row read by output row `oy` at kernel row `ky`, if inside the image.
     fn row(&self, oy: usize, ky: usize) -> Option<usize> {
-        let iy = (oy + ky).checked_sub(self.p)?;
+        let iy = (oy * self.s + ky).checked_sub(self.p)?;
         (iy < self.h).then_some(iy)
     }
 }
@@ -77,7 +103,15 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
                             seg[..ox0].fill(0.0);
                             seg[ox1..].fill(0.0);
                             let src = iy * g.w + ix0;
-                            seg[ox0..ox1].copy_from_slice(&xc[src..src + (ox1 - ox0)]);
+                            let len = ox1 - ox0;
+                            if g.s == 1 {
+                                seg[ox0..ox1].copy_from_slice(&xc[src..src + len]);
+                            } else if len > 0 {
+                                let xs = xc[src..src + (len - 1) * g.s + 1].iter().step_by(g.s);
+                                for (d, v) in seg[ox0..ox1].iter_mut().zip(xs) {
+                                    *d = *v;
+                                }
+                            }
                         }
                     }
                 }
@@ -100,9 +134,17 @@ fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
                 for oy in 0..g.ho {
                     if let Some(iy) = g.row(oy, ky) {
                         let seg = &row[oy * wo + ox0..oy * wo + ox1];
-                        let dst = &mut dxc[iy * g.w + ix0..iy * g.w + ix0 + (ox1 - ox0)];
-                        for (d, s) in dst.iter_mut().zip(seg) {
-                            *d += s;
+                        let (dst0, len) = (iy * g.w + ix0, ox1 - ox0);
+                        if g.s == 1 {
+                            let dst = &mut dxc[dst0..dst0 + len];
+                            for (d, s) in dst.iter_mut().zip(seg) {
+                                *d += s;
+                            }
+                        } else if len > 0 {
+                            let dst = dxc[dst0..dst0 + (len - 1) * g.s + 1].iter_mut().step_by(g.s);
+                            for (d, s) in dst.zip(seg) {
+                                *d += s;
+                            }
                         }
                     }
                 }
@@ -112,8 +154,10 @@ fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
 }
 
 /// 2-D convolution of `x` (N, Cin, H, W) with `w` (Cout, Cin, k, k) and optional bias `b`
-/// (Cout), stride 1, zero padding `cfg.padding`: output (N, Cout, H + 2p - k + 1, W + 2p - k + 1),
-/// like PyTorch's `Conv2d`.
+/// (Cout), zero padding p = `cfg.padding`, stride s = `cfg.stride`: output (N, Cout, Ho, Wo) with
+/// Ho = floor((H + 2p - k) / s) + 1 (likewise Wo), like PyTorch's `Conv2d`; input pixels that
+/// no window reads (every other row and column for a 1x1 kernel at stride 2, the last ones when
+/// the stride does not divide) get zero gradient.
 ///
 /// With `input_grad == false` the backward pass skips the input gradient (x's gradient is still
 /// allocated, as zeros): the first layer of a network never needs it.
@@ -142,14 +186,13 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
 ) -> T4<Tp> {
     let x = x.contiguous();
     let (n, cin, h, wd) = *x.shape();
-    let Conv2dCfg { out_channels: cout, kernel: k, padding: p } = cfg;
+    let Conv2dCfg { out_channels: cout, kernel: k, padding: p, stride: s } = cfg;
     assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {:?}", x.shape());
-    assert!(cout > 0 && k > 0, "conv2d: bad config {cfg:?}");
-    assert!(
-        h + 2 * p >= k && wd + 2 * p >= k,
-        "conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})"
-    );
-    let g = Geom { cin, h, w: wd, k, p, ho: h + 2 * p + 1 - k, wo: wd + 2 * p + 1 - k };
+    assert!(cout > 0 && k > 0 && s > 0, "conv2d: bad config {cfg:?}");
+    let (Some(ho), Some(wo)) = (cfg.out_size(h), cfg.out_size(wd)) else {
+        panic!("conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})")
+    };
+    let g = Geom { cin, h, w: wd, k, p, s, ho, wo };
     let (kd, pd) = (g.kd(), g.pd());
     assert_eq!(
         w.shape().0,

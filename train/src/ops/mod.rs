@@ -16,6 +16,11 @@
 //! - `relu` and `mse_loss` share their names with dfdx's prelude: import them by name
 //!   (`use lmc_train::ops::{relu, ...}`; an explicit import wins over `use dfdx::prelude::*`).
 //! - conv2d keeps per-thread im2col scratch memory (the largest size seen) between calls.
+//! - Two branches of one input (a residual block) join with dfdx's `+`, no op of ours: one
+//!   branch runs on the input with its tape, the other from `x.retaped::<Tp>()` (an empty tape
+//!   of the same kind) or is the tape-free input itself (identity shortcut); `+` merges the tapes
+//!   and its backward adds into the input's gradient by id (`residual_block_gradients` in
+//!   `tests/ops.rs` checks it against central differences).
 
 use dfdx::prelude::{Cpu, Tensor};
 
@@ -59,7 +64,7 @@ pub use linear::linear;
 pub(crate) use loss::softmax_xent_rows;
 pub use loss::{accuracy_counts, cross_entropy, mse_loss};
 pub use norm::instance_norm;
-pub use pool::avg_pool2d;
+pub use pool::{avg_pool2d, global_avg_pool};
 
 use dfdx::prelude::{HasShape, Shape};
 

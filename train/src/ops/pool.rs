@@ -1,9 +1,10 @@
-//! Average pooling with kernel = stride = k (PyTorch's `AvgPool2d(k)`, floor mode).
+//! Average pooling with kernel = stride = k (PyTorch's `AvgPool2d(k)`, floor mode), and global
+//! average pooling (a ResNet's last spatial op).
 
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::{read, ELEM_CHUNK, T4};
+use super::{read, sum_f32, ELEM_CHUNK, T2, T4};
 
 /// Average pooling of `x` (N, C, H, W) over non-overlapping k x k windows: output
 /// (N, C, H / k, W / k), rounding down like PyTorch's `AvgPool2d(k)` (a 7x7 input gives 3x3;
@@ -81,6 +82,46 @@ pub fn avg_pool2d<Tp: Tape<f32, Cpu>>(x: T4<Tp>, k: usize) -> T4<Tp> {
                                 }
                             }
                         }
+                    }
+                },
+            );
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
+
+/// Global average pooling: `x` (N, C, H, W) to (N, C), each plane's mean (PyTorch's
+/// `AdaptiveAvgPool2d(1)` followed by a flatten, as a ResNet ends). Each plane is summed in a
+/// fixed order (`sum_f32`) and divided by H * W, so the result does not depend on threads;
+/// backward spreads each output's gradient / (H * W) over its plane.
+pub fn global_avg_pool<Tp: Tape<f32, Cpu>>(x: T4<Tp>) -> T2<Tp> {
+    let x = x.contiguous();
+    let (n, c, h, w) = *x.shape();
+    assert!(h > 0 && w > 0, "global_avg_pool: empty planes {h}x{w}");
+    let ps = h * w;
+    let area = ps as f32;
+    let (x, mut tape) = x.split_tape();
+    let xv = read(&x);
+    let mut y = vec![0.0f32; n * c];
+    let min_planes = (ELEM_CHUNK / ps).max(1);
+    y.par_iter_mut()
+        .zip(xv.par_chunks(ps))
+        .with_min_len(min_planes)
+        .for_each(|(yv, xp)| *yv = sum_f32(xp) / area);
+    drop(xv);
+    let out = x.device().tensor_from_vec(y, (n, c));
+
+    if Tp::OWNS_TAPE {
+        let (x_g, out_g) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy = take_grad!(grads, out_g);
+            let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
+            dx.par_chunks_mut(ps).zip(dy.par_iter()).with_min_len(min_planes).for_each(
+                |(dxp, g)| {
+                    let g = g / area;
+                    for d in dxp {
+                        *d += g;
                     }
                 },
             );
