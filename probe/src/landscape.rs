@@ -326,6 +326,26 @@ impl Landscape {
             centre_norm: norm(&frame.centre),
         }
     }
+    /// Errors unless the counters and points agree with the settings: as many rows as the
+    /// y axis has points, at most that many done, and `x points` points per row done.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let rows = self.config.y.map_or(1, |y| y.points);
+        let per_row = self.config.x.points;
+        if self.rows_total != rows || self.rows_done > rows {
+            return Err(format!(
+                "{} of {} rows done, but the grid has {rows} rows",
+                self.rows_done, self.rows_total
+            ));
+        }
+        if self.rows_done.checked_mul(per_row) != Some(self.points.len()) {
+            return Err(format!(
+                "{} points for {} rows of {per_row}",
+                self.points.len(),
+                self.rows_done
+            ));
+        }
+        Ok(())
+    }
     /// True when every row is done.
     pub fn is_complete(&self) -> bool {
         self.rows_done == self.rows_total
@@ -348,6 +368,9 @@ pub struct LandscapeCheckpoint {
 
 impl Artifact for LandscapeCheckpoint {
     const KIND: Kind = Kind::LandscapeCheckpoint;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        self.landscape.check()
+    }
 }
 
 /// Evaluates the rows of `state` not done yet on `set` (already subsampled), calling `on_row`

@@ -115,6 +115,12 @@ impl ProbeResult {
 
 impl Artifact for Probe {
     const KIND: Kind = Kind::Probe;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        match &self.result {
+            ProbeResult::Landscape(l) => l.check(),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Probe {

@@ -120,6 +120,15 @@ pub trait Artifact: Serialize + DeserializeOwned {
     /// [`FORMAT_VERSION`] when this kind's payload schema changes, so an older file is refused by
     /// name instead of being decoded as the new schema.
     const MIN_FORMAT: u32 = 1;
+
+    /// Checks a decoded payload for what its type cannot say: vector lengths against their
+    /// layout, a model against its spec, labels against the class count, finite values where
+    /// they must be. [`decode`] calls it for every kind, so a file that decodes but does not hold
+    /// together (re-sealed after an edit, or written by a buggy tool) is a [`Error::BadFile`]
+    /// naming what is wrong instead of a panic or garbage later on.
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The decoded fixed header of an artifact.
@@ -136,7 +145,19 @@ pub struct Header {
 }
 
 /// Serialises `value` into an envelope and writes it atomically to `path`.
+/// The payload is validated first ([`Artifact::validate_payload`]): what this build writes, it
+/// must read back.
 pub fn write<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
+    value.validate_payload().map_err(|msg| {
+        Error::data(format!("{}: refusing to write an invalid {}: {msg}", path.display(), A::KIND))
+    })?;
+    write_unchecked(path, value, provenance)
+}
+
+/// [`write`] without validating the payload: what a buggy or hostile tool could write, with a
+/// valid envelope and checksum. Only for tests of the readers' validation.
+#[doc(hidden)]
+pub fn write_unchecked<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
     let payload = bincode::serialize(value)
         .map_err(|e| Error::bad_file(path, format!("cannot encode {}: {e}", A::KIND)))?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -253,8 +274,13 @@ pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Resu
             ),
         ));
     }
-    bincode::deserialize(payload)
-        .map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
+    let value: A = bincode::deserialize(payload).map_err(|e| {
+        Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind))
+    })?;
+    value
+        .validate_payload()
+        .map_err(|msg| Error::bad_file(path, format!("invalid {}: {msg}", header.kind)))?;
+    Ok(value)
 }
 
 #[cfg(test)]
