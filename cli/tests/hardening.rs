@@ -182,3 +182,21 @@ fn dataset_artifacts_are_validated_before_use() {
         expect(lmc().arg("inspect").arg(&p), &p, want);
     }
 }
+
+#[test]
+fn diverging_training_exits_1_naming_epoch_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.lmc");
+    for args in [["--iterations", "1", "--lr", "1e300"], ["--epochs", "8", "--lr", "100"]] {
+        let e = run_err(
+            lmc()
+                .args(["train", "--dataset", "digits", "--model", "mlp:32"])
+                .args(args)
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(e.contains("diverged at epoch") && e.contains("step"), "{e}");
+        assert!(!e.contains("epoch 0"), "{e}");
+        assert!(!out.exists(), "no Run is written for a diverged run");
+    }
+}

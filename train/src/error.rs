@@ -38,7 +38,8 @@ pub enum Error {
     /// being interrupted); what was done is checkpointed where the stage checkpoints.
     #[error("{0}")]
     Interrupted(String),
-    /// Training produced a non-finite loss or non-finite weights. The last good state was kept
+    /// Training produced a non-finite loss, a loss above `fit::DIVERGED_LOSS`, or non-finite
+    /// weights. The last good state was kept
     /// (see `checkpoint`).
     #[error("training diverged at epoch {epoch}, step {step}: {}{}", diverged_what(*loss), checkpoint.as_ref().map(|p| format!("; last good checkpoint kept at {}", p.display())).unwrap_or_default())]
     Diverged {
@@ -47,8 +48,8 @@ pub enum Error {
         epoch: usize,
         /// Step within the epoch, from 1.
         step: usize,
-        /// The offending loss value; a finite one means the loss was fine but the step made
-        /// some weight infinite or NaN.
+        /// The offending loss value; a finite one at most `fit::DIVERGED_LOSS` means the loss
+        /// was fine but the step made some weight infinite or NaN.
         loss: f32,
         /// Where the last good state was saved, if checkpointing was on.
         checkpoint: Option<PathBuf>,
@@ -57,10 +58,13 @@ pub enum Error {
 
 /// What went non-finite, for [`Error::Diverged`]'s message.
 fn diverged_what(loss: f32) -> String {
-    if loss.is_finite() {
-        format!("the step made weights non-finite (loss before it {loss})")
-    } else {
+    let limit = crate::fit::DIVERGED_LOSS;
+    if !loss.is_finite() {
         format!("loss is {loss}")
+    } else if loss > limit {
+        format!("the epoch's mean loss {loss:e} is above {limit:e}, the divergence limit")
+    } else {
+        format!("the step made weights non-finite (loss before it {loss})")
     }
 }
 

@@ -21,6 +21,12 @@ use crate::{Error, Result};
 /// Batch size used for evaluation (does not change results, only speed and memory).
 pub const EVAL_BATCH: usize = 1000;
 
+/// A mean training loss over an epoch above this is divergence, though finite: about the
+/// square root of `f32::MAX`, so logits whose gaps are that large overflow as soon as anything
+/// squares them (cross-entropy is ln(classes) at initialisation). Such a run (digits, mlp:32,
+/// `--lr 100`) otherwise ends with finite but meaningless weights and a train loss of 1e36.
+pub const DIVERGED_LOSS: f32 = 1.8e19;
+
 /// Everything that decides how a network is trained. Part of a run's identity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -406,6 +412,18 @@ pub fn fit(
             seen += idx.len();
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
         }
+        // Checked on the epoch's mean, not per step, so that a run that blows up within an
+        // epoch still reports its first non-finite loss or weights above.
+        let train_loss = loss_sum / seen.max(1) as f64;
+        if train_loss > DIVERGED_LOSS as f64 {
+            let step = seen.div_ceil(cfg.batch_size).max(1);
+            return Err(Error::Diverged {
+                epoch: epoch + 1,
+                step,
+                loss: train_loss as f32,
+                checkpoint: None,
+            });
+        }
         let last = state.epochs_done + 1 == epochs;
         let due = last || (cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every));
         let test = match data.test {
@@ -417,7 +435,7 @@ pub fn fit(
             steps: state.steps_done,
             images_seen: state.images_seen,
             lr,
-            train_loss: loss_sum / seen.max(1) as f64,
+            train_loss,
             train_accuracy: correct as f64 / seen.max(1) as f64,
             test,
         });
