@@ -200,3 +200,44 @@ fn diverging_training_exits_1_naming_epoch_and_step() {
         assert!(!out.exists(), "no Run is written for a diverged run");
     }
 }
+
+#[test]
+fn outputs_that_are_not_regular_files_are_refused_before_work() {
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO (made in the temporary folder, never a real device node): reading it would block,
+    // and the atomic write's rename would replace it.
+    let fifo = dir.path().join("fifo.lmc");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let train = |out: &Path| {
+        let mut c = lmc();
+        c.args(["train", "--dataset", "digits", "--model", "mlp:7", "--epochs", "1", "--out"]);
+        c.arg(out);
+        c
+    };
+    expect(&mut train(&fifo), &fifo, "is a FIFO, not a regular file");
+    expect(lmc().arg("inspect").arg(&fifo), &fifo, "FIFO");
+    {
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "left alone");
+    }
+    let sub = dir.path().join("sub.lmc");
+    std::fs::create_dir(&sub).unwrap();
+    expect(&mut train(&sub), &sub, "is a directory");
+    // A checkpoint path that is a directory is refused too, before training.
+    let out = dir.path().join("r.lmc");
+    std::fs::create_dir(dir.path().join("r.lmc.ckpt")).unwrap();
+    expect(&mut train(&out), &dir.path().join("r.lmc.ckpt"), "is a directory");
+    std::fs::remove_dir(dir.path().join("r.lmc.ckpt")).unwrap();
+    // Temporary files of killed writes of this output go; a live process's stays (pid 1 runs;
+    // 999999999 is above any pid_max), and so do other outputs'.
+    let stale = dir.path().join(".r.lmc.999999999.tmp");
+    let live = dir.path().join(".r.lmc.1.tmp");
+    let other = dir.path().join(".q.lmc.999999999.tmp");
+    for p in [&stale, &live, &other] {
+        std::fs::write(p, b"half").unwrap();
+    }
+    run_ok(&mut train(&out));
+    assert!(!stale.exists() && live.exists() && other.exists());
+    assert!(artifact::read::<Run>(&out).is_ok());
+}

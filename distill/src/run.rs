@@ -306,6 +306,7 @@ pub fn distill(
     let cfg = &req.config;
     let prov = req.provenance();
     let mut stage = Stage::new(out, prov, opts.fresh);
+    stage.prepare()?;
     // Up to date: the same request, or (with a time budget) the same request cut short at the
     // iterations its recipe records.
     let up_to_date = |h: &Header, set: &SyntheticSet| {
@@ -465,9 +466,10 @@ fn check_finite(loss: f64, it: u64, step: usize, ckpt: &Option<PathBuf>) -> Resu
     if loss.is_finite() {
         return Ok(());
     }
+    // Counted from 1, as the loss curve and training's epochs are.
     Err(Error::Diverged {
-        epoch: it as usize,
-        step,
+        epoch: it as usize + 1,
+        step: step + 1,
         loss: loss as f32,
         checkpoint: ckpt.clone().filter(|c| c.exists()),
     })

@@ -187,6 +187,10 @@ fn run_stage(
     compute: impl FnOnce(&mut Stage) -> Result<(Probe, Vec<String>)>,
 ) -> Result<Outcome> {
     let mut st = Stage::new(Some(&out), prov, fresh);
+    st.prepare()?;
+    for p in &csv {
+        artifact::check_regular(p)?;
+    }
     if let Some(probe) = st.cached::<Probe>() {
         return Ok(Outcome { probe, provenance: prov, out, csv, cached: true });
     }

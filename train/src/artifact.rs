@@ -174,15 +174,104 @@ pub fn write_unchecked<A: Artifact>(path: &Path, value: &A, provenance: Provenan
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
+/// Errors unless `path` is absent or a regular file (or a link to one): the rename of an
+/// atomic write would replace whatever is there, a device node or a FIFO included, and reading
+/// a FIFO blocks. Called before any read or write of an artifact, and by stages before they
+/// start work on an output.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let ft = if meta.file_type().is_symlink() {
+        match std::fs::metadata(path) {
+            Ok(m) => m.file_type(),
+            // A dangling link: the write replaces the link, which is what a file would be.
+            Err(_) => return Ok(()),
+        }
+    } else {
+        meta.file_type()
+    };
+    if ft.is_file() {
+        return Ok(());
+    }
+    let what = if ft.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_block_device() || ft.is_char_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Err(Error::bad_file(
+        path,
+        format!("exists and is {what}, not a regular file: lmc neither reads it nor replaces it"),
+    ))
+}
+
+/// Temporary file name of a write of `name` by process `pid` (`.NAME.PID.tmp`).
+fn temp_name(name: &str, pid: u32) -> String {
+    format!(".{name}.{pid}.tmp")
+}
+
+/// Removes the temporary files that writes of `path` by processes no longer running left
+/// behind (a killed write). Needs `/proc` to tell which processes run; without it nothing is
+/// removed. Failures are ignored: a stale file costs only space.
+pub fn remove_stale_temporaries(path: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = f
+            .strip_prefix(&format!(".{name}."))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != me
+            && f == temp_name(&name, pid)
+            && !Path::new("/proc").join(pid.to_string()).exists()
+            && e.file_type().is_ok_and(|t| t.is_file())
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename. Refuses a `path`
+/// that exists and is not a regular file ([`check_regular`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_regular(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = dir.join(temp_name(&name, std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -198,6 +287,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads and verifies the envelope of any artifact: header plus the payload bytes.
 pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
+    check_regular(path)?;
     let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |msg: String| Error::bad_file(path, msg);
     if bytes.len() < 8 || &bytes[..8] != MAGIC {

@@ -710,6 +710,7 @@ pub fn train_run(
 ) -> Result<(Run, Provenance, bool)> {
     let prov = req.provenance();
     let mut stage = Stage::new(out, prov, fresh);
+    stage.prepare()?;
     if let Some(run) = stage.cached::<Run>() {
         return Ok((run, prov, true));
     }
