@@ -241,3 +241,37 @@ fn outputs_that_are_not_regular_files_are_refused_before_work() {
     assert!(!stale.exists() && live.exists() && other.exists());
     assert!(artifact::read::<Run>(&out).is_ok());
 }
+
+#[test]
+fn sizes_beyond_the_limits_are_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.lmc");
+    for (model, want) in [
+        ("mlp:100000000", "limit of 65536"),
+        ("convnet:width=1000000", "limit of 65536"),
+        ("mlp:18446744073709551615", "limit of 65536"),
+        ("mlp:65536,65536", "more than 100000000 parameters"),
+    ] {
+        let e = run_err(
+            lmc()
+                .args(["train", "--dataset", "digits", "--epochs", "1", "--model", model])
+                .arg("--out")
+                .arg(&out),
+        );
+        assert!(e.contains(want), "{model}: {e}");
+    }
+    let run = dir.path().join("r.lmc");
+    train(&run);
+    let e = run_err(
+        lmc().args(["probe", "interpolate", "--alphas", "1000000000000"]).arg(&run).arg(&run),
+    );
+    assert!(e.contains("--alphas") && e.contains("at most 10001"), "{e}");
+    let e = run_err(
+        lmc().args(["probe", "landscape", "--dims", "1", "--resolution", "4294967296"]).arg(&run),
+    );
+    assert!(e.contains("--resolution") && e.contains("at most 1001"), "{e}");
+    // mlp:7 on 8x8 digits: 64*7 + 7 + 7*10 + 10 = 535 parameters.
+    let e =
+        run_err(lmc().args(["probe", "hessian", "--samples", "50", "--top-k", "100000"]).arg(&run));
+    assert!(e.contains("--top-k 100000") && e.contains("535 parameters"), "{e}");
+}

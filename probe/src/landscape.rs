@@ -45,6 +45,10 @@ pub struct Axis {
     pub points: usize,
 }
 
+/// The most points one grid axis may have (Li et al. use 51): a 2-D grid at this limit is a
+/// million evaluations, and the grid is allocated before it runs.
+pub const MAX_AXIS_POINTS: usize = 1001;
+
 impl Axis {
     /// Errors unless `min < max` (both finite) and `points >= 2`; `flag` names the option.
     pub fn validate(&self, flag: &str) -> Result<()> {
@@ -57,6 +61,12 @@ impl Axis {
         if self.points < 2 {
             return Err(Error::setting(format!(
                 "--resolution {}: a grid axis needs at least 2 points",
+                self.points
+            )));
+        }
+        if self.points > MAX_AXIS_POINTS {
+            return Err(Error::setting(format!(
+                "--resolution {}: at most {MAX_AXIS_POINTS} points per axis (each point is a full evaluation of the set; a 2-D grid squares the count)",
                 self.points
             )));
         }
@@ -331,6 +341,11 @@ impl Landscape {
     pub fn check(&self) -> std::result::Result<(), String> {
         let rows = self.config.y.map_or(1, |y| y.points);
         let per_row = self.config.x.points;
+        if rows > MAX_AXIS_POINTS || per_row > MAX_AXIS_POINTS {
+            return Err(format!(
+                "a grid of {per_row} x {rows} points: at most {MAX_AXIS_POINTS} per axis"
+            ));
+        }
         if self.rows_total != rows || self.rows_done > rows {
             return Err(format!(
                 "{} of {} rows done, but the grid has {rows} rows",
