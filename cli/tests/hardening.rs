@@ -156,7 +156,8 @@ fn dataset_artifacts_are_validated_before_use() {
         c
     };
     run_ok(&mut train(&good));
-    let cases: Vec<(&str, Box<dyn Fn(&mut SyntheticSet)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut SyntheticSet)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("label.lmc", Box::new(|s| s.images.labels[3] = 200), "label 200"),
         ("norm-short.lmc", Box::new(|s| s.norm.std.clear()), "normalisation has"),
         ("std-zero.lmc", Box::new(|s| s.norm.std[0] = 0.0), "standard deviations"),

@@ -45,7 +45,8 @@ fn a_checkpoint_that_does_not_fit_the_run_is_never_adopted() {
     let start = TrainState::start(model.init(0));
     fit::fit(&model, &req.mask, &data, &c, 0, start, &mut grab).unwrap();
     let state = grab.0.unwrap();
-    let edits: Vec<(&str, Box<dyn Fn(&mut TrainState)>)> = vec![
+    type Edit = Box<dyn Fn(&mut TrainState)>;
+    let edits: Vec<(&str, Edit)> = vec![
         ("short momentum", Box::new(|s| s.momentum.truncate(5))),
         ("short parameters", Box::new(|s| s.params.data.truncate(5))),
         ("steps_done 2^64-1", Box::new(|s| s.steps_done = u64::MAX)),
