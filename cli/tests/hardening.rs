@@ -276,3 +276,38 @@ fn sizes_beyond_the_limits_are_refused_naming_the_limit() {
         run_err(lmc().args(["probe", "hessian", "--samples", "50", "--top-k", "100000"]).arg(&run));
     assert!(e.contains("--top-k 100000") && e.contains("535 parameters"), "{e}");
 }
+
+#[test]
+fn a_cached_probe_that_does_not_hold_together_is_recomputed() {
+    use lmc_probe::{Probe, ProbeResult};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.lmc"), dir.path().join("b.lmc"));
+    train(&a);
+    run_ok(
+        lmc()
+            .args(["train", "--dataset", "digits", "--model", "mlp:7", "--epochs", "1"])
+            .args(["--data-seed", "1", "--out"])
+            .arg(&b),
+    );
+    let out = dir.path().join("p.lmc");
+    let interp = || {
+        let mut c = lmc();
+        c.args(["probe", "interpolate", "--alphas", "3"]).arg(&a).arg(&b).arg("--out").arg(&out);
+        c
+    };
+    run_ok(&mut interp());
+    let (_, probe) = artifact::read::<Probe>(&out).unwrap();
+    let mut bad = probe.clone();
+    let ProbeResult::Interpolation(r) = &mut bad.result else { panic!() };
+    r.pairs[0].b = 5;
+    reseal(&out, &bad);
+    expect(lmc().arg("inspect").arg(&out), &out, "pair (0, 5) of 2 runs");
+    // The same command recomputes instead of printing (and indexing) the bad file.
+    run_ok(&mut interp());
+    // (Compared by pairs: a one-pair summary's std is NaN, which equals nothing.)
+    let pairs = |p: &Probe| match &p.result {
+        ProbeResult::Interpolation(r) => r.pairs.clone(),
+        _ => panic!(),
+    };
+    assert_eq!(pairs(&artifact::read::<Probe>(&out).unwrap().1), pairs(&probe));
+}
