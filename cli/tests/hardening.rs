@@ -311,3 +311,20 @@ fn a_cached_probe_that_does_not_hold_together_is_recomputed() {
     };
     assert_eq!(pairs(&artifact::read::<Probe>(&out).unwrap().1), pairs(&probe));
 }
+
+#[test]
+fn import_checks_the_model_its_file_describes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("r.lmc");
+    train(&good);
+    let mut run = run_of(&good);
+    // The file says 3 classes while its tensors (and layout) have 10: before, this was written
+    // out as a Run with exit 0.
+    run.model.classes = 3;
+    let bytes = lmc_probe::interop::export_bytes(&run, Provenance::default(), true).unwrap();
+    let st = dir.path().join("r.safetensors");
+    std::fs::write(&st, bytes).unwrap();
+    let out = dir.path().join("back.lmc");
+    expect(lmc().arg("import").arg(&st).arg("--out").arg(&out), &st, "not that model's");
+    assert!(!out.exists());
+}
