@@ -134,6 +134,32 @@ pub struct DistillCheckpoint {
 
 impl Artifact for DistillCheckpoint {
     const KIND: Kind = Kind::DistillCheckpoint;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        let st = &self.state;
+        st.params.check()?;
+        if st.momentum.len() != st.params.len() {
+            return Err(format!(
+                "momentum has {} values for {} pixels",
+                st.momentum.len(),
+                st.params.len()
+            ));
+        }
+        if !st.params.all_finite() || !st.momentum.iter().all(|m| m.is_finite()) {
+            return Err("pixels or momentum are not finite".into());
+        }
+        if st.epochs_done as u64 != st.steps_done || self.loss_curve.len() as u64 != st.steps_done {
+            return Err(format!(
+                "{} iterations done but {} epochs and {} loss values recorded",
+                st.steps_done,
+                st.epochs_done,
+                self.loss_curve.len()
+            ));
+        }
+        if self.updates < st.steps_done {
+            return Err(format!("{} pixel updates in {} iterations", self.updates, st.steps_done));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -280,6 +306,7 @@ pub fn distill(
     let cfg = &req.config;
     let prov = req.provenance();
     let mut stage = Stage::new(out, prov, opts.fresh);
+    stage.prepare()?;
     // Up to date: the same request, or (with a time budget) the same request cut short at the
     // iterations its recipe records.
     let up_to_date = |h: &Header, set: &SyntheticSet| {
@@ -311,11 +338,13 @@ pub fn distill(
         seconds: 0.0,
         loss_curve: Vec::new(),
     };
-    // A checkpoint of other settings (or a damaged one) is ignored.
-    let n_pixels = ck.state.params.len();
-    if let Some(c) =
-        stage.resume_if(|c: &DistillCheckpoint| c.run == prov && c.state.params.len() == n_pixels)
-    {
+    // A checkpoint of other settings, a damaged one, or one that does not fit this run (pixel
+    // layout, iterations beyond the planned ones) is ignored: the run starts over.
+    if let Some(c) = stage.resume_if(|c: &DistillCheckpoint| {
+        c.run == prov
+            && c.state.params.layout == ck.state.params.layout
+            && c.state.steps_done <= cfg.iterations
+    }) {
         ck = c;
     }
     let resumed_from = ck.state.steps_done;
@@ -437,9 +466,10 @@ fn check_finite(loss: f64, it: u64, step: usize, ckpt: &Option<PathBuf>) -> Resu
     if loss.is_finite() {
         return Ok(());
     }
+    // Counted from 1, as the loss curve and training's epochs are.
     Err(Error::Diverged {
-        epoch: it as usize,
-        step,
+        epoch: it as usize + 1,
+        step: step + 1,
         loss: loss as f32,
         checkpoint: ckpt.clone().filter(|c| c.exists()),
     })

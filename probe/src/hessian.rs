@@ -785,6 +785,15 @@ pub fn probe(
         cfg.eps_rel.unwrap_or(DEFAULT_EPS_REL),
         restrict,
     )?;
+    // A Hessian on d parameters has d eigenvalues; power iteration keeps one vector per
+    // eigenvalue asked for, so more than d would also run on and on.
+    if cfg.top_k > p.space_dim() {
+        return Err(Error::setting(format!(
+            "--top-k {}: at most the {} parameters probed (a Hessian has as many eigenvalues as parameters)",
+            cfg.top_k,
+            p.space_dim()
+        )));
+    }
     if cfg.exact_diag && p.space_dim() > EXACT_DIAG_MAX_PARAMS {
         // Refuse before spending time on anything else.
         exact_diagonal(&p)?;

@@ -138,9 +138,21 @@ impl Loaded {
     pub fn run_metadata(&self, path: &Path) -> Result<Option<Run>> {
         match self.metadata.get(RUN_KEY) {
             None => Ok(None),
-            Some(s) => serde_json::from_str(s)
-                .map(Some)
-                .map_err(|e| Error::bad_file(path, format!("metadata '{RUN_KEY}' does not decode ({e}); pass --like RUN or --model/--dataset"))),
+            Some(s) => {
+                let run: Run = serde_json::from_str(s)
+                    .map_err(|e| Error::bad_file(path, format!("metadata '{RUN_KEY}' does not decode ({e}); pass --like RUN or --model/--dataset")))?;
+                // The file's own description of its model drives every allocation and offset
+                // of the import: it must be exactly what its spec makes.
+                run.model.check().map_err(|msg| {
+                    Error::bad_file(
+                        path,
+                        format!(
+                            "metadata '{RUN_KEY}': {msg}; pass --like RUN or --model/--dataset"
+                        ),
+                    )
+                })?;
+                Ok(Some(run))
+            }
         }
     }
 

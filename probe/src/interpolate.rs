@@ -55,9 +55,16 @@ impl Default for InterpConfig {
     }
 }
 
+/// The most alphas a path may have: each is a full evaluation of the set per pair of runs, and
+/// 10,001 already resolves the path to 1e-4.
+pub const MAX_ALPHAS: usize = 10_001;
+
 /// `n` evenly spaced alphas from 0 to 1 inclusive (the authors use 11, Frankle 30).
 pub fn alpha_grid(n: usize) -> Result<Vec<f64>> {
     match n {
+        n if n > MAX_ALPHAS => Err(Error::setting(format!(
+            "--alphas {n}: at most {MAX_ALPHAS} (each alpha is a full evaluation per pair of runs)"
+        ))),
         0 => Err(Error::setting("--alphas 0: the alpha grid is empty; give at least 2 points (0 and 1 are always included)")),
         1 => Err(Error::setting("--alphas 1: a barrier needs both endpoints, so the grid needs at least 2 points")),
         _ => Ok((0..n).map(|i| if i + 1 == n { 1.0 } else { i as f64 / (n - 1) as f64 }).collect()),
@@ -66,6 +73,12 @@ pub fn alpha_grid(n: usize) -> Result<Vec<f64>> {
 
 /// Errors unless `alphas` is an increasing grid from exactly 0 to exactly 1.
 pub fn check_alphas(alphas: &[f64]) -> Result<()> {
+    if alphas.len() > MAX_ALPHAS {
+        return Err(Error::setting(format!(
+            "{} alphas: at most {MAX_ALPHAS} (each alpha is a full evaluation per pair of runs)",
+            alphas.len()
+        )));
+    }
     if alphas.is_empty() {
         return Err(Error::setting("the alpha grid is empty"));
     }

@@ -45,6 +45,10 @@ pub struct Axis {
     pub points: usize,
 }
 
+/// The most points one grid axis may have (Li et al. use 51): a 2-D grid at this limit is a
+/// million evaluations, and the grid is allocated before it runs.
+pub const MAX_AXIS_POINTS: usize = 1001;
+
 impl Axis {
     /// Errors unless `min < max` (both finite) and `points >= 2`; `flag` names the option.
     pub fn validate(&self, flag: &str) -> Result<()> {
@@ -57,6 +61,12 @@ impl Axis {
         if self.points < 2 {
             return Err(Error::setting(format!(
                 "--resolution {}: a grid axis needs at least 2 points",
+                self.points
+            )));
+        }
+        if self.points > MAX_AXIS_POINTS {
+            return Err(Error::setting(format!(
+                "--resolution {}: at most {MAX_AXIS_POINTS} points per axis (each point is a full evaluation of the set; a 2-D grid squares the count)",
                 self.points
             )));
         }
@@ -326,6 +336,31 @@ impl Landscape {
             centre_norm: norm(&frame.centre),
         }
     }
+    /// Errors unless the counters and points agree with the settings: as many rows as the
+    /// y axis has points, at most that many done, and `x points` points per row done.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let rows = self.config.y.map_or(1, |y| y.points);
+        let per_row = self.config.x.points;
+        if rows > MAX_AXIS_POINTS || per_row > MAX_AXIS_POINTS {
+            return Err(format!(
+                "a grid of {per_row} x {rows} points: at most {MAX_AXIS_POINTS} per axis"
+            ));
+        }
+        if self.rows_total != rows || self.rows_done > rows {
+            return Err(format!(
+                "{} of {} rows done, but the grid has {rows} rows",
+                self.rows_done, self.rows_total
+            ));
+        }
+        if self.rows_done.checked_mul(per_row) != Some(self.points.len()) {
+            return Err(format!(
+                "{} points for {} rows of {per_row}",
+                self.points.len(),
+                self.rows_done
+            ));
+        }
+        Ok(())
+    }
     /// True when every row is done.
     pub fn is_complete(&self) -> bool {
         self.rows_done == self.rows_total
@@ -348,6 +383,9 @@ pub struct LandscapeCheckpoint {
 
 impl Artifact for LandscapeCheckpoint {
     const KIND: Kind = Kind::LandscapeCheckpoint;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        self.landscape.check()
+    }
 }
 
 /// Evaluates the rows of `state` not done yet on `set` (already subsampled), calling `on_row`

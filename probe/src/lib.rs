@@ -115,6 +115,33 @@ impl ProbeResult {
 
 impl Artifact for Probe {
     const KIND: Kind = Kind::Probe;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        match &self.result {
+            ProbeResult::Landscape(l) => l.check(),
+            // What printing a cached interpolation indexes: pairs of the probe's inputs, and
+            // one point per alpha on every curve.
+            ProbeResult::Interpolation(r) => {
+                interpolate::check_alphas(&r.config.alphas).map_err(|e| e.to_string())?;
+                let n = self.inputs.len();
+                for p in &r.pairs {
+                    if p.a >= p.b || p.b >= n {
+                        return Err(format!("pair ({}, {}) of {n} runs", p.a, p.b));
+                    }
+                    if let Some(c) =
+                        p.curves.iter().find(|c| c.points.len() != r.config.alphas.len())
+                    {
+                        return Err(format!(
+                            "a curve of {} points for {} alphas",
+                            c.points.len(),
+                            r.config.alphas.len()
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            ProbeResult::Hessian(_) => Ok(()),
+        }
+    }
 }
 
 impl Probe {

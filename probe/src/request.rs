@@ -187,6 +187,10 @@ fn run_stage(
     compute: impl FnOnce(&mut Stage) -> Result<(Probe, Vec<String>)>,
 ) -> Result<Outcome> {
     let mut st = Stage::new(Some(&out), prov, fresh);
+    st.prepare()?;
+    for p in &csv {
+        artifact::check_regular(p)?;
+    }
     if let Some(probe) = st.cached::<Probe>() {
         return Ok(Outcome { probe, provenance: prov, out, csv, cached: true });
     }
@@ -365,7 +369,13 @@ impl LandscapeRequest<'_> {
             let set = subsample(split_of(self.dataset, cfg.split), cfg.samples, cfg.sample_seed);
             let mut state = Landscape::start(cfg, &frame, &params, set.len());
             let mut seconds_before = 0.0;
-            if let Some(ck) = st.resume::<LandscapeCheckpoint>() {
+            // Only a checkpoint of this very grid is adopted: its settings and point count
+            // must be the command's (a file's grid never overrides the command's).
+            if let Some(ck) = st.resume_if(|c: &LandscapeCheckpoint| {
+                c.landscape.config == *cfg
+                    && c.landscape.count == state.count
+                    && c.landscape.rows_total == state.rows_total
+            }) {
                 if let Some(path) = st.checkpoint_path() {
                     observer.resumed(path, ck.landscape.rows_done, ck.landscape.rows_total);
                 }

@@ -430,6 +430,11 @@ impl Imp<'_> {
         // The previous round's ticket and the rewind point R (round 0's ticket parameters).
         let mut prev: Option<Ticket> = None;
         let mut point: Option<ParamVec> = None;
+        // Every round's paths are checked before any work (a FIFO or a directory at a later
+        // round's path must not cost the earlier rounds' training).
+        for r in 0..=rounds {
+            self.level_stage(r).prepare()?;
+        }
         for r in 0..=rounds {
             let mut stage = self.level_stage(r);
             let (ticket, cached) = match self.cached_level(&stage) {

@@ -115,6 +115,9 @@ impl Artifact for Ticket {
     const KIND: Kind = Kind::Ticket;
     // Format 2 moved the IMP-only fields into `Origin::Imp`.
     const MIN_FORMAT: u32 = 2;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        self.check()
+    }
 }
 
 impl Ticket {
@@ -123,19 +126,31 @@ impl Ticket {
         1.0 - self.sparsity
     }
 
-    /// Checks that every stored vector fits the stored model.
+    /// Checks that every stored vector fits the stored model (what reading a ticket already
+    /// checks; kept for callers holding a ticket from elsewhere), naming `path`.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |msg: String| Error::bad_file(path, msg);
+        self.check().map_err(|msg| Error::bad_file(path, msg))
+    }
+
+    /// The model is what its spec makes; mask and parameter vectors fit its layout; parameters
+    /// are finite.
+    fn check(&self) -> std::result::Result<(), String> {
+        self.model.check()?;
         let layout = &self.model.layout;
         self.mask
             .validate(layout)
-            .map_err(|e| bad(format!("ticket mask does not fit its model: {e}")))?;
+            .map_err(|e| format!("ticket mask does not fit its model: {e}"))?;
         self.rewind
             .check_same_layout(layout, "ticket rewind parameters")
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
+        if !self.rewind.all_finite() {
+            return Err("some rewind parameters are not finite".into());
+        }
         if let Some(t) = self.trained() {
-            t.check_same_layout(layout, "ticket trained parameters")
-                .map_err(|e| bad(e.to_string()))?;
+            t.check_same_layout(layout, "ticket trained parameters").map_err(|e| e.to_string())?;
+            if !t.all_finite() {
+                return Err("some trained parameters are not finite".into());
+            }
         }
         Ok(())
     }

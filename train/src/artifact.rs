@@ -120,6 +120,15 @@ pub trait Artifact: Serialize + DeserializeOwned {
     /// [`FORMAT_VERSION`] when this kind's payload schema changes, so an older file is refused by
     /// name instead of being decoded as the new schema.
     const MIN_FORMAT: u32 = 1;
+
+    /// Checks a decoded payload for what its type cannot say: vector lengths against their
+    /// layout, a model against its spec, labels against the class count, finite values where
+    /// they must be. [`decode`] calls it for every kind, so a file that decodes but does not hold
+    /// together (re-sealed after an edit, or written by a buggy tool) is a [`Error::BadFile`]
+    /// naming what is wrong instead of a panic or garbage later on.
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The decoded fixed header of an artifact.
@@ -136,7 +145,19 @@ pub struct Header {
 }
 
 /// Serialises `value` into an envelope and writes it atomically to `path`.
+/// The payload is validated first ([`Artifact::validate_payload`]): what this build writes, it
+/// must read back.
 pub fn write<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
+    value.validate_payload().map_err(|msg| {
+        Error::data(format!("{}: refusing to write an invalid {}: {msg}", path.display(), A::KIND))
+    })?;
+    write_unchecked(path, value, provenance)
+}
+
+/// [`write`] without validating the payload: what a buggy or hostile tool could write, with a
+/// valid envelope and checksum. Only for tests of the readers' validation.
+#[doc(hidden)]
+pub fn write_unchecked<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Result<()> {
     let payload = bincode::serialize(value)
         .map_err(|e| Error::bad_file(path, format!("cannot encode {}: {e}", A::KIND)))?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -153,15 +174,104 @@ pub fn write<A: Artifact>(path: &Path, value: &A, provenance: Provenance) -> Res
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
+/// Errors unless `path` is absent or a regular file (or a link to one): the rename of an
+/// atomic write would replace whatever is there, a device node or a FIFO included, and reading
+/// a FIFO blocks. Called before any read or write of an artifact, and by stages before they
+/// start work on an output.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let ft = if meta.file_type().is_symlink() {
+        match std::fs::metadata(path) {
+            Ok(m) => m.file_type(),
+            // A dangling link: the write replaces the link, which is what a file would be.
+            Err(_) => return Ok(()),
+        }
+    } else {
+        meta.file_type()
+    };
+    if ft.is_file() {
+        return Ok(());
+    }
+    let what = if ft.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_block_device() || ft.is_char_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            "not a regular file"
+        }
+    };
+    Err(Error::bad_file(
+        path,
+        format!("exists and is {what}, not a regular file: lmc neither reads it nor replaces it"),
+    ))
+}
+
+/// Temporary file name of a write of `name` by process `pid` (`.NAME.PID.tmp`).
+fn temp_name(name: &str, pid: u32) -> String {
+    format!(".{name}.{pid}.tmp")
+}
+
+/// Removes the temporary files that writes of `path` by processes no longer running left
+/// behind (a killed write). Needs `/proc` to tell which processes run; without it nothing is
+/// removed. Failures are ignored: a stale file costs only space.
+pub fn remove_stale_temporaries(path: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = f
+            .strip_prefix(&format!(".{name}."))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != me
+            && f == temp_name(&name, pid)
+            && !Path::new("/proc").join(pid.to_string()).exists()
+            && e.file_type().is_ok_and(|t| t.is_file())
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename. Refuses a `path`
+/// that exists and is not a regular file ([`check_regular`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_regular(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = dir.join(temp_name(&name, std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -177,6 +287,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads and verifies the envelope of any artifact: header plus the payload bytes.
 pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
+    check_regular(path)?;
     let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bad = |msg: String| Error::bad_file(path, msg);
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
@@ -253,8 +364,13 @@ pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Resu
             ),
         ));
     }
-    bincode::deserialize(payload)
-        .map_err(|e| Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind)))
+    let value: A = bincode::deserialize(payload).map_err(|e| {
+        Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind))
+    })?;
+    value
+        .validate_payload()
+        .map_err(|msg| Error::bad_file(path, format!("invalid {}: {msg}", header.kind)))?;
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -38,18 +38,34 @@ pub enum Error {
     /// being interrupted); what was done is checkpointed where the stage checkpoints.
     #[error("{0}")]
     Interrupted(String),
-    /// Training produced a non-finite loss. The last good state was kept (see `checkpoint`).
-    #[error("training diverged at epoch {epoch}, step {step}: loss is {loss}{}", checkpoint.as_ref().map(|p| format!("; last good checkpoint kept at {}", p.display())).unwrap_or_default())]
+    /// Training produced a non-finite loss, a loss above `fit::DIVERGED_LOSS`, or non-finite
+    /// weights. The last good state was kept
+    /// (see `checkpoint`).
+    #[error("training diverged at epoch {epoch}, step {step}: {}{}", diverged_what(*loss), checkpoint.as_ref().map(|p| format!("; last good checkpoint kept at {}", p.display())).unwrap_or_default())]
     Diverged {
-        /// Epoch (0-based) in which the loss became non-finite.
+        /// Epoch in which it happened, from 1 as training curves count (distillation: the
+        /// outer iteration).
         epoch: usize,
-        /// Step within the epoch.
+        /// Step within the epoch, from 1.
         step: usize,
-        /// The offending loss value.
+        /// The offending loss value; a finite one at most `fit::DIVERGED_LOSS` means the loss
+        /// was fine but the step made some weight infinite or NaN.
         loss: f32,
         /// Where the last good state was saved, if checkpointing was on.
         checkpoint: Option<PathBuf>,
     },
+}
+
+/// What went non-finite, for [`Error::Diverged`]'s message.
+fn diverged_what(loss: f32) -> String {
+    let limit = crate::fit::DIVERGED_LOSS;
+    if !loss.is_finite() {
+        format!("loss is {loss}")
+    } else if loss > limit {
+        format!("the epoch's mean loss {loss:e} is above {limit:e}, the divergence limit")
+    } else {
+        format!("the step made weights non-finite (loss before it {loss})")
+    }
 }
 
 /// Shorthand for results in this crate.

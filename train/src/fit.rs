@@ -21,6 +21,12 @@ use crate::{Error, Result};
 /// Batch size used for evaluation (does not change results, only speed and memory).
 pub const EVAL_BATCH: usize = 1000;
 
+/// A mean training loss over an epoch above this is divergence, though finite: about the
+/// square root of `f32::MAX`, so logits whose gaps are that large overflow as soon as anything
+/// squares them (cross-entropy is ln(classes) at initialisation). Such a run (digits, mlp:32,
+/// `--lr 100`) otherwise ends with finite but meaningless weights and a train loss of 1e36.
+pub const DIVERGED_LOSS: f32 = 1.8e19;
+
 /// Everything that decides how a network is trained. Part of a run's identity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -367,7 +373,12 @@ pub fn fit(
             observer.on_batch(epoch, i as u64, &mut batch);
             let (loss, c) = loss_and_grad(model, &state.params, &batch.x, &batch.labels, &mut bufs);
             if !loss.is_finite() {
-                return Err(Error::Diverged { epoch, step: i, loss, checkpoint: None });
+                return Err(Error::Diverged {
+                    epoch: epoch + 1,
+                    step: i + 1,
+                    loss,
+                    checkpoint: None,
+                });
             }
             lr = match cfg.iterations {
                 Some(_) => cfg.schedule.lr(cfg.lr, state.steps_done, total_steps),
@@ -382,12 +393,36 @@ pub fn fit(
                 lr,
                 mask,
             );
+            // A finite loss can still come with an update that overflows the weights (a huge
+            // learning rate): check them after every step, so no Run, Ticket or checkpoint ever
+            // holds non-finite weights. One pass over the parameters is small next to the step,
+            // and reading them changes no result.
+            if !state.params.all_finite() {
+                return Err(Error::Diverged {
+                    epoch: epoch + 1,
+                    step: i + 1,
+                    loss,
+                    checkpoint: None,
+                });
+            }
             state.steps_done += 1;
             state.images_seen += idx.len() as u64;
             loss_sum += loss as f64 * idx.len() as f64;
             correct += c;
             seen += idx.len();
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
+        }
+        // Checked on the epoch's mean, not per step, so that a run that blows up within an
+        // epoch still reports its first non-finite loss or weights above.
+        let train_loss = loss_sum / seen.max(1) as f64;
+        if train_loss > DIVERGED_LOSS as f64 {
+            let step = seen.div_ceil(cfg.batch_size).max(1);
+            return Err(Error::Diverged {
+                epoch: epoch + 1,
+                step,
+                loss: train_loss as f32,
+                checkpoint: None,
+            });
         }
         let last = state.epochs_done + 1 == epochs;
         let due = last || (cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every));
@@ -400,7 +435,7 @@ pub fn fit(
             steps: state.steps_done,
             images_seen: state.images_seen,
             lr,
-            train_loss: loss_sum / seen.max(1) as f64,
+            train_loss,
             train_accuracy: correct as f64 / seen.max(1) as f64,
             test,
         });
@@ -456,6 +491,16 @@ pub struct Run {
 
 impl Artifact for Run {
     const KIND: Kind = Kind::Run;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        self.model.check()?;
+        let layout = &self.model.layout;
+        self.params.check_same_layout(layout, "parameters").map_err(|e| e.to_string())?;
+        self.mask.validate(layout).map_err(|e| e.to_string())?;
+        if !self.params.all_finite() {
+            return Err("some parameters are not finite".into());
+        }
+        Ok(())
+    }
 }
 
 impl Run {
@@ -480,6 +525,64 @@ pub struct Checkpoint {
 
 impl Artifact for Checkpoint {
     const KIND: Kind = Kind::Checkpoint;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        self.state.check()
+    }
+}
+
+impl TrainState {
+    /// Errors unless the state holds together on its own: parameters as long as their layout,
+    /// all finite, momentum as long as the parameters, one curve row per epoch done, counters
+    /// that grow. What it must also match (the model, the planned total) is checked by
+    /// [`TrainState::check_for`] where the plan is known.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.params.check()?;
+        if self.momentum.len() != self.params.len() {
+            return Err(format!(
+                "momentum has {} values for {} parameters",
+                self.momentum.len(),
+                self.params.len()
+            ));
+        }
+        if !self.params.all_finite() || !self.momentum.iter().all(|m| m.is_finite()) {
+            return Err("parameters or momentum are not finite".into());
+        }
+        if self.curve.len() != self.epochs_done {
+            return Err(format!(
+                "{} curve rows for {} epochs done",
+                self.curve.len(),
+                self.epochs_done
+            ));
+        }
+        if self.images_seen < self.steps_done {
+            return Err(format!("{} images seen in {} steps", self.images_seen, self.steps_done));
+        }
+        Ok(())
+    }
+
+    /// [`TrainState::check`], and that the state belongs to training `model` with `cfg` on `n`
+    /// examples: the model's layout, at most the planned epochs and steps, and steps consistent
+    /// with the epochs done.
+    pub fn check_for(
+        &self,
+        model: &Model,
+        cfg: &TrainConfig,
+        n: usize,
+    ) -> std::result::Result<(), String> {
+        self.check()?;
+        if self.params.layout != model.layout {
+            return Err(format!("parameters are not those of model {}", model.spec));
+        }
+        let (per_epoch, epochs, total) = cfg.plan(n);
+        let most = (self.epochs_done as u64).saturating_mul(per_epoch).min(total);
+        if self.epochs_done > epochs || self.steps_done != most {
+            return Err(format!(
+                "{} steps after {} epochs, but the plan is {per_epoch} steps per epoch, {total} in all over {epochs} epochs",
+                self.steps_done, self.epochs_done
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Algorithm / payload version of training, hashed into every Run's provenance: bump it (in
@@ -578,9 +681,14 @@ pub fn fit_stage(
     init: ParamVec,
     observer: &mut dyn Observer,
 ) -> Result<TrainState> {
-    let state = match stage.resume::<Checkpoint>() {
-        Some(c) if c.run == stage.provenance() => c.state,
-        _ => TrainState::start(init),
+    // A checkpoint that does not fit this run's model and plan is never trusted: training
+    // starts over (the stage's provenance matching is not enough, the file may be re-sealed).
+    let n = data.train.len();
+    let state = match stage.resume_if::<Checkpoint>(|c| {
+        c.run == stage.provenance() && c.state.check_for(model, cfg, n).is_ok()
+    }) {
+        Some(c) => c.state,
+        None => TrainState::start(init),
     };
     let mut cp = Checkpointer { stage: &mut *stage, inner: observer };
     match fit(model, mask, data, cfg, data_seed, state, &mut cp) {
@@ -602,6 +710,7 @@ pub fn train_run(
 ) -> Result<(Run, Provenance, bool)> {
     let prov = req.provenance();
     let mut stage = Stage::new(out, prov, fresh);
+    stage.prepare()?;
     if let Some(run) = stage.cached::<Run>() {
         return Ok((run, prov, true));
     }

@@ -82,6 +82,31 @@ impl Layout {
     pub fn prunable_total(&self) -> usize {
         self.entries.iter().filter(|e| e.prunable()).map(ParamInfo::len).sum()
     }
+    /// Errors unless the offsets are those [`Layout::new`] assigns (each tensor right after the
+    /// previous one, from 0) and the total is at most [`MAX_PARAMETERS`]: what a layout read from
+    /// a file must satisfy before any range of it indexes a vector.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let mut offset = 0usize;
+        for e in &self.entries {
+            if e.offset != offset {
+                return Err(format!(
+                    "tensor '{}' starts at offset {} instead of {offset}",
+                    e.name, e.offset
+                ));
+            }
+            let len = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            offset = match len.and_then(|l| offset.checked_add(l)) {
+                Some(o) if o <= MAX_PARAMETERS => o,
+                _ => {
+                    return Err(format!(
+                        "more than {MAX_PARAMETERS} parameters (at tensor '{}' of shape {:?})",
+                        e.name, e.shape
+                    ))
+                }
+            };
+        }
+        Ok(())
+    }
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&ParamInfo> {
         self.entries.iter().find(|e| e.name == name)
@@ -97,6 +122,11 @@ impl Layout {
         })
     }
 }
+
+/// The most parameters a model may have: 100 million f32 are 400 MB per vector, and training
+/// keeps several (parameters, gradient, momentum), probes more. It bounds every allocation a
+/// model spec or a file's layout can ask for.
+pub const MAX_PARAMETERS: usize = 100_000_000;
 
 /// A flat f32 parameter vector with its layout.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -129,15 +159,28 @@ impl ParamVec {
     pub fn get(&self, name: &str) -> Option<&[f32]> {
         self.layout.get(name).map(|e| &self.data[e.range()])
     }
-    /// Errors unless `other` has the same layout (names, shapes, order).
+    /// Errors unless the layout is well formed and `data` is as long as it says.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.layout.check()?;
+        if self.data.len() != self.layout.total() {
+            return Err(format!(
+                "{} values for a layout of {} parameters",
+                self.data.len(),
+                self.layout.total()
+            ));
+        }
+        Ok(())
+    }
+    /// Errors unless `other` has the same layout (names, shapes, order) and the data is as long
+    /// as that layout says.
     pub fn check_same_layout(&self, other: &Layout, what: &str) -> Result<()> {
-        if self.layout == *other {
+        if self.layout == *other && self.data.len() == other.total() {
             Ok(())
         } else {
             Err(Error::incompatible(format!(
                 "{what}: parameter layouts differ ({} tensors / {} scalars vs {} tensors / {} scalars)",
                 self.layout.entries.len(),
-                self.layout.total(),
+                self.data.len(),
                 other.entries.len(),
                 other.total()
             )))
@@ -227,7 +270,9 @@ impl Mask {
             .map(|e| LayerSparsity {
                 name: e.name.clone(),
                 total: e.len(),
-                kept: self.keep[e.range()].iter().filter(|&&k| k).count(),
+                // A mask shorter than its layout (never after `validate`) counts as pruned
+                // rather than panicking.
+                kept: self.keep.get(e.range()).map_or(0, |k| k.iter().filter(|&&k| k).count()),
             })
             .collect()
     }

@@ -130,6 +130,17 @@ impl Stage {
         self
     }
 
+    /// Checks, before any work, that the output and checkpoint paths are absent or regular
+    /// files (a FIFO, a directory or a device there is refused, never read or replaced), and
+    /// removes temporary files that killed writes of them left. No-op without an output path.
+    pub fn prepare(&self) -> Result<()> {
+        for p in [&self.out, &self.checkpoint].into_iter().flatten() {
+            artifact::check_regular(p)?;
+            artifact::remove_stale_temporaries(p);
+        }
+        Ok(())
+    }
+
     /// The provenance outputs and checkpoints of this stage carry.
     pub fn provenance(&self) -> Provenance {
         self.provenance

@@ -31,7 +31,76 @@ pub struct SyntheticSet {
 
 impl Artifact for SyntheticSet {
     const KIND: Kind = Kind::Dataset;
+    fn validate_payload(&self) -> std::result::Result<(), String> {
+        let s = self.images.shape;
+        let sides = [s.channels, s.height, s.width];
+        if sides.iter().any(|&d| d == 0 || d > crate::model::MAX_IMAGE_SIDE) {
+            return Err(format!(
+                "images of {}x{}x{}: every dimension must lie in 1..={}",
+                s.channels,
+                s.height,
+                s.width,
+                crate::model::MAX_IMAGE_SIDE
+            ));
+        }
+        let Pixels::F32(px) = &self.images.pixels else {
+            return Err("pixels are stored as raw bytes, expected normalised floats".into());
+        };
+        let n = self.images.labels.len();
+        if n.checked_mul(s.len()) != Some(px.len()) {
+            return Err(format!(
+                "{} pixel values for {n} images of {}x{}x{}",
+                px.len(),
+                s.channels,
+                s.height,
+                s.width
+            ));
+        }
+        if !px.iter().all(|v| v.is_finite()) {
+            return Err("some pixel values are not finite".into());
+        }
+        // Every base dataset has 10 classes; the class names, when stored, say how many.
+        let classes = if self.class_names.is_empty() { 10 } else { self.class_names.len() };
+        if let Some(l) = self.images.labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(format!("label {l} is not below the {classes} classes"));
+        }
+        let norm = &self.norm;
+        if norm.mean.len() != s.channels || norm.std.len() != s.channels {
+            return Err(format!(
+                "normalisation has {} means and {} standard deviations for {} channels",
+                norm.mean.len(),
+                norm.std.len(),
+                s.channels
+            ));
+        }
+        if !norm.mean.iter().all(|m| m.is_finite())
+            || !norm.std.iter().all(|d| d.is_finite() && *d > 0.0)
+        {
+            return Err(format!(
+                "normalisation {:?} / {:?}: means must be finite and standard deviations finite and positive",
+                norm.mean, norm.std
+            ));
+        }
+        let f = self.factor;
+        if f == 0 || !s.height.is_multiple_of(f) || !s.width.is_multiple_of(f) {
+            return Err(format!(
+                "multi-formation factor {f} does not divide the {}x{} image size",
+                s.height, s.width
+            ));
+        }
+        if n.checked_mul(f * f).and_then(|d| d.checked_mul(s.len())).is_none_or(|v| v > MAX_DECODED)
+        {
+            return Err(format!(
+                "{n} images x factor {f}^2 decode to more than {MAX_DECODED} values, the limit"
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// The most values (images x pixels) a Dataset artifact may decode to: 4 GB of f32, more than
+/// any distilled set and a bound on what a file can make this build allocate.
+pub const MAX_DECODED: usize = 1 << 30;
 
 /// Bilinear resize of one (C, H, W) image to (C, OH, OW), with PyTorch's
 /// `F.interpolate(mode="bilinear", align_corners=False)` semantics: source coordinate
@@ -128,6 +197,12 @@ impl SyntheticSet {
             return Err(Error::incompatible(format!(
                 "synthetic set '{}' has {:?} images but {} has {:?}",
                 self.name, self.images.shape, real.name, real.train.shape
+            )));
+        }
+        if let Some(l) = self.images.labels.iter().find(|&&l| l as usize >= real.classes) {
+            return Err(Error::incompatible(format!(
+                "synthetic set '{}' has label {l}, but {} has {} classes",
+                self.name, real.name, real.classes
             )));
         }
         Ok(Dataset {

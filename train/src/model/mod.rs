@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::ImageShape;
 use crate::ops::{self, T1, T2, T4};
-use crate::params::{Layout, ParamInfo, ParamKind, ParamVec};
+use crate::params::{Layout, ParamInfo, ParamKind, ParamVec, MAX_PARAMETERS};
 use crate::seed::{self, Stream};
 use crate::{Error, Result};
 
@@ -84,6 +84,37 @@ impl fmt::Display for ModelSpec {
     }
 }
 
+/// The widest layer a spec may ask for (an MLP's hidden width, a ConvNet's channels).
+pub const MAX_WIDTH: usize = 65_536;
+/// The most layers a spec may ask for (MLP hidden layers, ConvNet blocks).
+pub const MAX_DEPTH: usize = 64;
+/// The largest image dimension (channels, height or width) a model may be bound to.
+pub const MAX_IMAGE_SIDE: usize = 4096;
+/// The most classes a model may have: labels are stored as bytes.
+pub const MAX_CLASSES: usize = 256;
+
+impl ModelSpec {
+    /// Errors unless every width is at most [`MAX_WIDTH`] and the depth at most [`MAX_DEPTH`].
+    pub fn check_limits(&self) -> Result<()> {
+        let (widths, depth): (&[usize], usize) = match self {
+            ModelSpec::Mlp { hidden } => (hidden, hidden.len()),
+            ModelSpec::Lenet300100 => (&[], 2),
+            ModelSpec::ConvNet { depth, width, .. } => (std::slice::from_ref(width), *depth),
+        };
+        if let Some(w) = widths.iter().find(|&&w| w == 0 || w > MAX_WIDTH) {
+            return Err(Error::setting(format!(
+                "model spec '{self}': width {w} is outside 1..={MAX_WIDTH}, the limit (a wider layer would not fit in memory)"
+            )));
+        }
+        if depth > MAX_DEPTH {
+            return Err(Error::setting(format!(
+                "model spec '{self}': {depth} layers, more than the limit of {MAX_DEPTH}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 const SPEC_HELP: &str =
     "expected mlp:H1,H2,..., lenet-300-100 or convnet[:depth=D,width=W,norm=instance|none]";
 
@@ -98,6 +129,9 @@ impl FromStr for ModelSpec {
         };
         let positive = |v: &str, what: &str| -> Result<usize> {
             match v.trim().parse::<usize>() {
+                Ok(n) if n > MAX_WIDTH => {
+                    Err(bad(format!("{what} {n} is above the limit of {MAX_WIDTH}")))
+                }
                 Ok(n) if n > 0 => Ok(n),
                 _ => Err(bad(format!("{what} must be a positive integer, got '{v}'"))),
             }
@@ -228,17 +262,65 @@ pub(crate) struct DenseLayer {
 
 impl Model {
     /// Binds `spec` to an input shape; fails when the input is too small for the architecture.
+    /// Every size is bounded first ([`MAX_WIDTH`], [`MAX_DEPTH`], [`MAX_IMAGE_SIDE`],
+    /// [`MAX_CLASSES`], [`MAX_PARAMETERS`]), so no spec, typed or read from a file, can overflow
+    /// a shape or ask for more memory than a model of that limit.
     pub fn new(spec: &ModelSpec, input: ImageShape, classes: usize) -> Result<Model> {
         if classes < 2 {
             return Err(Error::data(format!(
                 "a classifier needs at least 2 classes, got {classes}"
             )));
         }
+        if classes > MAX_CLASSES {
+            return Err(Error::data(format!(
+                "{classes} classes: at most {MAX_CLASSES} (labels are stored as bytes)"
+            )));
+        }
+        let sides = [input.channels, input.height, input.width];
+        if sides.iter().any(|&d| d == 0 || d > MAX_IMAGE_SIDE) {
+            return Err(Error::data(format!(
+                "input images of {}x{}x{}: every dimension must lie in 1..={MAX_IMAGE_SIDE}",
+                input.channels, input.height, input.width
+            )));
+        }
+        spec.check_limits()?;
         let (mut items, features) = with_arch!(spec, a => a.features(spec, input))?;
         let (weight, bias) = with_arch!(spec, a => a.classifier_names());
         items.push((weight.into(), vec![classes, features], ParamKind::Weight));
         items.push((bias.into(), vec![classes], ParamKind::Bias));
+        // Checked before `Layout::new` computes offsets, which would overflow on huge shapes.
+        let mut total = 0usize;
+        for (_, shape, _) in &items {
+            let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            total = match n.and_then(|n| total.checked_add(n)) {
+                Some(t) if t <= MAX_PARAMETERS => t,
+                _ => {
+                    return Err(Error::setting(format!(
+                        "model {spec} on {}x{}x{} images has more than {MAX_PARAMETERS} parameters, the limit (each parameter vector takes 4 bytes per parameter, and training keeps several)",
+                        input.channels, input.height, input.width
+                    )))
+                }
+            };
+        }
         Ok(Model { spec: spec.clone(), input, classes, layout: Layout::new(items) })
+    }
+
+    /// Errors unless this model is exactly what [`Model::new`] makes of its spec, input and
+    /// classes (layout included): what a model read from a file must satisfy before its layout
+    /// drives any computation.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let want = Model::new(&self.spec, self.input, self.classes).map_err(|e| e.to_string())?;
+        if want.layout != self.layout {
+            return Err(format!(
+                "the layout stored for model {} ({} tensors, {} parameters) is not that model's ({} tensors, {} parameters)",
+                self.spec,
+                self.layout.entries.len(),
+                self.layout.check().map(|_| self.layout.total()).unwrap_or(usize::MAX),
+                want.layout.entries.len(),
+                want.layout.total()
+            ));
+        }
+        Ok(())
     }
 
     /// For an MLP, its layer widths: input features, each hidden width, classes.
