@@ -365,6 +365,8 @@ pub fn fit(
         let mut aug = data.augment.then(|| seed::rng(data_seed, Stream::Augment, epoch as u64));
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
+        // (steps of this epoch so far, the last step's loss), for a divergence found at its end.
+        let mut last = (0usize, 0f32);
         for (i, idx) in order.chunks(cfg.batch_size).enumerate() {
             if state.steps_done >= total_steps {
                 break;
@@ -393,24 +395,22 @@ pub fn fit(
                 lr,
                 mask,
             );
-            // A finite loss can still come with an update that overflows the weights (a huge
-            // learning rate): check them after every step, so no Run, Ticket or checkpoint ever
-            // holds non-finite weights. One pass over the parameters is small next to the step,
-            // and reading them changes no result.
-            if !state.params.all_finite() {
-                return Err(Error::Diverged {
-                    epoch: epoch + 1,
-                    step: i + 1,
-                    loss,
-                    checkpoint: None,
-                });
-            }
+            last = (i + 1, loss);
             state.steps_done += 1;
             state.images_seen += idx.len() as u64;
             loss_sum += loss as f64 * idx.len() as f64;
             correct += c;
             seen += idx.len();
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
+        }
+        // A finite loss can still come with an update that overflows the weights (a huge learning
+        // rate). Within an epoch the next step's loss catches that (non-finite weights make the
+        // logits non-finite); the epoch's last step is checked here, on the weights, before any
+        // checkpoint, Run or Ticket can hold them (once an epoch: a pass over the weights every
+        // step would be a visible share of a small MLP's step).
+        if !state.params.all_finite() {
+            let (step, loss) = last;
+            return Err(Error::Diverged { epoch: epoch + 1, step, loss, checkpoint: None });
         }
         // Checked on the epoch's mean, not per step, so that a run that blows up within an
         // epoch still reports its first non-finite loss or weights above.
