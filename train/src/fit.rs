@@ -404,8 +404,9 @@ pub fn fit(
             observer.on_step(epoch, i as u64 + 1, per_epoch, loss);
         }
         // A finite loss can still come with an update that overflows the weights (a huge learning
-        // rate). Within an epoch the next step's loss catches that (non-finite weights make the
-        // logits non-finite); the epoch's last step is checked here, on the weights, before any
+        // rate). Within an epoch the next step's loss usually catches that (non-finite weights
+        // usually make the logits non-finite, though a ReLU can hide a NaN); the epoch's end is
+        // checked here, on the weights, before any
         // checkpoint, Run or Ticket can hold them (once an epoch: a pass over the weights every
         // step would be a visible share of a small MLP's step).
         if !state.params.all_finite() {
