@@ -405,10 +405,10 @@ pub fn fit(
         }
         // A finite loss can still come with an update that overflows the weights (a huge learning
         // rate). Within an epoch the next step's loss usually catches that (non-finite weights
-        // usually make the logits non-finite, though a ReLU can hide a NaN); the epoch's end is
-        // checked here, on the weights, before any
-        // checkpoint, Run or Ticket can hold them (once an epoch: a pass over the weights every
-        // step would be a visible share of a small MLP's step).
+        // usually make the logits non-finite, though a ReLU can hide a NaN); the weights are
+        // checked here, at the epoch's end, before any checkpoint, Run or Ticket can hold them
+        // (once an epoch: a pass over the weights every step is a visible share of a small MLP's
+        // step).
         if !state.params.all_finite() {
             let (step, loss) = last;
             return Err(Error::Diverged { epoch: epoch + 1, step, loss, checkpoint: None });
