@@ -61,9 +61,9 @@ impl Architecture for Mlp<'_> {
         2048
     }
 
-    /// Measured (2026-11-27, 2-core AMD EPYC VM with AVX2) with LeNet-300-100 on 10,000 MNIST images the two are equal
-    /// within noise (the GEMMs already use both cores), and for small MLPs points win (their
-    /// GEMMs are too small to split).
+    /// Measured (2026-11-27, 2-core AMD EPYC VM with AVX2) with LeNet-300-100 on 10,000 MNIST
+    /// images, the two are equal within noise (the GEMMs already use both cores), and for small
+    /// MLPs points win (their GEMMs are too small to split).
     fn parallel_points(&self) -> bool {
         true
     }
