@@ -8,11 +8,11 @@ use std::process::Command;
 
 use lmc_prune::Ticket;
 use lmc_train::artifact::{self, Artifact, Provenance};
-use lmc_train::data::{self, DatasetName, Pixels, SyntheticSet};
+use lmc_train::data::{Pixels, SyntheticSet};
 use lmc_train::fit::Run;
 
 mod common;
-use common::{lmc, run_err, run_ok};
+use common::{digits_subset_set, lmc, run_err, run_ok};
 
 /// Trains a tiny digits run at `out`.
 fn train(out: &Path) {
@@ -125,23 +125,7 @@ fn tickets_with_short_vectors_are_refused_by_name() {
 }
 
 fn synthetic(path: &Path) -> SyntheticSet {
-    let ds = data::load(DatasetName::Digits, None).unwrap();
-    let idx: Vec<usize> = (0..20).collect();
-    let sub = ds.train.subset(&idx);
-    let Pixels::U8 { data, scale } = &sub.pixels else { panic!() };
-    let (m, s) = (ds.norm.mean[0], ds.norm.std[0]);
-    let px = data.iter().map(|&b| (b as f32 * scale - m) / s).collect();
-    let set = SyntheticSet {
-        name: "digits-real".into(),
-        base: DatasetName::Digits,
-        images: data::ImageSet { shape: sub.shape, pixels: Pixels::F32(px), labels: sub.labels },
-        factor: 1,
-        norm: ds.norm.clone(),
-        class_names: ds.class_names.clone(),
-        recipe: "{}".into(),
-    };
-    artifact::write(path, &set, Provenance::of("test-set", &1, &[])).unwrap();
-    set
+    digits_subset_set(path, "digits-real", &(0..20).collect::<Vec<_>>())
 }
 
 #[test]

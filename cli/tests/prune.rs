@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use lmc_prune::{read_ticket, Ticket};
-use lmc_train::artifact::{self, Provenance};
-use lmc_train::data::{self, DatasetName, Pixels, SyntheticSet};
+use lmc_train::artifact;
+use lmc_train::data::{self, DatasetName};
 use lmc_train::fit::{Run, Start};
 use serde_json::Value;
 
 mod common;
-use common::{lmc, run_err};
+use common::{digits_subset_set, lmc, run_err};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures")
@@ -182,20 +182,7 @@ fn tiny_train_set(path: &Path) {
             ds.train.labels.iter().enumerate().filter(|(_, &l)| l == c).take(10).map(|(i, _)| i),
         );
     }
-    let sub = ds.train.subset(&idx);
-    let Pixels::U8 { data, scale } = &sub.pixels else { panic!() };
-    let (m, s) = (ds.norm.mean[0], ds.norm.std[0]);
-    let px = data.iter().map(|&b| (b as f32 * scale - m) / s).collect();
-    let set = SyntheticSet {
-        name: "digits-real-ipc10".into(),
-        base: DatasetName::Digits,
-        images: data::ImageSet { shape: sub.shape, pixels: Pixels::F32(px), labels: sub.labels },
-        factor: 1,
-        norm: ds.norm.clone(),
-        class_names: ds.class_names.clone(),
-        recipe: "{}".into(),
-    };
-    artifact::write(path, &set, Provenance::of("test-set", &1, &[])).unwrap();
+    digits_subset_set(path, "digits-real-ipc10", &idx);
 }
 
 #[test]

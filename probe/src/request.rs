@@ -419,12 +419,6 @@ impl LandscapeRequest<'_> {
     }
 }
 
-/// Images per gradient call of a Hessian probe when `--chunk` is not given: the architecture's
-/// own choice ([`Model::probe_chunk`]).
-pub fn default_chunk(model: &Model) -> usize {
-    model.probe_chunk()
-}
-
 /// Another run's mask to split the per-layer Hessian mass by (`--mask-from`).
 pub struct MaskFrom {
     /// Where it was read.
@@ -467,9 +461,9 @@ pub struct HessianRequest<'a> {
 }
 
 impl HessianRequest<'_> {
-    /// `chunk` if given, else [`default_chunk`] of the run's architecture.
+    /// `chunk` if given, else the run's architecture's own choice ([`Model::probe_chunk`]).
     pub fn chunk_or_default(inputs: &ProbeInputs, chunk: Option<usize>) -> usize {
-        chunk.unwrap_or_else(|| default_chunk(inputs.model()))
+        chunk.unwrap_or_else(|| inputs.model().probe_chunk())
     }
     /// The provenance of the result.
     pub fn provenance(&self) -> Provenance {

@@ -169,7 +169,7 @@ fn landscape_and_hessian_requests_are_cached_too() {
             seed: 0,
         },
     };
-    assert_eq!(hess.config.chunk, request::default_chunk(inputs.model()));
+    assert_eq!(hess.config.chunk, inputs.model().probe_chunk());
     let first = hess.run(None, false, &mut Silent).unwrap();
     assert!(!first.cached);
     assert_eq!(first.csv.len(), 2);

@@ -14,7 +14,7 @@ use lmc_train::ops::{
 };
 
 mod common;
-use common::{bits, dev, dot_loss, rv, t1, vec_of, S4};
+use common::{bits, dev, dot_loss, fd_err, rv, t1, vec_of, S4};
 
 /// An op under test: input of shape `X`, parameters given as flat tensors.
 trait Op {
@@ -58,23 +58,6 @@ fn grads<O: Op>(
     let gx = vec_of(&g.get(&xt));
     let gps = pts.iter().map(|p| vec_of(&g.get(p))).collect();
     (yv, gx, gps)
-}
-
-/// Relative error of a finite-difference directional derivative along a random direction.
-fn fd_err(l: impl Fn(&[f32]) -> f64, x0: &[f32], g: &[f32], eps: f32, seed: u64) -> f64 {
-    let v = rv(x0.len(), seed);
-    let xp: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a + eps * b).collect();
-    let xm: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a - eps * b).collect();
-    let an: f64 = g
-        .iter()
-        .zip(xp.iter().zip(&xm))
-        .map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64))
-        .sum();
-    let fd = l(&xp) - l(&xm);
-    let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let dn = xp.iter().zip(&xm).map(|(p, m)| (*p as f64 - *m as f64).powi(2)).sum::<f64>().sqrt();
-    let scale = an.abs().max(fd.abs()).max(1e-3 * gn * dn).max(1e-30);
-    (fd - an).abs() / scale
 }
 
 /// Checks the gradients w.r.t. the input (if `check_x`) and every parameter by finite differences

@@ -60,3 +60,20 @@ pub fn dot_loss<S: Shape, Tp: Tape<f32, Cpu>>(
 pub fn numel((n, c, h, w): S4) -> usize {
     n * c * h * w
 }
+
+/// Relative error of a finite-difference directional derivative along a random direction.
+pub fn fd_err(l: impl Fn(&[f32]) -> f64, x0: &[f32], g: &[f32], eps: f32, seed: u64) -> f64 {
+    let v = rv(x0.len(), seed);
+    let xp: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a + eps * b).collect();
+    let xm: Vec<f32> = x0.iter().zip(&v).map(|(a, b)| a - eps * b).collect();
+    let an: f64 = g
+        .iter()
+        .zip(xp.iter().zip(&xm))
+        .map(|(g, (p, m))| *g as f64 * (*p as f64 - *m as f64))
+        .sum();
+    let fd = l(&xp) - l(&xm);
+    let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let dn = xp.iter().zip(&xm).map(|(p, m)| (*p as f64 - *m as f64).powi(2)).sum::<f64>().sqrt();
+    let scale = an.abs().max(fd.abs()).max(1e-3 * gn * dn).max(1e-30);
+    (fd - an).abs() / scale
+}
