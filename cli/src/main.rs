@@ -20,7 +20,7 @@ mod train_cmd;
 
 // A reusing allocator: glibc maps and unmaps the large activation buffers on every step, and each
 // fresh 64 MiB buffer costs ~23 ms of page faults (measured 2026-11-27 with `perf stat` on a
-// 2-core AMD EPYC VM, AVX2).
+// 2-core AMD EPYC VM, AVX2 without AVX-512).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,12 +3,14 @@
 //!
 //! Why by hand, next to the dfdx tape that every other model uses: a LeNet-300-100 step is a
 //! handful of small products (~0.15 GFLOP at batch 128), and on the tape ~45% of its time went
-//! to work around them (measured with `perf` on 2026-11-28, 2-core AMD EPYC VM, AVX2): copying the parameters into tensors
-//! and each weight again inside its op, allocating and zeroing every gradient and activation per
-//! step, the input gradient of the first layer, and summing per-group gradients. Here no
-//! batch-sized buffer is copied or allocated after the first step (only a few per-layer lists of
-//! offsets and views): products read the parameters in place and write their results with
-//! overwrite (no zeroing), and activations live in buffers kept between steps. The tape version remains the reference it is tested against (`tests/fit.rs`).
+//! to work around them (measured with `perf` on 2026-11-28, 2-core AMD EPYC VM, AVX2 without
+//! AVX-512): copying the parameters into tensors and each weight again inside its op, allocating
+//! and zeroing every gradient and activation per step, the input gradient of the first layer,
+//! and summing per-group gradients. Here no batch-sized buffer is copied or allocated after the
+//! first step (only a few per-layer lists of offsets and views): products read the parameters in
+//! place and write their results with overwrite (no zeroing), and activations live in buffers
+//! kept between steps. The tape version remains the reference it is tested against
+//! (`tests/fit.rs`).
 //!
 //! Parallelism, all fixed by the batch size alone (so results are bit-identical for any thread
 //! count): the forward and the backward through the activations run per group of
@@ -43,9 +45,9 @@ pub enum FirstLayer {
 
 /// The largest fraction of non-background inputs at which [`FirstLayer::Auto`] takes the sparse
 /// path. The sparse path's products scale with that fraction, its transpositions and split do
-/// not. Measured with criterion on LeNet-300-100 at batch 128 (`benches/train.rs`,
-/// 2026-11-28, 2-core AMD EPYC VM with AVX2, nothing else running): at MNIST's 0.19 the step takes 1.11 ms against 1.60 ms dense; at Fashion-MNIST's
-/// 0.49, 2.02 ms against 1.83 ms. The line through those crosses over at ~0.42; this keeps a
+/// not. Measured with criterion on LeNet-300-100 at batch 128 (`benches/train.rs`, 2026-11-28,
+/// 2-core AMD EPYC VM, AVX2 without AVX-512, nothing else running): at MNIST's 0.19 the step
+/// takes 1.11 ms against 1.60 ms dense; at Fashion-MNIST's 0.49, 2.02 ms against 1.83 ms. The line through those crosses over at ~0.42; this keeps a
 /// margin below it.
 pub const SPARSE_INPUT_MAX_DENSITY: f32 = 0.35;
 

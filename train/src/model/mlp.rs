@@ -61,8 +61,8 @@ impl Architecture for Mlp<'_> {
         2048
     }
 
-    /// Measured (2026-11-27, 2-core AMD EPYC VM with AVX2) with LeNet-300-100 on 10,000 MNIST
-    /// images, the two are equal within noise (the GEMMs already use both cores), and for small
+    /// Measured (2026-11-27, 2-core AMD EPYC VM, AVX2 without AVX-512) with LeNet-300-100 on
+    /// 10,000 MNIST images, the two are equal within noise (the GEMMs already use both cores), and for small
     /// MLPs points win (their GEMMs are too small to split).
     fn parallel_points(&self) -> bool {
         true
