@@ -9,6 +9,7 @@
 
 use dfdx::prelude::*;
 use lmc_train::data::Batch;
+use lmc_train::model::Norms;
 use lmc_train::ops::T2;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -48,7 +49,7 @@ fn dm_step_in(
     let img = p.shape().len();
     let mut host = Vec::new();
     for xs in x_real.chunks(chunk * img) {
-        let emb = model.embed(&tensors, p.images(xs.to_vec(), xs.len() / img), false);
+        let emb = model.embed(&tensors, p.images(xs.to_vec(), xs.len() / img), false, Norms::Batch);
         let at = host.len();
         host.resize(at + emb.shape().num_elements(), 0.0);
         emb.copy_into(&mut host[at..]);
@@ -66,7 +67,7 @@ fn dm_step_in(
         let counts = vec![decoded; c1 - c0];
         let input =
             p.synthetic_input(stored.leaky_trace(), &p.class_augmentation(&augs[c0..c1], &counts));
-        let emb = model.embed(&tensors, input, true);
+        let emb = model.embed(&tensors, input, true, Norms::Batch);
         let loss = mean_embedding_loss(emb, &real_means[c0 * f..c1 * f], &counts);
         value += loss.array() as f64;
         let mut grads = loss.backward();

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use dfdx::prelude::*;
 use lmc_train::data::Batch;
 use lmc_train::fit::{self, GradBuffers};
-use lmc_train::model::{Patterns, Relus};
+use lmc_train::model::{Norms, Patterns, Relus};
 use lmc_train::ops;
 use lmc_train::params::{Layout, ParamInfo, ParamVec};
 use rand_chacha::ChaCha8Rng;
@@ -106,7 +106,8 @@ pub fn syn_pass(
     let n = stored.len() / p.shape().len();
     let tensors = model.tensors(&p.dev, params);
     let x = p.images(stored.to_vec(), n);
-    let logits = model.forward_with(&tensors, p.synthetic_input(x.leaky_trace(), aug), true, relus);
+    let input = p.synthetic_input(x.leaky_trace(), aug);
+    let logits = model.forward_with(&tensors, input, true, relus, Norms::Batch);
     let labels = vec![label; n * p.per_stored()];
     let loss = ops::cross_entropy(logits, &labels);
     let value = loss.array();

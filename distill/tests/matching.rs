@@ -14,7 +14,7 @@ use lmc_distill::{dm, gm};
 use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Batch, Dataset, DatasetName, SyntheticSet};
 use lmc_train::fit::{self, GradBuffers};
-use lmc_train::model::{Model, Patterns, Relus};
+use lmc_train::model::{Model, Norms, Patterns, Relus};
 use lmc_train::params::ParamVec;
 use lmc_train::seed::{self, Stream};
 
@@ -134,13 +134,13 @@ fn frozen_forward_equals_model_forward() {
         data::fill_batch(&ds.train, &ds.norm, &[0, 5, 9], None, &mut batch);
         let x = || dev.tensor_from_vec(batch.x.clone(), (3, 1, 8, 8));
         let mut want = vec![0.0f32; 30];
-        m.forward(&t, x(), true).copy_into(&mut want);
+        m.forward(&t, x(), true, Norms::Batch).copy_into(&mut want);
         let mut p = Patterns::default();
         let mut got = vec![0.0f32; 30];
-        m.forward_with(&t, x(), true, &mut Relus::Record(&mut p)).copy_into(&mut got);
+        m.forward_with(&t, x(), true, &mut Relus::Record(&mut p), Norms::Batch).copy_into(&mut got);
         assert_eq!(got, want, "{spec}");
         let mut again = vec![0.0f32; 30];
-        m.forward_with(&t, x(), true, &mut Relus::Replay(&p)).copy_into(&mut again);
+        m.forward_with(&t, x(), true, &mut Relus::Replay(&p), Norms::Batch).copy_into(&mut again);
         assert_eq!(again, want, "{spec}");
     }
 }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{Artifact, Kind, Provenance};
 use crate::data::{self, Batch, Dataset, ImageSet, Normalization};
 pub use crate::mlp::{FirstLayer, SPARSE_INPUT_MAX_DENSITY};
-use crate::model::Model;
-use crate::ops;
+use crate::model::{Model, Norms};
+use crate::ops::{self, BatchStats};
 use crate::optim::{Schedule, Sgd};
 use crate::params::{Mask, ParamVec};
 use crate::seed::{self, Stream};
@@ -196,6 +196,22 @@ pub struct GradBuffers {
     mlp: crate::mlp::MlpBuffers,
     /// How an MLP's first layer is computed (default: sparse on mostly-background inputs).
     pub first_layer: FirstLayer,
+    /// Whether batch norms use the batch's statistics (training, the default) or the running
+    /// ones (a probe of the evaluation-mode loss).
+    pub norm_mode: NormMode,
+    /// The batch statistics of the last training-mode call, one per batch-norm layer in forward
+    /// order (for [`Model::update_running`]).
+    pub batch_stats: Vec<BatchStats>,
+}
+
+/// Which statistics batch norms use in [`loss_and_grad`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormMode {
+    /// Training mode: the batch's statistics (collected in [`GradBuffers::batch_stats`]).
+    #[default]
+    Batch,
+    /// Evaluation mode: the running statistics in the parameter vector.
+    Running,
 }
 
 impl GradBuffers {
@@ -206,6 +222,8 @@ impl GradBuffers {
             grad: vec![0.0; model.layout.total()],
             mlp: Default::default(),
             first_layer: FirstLayer::Auto,
+            norm_mode: NormMode::Batch,
+            batch_stats: Vec::new(),
         }
     }
 }
@@ -253,7 +271,13 @@ pub fn loss_and_grad_on_tape(
     bufs: &mut GradBuffers,
 ) -> (f32, usize) {
     let tensors = model.tensors(&bufs.dev, params);
-    let (loss, correct, mut grads) = graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev);
+    bufs.batch_stats.clear();
+    let norms = match bufs.norm_mode {
+        NormMode::Batch => Norms::Collect(&mut bufs.batch_stats),
+        NormMode::Running => Norms::Running,
+    };
+    let (loss, correct, mut grads) =
+        graph_loss_and_grad(model, &tensors, x, labels, &bufs.dev, norms);
     for (e, t) in model.layout.entries.iter().zip(&tensors) {
         bufs.grad[e.range()].copy_from_slice(grads.get_or_alloc_mut(t).expect("cpu allocation"));
     }
@@ -267,11 +291,12 @@ fn graph_loss_and_grad(
     x: &[f32],
     labels: &[u8],
     dev: &Cpu,
+    norms: Norms,
 ) -> (f32, usize, Gradients<f32, Cpu>) {
     let s = model.input;
     let n = labels.len();
     let input = dev.tensor_from_vec(x.to_vec(), (n, s.channels, s.height, s.width));
-    let logits = model.forward(tensors, input.traced(Gradients::leaky()), false);
+    let logits = model.forward(tensors, input.traced(Gradients::leaky()), false, norms);
     let mut host = vec![0.0f32; n * model.classes];
     logits.copy_into(&mut host);
     let (correct, _) = ops::accuracy_counts(&host, model.classes, labels);
@@ -280,11 +305,12 @@ fn graph_loss_and_grad(
     (loss_value, correct, loss.backward())
 }
 
-/// Logits of `model` at `params` for `n` normalised images (no tape).
+/// Logits of `model` at `params` for `n` normalised images (no tape), in evaluation mode
+/// (batch norms use their running statistics).
 pub fn logits(model: &Model, dev: &Cpu, tensors: &[ops::T1], x: Vec<f32>, n: usize) -> Vec<f32> {
     let s = model.input;
     let input = dev.tensor_from_vec(x, (n, s.channels, s.height, s.width));
-    let out = model.forward(tensors, input, false);
+    let out = model.forward(tensors, input, false, Norms::Running);
     let mut host = vec![0.0f32; n * model.classes];
     out.copy_into(&mut host);
     host
@@ -356,6 +382,15 @@ pub fn fit(
         return Err(Error::data("the training set is empty"));
     }
     let (per_epoch, epochs, total_steps) = cfg.plan(n);
+    model.check_train_batch(cfg.batch_size.min(n), &format!("--batch-size {}", cfg.batch_size))?;
+    if !n.is_multiple_of(cfg.batch_size) {
+        let last = n % cfg.batch_size;
+        model.check_train_batch(
+            last,
+            &format!("--batch-size {} on {n} images (the last batch has {last})", cfg.batch_size),
+        )?;
+    }
+    let trained = model.layout.trainable_total();
     let mut bufs = GradBuffers::new(model);
     let mut batch = Batch::default();
     mask.apply(&mut state.params.data);
@@ -387,14 +422,17 @@ pub fn fit(
                 None => cfg.schedule.lr(cfg.lr, epoch as u64, epochs as u64),
             };
             let first = state.steps_done == 0;
+            // SGD and weight decay see the trained parameters only; the running statistics
+            // after them move by the batch's statistics, as PyTorch's forward does.
             cfg.sgd.step(
-                &mut state.params.data,
-                &mut bufs.grad,
-                &mut state.momentum,
+                &mut state.params.data[..trained],
+                &mut bufs.grad[..trained],
+                &mut state.momentum[..trained],
                 first,
                 lr,
                 mask,
             );
+            model.update_running(&mut state.params.data, &bufs.batch_stats)?;
             last = (i + 1, loss);
             state.steps_done += 1;
             state.images_seen += idx.len() as u64;

@@ -19,6 +19,22 @@ pub enum ParamKind {
     NormScale,
     /// A normalisation shift (beta).
     NormShift,
+    /// A batch-norm layer's running mean (state, like the two below: carried with the
+    /// parameters, interpolated with them and saved in every artifact, but never trained,
+    /// decayed, pruned or probed).
+    RunningMean,
+    /// A batch-norm layer's running (unbiased) variance.
+    RunningVar,
+    /// A batch-norm layer's count of training batches (PyTorch's int64 `num_batches_tracked`,
+    /// held as an f32, exact up to 2^24 batches).
+    BatchesTracked,
+}
+
+impl ParamKind {
+    /// Whether this is state (batch-norm running statistics) rather than a trained parameter.
+    pub fn is_state(self) -> bool {
+        matches!(self, ParamKind::RunningMean | ParamKind::RunningVar | ParamKind::BatchesTracked)
+    }
 }
 
 /// One named tensor inside a [`ParamVec`].
@@ -47,9 +63,13 @@ impl ParamInfo {
     pub fn range(&self) -> std::ops::Range<usize> {
         self.offset..self.offset + self.len()
     }
-    /// Conv and linear weights are prunable; biases and norm parameters never are.
+    /// Conv and linear weights are prunable; biases, norm parameters and state never are.
     pub fn prunable(&self) -> bool {
         self.kind == ParamKind::Weight
+    }
+    /// Whether SGD trains this tensor (everything but state).
+    pub fn trainable(&self) -> bool {
+        !self.kind.is_state()
     }
 }
 
@@ -78,16 +98,38 @@ impl Layout {
     pub fn total(&self) -> usize {
         self.entries.last().map_or(0, |e| e.offset + e.len())
     }
+    /// Number of trained scalars: the state (running statistics) follows them, so the trained
+    /// parameters are `data[..trainable_total()]` of every vector of this layout (see
+    /// [`Layout::check`]).
+    pub fn trainable_total(&self) -> usize {
+        self.entries.iter().filter(|e| e.trainable()).map(ParamInfo::len).sum()
+    }
+    /// Number of scalars of state (running statistics) after the trained ones.
+    pub fn state_total(&self) -> usize {
+        self.total() - self.trainable_total()
+    }
     /// Number of prunable scalars.
     pub fn prunable_total(&self) -> usize {
         self.entries.iter().filter(|e| e.prunable()).map(ParamInfo::len).sum()
     }
     /// Errors unless the offsets are those [`Layout::new`] assigns (each tensor right after the
-    /// previous one, from 0) and the total is at most [`MAX_PARAMETERS`]: what a layout read from
-    /// a file must satisfy before any range of it indexes a vector.
+    /// previous one, from 0), state entries come after every trained one, and the total is at
+    /// most [`MAX_PARAMETERS`]: what a layout read from a file must satisfy before any range of
+    /// it indexes a vector.
     pub fn check(&self) -> std::result::Result<(), String> {
         let mut offset = 0usize;
+        let mut state = None;
         for e in &self.entries {
+            match (state, e.kind.is_state()) {
+                (None, true) => state = Some(&e.name),
+                (Some(s), false) => {
+                    return Err(format!(
+                        "parameter '{}' comes after the state entry '{s}' (state must follow every parameter)",
+                        e.name
+                    ))
+                }
+                _ => {}
+            }
             if e.offset != offset {
                 return Err(format!(
                     "tensor '{}' starts at offset {} instead of {offset}",
@@ -186,10 +228,16 @@ impl ParamVec {
             )))
         }
     }
-    /// Euclidean distance to `other` (accumulated in f64).
+    /// Euclidean distance to `other` over the trained parameters (state excluded), accumulated
+    /// in f64.
     pub fn l2_distance(&self, other: &ParamVec) -> Result<f64> {
         self.check_same_layout(&other.layout, "distance")?;
-        let s: f64 = self.data.iter().zip(&other.data).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let t = self.layout.trainable_total();
+        let s: f64 = self.data[..t]
+            .iter()
+            .zip(&other.data[..t])
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum();
         Ok(s.sqrt())
     }
     /// True when every value is finite.

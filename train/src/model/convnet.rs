@@ -3,7 +3,7 @@
 
 use dfdx::prelude::*;
 
-use super::{Architecture, Item, ModelSpec, Norm, Relu};
+use super::{Architecture, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
 use crate::ops::{self, Conv2dCfg, T1, T2, T4};
 use crate::params::ParamKind;
@@ -56,6 +56,7 @@ impl Architecture for ConvNet {
         x: T4<Tp>,
         input_grad: bool,
         relu: &mut Relu,
+        _norms: &mut Norms,
     ) -> T2<Tp> {
         let mut h = x;
         let mut k = 0;
@@ -102,11 +103,6 @@ impl Architecture for ConvNet {
     /// ConvNet-3 on CIFAR-10).
     fn parallel_points(&self) -> bool {
         false
-    }
-
-    /// Instance norm normalises each image by its own statistics: nothing is kept.
-    fn running_statistics(&self) -> usize {
-        0
     }
 
     fn mlp_hidden(&self) -> Option<&[usize]> {

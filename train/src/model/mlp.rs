@@ -3,7 +3,7 @@
 
 use dfdx::prelude::*;
 
-use super::{Architecture, Item, ModelSpec, Relu};
+use super::{Architecture, Item, ModelSpec, Norms, Relu};
 use crate::data::ImageShape;
 use crate::ops::{self, T1, T2, T4};
 use crate::params::ParamKind;
@@ -39,6 +39,7 @@ impl Architecture for Mlp<'_> {
         x: T4<Tp>,
         input_grad: bool,
         relu: &mut Relu,
+        _norms: &mut Norms,
     ) -> T2<Tp> {
         let mut h = ops::flatten(x);
         for (i, &width) in self.hidden.iter().enumerate() {
@@ -66,10 +67,6 @@ impl Architecture for Mlp<'_> {
     /// MLPs points win (their GEMMs are too small to split).
     fn parallel_points(&self) -> bool {
         true
-    }
-
-    fn running_statistics(&self) -> usize {
-        0
     }
 
     fn mlp_hidden(&self) -> Option<&[usize]> {
