@@ -18,6 +18,7 @@ use lmc_probe::request::{
 use lmc_probe::ProbeResult;
 use lmc_train::artifact::Provenance;
 use lmc_train::data::Dataset;
+use lmc_train::fit::NormMode;
 use serde_json::json;
 
 use crate::progress::interactive;
@@ -85,9 +86,14 @@ struct InterpolateArgs {
     /// Evaluate the train split on a fixed random subsample of N images [default: all].
     #[arg(long, value_name = "N")]
     train_samples: Option<usize>,
-    /// Seed of that subsample.
+    /// Seed of that subsample (and of the order of the --bn-reset batches).
     #[arg(long, default_value_t = 0)]
     sample_seed: u64,
+    /// Batch-norm models: also evaluate every point with its running statistics re-estimated
+    /// from N training batches (the runs' batch size, no augmentation), and report both barriers
+    /// [default: the statistics are interpolated with the weights only].
+    #[arg(long, value_name = "N")]
+    bn_reset: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -208,8 +214,18 @@ struct HessianArgs {
     /// Seed of the Rademacher and power-iteration vectors.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Batch-norm models: the loss in evaluation mode (running statistics) or training mode
+    /// (each --chunk of images normalised by its own statistics).
+    #[arg(long, value_enum, default_value = "running")]
+    bn_mode: BnModeArg,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BnModeArg {
+    Running,
+    Batch,
 }
 
 pub fn run(a: ProbeArgs) -> Result<()> {
@@ -322,7 +338,12 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         dataset: &ds,
         dataset_provenance: ds_prov,
         splits,
-        config: InterpConfig { alphas, train_samples: a.train_samples, sample_seed: a.sample_seed },
+        config: InterpConfig {
+            alphas,
+            train_samples: a.train_samples,
+            sample_seed: a.sample_seed,
+            bn_reset: a.bn_reset,
+        },
     };
     let mut bars = Bars::new("interpolate", a.common.json);
     let done = req.run(a.common.out.as_deref(), a.common.fresh, &mut bars)?;
@@ -339,10 +360,11 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
                 inputs.paths()[p.b].display(),
                 p.l2_distance
             );
-            for c in &p.curves {
+            let reset = p.reset_curves.iter().map(|c| (c, "bn reset "));
+            for (c, how) in p.curves.iter().map(|c| (c, "")).chain(reset) {
                 let (e0, e1) = (c.points[0].error, c.points[c.points.len() - 1].error);
                 println!(
-                    "  {:5} ({} images): error barrier {:.2} points (peak at alpha {:.3}), loss barrier {:.4} (alpha {:.3}); endpoint errors {:.2}% / {:.2}%",
+                    "  {how}{:5} ({} images): error barrier {:.2} points (peak at alpha {:.3}), loss barrier {:.4} (alpha {:.3}); endpoint errors {:.2}% / {:.2}%",
                     c.split.to_string(),
                     c.count,
                     100.0 * c.error_barrier,
@@ -355,9 +377,10 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
             }
         }
         if r.pairs.len() > 1 {
-            for s in &r.summary {
+            let reset = r.reset_summary.iter().map(|s| (s, "bn reset "));
+            for (s, how) in r.summary.iter().map(|s| (s, "")).chain(reset) {
                 println!(
-                    "over {} pairs, {}: error barrier {:.2} +- {:.2} points, loss barrier {:.4} +- {:.4} (mean +- sample std)",
+                    "over {} pairs, {how}{}: error barrier {:.2} +- {:.2} points, loss barrier {:.4} +- {:.4} (mean +- sample std)",
                     s.error_barrier.n,
                     s.split,
                     100.0 * s.error_barrier.mean,
@@ -485,6 +508,10 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         power_tol: a.power_tol,
         exact_diag: a.exact_diag,
         seed: a.seed,
+        bn_mode: match a.bn_mode {
+            BnModeArg::Running => NormMode::Running,
+            BnModeArg::Batch => NormMode::Batch,
+        },
     };
     cfg.validate()?;
     let mask_from = match &a.mask_from {

@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use lmc_train::data::{self, Batch, ImageSet, Normalization};
-use lmc_train::fit::{self, GradBuffers};
+use lmc_train::fit::{self, GradBuffers, NormMode};
 use lmc_train::model::Model;
 use lmc_train::params::{Mask, ParamKind, ParamVec};
 use lmc_train::seed::{self, Stream};
@@ -104,6 +104,14 @@ pub struct HessianConfig {
     pub exact_diag: bool,
     /// Seed of the random probe vectors.
     pub seed: u64,
+    /// Batch-norm models: the loss in evaluation mode (running statistics, the default) or in
+    /// training mode (each chunk normalised by its own statistics).
+    #[serde(default = "running")]
+    pub bn_mode: NormMode,
+}
+
+fn running() -> NormMode {
+    NormMode::Running
 }
 
 impl HessianConfig {
@@ -152,6 +160,7 @@ pub struct HessianProblem<'a> {
     scale: f64,
     norm: f64,
     eps_rel: f64,
+    norm_mode: NormMode,
 }
 
 impl<'a> HessianProblem<'a> {
@@ -174,6 +183,18 @@ impl<'a> HessianProblem<'a> {
         if let Some(m) = &restrict {
             m.validate(&model.layout)?;
         }
+        // Batch-norm running statistics are state, not parameters: never probed.
+        let restrict = match restrict {
+            Some(m) if model.layout.state_total() > 0 => Some(m),
+            None if model.layout.state_total() > 0 => Some(Mask::dense(&model.layout)),
+            other => other,
+        }
+        .map(|mut m| {
+            for e in model.layout.entries.iter().filter(|e| !e.trainable()) {
+                m.keep[e.range()].fill(false);
+            }
+            m
+        });
         let idx: Vec<u32> = (0..set.len() as u32).collect();
         let chunks = idx
             .chunks(chunk)
@@ -197,7 +218,29 @@ impl<'a> HessianProblem<'a> {
         } else {
             (1.0, (k.max(1) as f64).sqrt())
         };
-        Ok(HessianProblem { model, params, chunks, n: set.len(), restrict, scale, norm, eps_rel })
+        Ok(HessianProblem {
+            model,
+            params,
+            chunks,
+            n: set.len(),
+            restrict,
+            scale,
+            norm,
+            eps_rel,
+            norm_mode: NormMode::Running,
+        })
+    }
+
+    /// The loss with batch norms in `mode` (default: evaluation mode, running statistics).
+    /// Errors if training mode cannot normalise a chunk (a batch of one on 1x1 planes).
+    pub fn with_norm_mode(mut self, mode: NormMode) -> Result<Self> {
+        if mode == NormMode::Batch {
+            for b in &self.chunks {
+                self.model.check_train_batch(b.labels.len(), "--bn-mode batch with --chunk")?;
+            }
+        }
+        self.norm_mode = mode;
+        Ok(self)
     }
 
     /// Number of parameters (the dimension of H).
@@ -229,6 +272,7 @@ impl<'a> HessianProblem<'a> {
     pub fn loss_and_gradient(&self, theta: &[f32]) -> (f64, Vec<f64>) {
         let p = ParamVec { layout: self.params.layout.clone(), data: theta.to_vec() };
         let mut bufs = GradBuffers::new(self.model);
+        bufs.norm_mode = self.norm_mode;
         let mut g = vec![0f64; theta.len()];
         let mut loss = 0f64;
         for b in &self.chunks {
@@ -633,7 +677,7 @@ fn summarise(
 }
 
 /// Per-tensor summaries of `diag` against `mask`, then one row over all weights and one over
-/// everything. `per_layer_samples` (Hutchinson's `[sample][tensor]` sums) give the standard
+/// every trained parameter (batch-norm state is not probed and has no rows). `per_layer_samples` (Hutchinson's `[sample][tensor]` sums) give the standard
 /// errors; without them they are 0 (exact diagonal).
 pub fn layer_summaries(
     params: &ParamVec,
@@ -655,6 +699,7 @@ pub fn layer_summaries(
         .entries
         .iter()
         .enumerate()
+        .filter(|(_, e)| e.trainable())
         .map(|(t, e)| {
             summarise(
                 e.name.clone(),
@@ -673,7 +718,8 @@ pub fn layer_summaries(
     let wse = se_of(&|row| weights.iter().map(|&t| row[t]).sum());
     rows.push(summarise("all weights".into(), "-".into(), &mut widx, diag, mask, wse));
     let ase = se_of(&|row| row.iter().sum());
-    rows.push(summarise("all".into(), "-".into(), &mut (0..params.len()), diag, mask, ase));
+    let trained = layout.trainable_total();
+    rows.push(summarise("all".into(), "-".into(), &mut (0..trained), diag, mask, ase));
     rows
 }
 
@@ -784,7 +830,8 @@ pub fn probe(
         cfg.chunk,
         cfg.eps_rel.unwrap_or(DEFAULT_EPS_REL),
         restrict,
-    )?;
+    )?
+    .with_norm_mode(cfg.bn_mode)?;
     // A Hessian on d parameters has d eigenvalues; power iteration keeps one vector per
     // eigenvalue asked for, so more than d would also run on and on.
     if cfg.top_k > p.space_dim() {

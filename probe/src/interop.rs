@@ -3,19 +3,23 @@
 //! A run is written as one f32 tensor per layout entry under its state-dict name
 //! (`fc_layers.0.weight`, `features.0.bias`, ...), pruned entries already zero, plus, for every
 //! prunable weight, a 0/1 f32 tensor `NAME_mask` (the name `torch.nn.utils.prune` gives its
-//! buffer). Metadata: `format = pt` (what PyTorch writers put there), and `lmc.run` (the Run's
+//! buffer). Batch-norm running statistics are written as PyTorch keeps its buffers:
+//! `NAME.running_mean` and `NAME.running_var` in f32, `NAME.num_batches_tracked` as an int64
+//! scalar, so `load_state_dict(strict=True)` of the same architecture takes the file. Metadata:
+//! `format = pt` (what PyTorch writers put there), and `lmc.run` (the Run's
 //! JSON without its parameters and mask, so an import restores it), `lmc.model`, `lmc.dataset`,
 //! `lmc.provenance`.
 //!
 //! Import reads the same layout, and also PyTorch-pruned state dicts (`NAME_orig` with
-//! `NAME_mask`: the weight is `orig * mask`), in f32, f64, f16 or bf16 (masks also bool/u8).
+//! `NAME_mask`: the weight is `orig * mask`), in f32, f64, f16 or bf16 (masks also bool/u8,
+//! batch counts i64).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use lmc_train::artifact::Provenance;
 use lmc_train::fit::Run;
-use lmc_train::params::{Layout, Mask, ParamVec};
+use lmc_train::params::{Layout, Mask, ParamKind, ParamVec};
 use lmc_train::{Error, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -36,18 +40,26 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
     run.mask.validate(layout)?;
     let mut params = run.params.data.clone();
     run.mask.apply(&mut params);
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for e in &layout.entries {
-        blobs.push((e.name.clone(), e.shape.clone(), f32_bytes(&params[e.range()])));
+        let values = &params[e.range()];
+        if e.kind == ParamKind::BatchesTracked {
+            // PyTorch's `num_batches_tracked` is an int64 scalar (a whole number in our f32).
+            let bytes = values.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect();
+            blobs.push((e.name.clone(), Dtype::I64, e.shape.clone(), bytes));
+            continue;
+        }
+        blobs.push((e.name.clone(), Dtype::F32, e.shape.clone(), f32_bytes(values)));
         if with_mask && e.prunable() {
             let m: Vec<f32> =
                 run.mask.keep[e.range()].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
-            blobs.push((format!("{}{MASK_SUFFIX}", e.name), e.shape.clone(), f32_bytes(&m)));
+            let name = format!("{}{MASK_SUFFIX}", e.name);
+            blobs.push((name, Dtype::F32, e.shape.clone(), f32_bytes(&m)));
         }
     }
     let views = blobs
         .iter()
-        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .map(|(n, t, s, b)| TensorView::new(*t, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::data(format!("safetensors: {e:?}")))?;
     let shell = Run {
@@ -120,7 +132,9 @@ pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded> {
             Dtype::F16 => d.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
             Dtype::BF16 => d.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
             Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| b as f32).collect(),
-            other => return Err(bad(format!("tensor '{name}' has dtype {other:?}; lmc reads f32, f64, f16, bf16 (and bool/u8 masks)"))),
+            // Batch counts; exact in f32 up to 2^24.
+            Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            other => return Err(bad(format!("tensor '{name}' has dtype {other:?}; lmc reads f32, f64, f16, bf16 (and bool/u8 masks, i64 batch counts)"))),
         };
         tensors.insert(name, (view.shape().to_vec(), values));
     }
@@ -189,6 +203,19 @@ impl Loaded {
             }
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(bad(format!("tensor '{key}' holds a non-finite value at index {i}")));
+            }
+            let bad_state = match e.kind {
+                ParamKind::RunningVar => values.iter().position(|v| *v < 0.0),
+                ParamKind::BatchesTracked => {
+                    values.iter().position(|v| *v < 0.0 || v.fract() != 0.0 || *v > 16_777_216.0)
+                }
+                _ => None,
+            };
+            if let Some(i) = bad_state {
+                return Err(bad(format!(
+                    "tensor '{key}' holds {} at index {i}: a running variance must be >= 0, a batch count a whole number up to 2^24",
+                    values[i]
+                )));
             }
             params.data[e.range()].copy_from_slice(values);
             used.insert(key);

@@ -4,10 +4,17 @@
 //! barrier (Frankle et al. 2020, "instability") = max_alpha Err(theta(alpha)) - mean(Err(theta_a),
 //! Err(theta_b)); the loss barrier is the same for the loss. A network is called stable when the
 //! error barrier is under 2 percentage points.
+//!
+//! Batch-norm running statistics are state in the parameter vector, so they are interpolated
+//! with the weights (what the paper's authors did). With `bn_reset = Some(N)` every point is
+//! also evaluated with its statistics re-estimated from N training batches (PyTorch's
+//! `update_bn`: reset, then an equal-weight average of the batches' statistics in training
+//! mode, no augmentation), the usual repair after averaging weights, and both sets of barriers
+//! are reported.
 
 use std::fmt;
 
-use lmc_train::data::{ImageSet, Normalization};
+use lmc_train::data::{self, Batch, ImageSet, Normalization};
 use lmc_train::fit::{Eval, Run};
 use lmc_train::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -41,8 +48,12 @@ pub struct InterpConfig {
     pub alphas: Vec<f64>,
     /// Training images evaluated (a fixed subsample; `None` = all).
     pub train_samples: Option<usize>,
-    /// Seed of that subsample.
+    /// Seed of that subsample (and of the order of the batches `bn_reset` draws).
     pub sample_seed: u64,
+    /// Also evaluate every point with its batch-norm running statistics re-estimated from this
+    /// many training batches (of the runs' batch size); `None`: interpolated statistics only.
+    #[serde(default)]
+    pub bn_reset: Option<usize>,
 }
 
 impl Default for InterpConfig {
@@ -51,6 +62,7 @@ impl Default for InterpConfig {
             alphas: alpha_grid(11).expect("11 > 1"),
             train_samples: None,
             sample_seed: 0,
+            bn_reset: None,
         }
     }
 }
@@ -188,8 +200,11 @@ pub struct PairResult {
     pub b: usize,
     /// Euclidean distance between their parameter vectors.
     pub l2_distance: f64,
-    /// One curve per split.
+    /// One curve per split (running statistics interpolated with the weights).
     pub curves: Vec<SplitCurve>,
+    /// With `bn_reset`: one curve per split with re-estimated running statistics (else empty).
+    #[serde(default)]
+    pub reset_curves: Vec<SplitCurve>,
 }
 
 /// Mean and standard deviation of the barriers over all pairs, per split.
@@ -210,8 +225,11 @@ pub struct Interpolation {
     pub config: InterpConfig,
     /// Every pair (i < j) of the input runs.
     pub pairs: Vec<PairResult>,
-    /// Barrier statistics over the pairs, per split.
+    /// Barrier statistics over the pairs, per split (running statistics interpolated).
     pub summary: Vec<BarrierSummary>,
+    /// With `bn_reset`: the same with re-estimated running statistics (else empty).
+    #[serde(default)]
+    pub reset_summary: Vec<BarrierSummary>,
     /// L2 distance statistics over the pairs.
     pub l2_distance: MeanStd,
     /// What happened to running normalisation statistics.
@@ -223,12 +241,14 @@ pub const NO_RUNNING_STATS: &str =
     "none: this architecture keeps no running normalisation statistics (instance norm or no norm), so there is nothing to interpolate or re-estimate";
 
 /// Interpolates every pair of `runs` (same architecture and mask) on `sets`, at `cfg.alphas`.
-/// `sets` are evaluated as given (subsample the training split before calling).
+/// `sets` are evaluated as given (subsample the training split before calling); `train` is the
+/// whole training split, which `cfg.bn_reset` draws its batches from.
 pub fn interpolate(
     runs: &[&Run],
     sets: &[(Split, &ImageSet)],
     norm: &Normalization,
     cfg: &InterpConfig,
+    train: &ImageSet,
 ) -> Result<Interpolation> {
     if runs.len() < 2 {
         return Err(Error::setting(format!(
@@ -246,11 +266,21 @@ pub fn interpolate(
     for (split, set) in sets {
         check_data(model, set, &format!("the {split} split"))?;
     }
-    // Running statistics would have to be interpolated with the parameters (or re-estimated on
-    // training batches); no current architecture has any.
-    let norm_statistics = match running_statistics(model) {
-        0 => NO_RUNNING_STATS.to_string(),
-        n => return Err(Error::incompatible(format!("this architecture has {n} running normalisation statistics, which interpolation does not handle yet"))),
+    let batch = runs[0].config.batch_size;
+    let (norm_statistics, reset) = match (running_statistics(model), cfg.bn_reset) {
+        (0, None) => (NO_RUNNING_STATS.to_string(), None),
+        (0, Some(_)) => {
+            return Err(Error::setting(format!(
+                "--bn-reset: model {} has no batch norm, so there are no running statistics to re-estimate",
+                model.spec
+            )))
+        }
+        (n, None) => (format!("interpolated: the running statistics of {n} batch-norm layers are interpolated with the weights (--bn-reset N re-estimates them)"), None),
+        (n, Some(k)) => {
+            let batches = reset_batches(train, norm, batch, k, cfg.sample_seed)?;
+            let what = format!("both: the running statistics of {n} batch-norm layers interpolated with the weights (summary, curves) and re-estimated at every point from {k} training batches of {batch} images without augmentation (reset_summary, reset_curves)");
+            (what, Some(batches))
+        }
     };
     let mask = &runs[0].mask;
     let mut pairs = Vec::new();
@@ -269,24 +299,84 @@ pub fn interpolate(
                 )?;
                 curves.push(SplitCurve::new(*split, &cfg.alphas, &evals)?);
             }
-            pairs.push(PairResult { a: i, b: j, l2_distance, curves });
+            let mut reset_curves = Vec::new();
+            if let Some(batches) = &reset {
+                let views: Vec<(&[f32], usize)> =
+                    batches.iter().map(|b| (b.x.as_slice(), b.labels.len())).collect();
+                for (split, set) in sets {
+                    let evals = evaluate_points(
+                        model,
+                        cfg.alphas.len(),
+                        |k| {
+                            let mut p = lerp_masked(a, b, cfg.alphas[k], mask)?;
+                            model.reestimate_running(&mut p, &views)?;
+                            Ok(p)
+                        },
+                        set,
+                        norm,
+                    )?;
+                    reset_curves.push(SplitCurve::new(*split, &cfg.alphas, &evals)?);
+                }
+            }
+            pairs.push(PairResult { a: i, b: j, l2_distance, curves, reset_curves });
         }
     }
-    let summary = sets
-        .iter()
-        .enumerate()
-        .map(|(s, (split, _))| BarrierSummary {
-            split: *split,
-            error_barrier: MeanStd::of(
-                &pairs.iter().map(|p| p.curves[s].error_barrier).collect::<Vec<_>>(),
-            ),
-            loss_barrier: MeanStd::of(
-                &pairs.iter().map(|p| p.curves[s].loss_barrier).collect::<Vec<_>>(),
-            ),
-        })
-        .collect();
+    let summarise = |curves: fn(&PairResult) -> &[SplitCurve]| -> Vec<BarrierSummary> {
+        if pairs.iter().any(|p| curves(p).is_empty()) {
+            return Vec::new();
+        }
+        sets.iter()
+            .enumerate()
+            .map(|(s, (split, _))| BarrierSummary {
+                split: *split,
+                error_barrier: MeanStd::of(
+                    &pairs.iter().map(|p| curves(p)[s].error_barrier).collect::<Vec<_>>(),
+                ),
+                loss_barrier: MeanStd::of(
+                    &pairs.iter().map(|p| curves(p)[s].loss_barrier).collect::<Vec<_>>(),
+                ),
+            })
+            .collect()
+    };
+    let summary = summarise(|p| &p.curves);
+    let reset_summary = summarise(|p| &p.reset_curves);
     let l2_distance = MeanStd::of(&pairs.iter().map(|p| p.l2_distance).collect::<Vec<_>>());
-    Ok(Interpolation { config: cfg.clone(), pairs, summary, l2_distance, norm_statistics })
+    Ok(Interpolation {
+        config: cfg.clone(),
+        pairs,
+        summary,
+        reset_summary,
+        l2_distance,
+        norm_statistics,
+    })
+}
+
+/// The first `k` batches of `batch` training images in the order `seed` draws, without
+/// augmentation: what `bn_reset` re-estimates running statistics from.
+fn reset_batches(
+    train: &ImageSet,
+    norm: &Normalization,
+    batch: usize,
+    k: usize,
+    seed: u64,
+) -> Result<Vec<Batch>> {
+    let n = train.len();
+    if k == 0 || k.saturating_mul(batch) > n {
+        return Err(Error::setting(format!(
+            "--bn-reset {k}: needs between 1 and {} batches of {batch} images (the training split has {n})",
+            n / batch.max(1)
+        )));
+    }
+    let order = data::epoch_order(n, seed, 0);
+    Ok(order
+        .chunks_exact(batch)
+        .take(k)
+        .map(|idx| {
+            let mut b = Batch::default();
+            data::fill_batch(train, norm, idx, None, &mut b);
+            b
+        })
+        .collect())
 }
 
 /// CSV of every curve: `pair,a,b,split,alpha,loss,accuracy,error`.

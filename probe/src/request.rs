@@ -268,7 +268,7 @@ impl InterpolateRequest<'_> {
                     Split::Train => (s, &train),
                 })
                 .collect();
-            let r = interpolate::interpolate(&self.inputs.all(), &sets, &ds.norm, &cfg)?;
+            let r = interpolate::interpolate(&self.inputs.all(), &sets, &ds.norm, &cfg, &ds.train)?;
             let text = interpolate::csv(&r);
             let probe = Probe {
                 model: self.inputs.model_name(),

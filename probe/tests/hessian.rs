@@ -383,6 +383,7 @@ fn subnetwork_restriction_and_per_layer_report() {
         power_tol: 1e-4,
         exact_diag: true,
         seed: 0,
+        bn_mode: lmc_train::fit::NormMode::Running,
     };
     let r = hessian::probe(
         &run.model,
@@ -452,6 +453,7 @@ fn exact_diagonal_refuses_large_models_before_working() {
         power_tol: 1e-4,
         exact_diag: true,
         seed: 0,
+        bn_mode: lmc_train::fit::NormMode::Running,
     };
     let t = std::time::Instant::now();
     let e = hessian::probe(

@@ -24,6 +24,7 @@ fn endpoints_are_exact_and_self_interpolation_is_flat() {
         &[(Split::Test, &ds.test), (Split::Train, &train)],
         &ds.norm,
         &cfg,
+        &ds.train,
     )
     .unwrap();
     assert_eq!(r.pairs.len(), 1);
@@ -47,7 +48,8 @@ fn endpoints_are_exact_and_self_interpolation_is_flat() {
 
     // A run with itself: every point is the run, barrier exactly 0, distance 0.
     let s =
-        interpolate::interpolate(&[&a, &a], &[(Split::Test, &ds.test)], &ds.norm, &cfg).unwrap();
+        interpolate::interpolate(&[&a, &a], &[(Split::Test, &ds.test)], &ds.norm, &cfg, &ds.train)
+            .unwrap();
     let c = &s.pairs[0].curves[0];
     assert_eq!((c.error_barrier, c.loss_barrier, s.pairs[0].l2_distance), (0.0, 0.0, 0.0));
     assert!(c.points.iter().all(|p| p.accuracy == a.final_test_accuracy()));
@@ -74,20 +76,23 @@ fn masked_weights_stay_zero_and_mismatches_are_refused() {
     }
     let cfg = InterpConfig { alphas: interpolate::alpha_grid(3).unwrap(), ..Default::default() };
     let sets = [(Split::Test, &ds.test)];
-    interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &cfg).unwrap();
+    interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &cfg, &ds.train).unwrap();
 
-    let e = interpolate::interpolate(&[&a, &dense], &sets, &ds.norm, &cfg).unwrap_err().to_string();
+    let e = interpolate::interpolate(&[&a, &dense], &sets, &ds.norm, &cfg, &ds.train)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("different masks") && e.contains("512 of 1210"), "{e}");
     let other = common::train(&ds, "mlp:8", None, 0, 1);
-    let e =
-        interpolate::interpolate(&[&dense, &other], &sets, &ds.norm, &cfg).unwrap_err().to_string();
+    let e = interpolate::interpolate(&[&dense, &other], &sets, &ds.norm, &cfg, &ds.train)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("mlp:8") && e.contains("mlp:16") && e.contains("one architecture"), "{e}");
     let empty = InterpConfig { alphas: vec![], ..Default::default() };
-    assert!(interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &empty)
+    assert!(interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &empty, &ds.train)
         .unwrap_err()
         .to_string()
         .contains("empty"));
-    assert!(interpolate::interpolate(&[&a], &sets, &ds.norm, &cfg).is_err());
+    assert!(interpolate::interpolate(&[&a], &sets, &ds.norm, &cfg, &ds.train).is_err());
 }
 
 #[test]
@@ -96,7 +101,8 @@ fn three_runs_give_every_pair_and_barrier_statistics() {
     let runs: Vec<_> = (0..3).map(|s| common::train(&ds, "mlp:8", None, s, 1)).collect();
     let refs: Vec<_> = runs.iter().collect();
     let cfg = InterpConfig { alphas: interpolate::alpha_grid(4).unwrap(), ..Default::default() };
-    let r = interpolate::interpolate(&refs, &[(Split::Test, &ds.test)], &ds.norm, &cfg).unwrap();
+    let r = interpolate::interpolate(&refs, &[(Split::Test, &ds.test)], &ds.norm, &cfg, &ds.train)
+        .unwrap();
     let pairs: Vec<(usize, usize)> = r.pairs.iter().map(|p| (p.a, p.b)).collect();
     assert_eq!(pairs, vec![(0, 1), (0, 2), (1, 2)]);
     let bs: Vec<f64> = r.pairs.iter().map(|p| p.curves[0].error_barrier).collect();

@@ -167,6 +167,7 @@ fn landscape_and_hessian_requests_are_cached_too() {
             power_tol: 1e-4,
             exact_diag: false,
             seed: 0,
+            bn_mode: lmc_train::fit::NormMode::Running,
         },
     };
     assert_eq!(hess.config.chunk, inputs.model().probe_chunk());

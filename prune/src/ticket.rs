@@ -146,11 +146,13 @@ impl Ticket {
         if !self.rewind.all_finite() {
             return Err("some rewind parameters are not finite".into());
         }
+        self.model.check_state(&self.rewind.data)?;
         if let Some(t) = self.trained() {
             t.check_same_layout(layout, "ticket trained parameters").map_err(|e| e.to_string())?;
             if !t.all_finite() {
                 return Err("some trained parameters are not finite".into());
             }
+            self.model.check_state(&t.data)?;
         }
         Ok(())
     }

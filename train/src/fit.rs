@@ -538,6 +538,7 @@ impl Artifact for Run {
         if !self.params.all_finite() {
             return Err("some parameters are not finite".into());
         }
+        self.model.check_state(&self.params.data)?;
         Ok(())
     }
 }
@@ -612,6 +613,7 @@ impl TrainState {
         if self.params.layout != model.layout {
             return Err(format!("parameters are not those of model {}", model.spec));
         }
+        model.check_state(&self.params.data)?;
         let (per_epoch, epochs, total) = cfg.plan(n);
         let most = (self.epochs_done as u64).saturating_mul(per_epoch).min(total);
         if self.epochs_done > epochs || self.steps_done != most {

@@ -51,7 +51,7 @@ pub const PRUNE_VERSION: u32 = 2;
 /// Version of the distillation stage; see [`TRAIN_VERSION`].
 pub const DISTILL_VERSION: u32 = 1;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`].
-pub const INTERPOLATE_VERSION: u32 = 1;
+pub const INTERPOLATE_VERSION: u32 = 2;
 /// Version of `probe landscape`; see [`TRAIN_VERSION`].
 pub const LANDSCAPE_VERSION: u32 = 1;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].

@@ -837,7 +837,9 @@ mod tests {
         assert!(m.layout.get("blocks.4.shortcut.0.weight").is_none());
         let e = &m.layout.entries;
         let fc = e.iter().position(|x| x.name == "fc.bias").unwrap();
-        assert!(e[..fc].iter().all(|x| x.trainable()) && e[fc + 1..].iter().all(|x| !x.trainable()));
+        assert!(
+            e[..fc].iter().all(|x| x.trainable()) && e[fc + 1..].iter().all(|x| !x.trainable())
+        );
         assert_eq!(m.prunable().count(), 19 + 2 + 1);
         // conv 3x3 MACs per image (Ho * Wo * Cout * Cin * 9, shortcuts Cin): 442,368 (stem) +
         // 6 x 2,359,296 (stage 1) + 1,179,648 + 5 x 2,359,296 + 131,072 (stage 2) + 1,179,648
