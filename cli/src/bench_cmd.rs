@@ -15,11 +15,13 @@ pub struct BenchArgs {
     /// Timed repeats per workload (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Scale the script's step counts (20 steps, x50 for LeNet, /5 for evaluation) by this factor.
+    /// Scale the script's step counts (20 steps, x50 for LeNet, /4 for ResNet-18, /5 for
+    /// evaluation) by this factor.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Only these workloads (lenet_mnist_b128, convnet3_cifar_b128, convnet3_mnist_b128,
-    /// convnet3_cifar_eval_b1000).
+    /// convnet3_cifar_eval_b1000, resnet20_cifar_b128, resnet18_cifar_b128,
+    /// resnet20_cifar_eval_b1000).
     #[arg(long, num_args = 1..)]
     only: Vec<String>,
     /// Print one JSON object like the PyTorch reference script.

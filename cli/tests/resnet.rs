@@ -90,6 +90,9 @@ fn a_resnet_goes_through_prune_train_and_every_probe() {
     assert_eq!(file.tensor("bn.running_var").unwrap().shape(), [4]);
 }
 
+/// A new shape for a tensor of the given name and shape, or `None` to leave it out.
+type Edit<'a> = &'a dyn Fn(&str, Vec<usize>) -> Option<Vec<usize>>;
+
 #[test]
 fn bad_resnet_input_ends_in_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,7 +132,7 @@ fn bad_resnet_input_ends_in_one_line_errors() {
     run_ok(lmc().arg("export").arg(d("a.lmc")).arg("--to").arg(&st).arg("--no-mask"));
     let bytes = std::fs::read(&st).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let rewrite = |path: &Path, edit: &dyn Fn(&str, Vec<usize>) -> Option<Vec<usize>>| {
+    let rewrite = |path: &Path, edit: Edit| {
         let mut kept = Vec::new();
         for (name, v) in file.tensors() {
             if let Some(shape) = edit(&name, v.shape().to_vec()) {

@@ -34,9 +34,11 @@ fn shape(c: usize, hw: usize) -> ImageShape {
     ImageShape { channels: c, height: hw, width: hw }
 }
 
-/// The four reference workloads.
+/// The reference workloads.
 pub fn workloads() -> Vec<Workload> {
     let cn3 = ModelSpec::ConvNet { depth: 3, width: 128, norm: crate::model::Norm::Instance };
+    let resnet20 = ModelSpec::ResNet { depth: 20, width: 16, norm: crate::model::Norm::Batch };
+    let resnet18 = ModelSpec::ResNetDc { depth: 18, width: 64, norm: crate::model::Norm::Batch };
     vec![
         Workload {
             name: "lenet_mnist_b128",
@@ -65,6 +67,30 @@ pub fn workloads() -> Vec<Workload> {
         Workload {
             name: "convnet3_cifar_eval_b1000",
             spec: cn3,
+            input: shape(3, 32),
+            batch: 1000,
+            eval: true,
+            steps: 4,
+        },
+        Workload {
+            name: "resnet20_cifar_b128",
+            spec: resnet20.clone(),
+            input: shape(3, 32),
+            batch: 128,
+            eval: false,
+            steps: 20,
+        },
+        Workload {
+            name: "resnet18_cifar_b128",
+            spec: resnet18,
+            input: shape(3, 32),
+            batch: 128,
+            eval: false,
+            steps: 5,
+        },
+        Workload {
+            name: "resnet20_cifar_eval_b1000",
+            spec: resnet20,
             input: shape(3, 32),
             batch: 1000,
             eval: true,
@@ -117,8 +143,9 @@ impl Prepared {
         }
     }
 
-    /// One step: forward + cross-entropy + backward + SGD (lr 0.01, momentum 0.9, wd 5e-4), or a
-    /// forward pass for evaluation workloads. Returns the loss (or a checksum of the logits).
+    /// One step: forward + cross-entropy + backward + SGD (lr 0.01, momentum 0.9, wd 5e-4) and
+    /// the running-statistics update, or a forward pass (evaluation mode) for evaluation
+    /// workloads. Returns the loss (or a checksum of the logits).
     pub fn step(&mut self) -> f32 {
         if self.workload.eval {
             let dev = dfdx::prelude::Cpu::default();
@@ -130,14 +157,18 @@ impl Prepared {
         let (loss, _) =
             loss_and_grad(&self.model, &self.params, &self.x, &self.labels, &mut self.bufs);
         let sgd = Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
+        let t = self.model.layout.trainable_total();
         sgd.step(
-            &mut self.params.data,
-            &mut self.bufs.grad,
-            &mut self.momentum,
+            &mut self.params.data[..t],
+            &mut self.bufs.grad[..t],
+            &mut self.momentum[..t],
             self.steps_done == 0,
             0.01,
             &self.mask,
         );
+        self.model
+            .update_running(&mut self.params.data, &self.bufs.batch_stats)
+            .expect("one set of batch statistics per batch norm");
         self.steps_done += 1;
         loss
     }
