@@ -48,6 +48,9 @@ fn dm_step_in(
     };
     let img = p.shape().len();
     let mut host = Vec::new();
+    // A last chunk of one image would meet a batch norm over 1x1 planes alone (training mode
+    // needs two values per channel): fold it into the chunk before.
+    let chunk = if n_real % chunk == 1 && n_real > 1 { chunk + 1 } else { chunk };
     for xs in x_real.chunks(chunk * img) {
         let emb = model.embed(&tensors, p.images(xs.to_vec(), xs.len() / img), false, Norms::Batch);
         let at = host.len();

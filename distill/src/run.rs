@@ -195,7 +195,14 @@ impl DistillRequest<'_> {
             .min_by_key(|(_, &n)| n)
             .ok_or_else(|| Error::data("the dataset has no classes"))?;
         let name = self.dataset.class_names.get(c).cloned().unwrap_or_else(|| c.to_string());
-        self.config.validate(train.shape, (n, &name))
+        self.config.validate(train.shape, (n, &name))?;
+        // Matching runs the network in training mode on one class's images at a time: a batch
+        // norm over 1x1 planes needs two of them, synthetic and real.
+        let cfg = &self.config;
+        let synthetic = cfg.ipc * cfg.factor * cfg.factor;
+        self.model.check_train_batch(synthetic, &format!("--ipc {}", cfg.ipc))?;
+        self.model
+            .check_train_batch(cfg.batch_real.min(n), &format!("--batch-real {}", cfg.batch_real))
     }
 }
 
