@@ -16,6 +16,13 @@ against an independent implementation.
   check-export FILE --spec S --in-channels C --classes K
       Loads a file written by `lmc export --no-mask` with load_state_dict(strict=True) and prints
       the number of tensors and the eval-mode logits of a zero image.
+  train-cifar --data cifar-10-binary.tar.gz [--spec resnet20] [--epochs 30] [--threads 2]
+      OpenLTH's CIFAR ResNet recipe shortened to --epochs (batch 128, SGD lr 0.1, momentum 0.9,
+      weight decay 1e-4, lr x0.1 at 50% and 75% of training, per-image random crop with padding
+      4 and horizontal flip, OpenLTH's kaiming_normal / uniform batch-norm init), then test
+      accuracy in evaluation mode; prints JSON with the accuracy and wall time. The lmc twin:
+      lmc train --dataset cifar10 --model SPEC --epochs E --batch-size 128 --lr 0.1
+        --momentum 0.9 --weight-decay 1e-4 --schedule multistep:0.5,0.75 --eval-every 0
 
 Specs as lmc writes them: resnet:depth=D,width=W[,norm=batch], resnet18:width=W, resnet10:width=W
 (batch norm only here). Needs: pip install torch safetensors numpy.
@@ -121,6 +128,69 @@ def fixture(a):
     print(f"{a.out}: {len(start)} state-dict tensors, {a.images} images, torch {torch.__version__}")
 
 
+MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def cifar(path):
+    import tarfile
+    parts = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            name = m.name.rsplit("/", 1)[-1]
+            if name.endswith(".bin") and ("data_batch" in name or "test_batch" in name):
+                parts[name] = np.frombuffer(tar.extractfile(m).read(), dtype=np.uint8).reshape(-1, 3073)
+
+    def split(names):
+        rec = np.concatenate([parts[n] for n in names])
+        return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
+
+    return split([f"data_batch_{i}.bin" for i in range(1, 6)]) + split(["test_batch.bin"])
+
+
+def train_cifar(a):
+    import json, time
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    tx, ty, vx, vy = cifar(a.data)
+    net = build(a.spec, 3, 10)
+    if not a.spec.startswith(("resnet18", "resnet10")):
+        for m in net.modules():  # OpenLTH: kaiming_normal model init, uniform batch-norm init
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.data = torch.rand(m.weight.shape)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    per_epoch = -(-len(tx) // 128)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [a.epochs // 2, (3 * a.epochs) // 4], 0.1)
+    norm = lambda u8: torch.from_numpy((u8.astype(np.float32) / 255.0 - MEAN) / STD)
+    t0 = time.time()
+    net.train()
+    for epoch in range(a.epochs):
+        order = rng.permutation(len(tx))
+        for s in range(per_epoch):
+            idx = order[s * 128:(s + 1) * 128]
+            x = np.pad(norm(tx[idx]).numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)))
+            off = rng.integers(0, 9, (len(idx), 2))
+            flip = rng.random(len(idx)) < 0.5
+            crops = np.stack([x[i, :, dy:dy + 32, dx:dx + 32] for i, (dy, dx) in enumerate(off)])
+            crops[flip] = crops[flip][..., ::-1]
+            loss = F.cross_entropy(net(torch.from_numpy(np.ascontiguousarray(crops))), torch.from_numpy(ty[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        print(f"epoch {epoch + 1}: last loss {loss.item():.4f}, {time.time() - t0:.0f} s", file=sys.stderr)
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(vx), 1000):
+            correct += (net(norm(vx[s:s + 1000])).argmax(1) == torch.from_numpy(vy[s:s + 1000])).sum().item()
+    print(json.dumps({"engine": f"torch {torch.__version__}", "spec": a.spec, "epochs": a.epochs,
+                      "seconds": round(time.time() - t0, 1), "test_accuracy": correct / len(vx)}))
+
+
 def check_export(a):
     net = build(a.spec, a.in_channels, a.classes)
     state = load_file(a.file)
@@ -145,9 +215,15 @@ def main():
     c.add_argument("--spec", required=True)
     c.add_argument("--in-channels", type=int, default=1)
     c.add_argument("--classes", type=int, default=10)
+    t = sub.add_parser("train-cifar")
+    t.add_argument("--data", required=True)
+    t.add_argument("--spec", default="resnet20")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(1)
-    {"fixture": fixture, "check-export": check_export}[a.cmd](a)
+    {"fixture": fixture, "check-export": check_export, "train-cifar": train_cifar}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -548,6 +548,16 @@ pub struct ConditionSummary {
     pub loss_barrier_mean: f64,
     /// Mean L2 distance between the replicates.
     pub l2_distance_mean: f64,
+    /// What the interpolation did with batch-norm running statistics: `none` (the model has no
+    /// batch norm), `interpolated` (with the weights, the barriers above), or `both` (also
+    /// re-estimated at every point with `--bn-reset`: the `_reset` barriers).
+    pub norm_statistics: String,
+    /// With `--bn-reset`: mean error barrier with re-estimated running statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_barrier_reset_mean: Option<f64>,
+    /// With `--bn-reset`: mean loss barrier with re-estimated running statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_barrier_reset_mean: Option<f64>,
     /// The first pair's first curve (test error and loss along alpha).
     pub interpolation: Vec<CurvePoint>,
     /// Hutchinson trace of replicate 0 (when the preset asks for one).
@@ -922,6 +932,12 @@ pub fn gather(
             let barriers = interp.summary.first().with_context(|| {
                 format!("stage {}: the interpolation has no barrier summary", ip.name)
             })?;
+            let reset = interp.reset_summary.first();
+            let norm_statistics = match (interp.norm_statistics.as_str(), reset) {
+                (s, _) if s.starts_with("none") => "none",
+                (_, Some(_)) => "both",
+                _ => "interpolated",
+            };
             let curve =
                 interp.pairs.first().and_then(|p| p.curves.first()).with_context(|| {
                     format!("stage {}: the interpolation has no curve", ip.name)
@@ -937,6 +953,9 @@ pub fn gather(
                 error_barrier_mean: barriers.error_barrier.mean,
                 loss_barrier_mean: barriers.loss_barrier.mean,
                 l2_distance_mean: interp.l2_distance.mean,
+                norm_statistics: norm_statistics.into(),
+                error_barrier_reset_mean: reset.map(|r| r.error_barrier.mean),
+                loss_barrier_reset_mean: reset.map(|r| r.loss_barrier.mean),
                 interpolation: curve.points.clone(),
                 hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
                 hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),

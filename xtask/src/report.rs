@@ -190,6 +190,26 @@ pub fn write(
             }
         )?;
     }
+    // Which running statistics the barriers above used (batch-norm models only).
+    let bn: Vec<&ConditionSummary> = conds.iter().filter(|c| c.norm_statistics != "none").collect();
+    if !bn.is_empty() {
+        writeln!(md, "\nBatch-norm running statistics along the path are interpolated with the weights in the table above (what the paper's authors did).")?;
+    }
+    if bn.iter().any(|c| c.error_barrier_reset_mean.is_some()) {
+        writeln!(md, "With `--bn-reset` they were also re-estimated at every point from training batches:\n\n| condition | error barrier, interpolated statistics | error barrier, re-estimated | loss barrier, interpolated | loss barrier, re-estimated |\n|---|---|---|---|---|")?;
+        for c in &bn {
+            let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                c.condition,
+                pct(c.error_barrier_mean),
+                opt(c.error_barrier_reset_mean, &pct),
+                fixed(c.loss_barrier_mean, 4),
+                opt(c.loss_barrier_reset_mean, &|v| fixed(v, 4)),
+            )?;
+        }
+    }
     if !res.sweep.is_empty() {
         writeln!(md, "\n## Across seeds\n\nEach seed's replicate mean, then mean ± sample standard deviation over the seeds.\n")?;
         writeln!(md, "| condition | seeds | sparsity (%) | test accuracy (%) | error barrier (points) | loss barrier |\n|---|---|---|---|---|---|")?;
