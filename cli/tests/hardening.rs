@@ -312,3 +312,91 @@ fn import_checks_the_model_its_file_describes() {
     expect(lmc().arg("import").arg(&st).arg("--out").arg(&out), &st, "not that model's");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_second_writer_of_an_output_stops_at_once_naming_the_first() {
+    use lmc_train::artifact::OutputLock;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r.lmc");
+    train(&run);
+    let st = dir.path().join("r.safetensors");
+    run_ok(lmc().arg("export").arg(&run).arg("--to").arg(&st));
+    let ticket_dir = dir.path().join("imp");
+    run_ok(
+        lmc()
+            .args(["prune", "--dataset", "digits", "--model", "mlp:7", "--epochs", "1"])
+            .args(["--rounds", "0", "--out-dir"])
+            .arg(&ticket_dir),
+    );
+    let ticket = ticket_dir.join("round-00.lmc");
+    assert!(ticket.is_file());
+    let tiny = ["--dataset", "digits", "--model", "mlp:7", "--epochs", "1"];
+    let cases: Vec<(PathBuf, Command)> = vec![
+        {
+            let o = dir.path().join("t.lmc");
+            let mut c = lmc();
+            c.arg("train").args(tiny).arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            // Replicates into a folder: the folder is locked as a whole.
+            let o = dir.path().join("reps");
+            let mut c = lmc();
+            c.arg("train").args(tiny).args(["--replicates", "2", "--out"]).arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("imp2");
+            let mut c = lmc();
+            c.arg("prune").args(tiny).args(["--rounds", "1", "--out-dir"]).arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("random.lmc");
+            let mut c = lmc();
+            c.args(["prune", "random", "--like"]).arg(&ticket).arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("d.lmc");
+            let mut c = lmc();
+            c.args(["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "1"]);
+            c.arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("p.lmc");
+            let mut c = lmc();
+            c.args(["probe", "interpolate", "--alphas", "3"]).arg(&run).arg(&run);
+            c.arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("e.safetensors");
+            let mut c = lmc();
+            c.arg("export").arg(&run).arg("--to").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("i.lmc");
+            let mut c = lmc();
+            c.arg("import").arg(&st).arg("--out").arg(&o);
+            (o, c)
+        },
+    ];
+    // The lock a first writer holds (flock belongs to the open file, so this process holding
+    // it is what another `lmc` holding it is to the one under test).
+    let me = std::process::id();
+    for (out, mut cmd) in cases {
+        let held = OutputLock::acquire(&out).unwrap();
+        let e = run_err(&mut cmd);
+        let name = out.file_name().unwrap().to_string_lossy().to_string();
+        let want = format!("{name} is being written by process {me}");
+        assert!(e.contains(&want), "expected '{want}' in: {e}");
+        assert!(!out.exists(), "{name}: the second writer wrote nothing");
+        drop(held);
+        // Once the first writer is done, the same command runs.
+        run_ok(&mut cmd);
+        assert!(out.exists(), "{name}");
+    }
+}

@@ -261,6 +261,117 @@ pub fn remove_stale_temporaries(path: &Path) {
     }
 }
 
+/// Path of the lock file of output `path` (`.NAME.lock` in its folder).
+pub fn lock_path(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!(".{name}.lock"))
+}
+
+/// An advisory lock on one output (a file, or a folder a command fills), held while a process
+/// writes it: a second writer of the same output fails at once with [`Error::Locked`] naming the
+/// holder, instead of both running and one result being silently lost.
+///
+/// The lock is `flock` on a lock file next to the output ([`lock_path`]), which holds the
+/// holder's process id. The lock belongs to the open file, so the kernel releases it when the
+/// holder exits however it exits (a killed writer never leaves a stale lock), and two locks of
+/// one output within one process exclude each other too. Dropping it removes the file while
+/// still holding the lock; a writer that opened the file just before then finds, once it holds
+/// the lock, that the path no longer names its file and starts over.
+#[derive(Debug)]
+pub struct OutputLock {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl OutputLock {
+    /// Takes the lock of output `path`, creating its folder if needed. Fails with
+    /// [`Error::Locked`] when another writer holds it. Where no lock file can be made (a
+    /// read-only folder: nothing can be written there either) the lock is a no-op, so a cached
+    /// output there can still be read.
+    pub fn acquire(path: &Path) -> Result<OutputLock> {
+        let lock = lock_path(path);
+        let dir = match lock.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let read_only = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return if read_only(&e) {
+                Ok(OutputLock { path: lock, file: None })
+            } else {
+                Err(Error::io(&dir, e))
+            };
+        }
+        check_regular(&lock)?;
+        // Bounded: each retry means another writer removed the file between our open and our
+        // lock, which takes a finishing writer per try.
+        for _ in 0..1000 {
+            let mut file = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock)
+            {
+                Ok(f) => f,
+                Err(e) if read_only(&e) => return Ok(OutputLock { path: lock, file: None }),
+                Err(e) => return Err(Error::io(&lock, e)),
+            };
+            // Called by path: std's own `File::try_lock` (Rust 1.89) shadows the trait method.
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => {
+                    let mut text = String::new();
+                    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                    let pid = text.trim().parse::<u32>().ok();
+                    return Err(Error::Locked { path: path.to_path_buf(), pid });
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(Error::io(&lock, e)),
+            }
+            if !same_file(&file, &lock) {
+                continue;
+            }
+            // The id is for the message of a second writer; failing to write it only makes
+            // that message say "another process".
+            let _ = file.set_len(0);
+            let _ = write!(file, "{}", std::process::id());
+            return Ok(OutputLock { path: lock, file: Some(file) });
+        }
+        Err(Error::Locked { path: path.to_path_buf(), pid: None })
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // The file closes after the removal, which releases the lock.
+    }
+}
+
+/// Whether `path` still names the open `file` (not removed, not replaced by another file).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        path.exists()
+    }
+}
+
 /// Writes `bytes` to `path` through a synced temporary file and a rename. Refuses a `path`
 /// that exists and is not a regular file ([`check_regular`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -453,6 +564,33 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = read::<Toy2>(&p).unwrap_err().to_string();
         assert!(e.contains("old.lmc") && e.contains("older lmc"), "{e}");
+    }
+
+    #[test]
+    fn an_output_has_one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub/o.lmc");
+        let first = OutputLock::acquire(&out).unwrap();
+        let lock = dir.path().join("sub/.o.lmc.lock");
+        assert_eq!(lock_path(&out), lock);
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), std::process::id().to_string());
+        // flock belongs to the open file, so a second lock in this process is refused like
+        // another process's, naming the holder.
+        let e = OutputLock::acquire(&out).unwrap_err();
+        assert!(matches!(e, Error::Locked { pid: Some(p), .. } if p == std::process::id()), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("o.lmc is being written by process"), "{msg}");
+        // Another output in the same folder is free.
+        let other = OutputLock::acquire(&dir.path().join("sub/p.lmc")).unwrap();
+        drop(first);
+        assert!(!lock.exists(), "the lock file goes with the lock");
+        let again = OutputLock::acquire(&out).unwrap();
+        drop((again, other));
+        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 0);
+        // A lock file left by a killed writer holds no lock: it is taken over.
+        std::fs::write(&lock, b"999999999").unwrap();
+        drop(OutputLock::acquire(&out).unwrap());
+        assert!(!lock.exists());
     }
 
     #[test]
