@@ -18,6 +18,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bincode::Options as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -461,6 +462,20 @@ pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
     Ok((header, value))
 }
 
+/// The bincode settings artifacts are encoded with (those of `bincode::serialize`: little
+/// endian, fixed-size integers, trailing bytes allowed), decoding at most `limit` bytes (the
+/// payload's size): a length prefix that claims more than the payload holds is an error before
+/// anything is allocated for it. Decoding from a slice, bincode 1.3 checks each length against
+/// the bytes left itself (and serde caps what a sequence reserves up front, 1 MiB), so the
+/// limit only comes into play if a payload is ever decoded from a stream, where bincode would
+/// otherwise size a buffer by the prefix before reading into it.
+fn decode_options(limit: usize) -> impl bincode::Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(limit as u64)
+}
+
 /// Decodes a verified payload.
 pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Result<A> {
     if header.version < A::MIN_FORMAT {
@@ -475,7 +490,7 @@ pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Resu
             ),
         ));
     }
-    let value: A = bincode::deserialize(payload).map_err(|e| {
+    let value: A = decode_options(payload.len()).deserialize(payload).map_err(|e| {
         Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind))
     })?;
     value
@@ -538,6 +553,42 @@ mod tests {
         let c = crc.finalize().to_le_bytes();
         other[56..60].copy_from_slice(&c);
         check(other, "is a Run artifact, expected a Probe");
+    }
+
+    /// `bytes` with the envelope's checksum recomputed: an edit that only validation can catch.
+    fn resealed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes[..56]);
+        crc.update(&bytes[HEADER_LEN..]);
+        let c = crc.finalize().to_le_bytes();
+        bytes[56..60].copy_from_slice(&c);
+        bytes
+    }
+
+    #[test]
+    fn a_hostile_length_prefix_is_refused_within_the_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy.lmc");
+        write(&p, &Toy { xs: vec![1.0; 4], name: "abc".into() }, Provenance::default()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        // The payload opens with the u64 length of `xs`, then `name`'s after the 4 floats.
+        for (at, len) in [(HEADER_LEN, u64::MAX), (HEADER_LEN, 1 << 40), (HEADER_LEN + 24, 1 << 50)]
+        {
+            let mut b = good.clone();
+            b[at..at + 8].copy_from_slice(&len.to_le_bytes());
+            std::fs::write(&p, resealed(b)).unwrap();
+            let e = read::<Toy>(&p).unwrap_err().to_string();
+            assert!(e.contains("toy.lmc") && e.contains("does not decode"), "{e}");
+        }
+        // From a stream, where bincode sizes a buffer by the prefix before reading into it, the
+        // limit is what refuses the prefix.
+        let payload = &good[HEADER_LEN..];
+        let mut hostile = payload.to_vec();
+        hostile[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let e = decode_options(hostile.len())
+            .deserialize_from::<_, Toy>(std::io::Cursor::new(&hostile))
+            .unwrap_err();
+        assert!(e.to_string().contains("size limit"), "{e}");
     }
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
