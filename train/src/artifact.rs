@@ -400,7 +400,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Reads and verifies the envelope of any artifact: header plus the payload bytes.
 pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
     check_regular(path)?;
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_raw(path, bytes)
+}
+
+/// [`read_raw`] of bytes already in memory (`path` names them in errors).
+pub fn parse_raw(path: &Path, mut bytes: Vec<u8>) -> Result<(Header, Vec<u8>)> {
     let bad = |msg: String| Error::bad_file(path, msg);
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
         return Err(bad("not an lmc artifact (bad magic bytes)".into()));
