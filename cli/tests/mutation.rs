@@ -16,14 +16,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lmc_distill::run::DistillCheckpoint;
+use lmc_probe::interpolate::{InterpConfig, Split};
 use lmc_probe::landscape::{self, LandscapeCheckpoint};
 use lmc_probe::{hessian, interop, interpolate, Probe, ProbeResult};
 use lmc_prune::random::{random_ticket, reinit_ticket};
 use lmc_prune::Ticket;
 use lmc_train::artifact::{self, Artifact, Kind, HEADER_LEN};
 use lmc_train::data::{self, Batch, Dataset, DatasetName, ImageSet};
-use lmc_train::fit::{self, Checkpoint, Run, TrainState};
-use lmc_train::params::{Layout, ParamKind, ParamVec};
+use lmc_train::fit::{self, Checkpoint, Run, Silent, TrainConfig, TrainData, TrainState};
+use lmc_train::model::Model;
+use lmc_train::params::{Layout, Mask, ParamKind, ParamVec};
 use lmc_train::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -140,8 +142,21 @@ fn peak_memory() -> u64 {
 struct Ctx {
     run: Run,
     digits: Dataset,
+    /// 16 test images: what evaluations run on.
     small: ImageSet,
+    /// Digits cut to 64 training and 16 test images: what training runs on.
+    small_ds: Dataset,
     landscape: landscape::LandscapeConfig,
+}
+
+impl Ctx {
+    /// One epoch of training from `state` (what `train`, `train --ticket` and a resumed stage
+    /// do with what they read), on `ds`.
+    fn train(&self, model: &Model, mask: &Mask, ds: &Dataset, state: TrainState) -> Result<()> {
+        lmc_probe::check_data(model, &ds.train, "train")?;
+        let cfg = TrainConfig { epochs: 1, ..self.run.config.clone() };
+        fit::fit(model, mask, &TrainData::of(ds, &cfg), &cfg, 0, state, &mut Silent).map(drop)
+    }
 }
 
 /// The valid artifacts the mutations start from, made by the `lmc` binary (as users make them)
@@ -231,7 +246,12 @@ fn seeds(dir: &Path) -> (Vec<(String, Vec<u8>)>, Ctx) {
     let seeds = files.iter().map(|(k, f)| (k.to_string(), std::fs::read(p(f)).unwrap())).collect();
     let digits = data::load(DatasetName::Digits, None).unwrap();
     let small = digits.test.subset(&(0..16).collect::<Vec<_>>());
-    (seeds, Ctx { run, digits, small, landscape: config })
+    let small_ds = Dataset {
+        train: digits.train.subset(&(0..64).collect::<Vec<_>>()),
+        test: small.clone(),
+        ..digits.clone()
+    };
+    (seeds, Ctx { run, digits, small, small_ds, landscape: config })
 }
 
 /// Sets the header's payload length to what follows it and recomputes the checksum: what a
@@ -352,7 +372,19 @@ fn use_artifact(path: &Path, bytes: &[u8], ctx: &Ctx) -> Result<()> {
             let c: Checkpoint = artifact::decode(path, &h, &payload)?;
             // What `fit_stage` asks before adopting it.
             let n = ctx.digits.train.len();
-            c.state.check_for(&ctx.run.model, &ctx.run.config, n).map_err(Error::data)
+            c.state.check_for(&ctx.run.model, &ctx.run.config, n).map_err(Error::data)?;
+            let r = &ctx.run;
+            let cfg = &r.config;
+            fit::fit(
+                &r.model,
+                &r.mask,
+                &TrainData::of(&ctx.digits, cfg),
+                cfg,
+                0,
+                c.state,
+                &mut Silent,
+            )
+            .map(drop)
         }
         Kind::Ticket => {
             lmc_prune::inspect_summary(path, &h, &payload)?;
@@ -363,7 +395,7 @@ fn use_artifact(path: &Path, bytes: &[u8], ctx: &Ctx) -> Result<()> {
             let start = t.trained().unwrap_or(&t.rewind);
             lmc_probe::check_data(&t.model, &ctx.small, "test")?;
             fit::evaluate(&t.model, start, &ctx.small, &ctx.digits.norm);
-            Ok(())
+            ctx.train(&t.model, &t.mask, &ctx.small_ds, TrainState::start(t.rewind.clone()))
         }
         Kind::Dataset => {
             lmc_distill::inspect_summary(path, &h, &payload)?;
@@ -375,7 +407,8 @@ fn use_artifact(path: &Path, bytes: &[u8], ctx: &Ctx) -> Result<()> {
             data::fill_batch(&ds.train, &ds.norm, &idx, None, &mut batch);
             lmc_probe::check_data(&ctx.run.model, &ds.train, "train")?;
             fit::evaluate(&ctx.run.model, &ctx.run.params, &ds.train, &ds.norm);
-            Ok(())
+            let r = &ctx.run;
+            ctx.train(&r.model, &r.mask, &ds, TrainState::start(r.params.clone()))
         }
         Kind::Probe => {
             lmc_probe::inspect_summary(path, &h, &payload)?;
@@ -425,7 +458,10 @@ fn use_run(r: &Run, ctx: &Ctx) -> Result<()> {
     back.to_params(Path::new("x.safetensors"), &r.model.layout, false)?;
     lmc_probe::check_data(&r.model, &ctx.small, "test")?;
     fit::evaluate(&r.model, &r.params, &ctx.small, &ctx.digits.norm);
-    Ok(())
+    let cfg = InterpConfig { alphas: vec![0.0, 0.5, 1.0], train_samples: None, sample_seed: 0 };
+    interpolate::interpolate(&[r, &ctx.run], &[(Split::Test, &ctx.small)], &ctx.digits.norm, &cfg)?;
+    // Training on from its parameters.
+    ctx.train(&r.model, &r.mask, &ctx.small_ds, TrainState::start(r.params.clone()))
 }
 
 /// What printing a probe does (as `lmc probe` prints a cached one): the CSV, and the indexing

@@ -264,6 +264,15 @@ pub fn remove_stale_temporaries(path: &Path) {
 
 /// Path of the lock file of output `path` (`.NAME.lock` in its folder).
 pub fn lock_path(path: &Path) -> PathBuf {
+    // A folder named without a last component (`.`, `..`) is locked by its real name.
+    let real;
+    let path = match path.file_name() {
+        Some(_) => path,
+        None => {
+            real = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+            &real
+        }
+    };
     let dir = path.parent().unwrap_or(Path::new(""));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     dir.join(format!(".{name}.lock"))
@@ -636,6 +645,10 @@ mod tests {
         assert!(matches!(e, Error::Locked { pid: Some(p), .. } if p == std::process::id()), "{e}");
         let msg = e.to_string();
         assert!(msg.contains("o.lmc is being written by process"), "{msg}");
+        // A folder named `.` is locked by its name in its parent.
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        let name = cwd.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(lock_path(Path::new(".")), cwd.parent().unwrap().join(format!(".{name}.lock")));
         // Another output in the same folder is free.
         let other = OutputLock::acquire(&dir.path().join("sub/p.lmc")).unwrap();
         drop(first);
