@@ -301,11 +301,19 @@ fn import_checks_the_model_its_file_describes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("r.lmc");
     train(&good);
-    let mut run = run_of(&good);
+    let run = run_of(&good);
     // The file says 3 classes while its tensors (and layout) have 10: before, this was written
-    // out as a Run with exit 0.
-    run.model.classes = 3;
+    // out as a Run with exit 0. (Export refuses such a Run, so its metadata is edited after.)
     let bytes = lmc_probe::interop::export_bytes(&run, Provenance::default(), true).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let key = lmc_probe::interop::RUN_KEY;
+    let mut meta: serde_json::Value =
+        serde_json::from_str(header["__metadata__"][key].as_str().unwrap()).unwrap();
+    meta["model"]["classes"] = 3.into();
+    header["__metadata__"][key] = meta.to_string().into();
+    let text = header.to_string();
+    let bytes = [&(text.len() as u64).to_le_bytes()[..], text.as_bytes(), &bytes[8 + n..]].concat();
     let st = dir.path().join("r.safetensors");
     std::fs::write(&st, bytes).unwrap();
     let out = dir.path().join("back.lmc");
