@@ -60,6 +60,8 @@ pub struct ImportArgs {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
+    // Held until the file is written: a second writer of it stops at once.
+    let _lock = artifact::OutputLock::acquire(&a.to)?;
     let (h, run) = artifact::read::<Run>(&a.run)?;
     let bytes = interop::export_bytes(&run, h.provenance, !a.no_mask)
         .with_context(|| format!("exporting {}", a.run.display()))?;
@@ -88,6 +90,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
+    let _lock = artifact::OutputLock::acquire(&a.out)?;
     let loaded = interop::load(&a.file)?;
     // The template: --like, else --model/--dataset, else the file's own lmc metadata.
     let template: Run = if let Some(like) = &a.like {

@@ -379,12 +379,14 @@ fn write_baseline(
 }
 
 fn random(a: RandomArgs) -> Result<()> {
+    let _lock = artifact::OutputLock::acquire(&a.out)?;
     let (h, like) = read_ticket(&a.like)?;
     let t = random_ticket(&like, h.provenance, a.layerwise, a.seed)?;
     write_baseline(&t, h.provenance, &a.out, a.json, "prune random")
 }
 
 fn reinit(a: ReinitArgs) -> Result<()> {
+    let _lock = artifact::OutputLock::acquire(&a.out)?;
     let (h, like) = read_ticket(&a.like)?;
     let seed = a.seed.unwrap_or(like.init_seed.wrapping_add(1));
     let t = reinit_ticket(&like, h.provenance, seed);

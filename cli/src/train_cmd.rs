@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lmc_train::artifact::Provenance;
+use lmc_train::artifact::{self, Provenance};
 use lmc_train::data::{self, Dataset};
 use lmc_train::fit::{self, RunRequest, Start, TrainConfig};
 use lmc_train::model::{Model, ModelSpec};
@@ -161,6 +161,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             a.replicates
         );
     }
+    // Each replicate's stage locks its own file; the folder of several is locked as a whole
+    // too, so a second `train` into it stops at once rather than after the shared replicates.
+    let _lock = (a.replicates > 1).then(|| artifact::OutputLock::acquire(&a.out)).transpose()?;
     let (ds, ds_prov) = a.data.load()?;
     let (model, init, mask, start) = match (&a.ticket, &spec) {
         (Some(t), _) => crate::prune_cmd::ticket_start(t, spec.as_ref(), &ds)?,

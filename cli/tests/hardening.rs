@@ -301,14 +301,217 @@ fn import_checks_the_model_its_file_describes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("r.lmc");
     train(&good);
-    let mut run = run_of(&good);
+    let run = run_of(&good);
     // The file says 3 classes while its tensors (and layout) have 10: before, this was written
-    // out as a Run with exit 0.
-    run.model.classes = 3;
+    // out as a Run with exit 0. (Export refuses such a Run, so its metadata is edited after.)
     let bytes = lmc_probe::interop::export_bytes(&run, Provenance::default(), true).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let key = lmc_probe::interop::RUN_KEY;
+    let mut meta: serde_json::Value =
+        serde_json::from_str(header["__metadata__"][key].as_str().unwrap()).unwrap();
+    meta["model"]["classes"] = 3.into();
+    header["__metadata__"][key] = meta.to_string().into();
+    let text = header.to_string();
+    let bytes = [&(text.len() as u64).to_le_bytes()[..], text.as_bytes(), &bytes[8 + n..]].concat();
     let st = dir.path().join("r.safetensors");
     std::fs::write(&st, bytes).unwrap();
     let out = dir.path().join("back.lmc");
     expect(lmc().arg("import").arg(&st).arg("--out").arg(&out), &st, "not that model's");
     assert!(!out.exists());
+}
+
+#[test]
+fn a_second_writer_of_an_output_stops_at_once_naming_the_first() {
+    use lmc_train::artifact::OutputLock;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r.lmc");
+    train(&run);
+    let st = dir.path().join("r.safetensors");
+    run_ok(lmc().arg("export").arg(&run).arg("--to").arg(&st));
+    let ticket_dir = dir.path().join("imp");
+    run_ok(
+        lmc()
+            .args(["prune", "--dataset", "digits", "--model", "mlp:7", "--epochs", "1"])
+            .args(["--rounds", "0", "--out-dir"])
+            .arg(&ticket_dir),
+    );
+    let ticket = ticket_dir.join("round-00.lmc");
+    assert!(ticket.is_file());
+    let tiny = ["--dataset", "digits", "--model", "mlp:7", "--epochs", "1"];
+    let cases: Vec<(PathBuf, Command)> = vec![
+        {
+            let o = dir.path().join("t.lmc");
+            let mut c = lmc();
+            c.arg("train").args(tiny).arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            // Replicates into a folder: the folder is locked as a whole.
+            let o = dir.path().join("reps");
+            let mut c = lmc();
+            c.arg("train").args(tiny).args(["--replicates", "2", "--out"]).arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("imp2");
+            let mut c = lmc();
+            c.arg("prune").args(tiny).args(["--rounds", "1", "--out-dir"]).arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("random.lmc");
+            let mut c = lmc();
+            c.args(["prune", "random", "--like"]).arg(&ticket).arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("d.lmc");
+            let mut c = lmc();
+            c.args(["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "1"]);
+            c.arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("p.lmc");
+            let mut c = lmc();
+            c.args(["probe", "interpolate", "--alphas", "3"]).arg(&run).arg(&run);
+            c.arg("--out").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("e.safetensors");
+            let mut c = lmc();
+            c.arg("export").arg(&run).arg("--to").arg(&o);
+            (o, c)
+        },
+        {
+            let o = dir.path().join("i.lmc");
+            let mut c = lmc();
+            c.arg("import").arg(&st).arg("--out").arg(&o);
+            (o, c)
+        },
+    ];
+    // The lock a first writer holds (flock belongs to the open file, so this process holding
+    // it is what another `lmc` holding it is to the one under test).
+    let me = std::process::id();
+    for (out, mut cmd) in cases {
+        let held = OutputLock::acquire(&out).unwrap();
+        let e = run_err(&mut cmd);
+        let name = out.file_name().unwrap().to_string_lossy().to_string();
+        let want = format!("{name} is being written by process {me}");
+        assert!(e.contains(&want), "expected '{want}' in: {e}");
+        assert!(!out.exists(), "{name}: the second writer wrote nothing");
+        drop(held);
+        // Once the first writer is done, the same command runs.
+        run_ok(&mut cmd);
+        assert!(out.exists(), "{name}");
+    }
+}
+
+#[test]
+fn cached_probes_must_fit_the_command_that_prints_them() {
+    use lmc_probe::{Probe, ProbeResult};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.lmc"), dir.path().join("b.lmc"));
+    train(&a);
+    run_ok(
+        lmc()
+            .args(["train", "--dataset", "digits", "--model", "mlp:7", "--epochs", "1"])
+            .args(["--data-seed", "1", "--out"])
+            .arg(&b),
+    );
+    // An interpolation listing three inputs, its pair (1, 2) valid for the file: printing it
+    // for the command's two runs indexed the third (a panic before).
+    let out = dir.path().join("i.lmc");
+    let interp = || {
+        let mut c = lmc();
+        c.args(["probe", "interpolate", "--alphas", "3"]).arg(&a).arg(&b).arg("--out").arg(&out);
+        c
+    };
+    run_ok(&mut interp());
+    let (_, good) = artifact::read::<Probe>(&out).unwrap();
+    let mut bad = good.clone();
+    bad.inputs.push(bad.inputs[0].clone());
+    let ProbeResult::Interpolation(r) = &mut bad.result else { panic!() };
+    (r.pairs[0].a, r.pairs[0].b) = (1, 2);
+    reseal(&out, &bad);
+    let printed = String::from_utf8(run_ok(&mut interp()).stdout).unwrap();
+    assert!(!printed.contains("up to date"), "recomputed, not printed: {printed}");
+    assert_eq!(artifact::read::<Probe>(&out).unwrap().1.inputs.len(), 2);
+
+    // A landscape anchored at a run it does not have, a Hessian whose diagonal is short.
+    let land = dir.path().join("l.lmc");
+    let landscape = || {
+        let mut c = lmc();
+        c.args(["probe", "landscape", "--dims", "1", "--resolution", "3"]).arg(&a);
+        c.arg("--out").arg(&land);
+        c
+    };
+    run_ok(&mut landscape());
+    let (_, mut p) = artifact::read::<Probe>(&land).unwrap();
+    let ProbeResult::Landscape(l) = &mut p.result else { panic!() };
+    l.anchors[0].run = 7;
+    reseal(&land, &p);
+    expect(lmc().arg("inspect").arg(&land), &land, "anchor of run 7 of 1 runs");
+    let printed = String::from_utf8(run_ok(&mut landscape()).stdout).unwrap();
+    assert!(printed.contains("run 1 at") && !printed.contains("run 8"), "{printed}");
+
+    let hess = dir.path().join("h.lmc");
+    let hessian = || {
+        let mut c = lmc();
+        c.args(["probe", "hessian", "--samples", "20", "--max-samples", "2", "--min-samples", "2"]);
+        c.arg(&a).arg("--out").arg(&hess);
+        c
+    };
+    run_ok(&mut hessian());
+    let (_, mut p) = artifact::read::<Probe>(&hess).unwrap();
+    let ProbeResult::Hessian(h) = &mut p.result else { panic!() };
+    h.diagonal.as_mut().unwrap().truncate(3);
+    reseal(&hess, &p);
+    expect(lmc().arg("inspect").arg(&hess), &hess, "a diagonal of 3 values for 535 parameters");
+    run_ok(&mut hessian());
+    assert!(artifact::read::<Probe>(&hess).is_ok());
+}
+
+#[test]
+fn a_landscape_checkpoint_never_overrides_the_commands_grid() {
+    use lmc_probe::landscape::LandscapeCheckpoint;
+    use lmc_probe::{Probe, ProbeResult};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r.lmc");
+    train(&run);
+    let out = dir.path().join("l.lmc");
+    let landscape = || {
+        let mut c = lmc();
+        c.args(["probe", "landscape", "--dims", "1", "--resolution", "3"]).arg(&run);
+        c.arg("--out").arg(&out);
+        c
+    };
+    run_ok(&mut landscape());
+    let (h, p) = artifact::read::<Probe>(&out).unwrap();
+    let ProbeResult::Landscape(want) = p.result else { panic!() };
+    // A finished checkpoint of a 5-point line, stored with this command's provenance: adopting
+    // it would print (and store) its grid as the command's.
+    let mut other = want.clone();
+    other.config.x.points = 5;
+    other.points = [want.points.clone(), want.points[..2].to_vec()].concat();
+    let ckpt = lmc_train::stage::checkpoint_path(&out);
+    let resume = |c: &LandscapeCheckpoint| {
+        std::fs::remove_file(&out).unwrap();
+        artifact::write_unchecked(&ckpt, c, h.provenance).unwrap();
+        let printed = String::from_utf8(run_ok(&mut landscape()).stdout).unwrap();
+        assert!(printed.contains("3 x 1 points"), "{printed}");
+        let (_, p) = artifact::read::<Probe>(&out).unwrap();
+        let ProbeResult::Landscape(got) = p.result else { panic!() };
+        assert_eq!(got.points, want.points);
+        assert!(!ckpt.exists());
+    };
+    resume(&LandscapeCheckpoint { landscape: other.clone(), seconds: 0.0 });
+    // A grid of 2^40 points in a checkpoint is refused when it is decoded (its size is
+    // checked against the per-axis limit before anything is allocated for it).
+    other.config.x.points = 1 << 40;
+    other.points.clear();
+    other.rows_done = 0;
+    resume(&LandscapeCheckpoint { landscape: other, seconds: 0.0 });
 }

@@ -799,6 +799,32 @@ pub struct TraceEstimate {
 }
 
 impl HessianReport {
+    /// Errors unless the sizes a reader relies on agree: the probed space within the
+    /// parameters, a diagonal of one value per parameter, one Hutchinson sample per sample
+    /// counted, at most `top_k` eigenvalues.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.space > self.parameters {
+            return Err(format!("{} parameters probed of {}", self.space, self.parameters));
+        }
+        if let Some(d) = self.diagonal.as_ref().filter(|d| d.len() != self.parameters) {
+            return Err(format!(
+                "a diagonal of {} values for {} parameters",
+                d.len(),
+                self.parameters
+            ));
+        }
+        if let Some(t) = self.trace.as_ref().filter(|t| t.per_sample.len() != t.samples) {
+            return Err(format!("{} trace samples listed of {}", t.per_sample.len(), t.samples));
+        }
+        if self.eigenvalues.len() > self.config.top_k {
+            return Err(format!(
+                "{} eigenvalues for top-k {}",
+                self.eigenvalues.len(),
+                self.config.top_k
+            ));
+        }
+        Ok(())
+    }
     /// The report without the per-parameter diagonal (for JSON and `lmc inspect`).
     pub fn without_diagonal(&self) -> HessianReport {
         HessianReport { diagonal: None, ..self.clone() }

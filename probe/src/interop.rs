@@ -35,6 +35,9 @@ pub const RUN_KEY: &str = "lmc.run";
 /// The safetensors bytes of `run` (artifact provenance `provenance`); masks are included unless
 /// `with_mask` is false (then the file is a plain state dict).
 pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Result<Vec<u8>> {
+    // What names and shapes the tensors is the model's layout: it must be what the spec
+    // makes (a Run built in memory is not validated the way a read one is).
+    run.model.check().map_err(|msg| Error::incompatible(format!("export: {msg}")))?;
     let layout = &run.model.layout;
     run.params.check_same_layout(layout, "export")?;
     run.mask.validate(layout)?;
@@ -56,6 +59,13 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
             let name = format!("{}{MASK_SUFFIX}", e.name);
             blobs.push((name, Dtype::F32, e.shape.clone(), f32_bytes(&m)));
         }
+    }
+    // safetensors indexes its header by name and panics on a name given twice.
+    let mut names = std::collections::BTreeSet::new();
+    if let Some((n, _, _)) = blobs.iter().find(|(n, _, _)| !names.insert(n.as_str())) {
+        return Err(Error::incompatible(format!(
+            "export: tensor name '{n}' would be written twice"
+        )));
     }
     let views = blobs
         .iter()
@@ -115,9 +125,69 @@ pub struct Loaded {
     pub sha256: [u8; 32],
 }
 
+/// The tensor names of a safetensors header, in file order, duplicates kept (the `safetensors`
+/// crate reads the header into a map, where a second tensor of one name silently replaces the
+/// first).
+struct HeaderNames(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for HeaderNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HeaderNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    names.push(k);
+                }
+                Ok(HeaderNames(names))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Errors on what the `safetensors` crate accepts but an import must not: a tensor name given
+/// twice. Everything else about the header (its length, offsets, shapes, dtypes) the crate
+/// checks itself without panicking; this runs first and only reads the header if its length
+/// fits the file.
+fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
+    let Some(len) = bytes.get(..8) else {
+        return Err(format!(
+            "not a valid safetensors file: {} bytes, shorter than the 8-byte header length",
+            bytes.len()
+        ));
+    };
+    let n = u64::from_le_bytes(len.try_into().expect("8 bytes"));
+    let Some(header) = usize::try_from(n).ok().and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+    else {
+        return Err(format!(
+            "not a valid safetensors file: header length {n} is past the end of the file ({} bytes)",
+            bytes.len()
+        ));
+    };
+    let HeaderNames(names) = serde_json::from_slice(header)
+        .map_err(|e| format!("not a valid safetensors file: header is not a JSON object ({e})"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(format!(
+            "not a valid safetensors file: tensor '{dup}' appears twice in the header"
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and decodes `bytes` (from `path`, for messages).
 pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<Loaded> {
     let bad = |m: String| Error::bad_file(path, m);
+    check_header(bytes).map_err(bad)?;
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e:?}")))?;
     let (_, header) = SafeTensors::read_metadata(bytes)

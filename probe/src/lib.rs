@@ -117,7 +117,14 @@ impl Artifact for Probe {
     const KIND: Kind = Kind::Probe;
     fn validate_payload(&self) -> std::result::Result<(), String> {
         match &self.result {
-            ProbeResult::Landscape(l) => l.check(),
+            ProbeResult::Landscape(l) => {
+                l.check()?;
+                let n = self.inputs.len();
+                if let Some(a) = l.anchors.iter().find(|a| a.run >= n) {
+                    return Err(format!("an anchor of run {} of {n} runs", a.run));
+                }
+                Ok(())
+            }
             // What printing a cached interpolation indexes: pairs of the probe's inputs, and
             // one point per alpha on every curve.
             ProbeResult::Interpolation(r) => {
@@ -139,7 +146,7 @@ impl Artifact for Probe {
                 }
                 Ok(())
             }
-            ProbeResult::Hessian(_) => Ok(()),
+            ProbeResult::Hessian(h) => h.check(),
         }
     }
 }

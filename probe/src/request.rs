@@ -179,11 +179,16 @@ fn split_of(ds: &Dataset, split: Split) -> &ImageSet {
 /// Runs `compute` unless `out` is up to date (same provenance, not `fresh`), then writes the CSV
 /// files and, last, the artifact, so an output that exists has its CSVs. `compute` gets the stage
 /// (for checkpoints) and returns the probe and the text of each path of `csv` in order.
+/// A cached output must also be a `kind` probe of `runs` inputs, what the caller indexes it by:
+/// its provenance says so for a file this build wrote, but a re-sealed one is recomputed.
+#[allow(clippy::too_many_arguments)] // one stage's whole description, used in three places
 fn run_stage(
     out: PathBuf,
     csv: Vec<PathBuf>,
     fresh: bool,
     prov: Provenance,
+    kind: &str,
+    runs: usize,
     compute: impl FnOnce(&mut Stage) -> Result<(Probe, Vec<String>)>,
 ) -> Result<Outcome> {
     let mut st = Stage::new(Some(&out), prov, fresh);
@@ -191,7 +196,9 @@ fn run_stage(
     for p in &csv {
         artifact::check_regular(p)?;
     }
-    if let Some(probe) = st.cached::<Probe>() {
+    if let Some((_, probe)) = st.cached_if::<Probe>(|h, p| {
+        h.provenance == prov && p.result.name() == kind && p.inputs.len() == runs
+    }) {
         return Ok(Outcome { probe, provenance: prov, out, csv, cached: true });
     }
     let (probe, texts) = compute(&mut st)?;
@@ -255,7 +262,7 @@ impl InterpolateRequest<'_> {
         let prov = self.provenance();
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
-        run_stage(out, csv, fresh, prov, |_| {
+        run_stage(out, csv, fresh, prov, "interpolate", self.inputs.runs.len(), |_| {
             let t = Instant::now();
             let cfg = self.effective_config();
             let ds = self.dataset;
@@ -354,7 +361,7 @@ impl LandscapeRequest<'_> {
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
         let cfg = &self.config;
-        run_stage(out, csv, fresh, prov, |st| {
+        run_stage(out, csv, fresh, prov, "landscape", self.inputs.runs.len(), |st| {
             let t = Instant::now();
             let inputs = self.inputs;
             let run0 = &inputs.runs[0];
@@ -502,7 +509,7 @@ impl HessianRequest<'_> {
         let prov = self.provenance();
         let out = self.out_path(out);
         let csv = Self::csv_paths(&out);
-        run_stage(out, csv, fresh, prov, |_| {
+        run_stage(out, csv, fresh, prov, "hessian", self.inputs.runs.len(), |_| {
             let t = Instant::now();
             let cfg = &self.config;
             let run = &self.inputs.runs[0];

@@ -143,3 +143,98 @@ fn pytorch_pruned_state_dicts_and_bad_files() {
         .to_string()
         .contains("not a valid safetensors"));
 }
+
+/// A safetensors file as its bytes are laid out: the header's length (u64 LE), the JSON header,
+/// the data. What a hostile or buggy writer can put anywhere in it.
+fn raw(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+#[test]
+fn hostile_safetensors_are_one_line_errors() {
+    let ds = common::digits();
+    let run = common::train(&ds, "mlp:", None, 0, 1);
+    let layout = &run.model.layout; // fc.weight (10, 64), fc.bias (10)
+    let path = Path::new("hostile.safetensors");
+    let t = |name: &str, shape: &str, a: u64, b: u64| {
+        format!(r#""{name}":{{"dtype":"F32","shape":{shape},"data_offsets":[{a},{b}]}}"#)
+    };
+    let w = t("fc.weight", "[10,64]", 0, 2560);
+    let bias = t("fc.bias", "[10]", 2560, 2600);
+    let data = vec![0u8; 2600];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "duplicate names",
+            raw(&format!("{{{w},{bias},{}}}", t("fc.bias", "[10]", 2560, 2600)), &data),
+        ),
+        (
+            "duplicate names, other data",
+            raw(&format!("{{{w},{bias},{}}}", t("fc.bias", "[10]", 2600, 2640)), &[0u8; 2640]),
+        ),
+        ("offsets backwards", raw(&format!("{{{w},{}}}", t("fc.bias", "[10]", 2600, 2560)), &data)),
+        (
+            "offsets past the end",
+            raw(&format!("{{{w},{}}}", t("fc.bias", "[10]", 2560, 1 << 40)), &data),
+        ),
+        ("offsets overlap", raw(&format!("{{{w},{}}}", t("fc.bias", "[10]", 0, 40)), &data)),
+        (
+            "2^40 elements",
+            raw(&format!("{{{w},{}}}", t("fc.bias", "[1099511627776]", 2560, 2600)), &data),
+        ),
+        (
+            "shape overflows",
+            raw(
+                &format!("{{{w},{}}}", t("fc.bias", "[4294967296,4294967296,4]", 2560, 2600)),
+                &data,
+            ),
+        ),
+        ("header length 2^40", {
+            let mut b = raw(&format!("{{{w},{bias}}}"), &data);
+            b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            b
+        }),
+        ("header length u64::MAX", {
+            let mut b = raw(&format!("{{{w},{bias}}}"), &data);
+            b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+            b
+        }),
+        ("header not JSON", raw("{\"fc.weight\":", &data)),
+        (
+            "unknown dtype",
+            raw(
+                &format!("{{{w},{}}}", t("fc.bias", "[10]", 2560, 2600).replace("F32", "F99")),
+                &data,
+            ),
+        ),
+        ("empty", vec![]),
+        ("short", vec![1, 2, 3]),
+        (
+            "metadata of another spec",
+            raw(
+                &format!(r#"{{"__metadata__":{{"lmc.run":"{{\"model\":3}}"}},{w},{bias}}}"#),
+                &data,
+            ),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let r = std::panic::catch_unwind(|| {
+            let l = load_bytes(path, &bytes)?;
+            l.run_metadata(path)?;
+            l.to_params(path, layout, false).map(|_| ())
+        });
+        let r = r.unwrap_or_else(|_| panic!("{what}: panicked"));
+        let e = r.expect_err(what).to_string();
+        assert!(e.starts_with("hostile.safetensors: ") && !e.contains('\n'), "{what}: {e}");
+    }
+    // Export of a Run built in memory whose layout names a tensor twice: safetensors would
+    // panic indexing its header; export refuses first.
+    let mut twice = run.clone();
+    twice.model.layout.entries[1].name = twice.model.layout.entries[0].name.clone();
+    twice.params.layout = twice.model.layout.clone();
+    let r = std::panic::catch_unwind(|| interop::export_bytes(&twice, Provenance::default(), true));
+    let e = r.expect("no panic").unwrap_err().to_string();
+    assert!(e.contains("export") && e.contains("not that model's"), "{e}");
+}

@@ -430,20 +430,25 @@ impl Imp<'_> {
         // The previous round's ticket and the rewind point R (round 0's ticket parameters).
         let mut prev: Option<Ticket> = None;
         let mut point: Option<ParamVec> = None;
-        // Every round's paths are checked before any work (a FIFO or a directory at a later
-        // round's path must not cost the earlier rounds' training).
-        for r in 0..=rounds {
-            self.level_stage(r).prepare()?;
-        }
-        for r in 0..=rounds {
-            let mut stage = self.level_stage(r);
-            let (ticket, cached) = match self.cached_level(&stage) {
+        // The folder is locked for the whole run, so a second `prune` on it stops at once
+        // instead of redoing (or interleaving) rounds. Every round's stage is prepared before
+        // any work: its paths checked (a FIFO or a directory at a later round's path must not
+        // cost the earlier rounds' training) and its output locked.
+        let _lock = lmc_train::artifact::OutputLock::acquire(self.out_dir)?;
+        let mut stages = (0..=rounds)
+            .map(|r| {
+                let mut st = self.level_stage(r);
+                st.prepare()?;
+                Ok(st)
+            })
+            .collect::<Result<Vec<Stage>>>()?;
+        for (r, stage) in stages.iter_mut().enumerate() {
+            let (ticket, cached) = match self.cached_level(stage) {
                 Some(t) => (t, true),
                 None => {
                     let level =
                         self.prune_level(r, prev.as_ref(), point.as_ref(), &theta0, &mask0)?;
-                    let t =
-                        self.train_level(level, &mut stage, prev.as_ref(), &lineage, rounds, obs)?;
+                    let t = self.train_level(level, stage, prev.as_ref(), &lineage, rounds, obs)?;
                     (t, false)
                 }
             };

@@ -18,6 +18,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use bincode::Options as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -261,6 +262,126 @@ pub fn remove_stale_temporaries(path: &Path) {
     }
 }
 
+/// Path of the lock file of output `path` (`.NAME.lock` in its folder).
+pub fn lock_path(path: &Path) -> PathBuf {
+    // A folder named without a last component (`.`, `..`) is locked by its real name.
+    let real;
+    let path = match path.file_name() {
+        Some(_) => path,
+        None => {
+            real = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+            &real
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!(".{name}.lock"))
+}
+
+/// An advisory lock on one output (a file, or a folder a command fills), held while a process
+/// writes it: a second writer of the same output fails at once with [`Error::Locked`] naming the
+/// holder, instead of both running and one result being silently lost.
+///
+/// The lock is `flock` on a lock file next to the output ([`lock_path`]), which holds the
+/// holder's process id. The lock belongs to the open file, so the kernel releases it when the
+/// holder exits however it exits (a killed writer never leaves a stale lock), and two locks of
+/// one output within one process exclude each other too. Dropping it removes the file while
+/// still holding the lock; a writer that opened the file just before then finds, once it holds
+/// the lock, that the path no longer names its file and starts over.
+#[derive(Debug)]
+pub struct OutputLock {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl OutputLock {
+    /// Takes the lock of output `path`, creating its folder if needed. Fails with
+    /// [`Error::Locked`] when another writer holds it. Where no lock file can be made (a
+    /// read-only folder: nothing can be written there either) the lock is a no-op, so a cached
+    /// output there can still be read.
+    pub fn acquire(path: &Path) -> Result<OutputLock> {
+        let lock = lock_path(path);
+        let dir = match lock.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let read_only = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return if read_only(&e) {
+                Ok(OutputLock { path: lock, file: None })
+            } else {
+                Err(Error::io(&dir, e))
+            };
+        }
+        check_regular(&lock)?;
+        // Bounded: each retry means another writer removed the file between our open and our
+        // lock, which takes a finishing writer per try.
+        for _ in 0..1000 {
+            let mut file = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock)
+            {
+                Ok(f) => f,
+                Err(e) if read_only(&e) => return Ok(OutputLock { path: lock, file: None }),
+                Err(e) => return Err(Error::io(&lock, e)),
+            };
+            // Called by path: std's own `File::try_lock` (Rust 1.89) shadows the trait method.
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => {
+                    let mut text = String::new();
+                    let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                    let pid = text.trim().parse::<u32>().ok();
+                    return Err(Error::Locked { path: path.to_path_buf(), pid });
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(Error::io(&lock, e)),
+            }
+            if !same_file(&file, &lock) {
+                continue;
+            }
+            // The id is for the message of a second writer; failing to write it only makes
+            // that message say "another process".
+            let _ = file.set_len(0);
+            let _ = write!(file, "{}", std::process::id());
+            return Ok(OutputLock { path: lock, file: Some(file) });
+        }
+        Err(Error::Locked { path: path.to_path_buf(), pid: None })
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // The file closes after the removal, which releases the lock.
+    }
+}
+
+/// Whether `path` still names the open `file` (not removed, not replaced by another file).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        path.exists()
+    }
+}
+
 /// Writes `bytes` to `path` through a synced temporary file and a rename. Refuses a `path`
 /// that exists and is not a regular file ([`check_regular`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -288,7 +409,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Reads and verifies the envelope of any artifact: header plus the payload bytes.
 pub fn read_raw(path: &Path) -> Result<(Header, Vec<u8>)> {
     check_regular(path)?;
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_raw(path, bytes)
+}
+
+/// [`read_raw`] of bytes already in memory (`path` names them in errors).
+pub fn parse_raw(path: &Path, mut bytes: Vec<u8>) -> Result<(Header, Vec<u8>)> {
     let bad = |msg: String| Error::bad_file(path, msg);
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
         return Err(bad("not an lmc artifact (bad magic bytes)".into()));
@@ -350,6 +476,20 @@ pub fn read<A: Artifact>(path: &Path) -> Result<(Header, A)> {
     Ok((header, value))
 }
 
+/// The bincode settings artifacts are encoded with (those of `bincode::serialize`: little
+/// endian, fixed-size integers, trailing bytes allowed), decoding at most `limit` bytes (the
+/// payload's size): a length prefix that claims more than the payload holds is an error before
+/// anything is allocated for it. Decoding from a slice, bincode 1.3 checks each length against
+/// the bytes left itself (and serde caps what a sequence reserves up front, 1 MiB), so the
+/// limit only comes into play if a payload is ever decoded from a stream, where bincode would
+/// otherwise size a buffer by the prefix before reading into it.
+fn decode_options(limit: usize) -> impl bincode::Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(limit as u64)
+}
+
 /// Decodes a verified payload.
 pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Result<A> {
     if header.version < A::MIN_FORMAT {
@@ -364,7 +504,7 @@ pub fn decode<A: Artifact>(path: &Path, header: &Header, payload: &[u8]) -> Resu
             ),
         ));
     }
-    let value: A = bincode::deserialize(payload).map_err(|e| {
+    let value: A = decode_options(payload.len()).deserialize(payload).map_err(|e| {
         Error::bad_file(path, format!("{} payload does not decode: {e}", header.kind))
     })?;
     value
@@ -429,6 +569,42 @@ mod tests {
         check(other, "is a Run artifact, expected a Probe");
     }
 
+    /// `bytes` with the envelope's checksum recomputed: an edit that only validation can catch.
+    fn resealed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes[..56]);
+        crc.update(&bytes[HEADER_LEN..]);
+        let c = crc.finalize().to_le_bytes();
+        bytes[56..60].copy_from_slice(&c);
+        bytes
+    }
+
+    #[test]
+    fn a_hostile_length_prefix_is_refused_within_the_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("toy.lmc");
+        write(&p, &Toy { xs: vec![1.0; 4], name: "abc".into() }, Provenance::default()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        // The payload opens with the u64 length of `xs`, then `name`'s after the 4 floats.
+        for (at, len) in [(HEADER_LEN, u64::MAX), (HEADER_LEN, 1 << 40), (HEADER_LEN + 24, 1 << 50)]
+        {
+            let mut b = good.clone();
+            b[at..at + 8].copy_from_slice(&len.to_le_bytes());
+            std::fs::write(&p, resealed(b)).unwrap();
+            let e = read::<Toy>(&p).unwrap_err().to_string();
+            assert!(e.contains("toy.lmc") && e.contains("does not decode"), "{e}");
+        }
+        // From a stream, where bincode sizes a buffer by the prefix before reading into it, the
+        // limit is what refuses the prefix.
+        let payload = &good[HEADER_LEN..];
+        let mut hostile = payload.to_vec();
+        hostile[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let e = decode_options(hostile.len())
+            .deserialize_from::<_, Toy>(std::io::Cursor::new(&hostile))
+            .unwrap_err();
+        assert!(e.to_string().contains("size limit"), "{e}");
+    }
+
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
     struct Toy2(u8);
     impl Artifact for Toy2 {
@@ -453,6 +629,37 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = read::<Toy2>(&p).unwrap_err().to_string();
         assert!(e.contains("old.lmc") && e.contains("older lmc"), "{e}");
+    }
+
+    #[test]
+    fn an_output_has_one_writer_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("sub/o.lmc");
+        let first = OutputLock::acquire(&out).unwrap();
+        let lock = dir.path().join("sub/.o.lmc.lock");
+        assert_eq!(lock_path(&out), lock);
+        assert_eq!(std::fs::read_to_string(&lock).unwrap(), std::process::id().to_string());
+        // flock belongs to the open file, so a second lock in this process is refused like
+        // another process's, naming the holder.
+        let e = OutputLock::acquire(&out).unwrap_err();
+        assert!(matches!(e, Error::Locked { pid: Some(p), .. } if p == std::process::id()), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("o.lmc is being written by process"), "{msg}");
+        // A folder named `.` is locked by its name in its parent.
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        let name = cwd.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(lock_path(Path::new(".")), cwd.parent().unwrap().join(format!(".{name}.lock")));
+        // Another output in the same folder is free.
+        let other = OutputLock::acquire(&dir.path().join("sub/p.lmc")).unwrap();
+        drop(first);
+        assert!(!lock.exists(), "the lock file goes with the lock");
+        let again = OutputLock::acquire(&out).unwrap();
+        drop((again, other));
+        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 0);
+        // A lock file left by a killed writer holds no lock: it is taken over.
+        std::fs::write(&lock, b"999999999").unwrap();
+        drop(OutputLock::acquire(&out).unwrap());
+        assert!(!lock.exists());
     }
 
     #[test]

@@ -38,6 +38,15 @@ pub enum Error {
     /// being interrupted); what was done is checkpointed where the stage checkpoints.
     #[error("{0}")]
     Interrupted(String),
+    /// Another process holds the lock of an output (see `artifact::OutputLock`): it is writing
+    /// that output now, and a second writer would silently lose one of the two results.
+    #[error("{} is being written by {}; wait for it to finish, or choose another output", path.display(), holder(*pid))]
+    Locked {
+        /// The output (file or folder) being written.
+        path: PathBuf,
+        /// The process holding its lock, when the lock file names one.
+        pid: Option<u32>,
+    },
     /// Training produced a non-finite loss, a loss above `fit::DIVERGED_LOSS`, or non-finite
     /// weights. The last good state was kept
     /// (see `checkpoint`).
@@ -54,6 +63,11 @@ pub enum Error {
         /// Where the last good state was saved, if checkpointing was on.
         checkpoint: Option<PathBuf>,
     },
+}
+
+/// Who holds an output's lock, for [`Error::Locked`]'s message.
+fn holder(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "another process".to_string(), |p| format!("process {p}"))
 }
 
 /// What went non-finite, for [`Error::Diverged`]'s message.

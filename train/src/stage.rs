@@ -106,6 +106,9 @@ pub struct Stage {
     provenance: Provenance,
     fresh: bool,
     last_checkpoint: Instant,
+    /// Held from [`Stage::prepare`] until the stage is dropped: the whole run, not only the
+    /// final write, since a second writer's result would replace this one's either way.
+    lock: Option<artifact::OutputLock>,
 }
 
 impl Stage {
@@ -118,6 +121,7 @@ impl Stage {
             provenance,
             fresh,
             last_checkpoint: Instant::now(),
+            lock: None,
         }
     }
 
@@ -131,11 +135,18 @@ impl Stage {
     }
 
     /// Checks, before any work, that the output and checkpoint paths are absent or regular
-    /// files (a FIFO, a directory or a device there is refused, never read or replaced), and
-    /// removes temporary files that killed writes of them left. No-op without an output path.
-    pub fn prepare(&self) -> Result<()> {
+    /// files (a FIFO, a directory or a device there is refused, never read or replaced), takes
+    /// the output's lock ([`artifact::OutputLock`]: another process writing it is an
+    /// [`crate::Error::Locked`]) for as long as this stage lives, and removes temporary files
+    /// that killed writes of the output and checkpoint left. No-op without an output path.
+    pub fn prepare(&mut self) -> Result<()> {
         for p in [&self.out, &self.checkpoint].into_iter().flatten() {
             artifact::check_regular(p)?;
+        }
+        if let (Some(out), None) = (&self.out, &self.lock) {
+            self.lock = Some(artifact::OutputLock::acquire(out)?);
+        }
+        for p in [&self.out, &self.checkpoint].into_iter().flatten() {
             artifact::remove_stale_temporaries(p);
         }
         Ok(())

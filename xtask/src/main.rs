@@ -102,11 +102,32 @@ enum Cmd {
     },
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+/// The checkout this run works in, found at run time: the workspace of the package cargo ran
+/// (`CARGO_MANIFEST_DIR` in the environment `cargo run`, hence `cargo xtask`, gives the process),
+/// else the nearest folder above the current one that is an lmc checkout. Never the path baked
+/// in at compile time: with a target folder shared between checkouts, a binary built in one
+/// would otherwise run that checkout's presets and `lmc` from any other.
+fn root() -> Result<PathBuf> {
+    let cwd = std::env::current_dir().context("reading the current folder")?;
+    find_root(std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).as_deref(), &cwd)
+        .with_context(|| {
+            format!(
+                "{} is not inside an lmc checkout (a folder with Cargo.toml and xtask/): run `cargo xtask` from the checkout",
+                cwd.display()
+            )
+        })
+}
+
+/// [`root`] from the environment's package folder `manifest_dir` (xtask/ of a checkout) and the
+/// current folder `cwd`.
+fn find_root(manifest_dir: Option<&Path>, cwd: &Path) -> Option<PathBuf> {
+    let is_checkout =
+        |d: &Path| d.join("Cargo.toml").is_file() && d.join("xtask/Cargo.toml").is_file();
+    manifest_dir
+        .and_then(Path::parent)
+        .filter(|d| is_checkout(d))
+        .or_else(|| cwd.ancestors().find(|d| is_checkout(d)))
+        .map(Path::to_path_buf)
 }
 
 fn cargo() -> Command {
@@ -154,7 +175,6 @@ fn lmc_executable(messages: &str) -> Option<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    let root = root();
     match Cli::parse().command {
         Cmd::Pipeline {
             preset,
@@ -171,6 +191,7 @@ fn main() -> Result<()> {
             sbatch_args,
             wait,
         } => {
+            let root = root()?;
             let (preset, path) = pipeline::load_preset(&preset, &root)?;
             let out =
                 out.unwrap_or_else(|| root.join("runs").join(format!("pipeline-{}", preset.name)));
@@ -193,6 +214,11 @@ fn main() -> Result<()> {
             if executor == Executor::Slurm && !exec::on_path("sbatch") {
                 bail!("--executor slurm: no `sbatch` on PATH (install slurm-client, or run on a login node); nothing was submitted");
             }
+            // One pipeline per output folder: a second one would redo (and race on) every
+            // stage the first is running.
+            let _lock = lmc_train::artifact::OutputLock::acquire(&out).map_err(|e| {
+                anyhow::anyhow!("{e} (another `cargo xtask pipeline` on this --out)")
+            })?;
             if fresh {
                 let _ = std::fs::remove_dir_all(out.join("stages"));
             }
@@ -281,9 +307,14 @@ fn main() -> Result<()> {
             }
         }
         Cmd::CheckReport { dir } => {
-            check_report(&dir.unwrap_or_else(|| root.join("runs/pipeline-digits/report")))
+            let dir = match dir {
+                Some(d) => d,
+                None => root()?.join("runs/pipeline-digits/report"),
+            };
+            check_report(&dir)
         }
         Cmd::Bench => {
+            let root = root()?;
             let st = cargo().current_dir(&root).args(["bench", "--workspace"]).status()?;
             if !st.success() {
                 bail!("cargo bench failed");
@@ -365,6 +396,27 @@ fn check_report(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checkout_is_found_at_run_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let checkout = |name: &str| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(d.join("xtask")).unwrap();
+            std::fs::create_dir_all(d.join("presets/sub")).unwrap();
+            std::fs::write(d.join("Cargo.toml"), "[workspace]\n").unwrap();
+            std::fs::write(d.join("xtask/Cargo.toml"), "[package]\n").unwrap();
+            d
+        };
+        let (a, b) = (checkout("a"), checkout("b"));
+        // cargo's environment names the package it ran: its checkout wins over the folder.
+        assert_eq!(find_root(Some(&b.join("xtask")), &a.join("presets/sub")), Some(b.clone()));
+        // Without it (the binary run directly), the checkout around the current folder.
+        assert_eq!(find_root(None, &a.join("presets/sub")), Some(a.clone()));
+        // A package folder that is no checkout is not trusted.
+        assert_eq!(find_root(Some(&tmp.path().join("x/xtask")), &b), Some(b.clone()));
+        assert_eq!(find_root(None, tmp.path()), None);
+    }
 
     #[test]
     fn the_lmc_path_is_read_from_cargos_messages() {
