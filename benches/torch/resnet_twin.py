@@ -154,6 +154,8 @@ def train_cifar(a):
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     tx, ty, vx, vy = cifar(a.data)
+    if a.train_images:
+        tx, ty = tx[:a.train_images], ty[:a.train_images]
     net = build(a.spec, 3, 10)
     if not a.spec.startswith(("resnet18", "resnet10")):
         for m in net.modules():  # OpenLTH: kaiming_normal model init, uniform batch-norm init
@@ -221,6 +223,7 @@ def main():
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-images", type=int, default=0, help="only the first N training images (a smoke run)")
     a = p.parse_args()
     torch.set_num_threads(1)
     {"fixture": fixture, "check-export": check_export, "train-cifar": train_cifar}[a.cmd](a)
