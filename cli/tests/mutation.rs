@@ -458,8 +458,14 @@ fn use_run(r: &Run, ctx: &Ctx) -> Result<()> {
     back.to_params(Path::new("x.safetensors"), &r.model.layout, false)?;
     lmc_probe::check_data(&r.model, &ctx.small, "test")?;
     fit::evaluate(&r.model, &r.params, &ctx.small, &ctx.digits.norm);
-    let cfg = InterpConfig { alphas: vec![0.0, 0.5, 1.0], train_samples: None, sample_seed: 0 };
-    interpolate::interpolate(&[r, &ctx.run], &[(Split::Test, &ctx.small)], &ctx.digits.norm, &cfg)?;
+    let cfg = InterpConfig {
+        alphas: vec![0.0, 0.5, 1.0],
+        train_samples: None,
+        sample_seed: 0,
+        bn_reset: None,
+    };
+    let sets = [(Split::Test, &ctx.small)];
+    interpolate::interpolate(&[r, &ctx.run], &sets, &ctx.digits.norm, &cfg, &ctx.small)?;
     // Training on from its parameters.
     ctx.train(&r.model, &r.mask, &ctx.small_ds, TrainState::start(r.params.clone()))
 }

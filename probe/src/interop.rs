@@ -62,7 +62,7 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
     }
     // safetensors indexes its header by name and panics on a name given twice.
     let mut names = std::collections::BTreeSet::new();
-    if let Some((n, _, _)) = blobs.iter().find(|(n, _, _)| !names.insert(n.as_str())) {
+    if let Some((n, _, _, _)) = blobs.iter().find(|(n, _, _, _)| !names.insert(n.as_str())) {
         return Err(Error::incompatible(format!(
             "export: tensor name '{n}' would be written twice"
         )));
