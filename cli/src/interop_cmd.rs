@@ -75,13 +75,17 @@ pub fn export(a: ExportArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"command": "export", "run": a.run, "to": a.to, "tensors": tensors, "parameters": run.params.len(), "masks": !a.no_mask, "bytes": bytes.len()})
+            json!({"command": "export", "run": a.run, "to": a.to, "tensors": tensors, "parameters": run.model.layout.trainable_total(), "running_statistics": run.model.layout.state_total(), "masks": !a.no_mask, "bytes": bytes.len()})
         );
     } else {
         println!(
-            "{} tensors ({} parameters{}) -> {}",
+            "{} tensors ({} parameters{}{}) -> {}",
             tensors,
-            run.params.len(),
+            run.model.layout.trainable_total(),
+            match run.model.layout.state_total() {
+                0 => String::new(),
+                s => format!(" + {s} running statistics"),
+            },
             if a.no_mask { "" } else { ", with masks" },
             a.to.display()
         );
@@ -122,14 +126,14 @@ pub fn import(a: ImportArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"command": "import", "file": a.file, "out": a.out, "model": run.model.spec.to_string(), "dataset": run.dataset, "parameters": run.params.len(), "sparsity": sparsity, "provenance": prov.hex(), "metadata": from_metadata})
+            json!({"command": "import", "file": a.file, "out": a.out, "model": run.model.spec.to_string(), "dataset": run.dataset, "parameters": run.model.layout.trainable_total(), "running_statistics": run.model.layout.state_total(), "sparsity": sparsity, "provenance": prov.hex(), "metadata": from_metadata})
         );
     } else {
         println!(
             "{} ({}, {} parameters, sparsity {:.2}%) -> {}",
             a.file.display(),
             run.model.spec,
-            run.params.len(),
+            run.model.layout.trainable_total(),
             100.0 * sparsity,
             a.out.display()
         );
