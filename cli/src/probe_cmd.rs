@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig};
+use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig, HvpMode};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
 use lmc_probe::landscape::{Axis, LandscapeConfig, Method};
 use lmc_probe::request::{
@@ -100,6 +100,24 @@ enum MethodArg {
     Random,
 }
 
+/// How `probe hessian` computes Hessian-vector products.
+#[derive(Clone, Copy, ValueEnum)]
+enum HvpArg {
+    /// Forward-over-reverse through the model's ops: exact, also on ReLU networks.
+    Exact,
+    /// Central differences of gradients (step from --eps-rel).
+    Fd,
+}
+
+impl From<HvpArg> for HvpMode {
+    fn from(h: HvpArg) -> HvpMode {
+        match h {
+            HvpArg::Exact => HvpMode::Exact,
+            HvpArg::Fd => HvpMode::Fd,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EvalSplit {
     Train,
@@ -169,7 +187,11 @@ struct HessianArgs {
     /// Images per gradient call (memory only) [default: 2048 for MLPs, 128 for ConvNets].
     #[arg(long, value_name = "N")]
     chunk: Option<usize>,
-    /// Finite-difference step: the perturbation eps*v has length EPS_REL * ||theta||. `auto`
+    /// Hessian-vector products: `exact` (forward-over-reverse, ReLU's second derivative 0) or
+    /// `fd` (central differences of gradients, which cross ReLU kinks on ReLU networks).
+    #[arg(long, value_enum, default_value = "exact")]
+    hvp: HvpArg,
+    /// Finite-difference step (`--hvp fd` only): the perturbation eps*v has length EPS_REL * ||theta||. `auto`
     /// walks down 1e-2, 3.2e-3, 1e-3, ... and takes the first step where v.Hv stops changing
     /// (smooth models stop near 3e-3, trained ReLU networks near 1e-5).
     #[arg(long, default_value = "auto", value_name = "EPS_REL|auto")]
@@ -466,6 +488,7 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         samples: a.samples,
         sample_seed: a.sample_seed,
         chunk: HessianRequest::chunk_or_default(&inputs, a.chunk),
+        hvp: a.hvp.into(),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
             e => {
@@ -516,19 +539,24 @@ fn print_hessian(r: &hessian::HessianReport) {
         "loss {:.5} on {} {} images; {} parameters ({} probed); gradient norm {:.4e}",
         r.loss, r.samples, r.config.split, r.parameters, r.space, r.gradient_norm
     );
-    println!(
-        "finite-difference step eps_rel {:.2e}{}",
-        r.eps.eps_rel,
-        match (r.eps.auto, r.eps.agreed) {
-            (false, _) => " (given)".to_string(),
-            (true, true) => format!(
-                " (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)",
-                r.eps.ladder.len()
-            ),
-            (true, false) =>
-                " (automatic: no two steps agreed within 1%; the closest pair was used)".to_string(),
-        }
-    );
+    match &r.eps {
+        None => println!("Hessian-vector products: exact (forward-over-reverse)"),
+        Some(eps) => println!(
+            "Hessian-vector products: finite differences, step eps_rel {:.2e}{}",
+            eps.eps_rel,
+            match (eps.auto, eps.agreed) {
+                (false, _) => " (given)".to_string(),
+                (true, true) => format!(
+                    " (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)",
+                    eps.ladder.len()
+                ),
+                (true, false) => {
+                    " (automatic: no two steps agreed within 1%; the closest pair was used)"
+                        .to_string()
+                }
+            }
+        ),
+    }
     println!(
         "one gradient {:.3} s; one Hessian-vector product {:.3} s = {:.2} gradients",
         r.timing.gradient_seconds, r.timing.hvp_seconds, r.timing.hvp_in_gradients

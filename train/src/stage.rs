@@ -55,7 +55,9 @@ pub const INTERPOLATE_VERSION: u32 = 1;
 /// Version of `probe landscape`; see [`TRAIN_VERSION`].
 pub const LANDSCAPE_VERSION: u32 = 1;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
-pub const HESSIAN_VERSION: u32 = 1;
+/// 2: exact Hessian-vector products by default (`--hvp exact|fd` in the config), and the
+/// report's finite-difference step is optional.
+pub const HESSIAN_VERSION: u32 = 2;
 
 /// Every stage's provenance name and version, for tools that list or compare them (the CLI,
 /// xtask's stage keys). Names are the ones hashed into provenance.
