@@ -6,6 +6,7 @@
 //!   against float64 central differences of an independent float64 gradient
 //!   (`common/reference.rs`) at steps verified not to flip any ReLU input's sign;
 //! - the finite-difference product on the smooth model, and thread-count independence.
+//!
 //! The `#[ignore]`d tests print the acceptance numbers on digits (run them with
 //! `cargo test --release -p lmc-probe --test hvp -- --ignored --nocapture`).
 
@@ -16,6 +17,7 @@ use common::reference::{cd_hessian, Reference};
 use lmc_probe::hessian::{self, HessianProblem, HvpMode};
 use lmc_probe::subsample;
 use lmc_train::data::{self, Batch, ImageSet, ImageShape};
+use lmc_train::fit::Run;
 use lmc_train::hvp::loss_and_hvp;
 use lmc_train::model::{Model, ModelSpec};
 use rand::{Rng, SeedableRng};
@@ -174,10 +176,10 @@ fn one_hidden_unit_matches_the_hand_derived_hessian() {
             }
         }
         if on {
-            for k in 0..2 {
+            for (k, ek) in e.iter().enumerate() {
                 for (p, q, val) in [(0, 2 + k, x), (1, 2 + k, 1.0)] {
-                    want[p][q] += e[k] * val / 6.0;
-                    want[q][p] += e[k] * val / 6.0;
+                    want[p][q] += ek * val / 6.0;
+                    want[q][p] += ek * val / 6.0;
                 }
             }
         }
@@ -247,9 +249,18 @@ fn exact_and_finite_difference_products_agree_on_softmax_regression() {
 /// The acceptance numbers of one model: the exact diagonal, trace and top-3 eigenvalues of the
 /// probe (exact products) against the Hessian assembled by central differences of the float64
 /// reference; and the same for finite-difference products, for comparison.
+/// The run is `$LMC_HVP_RUN` (a Run artifact of `spec`, e.g. from `lmc train`) when set, else
+/// trained here for `epochs`.
 fn acceptance(spec: &str, samples: Option<usize>, epochs: usize) {
     let ds = common::digits();
-    let run = common::train(&ds, spec, None, 0, epochs);
+    let run = match std::env::var_os("LMC_HVP_RUN") {
+        Some(p) => {
+            let run: Run = lmc_train::artifact::read(std::path::Path::new(&p)).unwrap().1;
+            assert_eq!(run.model.spec.to_string(), spec.parse::<ModelSpec>().unwrap().to_string());
+            run
+        }
+        None => common::train(&ds, spec, None, 0, epochs),
+    };
     let set: ImageSet = subsample(&ds.train, samples, 0);
     let mut batch = Batch::default();
     let idx: Vec<u32> = (0..set.len() as u32).collect();
