@@ -197,6 +197,18 @@ fn relu_mlp_hessian_matches_central_differences() {
 }
 
 #[test]
+fn mostly_background_inputs_take_the_sparse_first_layer_and_match_too() {
+    // 85% of the inputs at their column's background (0), like MNIST: the first layer's
+    // products come from the split (`sparse_input.rs`), as in the gradient.
+    let mut t = tiny("mlp:6,4", (1, 4, 5), 3, 70, 6);
+    let mut rng = ChaCha8Rng::seed_from_u64(60);
+    for v in t.x.iter_mut() {
+        *v = if rng.gen_range(0.0..1.0) < 0.85 { 0.0 } else { v.abs() + 0.1 };
+    }
+    check_against_central_differences(&t, "mlp:6,4 on sparse inputs");
+}
+
+#[test]
 fn convnet_hessian_matches_central_differences() {
     for (spec, shape, seed) in [
         ("convnet:depth=2,width=2,norm=instance", (1, 4, 4), 7),
@@ -209,9 +221,15 @@ fn convnet_hessian_matches_central_differences() {
 
 #[test]
 fn products_do_not_depend_on_the_thread_count() {
-    for spec in ["mlp:9,6", "convnet:depth=2,width=3,norm=instance"] {
+    for (spec, background) in
+        [("mlp:9,6", false), ("mlp:9,6", true), ("convnet:depth=2,width=3,norm=instance", false)]
+    {
         // More samples than one group, so groups run side by side and are summed.
-        let t = tiny(spec, (1, 8, 8), 10, 150, 11);
+        let mut t = tiny(spec, (1, 8, 8), 10, 150, 11);
+        if background {
+            // Mostly zeros: the sparse first layer.
+            t.x.iter_mut().enumerate().filter(|(i, _)| i % 7 != 0).for_each(|(_, v)| *v = 0.0);
+        }
         let v: Vec<f32> = (0..t.params.len()).map(|i| ((i as f32) * 0.37).sin()).collect();
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();

@@ -5,6 +5,7 @@
 use super::{Layer, Net};
 use crate::ops::gemm::{Gemm, Layout, Operand, Par};
 use crate::ops::{col2im_add, im2col, ConvGeom};
+use crate::sparse_input::SparseInput;
 
 /// What a layer keeps from its forward pass for its backward pass (beyond its input).
 enum Saved {
@@ -17,6 +18,18 @@ enum Saved {
         rstd: Vec<f32>,
         t: Vec<f32>,
     },
+}
+
+/// A group's `H v` over the parameters from `lo` on (those before it are summed elsewhere).
+pub(super) struct Acc {
+    pub data: Vec<f32>,
+    pub lo: usize,
+}
+
+impl Acc {
+    fn at(&mut self, r: &std::ops::Range<usize>) -> &mut [f32] {
+        &mut self.data[r.start - self.lo..r.end - self.lo]
+    }
 }
 
 /// `sum a_i b_i` in f64.
@@ -34,19 +47,23 @@ fn mm(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand,
     Gemm { m, n, k, lhs, rhs, accumulate: acc }.run(dst, Layout::row_major(n), Par::Seq);
 }
 
-/// The summed (not averaged) cross-entropy of the group's samples `x` (rows) with `labels`;
-/// adds the group's unscaled `H v` into `acc`.
+/// The summed (not averaged) cross-entropy of the group's samples `x` (rows `rows` of the
+/// batch) with `labels`; adds the group's unscaled `H v` into `acc`. With `sparse` (the batch's
+/// split, its weight `[W; V_W]` of the first linear layer), the first layer's forward products
+/// come from it, and its parameters' part is left to the caller: the second value is then
+/// `R{g}` at the first layer's output (m x outputs).
 pub(super) fn group(
     net: &Net,
     p: &[f32],
     v: &[f32],
-    x: &[f32],
+    (x, rows): (&[f32], std::ops::Range<usize>),
     labels: &[u8],
-    acc: &mut [f32],
-) -> f64 {
+    acc: &mut Acc,
+    sparse: Option<&SparseInput>,
+) -> (f64, Option<Vec<f32>>) {
     let m = labels.len();
     if m == 0 {
-        return 0.0;
+        return (0.0, None);
     }
     let nl = net.layers.len();
     // a[l], ra[l]: the input of layer l (a[nl]: the logits); ra[0] is zero (None).
@@ -56,13 +73,36 @@ pub(super) fn group(
     a.push(x.to_vec());
     ra.push(None);
     for (l, layer) in net.layers.iter().enumerate() {
-        let (o, ro, s) = forward(layer, p, v, m, &a[l], ra[l].as_deref());
+        let (o, ro, s) = match (l, layer, sparse) {
+            (0, Layer::Linear { outputs, bias, .. }, Some(split)) => {
+                // [X W^T | X V_W^T] (m x 2 outputs) from the split, then the biases.
+                let o = *outputs;
+                let mut both = vec![0f32; m * 2 * o];
+                split.forward(rows.clone(), 2 * o, &mut both);
+                let (b, vb) = (&p[bias.clone()], &v[bias.clone()]);
+                let mut y = vec![0f32; m * o];
+                let mut ry = vec![0f32; m * o];
+                for ((yr, ryr), br) in
+                    y.chunks_exact_mut(o).zip(ry.chunks_exact_mut(o)).zip(both.chunks_exact(2 * o))
+                {
+                    for j in 0..o {
+                        yr[j] = br[j] + b[j];
+                        ryr[j] = br[o + j] + vb[j];
+                    }
+                }
+                (y, Some(ry), Saved::None)
+            }
+            _ => forward(layer, p, v, m, &a[l], ra[l].as_deref()),
+        };
         a.push(o);
         ra.push(ro);
         saved.push(s);
     }
     let (mut g, mut rg, loss) = cross_entropy(&a[nl], ra[nl].as_deref(), labels, net.classes());
     for l in (0..nl).rev() {
+        if l == 0 && sparse.is_some() {
+            return (loss, Some(rg));
+        }
         let need_input = l > 0;
         let (gi, rgi) = backward(
             &net.layers[l],
@@ -82,7 +122,7 @@ pub(super) fn group(
         }
         (g, rg) = (gi, rgi);
     }
-    loss
+    (loss, None)
 }
 
 /// Loss sum, and per row `g = softmax(z) - onehot` and `R{g} = p * R{z} - p (p . R{z})`
@@ -311,7 +351,7 @@ fn backward(
     saved: &Saved,
     g: &[f32],
     rg: &[f32],
-    acc: &mut [f32],
+    acc: &mut Acc,
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let il = layer.in_len();
@@ -322,12 +362,12 @@ fn backward(
             let (i, o) = (*i, *o);
             let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
             // R{dW} (o x i) = R{g}^T a + g^T R{a};  R{db} = column sums of R{g}
-            let aw = &mut acc[weight.clone()];
+            let aw = acc.at(weight);
             mm(aw, o, i, m, Operand::transposed(rg, o), Operand::row_major(a, i), true);
             if let Some(ra) = ra {
                 mm(aw, o, i, m, Operand::transposed(g, o), Operand::row_major(ra, i), true);
             }
-            let ab = &mut acc[bias.clone()];
+            let ab = acc.at(bias);
             for row in rg.chunks_exact(o) {
                 for (d, x) in ab.iter_mut().zip(row) {
                     *d += x;
@@ -358,7 +398,7 @@ fn backward(
                 let (gn, rgn) = (&g[s * ol..(s + 1) * ol], &rg[s * ol..(s + 1) * ol]);
                 let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
                 // R{dW} (cout x kd) += R{g_n} col_n^T + g_n R{col_n}^T
-                let aw = &mut acc[weight.clone()];
+                let aw = acc.at(weight);
                 mm(
                     aw,
                     cout,
@@ -380,7 +420,7 @@ fn backward(
                         true,
                     );
                 }
-                let ab = &mut acc[bias.clone()];
+                let ab = acc.at(bias);
                 for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
                     *d += sum64(row) as f32;
                 }
@@ -456,7 +496,7 @@ fn backward(
             };
             let (c, q) = (*channels, *plane);
             let (ga, vg) = (&p[gamma.clone()], &v[gamma.clone()]);
-            let (g0, b0) = (gamma.start, beta.start);
+
             if need_input {
                 gi = vec![0f32; m * il];
                 rgi = vec![0f32; m * il];
@@ -470,8 +510,8 @@ fn backward(
                 let (sg, sgx, srg, srgx, sgrx) =
                     (sum64(gp), dot64(gp, xp), sum64(rgp), dot64(rgp, xp), dot64(gp, rxp));
                 // R{dgamma} = sum R{g} xhat + g R{xhat};  R{dbeta} = sum R{g}
-                acc[g0 + ch] += (srgx + sgrx) as f32;
-                acc[b0 + ch] += srg as f32;
+                acc.at(gamma)[ch] += (srgx + sgrx) as f32;
+                acc.at(beta)[ch] += srg as f32;
                 if !need_input {
                     continue;
                 }
