@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lmc_probe::density::DensityConfig;
 use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig, HvpMode};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
 use lmc_probe::landscape::{Axis, LandscapeConfig, Method};
@@ -220,6 +221,13 @@ struct HessianArgs {
     /// Exact diagonal, one Hessian-vector product per parameter (refused above 10,000 parameters).
     #[arg(long)]
     exact_diag: bool,
+    /// Spectral density by stochastic Lanczos quadrature with N Lanczos steps per run (PyHessian:
+    /// 100), written as `.density.csv` next to the output; 0 = none.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    density: usize,
+    /// Independent runs (starting vectors) the density averages.
+    #[arg(long, default_value_t = 1, value_name = "R")]
+    density_runs: usize,
     /// Probe only the subnetwork: vectors restricted to the weights the run's mask keeps.
     #[arg(long)]
     subnetwork: bool,
@@ -482,7 +490,7 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
 
 fn run_hessian(a: HessianArgs) -> Result<()> {
     let inputs = ProbeInputs::read(std::slice::from_ref(&a.run))?;
-    let hutch = a.trace || (a.top_k == 0 && !a.exact_diag);
+    let hutch = a.trace || (a.top_k == 0 && !a.exact_diag && a.density == 0);
     let cfg = HessianConfig {
         split: a.split.into(),
         samples: a.samples,
@@ -507,6 +515,8 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         power_iters: a.power_iters,
         power_tol: a.power_tol,
         exact_diag: a.exact_diag,
+        density: (a.density > 0)
+            .then_some(DensityConfig { steps: a.density, runs: a.density_runs }),
         seed: a.seed,
     };
     cfg.validate()?;
@@ -581,6 +591,17 @@ fn print_hessian(r: &hessian::HessianReport) {
             e.value,
             e.iterations,
             if e.converged { "" } else { ", not converged" }
+        );
+    }
+    if !r.density.is_empty() {
+        let nodes = r.density.iter().flat_map(|q| q.nodes.iter().copied());
+        let (lo, hi) =
+            nodes.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| (l.min(x), h.max(x)));
+        println!(
+            "spectral density: {} run(s) of {} Lanczos nodes, from {lo:.4e} to {hi:.4e} ({:.2} s)",
+            r.density.len(),
+            r.density[0].nodes.len(),
+            r.timing.density_seconds
         );
     }
     if !r.layers.is_empty() {

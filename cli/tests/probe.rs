@@ -187,6 +187,13 @@ fn hessian_products_are_exact_by_default_and_fd_on_request() {
     let exact = probe(&[]);
     assert_eq!(exact["config"]["hvp"], "Exact");
     assert!(exact["eps"].is_null(), "no finite-difference step for exact products");
+    // The spectral density writes its curve next to the artifact.
+    let out = dir.path().join("density.lmc");
+    let d = probe(&["--density", "12", "--density-runs", "2", "--out", out.to_str().unwrap()]);
+    assert_eq!(d["density"].as_array().unwrap().len(), 2);
+    let curve = std::fs::read_to_string(out.with_extension("density.csv")).unwrap();
+    assert!(curve.starts_with("eigenvalue,density\n"));
+    assert_eq!(curve.lines().count(), 1 + 1000);
     let fd = probe(&["--hvp", "fd", "--eps-rel", "1e-3"]);
     assert_eq!(fd["config"]["hvp"], "Fd");
     assert_eq!(fd["eps"]["eps_rel"], 1e-3);

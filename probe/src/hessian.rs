@@ -13,6 +13,7 @@
 //!   standard error of the trace falls below a relative tolerance or at a sample cap;
 //! - the top-k eigenvalues by power iteration with deflation (PyHessian's `eigenvalues`);
 //! - the exact diagonal H_ii = (H e_i)_i for small models (one product per parameter);
+//! - the spectral density by stochastic Lanczos quadrature (`density.rs`);
 //! - per-layer summaries of the diagonal: trace, mean, and the share of |diagonal| mass that sits
 //!   on masked vs kept weights (the paper's "distilled masks discard sharp parameters" evidence).
 
@@ -29,6 +30,7 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::density::{self, DensityConfig, Quadrature};
 use crate::interpolate::Split;
 use crate::stats::{cell, MeanStd, Running};
 use crate::{check_data, DIRECTION_STREAM};
@@ -130,6 +132,8 @@ pub struct HessianConfig {
     pub power_tol: f64,
     /// Exact diagonal (small models only).
     pub exact_diag: bool,
+    /// Spectral density by stochastic Lanczos quadrature, when asked for.
+    pub density: Option<DensityConfig>,
     /// Seed of the random probe vectors.
     pub seed: u64,
 }
@@ -166,8 +170,19 @@ impl HessianConfig {
         if self.top_k > 0 && self.power_iters == 0 {
             return Err(Error::setting("--power-iters must be at least 1"));
         }
-        if self.hutchinson.is_none() && self.top_k == 0 && !self.exact_diag {
-            return Err(Error::setting("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K or --exact-diag"));
+        if let Some(d) = &self.density {
+            if d.steps == 0 || d.runs == 0 {
+                return Err(Error::setting(
+                    "--density and --density-runs must be at least 1 (0: no density)",
+                ));
+            }
+        }
+        if self.hutchinson.is_none()
+            && self.top_k == 0
+            && !self.exact_diag
+            && self.density.is_none()
+        {
+            return Err(Error::setting("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K, --exact-diag or --density N"));
         }
         Ok(())
     }
@@ -781,6 +796,8 @@ pub struct Timing {
     pub eigen_seconds: f64,
     /// Exact diagonal (seconds).
     pub exact_diag_seconds: f64,
+    /// Spectral density (seconds).
+    pub density_seconds: f64,
 }
 
 /// Result of a Hessian probe.
@@ -808,6 +825,8 @@ pub struct HessianReport {
     pub trace: Option<TraceEstimate>,
     /// Top eigenvalues, largest magnitude first.
     pub eigenvalues: Vec<Eigen>,
+    /// Stochastic Lanczos quadrature, one per run (empty unless asked for).
+    pub density: Vec<Quadrature>,
     /// Trace of the exact diagonal, when computed.
     pub exact_trace: Option<f64>,
     /// Where `diagonal` came from: `exact`, `hutchinson` or `none`.
@@ -953,6 +972,16 @@ pub fn probe(
         eigen_seconds = t.elapsed().as_secs_f64();
         eigenvalues = e;
     }
+    let (mut quadrature, mut density_seconds) = (Vec::new(), 0.0);
+    if let Some(dc) = &cfg.density {
+        let t = Instant::now();
+        let total = dc.steps.min(p.space_dim()) * dc.runs;
+        progress("spectral density", 0, total);
+        quadrature = density::lanczos_quadrature(&p, dc, cfg.seed, &mut |k| {
+            progress("spectral density", k, total)
+        });
+        density_seconds = t.elapsed().as_secs_f64();
+    }
     let (mut exact_trace, mut exact, mut exact_diag_seconds) = (None, None, 0.0);
     if cfg.exact_diag {
         let t = Instant::now();
@@ -983,6 +1012,7 @@ pub fn probe(
         gradient_norm: dot(&g, &g).sqrt(),
         trace,
         eigenvalues,
+        density: quadrature,
         exact_trace,
         diagonal_source: diagonal_source.into(),
         diagonal: diag.map(|d| d.into_iter().map(|x| x as f32).collect()),
@@ -995,6 +1025,7 @@ pub fn probe(
             hutchinson_seconds,
             eigen_seconds,
             exact_diag_seconds,
+            density_seconds,
         },
     })
 }
@@ -1022,6 +1053,18 @@ pub fn csv(r: &HessianReport) -> String {
         ));
     }
     s
+}
+
+/// CSV of the spectral density curve (`eigenvalue,density`), when one was asked for.
+pub fn density_csv(r: &HessianReport) -> Option<String> {
+    if r.density.is_empty() {
+        return None;
+    }
+    let mut s = String::from("eigenvalue,density\n");
+    for (x, d) in density::curve(&r.density) {
+        s.push_str(&format!("{x},{d}\n"));
+    }
+    Some(s)
 }
 
 /// CSV of Hutchinson's samples and eigenvalues: `what,index,value,running_mean,running_se`.

@@ -231,6 +231,7 @@ fn subnetwork_restriction_and_per_layer_report() {
         power_iters: 100,
         power_tol: 1e-4,
         exact_diag: true,
+        density: None,
         seed: 0,
     };
     let r = hessian::probe(
@@ -301,6 +302,7 @@ fn exact_diagonal_refuses_large_models_before_working() {
         power_iters: 10,
         power_tol: 1e-4,
         exact_diag: true,
+        density: None,
         seed: 0,
     };
     let t = std::time::Instant::now();

@@ -14,6 +14,7 @@ mod common;
 
 use common::eigen::ql_eigenvalues;
 use common::reference::{cd_hessian, Reference};
+use lmc_probe::density::{self, DensityConfig};
 use lmc_probe::hessian::{self, HessianProblem, HvpMode};
 use lmc_probe::subsample;
 use lmc_train::data::{self, Batch, ImageSet, ImageShape};
@@ -367,4 +368,53 @@ fn acceptance_relu_mlp_on_digits() {
 #[ignore = "acceptance numbers: a few minutes"]
 fn acceptance_convnet_on_digits() {
     acceptance("convnet:depth=1,width=4", Some(300), 10);
+}
+
+#[test]
+fn lanczos_quadrature_recovers_the_spectrum() {
+    // mlp:4 on 60 digits (310 parameters): the Hessian assembled from exact products, its
+    // eigenvalues by Householder + QL; Lanczos with as many steps as parameters spans the whole
+    // space, so its nodes are those eigenvalues; 30 steps already find the extremes.
+    let ds = common::digits();
+    let run = common::train(&ds, "mlp:4", None, 0, 3);
+    let set = subsample(&ds.train, Some(60), 1);
+    let prob =
+        HessianProblem::new(&run.model, &run.params, &set, &ds.norm, 64, 3e-3, None).unwrap();
+    let p = prob.dim();
+    let mut h = vec![0f64; p * p];
+    for i in 0..p {
+        let mut e = vec![0f64; p];
+        e[i] = 1.0;
+        for (j, v) in prob.hvp(&e).into_iter().enumerate() {
+            h[j * p + i] = v;
+        }
+    }
+    for i in 0..p {
+        for j in 0..i {
+            let m = 0.5 * (h[i * p + j] + h[j * p + i]);
+            (h[i * p + j], h[j * p + i]) = (m, m);
+        }
+    }
+    let ev = ql_eigenvalues(h.clone(), p);
+    let (top, bottom) = (ev[0], ev[p - 1]);
+    let full =
+        density::lanczos_quadrature(&prob, &DensityConfig { steps: p, runs: 1 }, 0, &mut |_| {});
+    let q = &full[0];
+    assert!((q.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    // Every node is an eigenvalue (the weights of the others may be tiny, so not conversely).
+    let scale = top.abs().max(bottom.abs());
+    for x in &q.nodes {
+        let nearest = ev.iter().map(|e| (e - x).abs()).fold(f64::INFINITY, f64::min);
+        assert!(nearest <= 1e-6 * scale, "node {x} is {nearest} from the spectrum");
+    }
+    let short =
+        density::lanczos_quadrature(&prob, &DensityConfig { steps: 30, runs: 2 }, 0, &mut |_| {});
+    for q in &short {
+        let (lo, hi) = (q.nodes[0], q.nodes[q.nodes.len() - 1]);
+        println!("30 Lanczos steps: nodes {lo:.6} .. {hi:.6}; spectrum {bottom:.6} .. {top:.6}");
+        assert!((hi - top).abs() <= 1e-6 * scale, "{hi} vs {top}");
+        // The first moment is the starting vector's Rayleigh quotient, within the spectrum.
+        let m1: f64 = q.nodes.iter().zip(&q.weights).map(|(x, w)| x * w).sum();
+        assert!(m1 > bottom && m1 < top);
+    }
 }

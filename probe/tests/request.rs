@@ -167,6 +167,7 @@ fn landscape_and_hessian_requests_are_cached_too() {
             power_iters: 10,
             power_tol: 1e-4,
             exact_diag: false,
+            density: None,
             seed: 0,
         },
     };
