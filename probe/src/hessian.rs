@@ -582,7 +582,8 @@ pub struct Eigen {
 }
 
 /// The `k` eigenvalues of largest magnitude, by power iteration with deflation: each new vector is
-/// kept orthogonal to the eigenvectors already found (PyHessian's scheme). Starting vectors are
+/// kept orthogonal to the eigenvectors already found (PyHessian's scheme); returned largest
+/// magnitude first. Starting vectors are
 /// Gaussian, drawn from `seed`. Returns the values and the unit eigenvectors.
 pub fn top_eigenvalues(
     p: &HessianProblem,
@@ -635,7 +636,14 @@ pub fn top_eigenvalues(
         out.push(Eigen { value, iterations: used, converged });
         vecs.push(v);
     }
-    (out, vecs)
+    // The relative-change test can stop a vector whose start had little of the top
+    // eigenvector at the next one down (its Rayleigh quotient then changes slowly); deflation
+    // then finds the top one later. Sorted, the found set is reported largest magnitude first.
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by(|&a, &b| out[b].value.abs().total_cmp(&out[a].value.abs()));
+    let sorted = order.iter().map(|&i| out[i].clone()).collect();
+    let svecs = order.iter().map(|&i| vecs[i].clone()).collect();
+    (sorted, svecs)
 }
 
 /// The exact diagonal, H_ii = (H e_i)_i, one product per coordinate of the probed space (entries
