@@ -85,11 +85,23 @@ fn mm(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand,
     Gemm { m, n, k, lhs, rhs, accumulate: acc }.run(dst, Layout::row_major(n), Par::Seq);
 }
 
+/// What a group does at the first layer.
+#[derive(Clone, Copy)]
+pub(super) enum First<'a> {
+    /// Its parameters' part like every other layer's.
+    Params,
+    /// Its forward products from the batch's split (with the stacked weight `[W; V_W]` of the
+    /// first linear layer); its parameters' part is left to the caller, who gets `R{g}` at its
+    /// output (m x outputs).
+    Sparse(&'a SparseInput),
+    /// Its parameters' part, and `R{g}` at the images (m x input values) returned: the tangent
+    /// pushed through the backward and read at the pixels.
+    Input,
+}
+
 /// The summed (not averaged) cross-entropy of the group's samples `x` (rows `rows` of the
-/// batch) with `labels`; adds the group's unscaled `H v` into `acc`. With `sparse` (the batch's
-/// split, its weight `[W; V_W]` of the first linear layer), the first layer's forward products
-/// come from it, and its parameters' part is left to the caller: the second value is then
-/// `R{g}` at the first layer's output (m x outputs).
+/// batch) with `labels`; adds the group's unscaled `H v` into `acc`; the second value is what
+/// `first` says.
 pub(super) fn group(
     net: &Net,
     p: &[f32],
@@ -97,7 +109,7 @@ pub(super) fn group(
     (x, rows): (&[f32], std::ops::Range<usize>),
     labels: &[u8],
     acc: &mut Acc,
-    sparse: Option<&SparseInput>,
+    first: First,
 ) -> (f64, Option<Vec<f32>>) {
     let m = labels.len();
     if m == 0 {
@@ -111,8 +123,8 @@ pub(super) fn group(
     a.push(x.to_vec());
     ra.push(None);
     for (l, layer) in net.layers.iter().enumerate() {
-        let (o, ro, s) = match (l, layer, sparse) {
-            (0, Layer::Linear { outputs, bias, .. }, Some(split)) => {
+        let (o, ro, s) = match (l, layer, first) {
+            (0, Layer::Linear { outputs, bias, .. }, First::Sparse(split)) => {
                 // [X W^T | X V_W^T] (m x 2 outputs) from the split, then the biases.
                 let o = *outputs;
                 let mut both = vec![0f32; m * 2 * o];
@@ -138,10 +150,10 @@ pub(super) fn group(
     }
     let (mut g, mut rg, loss) = cross_entropy(&a[nl], ra[nl].as_deref(), labels, net.classes());
     for l in (0..nl).rev() {
-        if l == 0 && sparse.is_some() {
+        if l == 0 && matches!(first, First::Sparse(_)) {
             return (loss, Some(rg));
         }
-        let need_input = l > 0;
+        let need_input = l > 0 || matches!(first, First::Input);
         let (gi, rgi) = backward(
             &net.layers[l],
             p,
@@ -155,8 +167,8 @@ pub(super) fn group(
             acc,
             need_input,
         );
-        if !need_input {
-            break;
+        if l == 0 {
+            return (loss, matches!(first, First::Input).then_some(rgi));
         }
         (g, rg) = (gi, rgi);
     }

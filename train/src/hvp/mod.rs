@@ -32,6 +32,8 @@ use crate::{Error, Result};
 
 mod layers;
 
+use layers::First;
+
 /// Samples per task for networks of linear layers only (their products want many rows).
 const DENSE_GROUP: usize = 64;
 /// Samples per task for networks with convolutions (activations are large per sample).
@@ -233,6 +235,50 @@ pub fn loss_and_hvp(
     Ok(net_loss_and_hvp(&net, params, x, labels, v))
 }
 
+/// Mean cross-entropy of `model` at `params` over the `n` images `x` with `labels`, and the
+/// mixed second derivative `d/dx (u . dL/dtheta)` (n x input values, like `x`): the parameter
+/// tangent `u` pushed through the backward and read at the images (what gradient matching
+/// needs; ReLU patterns from the primal, as double backward). Errors when the architecture has
+/// no second-order pass.
+pub fn loss_and_input_tangent(
+    model: &Model,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    u: &[f32],
+) -> Result<(f64, Vec<f32>)> {
+    let net = model.hvp_net().ok_or_else(|| {
+        Error::incompatible(format!(
+            "model {}: no exact mixed derivative for this architecture",
+            model.spec
+        ))
+    })?;
+    let n = labels.len();
+    let d = net.input_len();
+    assert_eq!(x.len(), n * d, "hvp: {} input values for {n} samples of {d}", x.len());
+    assert_eq!(u.len(), net.params, "hvp: vector of {} for {} parameters", u.len(), net.params);
+    let g = net.group;
+    let parts: Vec<(f64, Vec<f32>)> = (0..n.div_ceil(g))
+        .into_par_iter()
+        .map(|gi| {
+            let (r0, r1) = (gi * g, ((gi + 1) * g).min(n));
+            let mut acc = layers::Acc { data: vec![0f32; net.params], lo: 0 };
+            let xs = (&x[r0 * d..r1 * d], r0..r1);
+            let (l, rx) =
+                layers::group(&net, params, u, xs, &labels[r0..r1], &mut acc, First::Input);
+            (l, rx.unwrap_or_default())
+        })
+        .collect();
+    let inv = 1.0 / n.max(1) as f64;
+    let mut out = Vec::with_capacity(n * d);
+    let mut loss = 0f64;
+    for (l, rx) in parts {
+        loss += l;
+        out.extend(rx.iter().map(|&v| (v as f64 * inv) as f32));
+    }
+    Ok((loss * inv, out))
+}
+
 /// [`loss_and_hvp`] on a described network.
 pub(crate) fn net_loss_and_hvp(
     net: &Net,
@@ -307,7 +353,7 @@ fn sum_groups(
     };
     // With the sparse first layer: R{g} at its output, for its weight product over the batch.
     let mut rg0 = vec![0f32; if taken { n * net.layers[0].out_len() } else { 0 }];
-    let sparse = taken.then_some(&*split);
+    let first = if taken { First::Sparse(&*split) } else { First::Params };
     let mut w0 = 0;
     while w0 < groups {
         let w1 = (w0 + WINDOW).min(groups);
@@ -317,7 +363,7 @@ fn sum_groups(
                 let (r0, r1) = (gi * g, ((gi + 1) * g).min(n));
                 let mut acc = layers::Acc { data: vec![0f32; net.params - lo], lo };
                 let xs = (&x[r0 * d..r1 * d], r0..r1);
-                let (l, rg) = layers::group(net, params, v, xs, &labels[r0..r1], &mut acc, sparse);
+                let (l, rg) = layers::group(net, params, v, xs, &labels[r0..r1], &mut acc, first);
                 (l, acc.data, rg)
             })
             .collect();
