@@ -206,8 +206,9 @@ pub struct HessianProblem<'a> {
 impl<'a> HessianProblem<'a> {
     /// The loss of `model` at `params` on all of `set` (no augmentation), in chunks of `chunk`
     /// images. With `restrict`, vectors live on the kept entries of that mask only. Products are
-    /// exact ([`HvpMode::Exact`]) unless [`HessianProblem::with_hvp`] says otherwise; `eps_rel`
-    /// is the finite-difference step for [`HvpMode::Fd`].
+    /// exact ([`HvpMode::Exact`]) when the architecture has them, else by finite differences,
+    /// unless [`HessianProblem::with_hvp`] says otherwise; `eps_rel` is the finite-difference
+    /// step for [`HvpMode::Fd`].
     pub fn new(
         model: &'a Model,
         params: &'a ParamVec,
@@ -248,7 +249,7 @@ impl<'a> HessianProblem<'a> {
         } else {
             (1.0, (k.max(1) as f64).sqrt())
         };
-        let mode = HvpMode::Exact;
+        let mode = if hvp::supported(model) { HvpMode::Exact } else { HvpMode::Fd };
         Ok(HessianProblem {
             model,
             params,
