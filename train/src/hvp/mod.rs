@@ -13,7 +13,7 @@
 //! networks, whatever the step.
 //!
 //! The network comes from the model ([`Model::hvp_net`](crate::model::Model)): each
-//! architecture describes itself as a list of [`Layer`]s over flat per-sample buffers (the
+//! architecture describes itself as a list of `Layer`s over flat per-sample buffers (the
 //! fused norm -> ReLU -> pool block of the ConvNet is its three ops, which it equals). Every op
 //! of our models works per sample (no batch statistics), so samples run in fixed groups as
 //! parallel tasks; each group's contribution is an f32 vector summed into an f64 total in group
