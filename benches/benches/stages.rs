@@ -5,7 +5,7 @@
 //!   every class, DSA, backward to the pixels) on the built-in digits at ipc 10;
 //! - prune: one IMP round's mask (global magnitude pruning at 20%, ties broken by random keys) and
 //!   a random mask at that sparsity, on LeNet-300-100's 266k parameters;
-//! - probe: one Hessian-vector product (central difference of two full gradients) and one
+//! - probe: one Hessian-vector product (exact, and by a central difference of two full gradients) and one
 //!   interpolation point (midpoint of two parameter vectors, evaluated), on LeNet-300-100 with a
 //!   fixed batch of 256 synthetic 28x28 images.
 //!
@@ -16,7 +16,7 @@ use lmc_distill::config::{Distance, DistillConfig, Method};
 use lmc_distill::dm;
 use lmc_distill::problem::Problem;
 use lmc_distill::run::initial_images;
-use lmc_probe::hessian::{HessianProblem, DEFAULT_EPS_REL};
+use lmc_probe::hessian::{HessianProblem, HvpMode, DEFAULT_EPS_REL};
 use lmc_probe::{evaluate_points, lerp_masked};
 use lmc_prune::random::random_mask;
 use lmc_prune::rule::PruneRule;
@@ -103,6 +103,10 @@ fn probe(c: &mut Criterion) {
     let (set, norm) = synthetic_mnist(PROBE_IMAGES);
     let hp = HessianProblem::new(&model, &params, &set, &norm, PROBE_IMAGES, DEFAULT_EPS_REL, None)
         .expect("Hessian problem");
+    let exact = hp.with_hvp(HvpMode::Exact).expect("LeNet has an exact product");
+    let hp = HessianProblem::new(&model, &params, &set, &norm, PROBE_IMAGES, DEFAULT_EPS_REL, None)
+        .and_then(|p| p.with_hvp(HvpMode::Fd))
+        .expect("Hessian problem");
     // A fixed +-1 direction.
     let v: Vec<f64> = (0..hp.dim())
         .map(|i| if (i.wrapping_mul(2_654_435_761) >> 16) & 1 == 0 { 1.0 } else { -1.0 })
@@ -122,6 +126,7 @@ fn probe(c: &mut Criterion) {
     // Settings apply to the benches defined after them: two full gradients take tens of ms.
     g.sample_size(10);
     g.bench_function("hvp_central_difference", |b| b.iter(|| std::hint::black_box(hp.hvp(&v))));
+    g.bench_function("hvp_exact", |b| b.iter(|| std::hint::black_box(exact.hvp(&v))));
     g.finish();
 }
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig};
+use lmc_probe::density::DensityConfig;
+use lmc_probe::hessian::{self, HessianConfig, HutchinsonConfig, HvpMode};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
 use lmc_probe::landscape::{Axis, LandscapeConfig, Method};
 use lmc_probe::request::{
@@ -106,6 +107,28 @@ enum MethodArg {
     Random,
 }
 
+/// How `probe hessian` computes Hessian-vector products.
+#[derive(Clone, Copy, ValueEnum)]
+enum HvpArg {
+    /// `exact` where the architecture has exact products (MLPs, ConvNets), else `fd` (ResNets).
+    Auto,
+    /// Forward-over-reverse through the model's ops: exact, also on ReLU networks.
+    Exact,
+    /// Central differences of gradients (step from --eps-rel).
+    Fd,
+}
+
+impl HvpArg {
+    /// The mode for `model` (`auto` resolved, so the probe's identity names what ran).
+    fn mode(self, model: &lmc_train::model::Model) -> HvpMode {
+        match self {
+            HvpArg::Auto if lmc_train::hvp::supported(model) => HvpMode::Exact,
+            HvpArg::Auto | HvpArg::Fd => HvpMode::Fd,
+            HvpArg::Exact => HvpMode::Exact,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EvalSplit {
     Train,
@@ -175,7 +198,12 @@ struct HessianArgs {
     /// Images per gradient call (memory only) [default: 2048 for MLPs, 128 for ConvNets].
     #[arg(long, value_name = "N")]
     chunk: Option<usize>,
-    /// Finite-difference step: the perturbation eps*v has length EPS_REL * ||theta||. `auto`
+    /// Hessian-vector products: `exact` (forward-over-reverse, ReLU's second derivative 0), `fd`
+    /// (central differences of gradients, which cross ReLU kinks on ReLU networks), or `auto`:
+    /// exact where the architecture has exact products (MLPs, ConvNets), fd otherwise (ResNets).
+    #[arg(long, value_enum, default_value = "auto")]
+    hvp: HvpArg,
+    /// Finite-difference step (`--hvp fd` only): the perturbation eps*v has length EPS_REL * ||theta||. `auto`
     /// walks down 1e-2, 3.2e-3, 1e-3, ... and takes the first step where v.Hv stops changing
     /// (smooth models stop near 3e-3, trained ReLU networks near 1e-5).
     #[arg(long, default_value = "auto", value_name = "EPS_REL|auto")]
@@ -204,6 +232,13 @@ struct HessianArgs {
     /// Exact diagonal, one Hessian-vector product per parameter (refused above 10,000 parameters).
     #[arg(long)]
     exact_diag: bool,
+    /// Spectral density by stochastic Lanczos quadrature with N Lanczos steps per run (PyHessian:
+    /// 100), written as `.density.csv` next to the output; 0 = none.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    density: usize,
+    /// Independent runs (starting vectors) the density averages.
+    #[arg(long, default_value_t = 1, value_name = "R")]
+    density_runs: usize,
     /// Probe only the subnetwork: vectors restricted to the weights the run's mask keeps.
     #[arg(long)]
     subnetwork: bool,
@@ -483,12 +518,13 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
 
 fn run_hessian(a: HessianArgs) -> Result<()> {
     let inputs = ProbeInputs::read(std::slice::from_ref(&a.run))?;
-    let hutch = a.trace || (a.top_k == 0 && !a.exact_diag);
+    let hutch = a.trace || (a.top_k == 0 && !a.exact_diag && a.density == 0);
     let cfg = HessianConfig {
         split: a.split.into(),
         samples: a.samples,
         sample_seed: a.sample_seed,
         chunk: HessianRequest::chunk_or_default(&inputs, a.chunk),
+        hvp: a.hvp.mode(&inputs.runs()[0].model),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
             e => {
@@ -507,6 +543,8 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         power_iters: a.power_iters,
         power_tol: a.power_tol,
         exact_diag: a.exact_diag,
+        density: (a.density > 0)
+            .then_some(DensityConfig { steps: a.density, runs: a.density_runs }),
         seed: a.seed,
         bn_mode: match a.bn_mode {
             BnModeArg::Running => NormMode::Running,
@@ -543,19 +581,24 @@ fn print_hessian(r: &hessian::HessianReport) {
         "loss {:.5} on {} {} images; {} parameters ({} probed); gradient norm {:.4e}",
         r.loss, r.samples, r.config.split, r.parameters, r.space, r.gradient_norm
     );
-    println!(
-        "finite-difference step eps_rel {:.2e}{}",
-        r.eps.eps_rel,
-        match (r.eps.auto, r.eps.agreed) {
-            (false, _) => " (given)".to_string(),
-            (true, true) => format!(
-                " (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)",
-                r.eps.ladder.len()
-            ),
-            (true, false) =>
-                " (automatic: no two steps agreed within 1%; the closest pair was used)".to_string(),
-        }
-    );
+    match &r.eps {
+        None => println!("Hessian-vector products: exact (forward-over-reverse)"),
+        Some(eps) => println!(
+            "Hessian-vector products: finite differences, step eps_rel {:.2e}{}",
+            eps.eps_rel,
+            match (eps.auto, eps.agreed) {
+                (false, _) => " (given)".to_string(),
+                (true, true) => format!(
+                    " (automatic: v.Hv agreed within 1% between neighbouring steps after {} rungs)",
+                    eps.ladder.len()
+                ),
+                (true, false) => {
+                    " (automatic: no two steps agreed within 1%; the closest pair was used)"
+                        .to_string()
+                }
+            }
+        ),
+    }
     println!(
         "one gradient {:.3} s; one Hessian-vector product {:.3} s = {:.2} gradients",
         r.timing.gradient_seconds, r.timing.hvp_seconds, r.timing.hvp_in_gradients
@@ -580,6 +623,17 @@ fn print_hessian(r: &hessian::HessianReport) {
             e.value,
             e.iterations,
             if e.converged { "" } else { ", not converged" }
+        );
+    }
+    if !r.density.is_empty() {
+        let nodes = r.density.iter().flat_map(|q| q.nodes.iter().copied());
+        let (lo, hi) =
+            nodes.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| (l.min(x), h.max(x)));
+        println!(
+            "spectral density: {} run(s) of {} Lanczos nodes, from {lo:.4e} to {hi:.4e} ({:.2} s)",
+            r.density.len(),
+            r.density[0].nodes.len(),
+            r.timing.density_seconds
         );
     }
     if !r.layers.is_empty() {

@@ -171,6 +171,38 @@ fn landscapes_plane_random_and_resume() {
 }
 
 #[test]
+fn hessian_products_are_exact_by_default_and_fd_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = replicates(dir.path(), "relu.lmc", "mlp:8", 1);
+    let probe = |extra: &[&str]| {
+        let v = json_of(
+            lmc()
+                .args(["probe", "hessian"])
+                .arg(&run[0])
+                .args(["--samples", "100", "--top-k", "1", "--power-iters", "20"])
+                .args(extra),
+        );
+        v["summary"]["result"].clone()
+    };
+    let exact = probe(&[]);
+    assert_eq!(exact["config"]["hvp"], "Exact");
+    assert!(exact["eps"].is_null(), "no finite-difference step for exact products");
+    // The spectral density writes its curve next to the artifact.
+    let out = dir.path().join("density.lmc");
+    let d = probe(&["--density", "12", "--density-runs", "2", "--out", out.to_str().unwrap()]);
+    assert_eq!(d["density"].as_array().unwrap().len(), 2);
+    let curve = std::fs::read_to_string(out.with_extension("density.csv")).unwrap();
+    assert!(curve.starts_with("eigenvalue,density\n"));
+    assert_eq!(curve.lines().count(), 1 + 1000);
+    let fd = probe(&["--hvp", "fd", "--eps-rel", "1e-3"]);
+    assert_eq!(fd["config"]["hvp"], "Fd");
+    assert_eq!(fd["eps"]["eps_rel"], 1e-3);
+    // The step is a finite-difference setting: refused with exact products.
+    let e = run_err(lmc().args(["probe", "hessian"]).arg(&run[0]).args(["--eps-rel", "1e-3"]));
+    assert!(e.contains("--eps-rel") && e.contains("--hvp fd"), "{e}");
+}
+
+#[test]
 fn hessian_reports_and_refuses_exact_diagonal_of_large_models() {
     let dir = tempfile::tempdir().unwrap();
     let small = replicates(dir.path(), "softmax.lmc", "mlp:", 1);

@@ -154,6 +154,35 @@ pub fn mixed_derivative(
     plus.iter().zip(&minus).map(|(a, b)| ((*a as f64 - *b as f64) / (2.0 * eps)) as f32).collect()
 }
 
+/// `dD/dS` for one class exactly, by forward-over-reverse (`lmc_train::hvp`): the parameter
+/// tangent `u` pushed through the network's backward gives `d/dX (u . dL/dtheta)` at the
+/// decoded, augmented images X (ReLU patterns of the unshifted pass, as double backward), which
+/// the decoding and augmentation's backward then carries to the stored pixels. One pass of
+/// the second-order engine instead of the two shifted passes of [`mixed_derivative`], and no
+/// step: tested against it in `tests/matching.rs`. Errors when the architecture has no
+/// second-order pass.
+pub fn mixed_derivative_exact(
+    p: &Problem,
+    params: &ParamVec,
+    stored: &[f32],
+    aug: &Arc<Augmentation>,
+    label: u8,
+    u: &[f32],
+) -> lmc_train::Result<Vec<f32>> {
+    let n = stored.len() / p.shape().len();
+    let x = p.images(stored.to_vec(), n);
+    let xa = p.synthetic_input(x.leaky_trace(), aug);
+    let mut host = vec![0.0f32; xa.shape().num_elements()];
+    xa.copy_into(&mut host);
+    let labels = vec![label; n * p.per_stored()];
+    let (_, r) = lmc_train::hvp::loss_and_input_tangent(p.model, &params.data, &host, &labels, u)?;
+    // The augmentation's backward with R{dL/dX} as the output gradient: the gradient of
+    // sum(X * R) w.r.t. the stored pixels.
+    let r = p.dev.tensor_from_vec(r, *xa.shape());
+    let mut grads = (xa * r).sum::<(), _>().backward();
+    Ok(grads.get_or_alloc_mut(&x).expect("cpu allocation").to_vec())
+}
+
 /// Scratch memory reused across steps.
 pub struct GmScratch {
     bufs: GradBuffers,

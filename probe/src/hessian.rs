@@ -1,14 +1,19 @@
 //! Second-order probes of the training loss L(theta) = mean cross-entropy over a fixed set of
-//! training images (weight decay not included), without double backward:
+//! training images (weight decay not included):
 //!
-//! - Hessian-vector products by a central difference of gradients (as in Pearlmutter 1994, section 2):
+//! - Hessian-vector products, exact by default ([`HvpMode::Exact`]: forward-over-reverse through
+//!   the model's ops, `lmc_train::hvp`, Pearlmutter 1994 section 3), or by a central difference
+//!   of gradients ([`HvpMode::Fd`], Pearlmutter 1994 section 2):
 //!   Hv = [g(theta + eps v) - g(theta - eps v)] / (2 eps), with eps relative to the parameter scale
-//!   (see [`HessianProblem::eps_for`]) and the difference accumulated in f64;
+//!   (see [`HessianProblem::eps_for`]) and the difference accumulated in f64. The difference is
+//!   only right where the loss is smooth along the step: on ReLU networks a basis vector or a
+//!   power-iteration vector moves few coordinates far and crosses kinks, whatever the step;
 //! - Hutchinson's estimators with Rademacher v (Hutchinson 1990; Bekas et al. 2007 for the
 //!   diagonal; PyHessian, Yao et al. 2020): tr H = E[v.Hv], diag H = E[v * Hv], stopped when the
 //!   standard error of the trace falls below a relative tolerance or at a sample cap;
 //! - the top-k eigenvalues by power iteration with deflation (PyHessian's `eigenvalues`);
 //! - the exact diagonal H_ii = (H e_i)_i for small models (one product per parameter);
+//! - the spectral density by stochastic Lanczos quadrature (`density.rs`);
 //! - per-layer summaries of the diagonal: trace, mean, and the share of |diagonal| mass that sits
 //!   on masked vs kept weights (the paper's "distilled masks discard sharp parameters" evidence).
 
@@ -16,6 +21,7 @@ use std::time::Instant;
 
 use lmc_train::data::{self, Batch, ImageSet, Normalization};
 use lmc_train::fit::{self, GradBuffers, NormMode};
+use lmc_train::hvp;
 use lmc_train::model::Model;
 use lmc_train::params::{Mask, ParamKind, ParamVec};
 use lmc_train::seed::{self, Stream};
@@ -24,12 +30,13 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::density::{self, DensityConfig, Quadrature};
 use crate::interpolate::Split;
 use crate::stats::{cell, MeanStd, Running};
 use crate::{check_data, DIRECTION_STREAM};
 
 /// Largest number of parameters (of the probed space) for which [`exact_diagonal`] runs: it costs
-/// one Hessian-vector product, i.e. two full gradients over the samples, per parameter.
+/// one Hessian-vector product (a few full gradients over the samples) per parameter.
 pub const EXACT_DIAG_MAX_PARAMS: usize = 10_000;
 
 /// Problems below this many forward multiply-accumulates compute a product's two gradients side
@@ -51,6 +58,26 @@ pub fn eps_ladder() -> Vec<f64> {
 
 /// Relative agreement of v.Hv between neighbouring steps that ends [`HessianProblem::choose_eps`].
 pub const EPS_AGREEMENT: f64 = 1e-2;
+
+/// How Hessian-vector products are computed. Part of a probe's identity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HvpMode {
+    /// Forward-over-reverse through the model's ops (`lmc_train::hvp`): exact, with ReLU's
+    /// second derivative 0, as PyTorch's double backward defines it.
+    #[default]
+    Exact,
+    /// Central differences of gradients with the relative step `eps_rel`.
+    Fd,
+}
+
+impl std::fmt::Display for HvpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HvpMode::Exact => "exact",
+            HvpMode::Fd => "fd",
+        })
+    }
+}
 
 /// How the finite-difference step was chosen.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,7 +114,10 @@ pub struct HessianConfig {
     pub sample_seed: u64,
     /// Images per gradient call (memory only: the gradient is the weighted mean over chunks).
     pub chunk: usize,
-    /// Relative finite-difference step; `None` = chosen per problem by [`HessianProblem::choose_eps`].
+    /// How Hessian-vector products are computed.
+    pub hvp: HvpMode,
+    /// Relative finite-difference step ([`HvpMode::Fd`] only); `None` = chosen per problem by
+    /// [`HessianProblem::choose_eps`].
     pub eps_rel: Option<f64>,
     /// Probe only the subnetwork: vectors and products are restricted to the kept entries of the
     /// run's mask (the Hessian of the loss as a function of the surviving weights).
@@ -102,6 +132,8 @@ pub struct HessianConfig {
     pub power_tol: f64,
     /// Exact diagonal (small models only).
     pub exact_diag: bool,
+    /// Spectral density by stochastic Lanczos quadrature, when asked for.
+    pub density: Option<DensityConfig>,
     /// Seed of the random probe vectors.
     pub seed: u64,
     /// Batch-norm models: the loss in evaluation mode (running statistics, the default) or in
@@ -124,6 +156,11 @@ impl HessianConfig {
             return Err(Error::setting("--chunk must be at least 1"));
         }
         if let Some(e) = self.eps_rel {
+            if self.hvp != HvpMode::Fd {
+                return Err(Error::setting(format!(
+                    "--eps-rel {e}: the finite-difference step applies only to --hvp fd"
+                )));
+            }
             if !(e.is_finite() && e > 0.0) {
                 return Err(Error::setting(format!(
                     "--eps-rel {e}: must be a positive number (or auto)"
@@ -141,8 +178,19 @@ impl HessianConfig {
         if self.top_k > 0 && self.power_iters == 0 {
             return Err(Error::setting("--power-iters must be at least 1"));
         }
-        if self.hutchinson.is_none() && self.top_k == 0 && !self.exact_diag {
-            return Err(Error::setting("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K or --exact-diag"));
+        if let Some(d) = &self.density {
+            if d.steps == 0 || d.runs == 0 {
+                return Err(Error::setting(
+                    "--density and --density-runs must be at least 1 (0: no density)",
+                ));
+            }
+        }
+        if self.hutchinson.is_none()
+            && self.top_k == 0
+            && !self.exact_diag
+            && self.density.is_none()
+        {
+            return Err(Error::setting("nothing to compute: ask for --trace (Hutchinson trace and diagonal), --top-k K, --exact-diag or --density N"));
         }
         Ok(())
     }
@@ -161,11 +209,15 @@ pub struct HessianProblem<'a> {
     norm: f64,
     eps_rel: f64,
     norm_mode: NormMode,
+    mode: HvpMode,
 }
 
 impl<'a> HessianProblem<'a> {
     /// The loss of `model` at `params` on all of `set` (no augmentation), in chunks of `chunk`
-    /// images. With `restrict`, vectors live on the kept entries of that mask only.
+    /// images. With `restrict`, vectors live on the kept entries of that mask only. Products are
+    /// exact ([`HvpMode::Exact`]) when the architecture has them, else by finite differences,
+    /// unless [`HessianProblem::with_hvp`] says otherwise; `eps_rel` is the finite-difference
+    /// step for [`HvpMode::Fd`].
     pub fn new(
         model: &'a Model,
         params: &'a ParamVec,
@@ -218,6 +270,7 @@ impl<'a> HessianProblem<'a> {
         } else {
             (1.0, (k.max(1) as f64).sqrt())
         };
+        let mode = if hvp::supported(model) { HvpMode::Exact } else { HvpMode::Fd };
         Ok(HessianProblem {
             model,
             params,
@@ -228,6 +281,7 @@ impl<'a> HessianProblem<'a> {
             norm,
             eps_rel,
             norm_mode: NormMode::Running,
+            mode,
         })
     }
 
@@ -241,6 +295,24 @@ impl<'a> HessianProblem<'a> {
         }
         self.norm_mode = mode;
         Ok(self)
+    }
+
+    /// The same problem with its products computed as `mode` says. Errors when the model has no
+    /// exact product.
+    pub fn with_hvp(mut self, mode: HvpMode) -> Result<Self> {
+        if mode == HvpMode::Exact && !hvp::supported(self.model) {
+            return Err(Error::incompatible(format!(
+                "--hvp exact: model {} has no exact Hessian-vector product; use --hvp fd",
+                self.model.spec
+            )));
+        }
+        self.mode = mode;
+        Ok(self)
+    }
+
+    /// How products are computed.
+    pub fn hvp_mode(&self) -> HvpMode {
+        self.mode
     }
 
     /// Number of parameters (the dimension of H).
@@ -373,10 +445,41 @@ impl<'a> HessianProblem<'a> {
         EpsChoice { eps_rel: best.1, auto: true, ladder, agreed: false }
     }
 
-    /// H v by a central difference of gradients, in f64. Restricted problems take and return
-    /// vectors that are zero off the mask.
+    /// H v, in f64, exact or by finite differences as the problem's [`HvpMode`] says.
+    /// Restricted problems take and return vectors that are zero off the mask.
     pub fn hvp(&self, v: &[f64]) -> Vec<f64> {
         assert_eq!(v.len(), self.dim(), "hvp: vector of {} for {} parameters", v.len(), self.dim());
+        let mut hv = match self.mode {
+            HvpMode::Exact => self.hvp_exact(v),
+            HvpMode::Fd => self.hvp_fd(v),
+        };
+        if let Some(m) = &self.restrict {
+            for (h, &k) in hv.iter_mut().zip(&m.keep) {
+                if !k {
+                    *h = 0.0;
+                }
+            }
+        }
+        hv
+    }
+
+    /// H v by forward-over-reverse, chunk by chunk, weighted by chunk size (as the gradient).
+    fn hvp_exact(&self, v: &[f64]) -> Vec<f64> {
+        let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        let mut hv = vec![0f64; v.len()];
+        for b in &self.chunks {
+            let w = b.labels.len() as f64 / self.n as f64;
+            let (_, h) = hvp::loss_and_hvp(self.model, &self.params.data, &b.x, &b.labels, &v32)
+                .expect("with_hvp checked that the model has an exact product");
+            for (a, x) in hv.iter_mut().zip(&h) {
+                *a += w * x;
+            }
+        }
+        hv
+    }
+
+    /// H v by a central difference of gradients, in f64.
+    fn hvp_fd(&self, v: &[f64]) -> Vec<f64> {
         let eps = self.eps_for(v);
         if eps == 0.0 {
             return vec![0.0; v.len()];
@@ -398,15 +501,7 @@ impl<'a> HessianProblem<'a> {
         } else {
             (self.loss_and_gradient(&tp), self.loss_and_gradient(&tm))
         };
-        let mut hv: Vec<f64> = gp.iter().zip(&gm).map(|(a, b)| (a - b) / (2.0 * eps)).collect();
-        if let Some(m) = &self.restrict {
-            for (h, &k) in hv.iter_mut().zip(&m.keep) {
-                if !k {
-                    *h = 0.0;
-                }
-            }
-        }
-        hv
+        gp.iter().zip(&gm).map(|(a, b)| (a - b) / (2.0 * eps)).collect()
     }
 
     /// Zeroes the entries of `v` outside the probed space.
@@ -523,7 +618,8 @@ pub struct Eigen {
 }
 
 /// The `k` eigenvalues of largest magnitude, by power iteration with deflation: each new vector is
-/// kept orthogonal to the eigenvectors already found (PyHessian's scheme). Starting vectors are
+/// kept orthogonal to the eigenvectors already found (PyHessian's scheme); returned largest
+/// magnitude first. Starting vectors are
 /// Gaussian, drawn from `seed`. Returns the values and the unit eigenvectors.
 pub fn top_eigenvalues(
     p: &HessianProblem,
@@ -576,7 +672,14 @@ pub fn top_eigenvalues(
         out.push(Eigen { value, iterations: used, converged });
         vecs.push(v);
     }
-    (out, vecs)
+    // The relative-change test can stop a vector whose start had little of the top
+    // eigenvector at the next one down (its Rayleigh quotient then changes slowly); deflation
+    // then finds the top one later. Sorted, the found set is reported largest magnitude first.
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by(|&a, &b| out[b].value.abs().total_cmp(&out[a].value.abs()));
+    let sorted = order.iter().map(|&i| out[i].clone()).collect();
+    let svecs = order.iter().map(|&i| vecs[i].clone()).collect();
+    (sorted, svecs)
 }
 
 /// The exact diagonal, H_ii = (H e_i)_i, one product per coordinate of the probed space (entries
@@ -585,7 +688,7 @@ pub fn exact_diagonal(p: &HessianProblem) -> Result<Vec<f64>> {
     let d = p.space_dim();
     if d > EXACT_DIAG_MAX_PARAMS {
         return Err(Error::setting(format!(
-            "--exact-diag: the model has {d} parameters in the probed space, above the limit of {EXACT_DIAG_MAX_PARAMS} (the exact diagonal costs two full gradients per parameter); use the Hutchinson estimate (--trace) instead"
+            "--exact-diag: the model has {d} parameters in the probed space, above the limit of {EXACT_DIAG_MAX_PARAMS} (the exact diagonal costs one Hessian-vector product per parameter); use the Hutchinson estimate (--trace) instead"
         )));
     }
     let dim = p.dim();
@@ -728,8 +831,8 @@ pub fn layer_summaries(
 pub struct Timing {
     /// One full gradient over the samples (seconds, mean of 3 after a warm-up).
     pub gradient_seconds: f64,
-    /// One Hessian-vector product (seconds, mean of 3 timed alone; its two gradients run side by
-    /// side).
+    /// One Hessian-vector product (seconds, mean of 3 timed alone; by finite differences its two
+    /// gradients run side by side).
     pub hvp_seconds: f64,
     /// `hvp_seconds / gradient_seconds`.
     pub hvp_in_gradients: f64,
@@ -739,6 +842,8 @@ pub struct Timing {
     pub eigen_seconds: f64,
     /// Exact diagonal (seconds).
     pub exact_diag_seconds: f64,
+    /// Spectral density (seconds).
+    pub density_seconds: f64,
 }
 
 /// Result of a Hessian probe.
@@ -756,8 +861,8 @@ pub struct HessianReport {
     pub parameter_rms: f64,
     /// Norm of the probed parameters (the perturbation has length eps_rel times this).
     pub parameter_norm: f64,
-    /// The finite-difference step and how it was chosen.
-    pub eps: EpsChoice,
+    /// The finite-difference step and how it was chosen (`--hvp fd` only).
+    pub eps: Option<EpsChoice>,
     /// Loss at the parameters, on the samples.
     pub loss: f64,
     /// Norm of the gradient there.
@@ -766,6 +871,8 @@ pub struct HessianReport {
     pub trace: Option<TraceEstimate>,
     /// Top eigenvalues, largest magnitude first.
     pub eigenvalues: Vec<Eigen>,
+    /// Stochastic Lanczos quadrature, one per run (empty unless asked for).
+    pub density: Vec<Quadrature>,
     /// Trace of the exact diagonal, when computed.
     pub exact_trace: Option<f64>,
     /// Where `diagonal` came from: `exact`, `hutchinson` or `none`.
@@ -857,7 +964,8 @@ pub fn probe(
         cfg.eps_rel.unwrap_or(DEFAULT_EPS_REL),
         restrict,
     )?
-    .with_norm_mode(cfg.bn_mode)?;
+    .with_norm_mode(cfg.bn_mode)?
+    .with_hvp(cfg.hvp)?;
     // A Hessian on d parameters has d eigenvalues; power iteration keeps one vector per
     // eigenvalue asked for, so more than d would also run on and on.
     if cfg.top_k > p.space_dim() {
@@ -871,10 +979,15 @@ pub fn probe(
         // Refuse before spending time on anything else.
         exact_diagonal(&p)?;
     }
-    progress("choosing the step", 0, 1);
-    let eps = match cfg.eps_rel {
-        Some(e) => EpsChoice { eps_rel: e, auto: false, ladder: vec![], agreed: true },
-        None => p.choose_eps(cfg.seed, 2),
+    let eps = match (cfg.hvp, cfg.eps_rel) {
+        (HvpMode::Exact, _) => None,
+        (HvpMode::Fd, Some(e)) => {
+            Some(EpsChoice { eps_rel: e, auto: false, ladder: vec![], agreed: true })
+        }
+        (HvpMode::Fd, None) => {
+            progress("choosing the step", 0, 1);
+            Some(p.choose_eps(cfg.seed, 2))
+        }
     };
     let p = p;
     // The loss and gradient at theta (also a warm-up), then the costs: the mean of a few
@@ -932,6 +1045,16 @@ pub fn probe(
         eigen_seconds = t.elapsed().as_secs_f64();
         eigenvalues = e;
     }
+    let (mut quadrature, mut density_seconds) = (Vec::new(), 0.0);
+    if let Some(dc) = &cfg.density {
+        let t = Instant::now();
+        let total = dc.steps.min(p.space_dim()) * dc.runs;
+        progress("spectral density", 0, total);
+        quadrature = density::lanczos_quadrature(&p, dc, cfg.seed, &mut |k| {
+            progress("spectral density", k, total)
+        });
+        density_seconds = t.elapsed().as_secs_f64();
+    }
     let (mut exact_trace, mut exact, mut exact_diag_seconds) = (None, None, 0.0);
     if cfg.exact_diag {
         let t = Instant::now();
@@ -962,6 +1085,7 @@ pub fn probe(
         gradient_norm: dot(&g, &g).sqrt(),
         trace,
         eigenvalues,
+        density: quadrature,
         exact_trace,
         diagonal_source: diagonal_source.into(),
         diagonal: diag.map(|d| d.into_iter().map(|x| x as f32).collect()),
@@ -974,6 +1098,7 @@ pub fn probe(
             hutchinson_seconds,
             eigen_seconds,
             exact_diag_seconds,
+            density_seconds,
         },
     })
 }
@@ -1001,6 +1126,18 @@ pub fn csv(r: &HessianReport) -> String {
         ));
     }
     s
+}
+
+/// CSV of the spectral density curve (`eigenvalue,density`), when one was asked for.
+pub fn density_csv(r: &HessianReport) -> Option<String> {
+    if r.density.is_empty() {
+        return None;
+    }
+    let mut s = String::from("eigenvalue,density\n");
+    for (x, d) in density::curve(&r.density) {
+        s.push_str(&format!("{x},{d}\n"));
+    }
+    Some(s)
 }
 
 /// CSV of Hutchinson's samples and eigenvalues: `what,index,value,running_mean,running_se`.

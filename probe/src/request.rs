@@ -486,10 +486,14 @@ impl HessianRequest<'_> {
             None => default_out(self.inputs.first(), "hessian", self.provenance()),
         }
     }
-    /// The CSVs written next to `out`: per-tensor summaries (`.csv`) and the Hutchinson samples
-    /// (`.samples.csv`).
-    pub fn csv_paths(out: &Path) -> Vec<PathBuf> {
-        vec![out.with_extension("csv"), out.with_extension("samples.csv")]
+    /// The CSVs written next to `out`: per-tensor summaries (`.csv`), the Hutchinson samples
+    /// (`.samples.csv`) and, when asked for, the spectral density (`.density.csv`).
+    pub fn csv_paths(&self, out: &Path) -> Vec<PathBuf> {
+        let mut v = vec![out.with_extension("csv"), out.with_extension("samples.csv")];
+        if self.config.density.is_some() {
+            v.push(out.with_extension("density.csv"));
+        }
+        v
     }
     /// Probes and writes `out` (default [`Self::out_path`]) and its CSVs, or returns an up-to-date
     /// `out` as it is unless `fresh`.
@@ -508,7 +512,7 @@ impl HessianRequest<'_> {
         self.config.validate()?;
         let prov = self.provenance();
         let out = self.out_path(out);
-        let csv = Self::csv_paths(&out);
+        let csv = self.csv_paths(&out);
         run_stage(out, csv, fresh, prov, "hessian", self.inputs.runs.len(), |_| {
             let t = Instant::now();
             let cfg = &self.config;
@@ -529,7 +533,8 @@ impl HessianRequest<'_> {
                 cfg,
                 &mut |what, done, total| observer.progress(what, done, total),
             )?;
-            let texts = vec![hessian::csv(&r), hessian::samples_csv(&r)];
+            let mut texts = vec![hessian::csv(&r), hessian::samples_csv(&r)];
+            texts.extend(hessian::density_csv(&r));
             let probe = Probe {
                 model: self.inputs.model_name(),
                 dataset: self.dataset.name.clone(),

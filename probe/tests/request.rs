@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use lmc_probe::hessian::{HessianConfig, HutchinsonConfig};
+use lmc_probe::hessian::{HessianConfig, HutchinsonConfig, HvpMode};
 use lmc_probe::interpolate::{self, InterpConfig, Split};
 use lmc_probe::landscape::{Axis, LandscapeCheckpoint, LandscapeConfig, Method};
 use lmc_probe::request::{
@@ -159,6 +159,7 @@ fn landscape_and_hessian_requests_are_cached_too() {
             samples: 100,
             sample_seed: 0,
             chunk: HessianRequest::chunk_or_default(&inputs, None),
+            hvp: HvpMode::Fd,
             eps_rel: Some(1e-3),
             subnetwork: false,
             hutchinson: Some(HutchinsonConfig { max_samples: 4, min_samples: 4, tol: 0.0 }),
@@ -166,6 +167,7 @@ fn landscape_and_hessian_requests_are_cached_too() {
             power_iters: 10,
             power_tol: 1e-4,
             exact_diag: false,
+            density: None,
             seed: 0,
             bn_mode: lmc_train::fit::NormMode::Running,
         },

@@ -9,6 +9,7 @@
 //! - [`model`]: [`model::ModelSpec`] (MLP, LeNet-300-100, ConvNet-D) and its forward pass.
 //! - [`optim`] and [`fit`]: SGD with momentum / weight decay / Nesterov, schedules, the one training
 //!   loop and the one evaluation function.
+//! - [`hvp`]: exact Hessian-vector products (forward-over-reverse) for the probes.
 //! - [`artifact`]: the versioned, checksummed envelope every artifact is written in.
 //! - [`stage`]: the one resumable-stage mechanism (cache, checkpoint, resume) and the stage versions.
 //!
@@ -31,6 +32,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod fit;
+pub mod hvp;
 mod mlp;
 pub mod model;
 pub mod ops;

@@ -50,11 +50,14 @@ pub const TRAIN_VERSION: u32 = 1;
 pub const PRUNE_VERSION: u32 = 2;
 /// Version of the distillation stage; see [`TRAIN_VERSION`].
 pub const DISTILL_VERSION: u32 = 1;
-/// Version of `probe interpolate`; see [`TRAIN_VERSION`].
+/// Version of `probe interpolate`; see [`TRAIN_VERSION`]. 2: batch-norm running statistics
+/// (`bn_reset`, `reset_curves`, `reset_summary`).
 pub const INTERPOLATE_VERSION: u32 = 2;
 /// Version of `probe landscape`; see [`TRAIN_VERSION`].
 pub const LANDSCAPE_VERSION: u32 = 1;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
+/// 2: exact Hessian-vector products by default (`--hvp exact|fd` in the config), the report's
+/// finite-difference step is optional, and batch-norm models choose the norm mode (`bn_mode`).
 pub const HESSIAN_VERSION: u32 = 2;
 
 /// Every stage's provenance name and version, for tools that list or compare them (the CLI,

@@ -1,6 +1,9 @@
 //! Shared fixtures: small runs trained on the built-in digits.
 #![allow(dead_code)]
 
+pub mod eigen;
+pub mod reference;
+
 use lmc_train::artifact::Provenance;
 use lmc_train::data::{self, Dataset};
 use lmc_train::fit::{self, Run, Start, TrainConfig};

@@ -108,4 +108,8 @@ impl Architecture for ConvNet {
     fn mlp_hidden(&self) -> Option<&[usize]> {
         None
     }
+
+    fn hvp_net(&self, model: &super::Model) -> Option<crate::hvp::Net> {
+        crate::hvp::convnet(model, self.depth, self.width, self.norm == Norm::Instance)
+    }
 }

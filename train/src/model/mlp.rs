@@ -72,4 +72,8 @@ impl Architecture for Mlp<'_> {
     fn mlp_hidden(&self) -> Option<&[usize]> {
         Some(self.hidden)
     }
+
+    fn hvp_net(&self, model: &super::Model) -> Option<crate::hvp::Net> {
+        crate::hvp::mlp(model)
+    }
 }

@@ -337,6 +337,10 @@ trait Architecture {
     /// Hidden widths when the network is a stack of linear layers with ReLUs, which can train
     /// through the graph-free step (`mlp.rs`).
     fn mlp_hidden(&self) -> Option<&[usize]>;
+    /// The network as the exact Hessian-vector product runs it (`hvp`); `None`: not supported.
+    fn hvp_net(&self, _model: &Model) -> Option<crate::hvp::Net> {
+        None
+    }
 }
 
 /// Binds `$a` to the [`Architecture`] implementing `$spec` and evaluates `$body`: the one match
@@ -732,6 +736,12 @@ impl Model {
     /// comes after both).
     fn classifier_index(&self) -> usize {
         self.layout.entries.iter().filter(|e| e.trainable()).count() - 2
+    }
+
+    /// The network as the exact Hessian-vector product runs it ([`crate::hvp`]), if the
+    /// architecture has one.
+    pub(crate) fn hvp_net(&self) -> Option<crate::hvp::Net> {
+        with_arch!(&self.spec, a => a.hvp_net(self))
     }
 
     /// Multiply-accumulates of one forward pass for one image (for GFLOP/s reporting).

@@ -40,9 +40,9 @@ impl Conv2dCfg {
     }
 }
 
-/// The sizes of one convolution.
+/// The sizes of one convolution (also used by the second-order engine, `hvp`).
 #[derive(Clone, Copy, Debug)]
-struct Geom {
+pub(crate) struct Geom {
     cin: usize,
     h: usize,
     w: usize,
@@ -54,17 +54,22 @@ struct Geom {
 }
 
 impl Geom {
+    /// The geometry of `cfg` on a (cin, h, w) input; `None` if the kernel does not fit.
+    pub(crate) fn new(cin: usize, h: usize, w: usize, cfg: Conv2dCfg) -> Option<Geom> {
+        let (ho, wo) = (cfg.out_size(h)?, cfg.out_size(w)?);
+        Some(Geom { cin, h, w, k: cfg.kernel, p: cfg.padding, s: cfg.stride, ho, wo })
+    }
     /// Rows of the im2col matrix: cin * k * k.
-    fn kd(&self) -> usize {
+    pub(crate) fn kd(&self) -> usize {
         self.cin * self.k * self.k
     }
     /// Output pixels per channel: ho * wo.
-    fn pd(&self) -> usize {
+    pub(crate) fn pd(&self) -> usize {
         self.ho * self.wo
     }
     /// A 1x1 kernel without padding at stride 1 needs no im2col: the input is the column
     /// matrix. (At stride 2 the 1x1 shortcut still goes through im2col, which subsamples.)
-    fn direct(&self) -> bool {
+    pub(crate) fn direct(&self) -> bool {
         self.k == 1 && self.p == 0 && self.s == 1
     }
     /// For column `kx` of the kernel: the output columns `ox0..ox1` that read inside the image
@@ -86,7 +91,7 @@ impl Geom {
 
 /// Fills `col` (kd x pd, row-major) from one sample `x` (cin x h x w).
 #[inline(always)]
-fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -122,7 +127,7 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
 
 /// Adds the column-matrix gradient `col` (kd x pd) into one sample's input gradient `dx`.
 #[inline(always)]
-fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
+pub(crate) fn col2im_add(g: &Geom, col: &[f32], dx: &mut [f32]) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
         let dxc = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];

@@ -1,0 +1,420 @@
+//! Exact Hessian-vector products (`lmc_train::hvp`, forward-over-reverse) against independent
+//! references:
+//! - hand-derived Hessians: softmax regression (`(diag p - p p^T) (x) x~ x~^T`) and a network
+//!   with one hidden ReLU unit (Gauss-Newton term plus the residual's cross terms);
+//! - the full Hessian of tiny ReLU MLPs and ConvNets assembled from H e_i, checked symmetric and
+//!   against float64 central differences of an independent float64 gradient
+//!   (`common/reference.rs`) at steps verified not to flip any ReLU input's sign;
+//! - the finite-difference product on the smooth model, and thread-count independence.
+//!
+//! The `#[ignore]`d tests print the acceptance numbers on digits (run them with
+//! `cargo test --release -p lmc-probe --test hvp -- --ignored --nocapture`).
+
+mod common;
+
+use common::eigen::ql_eigenvalues;
+use common::reference::{cd_hessian, Reference};
+use lmc_probe::density::{self, DensityConfig};
+use lmc_probe::hessian::{self, HessianProblem, HvpMode};
+use lmc_probe::subsample;
+use lmc_train::data::{self, Batch, ImageSet, ImageShape};
+use lmc_train::fit::Run;
+use lmc_train::hvp::loss_and_hvp;
+use lmc_train::model::{Model, ModelSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A model on random inputs with random labels, its parameters nudged off PyTorch's init so
+/// biases are not symmetric.
+struct Tiny {
+    model: Model,
+    params: Vec<f32>,
+    x: Vec<f32>,
+    y: Vec<u8>,
+}
+
+fn tiny(spec: &str, shape: (usize, usize, usize), classes: usize, n: usize, seed: u64) -> Tiny {
+    let spec: ModelSpec = spec.parse().unwrap();
+    let input = ImageShape { channels: shape.0, height: shape.1, width: shape.2 };
+    let model = Model::new(&spec, input, classes).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut params = model.init(seed).data;
+    for p in params.iter_mut() {
+        *p += rng.gen_range(-0.3f32..0.3);
+    }
+    let x = (0..n * input.len()).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
+    let y = (0..n).map(|_| rng.gen_range(0..classes as u8)).collect();
+    Tiny { model, params, x, y }
+}
+
+/// H (row-major) assembled from H e_i by the exact product.
+fn assembled(model: &Model, params: &[f32], x: &[f32], y: &[u8]) -> Vec<f64> {
+    let p = params.len();
+    let mut h = vec![0f64; p * p];
+    for i in 0..p {
+        let mut e = vec![0f32; p];
+        e[i] = 1.0;
+        let (_, col) = loss_and_hvp(model, params, x, y, &e).unwrap();
+        for j in 0..p {
+            h[j * p + i] = col[j];
+        }
+    }
+    h
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0f64, |a, b| a.max(b.abs()))
+}
+
+/// Largest |a - b| over the largest |b|, and largest asymmetry of `a` over its largest entry.
+fn compare(a: &[f64], b: &[f64], p: usize) -> (f64, f64) {
+    let scale = max_abs(b);
+    let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
+    let mut asym = 0f64;
+    for i in 0..p {
+        for j in 0..i {
+            asym = asym.max((a[i * p + j] - a[j * p + i]).abs());
+        }
+    }
+    (err, asym / max_abs(a))
+}
+
+fn check_against_central_differences(t: &Tiny, what: &str) {
+    let p = t.params.len();
+    let exact = assembled(&t.model, &t.params, &t.x, &t.y);
+    let r = Reference::of(&t.model);
+    let (cd, step) = cd_hessian(&r, &f64s(&t.params), &f64s(&t.x), &t.y);
+    let (err, asym) = compare(&exact, &cd, p);
+    let (_, cd_asym) = compare(&cd, &exact, p);
+    println!(
+        "{what}: {p} parameters, |H| max {:.3e}; exact vs central differences {err:.2e}, asymmetry {asym:.2e} (differences {cd_asym:.2e}, smallest step {step:.0e})",
+        max_abs(&cd)
+    );
+    assert!(err < 1e-5, "{what}: exact vs central differences {err:.3e}");
+    assert!(asym < 1e-5, "{what}: exact H not symmetric, {asym:.3e}");
+    assert!(cd_asym < 1e-6, "{what}: the reference is not symmetric, {cd_asym:.3e}");
+    // The loss of the reference and of the product agree too (same model, same data).
+    let (l_ref, _, _) = r.loss_grad(&f64s(&t.params), &f64s(&t.x), &t.y);
+    let (l, _) = loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &vec![0.0; p]).unwrap();
+    assert!((l - l_ref).abs() < 1e-5 * l_ref, "{l} vs {l_ref}");
+}
+
+#[test]
+fn softmax_regression_matches_the_closed_form() {
+    // H = (1/N) sum_n (diag p - p p^T) (x) x~ x~^T, x~ = [x; 1]; W is row-major (K x D), then b.
+    let t = tiny("mlp:", (1, 2, 3), 4, 10, 1);
+    let (k, d, n) = (4, 6, 10);
+    let p = k * (d + 1);
+    let mut want = vec![0f64; p * p];
+    let index = |c: usize, i: usize| if i == d { k * d + c } else { c * d + i };
+    for s in 0..n {
+        let mut xt = f64s(&t.x[s * d..(s + 1) * d]);
+        xt.push(1.0);
+        let z: Vec<f64> =
+            (0..k).map(|c| (0..=d).map(|i| t.params[index(c, i)] as f64 * xt[i]).sum()).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+        let pr: Vec<f64> = e.iter().map(|v| v / e.iter().sum::<f64>()).collect();
+        for c1 in 0..k {
+            for c2 in 0..k {
+                let a = if c1 == c2 { pr[c1] } else { 0.0 } - pr[c1] * pr[c2];
+                for i in 0..=d {
+                    for j in 0..=d {
+                        want[index(c1, i) * p + index(c2, j)] += a * xt[i] * xt[j] / n as f64;
+                    }
+                }
+            }
+        }
+    }
+    let got = assembled(&t.model, &t.params, &t.x, &t.y);
+    let (err, asym) = compare(&got, &want, p);
+    println!("softmax regression: closed form vs exact {err:.2e}, asymmetry {asym:.2e}");
+    assert!(err < 1e-6 && asym < 1e-6, "{err} {asym}");
+}
+
+#[test]
+fn one_hidden_unit_matches_the_hand_derived_hessian() {
+    // x (1 input) -> z = w1 x + b1 -> h = relu(z) -> u = w2 h + b2 (2 classes), mean CE.
+    // theta = (w1, b1, w2_0, w2_1, b2_0, b2_1). With J = du/dtheta, P = diag p - p p^T and
+    // e = p - onehot: H = J^T P J + sum_k e_k d2u_k, where (active unit) d2u_k/dw1 dw2_k = x and
+    // d2u_k/db1 dw2_k = 1; an inactive unit leaves only the b2 block.
+    let mut t = tiny("mlp:1", (1, 1, 1), 2, 6, 3);
+    t.params = vec![0.8, -0.1, 1.3, -0.7, 0.2, -0.4];
+    t.x = vec![1.0, -0.5, 0.3, 2.0, -1.2, 0.05];
+    t.y = vec![0, 1, 1, 0, 1, 0];
+    let th: Vec<f64> = f64s(&t.params);
+    let (w1, b1, w2) = (th[0], th[1], [th[2], th[3]]);
+    let mut want = [[0f64; 6]; 6];
+    for (s, &xs) in t.x.iter().enumerate() {
+        let x = xs as f64;
+        let z = w1 * x + b1;
+        let on = z > 0.0;
+        let h = z.max(0.0);
+        let u = [w2[0] * h + th[4], w2[1] * h + th[5]];
+        let m = u[0].max(u[1]);
+        let ex = [(u[0] - m).exp(), (u[1] - m).exp()];
+        let pr = [ex[0] / (ex[0] + ex[1]), ex[1] / (ex[0] + ex[1])];
+        let y = t.y[s] as usize;
+        let e = [pr[0] - (y == 0) as u8 as f64, pr[1] - (y == 1) as u8 as f64];
+        // J: rows k = 0, 1 (logits), columns theta.
+        let a = if on { 1.0 } else { 0.0 };
+        let j = [
+            [a * w2[0] * x, a * w2[0], h, 0.0, 1.0, 0.0],
+            [a * w2[1] * x, a * w2[1], 0.0, h, 0.0, 1.0],
+        ];
+        let pm = [[pr[0] - pr[0] * pr[0], -pr[0] * pr[1]], [-pr[1] * pr[0], pr[1] - pr[1] * pr[1]]];
+        for (p, row) in want.iter_mut().enumerate() {
+            for (q, v) in row.iter_mut().enumerate() {
+                for k in 0..2 {
+                    for l in 0..2 {
+                        *v += j[k][p] * pm[k][l] * j[l][q] / 6.0;
+                    }
+                }
+            }
+        }
+        if on {
+            for (k, ek) in e.iter().enumerate() {
+                for (p, q, val) in [(0, 2 + k, x), (1, 2 + k, 1.0)] {
+                    want[p][q] += ek * val / 6.0;
+                    want[q][p] += ek * val / 6.0;
+                }
+            }
+        }
+    }
+    let want: Vec<f64> = want.iter().flatten().copied().collect();
+    let got = assembled(&t.model, &t.params, &t.x, &t.y);
+    let (err, _) = compare(&got, &want, 6);
+    println!("one hidden unit: hand-derived vs exact {err:.2e}");
+    assert!(err < 1e-6, "{err}: {got:?} vs {want:?}");
+}
+
+#[test]
+fn relu_mlp_hessian_matches_central_differences() {
+    check_against_central_differences(&tiny("mlp:7,5", (1, 3, 3), 3, 40, 5), "mlp:7,5");
+}
+
+#[test]
+fn mostly_background_inputs_take_the_sparse_first_layer_and_match_too() {
+    // 85% of the inputs at their column's background (0), like MNIST: the first layer's
+    // products come from the split (`sparse_input.rs`), as in the gradient.
+    let mut t = tiny("mlp:6,4", (1, 4, 5), 3, 70, 6);
+    let mut rng = ChaCha8Rng::seed_from_u64(60);
+    for v in t.x.iter_mut() {
+        *v = if rng.gen_range(0.0..1.0) < 0.85 { 0.0 } else { v.abs() + 0.1 };
+    }
+    check_against_central_differences(&t, "mlp:6,4 on sparse inputs");
+}
+
+#[test]
+fn convnet_hessian_matches_central_differences() {
+    for (spec, shape, seed) in [
+        ("convnet:depth=2,width=2,norm=instance", (1, 4, 4), 7),
+        ("convnet:depth=1,width=3,norm=none", (2, 5, 4), 8),
+        ("convnet:depth=1,width=2,norm=instance", (2, 6, 6), 9),
+    ] {
+        check_against_central_differences(&tiny(spec, shape, 3, 24, seed), spec);
+    }
+}
+
+#[test]
+fn products_do_not_depend_on_the_thread_count() {
+    for (spec, background) in
+        [("mlp:9,6", false), ("mlp:9,6", true), ("convnet:depth=2,width=3,norm=instance", false)]
+    {
+        // More samples than one group, so groups run side by side and are summed.
+        let mut t = tiny(spec, (1, 8, 8), 10, 150, 11);
+        if background {
+            // Mostly zeros: the sparse first layer.
+            t.x.iter_mut().enumerate().filter(|(i, _)| i % 7 != 0).for_each(|(_, v)| *v = 0.0);
+        }
+        let v: Vec<f32> = (0..t.params.len()).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &v).unwrap())
+        };
+        let (a, b) = (run(1), run(2));
+        assert_eq!(a.0.to_bits(), b.0.to_bits(), "{spec}");
+        assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()), "{spec}");
+    }
+}
+
+#[test]
+fn exact_and_finite_difference_products_agree_on_softmax_regression() {
+    let ds = common::digits();
+    let run = common::train(&ds, "mlp:", None, 0, 3);
+    let set = subsample(&ds.train, Some(300), 7);
+    let prob = |mode| {
+        HessianProblem::new(&run.model, &run.params, &set, &ds.norm, 128, 3e-3, None)
+            .unwrap()
+            .with_hvp(mode)
+            .unwrap()
+    };
+    let (exact, fd) = (prob(HvpMode::Exact), prob(HvpMode::Fd));
+    let mut worst = 0f64;
+    for k in 0..3 {
+        let v = hessian::rademacher(exact.dim(), 13, k);
+        let (a, b) = (exact.hvp(&v), fd.hvp(&v));
+        let num = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+        worst = worst.max(num / b.iter().map(|y| y * y).sum::<f64>().sqrt());
+    }
+    println!("softmax regression: exact vs finite differences {worst:.2e}");
+    assert!(worst <= 1e-4, "{worst}");
+}
+
+/// The acceptance numbers of one model: the exact diagonal, trace and top-3 eigenvalues of the
+/// probe (exact products) against the Hessian assembled by central differences of the float64
+/// reference; and the same for finite-difference products, for comparison.
+/// The run is `$LMC_HVP_RUN` (a Run artifact of `spec`, e.g. from `lmc train`) when set, else
+/// trained here for `epochs`.
+fn acceptance(spec: &str, samples: Option<usize>, epochs: usize) {
+    let ds = common::digits();
+    let run = match std::env::var_os("LMC_HVP_RUN") {
+        Some(p) => {
+            let run: Run = lmc_train::artifact::read(std::path::Path::new(&p)).unwrap().1;
+            assert_eq!(run.model.spec.to_string(), spec.parse::<ModelSpec>().unwrap().to_string());
+            run
+        }
+        None => common::train(&ds, spec, None, 0, epochs),
+    };
+    let set: ImageSet = subsample(&ds.train, samples, 0);
+    let mut batch = Batch::default();
+    let idx: Vec<u32> = (0..set.len() as u32).collect();
+    data::fill_batch(&set, &ds.norm, &idx, None, &mut batch);
+    let p = run.params.len();
+    let t0 = std::time::Instant::now();
+    let r = Reference::of(&run.model);
+    let (mut cd, step) = cd_hessian(&r, &f64s(&run.params.data), &f64s(&batch.x), &batch.labels);
+    let (_, asym) = compare(&cd, &cd.clone(), p);
+    println!(
+        "{spec} on {} images, {p} parameters: reference Hessian in {:.1} s (smallest step {step:.0e})",
+        set.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    // Symmetrise the reference (its asymmetry is reported) for the eigen-solver.
+    for i in 0..p {
+        for j in 0..i {
+            let m = 0.5 * (cd[i * p + j] + cd[j * p + i]);
+            cd[i * p + j] = m;
+            cd[j * p + i] = m;
+        }
+    }
+    let want_diag: Vec<f64> = (0..p).map(|i| cd[i * p + i]).collect();
+    let trace: f64 = want_diag.iter().sum();
+    let ev = ql_eigenvalues(cd.clone(), p);
+    let mut top: Vec<f64> = ev.clone();
+    top.sort_by(|a, b| b.abs().total_cmp(&a.abs()));
+    println!(
+        "  reference: asymmetry {asym:.1e}, trace {trace:.5}, top eigenvalues {:.5} {:.5} {:.5}",
+        top[0], top[1], top[2]
+    );
+    let big = max_abs(&want_diag);
+    for mode in [HvpMode::Exact, HvpMode::Fd] {
+        let mut prob =
+            HessianProblem::new(&run.model, &run.params, &set, &ds.norm, 2048, 3e-3, None)
+                .unwrap()
+                .with_hvp(mode)
+                .unwrap();
+        if mode == HvpMode::Fd {
+            prob.choose_eps(0, 2);
+        }
+        let t1 = std::time::Instant::now();
+        let diag = hessian::exact_diagonal(&prob).unwrap();
+        let secs = t1.elapsed().as_secs_f64();
+        let (mut worst, mut bad) = (0f64, 0);
+        let mut significant = 0;
+        for (g, w) in diag.iter().zip(&want_diag) {
+            if w.abs() > 1e-3 * big {
+                significant += 1;
+                let e = (g - w).abs() / w.abs();
+                worst = worst.max(e);
+                bad += (e > 1e-3) as usize;
+            }
+        }
+        let sum: f64 = diag.iter().sum();
+        let (eig, _) = hessian::top_eigenvalues(&prob, 3, 500, 1e-9, 0);
+        let rel: Vec<f64> = eig.iter().zip(&top).map(|(a, b)| (a.value - b) / b).collect();
+        println!(
+            "  {mode}: diagonal max relative error {worst:.2e} over {significant} significant entries ({bad} above 1e-3), {secs:.1} s; sum {sum:.5} vs trace {trace:.5} ({:+.3e}); top-3 {:.5} {:.5} {:.5} (relative {:+.1e} {:+.1e} {:+.1e}, {} {} {} products)",
+            (sum - trace) / trace,
+            eig[0].value,
+            eig[1].value,
+            eig[2].value,
+            rel[0],
+            rel[1],
+            rel[2],
+            eig[0].iterations,
+            eig[1].iterations,
+            eig[2].iterations
+        );
+        if mode == HvpMode::Exact {
+            assert!(worst <= 1e-3, "{worst}");
+            assert!(((sum - trace) / trace).abs() <= 1e-3);
+            assert!(rel.iter().all(|e| e.abs() <= 5e-3), "{rel:?}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "acceptance numbers: a few minutes"]
+fn acceptance_relu_mlp_on_digits() {
+    acceptance("mlp:16", None, 10);
+}
+
+#[test]
+#[ignore = "acceptance numbers: a few minutes"]
+fn acceptance_convnet_on_digits() {
+    acceptance("convnet:depth=1,width=4", Some(300), 10);
+}
+
+#[test]
+fn lanczos_quadrature_recovers_the_spectrum() {
+    // mlp:4 on 60 digits (310 parameters): the Hessian assembled from exact products, its
+    // eigenvalues by Householder + QL; Lanczos with as many steps as parameters spans the whole
+    // space, so its nodes are those eigenvalues; 30 steps already find the extremes.
+    let ds = common::digits();
+    let run = common::train(&ds, "mlp:4", None, 0, 3);
+    let set = subsample(&ds.train, Some(60), 1);
+    let prob =
+        HessianProblem::new(&run.model, &run.params, &set, &ds.norm, 64, 3e-3, None).unwrap();
+    let p = prob.dim();
+    let mut h = vec![0f64; p * p];
+    for i in 0..p {
+        let mut e = vec![0f64; p];
+        e[i] = 1.0;
+        for (j, v) in prob.hvp(&e).into_iter().enumerate() {
+            h[j * p + i] = v;
+        }
+    }
+    for i in 0..p {
+        for j in 0..i {
+            let m = 0.5 * (h[i * p + j] + h[j * p + i]);
+            (h[i * p + j], h[j * p + i]) = (m, m);
+        }
+    }
+    let ev = ql_eigenvalues(h.clone(), p);
+    let (top, bottom) = (ev[0], ev[p - 1]);
+    let full =
+        density::lanczos_quadrature(&prob, &DensityConfig { steps: p, runs: 1 }, 0, &mut |_| {});
+    let q = &full[0];
+    assert!((q.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    // Every node is an eigenvalue (the weights of the others may be tiny, so not conversely).
+    let scale = top.abs().max(bottom.abs());
+    for x in &q.nodes {
+        let nearest = ev.iter().map(|e| (e - x).abs()).fold(f64::INFINITY, f64::min);
+        assert!(nearest <= 1e-6 * scale, "node {x} is {nearest} from the spectrum");
+    }
+    let short =
+        density::lanczos_quadrature(&prob, &DensityConfig { steps: 30, runs: 2 }, 0, &mut |_| {});
+    for q in &short {
+        let (lo, hi) = (q.nodes[0], q.nodes[q.nodes.len() - 1]);
+        println!("30 Lanczos steps: nodes {lo:.6} .. {hi:.6}; spectrum {bottom:.6} .. {top:.6}");
+        assert!((hi - top).abs() <= 1e-6 * scale, "{hi} vs {top}");
+        // The first moment is the starting vector's Rayleigh quotient, within the spectrum.
+        let m1: f64 = q.nodes.iter().zip(&q.weights).map(|(x, w)| x * w).sum();
+        assert!(m1 > bottom && m1 < top);
+    }
+}

@@ -1,0 +1,400 @@
+//! Exact Hessian-vector products of the mean cross-entropy, by forward-over-reverse
+//! (Pearlmutter 1994, "Fast exact multiplication by the Hessian", the R-operator
+//! `R{f} = d/dr f(theta + r v)` at r = 0).
+//!
+//! One pass computes `H v` exactly: the forward pass carries each activation `a` and its
+//! tangent `R{a}`, the backward pass each gradient `g` and its tangent `R{g}`, and the
+//! parameters' `R{dL/dtheta}` is `H v`. Every op has a tangent rule for its forward and for its
+//! backward (`layers.rs`); conv and linear are bilinear, so their rules are the same products as
+//! the gradient's with one factor swapped for its tangent (`R{W a} = W R{a} + V_W a`). ReLU's
+//! second derivative is zero (almost everywhere, as PyTorch's double backward defines it): its
+//! pattern is taken from the primal input and applied to the tangents, so no finite step ever
+//! crosses a kink. This is what finite differences of gradients cannot give on piecewise-linear
+//! networks, whatever the step.
+//!
+//! The network comes from the model ([`Model::hvp_net`](crate::model::Model)): each
+//! architecture describes itself as a list of `Layer`s over flat per-sample buffers (the
+//! fused norm -> ReLU -> pool block of the ConvNet is its three ops, which it equals). Every op
+//! of our models works per sample (no batch statistics), so samples run in fixed groups as
+//! parallel tasks; each group's contribution is an f32 vector summed into an f64 total in group
+//! order, so results are bit-identical for any thread count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::mlp::SPARSE_INPUT_MAX_DENSITY;
+use crate::model::Model;
+use crate::ops::{Conv2dCfg, ConvGeom};
+use crate::params::ParamKind;
+use crate::sparse_input::SparseInput;
+use crate::{Error, Result};
+
+mod layers;
+
+use layers::First;
+
+/// Samples per task for networks of linear layers only (their products want many rows).
+const DENSE_GROUP: usize = 64;
+/// Samples per task for networks with convolutions (activations are large per sample).
+const CONV_GROUP: usize = 8;
+/// Groups run side by side before their contributions are summed (bounds memory: one
+/// parameter-sized f32 vector per group in flight). Does not change results.
+const WINDOW: usize = 16;
+
+/// One op of a network as the second-order pass runs it, on flat per-sample buffers
+/// (a sample's (C, H, W) activations in row-major order; flattening is free).
+#[derive(Clone, Debug)]
+pub(crate) enum Layer {
+    /// `y = W a + b`, W (outputs x inputs) row-major.
+    Linear { inputs: usize, outputs: usize, weight: Range<usize>, bias: Range<usize> },
+    /// Convolution of a (cin, h, w) sample to (cout, ho, wo), weight (cout, cin, k, k).
+    Conv {
+        cin: usize,
+        h: usize,
+        w: usize,
+        cout: usize,
+        geom: ConvGeom,
+        weight: Range<usize>,
+        bias: Range<usize>,
+    },
+    /// Instance norm with affine scale and shift over `channels` planes of `plane` values.
+    InstanceNorm {
+        channels: usize,
+        plane: usize,
+        eps: f32,
+        gamma: Range<usize>,
+        beta: Range<usize>,
+    },
+    /// `max(a, 0)` over `len` values.
+    Relu { len: usize },
+    /// Average pooling with kernel = stride = k over (channels, h, w), floor mode.
+    AvgPool { channels: usize, h: usize, w: usize, k: usize },
+}
+
+impl Layer {
+    fn in_len(&self) -> usize {
+        match *self {
+            Layer::Linear { inputs, .. } => inputs,
+            Layer::Conv { cin, h, w, .. } => cin * h * w,
+            Layer::InstanceNorm { channels, plane, .. } => channels * plane,
+            Layer::Relu { len } => len,
+            Layer::AvgPool { channels, h, w, .. } => channels * h * w,
+        }
+    }
+    fn out_len(&self) -> usize {
+        match *self {
+            Layer::Linear { outputs, .. } => outputs,
+            Layer::Conv { cout, geom, .. } => cout * geom.pd(),
+            Layer::InstanceNorm { channels, plane, .. } => channels * plane,
+            Layer::Relu { len } => len,
+            Layer::AvgPool { channels, h, w, k } => channels * (h / k) * (w / k),
+        }
+    }
+}
+
+/// A network as the second-order pass runs it: its ops in order, the last a linear layer whose
+/// outputs are the logits of the mean cross-entropy.
+#[derive(Clone, Debug)]
+pub struct Net {
+    layers: Vec<Layer>,
+    params: usize,
+    group: usize,
+}
+
+impl Net {
+    fn new(layers: Vec<Layer>, params: usize) -> Net {
+        let conv = layers.iter().any(|l| matches!(l, Layer::Conv { .. }));
+        for w in layers.windows(2) {
+            assert_eq!(w[0].out_len(), w[1].in_len(), "hvp: {:?} does not feed {:?}", w[0], w[1]);
+        }
+        assert!(matches!(layers.last(), Some(Layer::Linear { .. })), "hvp: no classifier");
+        Net { layers, params, group: if conv { CONV_GROUP } else { DENSE_GROUP } }
+    }
+    fn input_len(&self) -> usize {
+        self.layers[0].in_len()
+    }
+    fn classes(&self) -> usize {
+        self.layers[self.layers.len() - 1].out_len()
+    }
+}
+
+/// The network of an MLP (`mlp:...`, LeNet-300-100): linear -> ReLU per hidden layer, then
+/// the classifier.
+pub(crate) fn mlp(model: &Model) -> Option<Net> {
+    let dense = model.mlp_layers()?;
+    let last = dense.len() - 1;
+    let mut layers = Vec::new();
+    for (l, d) in dense.into_iter().enumerate() {
+        let outputs = d.outputs;
+        layers.push(Layer::Linear { inputs: d.inputs, outputs, weight: d.weight, bias: d.bias });
+        if l < last {
+            layers.push(Layer::Relu { len: outputs });
+        }
+    }
+    Some(Net::new(layers, model.layout.total()))
+}
+
+/// The network of the DC/DM ConvNet: per block conv3x3 (padding 1) -> instance norm (when
+/// `norm`) -> ReLU -> avg-pool 2x2, then the classifier; parameters in layout order.
+pub(crate) fn convnet(model: &Model, depth: usize, width: usize, norm: bool) -> Option<Net> {
+    let e = &model.layout.entries;
+    let (mut c, mut h, mut w) = (model.input.channels, model.input.height, model.input.width);
+    let mut layers = Vec::new();
+    let mut k = 0;
+    for _ in 0..depth {
+        let cfg = Conv2dCfg::new(width, 3, 1);
+        let geom = ConvGeom::new(c, h, w, cfg)?;
+        if e[k].kind != ParamKind::Weight || e[k + 1].kind != ParamKind::Bias {
+            return None;
+        }
+        layers.push(Layer::Conv {
+            cin: c,
+            h,
+            w,
+            cout: width,
+            geom,
+            weight: e[k].range(),
+            bias: e[k + 1].range(),
+        });
+        k += 2;
+        let plane = geom.pd();
+        if norm {
+            layers.push(Layer::InstanceNorm {
+                channels: width,
+                plane,
+                eps: 1e-5,
+                gamma: e[k].range(),
+                beta: e[k + 1].range(),
+            });
+            k += 2;
+        }
+        layers.push(Layer::Relu { len: width * plane });
+        layers.push(Layer::AvgPool { channels: width, h, w, k: 2 });
+        (c, h, w) = (width, h / 2, w / 2);
+    }
+    layers.push(Layer::Linear {
+        inputs: c * h * w,
+        outputs: model.classes,
+        weight: e[k].range(),
+        bias: e[k + 1].range(),
+    });
+    Some(Net::new(layers, model.layout.total()))
+}
+
+/// Splits the batch into background and sparse part (`sparse_input.rs`) and sets the first
+/// linear layer's weight and its tangent stacked, `[W; V_W]`, in `cache`, when the network starts with a linear
+/// layer and the batch is mostly background (MNIST): the rule of the gradient's
+/// `FirstLayer::Auto`. The first layer's three products (`X W^T`, `X V_W^T`, `R{g}^T X`) are
+/// most of an MLP's work.
+fn sparse_first_layer(
+    net: &Net,
+    params: &[f32],
+    v: &[f32],
+    x: &[f32],
+    n: usize,
+    cache: &mut Cache,
+) -> bool {
+    let Layer::Linear { inputs, outputs, weight, .. } = &net.layers[0] else {
+        return false;
+    };
+    let density = cache.split.density(x, n, *inputs);
+    if n == 0 || !(density.is_finite() && density <= SPARSE_INPUT_MAX_DENSITY) {
+        return false;
+    }
+    cache.split.split(x, n);
+    cache.stacked.clear();
+    cache.stacked.extend_from_slice(&params[weight.clone()]);
+    cache.stacked.extend_from_slice(&v[weight.clone()]);
+    cache.split.set_weight(&cache.stacked, 2 * outputs);
+    true
+}
+
+/// Whether `model`'s architecture has an exact Hessian-vector product.
+pub fn supported(model: &Model) -> bool {
+    model.hvp_net().is_some()
+}
+
+/// Mean cross-entropy of `model` at `params` over the `n` images `x` (normalised NCHW) with
+/// `labels`, and the exact Hessian-vector product `H v` of that mean (no weight decay: the loss
+/// of [`fit::loss_and_grad`](crate::fit::loss_and_grad)). `v` and the result are flat like the
+/// parameters. Errors when the architecture has no second-order pass.
+pub fn loss_and_hvp(
+    model: &Model,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    v: &[f32],
+) -> Result<(f64, Vec<f64>)> {
+    let net = model.hvp_net().ok_or_else(|| {
+        Error::incompatible(format!(
+            "model {}: no exact Hessian-vector product for this architecture (use --hvp fd)",
+            model.spec
+        ))
+    })?;
+    Ok(net_loss_and_hvp(&net, params, x, labels, v))
+}
+
+/// Mean cross-entropy of `model` at `params` over the `n` images `x` with `labels`, and the
+/// mixed second derivative `d/dx (u . dL/dtheta)` (n x input values, like `x`): the parameter
+/// tangent `u` pushed through the backward and read at the images (what gradient matching
+/// needs; ReLU patterns from the primal, as double backward). Errors when the architecture has
+/// no second-order pass.
+pub fn loss_and_input_tangent(
+    model: &Model,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    u: &[f32],
+) -> Result<(f64, Vec<f32>)> {
+    let net = model.hvp_net().ok_or_else(|| {
+        Error::incompatible(format!(
+            "model {}: no exact mixed derivative for this architecture",
+            model.spec
+        ))
+    })?;
+    let n = labels.len();
+    let d = net.input_len();
+    assert_eq!(x.len(), n * d, "hvp: {} input values for {n} samples of {d}", x.len());
+    assert_eq!(u.len(), net.params, "hvp: vector of {} for {} parameters", u.len(), net.params);
+    let g = net.group;
+    let parts: Vec<(f64, Vec<f32>)> = (0..n.div_ceil(g))
+        .into_par_iter()
+        .map(|gi| {
+            let (r0, r1) = (gi * g, ((gi + 1) * g).min(n));
+            let mut acc = layers::Acc { data: vec![0f32; net.params], lo: 0 };
+            let xs = (&x[r0 * d..r1 * d], r0..r1);
+            let (l, rx) =
+                layers::group(&net, params, u, xs, &labels[r0..r1], &mut acc, First::Input);
+            (l, rx.unwrap_or_default())
+        })
+        .collect();
+    let inv = 1.0 / n.max(1) as f64;
+    let mut out = Vec::with_capacity(n * d);
+    let mut loss = 0f64;
+    for (l, rx) in parts {
+        loss += l;
+        out.extend(rx.iter().map(|&v| (v as f64 * inv) as f32));
+    }
+    Ok((loss * inv, out))
+}
+
+/// [`loss_and_hvp`] on a described network.
+pub(crate) fn net_loss_and_hvp(
+    net: &Net,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    v: &[f32],
+) -> (f64, Vec<f64>) {
+    let n = labels.len();
+    let d = net.input_len();
+    assert_eq!(x.len(), n * d, "hvp: {} input values for {n} samples of {d}", x.len());
+    assert_eq!(
+        params.len(),
+        net.params,
+        "hvp: {} parameters, expected {}",
+        params.len(),
+        net.params
+    );
+    assert_eq!(v.len(), net.params, "hvp: vector of {} for {} parameters", v.len(), net.params);
+    let classes = net.classes();
+    assert!(labels.iter().all(|&l| (l as usize) < classes), "hvp: label out of range");
+    let (loss, mut hv) = with_cache(|cache| sum_groups(net, params, x, labels, v, cache));
+    let inv = 1.0 / n.max(1) as f64;
+    hv.iter_mut().for_each(|h| *h *= inv);
+    (loss * inv, hv)
+}
+
+/// Buffers a call keeps for the next one on the same thread: the batch's split and the stacked
+/// first-layer weight (MNIST at the probe's chunk of 2048: ~13 MB), whose fresh allocation and
+/// page faults were a fifth of a LeNet-300-100 product.
+#[derive(Default)]
+struct Cache {
+    split: SparseInput,
+    stacked: Vec<f32>,
+}
+
+thread_local! {
+    static CACHE: std::cell::RefCell<Cache> = std::cell::RefCell::new(Cache::default());
+}
+
+/// Runs `f` with this thread's [`Cache`]; a nested call on the same thread (a rayon worker that
+/// steals another product while it waits) gets fresh buffers instead.
+fn with_cache<R>(f: impl FnOnce(&mut Cache) -> R) -> R {
+    CACHE.with(|c| match c.try_borrow_mut() {
+        Ok(mut c) => f(&mut c),
+        Err(_) => f(&mut Cache::default()),
+    })
+}
+
+/// The groups of [`net_loss_and_hvp`], summed.
+fn sum_groups(
+    net: &Net,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    v: &[f32],
+    cache: &mut Cache,
+) -> (f64, Vec<f64>) {
+    let n = labels.len();
+    let d = net.input_len();
+    let taken = sparse_first_layer(net, params, v, x, n, cache);
+    let split = &mut cache.split;
+    let g = net.group;
+    let groups = n.div_ceil(g);
+    let mut hv = vec![0f64; net.params];
+    let mut loss = 0f64;
+    // Groups leave the sparse first layer's weight to the batch-wide product below (most of an
+    // MLP's parameters: 88% of LeNet-300-100's); their vectors start after it.
+    let lo = match (taken, &net.layers[0]) {
+        (true, Layer::Linear { weight, .. }) => weight.end,
+        _ => 0,
+    };
+    // With the sparse first layer: R{g} at its output, for its weight product over the batch.
+    let mut rg0 = vec![0f32; if taken { n * net.layers[0].out_len() } else { 0 }];
+    let first = if taken { First::Sparse(&*split) } else { First::Params };
+    let mut w0 = 0;
+    while w0 < groups {
+        let w1 = (w0 + WINDOW).min(groups);
+        let parts: Vec<(f64, Vec<f32>, Option<Vec<f32>>)> = (w0..w1)
+            .into_par_iter()
+            .map(|gi| {
+                let (r0, r1) = (gi * g, ((gi + 1) * g).min(n));
+                let mut acc = layers::Acc { data: vec![0f32; net.params - lo], lo };
+                let xs = (&x[r0 * d..r1 * d], r0..r1);
+                let (l, rg) = layers::group(net, params, v, xs, &labels[r0..r1], &mut acc, first);
+                (l, acc.data, rg)
+            })
+            .collect();
+        for (gi, (l, acc, rg)) in (w0..w1).zip(parts) {
+            loss += l;
+            for (h, a) in hv[lo..].iter_mut().zip(&acc) {
+                *h += *a as f64;
+            }
+            if let Some(rg) = rg {
+                let o = net.layers[0].out_len();
+                rg0[gi * g * o..gi * g * o + rg.len()].copy_from_slice(&rg);
+            }
+        }
+        w0 = w1;
+    }
+    if let (true, Layer::Linear { inputs, outputs, weight, bias }) = (taken, &net.layers[0]) {
+        // R{dW} = R{g}^T X (R{X} = 0) over the whole batch, R{db} = column sums of R{g}.
+        let mut db = vec![0f32; *outputs];
+        for row in rg0.chunks_exact(*outputs) {
+            for (d, r) in db.iter_mut().zip(row) {
+                *d += r;
+            }
+        }
+        let mut dw = vec![0f32; outputs * inputs];
+        split.weight_grad(&rg0, &db, *outputs, &mut dw);
+        for (h, a) in hv[weight.clone()].iter_mut().zip(&dw) {
+            *h += *a as f64;
+        }
+        for (h, a) in hv[bias.clone()].iter_mut().zip(&db) {
+            *h += *a as f64;
+        }
+    }
+    (loss, hv)
+}
