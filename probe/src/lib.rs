@@ -40,6 +40,7 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub mod dataset_interop;
 pub mod hessian;
 pub mod interop;
 pub mod interpolate;

@@ -108,7 +108,7 @@ pub use cifar::{
 pub use digits::load_digits;
 pub use idx::load_idx;
 pub use stats::{split_stats, SplitStats};
-pub use synthetic::{resolve_dataset, upsample_bilinear, SyntheticSet};
+pub use synthetic::{resolve_dataset, upsample_bilinear, SyntheticSet, MAX_DECODED};
 
 use crate::Error;
 
@@ -155,6 +155,28 @@ impl DatasetName {
         match self {
             DatasetName::Cifar100 => 100,
             _ => 10,
+        }
+    }
+
+    /// The shape of one image, as the loader makes it.
+    pub fn image_shape(self) -> ImageShape {
+        let (channels, side) = match self {
+            DatasetName::Digits => (1, 8),
+            DatasetName::Mnist | DatasetName::FashionMnist => (1, 28),
+            DatasetName::Cifar10 | DatasetName::Cifar100 => (3, 32),
+        };
+        ImageShape { channels, height: side, width: side }
+    }
+
+    /// The standard class names, in label order (what the loaders fall back to).
+    pub fn class_names(self) -> Vec<String> {
+        match self {
+            DatasetName::Digits | DatasetName::Mnist => digit_names(),
+            DatasetName::FashionMnist => {
+                FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect()
+            }
+            DatasetName::Cifar10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+            DatasetName::Cifar100 => CIFAR100_CLASSES.iter().map(|s| s.to_string()).collect(),
         }
     }
 
