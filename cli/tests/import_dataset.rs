@@ -318,4 +318,17 @@ fn bad_dataset_files_end_in_one_line_errors_naming_the_file() {
         err.contains("syn.safetensors") && err.contains("--base mnist") && err.contains("digits"),
         "{err}"
     );
+    // Metadata whose statistics do not fit the images (a hand-edited or hostile file).
+    let bytes = std::fs::read(&st).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut set: Value = serde_json::from_str(&meta["lmc.set"]).unwrap();
+    set["norm"]["mean"] = serde_json::json!([]);
+    meta.insert("lmc.set".into(), set.to_string());
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    std::fs::write(&st, safetensors::serialize(parsed.tensors(), &Some(meta)).unwrap()).unwrap();
+    let err = run_err(
+        lmc().arg("import-dataset").arg(&st).args(["--pixel-space", "unit", "--out"]).arg(&out),
+    );
+    assert!(err.contains("syn.safetensors") && err.contains("0 means"), "{err}");
 }

@@ -517,7 +517,16 @@ pub fn import_dataset(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     };
     let range =
         px.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    let norm = base.normalization();
+    // The statistics the set is stored under: the file's own (an export's), else the base's.
+    let norm = stored.as_ref().map_or_else(|| base.normalization(), |s| s.norm.clone());
+    if norm.mean.len() != want.channels || norm.std.len() != want.channels {
+        return Err(bad(format!(
+            "metadata '{SET_KEY}' has {} means and {} standard deviations for {} channels",
+            norm.mean.len(),
+            norm.std.len(),
+            want.channels
+        )));
+    }
     if space == PixelSpace::Unit {
         // The formula of a real batch (`fill_batch`): (v - mean[c]) / std[c], in f32.
         let plane = want.height * want.width;

@@ -22,7 +22,8 @@
 //! let b: Run = artifact::read(std::path::Path::new("runs/replicate-1.lmc")).unwrap().1;
 //! let ds = data::load(data::DatasetName::Digits, None).unwrap();
 //! let cfg = InterpConfig { alphas: interpolate::alpha_grid(11).unwrap(), ..Default::default() };
-//! let res = interpolate::interpolate(&[&a, &b], &[(Split::Test, &ds.test)], &ds.norm, &cfg).unwrap();
+//! let sets = [(Split::Test, &ds.test)];
+//! let res = interpolate::interpolate(&[&a, &b], &sets, &ds.norm, &cfg, &ds.train).unwrap();
 //! println!("error barrier {:.2} points", 100.0 * res.pairs[0].curves[0].error_barrier);
 //! ```
 #![deny(missing_docs)]
