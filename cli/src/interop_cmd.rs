@@ -1,13 +1,16 @@
 //! `lmc export` / `lmc import`: a run's parameters and mask as safetensors with PyTorch
 //! state-dict names (`fc_layers.0.weight`, `features.0.bias`, ... and `NAME_mask` for masks).
+//! `lmc export` of a Dataset artifact and `lmc import-dataset`: synthetic images and labels as
+//! safetensors (or, on import, NumPy `.npz`).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lmc_probe::dataset_interop::{self, ImportOptions, PixelSpace};
 use lmc_probe::interop;
-use lmc_train::artifact::{self, Provenance};
-use lmc_train::data;
+use lmc_train::artifact::{self, Kind, Provenance};
+use lmc_train::data::{self, DatasetName, SyntheticSet};
 use lmc_train::fit::{Run, Start, TrainConfig};
 use lmc_train::model::{Model, ModelSpec};
 use serde_json::json;
@@ -15,8 +18,8 @@ use serde_json::json;
 /// Arguments of `lmc export`.
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The Run artifact.
-    #[arg(value_name = "RUN")]
+    /// The Run artifact, or a Dataset artifact (`lmc distill`, `lmc import-dataset`).
+    #[arg(value_name = "RUN|DATASET")]
     run: PathBuf,
     /// Output .safetensors file.
     #[arg(long, value_name = "FILE")]
@@ -24,6 +27,13 @@ pub struct ExportArgs {
     /// Leave the masks out (a plain state dict that `load_state_dict` takes as is).
     #[arg(long)]
     no_mask: bool,
+    /// Dataset artifacts: the name of the images tensor (f32, N x C x H x W, normalised)
+    /// [default: images]
+    #[arg(long, value_name = "NAME")]
+    images: Option<String>,
+    /// Dataset artifacts: the name of the labels tensor (int64, N) [default: labels]
+    #[arg(long, value_name = "NAME")]
+    labels: Option<String>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -59,10 +69,128 @@ pub struct ImportArgs {
     json: bool,
 }
 
+/// Arguments of `lmc import-dataset`.
+#[derive(Args)]
+pub struct ImportDatasetArgs {
+    /// A .safetensors or .npz file of synthetic images (N x C x H x W floats) and labels (N
+    /// integers), e.g. a published distilled set, or a file `lmc export` wrote.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The real dataset the images stand for: digits, mnist, fashion-mnist, cifar10, cifar100.
+    /// Fixes the image shape, the classes, the statistics and the test split
+    /// [default: from the file's lmc metadata]
+    #[arg(long, value_name = "NAME")]
+    base: Option<String>,
+    /// How the image values are scaled: `normalized` (already normalised with the base
+    /// dataset's mean and std, as lmc stores them) or `unit` (pixel values in [0, 1]; lmc
+    /// normalises them) [default: from the file's lmc metadata]
+    #[arg(long, value_name = "SPACE")]
+    pixel_space: Option<String>,
+    /// Name of the images tensor [default: images, else x]
+    #[arg(long, value_name = "NAME")]
+    images: Option<String>,
+    /// Name of the labels tensor [default: labels, else y]
+    #[arg(long, value_name = "NAME")]
+    labels: Option<String>,
+    /// The set's name [default: the file's metadata, else its stem]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// IDC multi-formation factor: each stored image holds factor x factor cells, each decoded
+    /// to a full-size training image [default: the file's metadata, else 1]
+    #[arg(long, value_name = "F")]
+    factor: Option<usize>,
+    /// Output Dataset artifact (.lmc); `--dataset OUT.lmc` then trains on it.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn import_dataset(a: ImportDatasetArgs) -> Result<()> {
+    let _lock = artifact::OutputLock::acquire(&a.out)?;
+    let opts = ImportOptions {
+        base: a.base.as_deref().map(str::parse::<DatasetName>).transpose().context("--base")?,
+        space: a.pixel_space.as_deref().map(str::parse::<PixelSpace>).transpose()?,
+        images: a.images.clone(),
+        labels: a.labels.clone(),
+        name: a.name.clone(),
+        factor: a.factor,
+    };
+    let imp = dataset_interop::import_dataset(&a.file, &opts)?;
+    artifact::write(&a.out, &imp.set, imp.provenance)?;
+    let set = &imp.set;
+    if a.json {
+        println!(
+            "{}",
+            json!({"command": "import-dataset", "file": a.file, "out": a.out, "format": imp.format,
+                "name": set.name, "base": set.base, "images": set.images.len(), "factor": set.factor,
+                "training_images": set.decoded_len(), "images_tensor": imp.images_tensor,
+                "labels_tensor": imp.labels_tensor, "pixel_space": imp.space,
+                "min": imp.range.0, "max": imp.range.1, "provenance": imp.provenance.hex()})
+        );
+    } else {
+        println!(
+            "{} ({} '{}' + '{}', {} pixel space, values {}..{}): {} images of {} -> {}",
+            a.file.display(),
+            imp.format,
+            imp.images_tensor,
+            imp.labels_tensor,
+            imp.space,
+            imp.range.0,
+            imp.range.1,
+            set.images.len(),
+            set.base,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `lmc export` of a Dataset artifact.
+fn export_dataset(a: &ExportArgs, provenance: Provenance, set: &SyntheticSet) -> Result<()> {
+    if a.no_mask {
+        bail!("--no-mask is for Run artifacts; {} is a Dataset artifact", a.run.display());
+    }
+    let images = a.images.as_deref().unwrap_or(dataset_interop::IMAGE_NAMES[0]);
+    let labels = a.labels.as_deref().unwrap_or(dataset_interop::LABEL_NAMES[0]);
+    let bytes = dataset_interop::export_dataset_bytes(set, provenance, images, labels)
+        .with_context(|| format!("exporting {}", a.run.display()))?;
+    artifact::write_atomic(&a.to, &bytes)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"command": "export", "dataset": a.run, "to": a.to, "images": set.images.len(), "images_tensor": images, "labels_tensor": labels, "bytes": bytes.len()})
+        );
+    } else {
+        println!(
+            "{} images ({}x{}x{}, normalised) as '{images}' + '{labels}' -> {}",
+            set.images.len(),
+            set.images.shape.channels,
+            set.images.shape.height,
+            set.images.shape.width,
+            a.to.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn export(a: ExportArgs) -> Result<()> {
     // Held until the file is written: a second writer of it stops at once.
     let _lock = artifact::OutputLock::acquire(&a.to)?;
-    let (h, run) = artifact::read::<Run>(&a.run)?;
+    let (h, payload) = artifact::read_raw(&a.run)?;
+    if h.kind == Kind::Dataset {
+        let set: SyntheticSet = artifact::decode(&a.run, &h, &payload)?;
+        return export_dataset(&a, h.provenance, &set);
+    }
+    if a.images.is_some() || a.labels.is_some() {
+        bail!(
+            "--images and --labels are for Dataset artifacts; {} is a {} artifact",
+            a.run.display(),
+            h.kind
+        );
+    }
+    let run: Run = artifact::decode(&a.run, &h, &payload)?;
     let bytes = interop::export_bytes(&run, h.provenance, !a.no_mask)
         .with_context(|| format!("exporting {}", a.run.display()))?;
     artifact::write_atomic(&a.to, &bytes)?;

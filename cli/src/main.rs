@@ -41,7 +41,7 @@ fn tune_allocator() {
 /// synthetic images per class), `lmc prune` (iterative magnitude pruning on distilled or real
 /// data, random baselines), `lmc train` (replicates of a network or ticket on real data),
 /// `lmc probe` (interpolation barriers, landscapes, Hessians). `lmc data info` describes a
-/// dataset, `lmc inspect` prints any artifact, `lmc export`/`import` speak safetensors, and
+/// dataset, `lmc inspect` prints any artifact, `lmc export`/`import`/`import-dataset` speak safetensors, and
 /// `lmc bench` measures throughput.
 /// Data sets are read from --data-dir (default $LMC_DATA_DIR, then ./data); the 8x8 digits set is
 /// built in.
@@ -66,6 +66,8 @@ enum Command {
     Export(interop_cmd::ExportArgs),
     /// Import parameters from safetensors into a Run artifact.
     Import(interop_cmd::ImportArgs),
+    /// Import synthetic images and labels (safetensors or .npz) into a Dataset artifact.
+    ImportDataset(interop_cmd::ImportDatasetArgs),
     /// Describe datasets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Probe(a) => probe_cmd::run(a),
         Command::Export(a) => interop_cmd::export(a),
         Command::Import(a) => interop_cmd::import(a),
+        Command::ImportDataset(a) => interop_cmd::import_dataset(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench_cmd::run(a),

@@ -47,7 +47,7 @@ enum ProbeCommand {
 /// Options every probe shares.
 #[derive(Args)]
 struct Common {
-    /// Data to evaluate on: digits, mnist, fashion-mnist, cifar10, or a Dataset artifact
+    /// Data to evaluate on: digits, mnist, fashion-mnist, cifar10, cifar100, or a Dataset artifact
     /// [default: the dataset the first run was trained on]
     #[arg(long, value_name = "NAME|FILE")]
     dataset: Option<String>,

@@ -74,7 +74,7 @@ enum RewindArg {
 
 #[derive(Args)]
 struct ImpArgs {
-    /// Real dataset: digits (built in), mnist, fashion-mnist, cifar10. Each round's trained network
+    /// Real dataset: digits (built in), mnist, fashion-mnist, cifar10, cifar100. Each round's trained network
     /// is tested on its test split; it is also the training data unless --train-set is given.
     #[arg(long, value_name = "NAME", required = true)]
     dataset: Option<String>,

@@ -17,12 +17,13 @@ use crate::progress::TrainProgress;
 /// Options shared by every command that reads a dataset.
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// Dataset: digits (built in), mnist, fashion-mnist, cifar10, or a Dataset artifact (.lmc)
+    /// Dataset: digits (built in), mnist, fashion-mnist, cifar10, cifar100, or a Dataset artifact (.lmc)
     /// written by `lmc distill` (trains on its images, tests on its base dataset's test split).
     #[arg(long, value_name = "NAME|FILE")]
     pub dataset: String,
     /// Folder laid out like shared/data: mnist/, fashion-mnist/, cifar-10-batches-bin/ or
-    /// cifar-10-binary.tar.gz [default: $LMC_DATA_DIR, then ./data]
+    /// cifar-10-binary.tar.gz, cifar-100-binary/ or cifar-100-binary.tar.gz
+    /// [default: $LMC_DATA_DIR, then ./data]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 }
@@ -65,7 +66,7 @@ pub struct TrainOpts {
     /// Decay factor at each multistep milestone.
     #[arg(long, default_value_t = 0.1)]
     pub gamma: f64,
-    /// Random crop (padding 4) + horizontal flip [default: on for cifar10 only].
+    /// Random crop (padding 4) + horizontal flip [default: on for cifar10 and cifar100 only].
     #[arg(long, overrides_with = "no_augment")]
     pub augment: bool,
     /// Turn augmentation off.

@@ -96,7 +96,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// IEEE half to f32 (exact).
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h >> 15) as u32) << 31;
     let exp = ((h >> 10) & 0x1f) as u32;
     let frac = (h & 0x3ff) as u32;
@@ -158,7 +158,7 @@ impl<'de> serde::Deserialize<'de> for HeaderNames {
 /// twice. Everything else about the header (its length, offsets, shapes, dtypes) the crate
 /// checks itself without panicking; this runs first and only reads the header if its length
 /// fits the file.
-fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
+pub(crate) fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
     let Some(len) = bytes.get(..8) else {
         return Err(format!(
             "not a valid safetensors file: {} bytes, shorter than the 8-byte header length",

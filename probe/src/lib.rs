@@ -41,6 +41,7 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub mod dataset_interop;
 pub mod density;
 pub mod hessian;
 pub mod interop;

@@ -202,6 +202,8 @@ fn dataset_names_parse_and_display() {
         ("fmnist", DatasetName::FashionMnist),
         ("cifar10", DatasetName::Cifar10),
         ("cifar-10", DatasetName::Cifar10),
+        ("cifar100", DatasetName::Cifar100),
+        ("CIFAR-100", DatasetName::Cifar100),
         ("MNIST", DatasetName::Mnist),
     ] {
         assert_eq!(s.parse::<DatasetName>().unwrap(), want, "{s}");
@@ -213,7 +215,7 @@ fn dataset_names_parse_and_display() {
     assert_eq!(DatasetName::FashionMnist.to_string(), "fashion-mnist");
     let err = "svhn".parse::<DatasetName>().unwrap_err().to_string();
     assert!(
-        err.contains("'svhn'") && err.contains("digits, mnist, fashion-mnist, cifar10"),
+        err.contains("'svhn'") && err.contains("digits, mnist, fashion-mnist, cifar10, cifar100"),
         "{err}"
     );
 }
@@ -595,6 +597,159 @@ fn cifar_truncated_or_incomplete_archive_is_an_error() {
     fs::write(&archive, gzip(&builder.into_inner().unwrap())).unwrap();
     let err = load_err(DatasetName::Cifar10, tmp.path());
     assert!(err.contains("cifar-10-binary.tar.gz") && err.contains("data_batch_4.bin"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// CIFAR-100 (binary version). The real data is not in the shared folder: the tests write small
+// files in its layout (records of coarse label, fine label, 3,072 pixel bytes).
+
+/// `n` CIFAR-100 records: image `i` has fine label `(first + i) % 100`, coarse label fine / 5,
+/// and pixel `j` = `(first + i) * 7 + j` mod 256.
+fn cifar100_records(first: usize, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * 3074);
+    for i in first..first + n {
+        let fine = (i % 100) as u8;
+        out.push(fine / 5);
+        out.push(fine);
+        out.extend((0..3072).map(|j| ((i * 7 + j) % 256) as u8));
+    }
+    out
+}
+
+/// Writes `DIR/cifar-100-binary/` with 120 training and 30 test records; returns the folder.
+fn write_cifar100(dir: &Path) -> PathBuf {
+    let folder = dir.join("cifar-100-binary");
+    fs::create_dir_all(&folder).unwrap();
+    fs::write(folder.join("train.bin"), cifar100_records(0, 120)).unwrap();
+    fs::write(folder.join("test.bin"), cifar100_records(1000, 30)).unwrap();
+    folder
+}
+
+/// The gzipped tar of a folder's files, under `cifar-100-binary/` (as the published archive).
+fn tar_gz_of(folder: &Path, skip: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut names: Vec<_> = fs::read_dir(folder).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    for path in names {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name == skip {
+            continue;
+        }
+        builder.append_path_with_name(&path, format!("cifar-100-binary/{name}")).unwrap();
+    }
+    gzip(&builder.into_inner().unwrap())
+}
+
+#[test]
+fn cifar100_folder_and_tar_give_fine_labels_and_pixels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = write_cifar100(tmp.path());
+    let ds = load(DatasetName::Cifar100, Some(tmp.path())).unwrap();
+    assert_eq!(ds.name, "cifar100");
+    assert_eq!((ds.train.len(), ds.test.len(), ds.classes), (120, 30, 100));
+    assert_eq!(ds.train.shape, ImageShape { channels: 3, height: 32, width: 32 });
+    assert!(ds.augment_default);
+    assert_eq!(ds.norm, DatasetName::Cifar100.normalization());
+    assert_eq!(ds.norm.mean, vec![0.5071, 0.4865, 0.4409]);
+    assert_eq!(ds.norm.std, vec![0.2673, 0.2564, 0.2762]);
+    assert_eq!(DatasetName::Cifar100.classes(), 100);
+    // Fine labels, not coarse ones: record 57 is fine 57 (coarse 11); test record 3 is 1003 % 100.
+    assert_eq!(ds.train.labels[57], 57);
+    assert_eq!(ds.train.labels[107], 7);
+    assert_eq!(ds.test.labels[3], 3);
+    let raw = fs::read(folder.join("train.bin")).unwrap();
+    let (px, scale) = u8_pixels(&ds.train);
+    assert_eq!(scale, 1.0 / 255.0);
+    assert_eq!(&px[57 * 3072..58 * 3072], &raw[57 * 3074 + 2..58 * 3074]);
+    assert_eq!(px[3072], 7); // image 1, pixel 0: 1 * 7
+    assert_eq!(ds.class_names.len(), 100);
+    assert_eq!((ds.class_names[0].as_str(), ds.class_names[99].as_str()), ("apple", "worm"));
+
+    // The names file, when it holds 100 names, gives the class names.
+    let names: String = (0..100).map(|i| format!("class{i}\n")).collect();
+    fs::write(folder.join("fine_label_names.txt"), &names).unwrap();
+    fs::write(folder.join("coarse_label_names.txt"), "a\nb\n").unwrap();
+    let ds = load_cifar100_folder(&folder).unwrap();
+    assert_eq!(ds.class_names[42], "class42");
+
+    // The same from the archive (the folder is gone, so the data folder falls back to it).
+    let archive = tmp.path().join("cifar-100-binary.tar.gz");
+    fs::write(&archive, tar_gz_of(&folder, "")).unwrap();
+    fs::remove_dir_all(&folder).unwrap();
+    assert_eq!(load(DatasetName::Cifar100, Some(tmp.path())).unwrap(), ds);
+    assert_eq!(load_cifar100_tar(&archive).unwrap(), ds);
+}
+
+#[test]
+fn cifar100_bad_records_are_errors_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(
+        err.contains("cifar-100-binary.tar.gz")
+            && err.contains("'cifar100'")
+            && err.contains("--data-dir"),
+        "{err}"
+    );
+    let folder = write_cifar100(tmp.path());
+    let train = folder.join("train.bin");
+    // A record cut short (and a CIFAR-10 batch, whose 3,073-byte records do not divide).
+    cut(&train, 3 * 3074 + 100);
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(
+        err.contains(&train.display().to_string())
+            && err.contains("3074-byte CIFAR-100 record")
+            && err.contains("1 coarse label byte + 1 fine label byte + 3072 pixel bytes"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err}");
+    fs::write(&train, vec![0u8; 3073 * 2]).unwrap();
+    assert!(load_err(DatasetName::Cifar100, tmp.path()).contains("3074-byte"));
+    // A fine label of 100, a coarse label of 20.
+    let mut bytes = cifar100_records(0, 10);
+    bytes[4 * 3074 + 1] = 100;
+    fs::write(&train, &bytes).unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(err.contains("train.bin") && err.contains("record 4 has fine label 100"), "{err}");
+    let mut bytes = cifar100_records(0, 10);
+    bytes[2 * 3074] = 20;
+    fs::write(&train, &bytes).unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(err.contains("record 2 has coarse label 20, which is not below 20"), "{err}");
+    // A missing test file.
+    fs::write(&train, cifar100_records(0, 10)).unwrap();
+    fs::remove_file(folder.join("test.bin")).unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(err.contains(&folder.join("test.bin").display().to_string()), "{err}");
+
+    // Archives: without test.bin, truncated, and with a bad record inside.
+    fs::write(folder.join("test.bin"), cifar100_records(0, 5)).unwrap();
+    let archive = tmp.path().join("cifar-100-binary.tar.gz");
+    let good = tar_gz_of(&folder, "");
+    let no_test = tar_gz_of(&folder, "test.bin");
+    fs::remove_dir_all(&folder).unwrap();
+    fs::write(&archive, &no_test).unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(
+        err.contains("cifar-100-binary.tar.gz") && err.contains("cifar-100-binary/test.bin"),
+        "{err}"
+    );
+    for keep in [good.len() / 2, good.len() - 8, 5] {
+        fs::write(&archive, &good[..keep]).unwrap();
+        let err = load_err(DatasetName::Cifar100, tmp.path());
+        assert!(err.contains(&archive.display().to_string()), "keep {keep}: {err}");
+    }
+    let odd = tmp.path().join("odd");
+    fs::create_dir_all(&odd).unwrap();
+    fs::write(odd.join("train.bin"), cifar100_records(0, 4)).unwrap();
+    fs::write(odd.join("test.bin"), &cifar100_records(0, 4)[..3074 * 3 + 1]).unwrap();
+    fs::write(&archive, tar_gz_of(&odd, "")).unwrap();
+    let err = load_err(DatasetName::Cifar100, tmp.path());
+    assert!(
+        err.contains("cifar-100-binary.tar.gz")
+            && err.contains("member cifar-100-binary/test.bin")
+            && err.contains("3074"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1076,6 +1076,22 @@ mod tests {
     }
 
     #[test]
+    fn a_preset_on_cifar100_passes_the_name_to_every_stage_that_reads_real_data() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (mut preset, _) = load_preset("digits", root).unwrap();
+        preset.dataset = "cifar100".into();
+        let g = plan(&preset, None).unwrap();
+        let named: Vec<&str> = g
+            .nodes
+            .iter()
+            .filter(|n| n.argv.windows(2).any(|w| w == ["--dataset", "cifar100"]))
+            .map(|n| n.name.as_str())
+            .collect();
+        assert!(named.contains(&"distill") && named.contains(&"train-dense-r0"), "{named:?}");
+        assert!(!g.nodes.iter().any(|n| n.argv.iter().any(|a| a == "digits")));
+    }
+
+    #[test]
     fn a_seed_sweep_expands_into_one_study_per_seed() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let (mut preset, _) = load_preset("digits", root).unwrap();

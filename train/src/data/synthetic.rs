@@ -59,8 +59,9 @@ impl Artifact for SyntheticSet {
         if !px.iter().all(|v| v.is_finite()) {
             return Err("some pixel values are not finite".into());
         }
-        // Every base dataset has 10 classes; the class names, when stored, say how many.
-        let classes = if self.class_names.is_empty() { 10 } else { self.class_names.len() };
+        // The class names, when stored, say how many classes; else the base dataset does.
+        let classes =
+            if self.class_names.is_empty() { self.base.classes() } else { self.class_names.len() };
         if let Some(l) = self.images.labels.iter().find(|&&l| l as usize >= classes) {
             return Err(format!("label {l} is not below the {classes} classes"));
         }
