@@ -286,9 +286,10 @@ where
     }
 }
 
-/// The forward's output pass: `y = x * scale[c] + shift[c]`, with `relu` then `+ res` and the
-/// ReLU (as dfdx's `+` and [`super::relu`] compute them). Returns the ReLU's 0/1 mask when
-/// `relu && keep_mask` (empty otherwise).
+/// The forward's output pass: `y = x * scale[c] + shift[c]`, with `relu` then `+ y` (with
+/// `res_in_y`, `y` holds the residual on entry: its buffer becomes the output, so a block's
+/// join allocates nothing) and the ReLU, as dfdx's `+` and [`super::relu`] compute them.
+/// Returns the ReLU's 0/1 mask when `relu && keep_mask` (empty otherwise).
 #[allow(clippy::too_many_arguments)]
 fn affine_tail(
     build: Build,
@@ -298,7 +299,7 @@ fn affine_tail(
     shift: &[f32],
     p: usize,
     relu: bool,
-    res: Option<&[f32]>,
+    res_in_y: bool,
     keep_mask: bool,
 ) -> Vec<u8> {
     if !relu {
@@ -310,17 +311,16 @@ fn affine_tail(
     // One plane: its index, output, input and (when kept) mask.
     let plane = |pi: usize, yp: &mut [f32], xp: &[f32], mk: Option<&mut [u8]>| {
         let (s, t) = (scale[pi % c], shift[pi % c]);
-        let rp = res.map(|r| &r[pi * p..(pi + 1) * p]);
         build.run(
             #[inline(always)]
             || {
-                match rp {
-                    Some(rp) => {
-                        for ((yv, xv), rv) in yp.iter_mut().zip(xp).zip(rp) {
-                            *yv = xv * s + t + rv;
+                match res_in_y {
+                    true => {
+                        for (yv, xv) in yp.iter_mut().zip(xp) {
+                            *yv = xv * s + t + *yv;
                         }
                     }
-                    None => {
+                    false => {
                         for (yv, xv) in yp.iter_mut().zip(xp) {
                             *yv = xv * s + t;
                         }
@@ -513,12 +513,9 @@ where
     let var: Vec<f64> = ss.iter().map(|s| s / mf).collect();
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let mut y = vec![0.0f32; n * c * p];
-    let mask = {
-        let res = tail.res.as_ref().map(|(v, _)| v.as_slice());
-        affine_tail(build, &xv, &mut y, &scale, &shift, p, tail.relu, res, Tp::OWNS_TAPE)
-    };
-    drop(tail);
+    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
+    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * p], |(v, _)| v);
+    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
     let stats = BatchStats {
         mean: mean.iter().map(|m| *m as f32).collect(),
@@ -712,12 +709,9 @@ where
     let xv = read(&x);
     let (gv, bv) = (read(gamma), read(beta));
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let mut y = vec![0.0f32; n * c * h * w];
-    let mask = {
-        let res = tail.res.as_ref().map(|(v, _)| v.as_slice());
-        affine_tail(build, &xv, &mut y, &scale, &shift, p, tail.relu, res, Tp::OWNS_TAPE)
-    };
-    drop(tail);
+    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
+    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * h * w], |(v, _)| v);
+    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
 
     if Tp::OWNS_TAPE {
