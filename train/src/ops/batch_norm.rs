@@ -314,16 +314,14 @@ fn affine_tail(
         build.run(
             #[inline(always)]
             || {
-                match res_in_y {
-                    true => {
-                        for (yv, xv) in yp.iter_mut().zip(xp) {
-                            *yv = xv * s + t + *yv;
-                        }
+                if res_in_y {
+                    // `r + z` is `z + r` bit for bit (IEEE addition commutes).
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv += xv * s + t;
                     }
-                    false => {
-                        for (yv, xv) in yp.iter_mut().zip(xp) {
-                            *yv = xv * s + t;
-                        }
+                } else {
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = xv * s + t;
                     }
                 }
                 if let Some(mk) = mk {
