@@ -207,6 +207,15 @@ fn batch_norm_relu_builds_agree() {
             };
             let mut yv = vec![0.0; n * c * h * w];
             y.copy_into(&mut yv);
+            // Without a tape and a residual, evaluation mode works in place.
+            let untraced = if train {
+                Vec::new()
+            } else {
+                let xt = dev.tensor_from_vec(x.clone(), (n, c, h, w));
+                let none: Option<ops::T4<NoneTape>> = None;
+                let y = batch_norm_relu_eval_with(build, xt, &gt, &bt, &running, 1e-5, none);
+                y.unwrap().as_vec()
+            };
             let g = ops::mse_loss(ops::flatten(y), &target).backward();
             let mut out = vec![
                 yv,
@@ -216,6 +225,9 @@ fn batch_norm_relu_builds_agree() {
                 g.get(&bt).as_vec(),
             ];
             out.extend(stats);
+            if !train {
+                out.push(untraced);
+            }
             out
         });
     }
