@@ -10,8 +10,9 @@
 
 use dfdx::prelude::*;
 use lmc_train::ops::{
-    batch_norm_eval, batch_norm_train, check_batch_norm_train, conv2d, BatchStats, Conv2dCfg,
-    RunningStats, BN_EPS, BN_MOMENTUM, T1, T4,
+    batch_norm_eval, batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train,
+    check_batch_norm_train, conv2d, relu, BatchStats, Conv2dCfg, RunningStats, BN_EPS, BN_MOMENTUM,
+    T1, T4,
 };
 
 mod common;
@@ -21,27 +22,81 @@ use common::{bits, dev, dot_loss, fd_err, numel, rv, t1, vec_of, S4};
 /// `ps` = [gamma, beta]. With `sandwich`, `conv -> batch norm -> conv` (3x3, padding 1, C to C
 /// channels, no bias, weights `ps[2]` and `ps[3]`): batch norm's input then comes from another
 /// op on the tape and its input gradient flows on into one.
+///
+/// With a `tail`, `relu(norm(x) + residual)`: the fused op (`batch_norm_relu_*`), or with
+/// `separate` the norm, dfdx's `+` and `relu` one after another.
 #[derive(Clone)]
 struct Bn {
     x: S4,
     running: Option<RunningStats>,
     sandwich: bool,
+    tail: Tail,
+    separate: bool,
+}
+
+/// What follows the norm (not with `sandwich`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tail {
+    /// Nothing: the plain norm.
+    Plain,
+    /// A ReLU.
+    Relu,
+    /// `+ x` (the tape-free input, as a ResNet's identity shortcut) and a ReLU.
+    Identity,
+    /// `+ conv1x1(x)` (weights `ps[2]`, a branch with its own tape, as a ResNet's shortcut
+    /// conv) and a ReLU.
+    Branch,
 }
 
 impl Bn {
     fn train(x: S4) -> Self {
-        Bn { x, running: None, sandwich: false }
+        Bn { x, running: None, sandwich: false, tail: Tail::Plain, separate: false }
     }
     fn eval(x: S4, rs: RunningStats) -> Self {
-        Bn { x, running: Some(rs), sandwich: false }
+        Bn { x, running: Some(rs), sandwich: false, tail: Tail::Plain, separate: false }
     }
-    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
-        let cfg = Conv2dCfg { out_channels: self.x.1, kernel: 3, padding: 1, stride: 1 };
-        let x = if self.sandwich { conv2d(x, &ps[2], None, cfg, true) } else { x };
-        let y = match &self.running {
+    fn norm<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        match &self.running {
             None => batch_norm_train(x, &ps[0], &ps[1], BN_EPS).unwrap().0,
             Some(rs) => batch_norm_eval(x, &ps[0], &ps[1], rs, BN_EPS).unwrap(),
-        };
+        }
+    }
+    fn fused<Tp, R>(&self, x: T4<Tp>, ps: &[T1], res: Option<T4<R>>) -> T4<Tp>
+    where
+        Tp: Tape<f32, Cpu> + Merge<R>,
+        R: Tape<f32, Cpu>,
+    {
+        if self.separate {
+            let y = self.norm(x, ps);
+            return match res {
+                Some(r) => relu(y + r),
+                None => relu(y),
+            };
+        }
+        match &self.running {
+            None => batch_norm_relu_train(x, &ps[0], &ps[1], BN_EPS, res).unwrap().0,
+            Some(rs) => batch_norm_relu_eval(x, &ps[0], &ps[1], rs, BN_EPS, res).unwrap(),
+        }
+    }
+    fn run<Tp: Tape<f32, Cpu>>(&self, x: T4<Tp>, ps: &[T1]) -> T4<Tp> {
+        let c = self.x.1;
+        match self.tail {
+            Tail::Plain => {}
+            Tail::Relu => return self.fused(x, ps, None::<T4<NoneTape>>),
+            Tail::Identity => {
+                let (x, tape) = x.split_tape();
+                return self.fused(x.clone().put_tape(tape), ps, Some(x));
+            }
+            Tail::Branch => {
+                let (x, tape) = x.split_tape();
+                let cfg = Conv2dCfg { out_channels: c, kernel: 1, padding: 0, stride: 1 };
+                let r = conv2d(x.retaped::<Tp>(), &ps[2], None, cfg, true);
+                return self.fused(x.put_tape(tape), ps, Some(r));
+            }
+        }
+        let cfg = Conv2dCfg { out_channels: c, kernel: 3, padding: 1, stride: 1 };
+        let x = if self.sandwich { conv2d(x, &ps[2], None, cfg, true) } else { x };
+        let y = self.norm(x, ps);
         if self.sandwich {
             conv2d(y, &ps[3], None, cfg, true)
         } else {
@@ -434,4 +489,100 @@ fn bit_identical_across_thread_counts() {
             }
         }
     }
+}
+
+/// The fused ops' cases: every tail in both modes, with the 1x1 weight the branch needs.
+fn fused_cases(s: S4, seed: u64) -> Vec<(Bn, Vec<Vec<f32>>)> {
+    let (_, ps) = case(s, seed);
+    let mut out = Vec::new();
+    for tail in [Tail::Relu, Tail::Identity, Tail::Branch] {
+        let mut ps = ps.clone();
+        if tail == Tail::Branch {
+            ps.push(rv(s.1 * s.1, seed + 1));
+        }
+        // Running statistics near the inputs' own, so that the ReLU keeps some values and
+        // zeroes others in evaluation mode too.
+        let running = RunningStats {
+            mean: rv(s.1, seed + 2).iter().map(|v| 0.3 * v).collect(),
+            var: rv(s.1, seed + 3).iter().map(|v| 0.5 + v.abs()).collect(),
+            num_batches_tracked: 3,
+        };
+        for op in [Bn::train(s), Bn::eval(s, running)] {
+            out.push((Bn { tail, ..op }, ps.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_relu_and_residual_equal_the_separate_ops_bit_for_bit() {
+    // The output and every gradient (input, gamma, beta, the branch's weight), in both modes,
+    // without a residual, with the tape-free input as the residual (its gradient then adds to
+    // the traced input's by id) and with a traced branch; one shape runs as one task, one as
+    // several.
+    for s in [(3, 5, 3, 3), (8, 16, 16, 16)] {
+        let x = rv(numel(s), 700);
+        let r = rv(numel(s), 701);
+        for (op, ps) in fused_cases(s, 702) {
+            let name = format!("{s:?} {:?} eval {}", op.tail, op.running.is_some());
+            let sep = Bn { separate: true, ..op.clone() };
+            let (y, gx, gps) = op.grads(&x, &ps, &r);
+            let (ys, gxs, gpss) = sep.grads(&x, &ps, &r);
+            assert!(y.contains(&0.0) && y.iter().any(|v| *v > 0.0), "{name}");
+            assert_eq!(bits(&y), bits(&ys), "{name}: output");
+            assert_eq!(bits(&op.forward(&x, &ps)), bits(&ys), "{name}: untraced output");
+            assert_eq!(bits(&gx), bits(&gxs), "{name}: dx");
+            for (i, (a, b)) in gps.iter().zip(&gpss).enumerate() {
+                assert_eq!(bits(a), bits(b), "{name}: param {i} gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_gradients_match_finite_differences() {
+    // The ReLU's kink is met with probability ~ eps per value; at these sizes and eps none of the
+    // values sits that close to it (the check would fail loudly otherwise). Tolerances and steps
+    // as for the plain op in each mode.
+    for (k, s) in [(4, 3, 3, 3), (2, 3, 1, 6)].into_iter().enumerate() {
+        let x = rv(numel(s), 710 + k as u64);
+        for (op, ps) in fused_cases(s, 720 + 10 * k as u64) {
+            let name = format!("fused {s:?} {:?} eval {}", op.tail, op.running.is_some());
+            let (eps, tol) = if op.running.is_some() { (1e-3, 1e-2) } else { (1e-3, 2e-2) };
+            grad_check(&name, &op, &x, &ps, eps, tol);
+        }
+    }
+}
+
+#[test]
+fn fused_bit_identical_across_thread_counts() {
+    let s = (10, 16, 32, 32);
+    let x = rv(numel(s), 730);
+    let r = rv(numel(s), 731);
+    for (op, ps) in fused_cases(s, 732) {
+        let name = format!("{:?} eval {}", op.tail, op.running.is_some());
+        let base = in_pool(1, || op.grads(&x, &ps, &r));
+        for n in [2, 3] {
+            let o = in_pool(n, || op.grads(&x, &ps, &r));
+            assert_eq!(bits(&base.0), bits(&o.0), "{name}: output, {n} threads");
+            assert_eq!(bits(&base.1), bits(&o.1), "{name}: dx, {n} threads");
+            for (i, (a, b)) in base.2.iter().zip(&o.2).enumerate() {
+                assert_eq!(bits(a), bits(b), "{name}: param {i} gradient, {n} threads");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_residual_of_another_shape_is_an_error() {
+    let s = (2, 3, 4, 4);
+    let (x, ps) = case(s, 740);
+    let xt = dev().tensor_from_vec(x, s);
+    let r = dev().tensor_from_vec(vec![0.0; 2 * 3 * 4 * 5], (2, 3, 4, 5));
+    let (g, b) = (t1(&ps[0]), t1(&ps[1]));
+    let e = batch_norm_relu_train(xt.clone(), &g, &b, BN_EPS, Some(r.clone())).unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    let rs = running_of(s, 741);
+    let e = batch_norm_relu_eval(xt, &g, &b, &rs, BN_EPS, Some(r)).unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
 }

@@ -326,3 +326,54 @@ fn a_batch_of_one_on_1x1_planes_is_refused_not_a_panic() {
     assert!(e.contains("--batch-size 1") && e.contains("at least 2"), "{e}");
     assert_eq!(model("resnet20", &ds).min_train_batch(), 1);
 }
+
+#[test]
+fn fused_norm_relu_and_residual_equal_the_separate_ops_in_a_whole_resnet() {
+    // Plain ReLUs take the fused `batch_norm_relu_*` ops, recorded patterns the separate norm,
+    // `+` and ReLU: logits, every gradient and the collected batch statistics agree bit for bit
+    // (identity and 1x1-conv shortcuts, strided blocks, both modes). The separate ReLU of a
+    // recording differs from the plain one only on an input of exactly -0.0, which these
+    // values do not produce.
+    let ds = digits();
+    let b = batch(&ds, 12);
+    for spec in ["resnet:depth=8,width=4", "resnet10:width=2"] {
+        let m = model(spec, &ds);
+        let p = perturbed(&m, 5);
+        let t = m.layout.trainable_total();
+        for mode in [NormMode::Batch, NormMode::Running] {
+            let run = |record: bool| {
+                let dev = Cpu::default();
+                let tensors = m.tensors(&dev, &p);
+                let x = dev.tensor_from_vec(b.x.clone(), (12, 1, 8, 8));
+                let mut stats: Vec<BatchStats> = Vec::new();
+                let norms = match mode {
+                    NormMode::Batch => Norms::Collect(&mut stats),
+                    NormMode::Running => Norms::Running,
+                };
+                let mut patterns = Patterns::default();
+                let mut relus = if record { Relus::Record(&mut patterns) } else { Relus::Plain };
+                let logits = m.forward_with(&tensors, x.leaky_trace(), true, &mut relus, norms);
+                let lv = logits.as_vec();
+                let g = logits.sum().backward();
+                let mut out = vec![lv, g.get(&x).as_vec()];
+                // Trained tensors only: running statistics get no gradient.
+                let trained = m.layout.entries.iter().filter(|e| e.range().end <= t).count();
+                out.extend(tensors[..trained].iter().map(|t| g.get(t).as_vec()));
+                for st in &stats {
+                    out.push(st.mean.clone());
+                    out.push(st.var_unbiased.clone());
+                }
+                out
+            };
+            let (fused, separate) = (run(false), run(true));
+            assert_eq!(fused.len(), separate.len(), "{spec} {mode:?}");
+            for (i, (a, b)) in fused.iter().zip(&separate).enumerate() {
+                let (a, b): (Vec<u32>, Vec<u32>) = (
+                    a.iter().map(|v| v.to_bits()).collect(),
+                    b.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert!(a == b, "{spec} {mode:?}: output {i} differs");
+            }
+        }
+    }
+}

@@ -5,7 +5,10 @@
 use dfdx::prelude::*;
 
 use super::Build;
-use crate::ops::batch_norm::{batch_norm_eval_with, batch_norm_train_with};
+use crate::ops::batch_norm::{
+    batch_norm_eval_with, batch_norm_relu_eval_with, batch_norm_relu_train_with,
+    batch_norm_train_with,
+};
 use crate::ops::{self, conv2d_with, norm_relu_pool_with, Conv2dCfg, RunningStats, T1};
 use crate::optim::Sgd;
 use crate::params::Mask;
@@ -159,6 +162,72 @@ fn batch_norm_builds_agree() {
             let g = ops::mse_loss(ops::flatten(y), &target).backward();
             let mut out = vec![yv, g.get(&xt).as_vec(), g.get(&gt).as_vec(), g.get(&bt).as_vec()];
             out.extend(stats);
+            out
+        });
+    }
+}
+
+/// The fused batch norm + residual + ReLU in both modes: the output pass with its mask, and the
+/// masked gradient added into the residual's.
+#[test]
+fn batch_norm_relu_builds_agree() {
+    let dev = Cpu::default();
+    let (n, c, h, w) = (3, 5, 7, 9);
+    let x = values(n * c * h * w, 21);
+    let r = values(n * c * h * w, 22);
+    let (gv, bv) = (values(c, 23), values(c, 24));
+    let target = values(n * c * h * w, 25);
+    let running = RunningStats {
+        mean: values(c, 26),
+        var: values(c, 27).iter().map(|v| 1.0 + v.abs()).collect(),
+        num_batches_tracked: 3,
+    };
+    for train in [true, false] {
+        both_ways(&format!("batch_norm_relu train={train}"), |build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, c, h, w));
+            let rt = dev.tensor_from_vec(r.clone(), (n, c, h, w));
+            let (gt, bt) = (t1(&dev, &gv), t1(&dev, &bv));
+            let res = Some(rt.leaky_trace());
+            let (y, stats) = if train {
+                let (y, s) =
+                    batch_norm_relu_train_with(build, xt.leaky_trace(), &gt, &bt, 1e-5, res)
+                        .unwrap();
+                (y, vec![s.mean, s.var_unbiased])
+            } else {
+                let y = batch_norm_relu_eval_with(
+                    build,
+                    xt.leaky_trace(),
+                    &gt,
+                    &bt,
+                    &running,
+                    1e-5,
+                    res,
+                );
+                (y.unwrap(), vec![])
+            };
+            let mut yv = vec![0.0; n * c * h * w];
+            y.copy_into(&mut yv);
+            // Without a tape and a residual, evaluation mode works in place.
+            let untraced = if train {
+                Vec::new()
+            } else {
+                let xt = dev.tensor_from_vec(x.clone(), (n, c, h, w));
+                let none: Option<ops::T4<NoneTape>> = None;
+                let y = batch_norm_relu_eval_with(build, xt, &gt, &bt, &running, 1e-5, none);
+                y.unwrap().as_vec()
+            };
+            let g = ops::mse_loss(ops::flatten(y), &target).backward();
+            let mut out = vec![
+                yv,
+                g.get(&xt).as_vec(),
+                g.get(&rt).as_vec(),
+                g.get(&gt).as_vec(),
+                g.get(&bt).as_vec(),
+            ];
+            out.extend(stats);
+            if !train {
+                out.push(untraced);
+            }
             out
         });
     }

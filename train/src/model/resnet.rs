@@ -186,6 +186,70 @@ impl ResNet {
     }
 }
 
+/// A batch norm's place: its gamma's index, its running statistics' index, and where its batch
+/// statistics go in a collected list.
+struct BnSlot {
+    param: usize,
+    state: usize,
+    stats_at: usize,
+}
+
+impl ResNet {
+    /// Takes the next batch norm's slot from the cursor (as [`ResNet::norm`] would use it).
+    fn take_bn(&self, at: &mut Cursor, norms: &Norms) -> BnSlot {
+        let slot = BnSlot {
+            param: at.next,
+            state: at.state,
+            stats_at: match norms {
+                Norms::Collect(v) => v.len(),
+                _ => 0,
+            },
+        };
+        at.next += 2;
+        at.state += 3;
+        slot
+    }
+
+    /// `relu(norm(h) + residual)` for batch norm as one op (bit-identical to `norm`, `+` and
+    /// the ReLU separately, see `ops::batch_norm_relu_train`); the batch statistics go where
+    /// the slot says, so they stay in layout order when a shortcut's norm ran in between.
+    fn bn_relu<Tp, R>(
+        &self,
+        h: T4<Tp>,
+        p: &[T1],
+        slot: BnSlot,
+        norms: &mut Norms,
+        residual: Option<T4<R>>,
+    ) -> T4<Tp>
+    where
+        Tp: Tape<f32, Cpu> + Merge<R>,
+        R: Tape<f32, Cpu>,
+    {
+        let (gamma, beta, st) = (&p[slot.param], &p[slot.param + 1], slot.state);
+        match norms {
+            Norms::Running => {
+                let running = RunningStats {
+                    mean: p[st].as_vec(),
+                    var: p[st + 1].as_vec(),
+                    num_batches_tracked: 0,
+                };
+                // As in `norm`: running statistics are checked when a vector is read, and the
+                // residual has the block's output shape.
+                ops::batch_norm_relu_eval(h, gamma, beta, &running, BN_EPS, residual)
+                    .expect("batch norm in evaluation mode: running statistics checked on load")
+            }
+            Norms::Batch | Norms::Collect(_) => {
+                let (y, stats) = ops::batch_norm_relu_train(h, gamma, beta, BN_EPS, residual)
+                    .expect("batch norm in training mode: batch size checked by check_train_batch");
+                if let Norms::Collect(v) = norms {
+                    v.insert(slot.stats_at, stats);
+                }
+                y
+            }
+        }
+    }
+}
+
 impl Architecture for ResNet {
     fn features(&self, _spec: &ModelSpec, input: ImageShape) -> Result<(Vec<Item>, usize)> {
         let mut items = Vec::new();
@@ -227,22 +291,46 @@ impl Architecture for ResNet {
         norms: &mut Norms,
     ) -> T2<Tp> {
         let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
+        // Batch norm, the residual add and the ReLU after it run as one op where nothing needs
+        // the ReLUs one by one (recorded or replayed patterns take the separate ops).
+        let fuse = self.norm == Norm::Batch && relu.is_plain();
         let h = self.conv(x, p, &mut at, Conv2dCfg::new(self.stem, 3, 1), input_grad);
-        let h = self.norm(h, p, &mut at, norms);
-        let mut h = relu.apply(h);
+        let mut h = if fuse {
+            let slot = self.take_bn(&mut at, norms);
+            self.bn_relu(h, p, slot, norms, None::<T4<NoneTape>>)
+        } else {
+            relu.apply(self.norm(h, p, &mut at, norms))
+        };
         for b in self.blocks() {
             // The block's input feeds both branches: the main one carries the tape, the
-            // shortcut starts from a tape-free copy with the same id, so `+` adds the shortcut's
-            // gradient into the input's.
+            // shortcut starts from a tape-free copy with the same id, so the join adds the
+            // shortcut's gradient into the input's.
             let (hx, tape) = h.split_tape();
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let m = self.conv(hx.clone().put_tape(tape), p, &mut at, cfg, true);
-            let m = relu.apply(self.norm(m, p, &mut at, norms));
+            let m = if fuse {
+                let slot = self.take_bn(&mut at, norms);
+                self.bn_relu(m, p, slot, norms, None::<T4<NoneTape>>)
+            } else {
+                relu.apply(self.norm(m, p, &mut at, norms))
+            };
             let m = self.conv(m, p, &mut at, Conv2dCfg::new(b.cout, 3, 1), true);
+            let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
+            if fuse {
+                // The second norm's parameters and statistics come before the shortcut's.
+                let slot = self.take_bn(&mut at, norms);
+                h = if b.has_shortcut_conv() {
+                    let s = self.conv(hx.retaped::<Tp>(), p, &mut at, sc_cfg, true);
+                    let s = self.norm(s, p, &mut at, norms);
+                    self.bn_relu(m, p, slot, norms, Some(s))
+                } else {
+                    self.bn_relu(m, p, slot, norms, Some(hx))
+                };
+                continue;
+            }
             let m = self.norm(m, p, &mut at, norms);
             let sum = if b.has_shortcut_conv() {
-                let cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
-                let s = self.conv(hx.retaped::<Tp>(), p, &mut at, cfg, true);
+                let s = self.conv(hx.retaped::<Tp>(), p, &mut at, sc_cfg, true);
                 m + self.norm(s, p, &mut at, norms)
             } else {
                 m + hx

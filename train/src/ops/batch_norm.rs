@@ -236,6 +236,174 @@ fn affine_planes(build: Build, xv: &[f32], y: &mut [f32], scale: &[f32], shift: 
         });
 }
 
+/// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
+#[inline(always)]
+fn relu1(z: f32) -> f32 {
+    if z < 0.0 {
+        0.0
+    } else {
+        z
+    }
+}
+
+/// Errors if a fused op's residual is not shaped like its input.
+fn check_residual<R: Tape<f32, Cpu>>(
+    op: &str,
+    shape: (usize, usize, usize, usize),
+    tail: &Option<Option<T4<R>>>,
+) -> Result<()> {
+    if let Some(Some(r)) = tail {
+        if *r.shape() != shape {
+            return Err(Error::incompatible(format!(
+                "{op}: the residual has shape {:?}, the input {shape:?}",
+                r.shape()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a fused op keeps of its tail: the ReLU, and the residual's values with its tape-free
+/// tensor (whose ghost, taken by the caller, names its gradient; the tensor itself is dropped).
+struct SplitTail {
+    relu: bool,
+    res: Option<(Vec<f32>, T4<NoneTape>)>,
+}
+
+/// Splits a tail off, merging the residual's tape into `tape`.
+fn split_tail<Tp, R>(tail: Option<Option<T4<R>>>, tape: Tp) -> (SplitTail, Tp)
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    match tail {
+        None => (SplitTail { relu: false, res: None }, tape),
+        Some(None) => (SplitTail { relu: true, res: None }, tape),
+        Some(Some(r)) => {
+            let (r, rt) = r.contiguous().split_tape();
+            (SplitTail { relu: true, res: Some((read(&r), r)) }, tape.merge(rt))
+        }
+    }
+}
+
+/// The forward's output pass: `y = x * scale[c] + shift[c]`, with `relu` then `+ y` (with
+/// `res_in_y`, `y` holds the residual on entry: its buffer becomes the output, so a block's
+/// join allocates nothing) and the ReLU, as dfdx's `+` and [`super::relu`] compute them.
+/// Returns the ReLU's 0/1 mask when `relu && keep_mask` (empty otherwise).
+#[allow(clippy::too_many_arguments)]
+fn affine_tail(
+    build: Build,
+    xv: &[f32],
+    y: &mut [f32],
+    scale: &[f32],
+    shift: &[f32],
+    p: usize,
+    relu: bool,
+    res_in_y: bool,
+    keep_mask: bool,
+) -> Vec<u8> {
+    if !relu {
+        affine_planes(build, xv, y, scale, shift, p);
+        return Vec::new();
+    }
+    let (c, len) = (scale.len(), y.len());
+    let min = (ELEM_CHUNK / p).max(1);
+    // One plane: its index, output, input and (when kept) mask.
+    let plane = |pi: usize, yp: &mut [f32], xp: &[f32], mk: Option<&mut [u8]>| {
+        let (s, t) = (scale[pi % c], shift[pi % c]);
+        build.run(
+            #[inline(always)]
+            || {
+                if res_in_y {
+                    // `r + z` is `z + r` bit for bit (IEEE addition commutes).
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv += xv * s + t;
+                    }
+                } else {
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = xv * s + t;
+                    }
+                }
+                if let Some(mk) = mk {
+                    for (m, v) in mk.iter_mut().zip(yp.iter()) {
+                        *m = (*v > 0.0) as u8;
+                    }
+                }
+                for v in yp.iter_mut() {
+                    *v = relu1(*v);
+                }
+            },
+        )
+    };
+    let planes = y.par_chunks_mut(p).zip(xv.par_chunks(p)).enumerate().with_min_len(min);
+    if !keep_mask {
+        planes.for_each(|(pi, (yp, xp))| plane(pi, yp, xp, None));
+        return Vec::new();
+    }
+    let mut mask = vec![0u8; len];
+    planes.zip(mask.par_chunks_mut(p)).for_each(|((pi, (yp, xp)), mk)| plane(pi, yp, xp, Some(mk)));
+    mask
+}
+
+/// `y = x * scale[c] + shift[c]`, then the ReLU if `relu`, in place over planes of `p` values
+/// (the same operations as [`affine_tail`]).
+fn inplace_planes(build: Build, y: &mut [f32], scale: &[f32], shift: &[f32], p: usize, relu: bool) {
+    let c = scale.len();
+    y.par_chunks_mut(p).enumerate().with_min_len((ELEM_CHUNK / p).max(1)).for_each(|(pi, yp)| {
+        let (s, t) = (scale[pi % c], shift[pi % c]);
+        build.run(
+            #[inline(always)]
+            || {
+                if relu {
+                    for v in yp.iter_mut() {
+                        *v = relu1(*v * s + t);
+                    }
+                } else {
+                    for v in yp.iter_mut() {
+                        *v = *v * s + t;
+                    }
+                }
+            },
+        )
+    });
+}
+
+/// Backward through a fused tail, before the norm's own backward: `dy` becomes the gradient at
+/// the norm's output, `0 + (mask ? dy : 0)` (as the ReLU's backward writes it into a zeroed
+/// buffer and `+` passes it on), which is also added into the residual's gradient. Nothing for
+/// a plain norm (empty mask).
+fn tail_backward(build: Build, dy: &mut [f32], mask: &[u8], dr: Option<&mut Vec<f32>>) {
+    if mask.is_empty() {
+        return;
+    }
+    let apply = |dc: &mut [f32], mc: &[u8], rc: Option<&mut [f32]>| {
+        build.run(
+            #[inline(always)]
+            || {
+                for (d, m) in dc.iter_mut().zip(mc) {
+                    *d = 0.0 + if *m != 0 { *d } else { 0.0 };
+                }
+                if let Some(rc) = rc {
+                    for (r, d) in rc.iter_mut().zip(dc.iter()) {
+                        *r += *d;
+                    }
+                }
+            },
+        )
+    };
+    match dr {
+        None => dy
+            .par_chunks_mut(ELEM_CHUNK)
+            .zip(mask.par_chunks(ELEM_CHUNK))
+            .for_each(|(dc, mc)| apply(dc, mc, None)),
+        Some(dr) => dy
+            .par_chunks_mut(ELEM_CHUNK)
+            .zip(mask.par_chunks(ELEM_CHUNK))
+            .zip(dr.par_chunks_mut(ELEM_CHUNK))
+            .for_each(|((dc, mc), rc)| apply(dc, mc, Some(rc))),
+    }
+}
+
 /// Per-channel `(scale, shift) = (gamma * rstd, beta - mean * gamma * rstd)`, formed in f64.
 fn scale_shift(gv: &[f32], bv: &[f32], mean: &[f64], rstd: &[f64]) -> (Vec<f32>, Vec<f32>) {
     let mut scale = Vec::with_capacity(gv.len());
@@ -278,12 +446,70 @@ pub(crate) fn batch_norm_train_with<Tp: Tape<f32, Cpu>>(
     beta: &T1,
     eps: f32,
 ) -> Result<(T4<Tp>, BatchStats)> {
+    train_tail::<Tp, NoneTape>(build, x, gamma, beta, eps, None)
+}
+
+/// `relu(batch_norm_train(x) + residual)` (`residual` optional) as one op, bit-identical to
+/// [`batch_norm_train`] followed by dfdx's `+` and [`super::relu`]: the same IEEE operations
+/// on every value, and backward adds into each gradient buffer in the order the separate ops'
+/// backward passes do (the residual's gradient first, then the norm's). A ResNet runs every
+/// norm that a ReLU follows through it: the separate ReLU and `+` cost three full-size passes
+/// forward and four backward, plus their buffers.
+///
+/// Errors as [`batch_norm_train`], and when `residual` is not shaped like `x`.
+pub fn batch_norm_relu_train<Tp, R>(
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+    residual: Option<T4<R>>,
+) -> Result<(T4<Tp>, BatchStats)>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    batch_norm_relu_train_with(Build::selected(), x, gamma, beta, eps, residual)
+}
+
+/// [`batch_norm_relu_train`] compiled for `build` (the dispatch tests run both builds).
+pub(crate) fn batch_norm_relu_train_with<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+    residual: Option<T4<R>>,
+) -> Result<(T4<Tp>, BatchStats)>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    train_tail(build, x, gamma, beta, eps, Some(residual))
+}
+
+/// Training-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
+/// ReLU.
+fn train_tail<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+    tail: Option<Option<T4<R>>>,
+) -> Result<(T4<Tp>, BatchStats)>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
     let shape = *x.shape();
     check("batch_norm_train", shape, gamma, beta, eps, true)?;
+    check_residual("batch_norm_relu_train", shape, &tail)?;
     let (n, c, h, w) = shape;
     let (p, mc) = (h * w, n * h * w);
     let x = x.contiguous();
-    let (x, mut tape) = x.split_tape();
+    let (x, tape) = x.split_tape();
+    let (tail, mut tape) = split_tail(tail, tape);
+    let res_g = tail.res.as_ref().map(|(_, r)| r.ghost());
     let xv = read(&x);
     let (gv, bv) = (read(gamma), read(beta));
     let min_planes = (ELEM_CHUNK / p).max(1);
@@ -308,8 +534,9 @@ pub(crate) fn batch_norm_train_with<Tp: Tape<f32, Cpu>>(
     let var: Vec<f64> = ss.iter().map(|s| s / mf).collect();
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let mut y = vec![0.0f32; n * c * p];
-    affine_planes(build, &xv, &mut y, &scale, &shift, p);
+    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
+    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * p], |(v, _)| v);
+    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
     let stats = BatchStats {
         mean: mean.iter().map(|m| *m as f32).collect(),
@@ -322,7 +549,11 @@ pub(crate) fn batch_norm_train_with<Tp: Tape<f32, Cpu>>(
         let mean32: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
         let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
         tape.add_backward_op(move |grads| {
-            let dy = take_grad!(grads, out_g);
+            let mut dy = take_grad!(grads, out_g);
+            match &res_g {
+                Some(g) => tail_backward(build, &mut dy, &mask, Some(grads.get_or_alloc_mut(g)?)),
+                None => tail_backward(build, &mut dy, &mask, None),
+            }
             // Pass 1: per plane (sum dy * xhat, sum dy), then per channel in n order.
             let mut sums = vec![(0.0f64, 0.0f64); n * c];
             sums.par_iter_mut()
@@ -411,8 +642,63 @@ pub(crate) fn batch_norm_eval_with<Tp: Tape<f32, Cpu>>(
     running: &RunningStats,
     eps: f32,
 ) -> Result<T4<Tp>> {
+    eval_tail::<Tp, NoneTape>(build, x, gamma, beta, running, eps, None)
+}
+
+/// `relu(batch_norm_eval(x) + residual)` (`residual` optional) as one op, bit-identical to the
+/// separate ops as [`batch_norm_relu_train`] is.
+///
+/// Errors as [`batch_norm_eval`], and when `residual` is not shaped like `x`.
+pub fn batch_norm_relu_eval<Tp, R>(
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+    residual: Option<T4<R>>,
+) -> Result<T4<Tp>>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    batch_norm_relu_eval_with(Build::selected(), x, gamma, beta, running, eps, residual)
+}
+
+/// [`batch_norm_relu_eval`] compiled for `build` (the dispatch tests run both builds).
+pub(crate) fn batch_norm_relu_eval_with<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+    residual: Option<T4<R>>,
+) -> Result<T4<Tp>>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    eval_tail(build, x, gamma, beta, running, eps, Some(residual))
+}
+
+/// Evaluation-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
+/// ReLU.
+fn eval_tail<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+    tail: Option<Option<T4<R>>>,
+) -> Result<T4<Tp>>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
     let shape = *x.shape();
     check("batch_norm_eval", shape, gamma, beta, eps, false)?;
+    check_residual("batch_norm_relu_eval", shape, &tail)?;
     let (n, c, h, w) = shape;
     if running.mean.len() != c || running.var.len() != c {
         return Err(Error::incompatible(format!(
@@ -438,12 +724,21 @@ pub(crate) fn batch_norm_eval_with<Tp: Tape<f32, Cpu>>(
     // over nothing instead of dividing by zero.
     let p = (h * w).max(1);
     let x = x.contiguous();
-    let (x, mut tape) = x.split_tape();
-    let xv = read(&x);
+    let (x, tape) = x.split_tape();
+    let (tail, mut tape) = split_tail(tail, tape);
+    let res_g = tail.res.as_ref().map(|(_, r)| r.ghost());
+    let mut xv = read(&x);
     let (gv, bv) = (read(gamma), read(beta));
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let mut y = vec![0.0f32; n * c * h * w];
-    affine_planes(build, &xv, &mut y, &scale, &shift, p);
+    if !Tp::OWNS_TAPE && tail.res.is_none() {
+        // Nothing is kept for a backward pass: the input's copy becomes the output (evaluation
+        // batches are large: a ResNet-20 activation at batch 1000 is 65 MB).
+        inplace_planes(build, &mut xv, &scale, &shift, p, tail.relu);
+        return Ok(x.device().tensor_from_vec(xv, (n, c, h, w)).put_tape(tape));
+    }
+    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
+    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * h * w], |(v, _)| v);
+    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
 
     if Tp::OWNS_TAPE {
@@ -452,7 +747,11 @@ pub(crate) fn batch_norm_eval_with<Tp: Tape<f32, Cpu>>(
         let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
         let min_planes = (ELEM_CHUNK / p).max(1);
         tape.add_backward_op(move |grads| {
-            let dy = take_grad!(grads, out_g);
+            let mut dy = take_grad!(grads, out_g);
+            match &res_g {
+                Some(g) => tail_backward(build, &mut dy, &mask, Some(grads.get_or_alloc_mut(g)?)),
+                None => tail_backward(build, &mut dy, &mask, None),
+            }
             // One pass: dx, and per plane (sum dy * xhat, sum dy).
             let mut sums = vec![(0.0f64, 0.0f64); n * c];
             {

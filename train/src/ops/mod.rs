@@ -16,11 +16,13 @@
 //! - `relu` and `mse_loss` share their names with dfdx's prelude: import them by name
 //!   (`use lmc_train::ops::{relu, ...}`; an explicit import wins over `use dfdx::prelude::*`).
 //! - conv2d keeps per-thread im2col scratch memory (the largest size seen) between calls.
-//! - Two branches of one input (a residual block) join with dfdx's `+`, no op of ours: one
-//!   branch runs on the input with its tape, the other from `x.retaped::<Tp>()` (an empty tape
-//!   of the same kind) or is the tape-free input itself (identity shortcut); `+` merges the tapes
-//!   and its backward adds into the input's gradient by id (`residual_block_gradients` in
-//!   `tests/ops.rs` checks it against central differences).
+//! - Two branches of one input (a residual block) join with dfdx's `+`, or inside
+//!   `batch_norm_relu_train` / `_eval` (`relu(norm(x) + residual)`, bit-identical to the
+//!   separate ops): one branch runs on the input with its tape, the other from
+//!   `x.retaped::<Tp>()` (an empty tape of the same kind) or is the tape-free input itself
+//!   (identity shortcut); the join merges the tapes and its backward adds into the input's
+//!   gradient by id (`residual_block_gradients` in `tests/ops.rs` checks it against central
+//!   differences).
 
 use dfdx::prelude::{Cpu, Tensor};
 
@@ -51,8 +53,8 @@ mod pool;
 
 pub use act::{flatten, relu, relu2};
 pub use batch_norm::{
-    batch_norm_eval, batch_norm_train, check_batch_norm_train, BatchStats, RunningStats, BN_EPS,
-    BN_MOMENTUM,
+    batch_norm_eval, batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train,
+    check_batch_norm_train, BatchStats, RunningStats, BN_EPS, BN_MOMENTUM,
 };
 pub use block::norm_relu_pool;
 #[cfg(test)]
