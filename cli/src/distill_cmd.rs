@@ -25,7 +25,9 @@ use crate::train_cmd::DataArgs;
 pub struct DistillArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// Distillation network: mlp:H1,H2,..., lenet-300-100, or convnet[:depth=D,width=W,norm=instance|none].
+    /// Distillation network: mlp:H1,H2,..., lenet-300-100, convnet[:depth=D,width=W,norm=instance|none],
+    /// resnet[:depth=6n+2,width=W,norm=batch|instance|none] (resnet20), resnet18[:width=W] or
+    /// resnet10[:width=W].
     #[arg(long, value_name = "SPEC", default_value = "convnet")]
     model: String,
     /// dm (distribution matching) or gm (gradient matching, DC/IDC).

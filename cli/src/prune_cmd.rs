@@ -85,7 +85,8 @@ struct ImpArgs {
     /// real training split.
     #[arg(long, value_name = "FILE")]
     train_set: Option<PathBuf>,
-    /// Architecture (mlp:H1,..., lenet-300-100, convnet[:...]); taken from --from-ticket if omitted.
+    /// Architecture (mlp:H1,..., lenet-300-100, convnet[:...], resnet[:...], resnet20, resnet18,
+    /// resnet10; see `lmc train --help`); taken from --from-ticket if omitted.
     #[arg(long, value_name = "SPEC")]
     model: Option<String>,
     /// Pruning rounds after the dense round 0 (K tickets at 1 - (1 - rate)^k remaining, plus round 0).

@@ -110,7 +110,9 @@ impl TrainOpts {
 pub struct TrainArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// Architecture: mlp:H1,H2,..., lenet-300-100, or convnet[:depth=D,width=W,norm=instance|none].
+    /// Architecture: mlp:H1,H2,..., lenet-300-100, convnet[:depth=D,width=W,norm=instance|none],
+    /// resnet[:depth=6n+2,width=W,norm=batch|instance|none] (resnet20), resnet18[:width=W] or
+    /// resnet10[:width=W].
     #[arg(long, value_name = "SPEC", required_unless_present = "ticket")]
     model: Option<String>,
     /// Train replicates of this ticket (its starting parameters and mask; `lmc prune`) instead
