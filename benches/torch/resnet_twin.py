@@ -128,24 +128,9 @@ def fixture(a):
     print(f"{a.out}: {len(start)} state-dict tensors, {a.images} images, torch {torch.__version__}")
 
 
-MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
-STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
-
-
-def cifar(path):
-    import tarfile
-    parts = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            name = m.name.rsplit("/", 1)[-1]
-            if name.endswith(".bin") and ("data_batch" in name or "test_batch" in name):
-                parts[name] = np.frombuffer(tar.extractfile(m).read(), dtype=np.uint8).reshape(-1, 3073)
-
-    def split(names):
-        rec = np.concatenate([parts[n] for n in names])
-        return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
-
-    return split([f"data_batch_{i}.bin" for i in range(1, 6)]) + split(["test_batch.bin"])
+# The CIFAR-10 reader and normalisation of the ConvNet twin next to this file (the script's
+# folder is on sys.path when it runs).
+from train_cifar_convnet3 import MEAN, STD, load as cifar  # noqa: E402
 
 
 def train_cifar(a):
