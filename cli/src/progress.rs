@@ -35,6 +35,12 @@ impl TrainProgress {
         bar.set_prefix(label.clone());
         TrainProgress { bar, label }
     }
+    /// The bar of a run that starts after `step` steps (a spawned child).
+    pub fn from_step(self, step: u64) -> TrainProgress {
+        self.bar.set_position(step);
+        self.bar.reset_eta();
+        self
+    }
     /// Removes the bar.
     pub fn finish(&self) {
         self.bar.finish_and_clear();

@@ -10,6 +10,7 @@ use lmc_train::fit::{self, RunRequest, Start, TrainConfig};
 use lmc_train::model::{Model, ModelSpec};
 use lmc_train::optim::{Schedule, Sgd};
 use lmc_train::params::Mask;
+use lmc_train::spawn;
 use serde_json::json;
 
 use crate::progress::TrainProgress;
@@ -130,6 +131,16 @@ pub struct TrainArgs {
     /// Copies trained from the same initialisation with different data order (SGD noise).
     #[arg(long, default_value_t = 1)]
     replicates: usize,
+    /// Spawn the replicates at step K (instability analysis): a parent trains the first K
+    /// steps once (saved as parent-step-K.lmc beside the replicates), then each replicate
+    /// trains the remaining steps from its state with its own data order. K must come before
+    /// the first learning-rate milestone; 0 = no parent (plain replicates).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    spawn_step: u64,
+    /// Data-order seed of the --spawn-step parent [default: --seed, as `lmc prune`'s, so the
+    /// parent's state at step K is IMP's --rewind-step K point].
+    #[arg(long, value_name = "SEED")]
+    parent_data_seed: Option<u64>,
     /// Output: a .lmc file, or with --replicates > 1 a folder of replicate-R.lmc files.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -139,6 +150,18 @@ pub struct TrainArgs {
     /// Print one JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// Where the parent of replicates spawned at step `k` goes: beside them in the folder of
+/// several, or beside the one output file.
+pub fn parent_path(out: &Path, n: usize, k: u64) -> PathBuf {
+    let name = format!("parent-step-{k}.lmc");
+    if n == 1 {
+        let stem = out.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
+        out.with_file_name(format!("{stem}.{name}"))
+    } else {
+        out.join(name)
+    }
 }
 
 /// Where replicate `r` of `n` goes.
@@ -178,23 +201,55 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         (None, None) => bail!("--model is required (or --ticket)"),
     };
+    if a.parent_data_seed.is_some() && a.spawn_step == 0 {
+        bail!("--parent-data-seed needs --spawn-step K (K > 0)");
+    }
     let base_seed = a.data_seed.unwrap_or(a.seed);
+    let (_, _, total) = cfg.plan(ds.train.len());
+    let request = |r: usize| RunRequest {
+        model: &model,
+        dataset: &ds,
+        dataset_provenance: ds_prov,
+        init: init.clone(),
+        start: start.clone(),
+        mask: mask.clone(),
+        config: cfg.clone(),
+        data_seed: base_seed + r as u64,
+        replicate: r,
+        state: None,
+    };
+    // The parent of spawned replicates: trained once (cached by its provenance), before any
+    // replicate, so a bad --spawn-step fails before work.
+    let parent = if a.spawn_step > 0 {
+        let k = a.spawn_step;
+        let preq = spawn::parent_request(&request(0), k, a.parent_data_seed.unwrap_or(a.seed))?;
+        let path = parent_path(&a.out, a.replicates, k);
+        let mut bar = TrainProgress::new(format!("parent to step {k}"), k);
+        let (run, prov, cached) = fit::train_run(&preq, Some(&path), a.fresh, &mut bar)?;
+        bar.finish();
+        if !a.json {
+            println!(
+                "parent: {} steps, {} images, {:.1} s{} -> {}",
+                k,
+                run.images_seen,
+                run.seconds,
+                if cached { " (up to date, not retrained)" } else { "" },
+                path.display()
+            );
+        }
+        Some((run, prov, path, cached))
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for r in 0..a.replicates {
         let path = replicate_path(&a.out, r, a.replicates);
-        let req = RunRequest {
-            model: &model,
-            dataset: &ds,
-            dataset_provenance: ds_prov,
-            init: init.clone(),
-            start: start.clone(),
-            mask: mask.clone(),
-            config: cfg.clone(),
-            data_seed: base_seed + r as u64,
-            replicate: r,
+        let req = match &parent {
+            Some((run, prov, ..)) => spawn::child_request(&request(r), run, *prov),
+            None => request(r),
         };
-        let (_, _, total) = cfg.plan(ds.train.len());
-        let mut bar = TrainProgress::new(format!("replicate {}/{}", r + 1, a.replicates), total);
+        let label = format!("replicate {}/{}", r + 1, a.replicates);
+        let mut bar = TrainProgress::new(label, total).from_step(req.start.step());
         let (run, prov, cached) = fit::train_run(&req, Some(&path), a.fresh, &mut bar)?;
         bar.finish();
         rows.push(json!({
@@ -231,6 +286,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "sparsity": mask.sparsity(&model.layout),
             "parameters": model.layout.total(),
             "seed": a.seed,
+            "spawn_step": a.spawn_step,
+            "parent": parent.as_ref().map(|(run, prov, path, cached)| json!({
+                "path": path, "data_seed": run.data_seed, "images_seen": run.images_seen,
+                "provenance": prov.hex(), "cached": cached,
+            })),
             "config": cfg,
             "replicates": rows,
         });

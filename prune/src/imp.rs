@@ -23,7 +23,6 @@ use lmc_train::artifact::Provenance;
 use lmc_train::data::Dataset;
 use lmc_train::fit::{self, Observer, TrainConfig, TrainData, TrainState};
 use lmc_train::model::{Model, ModelSpec};
-use lmc_train::optim::Schedule;
 use lmc_train::params::{Mask, ParamVec};
 use lmc_train::stage::{self, Stage};
 use lmc_train::{Error, Result};
@@ -155,31 +154,6 @@ pub fn rewind(point: &ParamVec, trained: &ParamVec, mode: Rewind) -> Result<Para
     })
 }
 
-/// Errors unless the first `k` steps of `cfg` on `n` images all run at the base learning rate
-/// (the rewind point is computed by a constant-rate prefix run, exact only then) and `k` is
-/// shorter than the training.
-fn check_rewind_step(cfg: &TrainConfig, n: usize, k: u64) -> Result<()> {
-    let (per_epoch, epochs, total) = cfg.plan(n);
-    if k >= total {
-        return Err(Error::setting(format!(
-            "--rewind-step {k}: a round trains only {total} steps; rewind to an earlier step"
-        )));
-    }
-    let lr_at = |step: u64| match cfg.iterations {
-        Some(_) => cfg.schedule.lr(cfg.lr, step, total),
-        None => cfg.schedule.lr(cfg.lr, step / per_epoch, epochs as u64),
-    };
-    // Epoch-based schedules change the rate only at epoch starts: checking each epoch's first
-    // step and step k-1 covers every step before k.
-    let stride = if cfg.iterations.is_some() { 1 } else { per_epoch.max(1) as usize };
-    if k > 0 && ((0..k).step_by(stride).any(|s| lr_at(s) != cfg.lr) || lr_at(k - 1) != cfg.lr) {
-        return Err(Error::setting(format!(
-            "--rewind-step {k}: must come before the first learning-rate milestone"
-        )));
-    }
-    Ok(())
-}
-
 /// The parameters after the first `k` SGD steps of training `start` under `mask` with `cfg`
 /// (bit-identical to the full run's, as the rate is constant before step k).
 pub fn params_at_step(
@@ -194,13 +168,7 @@ pub fn params_at_step(
     if k == 0 {
         return Ok(start);
     }
-    check_rewind_step(cfg, data.train.len(), k)?;
-    let prefix = TrainConfig {
-        iterations: Some(k),
-        schedule: Schedule::Constant,
-        eval_every: 0,
-        ..cfg.clone()
-    };
+    let prefix = cfg.prefix(data.train.len(), k, "--rewind-step")?;
     let td = TrainData { test: None, ..TrainData::of(data, cfg) };
     let state =
         fit::fit(model, mask, &td, &prefix, data_seed, TrainState::start(start), &mut fit::Silent)?;
@@ -271,7 +239,8 @@ impl Imp<'_> {
             }
         }
         if self.config.rewind_step > 0 {
-            check_rewind_step(&self.config.train, self.data.train.len(), self.config.rewind_step)?;
+            let (cfg, n) = (&self.config.train, self.data.train.len());
+            cfg.prefix(n, self.config.rewind_step, "--rewind-step")?;
         }
         Ok(())
     }
@@ -372,7 +341,7 @@ impl Imp<'_> {
             &data,
             &cfg.train,
             cfg.data_seed,
-            start,
+            TrainState::start(start),
             &mut Training(obs),
         )?;
         let images_processed =

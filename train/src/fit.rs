@@ -96,6 +96,42 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The configuration of the first `k` steps of this one on `n` examples as a run of its
+    /// own: `k` iterations at the base rate, no test evaluation. Its end state equals this
+    /// run's state after step `k` bit for bit (same data order and augmentation, every step at
+    /// the base rate), which is what IMP's rewind point (`--rewind-step`) and a spawned child's
+    /// parent (`--spawn-step`) are. Errors, naming `flag`, unless `0 < k` is shorter than the
+    /// training and comes before the first learning-rate milestone.
+    pub fn prefix(&self, n: usize, k: u64, flag: &str) -> Result<TrainConfig> {
+        let (per_epoch, epochs, total) = self.plan(n);
+        if k == 0 {
+            return Err(Error::setting(format!("{flag} 0: a prefix needs at least one step")));
+        }
+        if k >= total {
+            return Err(Error::setting(format!(
+                "{flag} {k}: the training has only {total} steps; choose an earlier step"
+            )));
+        }
+        let lr_at = |step: u64| match self.iterations {
+            Some(_) => self.schedule.lr(self.lr, step, total),
+            None => self.schedule.lr(self.lr, step / per_epoch, epochs as u64),
+        };
+        // Epoch-based schedules change the rate only at epoch starts: checking each epoch's
+        // first step and step k-1 covers every step before k.
+        let stride = if self.iterations.is_some() { 1 } else { per_epoch.max(1) as usize };
+        if (0..k).step_by(stride).any(|s| lr_at(s) != self.lr) || lr_at(k - 1) != self.lr {
+            return Err(Error::setting(format!(
+                "{flag} {k}: must come before the first learning-rate milestone"
+            )));
+        }
+        Ok(TrainConfig {
+            iterations: Some(k),
+            schedule: Schedule::Constant,
+            eval_every: 0,
+            ..self.clone()
+        })
+    }
+
     /// (steps per epoch, epochs to run, total steps) for a training set of `n` examples.
     pub fn plan(&self, n: usize) -> (u64, usize, u64) {
         let per_epoch = n.div_ceil(self.batch_size) as u64;
@@ -402,9 +438,19 @@ pub fn fit(
         let mut lr = cfg.lr;
         // (steps of this epoch so far, the last step's loss), for a divergence found at its end.
         let mut last = (0usize, 0f32);
+        // A state spawned inside an epoch (`spawn.rs`) has done this epoch's first steps:
+        // their batches are skipped, their augmentation drawn and dropped so that the later
+        // batches are augmented as in an uninterrupted run. At an epoch start this is 0.
+        let done_here = state.steps_done.saturating_sub(epoch as u64 * per_epoch) as usize;
         for (i, idx) in order.chunks(cfg.batch_size).enumerate() {
             if state.steps_done >= total_steps {
                 break;
+            }
+            if i < done_here {
+                if let Some(r) = aug.as_mut() {
+                    data::skip_augment(r, idx.len());
+                }
+                continue;
             }
             data::fill_batch(data.train, data.norm, idx, aug.as_mut(), &mut batch);
             observer.on_batch(epoch, i as u64, &mut batch);
@@ -497,6 +543,41 @@ pub enum Start {
         /// Seed the source was initialised with, for the record.
         init_seed: u64,
     },
+    /// A child spawned at step `step` of a parent run (`lmc train --spawn-step`, Frankle et al.
+    /// 2020's instability analysis): it starts from the parent's parameters and running
+    /// statistics after `step` steps, with a fresh momentum buffer, and trains the remaining
+    /// steps of the schedule. Appended last, so the artifacts' earlier variants decode as before.
+    Spawned {
+        /// How the parent started.
+        parent: Box<Start>,
+        /// Provenance of the parent's run of its first `step` steps (`spawn::parent_request`).
+        parent_run: Provenance,
+        /// The step the child starts at.
+        step: u64,
+        /// The parent's data-order seed.
+        parent_data_seed: u64,
+        /// Training images the parent processed in those steps (included in the child's
+        /// `images_seen`, which counts its whole trajectory).
+        parent_images: u64,
+    },
+}
+
+impl Start {
+    /// The step training starts at (non-zero for a spawned child).
+    pub fn step(&self) -> u64 {
+        match self {
+            Start::Spawned { step, .. } => *step,
+            _ => 0,
+        }
+    }
+
+    /// Images processed before this run's own first step (by a spawned child's parent).
+    pub fn images_before(&self) -> u64 {
+        match self {
+            Start::Spawned { parent_images, .. } => *parent_images,
+            _ => 0,
+        }
+    }
 }
 
 /// A trained network: the `Run` artifact.
@@ -651,6 +732,9 @@ pub struct RunRequest<'a> {
     pub data_seed: u64,
     /// Replicate index.
     pub replicate: usize,
+    /// The training state to start from instead of `init` before the first step: a spawned
+    /// child's (`spawn.rs`), whose `start` is [`Start::Spawned`] and so names where it came from.
+    pub state: Option<TrainState>,
 }
 
 #[derive(Serialize)]
@@ -708,7 +792,7 @@ impl Observer for Checkpointer<'_> {
 }
 
 /// [`fit`] as a resumable stage: starts from the stage's checkpoint when it has the stage's
-/// provenance (else from `init`), keeps the checkpoint up to date while training, and on
+/// provenance (else from `init`, usually [`TrainState::start`]), keeps the checkpoint up to date while training, and on
 /// divergence names the checkpoint left as the last good state. The caller writes the output
 /// with [`Stage::finish`]. `lmc train` (through [`train_run`]) and every IMP round train here.
 #[allow(clippy::too_many_arguments)]
@@ -719,7 +803,7 @@ pub fn fit_stage(
     data: &TrainData,
     cfg: &TrainConfig,
     data_seed: u64,
-    init: ParamVec,
+    init: TrainState,
     observer: &mut dyn Observer,
 ) -> Result<TrainState> {
     // A checkpoint that does not fit this run's model and plan is never trusted: training
@@ -729,7 +813,7 @@ pub fn fit_stage(
         c.run == stage.provenance() && c.state.check_for(model, cfg, n).is_ok()
     }) {
         Some(c) => c.state,
-        None => TrainState::start(init),
+        None => init,
     };
     let mut cp = Checkpointer { stage: &mut *stage, inner: observer };
     match fit(model, mask, data, cfg, data_seed, state, &mut cp) {
@@ -764,7 +848,7 @@ pub fn train_run(
         &data,
         &req.config,
         req.data_seed,
-        req.init.clone(),
+        req.state.clone().unwrap_or_else(|| TrainState::start(req.init.clone())),
         observer,
     )?;
     let run = Run {

@@ -40,6 +40,7 @@ pub mod optim;
 pub mod params;
 pub mod seed;
 mod sparse_input;
+pub mod spawn;
 pub mod stage;
 
 pub use error::{Error, Result};

@@ -85,6 +85,7 @@ fn divergence_stops_with_a_clear_error_and_keeps_the_checkpoint() {
         config: c,
         data_seed: 0,
         replicate: 0,
+        state: None,
     };
     let err = fit::train_run(&req, Some(&out), false, &mut fit::Silent).unwrap_err();
     let Error::Diverged { loss, .. } = &err else { panic!("expected divergence, got {err}") };

@@ -30,6 +30,7 @@ fn a_checkpoint_that_does_not_fit_the_run_is_never_adopted() {
         config: c.clone(),
         data_seed: 0,
         replicate: 0,
+        state: None,
     };
     let (reference, prov, _) = fit::train_run(&req, None, false, &mut fit::Silent).unwrap();
     // A genuine state after the first epoch, to edit.
@@ -109,6 +110,7 @@ fn diverge(c: TrainConfig) -> (Error, std::path::PathBuf, tempfile::TempDir) {
         config: c,
         data_seed: 0,
         replicate: 0,
+        state: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run.lmc");

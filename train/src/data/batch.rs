@@ -76,6 +76,24 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// One image's augmentation: crop offsets (dy, dx) in 0..=2*padding and a horizontal flip.
+fn augment_draw(r: &mut ChaCha8Rng) -> (u8, u8, bool) {
+    let max = 2 * CROP_PADDING as u32;
+    let dy = r.gen_range(0..=max) as u8;
+    let dx = r.gen_range(0..=max) as u8;
+    let flip = r.gen_bool(0.5);
+    (dy, dx, flip)
+}
+
+/// Advances `r` past the augmentation draws of `n` images, as [`fill_batch`] would, without
+/// assembling them: a run that starts inside an epoch skips that epoch's earlier batches and
+/// still augments the later ones as an uninterrupted run does.
+pub fn skip_augment(r: &mut ChaCha8Rng, n: usize) {
+    for _ in 0..n {
+        augment_draw(r);
+    }
+}
+
 /// Fills `out` with the images `idx` of `set` (in that order), normalised: for [`Pixels::U8`],
 /// `x = (byte * scale - mean[c]) / std[c]`; [`Pixels::F32`] values are copied as they are.
 ///
@@ -114,13 +132,7 @@ pub fn fill_batch(
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     scratch.draws.clear();
     if let Some(r) = augment {
-        let max = 2 * CROP_PADDING as u32;
-        scratch.draws.extend((0..n).map(|_| {
-            let dy = r.gen_range(0..=max) as u8;
-            let dx = r.gen_range(0..=max) as u8;
-            let flip = r.gen_bool(0.5);
-            (dy, dx, flip)
-        }));
+        scratch.draws.extend((0..n).map(|_| augment_draw(r)));
     }
     let draws = &scratch.draws[..];
     // Images per parallel task: about 16k values each, so small batches stay on one thread.

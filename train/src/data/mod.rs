@@ -100,7 +100,7 @@ mod idx;
 mod stats;
 mod synthetic;
 
-pub use batch::{batches, crop_flip, epoch_order, fill_batch, Batch, CROP_PADDING};
+pub use batch::{batches, crop_flip, epoch_order, fill_batch, skip_augment, Batch, CROP_PADDING};
 pub use cifar::{
     load_cifar10, load_cifar100, load_cifar100_folder, load_cifar100_tar, load_cifar10_folder,
     load_cifar10_tar, CIFAR100_CLASSES, CIFAR10_CLASSES,
