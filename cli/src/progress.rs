@@ -36,7 +36,7 @@ impl TrainProgress {
         TrainProgress { bar, label }
     }
     /// The bar of a run that starts after `step` steps (a spawned child).
-    pub fn from_step(self, step: u64) -> TrainProgress {
+    pub fn starting_at(self, step: u64) -> TrainProgress {
         self.bar.set_position(step);
         self.bar.reset_eta();
         self

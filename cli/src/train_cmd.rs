@@ -249,7 +249,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             None => request(r),
         };
         let label = format!("replicate {}/{}", r + 1, a.replicates);
-        let mut bar = TrainProgress::new(label, total).from_step(req.start.step());
+        let mut bar = TrainProgress::new(label, total).starting_at(req.start.step());
         let (run, prov, cached) = fit::train_run(&req, Some(&path), a.fresh, &mut bar)?;
         bar.finish();
         rows.push(json!({
