@@ -49,6 +49,14 @@ pub struct Preset {
     pub rounds: Vec<usize>,
     /// Rounds that get a landscape plane (dense and distilled tickets).
     pub landscape_rounds: Vec<usize>,
+    /// Instability analysis (Frankle et al. 2020): replicates spawned at later steps k from
+    /// some conditions' starting points; the report plots the error barrier against k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instability: Option<Instability>,
+    /// Also real-data IMP that rewinds to this step instead of the initialisation (Frankle et
+    /// al.'s "rewinding"; conditions `imp-rewind-rR`), with the `[prune.args]` flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imp_rewind_step: Option<u64>,
     /// Flags per stage.
     #[serde(default)]
     pub distill: Flags,
@@ -77,6 +85,21 @@ pub struct Preset {
     /// `[slurm]`: where the Slurm executor submits.
     #[serde(default, skip_serializing_if = "SlurmOptions::is_empty")]
     pub slurm: SlurmOptions,
+}
+
+/// `[instability]` in a preset: which conditions are spawned at which steps.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instability {
+    /// Spawn steps k > 0 (`lmc train --spawn-step`); k = 0 is the condition itself.
+    pub steps: Vec<u64>,
+    /// Conditions swept, as `METHOD-rROUND` (`dense-r0`, `imp-r4`, ...) [default: dense-r0].
+    #[serde(default = "dense_only")]
+    pub conditions: Vec<String>,
+}
+
+fn dense_only() -> Vec<String> {
+    vec!["dense-r0".into()]
 }
 
 /// `[slurm]` in a preset (each can also be given on the command line, which wins).
@@ -155,7 +178,39 @@ pub fn load_preset(name_or_path: &str, root: &Path) -> Result<(Preset, PathBuf)>
     if preset.replicates < 2 {
         bail!("{}: replicates must be at least 2 (interpolation needs a pair)", path.display());
     }
+    if let Some(ins) = &preset.instability {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(k) = ins.steps.iter().find(|k| **k == 0 || !seen.insert(**k)) {
+            bail!(
+                "{}: [instability] steps: {k} is 0 or listed twice (k = 0 is the condition itself)",
+                path.display()
+            );
+        }
+        let known = condition_labels(&preset);
+        if let Some(c) = ins.conditions.iter().find(|c| !known.contains(c)) {
+            bail!(
+                "{}: [instability] conditions: no condition {c} (the preset has {})",
+                path.display(),
+                known.join(", ")
+            );
+        }
+    }
+    if preset.imp_rewind_step == Some(0) {
+        bail!("{}: imp_rewind_step must be a step after 0 (round 0 is imp)", path.display());
+    }
     Ok((preset, path))
+}
+
+/// The labels of a preset's conditions (`METHOD-rROUND`), in plan order.
+fn condition_labels(preset: &Preset) -> Vec<String> {
+    let mut out = vec!["dense-r0".to_string()];
+    for &r in preset.rounds.iter().filter(|&&r| r > 0) {
+        out.extend(["distilled", "imp", "random"].map(|m| format!("{m}-r{r}")));
+        if preset.imp_rewind_step.is_some() {
+            out.push(format!("imp-rewind-r{r}"));
+        }
+    }
+    out
 }
 
 /// `result.json`: a stage's command line, its wall time and the `--json` object `lmc` printed.
@@ -302,6 +357,8 @@ pub struct SeedPlan {
     pub prune_distilled: usize,
     /// IMP on real data.
     pub prune_real: usize,
+    /// IMP on real data rewinding to `imp_rewind_step`, if the preset asks for it.
+    pub prune_rewind: Option<usize>,
     /// The conditions whose replicates are trained and probed.
     pub conditions: Vec<Condition>,
 }
@@ -484,12 +541,14 @@ pub struct Condition {
     /// The IMP stage whose output reports this condition's sparsity (none for the dense net):
     /// known only once that stage ran, so it is read when the report is gathered.
     pub sparsity_from: Option<usize>,
+    /// The step its replicates were spawned at (0: trained from the start; `[instability]`).
+    pub spawn_step: u64,
     /// Replicate training.
     pub train: usize,
     /// Interpolation probe.
     pub interpolate: usize,
-    /// Hessian probe.
-    pub hessian: usize,
+    /// Hessian probe (not for the spawned conditions of an instability sweep).
+    pub hessian: Option<usize>,
     /// Landscape probe, if the preset asks for one.
     pub landscape: Option<usize>,
 }
@@ -533,6 +592,8 @@ pub struct ConditionSummary {
     pub method: String,
     /// IMP round (0 = dense).
     pub round: usize,
+    /// The step the replicates were spawned at (0: from the start).
+    pub spawn_step: u64,
     /// The seed, in a seed sweep.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -624,6 +685,8 @@ pub struct Results {
     pub compute: Vec<StageCompute>,
     /// In a seed sweep: each condition across seeds.
     pub sweep: Vec<SweepSummary>,
+    /// In a seed sweep: conditions compared against the seeds' spread.
+    pub comparisons: Vec<Comparison>,
 }
 
 /// Mean and sample standard deviation.
@@ -657,8 +720,12 @@ pub struct SweepSummary {
     pub method: String,
     /// IMP round.
     pub round: usize,
+    /// The step its replicates were spawned at (0: from the start).
+    pub spawn_step: u64,
     /// The seeds.
     pub seeds: Vec<u64>,
+    /// Each seed's mean error barrier, in the order of `seeds`.
+    pub error_barriers: Vec<f64>,
     /// Sparsity.
     pub sparsity: MeanStd,
     /// Mean test accuracy of the replicates.
@@ -669,30 +736,112 @@ pub struct SweepSummary {
     pub loss_barrier: MeanStd,
 }
 
-/// Groups per-seed conditions by (method, round), in first-seen order.
+/// Groups per-seed conditions by (method, round, spawn step), in first-seen order.
 fn across_seeds(conds: &[ConditionSummary]) -> Vec<SweepSummary> {
-    let mut keys: Vec<(String, usize)> = Vec::new();
+    let mut keys: Vec<(String, usize, u64)> = Vec::new();
     for c in conds {
-        if !keys.iter().any(|k| k.0 == c.method && k.1 == c.round) {
-            keys.push((c.method.clone(), c.round));
+        if !keys.iter().any(|k| k.0 == c.method && k.1 == c.round && k.2 == c.spawn_step) {
+            keys.push((c.method.clone(), c.round, c.spawn_step));
         }
     }
     keys.into_iter()
-        .map(|(method, round)| {
-            let g: Vec<&ConditionSummary> =
-                conds.iter().filter(|c| c.method == method && c.round == round).collect();
+        .map(|(method, round, spawn_step)| {
+            let g: Vec<&ConditionSummary> = conds
+                .iter()
+                .filter(|c| c.method == method && c.round == round && c.spawn_step == spawn_step)
+                .collect();
             let f = |v: fn(&ConditionSummary) -> f64| {
                 MeanStd::of(&g.iter().map(|c| v(c)).collect::<Vec<_>>())
             };
+            let ks = if spawn_step > 0 { format!("-k{spawn_step}") } else { String::new() };
             SweepSummary {
-                condition: format!("{method}-r{round}"),
+                condition: format!("{method}-r{round}{ks}"),
+                spawn_step,
                 seeds: g.iter().filter_map(|c| c.seed).collect(),
+                error_barriers: g.iter().map(|c| c.error_barrier_mean).collect(),
                 sparsity: f(|c| c.sparsity),
                 test_accuracy: f(|c| c.test_accuracy_mean),
                 error_barrier: f(|c| c.error_barrier_mean),
                 loss_barrier: f(|c| c.loss_barrier_mean),
                 method,
                 round,
+            }
+        })
+        .collect()
+}
+
+/// Two conditions of a seed sweep compared on their error barrier: does the difference exceed
+/// the seed-to-seed spread? Welch's two-sided t-test on the per-seed mean barriers (unequal
+/// variances; n = seeds per condition), at the 5% level.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    /// First condition.
+    pub a: String,
+    /// Second condition.
+    pub b: String,
+    /// Mean error barrier of `a` minus that of `b` (a fraction, like the barriers).
+    pub difference: f64,
+    /// Welch's t statistic (none when neither condition varies across seeds, or with one seed).
+    pub t: Option<f64>,
+    /// Its Welch-Satterthwaite degrees of freedom.
+    pub df: Option<f64>,
+    /// Two-sided p-value.
+    pub p_value: Option<f64>,
+    /// p < 0.05: the difference exceeds what the seeds' spread explains.
+    pub exceeds_spread: bool,
+}
+
+/// Welch's t-test of two samples: (t, degrees of freedom, two-sided p); none when either has
+/// fewer than two values or both have no spread.
+pub fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    if a.len() < 2 || b.len() < 2 {
+        return None;
+    }
+    let (ma, mb) = (MeanStd::of(a), MeanStd::of(b));
+    let (va, vb) = (ma.std * ma.std / a.len() as f64, mb.std * mb.std / b.len() as f64);
+    let se2 = va + vb;
+    if !(se2 > 0.0) {
+        return None;
+    }
+    let t = (ma.mean - mb.mean) / se2.sqrt();
+    let df = se2 * se2 / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
+    let dist = StudentsT::new(0.0, 1.0, df).ok()?;
+    Some((t, df, 2.0 * (1.0 - dist.cdf(t.abs()))))
+}
+
+/// The comparisons the report makes in a seed sweep: at each sparsity, distilled-data tickets
+/// against real-data IMP, random pruning and (if run) IMP with rewinding; and each swept
+/// condition at every spawn step k against itself at k = 0.
+fn compare(sweep: &[SweepSummary]) -> Vec<Comparison> {
+    let find = |m: &str, r: usize, k: u64| {
+        sweep.iter().find(|s| s.method == m && s.round == r && s.spawn_step == k)
+    };
+    let mut pairs = Vec::new();
+    for s in sweep.iter().filter(|s| s.method == "distilled" && s.spawn_step == 0) {
+        for other in ["imp", "random", "imp-rewind"] {
+            if let Some(o) = find(other, s.round, 0) {
+                pairs.push((s, o));
+            }
+        }
+    }
+    for s in sweep.iter().filter(|s| s.spawn_step > 0) {
+        if let Some(o) = find(&s.method, s.round, 0) {
+            pairs.push((o, s));
+        }
+    }
+    pairs
+        .into_iter()
+        .map(|(a, b)| {
+            let w = welch(&a.error_barriers, &b.error_barriers);
+            Comparison {
+                a: a.condition.clone(),
+                b: b.condition.clone(),
+                difference: a.error_barrier.mean - b.error_barrier.mean,
+                t: w.map(|w| w.0),
+                df: w.map(|w| w.1),
+                p_value: w.map(|w| w.2),
+                exceeds_spread: w.is_some_and(|w| w.2 < 0.05),
             }
         })
         .collect()
@@ -780,11 +929,23 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
     a.extend(lits(preset.prune.to_args()?));
     a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
     let prune_real = b.add(&format!("prune-real{sfx}"), "prune", a)?;
+    let prune_rewind = match preset.imp_rewind_step {
+        Some(k) => {
+            let mut a = prune_head();
+            a.extend(lits(preset.prune.to_args()?));
+            a.extend(lit(&["--rewind-step", &k.to_string()]));
+            a.extend([Arg::Lit("--out-dir".into()), Arg::Own("tickets".into())]);
+            Some(b.add(&format!("prune-real-rewind{sfx}"), "prune", a)?)
+        }
+        None => None,
+    };
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
     // 3. Conditions: dense, then per round distilled / imp / random (ticket node, file).
     // (method, round, IMP stage that reports its sparsity, (ticket stage, ticket file)).
-    type Planned<'a> = (&'a str, usize, Option<usize>, (usize, String));
-    let mut conds: Vec<Planned> = vec![("dense", 0, None, (prune_real, ticket(0)))];
+    // The fifth field, the spawn step, is added below.
+    type Planned<'a> = (&'a str, usize, Option<usize>, (usize, String), u64);
+    type Base<'a> = (&'a str, usize, Option<usize>, (usize, String));
+    let mut conds: Vec<Base> = vec![("dense", 0, None, (prune_real, ticket(0)))];
     for &r in preset.rounds.iter().filter(|&&r| r > 0) {
         conds.push(("distilled", r, Some(prune_distilled), (prune_distilled, ticket(r))));
         conds.push(("imp", r, Some(prune_real), (prune_real, ticket(r))));
@@ -793,15 +954,38 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
         a.extend([Arg::Lit("--out".into()), Arg::Own("random.lmc".into())]);
         let rs = b.add(&format!("random-r{r}{sfx}"), "random", a)?;
         conds.push(("random", r, Some(prune_real), (rs, "random.lmc".into())));
+        if let Some(pr) = prune_rewind {
+            conds.push(("imp-rewind", r, Some(pr), (pr, ticket(r))));
+        }
     }
+    // Spawned copies of the swept conditions (`[instability]`), after the conditions.
+    let swept: Vec<Planned> = match &preset.instability {
+        Some(ins) => ins
+            .steps
+            .iter()
+            .flat_map(|&k| {
+                conds
+                    .iter()
+                    .filter(|c| ins.conditions.contains(&format!("{}-r{}", c.0, c.1)))
+                    .map(move |c| (c.0, c.1, c.2, (c.3 .0, c.3 .1.clone()), k))
+            })
+            .collect(),
+        None => vec![],
+    };
+    let conds: Vec<Planned> =
+        conds.into_iter().map(|(m, r, s, t)| (m, r, s, t, 0)).chain(swept).collect();
     // 4. Replicates and probes per condition.
     let reps = preset.replicates.to_string();
     let mut conditions = Vec::new();
-    for (method, round, sparsity_from, (tnode, tfile)) in conds {
-        let label = format!("{method}-r{round}{sfx}");
+    for (method, round, sparsity_from, (tnode, tfile), spawn) in conds {
+        let ks = if spawn > 0 { format!("-k{spawn}") } else { String::new() };
+        let label = format!("{method}-r{round}{ks}{sfx}");
         let mut a = lit(&["train", "--dataset", &ds, "--replicates", &reps, "--seed", &seed]);
         a.extend([Arg::Lit("--ticket".into()), Arg::In(tnode, tfile)]);
         a.extend(lits(preset.train.to_args()?));
+        if spawn > 0 {
+            a.extend(lit(&["--spawn-step", &spawn.to_string()]));
+        }
         a.extend([Arg::Lit("--out".into()), Arg::Own("runs".into())]);
         let train = b.add(&format!("train-{label}"), "train", a)?;
         let rep = |i: usize| Arg::In(train, format!("runs/replicate-{i}.lmc"));
@@ -814,8 +998,10 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
         a.push(rep(0));
         a.extend(lits(preset.hessian.to_args()?));
         a.extend([Arg::Lit("--out".into()), Arg::Own("hessian.lmc".into())]);
-        let hessian = b.add(&format!("hessian-{label}"), "hessian", a)?;
+        let hessian =
+            if spawn == 0 { Some(b.add(&format!("hessian-{label}"), "hessian", a)?) } else { None };
         let landscape = if (method == "dense" || method == "distilled")
+            && spawn == 0
             && preset.landscape_rounds.contains(&round)
         {
             let mut a = lit(&["probe", "landscape"]);
@@ -830,13 +1016,14 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
             method: method.into(),
             round,
             sparsity_from,
+            spawn_step: spawn,
             train,
             interpolate,
             hessian,
             landscape,
         });
     }
-    Ok(SeedPlan { seed: seed_n, distill, prune_distilled, prune_real, conditions })
+    Ok(SeedPlan { seed: seed_n, distill, prune_distilled, prune_real, prune_rewind, conditions })
 }
 
 /// Gathers the report's numbers from the finished stages of `g` under `out`. `ran[i]` says
@@ -881,9 +1068,20 @@ pub fn gather(
         images_seen.insert(sp.distill, Some(distill.images_processed));
         images_seen.insert(sp.prune_distilled, last_round(&rounds_distilled));
         images_seen.insert(sp.prune_real, last_round(&rounds_real));
+        let rounds_rewind = match sp.prune_rewind {
+            Some(i) => stages[i].output::<PruneOutput>()?.rounds,
+            None => vec![],
+        };
+        if let Some(i) = sp.prune_rewind {
+            images_seen.insert(i, last_round(&rounds_rewind));
+        }
         let sparsity_of = |node: Option<usize>, r: usize| -> Result<f64> {
             let Some(node) = node else { return Ok(0.0) };
-            let rounds = if node == sp.prune_distilled { &rounds_distilled } else { &rounds_real };
+            let rounds = match node {
+                n if n == sp.prune_distilled => &rounds_distilled,
+                n if Some(n) == sp.prune_rewind => &rounds_rewind,
+                _ => &rounds_real,
+            };
             rounds
                 .iter()
                 .find(|x| x.round == r)
@@ -899,7 +1097,8 @@ pub fn gather(
             results.distill = Some(distill);
         }
         for c in &sp.conditions {
-            let label = format!("{}-r{}{sfx}", c.method, c.round);
+            let ks = if c.spawn_step > 0 { format!("-k{}", c.spawn_step) } else { String::new() };
+            let label = format!("{}-r{}{ks}{sfx}", c.method, c.round);
             let tr = &stages[c.train];
             let mut accs = Vec::new();
             let mut images = 0;
@@ -908,20 +1107,29 @@ pub fn gather(
                 let (_, run) = artifact::read::<Run>(&path)
                     .with_context(|| format!("stage {}: reading {}", tr.name, path.display()))?;
                 accs.push(run.final_test_accuracy());
-                images += run.images_seen;
+                // A spawned replicate counts its parent's images, which were processed once
+                // for all of them.
+                images += run.images_seen - if i > 0 { run.start.images_before() } else { 0 };
             }
             images_seen.insert(c.train, Some(images));
             let ip = &stages[c.interpolate];
             let ProbeResult::Interpolation(interp) = ip.probe("interpolate.lmc")? else {
                 bail!("stage {}: interpolate.lmc holds another probe", ip.name);
             };
-            let hs = &stages[c.hessian];
-            let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
-                bail!("stage {}: hessian.lmc holds another probe", hs.name);
+            let hessian = match c.hessian {
+                Some(h) => {
+                    let hs = &stages[h];
+                    let ProbeResult::Hessian(hessian) = hs.probe("hessian.lmc")? else {
+                        bail!("stage {}: hessian.lmc holds another probe", hs.name);
+                    };
+                    if let Some(d) = &hessian.diagonal {
+                        diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
+                    }
+                    Some(hessian)
+                }
+                None => None,
             };
-            if let Some(d) = &hessian.diagonal {
-                diagonals.push((label.clone(), d.iter().map(|&x| x as f64).collect()));
-            }
+            let trace = hessian.as_ref().and_then(|h| h.trace.as_ref());
             if let Some(l) = c.landscape {
                 let ls = &stages[l];
                 let ProbeResult::Landscape(result) = ls.probe("landscape.lmc")? else {
@@ -946,6 +1154,7 @@ pub fn gather(
                 condition: label,
                 method: c.method.clone(),
                 round: c.round,
+                spawn_step: c.spawn_step,
                 seed: g.sweep.then_some(sp.seed),
                 sparsity: sparsity_of(c.sparsity_from, c.round)?,
                 test_accuracy_mean: accs.iter().sum::<f64>() / accs.len().max(1) as f64,
@@ -957,8 +1166,8 @@ pub fn gather(
                 error_barrier_reset_mean: reset.map(|r| r.error_barrier.mean),
                 loss_barrier_reset_mean: reset.map(|r| r.loss_barrier.mean),
                 interpolation: curve.points.clone(),
-                hessian_trace: hessian.trace.as_ref().map(|t| t.trace),
-                hessian_trace_se: hessian.trace.as_ref().map(|t| t.trace_se),
+                hessian_trace: trace.map(|t| t.trace),
+                hessian_trace_se: trace.map(|t| t.trace_se),
             });
         }
     }
@@ -974,6 +1183,7 @@ pub fn gather(
         .collect();
     if g.sweep {
         results.sweep = across_seeds(&results.conditions);
+        results.comparisons = compare(&results.sweep);
     }
     Ok((results, diagonals))
 }
@@ -1108,6 +1318,99 @@ mod tests {
         let m = MeanStd::of(&[1.0, 2.0, 3.0]);
         assert_eq!((m.mean, m.std), (2.0, 1.0));
         assert_eq!(MeanStd::of(&[0.5]).std, 0.0);
+    }
+
+    #[test]
+    fn an_instability_sweep_spawns_copies_of_the_named_conditions() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (mut preset, _) = load_preset("digits", root).unwrap();
+        let single = plan(&preset, None).unwrap();
+        preset.instability = Some(Instability {
+            steps: vec![10, 100],
+            conditions: vec!["dense-r0".into(), "imp-r4".into()],
+        });
+        preset.imp_rewind_step = Some(50);
+        let g = plan(&preset, None).unwrap();
+        // + 2 steps x 2 conditions x (train, interpolate), no Hessians for spawned copies;
+        // + IMP with rewinding, and its tickets at rounds 4 and 9 x (train, interpolate, hessian).
+        assert_eq!(g.nodes.len(), single.nodes.len() + 8 + 1 + 6);
+        let node = |name: &str| g.nodes.iter().find(|n| n.name == name).unwrap();
+        let spawned = node("train-dense-r0-k10");
+        assert!(spawned.argv.windows(2).any(|w| w == ["--spawn-step", "10"]));
+        // The spawned copies start from the condition's own starting point.
+        assert_eq!(spawned.inputs, node("train-dense-r0").inputs);
+        assert_eq!(node("train-imp-r4-k100").inputs, node("train-imp-r4").inputs);
+        assert!(!g.nodes.iter().any(|n| n.name.starts_with("hessian-dense-r0-k")));
+        assert!(node("prune-real-rewind").argv.windows(2).any(|w| w == ["--rewind-step", "50"]));
+        let c = &g.seeds[0].conditions;
+        assert_eq!(c.iter().filter(|c| c.spawn_step > 0).count(), 4);
+        assert!(c.iter().any(|c| c.method == "imp-rewind" && c.round == 9));
+        // The unswept stages are the same stages (same keys, so their caches carry over).
+        assert_eq!(
+            node("train-dense-r0").key,
+            single.nodes[single.seeds[0].conditions[0].train].key
+        );
+    }
+
+    #[test]
+    fn bad_instability_settings_name_the_preset_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let text = std::fs::read_to_string(root.join("presets/digits.toml")).unwrap();
+        let p = dir.path().join("bad.toml");
+        for (extra, want) in [
+            ("[instability]\nsteps = [0, 10]\n", "steps: 0"),
+            ("[instability]\nsteps = [10, 10]\n", "steps: 10"),
+            ("[instability]\nsteps = [10]\nconditions = [\"imp-r5\"]\n", "no condition imp-r5"),
+            ("[instability]\nsteps = [10]\nconditions = [\"imp-rewind-r4\"]\n", "imp-rewind-r4"),
+        ] {
+            std::fs::write(&p, format!("{text}\n{extra}")).unwrap();
+            let e = format!("{:#}", load_preset(p.to_str().unwrap(), root).unwrap_err());
+            assert!(e.contains("bad.toml") && e.contains(want), "{e}");
+        }
+        std::fs::write(&p, text.replace("seed = 0\n", "seed = 0\nimp_rewind_step = 0\n")).unwrap();
+        let e = format!("{:#}", load_preset(p.to_str().unwrap(), root).unwrap_err());
+        assert!(e.contains("imp_rewind_step"), "{e}");
+    }
+
+    #[test]
+    fn welchs_test_matches_the_closed_form_for_four_degrees_of_freedom() {
+        // [1, 2, 3] vs [4, 5, 6]: means 2 and 5, variances 1, so se^2 = 2/3, t = -3/sqrt(2/3)
+        // = -3.6742 and the Welch-Satterthwaite df = (2/3)^2 / (2 (1/3)^2 / 2) = 4. Student's
+        // t CDF for 4 degrees of freedom has the closed form
+        // F(t) = 1/2 + 3/8 x (1 - t^2 / (12 (1 + t^2/4))), x = t / sqrt(1 + t^2/4),
+        // which gives a two-sided p = 0.0213116.
+        let (t, df, p) = welch(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]).unwrap();
+        assert!((t + 3.674_234_614).abs() < 1e-8, "{t}");
+        assert!((df - 4.0).abs() < 1e-12, "{df}");
+        assert!((p - 0.021_311_641).abs() < 1e-7, "{p}");
+        assert!(welch(&[1.0], &[2.0, 3.0]).is_none(), "one seed has no spread");
+        assert!(welch(&[1.0, 1.0], &[2.0, 2.0]).is_none(), "no spread at all");
+        let s = |m: &str, k: u64, b: &[f64]| SweepSummary {
+            condition: format!("{m}-r4-k{k}"),
+            method: m.into(),
+            round: if m == "dense" { 0 } else { 4 },
+            spawn_step: k,
+            seeds: vec![0, 1, 2],
+            error_barriers: b.to_vec(),
+            sparsity: MeanStd::of(&[0.0]),
+            test_accuracy: MeanStd::of(&[0.9]),
+            error_barrier: MeanStd::of(b),
+            loss_barrier: MeanStd::of(&[0.0]),
+        };
+        let sweep = [
+            s("dense", 0, &[0.3, 0.35, 0.32]),
+            s("dense", 100, &[0.01, 0.02, 0.015]),
+            s("distilled", 0, &[0.05, 0.06, 0.055]),
+            s("imp", 0, &[0.06, 0.05, 0.057]),
+            s("random", 0, &[0.30, 0.31, 0.33]),
+        ];
+        let c = compare(&sweep);
+        let pair = |a: &str, b: &str| c.iter().find(|x| x.a.starts_with(a) && x.b.starts_with(b));
+        assert!(pair("distilled", "random").unwrap().exceeds_spread);
+        assert!(!pair("distilled", "imp").unwrap().exceeds_spread);
+        assert!(pair("dense-r4-k0", "dense-r4-k100").unwrap().exceeds_spread);
+        assert_eq!(c.len(), 3);
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub struct Series {
     pub name: String,
     /// (x, y) points in drawing order.
     pub points: Vec<(f64, f64)>,
+    /// Error bar half-lengths, one per point (e.g. a standard deviation across seeds), or
+    /// empty for none.
+    pub err: Vec<f64>,
+}
+
+impl Series {
+    /// A line without error bars.
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Series {
+        Series { name: name.into(), points, err: vec![] }
+    }
 }
 
 const COLORS: [RGBColor; 8] = [
@@ -52,7 +62,12 @@ pub fn lines(
     let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let (x0, x1) = range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
-    let (y0, y1) = range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+    // The y range covers the error bars.
+    let ends = |s: &Series| -> Vec<f64> {
+        let e = |i: usize| s.err.get(i).copied().unwrap_or(0.0);
+        s.points.iter().enumerate().flat_map(|(i, p)| [p.1 - e(i), p.1 + e(i)]).collect()
+    };
+    let (y0, y1) = range(series.iter().flat_map(ends));
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -70,6 +85,11 @@ pub fn lines(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         chart
             .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .draw_series(s.points.iter().zip(&s.err).filter(|(_, e)| **e > 0.0).map(|(p, e)| {
+                PathElement::new(vec![(p.0, p.1 - e), (p.0, p.1 + e)], c.stroke_width(1))
+            }))
             .map_err(|e| anyhow!("{e:?}"))?;
     }
     chart
@@ -168,7 +188,7 @@ pub fn histogram(
                 .enumerate()
                 .map(|(i, &c)| (lo + (i as f64 + 0.5) * width, c as f64 / n))
                 .collect();
-            Series { name: name.clone(), points }
+            Series::new(name.clone(), points)
         })
         .collect();
     lines(path, title, x_label, "fraction of entries", &series)

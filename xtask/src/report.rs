@@ -6,10 +6,8 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::pipeline::{ConditionSummary, Results, SweepSummary};
+use crate::pipeline::{ConditionSummary, MeanStd, Results, SweepSummary};
 use crate::plot::{self, Series};
-
-const METHODS: [&str; 4] = ["dense", "distilled", "imp", "random"];
 
 /// A fraction as a percentage with 2 decimals; "-" for a value that is not a number (an empty
 /// split, a loss that diverged).
@@ -35,32 +33,47 @@ pub fn write(
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let conds = &res.conditions;
-    // Every method's line starts at the dense network (sparsity 0).
-    fn by_method<'a>(
-        conds: &'a [ConditionSummary],
-        m: &'a str,
-    ) -> impl Iterator<Item = &'a ConditionSummary> + 'a {
-        conds.iter().filter(move |c| c.method == m || c.method == "dense")
+    // Every method's line starts at the dense network (sparsity 0); the spawned copies of an
+    // instability sweep have their own plot.
+    let unspawned: Vec<ConditionSummary> =
+        conds.iter().filter(|c| c.spawn_step == 0).cloned().collect();
+    let sweep: Vec<&SweepSummary> = res.sweep.iter().filter(|s| s.spawn_step == 0).collect();
+    let mut methods: Vec<&str> = Vec::new();
+    for c in unspawned.iter().filter(|c| c.method != "dense") {
+        if !methods.contains(&c.method.as_str()) {
+            methods.push(&c.method);
+        }
     }
     // Accuracy vs sparsity (replicates retrained on real data), and barrier vs sparsity.
     let mut acc = Vec::new();
     let mut bar = Vec::new();
-    for m in METHODS.iter().skip(1) {
-        if !res.sweep.is_empty() {
-            // A seed sweep plots each condition's mean over the seeds (one point per sparsity).
-            let sw = res.sweep.iter().filter(|s| s.method == *m || s.method == "dense");
-            let pts = |value: fn(&SweepSummary) -> f64| -> Vec<(f64, f64)> {
-                sw.clone().map(|s| (100.0 * s.sparsity.mean, 100.0 * value(s))).collect()
+    for m in methods {
+        if !sweep.is_empty() {
+            // A seed sweep plots each condition's mean over the seeds, with +- one standard
+            // deviation as error bars.
+            let sw: Vec<&&SweepSummary> =
+                sweep.iter().filter(|s| s.method == m || s.method == "dense").collect();
+            let series = |value: fn(&SweepSummary) -> MeanStd| Series {
+                name: m.to_string(),
+                points: sw
+                    .iter()
+                    .map(|s| (100.0 * s.sparsity.mean, 100.0 * value(s).mean))
+                    .collect(),
+                err: sw.iter().map(|s| 100.0 * value(s).std).collect(),
             };
-            acc.push(Series { name: m.to_string(), points: pts(|s| s.test_accuracy.mean) });
-            bar.push(Series { name: m.to_string(), points: pts(|s| s.error_barrier.mean) });
+            acc.push(series(|s| s.test_accuracy));
+            bar.push(series(|s| s.error_barrier));
             continue;
         }
         let pts = |value: fn(&ConditionSummary) -> f64| -> Vec<(f64, f64)> {
-            by_method(conds, m).map(|c| (100.0 * c.sparsity, 100.0 * value(c))).collect()
+            unspawned
+                .iter()
+                .filter(|c| c.method == m || c.method == "dense")
+                .map(|c| (100.0 * c.sparsity, 100.0 * value(c)))
+                .collect()
         };
-        acc.push(Series { name: m.to_string(), points: pts(|c| c.test_accuracy_mean) });
-        bar.push(Series { name: m.to_string(), points: pts(|c| c.error_barrier_mean) });
+        acc.push(Series::new(m, pts(|c| c.test_accuracy_mean)));
+        bar.push(Series::new(m, pts(|c| c.error_barrier_mean)));
     }
     plot::lines(
         &dir.join("accuracy_vs_sparsity.svg"),
@@ -79,9 +92,9 @@ pub fn write(
     // Error along each interpolation path.
     let paths: Vec<Series> = conds
         .iter()
-        .map(|c| Series {
-            name: c.condition.clone(),
-            points: c.interpolation.iter().map(|p| (p.alpha, 100.0 * p.error)).collect(),
+        .map(|c| {
+            let points = c.interpolation.iter().map(|p| (p.alpha, 100.0 * p.error)).collect();
+            Series::new(c.condition.clone(), points)
         })
         .collect();
     plot::lines(
@@ -101,7 +114,7 @@ pub fn write(
             .iter()
             .map(|x| (100.0 * x.record.sparsity, 100.0 * x.record.test_accuracy))
             .collect();
-        rounds.push(Series { name: label.into(), points: pts });
+        rounds.push(Series::new(label, pts));
     }
     plot::lines(
         &dir.join("imp_rounds.svg"),
@@ -159,12 +172,37 @@ pub fn write(
     if let Some(png) = distill_png {
         std::fs::copy(png, dir.join("distilled.png"))?;
     }
+    // Instability: each swept condition's error barrier against its spawn step k (k = 0 is
+    // the condition itself), the mean over seeds with +- one standard deviation in a sweep.
+    let instability = instability_rows(res);
+    if !instability.is_empty() {
+        let mut lines: Vec<Series> = Vec::new();
+        for (base, k, b) in instability.iter().filter(|r| r.1 > 0) {
+            let i = match lines.iter().position(|l| &l.name == base) {
+                Some(i) => i,
+                None => {
+                    lines.push(Series::new(base.clone(), vec![]));
+                    lines.len() - 1
+                }
+            };
+            lines[i].points.push(((*k as f64).log10(), 100.0 * b.mean));
+            lines[i].err.push(100.0 * b.std);
+        }
+        plot::lines(
+            &dir.join("barrier_vs_step.svg"),
+            "Instability: error barrier between copies spawned at step k",
+            "spawn step k (log10 scale: 2 = 100 steps, 3 = 1000)",
+            "test error barrier (percentage points)",
+            &lines,
+        )?;
+    }
     let mut summary = serde_json::json!({
         "preset": res.preset, "conditions": res.conditions, "imp_rounds": res.imp_rounds, "distill": res.distill, "compute": res.compute,
         "hessian_diagonal_histograms": logs.iter().map(|(n, v)| serde_json::json!({"condition": n, "entries": v.len()})).collect::<Vec<_>>(),
     });
     if !res.sweep.is_empty() {
         summary["sweep"] = serde_json::to_value(&res.sweep)?;
+        summary["comparisons"] = serde_json::to_value(&res.comparisons)?;
     }
     std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
     // Markdown.
@@ -229,12 +267,48 @@ pub fn write(
             )?;
         }
     }
+    if !res.comparisons.is_empty() {
+        writeln!(md, "\n## Differences against the seeds' spread\n\nWelch's two-sided t-test on the per-seed mean error barriers of two conditions (unequal variances, n = seeds per condition); a difference \"exceeds the spread\" when p < 0.05. With few seeds only large, consistent differences pass.\n")?;
+        writeln!(md, "| a | b | barrier a - b (points) | t | df | p | exceeds the spread |\n|---|---|---|---|---|---|---|")?;
+        for c in &res.comparisons {
+            let opt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| fixed(v, d));
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                c.a,
+                c.b,
+                pct(c.difference),
+                opt(c.t, 2),
+                opt(c.df, 1),
+                opt(c.p_value, 3),
+                if c.p_value.is_none() {
+                    "no spread to test"
+                } else if c.exceeds_spread {
+                    "yes"
+                } else {
+                    "no"
+                }
+            )?;
+        }
+    }
+    if !instability.is_empty() {
+        writeln!(md, "\n## Instability (Frankle et al. 2020)\n\nCopies spawned at step k from one parent trained from the condition's start (`lmc train --spawn-step k`); k = 0 is the condition itself. A network is stable at k when the barrier is near 0.\n")?;
+        writeln!(md, "| condition | spawn step k | error barrier (points) |\n|---|---|---|")?;
+        for (base, k, b) in &instability {
+            let spread =
+                if res.sweep.is_empty() { String::new() } else { format!(" ± {}", pct(b.std)) };
+            writeln!(md, "| {base} | {k} | {}{spread} |", pct(b.mean))?;
+        }
+    }
     let img = |md: &mut String, file: &str, alt: &str| writeln!(md, "\n![{alt}]({file})\n");
     writeln!(md, "\n## Plots")?;
     img(&mut md, "accuracy_vs_sparsity.svg", "test accuracy vs sparsity per method")?;
     img(&mut md, "barrier_vs_sparsity.svg", "error barrier vs sparsity per method")?;
     img(&mut md, "interpolation.svg", "test error along each interpolation path")?;
     img(&mut md, "imp_rounds.svg", "test accuracy of each IMP round")?;
+    if !instability.is_empty() {
+        img(&mut md, "barrier_vs_step.svg", "error barrier vs spawn step k")?;
+    }
     for f in &landscape_files {
         img(&mut md, f, "loss landscape")?;
     }
@@ -260,6 +334,43 @@ pub fn write(
     std::fs::write(dir.join("index.md"), &md)?;
     std::fs::write(dir.join("index.html"), markdown_to_html(&md))?;
     Ok(())
+}
+
+/// The instability sweep's rows: (swept condition, spawn step k, error barrier), k = 0 first
+/// for each condition; across seeds in a seed sweep (mean and standard deviation), else the
+/// one seed's value with no spread.
+fn instability_rows(res: &Results) -> Vec<(String, u64, MeanStd)> {
+    let mut rows = Vec::new();
+    if !res.sweep.is_empty() {
+        let mut bases: Vec<(&str, usize)> = Vec::new();
+        for s in res.sweep.iter().filter(|s| s.spawn_step > 0) {
+            if !bases.contains(&(s.method.as_str(), s.round)) {
+                bases.push((&s.method, s.round));
+            }
+        }
+        for (m, r) in bases {
+            let mut g: Vec<&SweepSummary> =
+                res.sweep.iter().filter(|s| s.method == m && s.round == r).collect();
+            g.sort_by_key(|s| s.spawn_step);
+            rows.extend(g.iter().map(|s| (format!("{m}-r{r}"), s.spawn_step, s.error_barrier)));
+        }
+        return rows;
+    }
+    let mut bases: Vec<(&str, usize)> = Vec::new();
+    for c in res.conditions.iter().filter(|c| c.spawn_step > 0) {
+        if !bases.contains(&(c.method.as_str(), c.round)) {
+            bases.push((&c.method, c.round));
+        }
+    }
+    for (m, r) in bases {
+        let mut g: Vec<&ConditionSummary> =
+            res.conditions.iter().filter(|c| c.method == m && c.round == r).collect();
+        g.sort_by_key(|c| c.spawn_step);
+        rows.extend(g.iter().map(|c| {
+            (format!("{m}-r{r}"), c.spawn_step, MeanStd { mean: c.error_barrier_mean, std: 0.0 })
+        }));
+    }
+    rows
 }
 
 /// A tiny converter for the subset of Markdown the report uses (headings, paragraphs, tables,
