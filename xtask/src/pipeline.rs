@@ -801,7 +801,7 @@ pub fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
     let (ma, mb) = (MeanStd::of(a), MeanStd::of(b));
     let (va, vb) = (ma.std * ma.std / a.len() as f64, mb.std * mb.std / b.len() as f64);
     let se2 = va + vb;
-    if !(se2 > 0.0) {
+    if se2.is_nan() || se2 <= 0.0 {
         return None;
     }
     let t = (ma.mean - mb.mean) / se2.sqrt();
