@@ -129,7 +129,7 @@ fn bar(total: u64, prefix: &str) -> ProgressBar {
 
 /// The real dataset a `--dataset` value stands for (its own name, or a synthetic set's base).
 fn base_of(arg: &str, ds: &Dataset) -> Result<DatasetName> {
-    if let Ok(name) = ds.name.parse::<DatasetName>() {
+    if let Ok((name, _)) = data::parse_real(&ds.name) {
         return Ok(name);
     }
     let (_, set) = artifact::read::<SyntheticSet>(Path::new(arg)).context("--dataset")?;
@@ -261,7 +261,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     if a.eval_models > 0 {
         // The real test split: the source itself, or a synthetic source's base dataset.
         let loaded;
-        let real: &Dataset = if ds.name.parse::<DatasetName>().is_ok() {
+        let real: &Dataset = if data::parse_real(&ds.name).is_ok() {
             &ds
         } else {
             loaded = data::load(base, Some(&data::resolve_data_dir(a.data.data_dir.as_deref())))?;

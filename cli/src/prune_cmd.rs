@@ -206,7 +206,7 @@ fn load_data(a: &ImpArgs) -> Result<(Dataset, Provenance)> {
         bail!("--dataset {name}: with --train-set, --dataset names the real dataset (e.g. mnist)");
     }
     let (h, syn) = artifact::read::<SyntheticSet>(set)?;
-    if syn.base.as_str() != name.parse::<lmc_train::data::DatasetName>()?.as_str() {
+    if syn.base.as_str() != lmc_train::data::parse_real(&name)?.0.as_str() {
         bail!(
             "--train-set {}: a distilled set of {}, not of --dataset {name}",
             set.display(),

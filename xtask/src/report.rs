@@ -316,7 +316,28 @@ pub fn write(
         img(&mut md, "hessian_diagonal.svg", "Hessian diagonal histograms")?;
     }
     if distill_png.is_some() {
-        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {}\n", res.distill.as_ref().and_then(|d| d.evaluation.as_ref()).map_or("not evaluated".into(), |e| format!("{}%", pct(e.test_accuracy_mean))))?;
+        let quality = res.distill.as_ref().and_then(|d| d.evaluation.as_ref()).map_or(
+            "not evaluated (add `eval-models` to `[distill.args]`)".into(),
+            |e| {
+                let mut q = format!(
+                    "{}% ± {} ({} fresh {} networks, {} epochs each)",
+                    pct(e.test_accuracy_mean),
+                    pct(e.test_accuracy_std),
+                    e.eval_models,
+                    e.eval_model,
+                    e.eval_epochs
+                );
+                if let Some(b) = &e.baseline {
+                    q += &format!(
+                        "; the same training on the random real images they started from: {}% ± {}",
+                        pct(b.baseline_test_accuracy_mean),
+                        pct(b.baseline_test_accuracy_std)
+                    );
+                }
+                q
+            },
+        );
+        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {quality}.\n")?;
         img(&mut md, "distilled.png", "distilled images, one row per class")?;
     }
     writeln!(md, "\n## Compute per stage\n\n| stage | images processed | seconds | cached |\n|---|---|---|---|")?;

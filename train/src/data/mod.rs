@@ -108,7 +108,7 @@ pub use cifar::{
 pub use digits::load_digits;
 pub use idx::load_idx;
 pub use stats::{split_stats, SplitStats};
-pub use synthetic::{resolve_dataset, upsample_bilinear, SyntheticSet, MAX_DECODED};
+pub use synthetic::{parse_real, resolve_dataset, upsample_bilinear, SyntheticSet, MAX_DECODED};
 
 use crate::Error;
 

@@ -225,9 +225,16 @@ pub fn resolve_dataset(arg: &str, data_dir: Option<&Path>) -> Result<(Dataset, P
     let path = Path::new(arg);
     let looks_like_file = arg.ends_with(".lmc") || path.is_file();
     if !looks_like_file {
-        let name: DatasetName = arg.parse()?;
-        let ds = load(name, data_dir)?;
-        return Ok((ds, Provenance::of("dataset", &name.to_string(), &[])));
+        let (name, train) = parse_real(arg)?;
+        let mut ds = load(name, data_dir)?;
+        if let Some(n) = train {
+            ds.train = balanced_prefix(&ds.train, ds.classes, n)
+                .map_err(|e| Error::setting(format!("dataset {arg}: {e}")))?;
+            ds.name = format!("{name}:train={n}");
+        }
+        // The name (with its subset) identifies built-in data, as it always has.
+        let id = ds.name.clone();
+        return Ok((ds, Provenance::of("dataset", &id, &[])));
     }
     let (header, syn) = artifact::read::<SyntheticSet>(path)?;
     let real = load(syn.base, data_dir)?;
@@ -235,10 +242,79 @@ pub fn resolve_dataset(arg: &str, data_dir: Option<&Path>) -> Result<(Dataset, P
     Ok((ds, header.provenance))
 }
 
+/// A real dataset's name, `NAME[:train=N]`: the dataset, and the size of the class-balanced
+/// training subset to use (a CPU-sized study; the test split is always whole).
+pub fn parse_real(arg: &str) -> Result<(DatasetName, Option<usize>)> {
+    let Some((name, opt)) = arg.split_once(':') else {
+        return Ok((arg.parse()?, None));
+    };
+    let name: DatasetName = name.parse()?;
+    let n = opt
+        .strip_prefix("train=")
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            Error::setting(format!(
+                "dataset {arg}: expected NAME or NAME:train=N with N a positive number of training images"
+            ))
+        })?;
+    Ok((name, Some(n)))
+}
+
+/// The first `n` training images of `set` taken class by class in file order: `n / classes`
+/// of every class, one more of the first `n % classes` classes; the subset keeps the file's
+/// order. Deterministic, and balanced like the published splits.
+fn balanced_prefix(
+    set: &ImageSet,
+    classes: usize,
+    n: usize,
+) -> std::result::Result<ImageSet, String> {
+    if n > set.len() {
+        return Err(format!("{n} training images asked for, the split has {}", set.len()));
+    }
+    let classes = classes.max(1);
+    let want = |c: usize| n / classes + usize::from(c < n % classes);
+    let mut taken = vec![0usize; classes];
+    let mut idx = Vec::with_capacity(n);
+    for (i, &l) in set.labels.iter().enumerate() {
+        let c = l as usize;
+        if c < classes && taken[c] < want(c) {
+            taken[c] += 1;
+            idx.push(i);
+        }
+    }
+    if let Some(c) = (0..classes).find(|&c| taken[c] < want(c)) {
+        return Err(format!("class {c} has only {} training images, {} needed", taken[c], want(c)));
+    }
+    Ok(set.subset(&idx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::ImageShape;
+
+    #[test]
+    fn a_training_subset_is_balanced_and_named() {
+        let (ds, prov) = resolve_dataset("digits:train=25", None).unwrap();
+        assert_eq!(ds.name, "digits:train=25");
+        assert_eq!(ds.train.len(), 25);
+        // 25 over 10 classes: 3 of classes 0-4, 2 of classes 5-9.
+        for c in 0..10u8 {
+            let k = ds.train.labels.iter().filter(|&&l| l == c).count();
+            assert_eq!(k, if c < 5 { 3 } else { 2 }, "class {c}");
+        }
+        let (full, full_prov) = resolve_dataset("digits", None).unwrap();
+        assert_eq!(ds.test.labels, full.test.labels, "the test split is whole");
+        assert_ne!(prov, full_prov);
+        // The subset keeps the file's order: it starts with the file's first image.
+        assert_eq!(ds.train.subset(&[0]).pixels, full.train.subset(&[0]).pixels);
+        assert_eq!(ds.train.labels[0], full.train.labels[0]);
+        for bad in ["digits:train=0", "digits:train=x", "digits:test=5", "digits:train=99999"] {
+            let e = resolve_dataset(bad, None).unwrap_err().to_string();
+            assert!(e.contains(bad.split(':').next().unwrap()), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn bilinear_matches_pytorch_by_hand() {
