@@ -97,6 +97,7 @@ fn the_resnet20_study_runs_end_to_end_at_smoke_scale() {
     }
     assert!(out.join("report/barrier_vs_step.svg").is_file());
     assert!(report.contains("on the random real images they started from"), "{report}");
+    assert!(report.contains("Ticket searches: real-data IMP processed"), "{report}");
     // A second run finds every stage done.
     let again = pipeline(&preset, &out);
     assert!(again.contains("(0 run, "), "{again}");
