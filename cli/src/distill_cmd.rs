@@ -73,7 +73,13 @@ pub struct DistillArgs {
     /// GM: learning rate of those steps.
     #[arg(long, default_value_t = 0.01)]
     net_lr: f64,
-    /// GM: finite-difference step of the mixed derivative (its length in parameter space).
+    /// GM: how the mixed derivative (the matching distance's gradient w.r.t. the pixels) is
+    /// taken: `exact` (forward-over-reverse), `fd` (central difference of input gradients, step
+    /// --fd-eps), or `auto`: exact for MLPs and ConvNets, fd for models with batch norm.
+    #[arg(long, default_value = "auto", value_name = "auto|exact|fd")]
+    mixed: String,
+    /// GM with `--mixed fd`: finite-difference step of the mixed derivative (its length in
+    /// parameter space).
     #[arg(long, default_value_t = 1e-3)]
     fd_eps: f64,
     /// Seed of everything random.
@@ -191,6 +197,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         net_steps: a.net_steps,
         net_batch: a.net_batch,
         net_lr: a.net_lr,
+        mixed: a.mixed.parse()?,
         fd_eps: a.fd_eps,
     };
     let (ds, ds_prov) = a.data.load()?;

@@ -163,3 +163,36 @@ fn bad_inputs_give_one_clear_line() {
         );
     }
 }
+
+/// Gradient matching's mixed derivative: `auto` is exact on a ConvNet (the same set as
+/// `--mixed exact`, another than finite differences, with one network pass fewer per class),
+/// falls back to finite differences on a ResNet with batch norm, where `--mixed exact` is a
+/// one-line error.
+#[test]
+fn gm_takes_its_mixed_derivative_exactly_where_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let gm = |out: &str, model: &str, mixed: &str| {
+        let mut c = lmc();
+        c.args(["distill", "--dataset", "digits", "--model", model, "--method", "gm"])
+            .args(["--ipc", "1", "--batch-real", "8", "--iterations", "1", "--inner-loop", "2"])
+            .args(["--net-steps", "1", "--net-batch", "16", "--mixed", mixed, "--json", "--out"])
+            .arg(dir.path().join(out));
+        c
+    };
+    let set = |out: &str| artifact::read::<SyntheticSet>(&dir.path().join(out)).unwrap().1;
+    let auto = json(&run_ok(&mut gm("auto.lmc", "convnet:depth=1,width=4", "auto")));
+    let exact = json(&run_ok(&mut gm("exact.lmc", "convnet:depth=1,width=4", "exact")));
+    let fd = json(&run_ok(&mut gm("fd.lmc", "convnet:depth=1,width=4", "fd")));
+    assert_eq!(set("auto.lmc").images, set("exact.lmc").images);
+    assert_ne!(set("exact.lmc").images, set("fd.lmc").images);
+    assert_eq!(auto["config"]["mixed"], "auto");
+    // Per matching step and class: the real batch, then 1 + 1 synthetic passes exact, 1 + 2
+    // by finite differences (1 image per class here).
+    let matching = |v: &serde_json::Value| v["images_processed"].as_u64().unwrap();
+    assert_eq!(matching(&fd) - matching(&exact), 2 * 10);
+    run_ok(&mut gm("resnet.lmc", "resnet:depth=8,width=2", "auto"));
+    let e = run_err(&mut gm("resnet-exact.lmc", "resnet:depth=8,width=2", "exact"));
+    assert!(e.contains("--mixed exact") && e.contains("resnet"), "{e}");
+    let e = run_err(&mut gm("bad.lmc", "convnet:depth=1,width=4", "double"));
+    assert!(e.contains("--mixed 'double'"), "{e}");
+}

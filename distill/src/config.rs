@@ -73,6 +73,33 @@ impl fmt::Display for Distance {
     }
 }
 
+/// How gradient matching computes its mixed second derivative (the gradient of the matching
+/// distance w.r.t. the synthetic pixels, `gm.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mixed {
+    /// Exact where the model has a second-order pass in training mode (MLPs and ConvNets; not
+    /// models with batch norm, whose training-mode statistics couple the batch), else `fd`.
+    Auto,
+    /// Forward-over-reverse through the model (`lmc_train::hvp`): exact, and one pass.
+    Exact,
+    /// Central difference of two input gradients at parameters moved by `fd_eps` along the
+    /// distance's gradient, ReLU patterns frozen (the DARTS construction).
+    Fd,
+}
+
+impl FromStr for Mixed {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Mixed> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Mixed::Auto),
+            "exact" => Ok(Mixed::Exact),
+            "fd" => Ok(Mixed::Fd),
+            _ => Err(Error::setting(format!("--mixed '{s}': expected auto, exact or fd"))),
+        }
+    }
+}
+
 /// How the synthetic images start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -130,8 +157,10 @@ pub struct DistillConfig {
     pub net_batch: usize,
     /// Learning rate of those steps (GM; momentum 0.9, weight decay 5e-4 as in IDC).
     pub net_lr: f64,
-    /// Finite-difference step of the mixed derivative: the parameters move by `fd_eps` in norm
-    /// (eps = fd_eps / ||u||) (GM).
+    /// How the mixed derivative is computed (GM).
+    pub mixed: Mixed,
+    /// Finite-difference step of the mixed derivative when it is taken by finite differences:
+    /// the parameters move by `fd_eps` in norm (eps = fd_eps / ||u||) (GM).
     pub fd_eps: f64,
 }
 
@@ -165,6 +194,7 @@ impl DistillConfig {
             net_steps: 5,
             net_batch: 100,
             net_lr: 0.01,
+            mixed: Mixed::Auto,
             fd_eps: 1e-3,
         }
     }

@@ -26,12 +26,12 @@ use std::sync::Arc;
 use dfdx::prelude::*;
 use lmc_train::data::Batch;
 use lmc_train::fit::{self, GradBuffers};
-use lmc_train::model::{Norms, Patterns, Relus};
+use lmc_train::model::{Model, Norms, Patterns, Relus};
 use lmc_train::ops;
 use lmc_train::params::{Layout, ParamInfo, ParamVec};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::Distance;
+use crate::config::{Distance, Mixed};
 use crate::dsa::Augmentation;
 use crate::problem::Problem;
 
@@ -183,6 +183,34 @@ pub fn mixed_derivative_exact(
     Ok(grads.get_or_alloc_mut(&x).expect("cpu allocation").to_vec())
 }
 
+/// How [`gm_step`] takes the mixed derivative, resolved from [`Mixed`] for a model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MixedDerivative {
+    /// [`mixed_derivative_exact`].
+    Exact,
+    /// [`mixed_derivative`] with this `fd_eps`.
+    Fd(f64),
+}
+
+impl MixedDerivative {
+    /// `mixed` for `model`: `auto` is exact where the model has a second-order pass and no
+    /// batch norm (whose training-mode statistics couple the batch, which the per-sample
+    /// second-order pass does not model), else finite differences; `exact` on such a model is
+    /// an error naming the flag.
+    pub fn resolve(mixed: Mixed, model: &Model, fd_eps: f64) -> lmc_train::Result<Self> {
+        let exact = lmc_train::hvp::supported(model) && model.running_statistics() == 0;
+        match mixed {
+            Mixed::Exact if !exact => Err(lmc_train::Error::setting(format!(
+                "--mixed exact: model {} has no exact training-mode second-order pass (use --mixed fd or auto)",
+                model.spec
+            ))),
+            Mixed::Exact => Ok(MixedDerivative::Exact),
+            Mixed::Auto if exact => Ok(MixedDerivative::Exact),
+            Mixed::Auto | Mixed::Fd => Ok(MixedDerivative::Fd(fd_eps)),
+        }
+    }
+}
+
 /// Scratch memory reused across steps.
 pub struct GmScratch {
     bufs: GradBuffers,
@@ -198,18 +226,20 @@ impl GmScratch {
 
 /// One gradient-matching step on all classes at `params`: the summed distance and its gradient
 /// w.r.t. the stored pixels (class-major), written to `grad`. Draws real batches and the siamese
-/// augmentation from `rng`. Returns (distance, images passed through the network).
+/// augmentation from `rng`. Returns (distance, images passed through the network): the real
+/// batch, the synthetic pass, and the mixed derivative's passes (one exact, two by finite
+/// differences).
 #[allow(clippy::too_many_arguments)]
 pub fn gm_step(
     p: &Problem,
     d: Distance,
-    fd_eps: f64,
+    mixed: MixedDerivative,
     params: &ParamVec,
     rng: &mut ChaCha8Rng,
     pixels: &[f32],
     grad: &mut [f32],
     scratch: &mut GmScratch,
-) -> (f64, u64) {
+) -> lmc_train::Result<(f64, u64)> {
     let per_class = p.ipc * p.shape().len();
     let decoded = p.ipc * p.per_stored();
     let mut total = 0.0f64;
@@ -231,9 +261,16 @@ pub fn gm_step(
             syn_pass(p, params, stored, &syn_aug, c as u8, &mut Relus::Record(&mut patterns));
         let (dist, u) = distance(&p.model.layout, d, &scratch.bufs.grad, &g_syn);
         total += dist;
-        let g = mixed_derivative(p, params, stored, &syn_aug, c as u8, &u, fd_eps, &patterns);
+        let (g, passes) = match mixed {
+            MixedDerivative::Exact => {
+                (mixed_derivative_exact(p, params, stored, &syn_aug, c as u8, &u)?, 2)
+            }
+            MixedDerivative::Fd(fd_eps) => {
+                (mixed_derivative(p, params, stored, &syn_aug, c as u8, &u, fd_eps, &patterns), 3)
+            }
+        };
         grad[c * per_class..(c + 1) * per_class].copy_from_slice(&g);
-        images += (n_real + 3 * decoded) as u64;
+        images += (n_real + passes * decoded) as u64;
     }
-    (total, images)
+    Ok((total, images))
 }

@@ -367,6 +367,7 @@ pub fn distill(
     let dense = Mask { keep: vec![true; ck.state.params.len()] };
     let mut grad = vec![0.0f32; ck.state.params.len()];
     let mut scratch = (cfg.method == Method::Gm).then(|| GmScratch::new(&p));
+    let mixed = gm::MixedDerivative::resolve(cfg.mixed, req.model, cfg.fd_eps)?;
     let total = cfg.total_steps();
     let mut last_save = Instant::now();
     while ck.state.steps_done < cfg.iterations {
@@ -390,13 +391,13 @@ pub fn distill(
                     let (loss, imgs) = gm::gm_step(
                         &p,
                         cfg.distance,
-                        cfg.fd_eps,
+                        mixed,
                         &net.params,
                         &mut rng,
                         &ck.state.params.data,
                         &mut grad,
                         scratch,
-                    );
+                    )?;
                     check_finite(loss, it, t, &ckpt_path)?;
                     update(&sgd, &mut ck, &mut grad, cfg.lr_img, &dense);
                     ck.state.images_seen += imgs;

@@ -48,8 +48,10 @@ pub const TRAIN_VERSION: u32 = 1;
 /// Version of the pruning stage (IMP tickets and random baselines); see [`TRAIN_VERSION`].
 /// 2: the Ticket payload keeps its IMP-only fields in its IMP origin.
 pub const PRUNE_VERSION: u32 = 2;
-/// Version of the distillation stage; see [`TRAIN_VERSION`].
-pub const DISTILL_VERSION: u32 = 1;
+/// Version of the distillation stage; see [`TRAIN_VERSION`]. 2: gradient matching takes its
+/// mixed derivative exactly where the model allows (`--mixed auto`), and the configuration
+/// records how.
+pub const DISTILL_VERSION: u32 = 2;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`]. 2: batch-norm running statistics
 /// (`bn_reset`, `reset_curves`, `reset_summary`).
 pub const INTERPOLATE_VERSION: u32 = 2;
