@@ -625,6 +625,10 @@ pub struct ConditionSummary {
     pub hessian_trace: Option<f64>,
     /// Its standard error.
     pub hessian_trace_se: Option<f64>,
+    /// The Hessian's spectral density of replicate 0 (stochastic Lanczos quadrature, when the
+    /// preset asks for `density`): (eigenvalue, density) points.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hessian_density: Vec<(f64, f64)>,
 }
 
 /// One IMP round as `lmc prune --json` reports it, plus the fraction remaining.
@@ -1168,6 +1172,9 @@ pub fn gather(
                 interpolation: curve.points.clone(),
                 hessian_trace: trace.map(|t| t.trace),
                 hessian_trace_se: trace.map(|t| t.trace_se),
+                hessian_density: hessian
+                    .as_ref()
+                    .map_or(vec![], |h| lmc_probe::density::curve(&h.density)),
             });
         }
     }

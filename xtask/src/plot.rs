@@ -83,8 +83,10 @@ pub fn lines(
             .map_err(|e| anyhow!("{e:?}"))?
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        // Markers on measured points; a sampled curve (a density) is drawn as a line only.
+        let markers = if s.points.len() <= 60 { s.points.as_slice() } else { &[] };
         chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+            .draw_series(markers.iter().map(|&p| Circle::new(p, 3, c.filled())))
             .map_err(|e| anyhow!("{e:?}"))?;
         chart
             .draw_series(s.points.iter().zip(&s.err).filter(|(_, e)| **e > 0.0).map(|(p, e)| {

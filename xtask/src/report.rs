@@ -172,6 +172,24 @@ pub fn write(
     if let Some(png) = distill_png {
         std::fs::copy(png, dir.join("distilled.png"))?;
     }
+    // Hessian spectral densities (PyHessian's plot: log density against eigenvalue).
+    let densities: Vec<Series> = conds
+        .iter()
+        .filter(|c| !c.hessian_density.is_empty())
+        .map(|c| {
+            let pts = c.hessian_density.iter().map(|&(x, d)| (x, d.max(1e-12).log10())).collect();
+            Series::new(c.condition.clone(), pts)
+        })
+        .collect();
+    if !densities.is_empty() {
+        plot::lines(
+            &dir.join("hessian_density.svg"),
+            "Hessian spectral density (stochastic Lanczos quadrature)",
+            "eigenvalue",
+            "log10 density",
+            &densities,
+        )?;
+    }
     // Instability: each swept condition's error barrier against its spawn step k (k = 0 is
     // the condition itself), the mean over seeds with +- one standard deviation in a sweep.
     let instability = instability_rows(res);
@@ -314,6 +332,9 @@ pub fn write(
     }
     if !logs.is_empty() {
         img(&mut md, "hessian_diagonal.svg", "Hessian diagonal histograms")?;
+    }
+    if !densities.is_empty() {
+        img(&mut md, "hessian_density.svg", "Hessian spectral density per condition")?;
     }
     if distill_png.is_some() {
         let quality = res.distill.as_ref().and_then(|d| d.evaluation.as_ref()).map_or(
