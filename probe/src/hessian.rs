@@ -210,6 +210,8 @@ pub struct HessianProblem<'a> {
     eps_rel: f64,
     norm_mode: NormMode,
     mode: HvpMode,
+    /// Whether `mode` was asked for ([`HessianProblem::with_hvp`]) rather than defaulted.
+    mode_given: bool,
 }
 
 impl<'a> HessianProblem<'a> {
@@ -282,11 +284,14 @@ impl<'a> HessianProblem<'a> {
             eps_rel,
             norm_mode: NormMode::Running,
             mode,
+            mode_given: false,
         })
     }
 
     /// The loss with batch norms in `mode` (default: evaluation mode, running statistics).
-    /// Errors if training mode cannot normalise a chunk (a batch of one on 1x1 planes).
+    /// Errors if training mode cannot normalise a chunk (a batch of one on 1x1 planes). Batch
+    /// norms in training mode have no exact product (their statistics couple the samples): the
+    /// default products become finite differences, and exact ones asked for are an error.
     pub fn with_norm_mode(mut self, mode: NormMode) -> Result<Self> {
         if mode == NormMode::Batch {
             for b in &self.chunks {
@@ -294,20 +299,39 @@ impl<'a> HessianProblem<'a> {
             }
         }
         self.norm_mode = mode;
+        if self.mode == HvpMode::Exact && !hvp::supported_in(self.model, mode) {
+            if self.mode_given {
+                return Err(self.no_exact());
+            }
+            self.mode = HvpMode::Fd;
+        }
         Ok(self)
     }
 
     /// The same problem with its products computed as `mode` says. Errors when the model has no
-    /// exact product.
+    /// exact product (in the problem's batch-norm mode).
     pub fn with_hvp(mut self, mode: HvpMode) -> Result<Self> {
-        if mode == HvpMode::Exact && !hvp::supported(self.model) {
-            return Err(Error::incompatible(format!(
-                "--hvp exact: model {} has no exact Hessian-vector product; use --hvp fd",
-                self.model.spec
-            )));
+        if mode == HvpMode::Exact && !hvp::supported_in(self.model, self.norm_mode) {
+            return Err(self.no_exact());
         }
         self.mode = mode;
+        self.mode_given = true;
         Ok(self)
+    }
+
+    /// The error of exact products asked for where there are none.
+    fn no_exact(&self) -> Error {
+        if hvp::supported(self.model) {
+            Error::incompatible(format!(
+                "--hvp exact: model {} has no exact Hessian-vector product with --bn-mode batch (batch statistics couple the samples); use --hvp fd or --bn-mode running",
+                self.model.spec
+            ))
+        } else {
+            Error::incompatible(format!(
+                "--hvp exact: model {} has no exact Hessian-vector product; use --hvp fd",
+                self.model.spec
+            ))
+        }
     }
 
     /// How products are computed.

@@ -418,3 +418,150 @@ fn lanczos_quadrature_recovers_the_spectrum() {
         assert!(m1 > bottom && m1 < top);
     }
 }
+
+/// The trained prefix's length and a copy of `t`'s parameters whose running variances are
+/// spread over [0.5, 2] and running means over [-0.5, 0.5] (the nudge of [`tiny`] leaves them
+/// near PyTorch's 1 and 0), so batch norm's evaluation-mode statistics matter.
+fn spread_running_stats(t: &mut Tiny, seed: u64) -> usize {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for e in &t.model.layout.entries {
+        let r = e.range();
+        match e.kind {
+            lmc_train::params::ParamKind::RunningMean => {
+                t.params[r].iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5))
+            }
+            lmc_train::params::ParamKind::RunningVar => {
+                t.params[r].iter_mut().for_each(|v| *v = rng.gen_range(0.5..2.0))
+            }
+            _ => {}
+        }
+    }
+    t.model.layout.trainable_total()
+}
+
+/// Exact `H d` against float64 central differences of the reference gradient
+/// (`common/reference.rs`: the ResNet written with plain loops) along basis vectors of the
+/// trained parameters (all of them, or `columns` drawn at random) and along three dense random
+/// directions, at steps verified not to flip any ReLU input's sign. Also: the state's rows of
+/// `H d` are zero and its entries of `d` are ignored, and `u.Hv == v.Hu`.
+fn check_resnet(t: &mut Tiny, what: &str, columns: Option<usize>) {
+    let trained = spread_running_stats(t, 99);
+    let p = t.params.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let basis: Vec<usize> = match columns {
+        None => (0..trained).collect(),
+        Some(k) => (0..k).map(|_| rng.gen_range(0..trained)).collect(),
+    };
+    let dense: Vec<Vec<f64>> = (0..3)
+        .map(|_| (0..p).map(|i| if i < trained { rng.gen_range(-1.0..1.0) } else { 0.0 }).collect())
+        .collect();
+    let mut dirs: Vec<Vec<f64>> = basis
+        .iter()
+        .map(|&i| {
+            let mut e = vec![0f64; p];
+            e[i] = 1.0;
+            e
+        })
+        .collect();
+    dirs.extend(dense.iter().cloned());
+    let exact: Vec<Vec<f64>> = dirs
+        .iter()
+        .map(|d| {
+            let d32: Vec<f32> = d.iter().map(|&v| v as f32).collect();
+            loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &d32).unwrap().1
+        })
+        .collect();
+    let r = Reference::of(&t.model);
+    let (cd, step) = common::reference::cd_columns(&r, &f64s(&t.params), &f64s(&t.x), &t.y, &dirs);
+    // Basis columns: the largest error over the largest entry of the block (as the full
+    // Hessians above); dense directions: each over its own largest entry.
+    let nb = basis.len();
+    let block =
+        |v: &[Vec<f64>]| -> Vec<f64> { v.iter().flat_map(|c| c[..trained].to_vec()).collect() };
+    let (eb, cb) = (block(&exact[..nb]), block(&cd[..nb]));
+    let mut err = eb.iter().zip(&cb).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / max_abs(&cb);
+    for (a, b) in exact[nb..].iter().zip(&cd[nb..]) {
+        let scale = max_abs(&b[..trained]);
+        err = err
+            .max(a[..trained].iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale);
+    }
+    // Symmetry: within the basis block when it is the whole trained Hessian, else u.Hv vs v.Hu.
+    let mut asym = 0f64;
+    if columns.is_none() {
+        for i in 0..trained {
+            for j in 0..i {
+                asym = asym.max((exact[i][j] - exact[j][i]).abs());
+            }
+        }
+        asym /= max_abs(&eb);
+    }
+    for a in 0..3 {
+        for b in 0..a {
+            let (u, v) = (&dense[a], &dense[b]);
+            let (uhv, vhu) = (
+                u.iter().zip(&exact[nb + b]).map(|(x, y)| x * y).sum::<f64>(),
+                v.iter().zip(&exact[nb + a]).map(|(x, y)| x * y).sum::<f64>(),
+            );
+            // Over |u| |H v|, the size the f32 rounding of the products scales with (u.Hv
+            // itself may nearly cancel).
+            let norm = |x: &[f64]| x.iter().map(|y| y * y).sum::<f64>().sqrt();
+            asym = asym.max((uhv - vhu).abs() / (norm(u) * norm(&exact[nb + b])));
+        }
+    }
+    println!(
+        "{what}: {trained} trained parameters ({} state), {} columns and 3 directions, |H| max {:.3e}; exact vs central differences {err:.2e}, asymmetry {asym:.2e} (smallest step {step:.0e})",
+        p - trained,
+        nb,
+        max_abs(&cb)
+    );
+    assert!(err < 1e-5, "{what}: exact vs central differences {err:.3e}");
+    assert!(asym < 1e-5, "{what}: exact H not symmetric, {asym:.3e}");
+    for h in &exact {
+        assert!(h[trained..].iter().all(|&v| v == 0.0), "{what}: state rows of H v");
+    }
+    // Running statistics are not parameters: a tangent on them changes nothing.
+    if p > trained {
+        let mut d: Vec<f32> = dense[0].iter().map(|&v| v as f32).collect();
+        d[trained..].iter_mut().for_each(|v| *v = 1.0);
+        let h = loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &d).unwrap().1;
+        assert!(h.iter().zip(&exact[nb]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}");
+    }
+    let (l_ref, _, _) = r.loss_grad(&f64s(&t.params), &f64s(&t.x), &t.y);
+    let (l, _) = loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &vec![0.0; p]).unwrap();
+    assert!((l - l_ref).abs() < 1e-5 * l_ref, "{what}: loss {l} vs {l_ref}");
+}
+
+#[test]
+fn resnet_hessian_matches_central_differences() {
+    // depth 8: one block per stage, identity shortcut in stage 1, strided 1x1-conv shortcuts
+    // into stages 2 and 3 (6x6 -> 3x3 -> 2x2); each norm variant.
+    for (spec, seed) in [
+        ("resnet:depth=8,width=2,norm=batch", 21),
+        ("resnet:depth=8,width=2,norm=instance", 22),
+        ("resnet:depth=8,width=2,norm=none", 23),
+    ] {
+        check_resnet(&mut tiny(spec, (1, 6, 6), 3, 12, seed), spec, None);
+    }
+}
+
+#[test]
+fn resnet10_products_match_central_differences() {
+    // DC/IDC's ResNet-10: stage 1 at stride 1 (identity shortcut), three strided stages down to
+    // 1x1 planes (8x8 -> 4x4 -> 2x2 -> 1x1); 60 random columns of its 5,000-parameter Hessian.
+    let spec = "resnet10:width=2";
+    check_resnet(&mut tiny(spec, (1, 8, 8), 4, 10, 24), spec, Some(60));
+}
+
+#[test]
+fn resnet_products_do_not_depend_on_the_thread_count() {
+    let mut t = tiny("resnet:depth=8,width=3", (1, 8, 8), 10, 150, 25);
+    spread_running_stats(&mut t, 26);
+    let v: Vec<f32> = (0..t.params.len()).map(|i| ((i as f32) * 0.37).sin()).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| loss_and_hvp(&t.model, &t.params, &t.x, &t.y, &v).unwrap())
+    };
+    let (a, b) = (run(1), run(2));
+    assert_eq!(a.0.to_bits(), b.0.to_bits());
+    assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()));
+}

@@ -18,6 +18,71 @@ enum Saved {
         rstd: Vec<f32>,
         t: Vec<f32>,
     },
+    /// Batch norm in evaluation mode: the normalised input `(x - mean) rstd` and, per channel,
+    /// `rstd = 1/sqrt(var + eps)`.
+    Affine {
+        xh: Vec<f32>,
+        rstd: Vec<f32>,
+    },
+    /// A residual join: each branch's trace (an empty shortcut's is empty).
+    Residual {
+        main: Trace,
+        shortcut: Trace,
+    },
+}
+
+/// What a list of layers kept from its forward pass: each layer's input, its tangent and what
+/// the layer saved.
+struct Trace {
+    a: Vec<Vec<f32>>,
+    ra: Vec<Option<Vec<f32>>>,
+    saved: Vec<Saved>,
+}
+
+/// `layers` forward on `m` samples from `x` (tangent `rx`): the trace, the output and its
+/// tangent.
+fn seq_forward(
+    layers: &[Layer],
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    x: Vec<f32>,
+    rx: Option<Vec<f32>>,
+) -> (Trace, Vec<f32>, Option<Vec<f32>>) {
+    let mut t = Trace {
+        a: Vec::with_capacity(layers.len()),
+        ra: Vec::with_capacity(layers.len()),
+        saved: Vec::with_capacity(layers.len()),
+    };
+    let (mut h, mut rh) = (x, rx);
+    for layer in layers {
+        let (o, ro, s) = forward(layer, p, v, m, &h, rh.as_deref());
+        t.a.push(std::mem::replace(&mut h, o));
+        t.ra.push(std::mem::replace(&mut rh, ro));
+        t.saved.push(s);
+    }
+    (t, h, rh)
+}
+
+/// `layers` backward on `m` samples from the gradient `g` at their output and its tangent `rg`:
+/// adds their parameters' part into `acc`, returns the gradient at their input and its tangent.
+#[allow(clippy::too_many_arguments)]
+fn seq_backward(
+    layers: &[Layer],
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    t: &Trace,
+    g: Vec<f32>,
+    rg: Vec<f32>,
+    acc: &mut Acc,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut g, mut rg) = (g, rg);
+    for (l, layer) in layers.iter().enumerate().rev() {
+        let ra = t.ra[l].as_deref();
+        (g, rg) = backward(layer, p, v, m, &t.a[l], ra, &t.saved[l], &g, &rg, acc, true);
+    }
+    (g, rg)
 }
 
 /// A group's `H v` over the parameters from `lo` on (those before it are summed elsewhere).
@@ -249,16 +314,20 @@ fn forward(
         Layer::Conv { cin, h, w: wd, cout, geom, weight, bias } => {
             let (il, cout) = (cin * h * wd, *cout);
             let (kd, pd) = (geom.kd(), geom.pd());
-            let (w, b) = (&p[weight.clone()], &p[bias.clone()]);
-            let (vw, vb) = (&v[weight.clone()], &v[bias.clone()]);
+            let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
+            let (b, vb) = match bias {
+                Some(bias) => (&p[bias.clone()], &v[bias.clone()]),
+                None => (&[][..], &[][..]),
+            };
             let mut y = vec![0f32; m * ol];
             let mut ry = vec![0f32; m * ol];
             let mut col = vec![0f32; if geom.direct() { 0 } else { kd * pd }];
             for s in 0..m {
                 let (yn, ryn) = (&mut y[s * ol..(s + 1) * ol], &mut ry[s * ol..(s + 1) * ol]);
-                for co in 0..cout {
-                    yn[co * pd..(co + 1) * pd].fill(b[co]);
-                    ryn[co * pd..(co + 1) * pd].fill(vb[co]);
+                // Without a bias the outputs start at zero.
+                for (co, (&bc, &vbc)) in b.iter().zip(vb).enumerate() {
+                    yn[co * pd..(co + 1) * pd].fill(bc);
+                    ryn[co * pd..(co + 1) * pd].fill(vbc);
                 }
                 let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
                 // y_n (cout x pd) = b + W col_n; R{y_n} = V_b + V_W col_n + W R{col_n}
@@ -319,6 +388,66 @@ fn forward(
                 }
             }
             (y, Some(ry), Saved::Norm { xh, rxh, rstd, t })
+        }
+        Layer::BatchNorm { channels, plane, eps, gamma, beta, mean, var } => {
+            // y = gamma xhat + beta, xhat = (x - mean) rstd with the running statistics (no
+            // tangent): R{y} = gamma rstd R{x} + V_gamma xhat + V_beta.
+            let (c, q) = (*channels, *plane);
+            let (ga, be) = (&p[gamma.clone()], &p[beta.clone()]);
+            let (vg, vbe) = (&v[gamma.clone()], &v[beta.clone()]);
+            let (mu, var) = (&p[mean.clone()], &p[var.clone()]);
+            let rstd: Vec<f32> =
+                var.iter().map(|&s| (1.0 / (s as f64 + *eps as f64).sqrt()) as f32).collect();
+            let mut xh = vec![0f32; m * ol];
+            let mut y = vec![0f32; m * ol];
+            let mut ry = vec![0f32; m * ol];
+            for pi in 0..m * c {
+                let ch = pi % c;
+                let span = pi * q..(pi + 1) * q;
+                let (r, mc, gc, bc, vgc, vbc) = (rstd[ch], mu[ch], ga[ch], be[ch], vg[ch], vbe[ch]);
+                let gr = gc * r;
+                for (xv, o) in a[span.clone()].iter().zip(&mut xh[span.clone()]) {
+                    *o = (xv - mc) * r;
+                }
+                for (o, &xv) in y[span.clone()].iter_mut().zip(&xh[span.clone()]) {
+                    *o = gc * xv + bc;
+                }
+                let ryp = &mut ry[span.clone()];
+                match ra {
+                    Some(ra) => {
+                        for ((o, &xv), &rv) in ryp.iter_mut().zip(&xh[span.clone()]).zip(&ra[span])
+                        {
+                            *o = gr * rv + vgc * xv + vbc;
+                        }
+                    }
+                    None => {
+                        for (o, &xv) in ryp.iter_mut().zip(&xh[span]) {
+                            *o = vgc * xv + vbc;
+                        }
+                    }
+                }
+            }
+            (y, Some(ry), Saved::Affine { xh, rstd })
+        }
+        Layer::GlobalAvgPool { plane, .. } => {
+            let q = *plane;
+            let mean = |x: &[f32]| -> Vec<f32> {
+                x.chunks_exact(q).map(|c| (sum64(c) / q as f64) as f32).collect()
+            };
+            (mean(a), ra.map(mean), Saved::None)
+        }
+        Layer::Residual { main, shortcut } => {
+            let (tm, mut y, ry) = seq_forward(main, p, v, m, a.to_vec(), ra.map(<[f32]>::to_vec));
+            let (ts, s, rs) = seq_forward(shortcut, p, v, m, a.to_vec(), ra.map(<[f32]>::to_vec));
+            y.iter_mut().zip(&s).for_each(|(o, x)| *o += x);
+            let ry = match (ry, rs) {
+                (Some(mut ry), Some(rs)) => {
+                    ry.iter_mut().zip(&rs).for_each(|(o, x)| *o += x);
+                    Some(ry)
+                }
+                (ry, rs) => ry.or(rs),
+            };
+            (y, ry, Saved::Residual { main: tm, shortcut: ts })
         }
         Layer::Relu { .. } => {
             // PyTorch's ReLU (NaN stays NaN); the tangent passes where the input is > 0.
@@ -492,9 +621,11 @@ fn backward(
                         true,
                     );
                 }
-                let ab = acc.at(bias);
-                for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
-                    *d += sum64(row) as f32;
+                if let Some(bias) = bias {
+                    let ab = acc.at(bias);
+                    for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
+                        *d += sum64(row) as f32;
+                    }
                 }
                 if need_input {
                     // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n
@@ -605,6 +736,59 @@ fn backward(
                     rgin[j] = -t32 * dx + r32 * (rgx - mrgx32 - rxp[j] * am32 - xp[j] * bm32);
                 }
             }
+        }
+        Layer::BatchNorm { channels, plane, gamma, beta, .. } => {
+            let Saved::Affine { xh, rstd } = saved else {
+                unreachable!("batch norm saves its normalised input")
+            };
+            let (c, q) = (*channels, *plane);
+            let (ga, vg) = (&p[gamma.clone()], &v[gamma.clone()]);
+            if need_input {
+                gi = vec![0f32; m * il];
+                rgi = vec![0f32; m * il];
+            }
+            for pi in 0..m * c {
+                let ch = pi % c;
+                let span = pi * q..(pi + 1) * q;
+                let (gp, rgp, xp) = (&g[span.clone()], &rg[span.clone()], &xh[span.clone()]);
+                // dgamma = sum g xhat, dbeta = sum g; R{xhat} = rstd R{x}, so
+                // R{dgamma} = sum R{g} xhat + rstd sum g R{x}, R{dbeta} = sum R{g}.
+                let mut rdg = dot64(rgp, xp);
+                if let Some(ra) = ra {
+                    rdg += rstd[ch] as f64 * dot64(gp, &ra[span.clone()]);
+                }
+                acc.at(gamma)[ch] += rdg as f32;
+                acc.at(beta)[ch] += sum64(rgp) as f32;
+                if need_input {
+                    // dx = gamma rstd g; R{dx} = gamma rstd R{g} + V_gamma rstd g.
+                    let (s, vs) = (ga[ch] * rstd[ch], vg[ch] * rstd[ch]);
+                    for j in span {
+                        gi[j] = s * g[j];
+                        rgi[j] = s * rg[j] + vs * g[j];
+                    }
+                }
+            }
+        }
+        Layer::GlobalAvgPool { plane, .. } => {
+            if need_input {
+                let q = *plane;
+                let spread = |x: &[f32]| -> Vec<f32> {
+                    x.iter().flat_map(|&d| std::iter::repeat_n(d / q as f32, q)).collect()
+                };
+                gi = spread(g);
+                rgi = spread(rg);
+            }
+        }
+        Layer::Residual { main, shortcut } => {
+            let Saved::Residual { main: tm, shortcut: ts } = saved else {
+                unreachable!("a residual join saves its branches")
+            };
+            // The gradient and its tangent flow into both branches; their input gradients add.
+            let (mut gm, mut rgm) = seq_backward(main, p, v, m, tm, g.to_vec(), rg.to_vec(), acc);
+            let (gs, rgs) = seq_backward(shortcut, p, v, m, ts, g.to_vec(), rg.to_vec(), acc);
+            gm.iter_mut().zip(&gs).for_each(|(o, x)| *o += x);
+            rgm.iter_mut().zip(&rgs).for_each(|(o, x)| *o += x);
+            (gi, rgi) = (gm, rgm);
         }
         Layer::Relu { .. } => {
             if need_input {
