@@ -24,38 +24,41 @@ enum Saved {
         xh: Vec<f32>,
         rstd: Vec<f32>,
     },
-    /// A residual join: each branch's trace (an empty shortcut's is empty).
+    /// A residual join: each branch's trace (none for an identity shortcut).
     Residual {
         main: Trace,
-        shortcut: Trace,
+        shortcut: Option<Trace>,
     },
 }
 
-/// What a list of layers kept from its forward pass: each layer's input, its tangent and what
-/// the layer saved.
+/// What a list of layers kept from its forward pass: each layer's input (but the first's, which
+/// the caller holds), its tangent and what the layer saved.
 struct Trace {
     a: Vec<Vec<f32>>,
     ra: Vec<Option<Vec<f32>>>,
     saved: Vec<Saved>,
 }
 
-/// `layers` forward on `m` samples from `x` (tangent `rx`): the trace, the output and its
-/// tangent.
+/// `layers` (at least one) forward on `m` samples from `x` (tangent `rx`): the trace, the
+/// output and its tangent.
 fn seq_forward(
     layers: &[Layer],
     p: &[f32],
     v: &[f32],
     m: usize,
-    x: Vec<f32>,
-    rx: Option<Vec<f32>>,
+    x: &[f32],
+    rx: Option<&[f32]>,
 ) -> (Trace, Vec<f32>, Option<Vec<f32>>) {
     let mut t = Trace {
         a: Vec::with_capacity(layers.len()),
         ra: Vec::with_capacity(layers.len()),
         saved: Vec::with_capacity(layers.len()),
     };
-    let (mut h, mut rh) = (x, rx);
-    for layer in layers {
+    let (mut h, mut rh, s) = forward(&layers[0], p, v, m, x, rx);
+    t.a.push(Vec::new());
+    t.ra.push(None);
+    t.saved.push(s);
+    for layer in &layers[1..] {
         let (o, ro, s) = forward(layer, p, v, m, &h, rh.as_deref());
         t.a.push(std::mem::replace(&mut h, o));
         t.ra.push(std::mem::replace(&mut rh, ro));
@@ -64,23 +67,24 @@ fn seq_forward(
     (t, h, rh)
 }
 
-/// `layers` backward on `m` samples from the gradient `g` at their output and its tangent `rg`:
-/// adds their parameters' part into `acc`, returns the gradient at their input and its tangent.
+/// `layers` backward on `m` samples from the gradient `g` at their output and its tangent `rg`,
+/// given their input `x` and its tangent `rx` (as [`seq_forward`] had them): adds their
+/// parameters' part into `acc`, returns the gradient at their input and its tangent.
 #[allow(clippy::too_many_arguments)]
 fn seq_backward(
     layers: &[Layer],
     p: &[f32],
     v: &[f32],
     m: usize,
+    (x, rx): (&[f32], Option<&[f32]>),
     t: &Trace,
-    g: Vec<f32>,
-    rg: Vec<f32>,
+    (g, rg): (&[f32], &[f32]),
     acc: &mut Acc,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (mut g, mut rg) = (g, rg);
+    let (mut g, mut rg) = (g.to_vec(), rg.to_vec());
     for (l, layer) in layers.iter().enumerate().rev() {
-        let ra = t.ra[l].as_deref();
-        (g, rg) = backward(layer, p, v, m, &t.a[l], ra, &t.saved[l], &g, &rg, acc, true);
+        let (a, ra) = if l == 0 { (x, rx) } else { (&t.a[l][..], t.ra[l].as_deref()) };
+        (g, rg) = backward(layer, p, v, m, a, ra, &t.saved[l], &g, &rg, acc, true);
     }
     (g, rg)
 }
@@ -437,15 +441,22 @@ fn forward(
             (mean(a), ra.map(mean), Saved::None)
         }
         Layer::Residual { main, shortcut } => {
-            let (tm, mut y, ry) = seq_forward(main, p, v, m, a.to_vec(), ra.map(<[f32]>::to_vec));
-            let (ts, s, rs) = seq_forward(shortcut, p, v, m, a.to_vec(), ra.map(<[f32]>::to_vec));
-            y.iter_mut().zip(&s).for_each(|(o, x)| *o += x);
+            let (tm, mut y, ry) = seq_forward(main, p, v, m, a, ra);
+            // An identity shortcut adds the input itself.
+            let (ts, s, rs) = if shortcut.is_empty() {
+                (None, None, None)
+            } else {
+                let (t, s, rs) = seq_forward(shortcut, p, v, m, a, ra);
+                (Some(t), Some(s), rs)
+            };
+            y.iter_mut().zip(s.as_deref().unwrap_or(a)).for_each(|(o, x)| *o += x);
+            let rs = if shortcut.is_empty() { ra } else { rs.as_deref() };
             let ry = match (ry, rs) {
                 (Some(mut ry), Some(rs)) => {
-                    ry.iter_mut().zip(&rs).for_each(|(o, x)| *o += x);
+                    ry.iter_mut().zip(rs).for_each(|(o, x)| *o += x);
                     Some(ry)
                 }
-                (ry, rs) => ry.or(rs),
+                (ry, rs) => ry.or_else(|| rs.map(<[f32]>::to_vec)),
             };
             (y, ry, Saved::Residual { main: tm, shortcut: ts })
         }
@@ -783,11 +794,19 @@ fn backward(
             let Saved::Residual { main: tm, shortcut: ts } = saved else {
                 unreachable!("a residual join saves its branches")
             };
-            // The gradient and its tangent flow into both branches; their input gradients add.
-            let (mut gm, mut rgm) = seq_backward(main, p, v, m, tm, g.to_vec(), rg.to_vec(), acc);
-            let (gs, rgs) = seq_backward(shortcut, p, v, m, ts, g.to_vec(), rg.to_vec(), acc);
-            gm.iter_mut().zip(&gs).for_each(|(o, x)| *o += x);
-            rgm.iter_mut().zip(&rgs).for_each(|(o, x)| *o += x);
+            // The gradient and its tangent flow into both branches; their input gradients add
+            // (an identity shortcut passes them unchanged).
+            let (mut gm, mut rgm) = seq_backward(main, p, v, m, (a, ra), tm, (g, rg), acc);
+            let branch;
+            let (gs, rgs) = match ts {
+                Some(ts) => {
+                    branch = seq_backward(shortcut, p, v, m, (a, ra), ts, (g, rg), acc);
+                    (&branch.0[..], &branch.1[..])
+                }
+                None => (g, rg),
+            };
+            gm.iter_mut().zip(gs).for_each(|(o, x)| *o += x);
+            rgm.iter_mut().zip(rgs).for_each(|(o, x)| *o += x);
             (gi, rgi) = (gm, rgm);
         }
         Layer::Relu { .. } => {
