@@ -492,9 +492,9 @@ fn check_resnet(t: &mut Tiny, what: &str, columns: Option<usize>) {
     // Symmetry: within the basis block when it is the whole trained Hessian, else u.Hv vs v.Hu.
     let mut asym = 0f64;
     if columns.is_none() {
-        for i in 0..trained {
-            for j in 0..i {
-                asym = asym.max((exact[i][j] - exact[j][i]).abs());
+        for (i, col) in exact[..trained].iter().enumerate() {
+            for (j, other) in exact[..i].iter().enumerate() {
+                asym = asym.max((col[j] - other[i]).abs());
             }
         }
         asym /= max_abs(&eb);
