@@ -110,8 +110,7 @@ enum MethodArg {
 /// How `probe hessian` computes Hessian-vector products.
 #[derive(Clone, Copy, ValueEnum)]
 enum HvpArg {
-    /// `exact` where the model has exact products (every architecture with --bn-mode running;
-    /// batch-norm ResNets with --bn-mode batch have none), else `fd`.
+    /// `exact` where the architecture has exact products (all of ours), else `fd`.
     Auto,
     /// Forward-over-reverse through the model's ops: exact, also on ReLU networks.
     Exact,
@@ -202,8 +201,8 @@ struct HessianArgs {
     chunk: Option<usize>,
     /// Hessian-vector products: `exact` (forward-over-reverse, ReLU's second derivative 0), `fd`
     /// (central differences of gradients, which cross ReLU kinks on ReLU networks), or `auto`:
-    /// exact where the model has exact products (all with --bn-mode running; batch-norm ResNets
-    /// with --bn-mode batch take fd).
+    /// exact where the architecture has exact products (MLPs, ConvNets, ResNets in either
+    /// --bn-mode), fd otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     hvp: HvpArg,
     /// Finite-difference step (`--hvp fd` only): the perturbation eps*v has length EPS_REL * ||theta||. `auto`

@@ -210,8 +210,6 @@ pub struct HessianProblem<'a> {
     eps_rel: f64,
     norm_mode: NormMode,
     mode: HvpMode,
-    /// Whether `mode` was asked for ([`HessianProblem::with_hvp`]) rather than defaulted.
-    mode_given: bool,
 }
 
 impl<'a> HessianProblem<'a> {
@@ -284,14 +282,13 @@ impl<'a> HessianProblem<'a> {
             eps_rel,
             norm_mode: NormMode::Running,
             mode,
-            mode_given: false,
         })
     }
 
-    /// The loss with batch norms in `mode` (default: evaluation mode, running statistics).
-    /// Errors if training mode cannot normalise a chunk (a batch of one on 1x1 planes). Batch
-    /// norms in training mode have no exact product (their statistics couple the samples): the
-    /// default products become finite differences, and exact ones asked for are an error.
+    /// The loss with batch norms in `mode` (default: evaluation mode, running statistics; in
+    /// training mode each chunk is normalised by its own statistics, for the gradient and the
+    /// exact product alike). Errors if training mode cannot normalise a chunk (a batch of one on
+    /// 1x1 planes).
     pub fn with_norm_mode(mut self, mode: NormMode) -> Result<Self> {
         if mode == NormMode::Batch {
             for b in &self.chunks {
@@ -299,39 +296,20 @@ impl<'a> HessianProblem<'a> {
             }
         }
         self.norm_mode = mode;
-        if self.mode == HvpMode::Exact && !hvp::supported_in(self.model, mode) {
-            if self.mode_given {
-                return Err(self.no_exact());
-            }
-            self.mode = HvpMode::Fd;
-        }
         Ok(self)
     }
 
     /// The same problem with its products computed as `mode` says. Errors when the model has no
-    /// exact product (in the problem's batch-norm mode).
+    /// exact product.
     pub fn with_hvp(mut self, mode: HvpMode) -> Result<Self> {
         if mode == HvpMode::Exact && !hvp::supported_in(self.model, self.norm_mode) {
-            return Err(self.no_exact());
-        }
-        self.mode = mode;
-        self.mode_given = true;
-        Ok(self)
-    }
-
-    /// The error of exact products asked for where there are none.
-    fn no_exact(&self) -> Error {
-        if hvp::supported(self.model) {
-            Error::incompatible(format!(
-                "--hvp exact: model {} has no exact Hessian-vector product with --bn-mode batch (batch statistics couple the samples); use --hvp fd or --bn-mode running",
-                self.model.spec
-            ))
-        } else {
-            Error::incompatible(format!(
+            return Err(Error::incompatible(format!(
                 "--hvp exact: model {} has no exact Hessian-vector product; use --hvp fd",
                 self.model.spec
-            ))
+            )));
         }
+        self.mode = mode;
+        Ok(self)
     }
 
     /// How products are computed.
@@ -487,14 +465,22 @@ impl<'a> HessianProblem<'a> {
         hv
     }
 
-    /// H v by forward-over-reverse, chunk by chunk, weighted by chunk size (as the gradient).
+    /// H v by forward-over-reverse, chunk by chunk, weighted by chunk size, batch norms in the
+    /// problem's mode (as the gradient).
     fn hvp_exact(&self, v: &[f64]) -> Vec<f64> {
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         let mut hv = vec![0f64; v.len()];
         for b in &self.chunks {
             let w = b.labels.len() as f64 / self.n as f64;
-            let (_, h) = hvp::loss_and_hvp(self.model, &self.params.data, &b.x, &b.labels, &v32)
-                .expect("with_hvp checked that the model has an exact product");
+            let (_, h) = hvp::loss_and_hvp_in(
+                self.model,
+                self.norm_mode,
+                &self.params.data,
+                &b.x,
+                &b.labels,
+                &v32,
+            )
+            .expect("with_hvp checked that the model has an exact product");
             for (a, x) in hv.iter_mut().zip(&h) {
                 *a += w * x;
             }

@@ -39,6 +39,14 @@ enum Op {
         g: usize,
         b: usize,
     },
+    /// Batch norm in training mode: statistics per channel over the whole batch (biased
+    /// variance), so the batch runs op by op ([`Reference::loss_grad`]).
+    BnTrain {
+        c: usize,
+        q: usize,
+        g: usize,
+        b: usize,
+    },
     /// Batch norm in evaluation mode: running mean and variance at `mean`, `var`.
     Bn {
         c: usize,
@@ -74,6 +82,15 @@ struct Rec {
     branches: Option<(Vec<Rec>, Vec<Rec>)>,
 }
 
+/// What a batch's backward needs from an op's forward: each sample's [`Rec`], or a
+/// training-mode batch norm's normalised inputs (per sample) and 1/std per channel, or a
+/// residual join's branches.
+enum BRec {
+    PerSample(Vec<Rec>),
+    BnTrain(Vec<Vec<f64>>, Vec<f64>),
+    Res(Vec<BRec>, Vec<BRec>),
+}
+
 /// A model as the reference runs it.
 pub struct Reference {
     ops: Vec<Op>,
@@ -91,6 +108,179 @@ fn out_side(n: usize, k: usize, s: usize, pad: usize) -> usize {
 }
 
 impl Reference {
+    /// The reference of `model` with its batch norms in training mode.
+    pub fn in_training_mode(model: &Model) -> Reference {
+        fn train(ops: Vec<Op>) -> Vec<Op> {
+            ops.into_iter()
+                .map(|op| match op {
+                    Op::Bn { c, q, g, b, .. } => Op::BnTrain { c, q, g, b },
+                    Op::Res { main, short } => Op::Res { main: train(main), short: train(short) },
+                    other => other,
+                })
+                .collect()
+        }
+        let r = Self::of(model);
+        Reference { ops: train(r.ops), ..r }
+    }
+
+    /// Whether some op couples the samples.
+    fn batched(ops: &[Op]) -> bool {
+        ops.iter().any(|op| match op {
+            Op::BnTrain { .. } => true,
+            Op::Res { main, short } => Self::batched(main) || Self::batched(short),
+            _ => false,
+        })
+    }
+
+    /// `ops` forward on every sample of a batch `xs` (op by op): what the backward needs, and
+    /// the outputs. Pushes ReLU inputs onto `pre`.
+    fn forward_batch(
+        &self,
+        ops: &[Op],
+        t: &[f64],
+        xs: Vec<Vec<f64>>,
+        pre: &mut Vec<f64>,
+    ) -> (Vec<BRec>, Vec<Vec<f64>>) {
+        let mut recs = Vec::new();
+        let mut a = xs;
+        for op in ops {
+            let (rec, out) = match *op {
+                Op::BnTrain { c, q, g, b } => {
+                    let n = a.len();
+                    let m = (n * q) as f64;
+                    let mut xh = vec![vec![0f64; c * q]; n];
+                    let mut rs = vec![0f64; c];
+                    let mut out = vec![vec![0f64; c * q]; n];
+                    for ch in 0..c {
+                        let vals = || a.iter().flat_map(|x| x[ch * q..(ch + 1) * q].iter());
+                        let mean = vals().sum::<f64>() / m;
+                        let var = vals().map(|v| (v - mean).powi(2)).sum::<f64>() / m;
+                        rs[ch] = 1.0 / (var + 1e-5).sqrt();
+                        for s in 0..n {
+                            for j in ch * q..(ch + 1) * q {
+                                xh[s][j] = (a[s][j] - mean) * rs[ch];
+                                out[s][j] = t[g + ch] * xh[s][j] + t[b + ch];
+                            }
+                        }
+                    }
+                    (BRec::BnTrain(xh, rs), out)
+                }
+                Op::Res { ref main, ref short } => {
+                    let (rm, mut out) = self.forward_batch(main, t, a.clone(), pre);
+                    let (rs, so) = self.forward_batch(short, t, a.clone(), pre);
+                    for (o, s) in out.iter_mut().zip(&so) {
+                        o.iter_mut().zip(s).for_each(|(o, v)| *o += v);
+                    }
+                    (BRec::Res(rm, rs), out)
+                }
+                _ => {
+                    let (recs, out): (Vec<Rec>, Vec<Vec<f64>>) = a
+                        .iter()
+                        .map(|x| {
+                            let (mut r, o) =
+                                self.forward(std::slice::from_ref(op), t, x.clone(), pre);
+                            (r.pop().unwrap(), o)
+                        })
+                        .unzip();
+                    (BRec::PerSample(recs), out)
+                }
+            };
+            a = out;
+            recs.push(rec);
+        }
+        (recs, a)
+    }
+
+    /// `ops` backward on a batch from the gradients `gs` at their outputs: adds the parameters'
+    /// gradient into `grad`, returns the gradients at their inputs.
+    fn backward_batch(
+        &self,
+        ops: &[Op],
+        t: &[f64],
+        recs: &[BRec],
+        mut gs: Vec<Vec<f64>>,
+        grad: &mut [f64],
+    ) -> Vec<Vec<f64>> {
+        for (op, rec) in ops.iter().zip(recs).rev() {
+            gs = match (op, rec) {
+                (&Op::BnTrain { c, q, g: gam, b }, BRec::BnTrain(xh, rs)) => {
+                    let n = gs.len();
+                    let m = (n * q) as f64;
+                    let mut gi = vec![vec![0f64; c * q]; n];
+                    for ch in 0..c {
+                        let span = ch * q..(ch + 1) * q;
+                        let (mut sg, mut sgx) = (0f64, 0f64);
+                        for (gp, xp) in gs.iter().zip(xh) {
+                            for j in span.clone() {
+                                sg += gp[j];
+                                sgx += gp[j] * xp[j];
+                            }
+                        }
+                        grad[gam + ch] += sgx;
+                        grad[b + ch] += sg;
+                        let ga = t[gam + ch];
+                        for ((gp, xp), gip) in gs.iter().zip(xh).zip(gi.iter_mut()) {
+                            for j in span.clone() {
+                                gip[j] = rs[ch] * (ga * gp[j] - ga * sg / m - xp[j] * ga * sgx / m);
+                            }
+                        }
+                    }
+                    gi
+                }
+                (Op::Res { main, short }, BRec::Res(rm, rs)) => {
+                    let mut gi = self.backward_batch(main, t, rm, gs.clone(), grad);
+                    let gsh = self.backward_batch(short, t, rs, gs, grad);
+                    for (o, s) in gi.iter_mut().zip(&gsh) {
+                        o.iter_mut().zip(s).for_each(|(o, v)| *o += v);
+                    }
+                    gi
+                }
+                (op, BRec::PerSample(r)) => gs
+                    .into_iter()
+                    .zip(r)
+                    .map(|(g, rec)| {
+                        self.backward(
+                            std::slice::from_ref(op),
+                            t,
+                            std::slice::from_ref(rec),
+                            g,
+                            grad,
+                        )
+                    })
+                    .collect(),
+                _ => unreachable!("records follow the ops"),
+            };
+        }
+        gs
+    }
+
+    /// [`Reference::loss_grad`] of a batch whose ops couple the samples: op by op over all of
+    /// them.
+    fn loss_grad_batch(&self, t: &[f64], x: &[f64], y: &[u8]) -> (f64, Vec<f64>, Vec<f64>) {
+        let n = y.len();
+        let xs: Vec<Vec<f64>> = x.chunks_exact(self.input).map(<[f64]>::to_vec).collect();
+        let mut pre = Vec::new();
+        let (recs, zs) = self.forward_batch(&self.ops, t, xs, &mut pre);
+        let mut loss = 0f64;
+        let gs: Vec<Vec<f64>> = zs
+            .iter()
+            .zip(y)
+            .map(|(z, &label)| {
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+                loss += m + s.ln() - z[label as usize];
+                let mut g: Vec<f64> = z.iter().map(|v| (v - m).exp() / s).collect();
+                g[label as usize] -= 1.0;
+                g
+            })
+            .collect();
+        let mut grad = vec![0f64; self.params];
+        self.backward_batch(&self.ops, t, &recs, gs, &mut grad);
+        let inv = 1.0 / n as f64;
+        grad.iter_mut().for_each(|v| *v *= inv);
+        (loss * inv, grad, pre)
+    }
+
     /// The reference of `model` (an MLP, a ConvNet or a ResNet).
     pub fn of(model: &Model) -> Reference {
         let e = &model.layout.entries;
@@ -321,6 +511,7 @@ impl Reference {
                 Op::Gap { c, q } => (0..c)
                     .map(|ch| a[ch * q..(ch + 1) * q].iter().sum::<f64>() / q as f64)
                     .collect(),
+                Op::BnTrain { .. } => unreachable!("training-mode batch norm runs on the batch"),
                 Op::Res { ref main, ref short } => {
                     let (rm, mut out) = self.forward(main, t, a.clone(), pre);
                     let (rs, so) = self.forward(short, t, a.clone(), pre);
@@ -442,6 +633,7 @@ impl Reference {
                     gi
                 }
                 Op::Gap { c, q } => (0..c * q).map(|j| g[j / q] / q as f64).collect(),
+                Op::BnTrain { .. } => unreachable!("training-mode batch norm runs on the batch"),
                 Op::Res { ref main, ref short } => {
                     let (rm, rs) = rec.branches.as_ref().unwrap();
                     let mut gi = self.backward(main, t, rm, g.clone(), grad);
@@ -469,6 +661,9 @@ impl Reference {
 
     /// Mean loss, its gradient and every ReLU input over the samples `x` (rows) with `y`.
     pub fn loss_grad(&self, t: &[f64], x: &[f64], y: &[u8]) -> (f64, Vec<f64>, Vec<f64>) {
+        if Self::batched(&self.ops) {
+            return self.loss_grad_batch(t, x, y);
+        }
         let n = y.len();
         let parts: Vec<(f64, Vec<f64>, Vec<f64>)> = (0..n)
             .into_par_iter()

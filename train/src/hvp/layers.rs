@@ -433,6 +433,15 @@ fn forward(
             }
             (y, Some(ry), Saved::Affine { xh, rstd })
         }
+        Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
+            // Per channel over the batch: instance norm's rule on each channel's values of all
+            // samples gathered into one plane.
+            let (c, q) = (*channels, *plane);
+            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
+            let (at, rat) = (to_channels(a, m, c, q), ra.map(|r| to_channels(r, m, c, q)));
+            let (y, ry, s) = forward(&norm, p, v, 1, &at, rat.as_deref());
+            (from_channels(&y, m, c, q), ry.map(|r| from_channels(&r, m, c, q)), s)
+        }
         Layer::GlobalAvgPool { plane, .. } => {
             let q = *plane;
             let mean = |x: &[f32]| -> Vec<f32> {
@@ -473,6 +482,43 @@ fn forward(
             (y, ry, Saved::None)
         }
     }
+}
+
+/// The instance norm over `c` planes of `m * q` values that a training-mode batch norm of `m`
+/// samples is, on their values gathered by [`to_channels`].
+fn batch_plane_norm(
+    c: usize,
+    q: usize,
+    m: usize,
+    eps: f32,
+    gamma: &std::ops::Range<usize>,
+    beta: &std::ops::Range<usize>,
+) -> Layer {
+    Layer::InstanceNorm { channels: c, plane: m * q, eps, gamma: gamma.clone(), beta: beta.clone() }
+}
+
+/// `m` samples of `c` planes of `q` values (m, c, q) regrouped per channel (c, m, q).
+fn to_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for s in 0..m {
+        for ch in 0..c {
+            let src = &x[(s * c + ch) * q..(s * c + ch + 1) * q];
+            out[(ch * m + s) * q..(ch * m + s + 1) * q].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// The inverse of [`to_channels`].
+fn from_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for s in 0..m {
+        for ch in 0..c {
+            let src = &x[(ch * m + s) * q..(ch * m + s + 1) * q];
+            out[(s * c + ch) * q..(s * c + ch + 1) * q].copy_from_slice(src);
+        }
+    }
+    out
 }
 
 /// Average pooling of `planes` (h x w) planes over k x k windows (floor mode).
@@ -778,6 +824,15 @@ fn backward(
                         rgi[j] = s * rg[j] + vs * g[j];
                     }
                 }
+            }
+        }
+        Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
+            let (c, q) = (*channels, *plane);
+            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
+            let (gt, rgt) = (to_channels(g, m, c, q), to_channels(rg, m, c, q));
+            let (gc, rgc) = backward(&norm, p, v, 1, &[], None, saved, &gt, &rgt, acc, need_input);
+            if need_input {
+                (gi, rgi) = (from_channels(&gc, m, c, q), from_channels(&rgc, m, c, q));
             }
         }
         Layer::GlobalAvgPool { plane, .. } => {

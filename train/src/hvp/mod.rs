@@ -15,9 +15,10 @@
 //! The network comes from the model ([`Model::hvp_net`](crate::model::Model)): each
 //! architecture describes itself as a list of `Layer`s over flat per-sample buffers (the
 //! fused norm -> ReLU -> pool block of the ConvNet is its three ops, which it equals; a ResNet's
-//! residual join is a layer holding its two branches). Every op works per sample (batch norm in
-//! evaluation mode: the running statistics; training mode, whose batch statistics couple the
-//! samples, has no exact product), so samples run in fixed groups as parallel tasks; each group's contribution is an f32 vector summed into an f64 total in group
+//! residual join is a layer holding its two branches). Every op but batch norm in training mode
+//! works per sample (batch norm in evaluation mode uses the running statistics), so samples run
+//! in fixed groups as parallel tasks (a network with training-mode batch norm, whose statistics
+//! couple the samples, runs the whole batch as one group); each group's contribution is an f32 vector summed into an f64 total in group
 //! order, so results are bit-identical for any thread count.
 
 use std::ops::Range;
@@ -82,6 +83,16 @@ pub(crate) enum Layer {
         mean: Range<usize>,
         var: Range<usize>,
     },
+    /// Batch norm in training mode: as `BatchNorm`, but normalised by the statistics of the
+    /// batch (per channel over every sample's plane, biased variance, as PyTorch's training
+    /// mode), so it couples the samples: a network with it runs the whole batch as one group.
+    BatchNormTrain {
+        channels: usize,
+        plane: usize,
+        eps: f32,
+        gamma: Range<usize>,
+        beta: Range<usize>,
+    },
     /// `max(a, 0)` over `len` values.
     Relu { len: usize },
     /// Average pooling with kernel = stride = k over (channels, h, w), floor mode.
@@ -101,6 +112,7 @@ impl Layer {
             Layer::Conv { cin, h, w, .. } => cin * h * w,
             Layer::InstanceNorm { channels, plane, .. }
             | Layer::BatchNorm { channels, plane, .. }
+            | Layer::BatchNormTrain { channels, plane, .. }
             | Layer::GlobalAvgPool { channels, plane } => channels * plane,
             Layer::Relu { len } => *len,
             Layer::AvgPool { channels, h, w, .. } => channels * h * w,
@@ -112,11 +124,25 @@ impl Layer {
             Layer::Linear { outputs, .. } => *outputs,
             Layer::Conv { cout, geom, .. } => cout * geom.pd(),
             Layer::InstanceNorm { channels, plane, .. }
-            | Layer::BatchNorm { channels, plane, .. } => channels * plane,
+            | Layer::BatchNorm { channels, plane, .. }
+            | Layer::BatchNormTrain { channels, plane, .. } => channels * plane,
             Layer::Relu { len } => *len,
             Layer::AvgPool { channels, h, w, k } => channels * (h / k) * (w / k),
             Layer::GlobalAvgPool { channels, .. } => *channels,
             Layer::Residual { main, .. } => main[main.len() - 1].out_len(),
+        }
+    }
+    /// This layer with its batch norms in training mode.
+    fn in_training_mode(self) -> Layer {
+        match self {
+            Layer::BatchNorm { channels, plane, eps, gamma, beta, .. } => {
+                Layer::BatchNormTrain { channels, plane, eps, gamma, beta }
+            }
+            Layer::Residual { main, shortcut } => Layer::Residual {
+                main: main.into_iter().map(Layer::in_training_mode).collect(),
+                shortcut: shortcut.into_iter().map(Layer::in_training_mode).collect(),
+            },
+            other => other,
         }
     }
     /// Whether `f` holds for this layer or one inside it.
@@ -153,6 +179,8 @@ pub struct Net {
     layers: Vec<Layer>,
     params: usize,
     group: usize,
+    /// Batch norms in training mode: the whole batch is one group.
+    whole_batch: bool,
 }
 
 impl Net {
@@ -160,7 +188,28 @@ impl Net {
         let conv = layers.iter().any(|l| l.any(&|l| matches!(l, Layer::Conv { .. })));
         check_chain(&layers);
         assert!(matches!(layers.last(), Some(Layer::Linear { .. })), "hvp: no classifier");
-        Net { layers, params, group: if conv { CONV_GROUP } else { DENSE_GROUP } }
+        Net {
+            layers,
+            params,
+            group: if conv { CONV_GROUP } else { DENSE_GROUP },
+            whole_batch: false,
+        }
+    }
+    /// The network with its batch norms in `mode` (as built: evaluation mode).
+    fn in_mode(self, mode: NormMode) -> Net {
+        if mode == NormMode::Running || !self.batch_norm() {
+            return self;
+        }
+        let layers = self.layers.into_iter().map(Layer::in_training_mode).collect();
+        Net { layers, whole_batch: true, ..self }
+    }
+    /// Samples per group for a batch of `n`.
+    fn group_of(&self, n: usize) -> usize {
+        if self.whole_batch {
+            n.max(1)
+        } else {
+            self.group
+        }
     }
     fn input_len(&self) -> usize {
         self.layers[0].in_len()
@@ -357,11 +406,10 @@ pub fn supported(model: &Model) -> bool {
 }
 
 /// Whether `model` has an exact Hessian-vector product of the loss with its batch norms in
-/// `mode`: every supported architecture in evaluation mode ([`NormMode::Running`]); in training
-/// mode only those without batch norm, whose batch statistics couple the samples that the
-/// products run in independent groups.
-pub fn supported_in(model: &Model, mode: NormMode) -> bool {
-    model.hvp_net().is_some_and(|n| mode == NormMode::Running || !n.batch_norm())
+/// `mode`: every supported architecture, in either mode (training mode runs the whole batch as
+/// one group).
+pub fn supported_in(model: &Model, _mode: NormMode) -> bool {
+    supported(model)
 }
 
 /// Mean cross-entropy of `model` at `params` over the `n` images `x` (normalised NCHW) with
@@ -378,21 +426,35 @@ pub fn loss_and_hvp(
     labels: &[u8],
     v: &[f32],
 ) -> Result<(f64, Vec<f64>)> {
+    loss_and_hvp_in(model, NormMode::Running, params, x, labels, v)
+}
+
+/// [`loss_and_hvp`] with batch norms in `mode`: in training mode (`NormMode::Batch`) the loss
+/// of `fit::loss_and_grad` with batch statistics over these `n` images (the running
+/// statistics are not read; the product's work then runs as one task).
+pub fn loss_and_hvp_in(
+    model: &Model,
+    mode: NormMode,
+    params: &[f32],
+    x: &[f32],
+    labels: &[u8],
+    v: &[f32],
+) -> Result<(f64, Vec<f64>)> {
     let net = model.hvp_net().ok_or_else(|| {
         Error::incompatible(format!(
             "model {}: no exact Hessian-vector product for this architecture (use --hvp fd)",
             model.spec
         ))
     })?;
-    Ok(net_loss_and_hvp(&net, params, x, labels, v))
+    Ok(net_loss_and_hvp(&net.in_mode(mode), params, x, labels, v))
 }
 
 /// Mean cross-entropy of `model` at `params` over the `n` images `x` with `labels`, and the
 /// mixed second derivative `d/dx (u . dL/dtheta)` (n x input values, like `x`): the parameter
 /// tangent `u` pushed through the backward and read at the images (what gradient matching
-/// needs; ReLU patterns from the primal, as double backward). Errors when the architecture has
-/// no second-order pass, or has batch norms: gradient matching runs them in training mode,
-/// whose batch statistics couple the samples.
+/// needs; ReLU patterns from the primal, as double backward). Batch norms in training mode, as
+/// gradient matching runs them: statistics over these `n` images. Errors when the architecture
+/// has no second-order pass.
 pub fn loss_and_input_tangent(
     model: &Model,
     params: &[f32],
@@ -406,17 +468,12 @@ pub fn loss_and_input_tangent(
             model.spec
         ))
     })?;
-    if net.batch_norm() {
-        return Err(Error::incompatible(format!(
-            "model {}: no exact mixed derivative with batch norm in training mode",
-            model.spec
-        )));
-    }
+    let net = net.in_mode(NormMode::Batch);
     let n = labels.len();
     let d = net.input_len();
     assert_eq!(x.len(), n * d, "hvp: {} input values for {n} samples of {d}", x.len());
     assert_eq!(u.len(), net.params, "hvp: vector of {} for {} parameters", u.len(), net.params);
-    let g = net.group;
+    let g = net.group_of(n);
     let parts: Vec<(f64, Vec<f32>)> = (0..n.div_ceil(g))
         .into_par_iter()
         .map(|gi| {
@@ -500,7 +557,7 @@ fn sum_groups(
     let d = net.input_len();
     let taken = sparse_first_layer(net, params, v, x, n, cache);
     let split = &mut cache.split;
-    let g = net.group;
+    let g = net.group_of(n);
     let groups = n.div_ceil(g);
     let mut hv = vec![0f64; net.params];
     let mut loss = 0f64;
