@@ -292,6 +292,9 @@ fn forward(
     a: &[f32],
     ra: Option<&[f32]>,
 ) -> (Vec<f32>, Option<Vec<f32>>, Saved) {
+    if matches!(layer, Layer::Conv { .. }) && m > SPLIT {
+        return split_conv_forward(layer, p, v, m, a, ra);
+    }
     let ol = layer.out_len();
     match layer {
         Layer::Linear { inputs: i, outputs: o, weight, bias } => {
@@ -484,6 +487,91 @@ fn forward(
     }
 }
 
+/// Samples per task of a convolution in a group larger than this (only a whole batch with
+/// training-mode batch norm is: other groups hold at most `CONV_GROUP` = 8 samples).
+const SPLIT: usize = 8;
+
+/// Samples `s0..s1` of a batch of `len`-value samples.
+fn rows(x: &[f32], len: usize, s0: usize, s1: usize) -> &[f32] {
+    &x[s0 * len..s1 * len]
+}
+
+/// A convolution's forward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in parallel
+/// (each sample's output is its own, so the result is the sequential one).
+fn split_conv_forward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    a: &[f32],
+    ra: Option<&[f32]>,
+) -> (Vec<f32>, Option<Vec<f32>>, Saved) {
+    use rayon::prelude::*;
+    let il = layer.in_len();
+    let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (0..m.div_ceil(SPLIT))
+        .into_par_iter()
+        .map(|c| {
+            let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
+            let ra = ra.map(|r| rows(r, il, s0, s1));
+            let (y, ry, _) = forward(layer, p, v, s1 - s0, rows(a, il, s0, s1), ra);
+            (y, ry)
+        })
+        .collect();
+    let y = parts.iter().flat_map(|(y, _)| y.iter().copied()).collect();
+    let ry = parts.iter().map(|(_, r)| r.as_deref()).collect::<Option<Vec<_>>>();
+    (y, ry.map(|r| r.concat()), Saved::None)
+}
+
+/// A convolution's backward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in
+/// parallel: each chunk sums its parameters' part into its own vector, added in chunk order
+/// (fixed by `m` alone, so the result does not depend on the thread count).
+#[allow(clippy::too_many_arguments)]
+fn split_conv_backward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    (a, ra): (&[f32], Option<&[f32]>),
+    (g, rg): (&[f32], &[f32]),
+    acc: &mut Acc,
+    need_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let Layer::Conv { weight, bias, .. } = layer else { unreachable!("a convolution") };
+    let (il, ol) = (layer.in_len(), layer.out_len());
+    let lo = weight.start.min(bias.as_ref().map_or(usize::MAX, |b| b.start));
+    let hi = weight.end.max(bias.as_ref().map_or(0, |b| b.end));
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..m.div_ceil(SPLIT))
+        .into_par_iter()
+        .map(|c| {
+            let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
+            let mut sub = Acc { data: vec![0f32; hi - lo], lo };
+            let ra = ra.map(|r| rows(r, il, s0, s1));
+            let (gi, rgi) = backward(
+                layer,
+                p,
+                v,
+                s1 - s0,
+                rows(a, il, s0, s1),
+                ra,
+                &Saved::None,
+                rows(g, ol, s0, s1),
+                rows(rg, ol, s0, s1),
+                &mut sub,
+                need_input,
+            );
+            (sub.data, gi, rgi)
+        })
+        .collect();
+    let (mut gi, mut rgi) = (Vec::new(), Vec::new());
+    for (part, g, r) in parts {
+        acc.data[lo - acc.lo..hi - acc.lo].iter_mut().zip(&part).for_each(|(d, x)| *d += x);
+        gi.extend(g);
+        rgi.extend(r);
+    }
+    (gi, rgi)
+}
+
 /// The instance norm over `c` planes of `m * q` values that a training-mode batch norm of `m`
 /// samples is, on their values gathered by [`to_channels`].
 fn batch_plane_norm(
@@ -612,6 +700,9 @@ fn backward(
     acc: &mut Acc,
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
+    if matches!(layer, Layer::Conv { .. }) && m > SPLIT {
+        return split_conv_backward(layer, p, v, m, (a, ra), (g, rg), acc, need_input);
+    }
     let il = layer.in_len();
     let mut gi = Vec::new();
     let mut rgi = Vec::new();
