@@ -1,7 +1,8 @@
 //! One exact Hessian-vector product (`hvp::loss_and_hvp`, forward-over-reverse) against one
 //! gradient (`fit::loss_and_grad`, what a finite-difference product needs two of) on the same
-//! images: LeNet-300-100 on 128 MNIST images and ConvNet-3 (width 32, instance norm) on 64
-//! CIFAR-10 images, both from the committed fixtures. The budget is 2.5 gradients per product.
+//! images: LeNet-300-100 on 128 MNIST images, ConvNet-3 (width 32, instance norm) and ResNet-20
+//! (batch norm in evaluation mode, the Hessian's default loss) on 64 CIFAR-10 images, all from
+//! the committed fixtures. The budget is 2.5 gradients per product.
 //! `cargo bench -p lmc-benches --bench hvp`.
 //!
 //! Measured 2026-12-05 on a 2-core AMD EPYC VM (AVX2 without AVX-512) under a load average of
@@ -10,10 +11,19 @@
 //! 1.97 ms / 0.99 ms = 2.0 gradients (the first layer, 88% of the work, from the sparse input
 //! split as the gradient does), ConvNet 91.5 ms / 39.0 ms = 2.35 (a hidden conv layer costs 8
 //! products against the gradient's 3; the first costs 3 against 2).
+//!
+//! ResNet-20, measured 2026-12-05 on the same VM under a load average of 2.3-3.8 (the two cores
+//! saturated by other work): criterion's means 400 ms (gradient) / 1.153 s (product), noisy
+//! (intervals 327-485 ms and 1.06-1.26 s); the fastest of 8 alternating runs 422 ms / 956 ms =
+//! 2.27 gradients, and with one thread 408 ms / 964 ms = 2.36 (every conv is hidden, so the
+//! products' multiply-adds are 8/3 of the gradient's; the per-sample GEMMs and the im2col
+//! recomputed in the backward are what is left). Batch norm in training mode (not benched
+//! here: the whole batch is one group, only its convs run in parallel chunks) was 3.3 gradients
+//! by the same count under a load of 5.5: 1.28 s against the training-mode gradient's 388 ms.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lmc_train::data::{self, DatasetName};
-use lmc_train::fit::{loss_and_grad, GradBuffers};
+use lmc_train::fit::{loss_and_grad, GradBuffers, NormMode};
 use lmc_train::hvp::loss_and_hvp;
 use lmc_train::model::{Model, ModelSpec};
 
@@ -33,6 +43,8 @@ fn bench(c: &mut Criterion, name: &str, dataset: DatasetName, spec: &str, images
     // A fixed dense direction.
     let v: Vec<f32> = (0..params.len()).map(|i| ((i as f32) * 0.37).sin()).collect();
     let mut bufs = GradBuffers::new(&model);
+    // The Hessian's loss: batch norms in evaluation mode (no effect on models without them).
+    bufs.norm_mode = NormMode::Running;
     let mut g = c.benchmark_group(name);
     g.sample_size(10);
     g.throughput(Throughput::Elements(images as u64));
@@ -54,6 +66,7 @@ fn hvp(c: &mut Criterion) {
         "convnet:depth=3,width=32,norm=instance",
         64,
     );
+    bench(c, "hvp_resnet20_cifar_b64", DatasetName::Cifar10, "resnet20", 64);
 }
 
 criterion_group!(benches, hvp);

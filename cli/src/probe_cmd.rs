@@ -110,7 +110,7 @@ enum MethodArg {
 /// How `probe hessian` computes Hessian-vector products.
 #[derive(Clone, Copy, ValueEnum)]
 enum HvpArg {
-    /// `exact` where the architecture has exact products (MLPs, ConvNets), else `fd` (ResNets).
+    /// `exact` where the architecture has exact products (all of ours), else `fd`.
     Auto,
     /// Forward-over-reverse through the model's ops: exact, also on ReLU networks.
     Exact,
@@ -119,10 +119,11 @@ enum HvpArg {
 }
 
 impl HvpArg {
-    /// The mode for `model` (`auto` resolved, so the probe's identity names what ran).
-    fn mode(self, model: &lmc_train::model::Model) -> HvpMode {
+    /// The mode for `model` with its batch norms in `bn` (`auto` resolved, so the probe's
+    /// identity names what ran).
+    fn mode(self, model: &lmc_train::model::Model, bn: NormMode) -> HvpMode {
         match self {
-            HvpArg::Auto if lmc_train::hvp::supported(model) => HvpMode::Exact,
+            HvpArg::Auto if lmc_train::hvp::supported_in(model, bn) => HvpMode::Exact,
             HvpArg::Auto | HvpArg::Fd => HvpMode::Fd,
             HvpArg::Exact => HvpMode::Exact,
         }
@@ -200,7 +201,8 @@ struct HessianArgs {
     chunk: Option<usize>,
     /// Hessian-vector products: `exact` (forward-over-reverse, ReLU's second derivative 0), `fd`
     /// (central differences of gradients, which cross ReLU kinks on ReLU networks), or `auto`:
-    /// exact where the architecture has exact products (MLPs, ConvNets), fd otherwise (ResNets).
+    /// exact where the architecture has exact products (MLPs, ConvNets, ResNets in either
+    /// --bn-mode), fd otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     hvp: HvpArg,
     /// Finite-difference step (`--hvp fd` only): the perturbation eps*v has length EPS_REL * ||theta||. `auto`
@@ -519,12 +521,16 @@ fn run_landscape(a: LandscapeArgs) -> Result<()> {
 fn run_hessian(a: HessianArgs) -> Result<()> {
     let inputs = ProbeInputs::read(std::slice::from_ref(&a.run))?;
     let hutch = a.trace || (a.top_k == 0 && !a.exact_diag && a.density == 0);
+    let bn_mode = match a.bn_mode {
+        BnModeArg::Running => NormMode::Running,
+        BnModeArg::Batch => NormMode::Batch,
+    };
     let cfg = HessianConfig {
         split: a.split.into(),
         samples: a.samples,
         sample_seed: a.sample_seed,
         chunk: HessianRequest::chunk_or_default(&inputs, a.chunk),
-        hvp: a.hvp.mode(&inputs.runs()[0].model),
+        hvp: a.hvp.mode(&inputs.runs()[0].model, bn_mode),
         eps_rel: match a.eps_rel.trim() {
             "auto" => None,
             e => {
@@ -546,10 +552,7 @@ fn run_hessian(a: HessianArgs) -> Result<()> {
         density: (a.density > 0)
             .then_some(DensityConfig { steps: a.density, runs: a.density_runs }),
         seed: a.seed,
-        bn_mode: match a.bn_mode {
-            BnModeArg::Running => NormMode::Running,
-            BnModeArg::Batch => NormMode::Batch,
-        },
+        bn_mode,
     };
     cfg.validate()?;
     let mask_from = match &a.mask_from {

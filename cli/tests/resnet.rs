@@ -1,6 +1,7 @@
 //! A ResNet with batch norm through every stage from the command line (a small width on the
 //! digits): IMP, replicates of its ticket, interpolation with and without re-estimated running
-//! statistics, a landscape and a Hessian trace; and the bad inputs that must end in one-line
+//! statistics, a landscape and a Hessian trace (exact products in both batch-norm modes); and
+//! the bad inputs that must end in one-line
 //! errors.
 
 use std::path::Path;
@@ -71,7 +72,11 @@ fn a_resnet_goes_through_prune_train_and_every_probe() {
     let h = json(lmc().args(["probe", "hessian"]).arg(&r0).args(["--trace", "--samples", "64"]));
     let text = h.to_string();
     assert!(!text.contains("running_mean"), "state appears in the Hessian summary");
-    run_ok(lmc().args(["probe", "hessian"]).arg(&r0).args([
+    // Evaluation mode (the default): exact products by default, no finite-difference step.
+    let hr = &h["summary"]["result"];
+    assert_eq!(hr["config"]["hvp"], "Exact", "{hr}");
+    assert!(hr["eps"].is_null(), "{hr}");
+    let b = json(lmc().args(["probe", "hessian"]).arg(&r0).args([
         "--trace",
         "--samples",
         "64",
@@ -80,6 +85,8 @@ fn a_resnet_goes_through_prune_train_and_every_probe() {
         "--max-samples",
         "4",
     ]));
+    // Training mode (each chunk normalised by its own statistics): exact products too.
+    assert_eq!(b["summary"]["result"]["config"]["hvp"], "Exact");
     // PyTorch's names and an int64 num_batches_tracked in the export; back in, same run.
     let st = d("r0.safetensors");
     run_ok(lmc().arg("export").arg(&r0).arg("--to").arg(&st).arg("--no-mask"));

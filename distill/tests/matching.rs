@@ -465,3 +465,44 @@ fn evaluation_trains_fresh_networks_with_dsa() {
         eval::evaluate(&set, &ds, &"mlp:32".parse().unwrap(), &ecfg, &mut |_, _, _, _| {}).unwrap();
     assert_eq!(a.accuracies, b.accuracies);
 }
+
+/// The exact mixed derivative on a ResNet with batch norm, which gradient matching runs in
+/// training mode (statistics over the class's decoded images, one group in the second-order
+/// pass): against the finite-difference mixed derivative and the nested finite difference of
+/// the matching loss at single pixels, as above.
+#[test]
+fn gm_exact_mixed_derivative_matches_on_a_batch_norm_resnet() {
+    let ds = digits();
+    let spec = "resnet:depth=8,width=4";
+    let m = model(&ds, spec);
+    let d = Distance::Mse;
+    let (p_cfg, params, stored, aug, g_real) = gm_fixture(&ds, &m, d);
+    let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
+    let mut patterns = Patterns::default();
+    let (_, g_syn, _) =
+        gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
+    let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
+    let fd = gm::mixed_derivative(&p, &params, &stored, &aug, 4, &u, 1e-3, &patterns);
+    let exact = gm::mixed_derivative_exact(&p, &params, &stored, &aug, 4, &u).unwrap();
+    let num: f64 = exact.iter().zip(&fd).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let den: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    println!("{spec} {d:?}: finite-difference vs exact mixed derivative {rel:.2e}");
+    assert!(rel < 2e-3, "{spec}: {rel}");
+    let dist = |s: &[f32]| {
+        let (_, g, _) = gm::syn_pass(&p, &params, s, &aug, 4, &mut Relus::Replay(&patterns));
+        gm::distance(&m.layout, d, &g_real, &g).0
+    };
+    let h = 1e-2f32;
+    for j in top(&exact, 6) {
+        let (mut a, mut b) = (stored.clone(), stored.clone());
+        a[j] += h;
+        b[j] -= h;
+        let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
+        let e = exact[j] as f64;
+        assert!(
+            (nested - e).abs() <= 0.005 * nested.abs().max(e.abs()),
+            "{spec} pixel {j}: nested FD {nested} vs exact {e}"
+        );
+    }
+}

@@ -285,8 +285,10 @@ impl<'a> HessianProblem<'a> {
         })
     }
 
-    /// The loss with batch norms in `mode` (default: evaluation mode, running statistics).
-    /// Errors if training mode cannot normalise a chunk (a batch of one on 1x1 planes).
+    /// The loss with batch norms in `mode` (default: evaluation mode, running statistics; in
+    /// training mode each chunk is normalised by its own statistics, for the gradient and the
+    /// exact product alike). Errors if training mode cannot normalise a chunk (a batch of one on
+    /// 1x1 planes).
     pub fn with_norm_mode(mut self, mode: NormMode) -> Result<Self> {
         if mode == NormMode::Batch {
             for b in &self.chunks {
@@ -300,7 +302,7 @@ impl<'a> HessianProblem<'a> {
     /// The same problem with its products computed as `mode` says. Errors when the model has no
     /// exact product.
     pub fn with_hvp(mut self, mode: HvpMode) -> Result<Self> {
-        if mode == HvpMode::Exact && !hvp::supported(self.model) {
+        if mode == HvpMode::Exact && !hvp::supported_in(self.model, self.norm_mode) {
             return Err(Error::incompatible(format!(
                 "--hvp exact: model {} has no exact Hessian-vector product; use --hvp fd",
                 self.model.spec
@@ -463,14 +465,22 @@ impl<'a> HessianProblem<'a> {
         hv
     }
 
-    /// H v by forward-over-reverse, chunk by chunk, weighted by chunk size (as the gradient).
+    /// H v by forward-over-reverse, chunk by chunk, weighted by chunk size, batch norms in the
+    /// problem's mode (as the gradient).
     fn hvp_exact(&self, v: &[f64]) -> Vec<f64> {
         let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         let mut hv = vec![0f64; v.len()];
         for b in &self.chunks {
             let w = b.labels.len() as f64 / self.n as f64;
-            let (_, h) = hvp::loss_and_hvp(self.model, &self.params.data, &b.x, &b.labels, &v32)
-                .expect("with_hvp checked that the model has an exact product");
+            let (_, h) = hvp::loss_and_hvp_in(
+                self.model,
+                self.norm_mode,
+                &self.params.data,
+                &b.x,
+                &b.labels,
+                &v32,
+            )
+            .expect("with_hvp checked that the model has an exact product");
             for (a, x) in hv.iter_mut().zip(&h) {
                 *a += w * x;
             }

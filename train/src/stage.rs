@@ -60,7 +60,8 @@ pub const LANDSCAPE_VERSION: u32 = 1;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
 /// 2: exact Hessian-vector products by default (`--hvp exact|fd` in the config), the report's
 /// finite-difference step is optional, and batch-norm models choose the norm mode (`bn_mode`).
-pub const HESSIAN_VERSION: u32 = 2;
+/// 3: ResNets get exact products by default too (batch norm in either mode).
+pub const HESSIAN_VERSION: u32 = 3;
 
 /// Every stage's provenance name and version, for tools that list or compare them (the CLI,
 /// xtask's stage keys). Names are the ones hashed into provenance.

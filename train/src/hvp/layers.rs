@@ -18,6 +18,75 @@ enum Saved {
         rstd: Vec<f32>,
         t: Vec<f32>,
     },
+    /// Batch norm in evaluation mode: the normalised input `(x - mean) rstd` and, per channel,
+    /// `rstd = 1/sqrt(var + eps)`.
+    Affine {
+        xh: Vec<f32>,
+        rstd: Vec<f32>,
+    },
+    /// A residual join: each branch's trace (none for an identity shortcut).
+    Residual {
+        main: Trace,
+        shortcut: Option<Trace>,
+    },
+}
+
+/// What a list of layers kept from its forward pass: each layer's input (but the first's, which
+/// the caller holds), its tangent and what the layer saved.
+struct Trace {
+    a: Vec<Vec<f32>>,
+    ra: Vec<Option<Vec<f32>>>,
+    saved: Vec<Saved>,
+}
+
+/// `layers` (at least one) forward on `m` samples from `x` (tangent `rx`): the trace, the
+/// output and its tangent.
+fn seq_forward(
+    layers: &[Layer],
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    x: &[f32],
+    rx: Option<&[f32]>,
+) -> (Trace, Vec<f32>, Option<Vec<f32>>) {
+    let mut t = Trace {
+        a: Vec::with_capacity(layers.len()),
+        ra: Vec::with_capacity(layers.len()),
+        saved: Vec::with_capacity(layers.len()),
+    };
+    let (mut h, mut rh, s) = forward(&layers[0], p, v, m, x, rx);
+    t.a.push(Vec::new());
+    t.ra.push(None);
+    t.saved.push(s);
+    for layer in &layers[1..] {
+        let (o, ro, s) = forward(layer, p, v, m, &h, rh.as_deref());
+        t.a.push(std::mem::replace(&mut h, o));
+        t.ra.push(std::mem::replace(&mut rh, ro));
+        t.saved.push(s);
+    }
+    (t, h, rh)
+}
+
+/// `layers` backward on `m` samples from the gradient `g` at their output and its tangent `rg`,
+/// given their input `x` and its tangent `rx` (as [`seq_forward`] had them): adds their
+/// parameters' part into `acc`, returns the gradient at their input and its tangent.
+#[allow(clippy::too_many_arguments)]
+fn seq_backward(
+    layers: &[Layer],
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    (x, rx): (&[f32], Option<&[f32]>),
+    t: &Trace,
+    (g, rg): (&[f32], &[f32]),
+    acc: &mut Acc,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut g, mut rg) = (g.to_vec(), rg.to_vec());
+    for (l, layer) in layers.iter().enumerate().rev() {
+        let (a, ra) = if l == 0 { (x, rx) } else { (&t.a[l][..], t.ra[l].as_deref()) };
+        (g, rg) = backward(layer, p, v, m, a, ra, &t.saved[l], &g, &rg, acc, true);
+    }
+    (g, rg)
 }
 
 /// A group's `H v` over the parameters from `lo` on (those before it are summed elsewhere).
@@ -223,6 +292,9 @@ fn forward(
     a: &[f32],
     ra: Option<&[f32]>,
 ) -> (Vec<f32>, Option<Vec<f32>>, Saved) {
+    if matches!(layer, Layer::Conv { .. }) && m > SPLIT {
+        return split_conv_forward(layer, p, v, m, a, ra);
+    }
     let ol = layer.out_len();
     match layer {
         Layer::Linear { inputs: i, outputs: o, weight, bias } => {
@@ -249,16 +321,20 @@ fn forward(
         Layer::Conv { cin, h, w: wd, cout, geom, weight, bias } => {
             let (il, cout) = (cin * h * wd, *cout);
             let (kd, pd) = (geom.kd(), geom.pd());
-            let (w, b) = (&p[weight.clone()], &p[bias.clone()]);
-            let (vw, vb) = (&v[weight.clone()], &v[bias.clone()]);
+            let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
+            let (b, vb) = match bias {
+                Some(bias) => (&p[bias.clone()], &v[bias.clone()]),
+                None => (&[][..], &[][..]),
+            };
             let mut y = vec![0f32; m * ol];
             let mut ry = vec![0f32; m * ol];
             let mut col = vec![0f32; if geom.direct() { 0 } else { kd * pd }];
             for s in 0..m {
                 let (yn, ryn) = (&mut y[s * ol..(s + 1) * ol], &mut ry[s * ol..(s + 1) * ol]);
-                for co in 0..cout {
-                    yn[co * pd..(co + 1) * pd].fill(b[co]);
-                    ryn[co * pd..(co + 1) * pd].fill(vb[co]);
+                // Without a bias the outputs start at zero.
+                for (co, (&bc, &vbc)) in b.iter().zip(vb).enumerate() {
+                    yn[co * pd..(co + 1) * pd].fill(bc);
+                    ryn[co * pd..(co + 1) * pd].fill(vbc);
                 }
                 let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
                 // y_n (cout x pd) = b + W col_n; R{y_n} = V_b + V_W col_n + W R{col_n}
@@ -320,6 +396,82 @@ fn forward(
             }
             (y, Some(ry), Saved::Norm { xh, rxh, rstd, t })
         }
+        Layer::BatchNorm { channels, plane, eps, gamma, beta, mean, var } => {
+            // y = gamma xhat + beta, xhat = (x - mean) rstd with the running statistics (no
+            // tangent): R{y} = gamma rstd R{x} + V_gamma xhat + V_beta.
+            let (c, q) = (*channels, *plane);
+            let (ga, be) = (&p[gamma.clone()], &p[beta.clone()]);
+            let (vg, vbe) = (&v[gamma.clone()], &v[beta.clone()]);
+            let (mu, var) = (&p[mean.clone()], &p[var.clone()]);
+            let rstd: Vec<f32> =
+                var.iter().map(|&s| (1.0 / (s as f64 + *eps as f64).sqrt()) as f32).collect();
+            let mut xh = vec![0f32; m * ol];
+            let mut y = vec![0f32; m * ol];
+            let mut ry = vec![0f32; m * ol];
+            for pi in 0..m * c {
+                let ch = pi % c;
+                let span = pi * q..(pi + 1) * q;
+                let (r, mc, gc, bc, vgc, vbc) = (rstd[ch], mu[ch], ga[ch], be[ch], vg[ch], vbe[ch]);
+                let gr = gc * r;
+                for (xv, o) in a[span.clone()].iter().zip(&mut xh[span.clone()]) {
+                    *o = (xv - mc) * r;
+                }
+                for (o, &xv) in y[span.clone()].iter_mut().zip(&xh[span.clone()]) {
+                    *o = gc * xv + bc;
+                }
+                let ryp = &mut ry[span.clone()];
+                match ra {
+                    Some(ra) => {
+                        for ((o, &xv), &rv) in ryp.iter_mut().zip(&xh[span.clone()]).zip(&ra[span])
+                        {
+                            *o = gr * rv + vgc * xv + vbc;
+                        }
+                    }
+                    None => {
+                        for (o, &xv) in ryp.iter_mut().zip(&xh[span]) {
+                            *o = vgc * xv + vbc;
+                        }
+                    }
+                }
+            }
+            (y, Some(ry), Saved::Affine { xh, rstd })
+        }
+        Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
+            // Per channel over the batch: instance norm's rule on each channel's values of all
+            // samples gathered into one plane.
+            let (c, q) = (*channels, *plane);
+            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
+            let (at, rat) = (to_channels(a, m, c, q), ra.map(|r| to_channels(r, m, c, q)));
+            let (y, ry, s) = forward(&norm, p, v, 1, &at, rat.as_deref());
+            (from_channels(&y, m, c, q), ry.map(|r| from_channels(&r, m, c, q)), s)
+        }
+        Layer::GlobalAvgPool { plane, .. } => {
+            let q = *plane;
+            let mean = |x: &[f32]| -> Vec<f32> {
+                x.chunks_exact(q).map(|c| (sum64(c) / q as f64) as f32).collect()
+            };
+            (mean(a), ra.map(mean), Saved::None)
+        }
+        Layer::Residual { main, shortcut } => {
+            let (tm, mut y, ry) = seq_forward(main, p, v, m, a, ra);
+            // An identity shortcut adds the input itself.
+            let (ts, s, rs) = if shortcut.is_empty() {
+                (None, None, None)
+            } else {
+                let (t, s, rs) = seq_forward(shortcut, p, v, m, a, ra);
+                (Some(t), Some(s), rs)
+            };
+            y.iter_mut().zip(s.as_deref().unwrap_or(a)).for_each(|(o, x)| *o += x);
+            let rs = if shortcut.is_empty() { ra } else { rs.as_deref() };
+            let ry = match (ry, rs) {
+                (Some(mut ry), Some(rs)) => {
+                    ry.iter_mut().zip(rs).for_each(|(o, x)| *o += x);
+                    Some(ry)
+                }
+                (ry, rs) => ry.or_else(|| rs.map(<[f32]>::to_vec)),
+            };
+            (y, ry, Saved::Residual { main: tm, shortcut: ts })
+        }
         Layer::Relu { .. } => {
             // PyTorch's ReLU (NaN stays NaN); the tangent passes where the input is > 0.
             let y = a.iter().map(|&z| if z < 0.0 { 0.0 } else { z }).collect();
@@ -333,6 +485,128 @@ fn forward(
             (y, ry, Saved::None)
         }
     }
+}
+
+/// Samples per task of a convolution in a group larger than this (only a whole batch with
+/// training-mode batch norm is: other groups hold at most `CONV_GROUP` = 8 samples).
+const SPLIT: usize = 8;
+
+/// Samples `s0..s1` of a batch of `len`-value samples.
+fn rows(x: &[f32], len: usize, s0: usize, s1: usize) -> &[f32] {
+    &x[s0 * len..s1 * len]
+}
+
+/// A convolution's forward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in parallel
+/// (each sample's output is its own, so the result is the sequential one).
+fn split_conv_forward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    a: &[f32],
+    ra: Option<&[f32]>,
+) -> (Vec<f32>, Option<Vec<f32>>, Saved) {
+    use rayon::prelude::*;
+    let il = layer.in_len();
+    let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (0..m.div_ceil(SPLIT))
+        .into_par_iter()
+        .map(|c| {
+            let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
+            let ra = ra.map(|r| rows(r, il, s0, s1));
+            let (y, ry, _) = forward(layer, p, v, s1 - s0, rows(a, il, s0, s1), ra);
+            (y, ry)
+        })
+        .collect();
+    let y = parts.iter().flat_map(|(y, _)| y.iter().copied()).collect();
+    let ry = parts.iter().map(|(_, r)| r.as_deref()).collect::<Option<Vec<_>>>();
+    (y, ry.map(|r| r.concat()), Saved::None)
+}
+
+/// A convolution's backward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in
+/// parallel: each chunk sums its parameters' part into its own vector, added in chunk order
+/// (fixed by `m` alone, so the result does not depend on the thread count).
+#[allow(clippy::too_many_arguments)]
+fn split_conv_backward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    (a, ra): (&[f32], Option<&[f32]>),
+    (g, rg): (&[f32], &[f32]),
+    acc: &mut Acc,
+    need_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let Layer::Conv { weight, bias, .. } = layer else { unreachable!("a convolution") };
+    let (il, ol) = (layer.in_len(), layer.out_len());
+    let lo = weight.start.min(bias.as_ref().map_or(usize::MAX, |b| b.start));
+    let hi = weight.end.max(bias.as_ref().map_or(0, |b| b.end));
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..m.div_ceil(SPLIT))
+        .into_par_iter()
+        .map(|c| {
+            let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
+            let mut sub = Acc { data: vec![0f32; hi - lo], lo };
+            let ra = ra.map(|r| rows(r, il, s0, s1));
+            let (gi, rgi) = backward(
+                layer,
+                p,
+                v,
+                s1 - s0,
+                rows(a, il, s0, s1),
+                ra,
+                &Saved::None,
+                rows(g, ol, s0, s1),
+                rows(rg, ol, s0, s1),
+                &mut sub,
+                need_input,
+            );
+            (sub.data, gi, rgi)
+        })
+        .collect();
+    let (mut gi, mut rgi) = (Vec::new(), Vec::new());
+    for (part, g, r) in parts {
+        acc.data[lo - acc.lo..hi - acc.lo].iter_mut().zip(&part).for_each(|(d, x)| *d += x);
+        gi.extend(g);
+        rgi.extend(r);
+    }
+    (gi, rgi)
+}
+
+/// The instance norm over `c` planes of `m * q` values that a training-mode batch norm of `m`
+/// samples is, on their values gathered by [`to_channels`].
+fn batch_plane_norm(
+    c: usize,
+    q: usize,
+    m: usize,
+    eps: f32,
+    gamma: &std::ops::Range<usize>,
+    beta: &std::ops::Range<usize>,
+) -> Layer {
+    Layer::InstanceNorm { channels: c, plane: m * q, eps, gamma: gamma.clone(), beta: beta.clone() }
+}
+
+/// `m` samples of `c` planes of `q` values (m, c, q) regrouped per channel (c, m, q).
+fn to_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for s in 0..m {
+        for ch in 0..c {
+            let src = &x[(s * c + ch) * q..(s * c + ch + 1) * q];
+            out[(ch * m + s) * q..(ch * m + s + 1) * q].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// The inverse of [`to_channels`].
+fn from_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for s in 0..m {
+        for ch in 0..c {
+            let src = &x[(ch * m + s) * q..(ch * m + s + 1) * q];
+            out[(s * c + ch) * q..(s * c + ch + 1) * q].copy_from_slice(src);
+        }
+    }
+    out
 }
 
 /// Average pooling of `planes` (h x w) planes over k x k windows (floor mode).
@@ -426,6 +700,9 @@ fn backward(
     acc: &mut Acc,
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
+    if matches!(layer, Layer::Conv { .. }) && m > SPLIT {
+        return split_conv_backward(layer, p, v, m, (a, ra), (g, rg), acc, need_input);
+    }
     let il = layer.in_len();
     let mut gi = Vec::new();
     let mut rgi = Vec::new();
@@ -492,9 +769,11 @@ fn backward(
                         true,
                     );
                 }
-                let ab = acc.at(bias);
-                for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
-                    *d += sum64(row) as f32;
+                if let Some(bias) = bias {
+                    let ab = acc.at(bias);
+                    for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
+                        *d += sum64(row) as f32;
+                    }
                 }
                 if need_input {
                     // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n
@@ -605,6 +884,76 @@ fn backward(
                     rgin[j] = -t32 * dx + r32 * (rgx - mrgx32 - rxp[j] * am32 - xp[j] * bm32);
                 }
             }
+        }
+        Layer::BatchNorm { channels, plane, gamma, beta, .. } => {
+            let Saved::Affine { xh, rstd } = saved else {
+                unreachable!("batch norm saves its normalised input")
+            };
+            let (c, q) = (*channels, *plane);
+            let (ga, vg) = (&p[gamma.clone()], &v[gamma.clone()]);
+            if need_input {
+                gi = vec![0f32; m * il];
+                rgi = vec![0f32; m * il];
+            }
+            for pi in 0..m * c {
+                let ch = pi % c;
+                let span = pi * q..(pi + 1) * q;
+                let (gp, rgp, xp) = (&g[span.clone()], &rg[span.clone()], &xh[span.clone()]);
+                // dgamma = sum g xhat, dbeta = sum g; R{xhat} = rstd R{x}, so
+                // R{dgamma} = sum R{g} xhat + rstd sum g R{x}, R{dbeta} = sum R{g}.
+                let mut rdg = dot64(rgp, xp);
+                if let Some(ra) = ra {
+                    rdg += rstd[ch] as f64 * dot64(gp, &ra[span.clone()]);
+                }
+                acc.at(gamma)[ch] += rdg as f32;
+                acc.at(beta)[ch] += sum64(rgp) as f32;
+                if need_input {
+                    // dx = gamma rstd g; R{dx} = gamma rstd R{g} + V_gamma rstd g.
+                    let (s, vs) = (ga[ch] * rstd[ch], vg[ch] * rstd[ch]);
+                    for j in span {
+                        gi[j] = s * g[j];
+                        rgi[j] = s * rg[j] + vs * g[j];
+                    }
+                }
+            }
+        }
+        Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
+            let (c, q) = (*channels, *plane);
+            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
+            let (gt, rgt) = (to_channels(g, m, c, q), to_channels(rg, m, c, q));
+            let (gc, rgc) = backward(&norm, p, v, 1, &[], None, saved, &gt, &rgt, acc, need_input);
+            if need_input {
+                (gi, rgi) = (from_channels(&gc, m, c, q), from_channels(&rgc, m, c, q));
+            }
+        }
+        Layer::GlobalAvgPool { plane, .. } => {
+            if need_input {
+                let q = *plane;
+                let spread = |x: &[f32]| -> Vec<f32> {
+                    x.iter().flat_map(|&d| std::iter::repeat_n(d / q as f32, q)).collect()
+                };
+                gi = spread(g);
+                rgi = spread(rg);
+            }
+        }
+        Layer::Residual { main, shortcut } => {
+            let Saved::Residual { main: tm, shortcut: ts } = saved else {
+                unreachable!("a residual join saves its branches")
+            };
+            // The gradient and its tangent flow into both branches; their input gradients add
+            // (an identity shortcut passes them unchanged).
+            let (mut gm, mut rgm) = seq_backward(main, p, v, m, (a, ra), tm, (g, rg), acc);
+            let branch;
+            let (gs, rgs) = match ts {
+                Some(ts) => {
+                    branch = seq_backward(shortcut, p, v, m, (a, ra), ts, (g, rg), acc);
+                    (&branch.0[..], &branch.1[..])
+                }
+                None => (g, rg),
+            };
+            gm.iter_mut().zip(gs).for_each(|(o, x)| *o += x);
+            rgm.iter_mut().zip(rgs).for_each(|(o, x)| *o += x);
+            (gi, rgi) = (gm, rgm);
         }
         Layer::Relu { .. } => {
             if need_input {

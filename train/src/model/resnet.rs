@@ -380,4 +380,11 @@ impl Architecture for ResNet {
     fn mlp_hidden(&self) -> Option<&[usize]> {
         None
     }
+
+    /// Batch norm in evaluation mode (running statistics): the exact products of the Hessian's
+    /// default `--bn-mode running`.
+    fn hvp_net(&self, model: &super::Model) -> Option<crate::hvp::Net> {
+        let blocks: Vec<_> = self.blocks().iter().map(|b| (b.cin, b.cout, b.stride)).collect();
+        crate::hvp::resnet(model, self.stem, &blocks, self.norm)
+    }
 }
