@@ -78,8 +78,8 @@ impl fmt::Display for Distance {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mixed {
-    /// Exact where the model has a second-order pass in training mode (MLPs and ConvNets; not
-    /// models with batch norm, whose training-mode statistics couple the batch), else `fd`.
+    /// Exact for models without batch norm (MLPs, ConvNets); `fd` for models with batch norm,
+    /// whose exact training-mode pass runs the whole batch as one group and costs more.
     Auto,
     /// Forward-over-reverse through the model (`lmc_train::hvp`): exact, and one pass.
     Exact,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use dfdx::prelude::*;
 use lmc_train::data::Batch;
-use lmc_train::fit::{self, GradBuffers};
+use lmc_train::fit::{self, GradBuffers, NormMode};
 use lmc_train::model::{Model, Norms, Patterns, Relus};
 use lmc_train::ops;
 use lmc_train::params::{Layout, ParamInfo, ParamVec};
@@ -194,18 +194,19 @@ pub enum MixedDerivative {
 
 impl MixedDerivative {
     /// `mixed` for `model`: `auto` is exact where the model has a second-order pass and no
-    /// batch norm (whose training-mode statistics couple the batch, which the per-sample
-    /// second-order pass does not model), else finite differences; `exact` on such a model is
-    /// an error naming the flag.
+    /// batch norm, else finite differences. With batch norm the exact pass runs the whole batch
+    /// as one group (training-mode statistics couple the samples), which costs more than the
+    /// two finite-difference passes, so `auto` keeps those there; `exact` asks for it anyway,
+    /// and is an error naming the flag on a model without a second-order pass.
     pub fn resolve(mixed: Mixed, model: &Model, fd_eps: f64) -> lmc_train::Result<Self> {
-        let exact = lmc_train::hvp::supported(model) && model.running_statistics() == 0;
+        let exact = lmc_train::hvp::supported_in(model, NormMode::Batch);
         match mixed {
             Mixed::Exact if !exact => Err(lmc_train::Error::setting(format!(
-                "--mixed exact: model {} has no exact training-mode second-order pass (use --mixed fd or auto)",
+                "--mixed exact: model {} has no exact second-order pass (use --mixed fd or auto)",
                 model.spec
             ))),
             Mixed::Exact => Ok(MixedDerivative::Exact),
-            Mixed::Auto if exact => Ok(MixedDerivative::Exact),
+            Mixed::Auto if exact && model.running_statistics() == 0 => Ok(MixedDerivative::Exact),
             Mixed::Auto | Mixed::Fd => Ok(MixedDerivative::Fd(fd_eps)),
         }
     }
