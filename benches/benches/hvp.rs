@@ -1,8 +1,8 @@
 //! One exact Hessian-vector product (`hvp::loss_and_hvp`, forward-over-reverse) against one
 //! gradient (`fit::loss_and_grad`, what a finite-difference product needs two of) on the same
 //! images: LeNet-300-100 on 128 MNIST images, ConvNet-3 (width 32, instance norm) and ResNet-20
-//! (batch norm in evaluation mode, the Hessian's default loss) on 64 CIFAR-10 images, all from
-//! the committed fixtures. The budget is 2.5 gradients per product.
+//! (batch norm in evaluation mode, the Hessian's default loss, and in training mode) on 64
+//! CIFAR-10 images, all from the committed fixtures. The budget is 2.5 gradients per product.
 //! `cargo bench -p lmc-benches --bench hvp`.
 //!
 //! Measured 2026-12-05 on a 2-core AMD EPYC VM (AVX2 without AVX-512) under a load average of
@@ -17,20 +17,32 @@
 //! (intervals 327-485 ms and 1.06-1.26 s); the fastest of 8 alternating runs 422 ms / 956 ms =
 //! 2.27 gradients, and with one thread 408 ms / 964 ms = 2.36 (every conv is hidden, so the
 //! products' multiply-adds are 8/3 of the gradient's; the per-sample GEMMs and the im2col
-//! recomputed in the backward are what is left). Batch norm in training mode (not benched
-//! here: the whole batch is one group, only its convs run in parallel chunks) was 3.3 gradients
-//! by the same count under a load of 5.5: 1.28 s against the training-mode gradient's 388 ms.
+//! recomputed in the backward are what is left). Batch norm in training mode (the whole batch
+//! is one group, only its convs run in parallel chunks) was 3.3 gradients by the same count
+//! under a load of 5.5: 1.28 s against the training-mode gradient's 388 ms.
+//!
+//! ResNet-20 again on 2026-12-05 with nothing else running (load average ~2, the bench itself;
+//! same VM): criterion's means 229 ms (gradient) / 502 ms (product) = 2.19 gradients in
+//! evaluation mode, and `hvp_resnet20_train_mode_cifar_b64` 256 ms / 740 ms = 2.89 gradients
+//! in training mode (`--bn-mode batch`), over the 2.5 budget.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lmc_train::data::{self, DatasetName};
 use lmc_train::fit::{loss_and_grad, GradBuffers, NormMode};
-use lmc_train::hvp::loss_and_hvp;
+use lmc_train::hvp::loss_and_hvp_in;
 use lmc_train::model::{Model, ModelSpec};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn bench(c: &mut Criterion, name: &str, dataset: DatasetName, spec: &str, images: u32) {
+fn bench(
+    c: &mut Criterion,
+    name: &str,
+    dataset: DatasetName,
+    spec: &str,
+    images: u32,
+    mode: NormMode,
+) {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/fixtures");
     let ds = data::load(dataset, Some(&fixtures)).expect("the fixture");
     let spec: ModelSpec = spec.parse().expect("spec parses");
@@ -43,8 +55,9 @@ fn bench(c: &mut Criterion, name: &str, dataset: DatasetName, spec: &str, images
     // A fixed dense direction.
     let v: Vec<f32> = (0..params.len()).map(|i| ((i as f32) * 0.37).sin()).collect();
     let mut bufs = GradBuffers::new(&model);
-    // The Hessian's loss: batch norms in evaluation mode (no effect on models without them).
-    bufs.norm_mode = NormMode::Running;
+    // The Hessian's loss: batch norms in evaluation mode by default, training mode with
+    // `--bn-mode batch` (no effect on models without them); the gradient in the same mode.
+    bufs.norm_mode = mode;
     let mut g = c.benchmark_group(name);
     g.sample_size(10);
     g.throughput(Throughput::Elements(images as u64));
@@ -52,21 +65,21 @@ fn bench(c: &mut Criterion, name: &str, dataset: DatasetName, spec: &str, images
         b.iter(|| loss_and_grad(&model, &params, x, labels, &mut bufs))
     });
     g.bench_function("hvp_exact", |b| {
-        b.iter(|| loss_and_hvp(&model, &params.data, x, labels, &v).expect("exact product"))
+        b.iter(|| {
+            loss_and_hvp_in(&model, mode, &params.data, x, labels, &v).expect("exact product")
+        })
     });
     g.finish();
 }
 
 fn hvp(c: &mut Criterion) {
-    bench(c, "hvp_lenet300100_b128", DatasetName::Mnist, "lenet-300-100", 128);
-    bench(
-        c,
-        "hvp_convnet3w32_cifar_b64",
-        DatasetName::Cifar10,
-        "convnet:depth=3,width=32,norm=instance",
-        64,
-    );
-    bench(c, "hvp_resnet20_cifar_b64", DatasetName::Cifar10, "resnet20", 64);
+    let run = NormMode::Running;
+    bench(c, "hvp_lenet300100_b128", DatasetName::Mnist, "lenet-300-100", 128, run);
+    let convnet = "convnet:depth=3,width=32,norm=instance";
+    bench(c, "hvp_convnet3w32_cifar_b64", DatasetName::Cifar10, convnet, 64, run);
+    bench(c, "hvp_resnet20_cifar_b64", DatasetName::Cifar10, "resnet20", 64, run);
+    let batch = NormMode::Batch;
+    bench(c, "hvp_resnet20_train_mode_cifar_b64", DatasetName::Cifar10, "resnet20", 64, batch);
 }
 
 criterion_group!(benches, hvp);
