@@ -380,12 +380,21 @@ pub fn write(
     let (real, search, distill) =
         (images("prune-real"), images("prune-distilled"), images("distill"));
     if real > 0 && search > 0 {
+        // "3.1x fewer", or "1.7x more" when the distilled path processed more.
+        let ratio = |ours: u64| {
+            let r = real as f64 / ours as f64;
+            if r >= 1.0 {
+                format!("{r:.1}x fewer")
+            } else {
+                format!("{:.1}x more", 1.0 / r)
+            }
+        };
         writeln!(
             md,
-            "\nTicket searches: real-data IMP processed {real} training images; IMP on the distilled set {search} ({:.0}x fewer), {} with its distillation ({:.1}x fewer).",
-            real as f64 / search as f64,
+            "\nTicket searches: real-data IMP processed {real} training images; IMP on the distilled set {search} ({}), {} with its distillation ({}).",
+            ratio(search),
             search + distill,
-            real as f64 / (search + distill) as f64
+            ratio(search + distill)
         )?;
     }
     writeln!(md, "\nEvery number above is in `summary.json`.")?;
