@@ -89,9 +89,12 @@ pub fn write(
         "test error barrier (percentage points)",
         &bar,
     )?;
-    // Error along each interpolation path.
+    // Error along each interpolation path: the conditions trained from their start, of the
+    // first seed in a sweep (every path is in `summary.json`; dozens of lines would hide them).
+    let first_seed = conds.first().and_then(|c| c.seed);
     let paths: Vec<Series> = conds
         .iter()
+        .filter(|c| c.spawn_step == 0 && c.seed == first_seed)
         .map(|c| {
             let points = c.interpolation.iter().map(|p| (p.alpha, 100.0 * p.error)).collect();
             Series::new(c.condition.clone(), points)
