@@ -410,35 +410,30 @@ pub fn write(
 /// for each condition; across seeds in a seed sweep (mean and standard deviation), else the
 /// one seed's value with no spread.
 fn instability_rows(res: &Results) -> Vec<(String, u64, MeanStd)> {
-    let mut rows = Vec::new();
-    if !res.sweep.is_empty() {
-        let mut bases: Vec<(&str, usize)> = Vec::new();
-        for s in res.sweep.iter().filter(|s| s.spawn_step > 0) {
-            if !bases.contains(&(s.method.as_str(), s.round)) {
-                bases.push((&s.method, s.round));
-            }
-        }
-        for (m, r) in bases {
-            let mut g: Vec<&SweepSummary> =
-                res.sweep.iter().filter(|s| s.method == m && s.round == r).collect();
-            g.sort_by_key(|s| s.spawn_step);
-            rows.extend(g.iter().map(|s| (format!("{m}-r{r}"), s.spawn_step, s.error_barrier)));
-        }
-        return rows;
-    }
+    // (method, round, spawn step, barrier) of every condition, across seeds in a sweep.
+    let all: Vec<(&str, usize, u64, MeanStd)> = if res.sweep.is_empty() {
+        let one = |v| MeanStd { mean: v, std: 0.0 };
+        res.conditions
+            .iter()
+            .map(|c| (c.method.as_str(), c.round, c.spawn_step, one(c.error_barrier_mean)))
+            .collect()
+    } else {
+        res.sweep
+            .iter()
+            .map(|s| (s.method.as_str(), s.round, s.spawn_step, s.error_barrier))
+            .collect()
+    };
     let mut bases: Vec<(&str, usize)> = Vec::new();
-    for c in res.conditions.iter().filter(|c| c.spawn_step > 0) {
-        if !bases.contains(&(c.method.as_str(), c.round)) {
-            bases.push((&c.method, c.round));
+    for &(m, r, k, _) in &all {
+        if k > 0 && !bases.contains(&(m, r)) {
+            bases.push((m, r));
         }
     }
+    let mut rows = Vec::new();
     for (m, r) in bases {
-        let mut g: Vec<&ConditionSummary> =
-            res.conditions.iter().filter(|c| c.method == m && c.round == r).collect();
-        g.sort_by_key(|c| c.spawn_step);
-        rows.extend(g.iter().map(|c| {
-            (format!("{m}-r{r}"), c.spawn_step, MeanStd { mean: c.error_barrier_mean, std: 0.0 })
-        }));
+        let mut g: Vec<_> = all.iter().filter(|x| x.0 == m && x.1 == r).collect();
+        g.sort_by_key(|x| x.2);
+        rows.extend(g.iter().map(|x| (format!("{m}-r{r}"), x.2, x.3)));
     }
     rows
 }
