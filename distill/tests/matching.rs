@@ -48,6 +48,64 @@ fn top(g: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// The matching problem of one GM test: the class-4 fixture of [`gm_fixture`] on `m` with
+/// distance `d`, and the ReLU patterns of its unshifted synthetic pass.
+struct Matching<'a> {
+    p: Problem<'a>,
+    params: ParamVec,
+    stored: Vec<f32>,
+    aug: Arc<Augmentation>,
+    g_real: Vec<f32>,
+    d: Distance,
+    patterns: Patterns,
+}
+
+impl<'a> Matching<'a> {
+    /// The fixture on `m` with distance `d`, and `u` = dD/dg_syn at it.
+    fn new(ds: &'a Dataset, m: &'a Model, d: Distance) -> (Matching<'a>, Vec<f32>) {
+        let (p_cfg, params, stored, aug, g_real) = gm_fixture(ds, m, d);
+        let p = Problem::new(m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
+        let mut patterns = Patterns::default();
+        let (_, g_syn, _) =
+            gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
+        let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
+        (Matching { p, params, stored, aug, g_real, d, patterns }, u)
+    }
+
+    /// The finite-difference (step 1e-3) and the exact mixed derivative along `u`, and their
+    /// relative L2 difference.
+    fn fd_and_exact(&self, u: &[f32]) -> (Vec<f32>, Vec<f32>, f64) {
+        let (p, params, stored, aug) = (&self.p, &self.params, &self.stored, &self.aug);
+        let fd = gm::mixed_derivative(p, params, stored, aug, 4, u, 1e-3, &self.patterns);
+        let exact = gm::mixed_derivative_exact(p, params, stored, aug, 4, u).unwrap();
+        let num: f64 = exact.iter().zip(&fd).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+        let den: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
+        (fd, exact, (num / den).sqrt())
+    }
+
+    /// `deriv` (dD/dS) at its 6 largest pixels against the nested central difference of the
+    /// matching distance itself (pixel step 1e-2, the same patterns replayed), to 0.5%.
+    fn assert_nested(&self, deriv: &[f32], what: &str) {
+        let dist = |s: &[f32]| {
+            let relus = &mut Relus::Replay(&self.patterns);
+            let (_, g, _) = gm::syn_pass(&self.p, &self.params, s, &self.aug, 4, relus);
+            gm::distance(&self.p.model.layout, self.d, &self.g_real, &g).0
+        };
+        let h = 1e-2f32;
+        for j in top(deriv, 6) {
+            let (mut a, mut b) = (self.stored.clone(), self.stored.clone());
+            a[j] += h;
+            b[j] -= h;
+            let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
+            let e = deriv[j] as f64;
+            assert!(
+                (nested - e).abs() <= 0.005 * nested.abs().max(e.abs()),
+                "{what} pixel {j}: nested FD {nested} vs {e}"
+            );
+        }
+    }
+}
+
 /// The GM mixed derivative (central difference of input gradients along u, ReLU patterns frozen)
 /// against a direct nested finite difference of the matching loss D(S) = dist(g_real, g_syn(S))
 /// w.r.t. single pixels, each D a full backward pass with the same frozen patterns. Small ConvNet
@@ -62,30 +120,10 @@ fn gm_mixed_derivative_matches_nested_finite_differences() {
     let ds = digits();
     let m = model(&ds, "convnet:depth=2,width=6");
     for d in [Distance::Mse, Distance::Cos] {
-        let (p_cfg, params, stored, aug, g_real) = gm_fixture(&ds, &m, d);
-        let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
-        let c = 4u8;
-        let mut patterns = Patterns::default();
-        let (_, g_syn, _) =
-            gm::syn_pass(&p, &params, &stored, &aug, c, &mut Relus::Record(&mut patterns));
-        let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
-        let mixed = gm::mixed_derivative(&p, &params, &stored, &aug, c, &u, 1e-3, &patterns);
-        let dist = |s: &[f32]| {
-            let (_, g, _) = gm::syn_pass(&p, &params, s, &aug, c, &mut Relus::Replay(&patterns));
-            gm::distance(&m.layout, d, &g_real, &g).0
-        };
-        let h = 1e-2f32;
-        for j in top(&mixed, 6) {
-            let (mut a, mut b) = (stored.clone(), stored.clone());
-            a[j] += h;
-            b[j] -= h;
-            let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
-            let fd = mixed[j] as f64;
-            assert!(
-                (nested - fd).abs() <= 0.005 * nested.abs().max(fd.abs()),
-                "{d:?} pixel {j}: nested FD {nested} vs mixed-derivative FD {fd}"
-            );
-        }
+        let (mx, u) = Matching::new(&ds, &m, d);
+        let (p, patterns) = (&mx.p, &mx.patterns);
+        let mixed = gm::mixed_derivative(p, &mx.params, &mx.stored, &mx.aug, 4, &u, 1e-3, patterns);
+        mx.assert_nested(&mixed, &format!("{d:?} mixed-derivative FD"));
     }
 }
 
@@ -104,39 +142,13 @@ fn gm_exact_mixed_derivative_matches_the_finite_differences() {
     for spec in ["convnet:depth=2,width=6", "mlp:16"] {
         let m = model(&ds, spec);
         for d in [Distance::Mse, Distance::Cos] {
-            let (p_cfg, params, stored, aug, g_real) = gm_fixture(&ds, &m, d);
-            let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
-            let mut patterns = Patterns::default();
-            let (_, g_syn, _) =
-                gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
-            let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
-            let fd = gm::mixed_derivative(&p, &params, &stored, &aug, 4, &u, 1e-3, &patterns);
-            let exact = gm::mixed_derivative_exact(&p, &params, &stored, &aug, 4, &u).unwrap();
-            let num: f64 =
-                exact.iter().zip(&fd).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
-            let den: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
-            let rel = (num / den).sqrt();
+            let (mx, u) = Matching::new(&ds, &m, d);
+            let (_, exact, rel) = mx.fd_and_exact(&u);
             println!("{spec} {d:?}: finite-difference vs exact mixed derivative {rel:.2e}");
             if spec.starts_with("convnet") || d == Distance::Mse {
                 assert!(rel < 2e-3, "{spec} {d:?}: {rel}");
             }
-            let dist = |s: &[f32]| {
-                let (_, g, _) =
-                    gm::syn_pass(&p, &params, s, &aug, 4, &mut Relus::Replay(&patterns));
-                gm::distance(&m.layout, d, &g_real, &g).0
-            };
-            let h = 1e-2f32;
-            for j in top(&exact, 6) {
-                let (mut a, mut b) = (stored.clone(), stored.clone());
-                a[j] += h;
-                b[j] -= h;
-                let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
-                let e = exact[j] as f64;
-                assert!(
-                    (nested - e).abs() <= 0.005 * nested.abs().max(e.abs()),
-                    "{spec} {d:?} pixel {j}: nested FD {nested} vs exact {e}"
-                );
-            }
+            mx.assert_nested(&exact, &format!("{spec} {d:?} exact"));
         }
     }
     let m = model(&ds, "convnet:depth=2,width=16");
@@ -476,33 +488,9 @@ fn gm_exact_mixed_derivative_matches_on_a_batch_norm_resnet() {
     let spec = "resnet:depth=8,width=4";
     let m = model(&ds, spec);
     let d = Distance::Mse;
-    let (p_cfg, params, stored, aug, g_real) = gm_fixture(&ds, &m, d);
-    let p = Problem::new(&m, &ds.train, &ds.norm, DatasetName::Digits, &p_cfg);
-    let mut patterns = Patterns::default();
-    let (_, g_syn, _) =
-        gm::syn_pass(&p, &params, &stored, &aug, 4, &mut Relus::Record(&mut patterns));
-    let (_, u) = gm::distance(&m.layout, d, &g_real, &g_syn);
-    let fd = gm::mixed_derivative(&p, &params, &stored, &aug, 4, &u, 1e-3, &patterns);
-    let exact = gm::mixed_derivative_exact(&p, &params, &stored, &aug, 4, &u).unwrap();
-    let num: f64 = exact.iter().zip(&fd).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
-    let den: f64 = exact.iter().map(|b| (*b as f64).powi(2)).sum();
-    let rel = (num / den).sqrt();
+    let (mx, u) = Matching::new(&ds, &m, d);
+    let (_, exact, rel) = mx.fd_and_exact(&u);
     println!("{spec} {d:?}: finite-difference vs exact mixed derivative {rel:.2e}");
     assert!(rel < 2e-3, "{spec}: {rel}");
-    let dist = |s: &[f32]| {
-        let (_, g, _) = gm::syn_pass(&p, &params, s, &aug, 4, &mut Relus::Replay(&patterns));
-        gm::distance(&m.layout, d, &g_real, &g).0
-    };
-    let h = 1e-2f32;
-    for j in top(&exact, 6) {
-        let (mut a, mut b) = (stored.clone(), stored.clone());
-        a[j] += h;
-        b[j] -= h;
-        let nested = (dist(&a) - dist(&b)) / ((a[j] - b[j]) as f64);
-        let e = exact[j] as f64;
-        assert!(
-            (nested - e).abs() <= 0.005 * nested.abs().max(e.abs()),
-            "{spec} pixel {j}: nested FD {nested} vs exact {e}"
-        );
-    }
+    mx.assert_nested(&exact, &format!("{spec} exact"));
 }
