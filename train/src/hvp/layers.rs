@@ -587,23 +587,21 @@ fn batch_plane_norm(
 
 /// `m` samples of `c` planes of `q` values (m, c, q) regrouped per channel (c, m, q).
 fn to_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for s in 0..m {
-        for ch in 0..c {
-            let src = &x[(s * c + ch) * q..(s * c + ch + 1) * q];
-            out[(ch * m + s) * q..(ch * m + s + 1) * q].copy_from_slice(src);
-        }
-    }
-    out
+    transpose_blocks(x, m, c, q)
 }
 
 /// The inverse of [`to_channels`].
 fn from_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+    transpose_blocks(x, c, m, q)
+}
+
+/// A `rows` x `cols` grid of blocks of `q` values, row-major, transposed to `cols` x `rows`.
+fn transpose_blocks(x: &[f32], rows: usize, cols: usize, q: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    for s in 0..m {
-        for ch in 0..c {
-            let src = &x[(ch * m + s) * q..(ch * m + s + 1) * q];
-            out[(s * c + ch) * q..(s * c + ch + 1) * q].copy_from_slice(src);
+    for r in 0..rows {
+        for c in 0..cols {
+            let src = &x[(r * cols + c) * q..(r * cols + c + 1) * q];
+            out[(c * rows + r) * q..(c * rows + r + 1) * q].copy_from_slice(src);
         }
     }
     out
