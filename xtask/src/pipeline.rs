@@ -57,6 +57,11 @@ pub struct Preset {
     /// al.'s "rewinding"; conditions `imp-rewind-rR`), with the `[prune.args]` flags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imp_rewind_step: Option<u64>,
+    /// One distillation, with this seed, shared by every seed of a sweep (the paper's authors
+    /// ran IMP from several initialisations on one published distilled set). Without it each
+    /// seed distils its own set with its own seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_seed: Option<u64>,
     /// Flags per stage.
     #[serde(default)]
     pub distill: Flags,
@@ -888,29 +893,49 @@ pub fn plan(preset: &Preset, data_dir: Option<&Path>) -> Result<Graph> {
     let mut b = Builder { nodes: vec![], data_dir, resources: &preset.resources };
     let sweep = !preset.seeds.is_empty();
     let seeds = if sweep { preset.seeds.clone() } else { vec![preset.seed] };
+    // Without a sweep the names (and so the keys and folders) are what they always were.
+    let sfx = |seed: u64| if sweep { format!("-s{seed}") } else { String::new() };
+    let shared = match preset.distill_seed {
+        Some(d) => Some(plan_distill(&mut b, preset, d, &sfx(d))?),
+        None => None,
+    };
     let mut plans = Vec::new();
     for seed in seeds {
-        // Without a sweep the names (and so the keys and folders) are what they always were.
-        let sfx = if sweep { format!("-s{seed}") } else { String::new() };
-        plans.push(plan_seed(&mut b, preset, seed, &sfx)?);
+        let distill = match shared {
+            Some(node) => node,
+            None => plan_distill(&mut b, preset, seed, &sfx(seed))?,
+        };
+        plans.push(plan_seed(&mut b, preset, seed, &sfx(seed), distill)?);
     }
     let g = Graph { nodes: b.nodes, seeds: plans, sweep };
     g.validate()?;
     Ok(g)
 }
 
-/// The stages of one seed's study; `sfx` ends every stage name.
-fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result<SeedPlan> {
+/// The distillation stage with seed `seed`, named `distill{sfx}`.
+fn plan_distill(b: &mut Builder, preset: &Preset, seed: u64, sfx: &str) -> Result<usize> {
+    let seed = seed.to_string();
+    let mut a =
+        lit(&["distill", "--dataset", &preset.dataset, "--model", &preset.model, "--seed", &seed]);
+    a.extend(lits(preset.distill.to_args()?));
+    a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
+    b.add(&format!("distill{sfx}"), "distill", a)
+}
+
+/// The stages of one seed's study on the distilled set of stage `distill`; `sfx` ends every
+/// stage name.
+fn plan_seed(
+    b: &mut Builder,
+    preset: &Preset,
+    seed_n: u64,
+    sfx: &str,
+    distill: usize,
+) -> Result<SeedPlan> {
     let ds = preset.dataset.clone();
     let seed = seed_n.to_string();
     let max_round = *preset.rounds.iter().max().unwrap_or(&0);
     let rounds_arg = max_round.max(1).to_string();
-    // 1. Distill.
-    let mut a = lit(&["distill", "--dataset", &ds, "--model", &preset.model, "--seed", &seed]);
-    a.extend(lits(preset.distill.to_args()?));
-    a.extend([Arg::Lit("--out".into()), Arg::Own("distilled.lmc".into())]);
-    let distill = b.add(&format!("distill{sfx}"), "distill", a)?;
-    // 2. IMP on distilled data, on real data.
+    // 1. IMP on distilled data, on real data.
     let prune_head = || {
         lit(&[
             "prune",
@@ -944,7 +969,7 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
         None => None,
     };
     let ticket = |r: usize| format!("tickets/round-{r:02}.lmc");
-    // 3. Conditions: dense, then per round distilled / imp / random (ticket node, file).
+    // 2. Conditions: dense, then per round distilled / imp / random (ticket node, file).
     // (method, round, IMP stage that reports its sparsity, (ticket stage, ticket file)).
     // The fifth field, the spawn step, is added below.
     type Planned<'a> = (&'a str, usize, Option<usize>, (usize, String), u64);
@@ -978,7 +1003,7 @@ fn plan_seed(b: &mut Builder, preset: &Preset, seed_n: u64, sfx: &str) -> Result
     };
     let conds: Vec<Planned> =
         conds.into_iter().map(|(m, r, s, t)| (m, r, s, t, 0)).chain(swept).collect();
-    // 4. Replicates and probes per condition.
+    // 3. Replicates and probes per condition.
     let reps = preset.replicates.to_string();
     let mut conditions = Vec::new();
     for (method, round, sparsity_from, (tnode, tfile), spawn) in conds {
@@ -1325,6 +1350,23 @@ mod tests {
         let m = MeanStd::of(&[1.0, 2.0, 3.0]);
         assert_eq!((m.mean, m.std), (2.0, 1.0));
         assert_eq!(MeanStd::of(&[0.5]).std, 0.0);
+        // `distill_seed`: one distillation for the whole sweep, the very stage seed 0 ran.
+        preset.distill_seed = Some(0);
+        let shared = plan(&preset, None).unwrap();
+        assert_eq!(shared.nodes.len(), g.nodes.len() - 2);
+        let distills: Vec<_> =
+            shared.nodes.iter().filter(|n| n.name.starts_with("distill")).collect();
+        assert_eq!(distills.len(), 1);
+        assert_eq!(distills[0].key, g.nodes[g.seeds[0].distill].key);
+        assert!(shared.seeds.iter().all(|s| s.distill == shared.seeds[0].distill));
+        // Everything of seed 1 that does not read the distilled set keeps its key.
+        let key =
+            |g: &Graph, name: &str| g.nodes.iter().find(|n| n.name == name).unwrap().key.clone();
+        assert_eq!(key(&shared, "train-imp-r4-s1"), key(&g, "train-imp-r4-s1"));
+        assert_ne!(key(&shared, "prune-distilled-s1"), key(&g, "prune-distilled-s1"));
+        let p1 = shared.nodes.iter().find(|n| n.name == "prune-distilled-s1").unwrap();
+        assert!(p1.argv.iter().any(|a| a.contains("distill-s0-")), "{:?}", p1.argv);
+        assert!(p1.argv.windows(2).any(|w| w == ["--seed", "1"]));
     }
 
     #[test]

@@ -361,7 +361,13 @@ pub fn write(
                 q
             },
         );
-        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {quality}.\n")?;
+        let shared = match res.preset.as_ref().and_then(|p| p.distill_seed) {
+            Some(d) if !res.sweep.is_empty() => {
+                format!(" One distillation (seed {d}) serves every initialisation seed.")
+            }
+            _ => String::new(),
+        };
+        writeln!(md, "\n## Distilled images\n\nOne row per class. Test accuracy of networks trained on them: {quality}.{shared}\n")?;
         img(&mut md, "distilled.png", "distilled images, one row per class")?;
     }
     writeln!(md, "\n## Compute per stage\n\n| stage | images processed | seconds | cached |\n|---|---|---|---|")?;
