@@ -26,7 +26,7 @@
 //! evaluation mode, and `hvp_resnet20_train_mode_cifar_b64` 256 ms / 740 ms = 2.89 gradients
 //! in training mode (`--bn-mode batch`), over the 2.5 budget.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use lmc_train::data::{self, DatasetName};
 use lmc_train::fit::{loss_and_grad, GradBuffers, NormMode};
 use lmc_train::hvp::loss_and_hvp_in;
@@ -83,4 +83,9 @@ fn hvp(c: &mut Criterion) {
 }
 
 criterion_group!(benches, hvp);
-criterion_main!(benches);
+/// `criterion_main!` with the allocator set up as the `lmc` binary sets it.
+fn main() {
+    lmc_train::cpu::keep_freed_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

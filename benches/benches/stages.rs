@@ -11,7 +11,7 @@
 //!
 //! All inputs are deterministic. `cargo bench -p lmc-benches --bench stages`.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use lmc_distill::config::{Distance, DistillConfig, Method};
 use lmc_distill::dm;
 use lmc_distill::problem::Problem;
@@ -131,4 +131,9 @@ fn probe(c: &mut Criterion) {
 }
 
 criterion_group!(benches, distill, prune, probe);
-criterion_main!(benches);
+/// `criterion_main!` with the allocator set up as the `lmc` binary sets it.
+fn main() {
+    lmc_train::cpu::keep_freed_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

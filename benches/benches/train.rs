@@ -1,7 +1,7 @@
 //! Criterion benches of the hot ops (forward and forward+backward) and of a full training step,
 //! at ConvNet-3 / LeNet shapes, so that a regression shows up. `cargo bench -p lmc-benches`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use dfdx::prelude::*;
 use lmc_train::bench::{workloads, Prepared};
 use lmc_train::ops::{self, Conv2dCfg, T1, T4};
@@ -166,4 +166,9 @@ fn mlp_gradient(c: &mut Criterion) {
 }
 
 criterion_group!(benches, conv, memory_bound, linear, mlp_gradient, train_step);
-criterion_main!(benches);
+/// `criterion_main!` with the allocator set up as the `lmc` binary sets it.
+fn main() {
+    lmc_train::cpu::keep_freed_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -24,17 +24,6 @@ mod train_cmd;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps freed memory mapped. mimalloc returns freed pages to the OS after 10 ms by default, and
-/// every training step then page-faults its activation buffers back in (the kernel zeroing them
-/// was 15% of a ConvNet-3 step; 37,000 faults vs 400 over a benchmark run).
-fn tune_allocator() {
-    // mi_option_purge_delay is 15 in mimalloc v2's `mi_option_t` (libmimalloc-sys exports no
-    // constant for it); -1 disables purging.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets a plain integer option; called once at start-up before any threads exist.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 /// Lottery tickets from distilled data, and their linear mode connectivity.
 ///
 /// Stages, each writing versioned .lmc artifacts the next one reads: `lmc distill` (a few
@@ -78,7 +67,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
+    lmc_train::cpu::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Distill(a) => distill_cmd::run(a),

@@ -24,6 +24,8 @@ enum Saved {
         xh: Vec<f32>,
         rstd: Vec<f32>,
     },
+    /// Batch norm in training mode.
+    BatchTrain(super::bn_train::Saved),
     /// A residual join: each branch's trace (none for an identity shortcut).
     Residual {
         main: Trace,
@@ -318,41 +320,9 @@ fn forward(
             }
             (y, Some(ry), Saved::None)
         }
-        Layer::Conv { cin, h, w: wd, cout, geom, weight, bias } => {
-            let (il, cout) = (cin * h * wd, *cout);
-            let (kd, pd) = (geom.kd(), geom.pd());
-            let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
-            let (b, vb) = match bias {
-                Some(bias) => (&p[bias.clone()], &v[bias.clone()]),
-                None => (&[][..], &[][..]),
-            };
-            let mut y = vec![0f32; m * ol];
-            let mut ry = vec![0f32; m * ol];
-            let mut col = vec![0f32; if geom.direct() { 0 } else { kd * pd }];
-            for s in 0..m {
-                let (yn, ryn) = (&mut y[s * ol..(s + 1) * ol], &mut ry[s * ol..(s + 1) * ol]);
-                // Without a bias the outputs start at zero.
-                for (co, (&bc, &vbc)) in b.iter().zip(vb).enumerate() {
-                    yn[co * pd..(co + 1) * pd].fill(bc);
-                    ryn[co * pd..(co + 1) * pd].fill(vbc);
-                }
-                let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
-                // y_n (cout x pd) = b + W col_n; R{y_n} = V_b + V_W col_n + W R{col_n}
-                mm(yn, cout, pd, kd, Operand::row_major(w, kd), Operand::row_major(cm, pd), true);
-                mm(ryn, cout, pd, kd, Operand::row_major(vw, kd), Operand::row_major(cm, pd), true);
-                if let Some(ra) = ra {
-                    let rcm = cols(geom, &ra[s * il..(s + 1) * il], &mut col);
-                    mm(
-                        ryn,
-                        cout,
-                        pd,
-                        kd,
-                        Operand::row_major(w, kd),
-                        Operand::row_major(rcm, pd),
-                        true,
-                    );
-                }
-            }
+        Layer::Conv { .. } => {
+            let (mut y, mut ry) = (vec![0f32; m * ol], vec![0f32; m * ol]);
+            conv_forward(layer, p, v, m, (a, ra), (&mut y, &mut ry));
             (y, Some(ry), Saved::None)
         }
         Layer::InstanceNorm { channels, plane, eps, gamma, beta } => {
@@ -438,12 +408,16 @@ fn forward(
         }
         Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
             // Per channel over the batch: instance norm's rule on each channel's values of all
-            // samples gathered into one plane.
-            let (c, q) = (*channels, *plane);
-            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
-            let (at, rat) = (to_channels(a, m, c, q), ra.map(|r| to_channels(r, m, c, q)));
-            let (y, ry, s) = forward(&norm, p, v, 1, &at, rat.as_deref());
-            (from_channels(&y, m, c, q), ry.map(|r| from_channels(&r, m, c, q)), s)
+            // samples, as one plane.
+            let (y, ry, s) = super::bn_train::forward(
+                (m, *channels, *plane),
+                *eps,
+                (&p[gamma.clone()], &p[beta.clone()]),
+                (&v[gamma.clone()], &v[beta.clone()]),
+                a,
+                ra,
+            );
+            (y, Some(ry), Saved::BatchTrain(s))
         }
         Layer::GlobalAvgPool { plane, .. } => {
             let q = *plane;
@@ -487,6 +461,150 @@ fn forward(
     }
 }
 
+/// A convolution's forward on `m` samples into `y` and `ry` (zeros, m x out_len each).
+fn conv_forward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    (a, ra): (&[f32], Option<&[f32]>),
+    (y, ry): (&mut [f32], &mut [f32]),
+) {
+    let Layer::Conv { cin, h, w: wd, cout, geom, weight, bias } = layer else {
+        unreachable!("a convolution")
+    };
+    let ol = layer.out_len();
+    let (il, cout) = (cin * h * wd, *cout);
+    let (kd, pd) = (geom.kd(), geom.pd());
+    let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
+    let (b, vb) = match bias {
+        Some(bias) => (&p[bias.clone()], &v[bias.clone()]),
+        None => (&[][..], &[][..]),
+    };
+    let mut col = vec![0f32; if geom.direct() { 0 } else { kd * pd }];
+    for s in 0..m {
+        let (yn, ryn) = (&mut y[s * ol..(s + 1) * ol], &mut ry[s * ol..(s + 1) * ol]);
+        // Without a bias the outputs start at zero.
+        for (co, (&bc, &vbc)) in b.iter().zip(vb).enumerate() {
+            yn[co * pd..(co + 1) * pd].fill(bc);
+            ryn[co * pd..(co + 1) * pd].fill(vbc);
+        }
+        let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
+        // y_n (cout x pd) = b + W col_n; R{y_n} = V_b + V_W col_n + W R{col_n}
+        mm(yn, cout, pd, kd, Operand::row_major(w, kd), Operand::row_major(cm, pd), true);
+        mm(ryn, cout, pd, kd, Operand::row_major(vw, kd), Operand::row_major(cm, pd), true);
+        if let Some(ra) = ra {
+            let rcm = cols(geom, &ra[s * il..(s + 1) * il], &mut col);
+            mm(ryn, cout, pd, kd, Operand::row_major(w, kd), Operand::row_major(rcm, pd), true);
+        }
+    }
+}
+
+/// A convolution's backward on `m` samples: adds its parameters' part into `acc` and, when `gi`
+/// and `rgi` are not empty (zeros, m x in_len each), the input's gradient and tangent into them.
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    layer: &Layer,
+    p: &[f32],
+    v: &[f32],
+    m: usize,
+    (a, ra): (&[f32], Option<&[f32]>),
+    (g, rg): (&[f32], &[f32]),
+    acc: &mut Acc,
+    (gi, rgi): (&mut [f32], &mut [f32]),
+) {
+    let Layer::Conv { cout, geom, weight, bias, .. } = layer else { unreachable!("a convolution") };
+    let il = layer.in_len();
+    let need_input = !gi.is_empty();
+    let (cout, ol) = (*cout, layer.out_len());
+    let (kd, pd) = (geom.kd(), geom.pd());
+    let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
+    let direct = geom.direct();
+    let mut col = vec![0f32; if direct { 0 } else { kd * pd }];
+    let mut rcol = col.clone();
+    let mut dcol = vec![0f32; if need_input { kd * pd } else { 0 }];
+    for s in 0..m {
+        let (gn, rgn) = (&g[s * ol..(s + 1) * ol], &rg[s * ol..(s + 1) * ol]);
+        let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
+        // R{dW} (cout x kd) += R{g_n} col_n^T + g_n R{col_n}^T
+        let aw = acc.at(weight);
+        mm(aw, cout, kd, pd, Operand::row_major(rgn, pd), Operand::transposed(cm, pd), true);
+        if let Some(ra) = ra {
+            let rcm = cols(geom, &ra[s * il..(s + 1) * il], &mut rcol);
+            mm(aw, cout, kd, pd, Operand::row_major(gn, pd), Operand::transposed(rcm, pd), true);
+        }
+        if let Some(bias) = bias {
+            let ab = acc.at(bias);
+            for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
+                *d += sum64(row) as f32;
+            }
+        }
+        if need_input {
+            // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n
+            let (gin, rgin) = (&mut gi[s * il..(s + 1) * il], &mut rgi[s * il..(s + 1) * il]);
+            if direct {
+                mm(
+                    gin,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(w, kd),
+                    Operand::row_major(gn, pd),
+                    false,
+                );
+                mm(
+                    rgin,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(w, kd),
+                    Operand::row_major(rgn, pd),
+                    false,
+                );
+                mm(
+                    rgin,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(vw, kd),
+                    Operand::row_major(gn, pd),
+                    true,
+                );
+            } else {
+                mm(
+                    &mut dcol,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(w, kd),
+                    Operand::row_major(gn, pd),
+                    false,
+                );
+                col2im_add(geom, &dcol, gin);
+                mm(
+                    &mut dcol,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(w, kd),
+                    Operand::row_major(rgn, pd),
+                    false,
+                );
+                mm(
+                    &mut dcol,
+                    kd,
+                    pd,
+                    cout,
+                    Operand::transposed(vw, kd),
+                    Operand::row_major(gn, pd),
+                    true,
+                );
+                col2im_add(geom, &dcol, rgin);
+            }
+        }
+    }
+}
+
 /// Samples per task of a convolution in a group larger than this (only a whole batch with
 /// training-mode batch norm is: other groups hold at most `CONV_GROUP` = 8 samples).
 const SPLIT: usize = 8;
@@ -496,8 +614,9 @@ fn rows(x: &[f32], len: usize, s0: usize, s1: usize) -> &[f32] {
     &x[s0 * len..s1 * len]
 }
 
-/// A convolution's forward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in parallel
-/// (each sample's output is its own, so the result is the sequential one).
+/// A convolution's forward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in parallel,
+/// each writing its samples' outputs in place (each sample's output is its own, so the result
+/// is the sequential one).
 fn split_conv_forward(
     layer: &Layer,
     p: &[f32],
@@ -507,24 +626,29 @@ fn split_conv_forward(
     ra: Option<&[f32]>,
 ) -> (Vec<f32>, Option<Vec<f32>>, Saved) {
     use rayon::prelude::*;
-    let il = layer.in_len();
-    let parts: Vec<(Vec<f32>, Option<Vec<f32>>)> = (0..m.div_ceil(SPLIT))
-        .into_par_iter()
-        .map(|c| {
+    let (il, ol) = (layer.in_len(), layer.out_len());
+    let (mut y, mut ry) = (vec![0f32; m * ol], vec![0f32; m * ol]);
+    y.par_chunks_mut(SPLIT * ol).zip(ry.par_chunks_mut(SPLIT * ol)).enumerate().for_each(
+        |(c, (y, ry))| {
             let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
             let ra = ra.map(|r| rows(r, il, s0, s1));
-            let (y, ry, _) = forward(layer, p, v, s1 - s0, rows(a, il, s0, s1), ra);
-            (y, ry)
-        })
-        .collect();
-    let y = parts.iter().flat_map(|(y, _)| y.iter().copied()).collect();
-    let ry = parts.iter().map(|(_, r)| r.as_deref()).collect::<Option<Vec<_>>>();
-    (y, ry.map(|r| r.concat()), Saved::None)
+            conv_forward(layer, p, v, s1 - s0, (rows(a, il, s0, s1), ra), (y, ry));
+        },
+    );
+    (y, Some(ry), Saved::None)
+}
+
+/// `x` in `n` slices of `len` (the last shorter; empty slices where `x` runs out).
+fn chunked(x: &mut [f32], len: usize, n: usize) -> Vec<&mut [f32]> {
+    let mut parts: Vec<&mut [f32]> = x.chunks_mut(len).collect();
+    parts.resize_with(n, Default::default);
+    parts
 }
 
 /// A convolution's backward on `m` > [`SPLIT`] samples in fixed chunks of `SPLIT`, in
-/// parallel: each chunk sums its parameters' part into its own vector, added in chunk order
-/// (fixed by `m` alone, so the result does not depend on the thread count).
+/// parallel, each writing its samples' input gradients in place and summing its parameters'
+/// part into its own vector, added in chunk order (fixed by `m` alone, so the result does not
+/// depend on the thread count).
 #[allow(clippy::too_many_arguments)]
 fn split_conv_backward(
     layer: &Layer,
@@ -541,70 +665,35 @@ fn split_conv_backward(
     let (il, ol) = (layer.in_len(), layer.out_len());
     let lo = weight.start.min(bias.as_ref().map_or(usize::MAX, |b| b.start));
     let hi = weight.end.max(bias.as_ref().map_or(0, |b| b.end));
-    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..m.div_ceil(SPLIT))
+    let chunks = m.div_ceil(SPLIT);
+    let len = if need_input { m * il } else { 0 };
+    let (mut gi, mut rgi) = (vec![0f32; len], vec![0f32; len]);
+    let parts: Vec<Vec<f32>> = chunked(&mut gi, SPLIT * il, chunks)
         .into_par_iter()
-        .map(|c| {
+        .zip(chunked(&mut rgi, SPLIT * il, chunks))
+        .enumerate()
+        .map(|(c, (gc, rgc))| {
             let (s0, s1) = (c * SPLIT, ((c + 1) * SPLIT).min(m));
             let mut sub = Acc { data: vec![0f32; hi - lo], lo };
             let ra = ra.map(|r| rows(r, il, s0, s1));
-            let (gi, rgi) = backward(
+            let (g, rg) = (rows(g, ol, s0, s1), rows(rg, ol, s0, s1));
+            conv_backward(
                 layer,
                 p,
                 v,
                 s1 - s0,
-                rows(a, il, s0, s1),
-                ra,
-                &Saved::None,
-                rows(g, ol, s0, s1),
-                rows(rg, ol, s0, s1),
+                (rows(a, il, s0, s1), ra),
+                (g, rg),
                 &mut sub,
-                need_input,
+                (gc, rgc),
             );
-            (sub.data, gi, rgi)
+            sub.data
         })
         .collect();
-    let (mut gi, mut rgi) = (Vec::new(), Vec::new());
-    for (part, g, r) in parts {
+    for part in parts {
         acc.data[lo - acc.lo..hi - acc.lo].iter_mut().zip(&part).for_each(|(d, x)| *d += x);
-        gi.extend(g);
-        rgi.extend(r);
     }
     (gi, rgi)
-}
-
-/// The instance norm over `c` planes of `m * q` values that a training-mode batch norm of `m`
-/// samples is, on their values gathered by [`to_channels`].
-fn batch_plane_norm(
-    c: usize,
-    q: usize,
-    m: usize,
-    eps: f32,
-    gamma: &std::ops::Range<usize>,
-    beta: &std::ops::Range<usize>,
-) -> Layer {
-    Layer::InstanceNorm { channels: c, plane: m * q, eps, gamma: gamma.clone(), beta: beta.clone() }
-}
-
-/// `m` samples of `c` planes of `q` values (m, c, q) regrouped per channel (c, m, q).
-fn to_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
-    transpose_blocks(x, m, c, q)
-}
-
-/// The inverse of [`to_channels`].
-fn from_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
-    transpose_blocks(x, c, m, q)
-}
-
-/// A `rows` x `cols` grid of blocks of `q` values, row-major, transposed to `cols` x `rows`.
-fn transpose_blocks(x: &[f32], rows: usize, cols: usize, q: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let src = &x[(r * cols + c) * q..(r * cols + c + 1) * q];
-            out[(c * rows + r) * q..(c * rows + r + 1) * q].copy_from_slice(src);
-        }
-    }
-    out
 }
 
 /// Average pooling of `planes` (h x w) planes over k x k windows (floor mode).
@@ -729,115 +818,11 @@ fn backward(
                 mm(&mut rgi, m, i, o, Operand::row_major(g, o), Operand::row_major(vw, i), true);
             }
         }
-        Layer::Conv { cout, geom, weight, bias, .. } => {
-            let (cout, ol) = (*cout, layer.out_len());
-            let (kd, pd) = (geom.kd(), geom.pd());
-            let (w, vw) = (&p[weight.clone()], &v[weight.clone()]);
-            let direct = geom.direct();
-            let mut col = vec![0f32; if direct { 0 } else { kd * pd }];
-            let mut rcol = col.clone();
-            let mut dcol = vec![0f32; if need_input { kd * pd } else { 0 }];
+        Layer::Conv { .. } => {
             if need_input {
-                gi = vec![0f32; m * il];
-                rgi = vec![0f32; m * il];
+                (gi, rgi) = (vec![0f32; m * il], vec![0f32; m * il]);
             }
-            for s in 0..m {
-                let (gn, rgn) = (&g[s * ol..(s + 1) * ol], &rg[s * ol..(s + 1) * ol]);
-                let cm = cols(geom, &a[s * il..(s + 1) * il], &mut col);
-                // R{dW} (cout x kd) += R{g_n} col_n^T + g_n R{col_n}^T
-                let aw = acc.at(weight);
-                mm(
-                    aw,
-                    cout,
-                    kd,
-                    pd,
-                    Operand::row_major(rgn, pd),
-                    Operand::transposed(cm, pd),
-                    true,
-                );
-                if let Some(ra) = ra {
-                    let rcm = cols(geom, &ra[s * il..(s + 1) * il], &mut rcol);
-                    mm(
-                        aw,
-                        cout,
-                        kd,
-                        pd,
-                        Operand::row_major(gn, pd),
-                        Operand::transposed(rcm, pd),
-                        true,
-                    );
-                }
-                if let Some(bias) = bias {
-                    let ab = acc.at(bias);
-                    for (d, row) in ab.iter_mut().zip(rgn.chunks_exact(pd)) {
-                        *d += sum64(row) as f32;
-                    }
-                }
-                if need_input {
-                    // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n
-                    let (gin, rgin) =
-                        (&mut gi[s * il..(s + 1) * il], &mut rgi[s * il..(s + 1) * il]);
-                    if direct {
-                        mm(
-                            gin,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(w, kd),
-                            Operand::row_major(gn, pd),
-                            false,
-                        );
-                        mm(
-                            rgin,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(w, kd),
-                            Operand::row_major(rgn, pd),
-                            false,
-                        );
-                        mm(
-                            rgin,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(vw, kd),
-                            Operand::row_major(gn, pd),
-                            true,
-                        );
-                    } else {
-                        mm(
-                            &mut dcol,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(w, kd),
-                            Operand::row_major(gn, pd),
-                            false,
-                        );
-                        col2im_add(geom, &dcol, gin);
-                        mm(
-                            &mut dcol,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(w, kd),
-                            Operand::row_major(rgn, pd),
-                            false,
-                        );
-                        mm(
-                            &mut dcol,
-                            kd,
-                            pd,
-                            cout,
-                            Operand::transposed(vw, kd),
-                            Operand::row_major(gn, pd),
-                            true,
-                        );
-                        col2im_add(geom, &dcol, rgin);
-                    }
-                }
-            }
+            conv_backward(layer, p, v, m, (a, ra), (g, rg), acc, (&mut gi, &mut rgi));
         }
         Layer::InstanceNorm { channels, plane, gamma, beta, .. } => {
             let Saved::Norm { xh, rxh, rstd, t } = saved else {
@@ -915,14 +900,22 @@ fn backward(
                 }
             }
         }
-        Layer::BatchNormTrain { channels, plane, eps, gamma, beta } => {
-            let (c, q) = (*channels, *plane);
-            let norm = batch_plane_norm(c, q, m, *eps, gamma, beta);
-            let (gt, rgt) = (to_channels(g, m, c, q), to_channels(rg, m, c, q));
-            let (gc, rgc) = backward(&norm, p, v, 1, &[], None, saved, &gt, &rgt, acc, need_input);
-            if need_input {
-                (gi, rgi) = (from_channels(&gc, m, c, q), from_channels(&rgc, m, c, q));
-            }
+        Layer::BatchNormTrain { channels, plane, gamma, beta, .. } => {
+            let Saved::BatchTrain(s) = saved else {
+                unreachable!("a training-mode batch norm saves its statistics")
+            };
+            let (mut dg, mut db) = (acc.at(gamma).to_vec(), acc.at(beta).to_vec());
+            (gi, rgi) = super::bn_train::backward(
+                (m, *channels, *plane),
+                (&p[gamma.clone()], &v[gamma.clone()]),
+                s,
+                g,
+                rg,
+                (&mut dg, &mut db),
+                need_input,
+            );
+            acc.at(gamma).copy_from_slice(&dg);
+            acc.at(beta).copy_from_slice(&db);
         }
         Layer::GlobalAvgPool { plane, .. } => {
             if need_input {
@@ -970,4 +963,120 @@ fn backward(
         }
     }
     (gi, rgi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The instance norm over `c` planes of `m * q` values that a training-mode batch norm of `m`
+    /// samples is, on their values gathered by [`to_channels`].
+    fn batch_plane_norm(
+        c: usize,
+        q: usize,
+        m: usize,
+        eps: f32,
+        gamma: &std::ops::Range<usize>,
+        beta: &std::ops::Range<usize>,
+    ) -> Layer {
+        Layer::InstanceNorm {
+            channels: c,
+            plane: m * q,
+            eps,
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+        }
+    }
+
+    /// `m` samples of `c` planes of `q` values (m, c, q) regrouped per channel (c, m, q).
+    fn to_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+        transpose_blocks(x, m, c, q)
+    }
+
+    /// The inverse of [`to_channels`].
+    fn from_channels(x: &[f32], m: usize, c: usize, q: usize) -> Vec<f32> {
+        transpose_blocks(x, c, m, q)
+    }
+
+    /// A `rows` x `cols` grid of blocks of `q` values, row-major, transposed to `cols` x `rows`.
+    fn transpose_blocks(x: &[f32], rows: usize, cols: usize, q: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                let src = &x[(r * cols + c) * q..(r * cols + c + 1) * q];
+                out[(c * rows + r) * q..(c * rows + r + 1) * q].copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    /// The training-mode batch norm computed in place equals, bit for bit, what it replaced:
+    /// instance norm on the batch regrouped per channel (planes of m * q values), forward and
+    /// backward, with and without an input tangent, for planes that are and are not multiples
+    /// of the eight summation lanes.
+    #[test]
+    fn batch_norm_in_place_is_instance_norm_on_the_regrouped_batch_bit_for_bit() {
+        // Deterministic, irregular values.
+        let mut k = 0u32;
+        let mut next = move || {
+            k += 1;
+            (k as f32 * 0.618_034).sin() * 1.7 + (k as f32 * 0.071).cos() * 0.4
+        };
+        for (m, c, q) in [(3, 5, 4), (2, 3, 64), (5, 2, 7), (1, 4, 9), (8, 16, 16)] {
+            let (gamma, beta) = (0..c, c..2 * c);
+            let p: Vec<f32> = (0..2 * c).map(|_| next() + 1.0).collect();
+            let v: Vec<f32> = (0..2 * c).map(|_| next()).collect();
+            let len = m * c * q;
+            let mut vec = || (0..len).map(|_| next() * 2.0 + 0.3).collect::<Vec<_>>();
+            let (a, ra, g, rg) = (vec(), vec(), vec(), vec());
+            let layer = Layer::BatchNormTrain {
+                channels: c,
+                plane: q,
+                eps: 1e-5,
+                gamma: gamma.clone(),
+                beta: beta.clone(),
+            };
+            let norm = batch_plane_norm(c, q, m, 1e-5, &gamma, &beta);
+            for tangent in [true, false] {
+                let ra = tangent.then_some(&ra[..]);
+                let (y, ry, saved) = forward(&layer, &p, &v, m, &a, ra);
+                let rat = ra.map(|r| to_channels(r, m, c, q));
+                let (yo, ryo, so) =
+                    forward(&norm, &p, &v, 1, &to_channels(&a, m, c, q), rat.as_deref());
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&from_channels(&yo, m, c, q)), "{m} {c} {q}");
+                assert_eq!(
+                    bits(ry.as_deref().unwrap()),
+                    bits(&from_channels(&ryo.unwrap(), m, c, q))
+                );
+                for need_input in [true, false] {
+                    let mut acc = Acc { data: vec![0.5; 2 * c], lo: 0 };
+                    let (gi, rgi) =
+                        backward(&layer, &p, &v, m, &a, ra, &saved, &g, &rg, &mut acc, need_input);
+                    let mut acc_o = Acc { data: vec![0.5; 2 * c], lo: 0 };
+                    let (gt, rgt) = (to_channels(&g, m, c, q), to_channels(&rg, m, c, q));
+                    let (gio, rgio) = backward(
+                        &norm,
+                        &p,
+                        &v,
+                        1,
+                        &[],
+                        None,
+                        &so,
+                        &gt,
+                        &rgt,
+                        &mut acc_o,
+                        need_input,
+                    );
+                    assert_eq!(bits(&acc.data), bits(&acc_o.data), "{m} {c} {q}");
+                    if need_input {
+                        assert_eq!(bits(&gi), bits(&from_channels(&gio, m, c, q)));
+                        assert_eq!(bits(&rgi), bits(&from_channels(&rgio, m, c, q)));
+                    } else {
+                        assert!(gi.is_empty() && rgi.is_empty());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -33,6 +33,7 @@ use crate::params::ParamKind;
 use crate::sparse_input::SparseInput;
 use crate::{Error, Result};
 
+mod bn_train;
 mod layers;
 
 use layers::First;
