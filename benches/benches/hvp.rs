@@ -25,6 +25,13 @@
 //! same VM): criterion's means 229 ms (gradient) / 502 ms (product) = 2.19 gradients in
 //! evaluation mode, and `hvp_resnet20_train_mode_cifar_b64` 256 ms / 740 ms = 2.89 gradients
 //! in training mode (`--bn-mode batch`), over the 2.5 budget.
+//!
+//! All four on 2026-12-05 after the training-mode batch norm went in place and parallel, with
+//! this file's `main` now setting the allocator as `lmc` does (freed memory kept mapped: the
+//! gradient lost its page faults, ~10%), nothing else running (same VM, load ~2.7 before):
+//! criterion's means LeNet 1.734 ms / 0.715 ms = 2.43, ConvNet 45.8 ms / 21.2 ms = 2.16, ResNet-20 in
+//! evaluation mode 475.9 ms / 208.8 ms = 2.28, in training mode 583.4 ms / 215.0 ms = 2.71
+//! (by multiply-adds 8/3 = 2.67 is the floor when every conv is hidden).
 
 use criterion::{criterion_group, Criterion, Throughput};
 use lmc_train::data::{self, DatasetName};
