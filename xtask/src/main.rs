@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod exec;
+mod findings;
 mod pipeline;
 mod plot;
 mod report;

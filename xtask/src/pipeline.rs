@@ -708,7 +708,7 @@ pub struct MeanStd {
 }
 
 impl MeanStd {
-    fn of(v: &[f64]) -> Self {
+    pub(crate) fn of(v: &[f64]) -> Self {
         let n = v.len().max(1) as f64;
         let mean = v.iter().sum::<f64>() / n;
         let var = if v.len() > 1 {
@@ -822,7 +822,7 @@ pub fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
 /// The comparisons the report makes in a seed sweep: at each sparsity, distilled-data tickets
 /// against real-data IMP, random pruning and (if run) IMP with rewinding; and each swept
 /// condition at every spawn step k against itself at k = 0.
-fn compare(sweep: &[SweepSummary]) -> Vec<Comparison> {
+pub(crate) fn compare(sweep: &[SweepSummary]) -> Vec<Comparison> {
     let find = |m: &str, r: usize, k: u64| {
         sweep.iter().find(|s| s.method == m && s.round == r && s.spawn_step == k)
     };

@@ -231,6 +231,14 @@ pub fn write(
     let mut md = String::new();
     writeln!(md, "# lmc report: {}\n", preset.map_or("", |p| p.name.as_str()))?;
     writeln!(md, "{}\n", preset.map_or("", |p| p.description.as_str()))?;
+    let answers = crate::findings::findings(res);
+    if !answers.is_empty() {
+        writeln!(md, "## Findings\n\nWorked out from the tables below. Stable: an error barrier under 2 points (Frankle et al. 2020), with the running statistics interpolated along the path (what the paper's authors did); beyond noise: Welch's test on the seeds, p < 0.05.\n")?;
+        for a in &answers {
+            writeln!(md, "- {a}")?;
+        }
+        writeln!(md)?;
+    }
     writeln!(md, "## Conditions\n\nEach condition's subnetwork was trained {} times on real data from the same initialisation with different data orders. Barrier = max error along the linear path minus the mean of the endpoints (Frankle et al. 2020); under 2 points counts as linearly connected.\n", preset.map_or(0, |p| p.replicates))?;
     writeln!(md, "| condition | sparsity (%) | test accuracy (%) | error barrier (points) | loss barrier | L2 distance | Hessian trace (± s.e.) |\n|---|---|---|---|---|---|---|")?;
     for c in conds {
@@ -445,8 +453,8 @@ fn instability_rows(res: &Results) -> Vec<(String, u64, MeanStd)> {
 }
 
 /// A tiny converter for the subset of Markdown the report uses (headings, paragraphs, tables,
-/// images, inline code). Hand-written because the report needs nothing more, and a Markdown
-/// crate would be the pipeline's largest dependency.
+/// images, bullet lists, inline code and bold). Hand-written because the report needs nothing
+/// more, and a Markdown crate would be the pipeline's largest dependency.
 fn markdown_to_html(md: &str) -> String {
     let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     let inline = |s: &str| {
@@ -456,13 +464,20 @@ fn markdown_to_html(md: &str) -> String {
             if i % 2 == 1 {
                 write!(out, "<code>{part}</code>").unwrap();
             } else {
-                out.push_str(part);
+                // **bold** outside code.
+                for (j, piece) in part.split("**").enumerate() {
+                    if j % 2 == 1 {
+                        write!(out, "<strong>{piece}</strong>").unwrap();
+                    } else {
+                        out.push_str(piece);
+                    }
+                }
             }
         }
         out
     };
     let mut html = String::from("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lmc report</title><style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right}img{max-width:100%}</style></head><body>\n");
-    let mut in_table = false;
+    let (mut in_table, mut in_list) = (false, false);
     for line in md.lines() {
         let t = line.trim();
         if t.starts_with('|') {
@@ -490,6 +505,18 @@ fn markdown_to_html(md: &str) -> String {
             html.push_str("</table>\n");
             in_table = false;
         }
+        if let Some(item) = t.strip_prefix("- ") {
+            if !in_list {
+                html.push_str("<ul>\n");
+                in_list = true;
+            }
+            writeln!(html, "<li>{}</li>", inline(item)).unwrap();
+            continue;
+        }
+        if in_list {
+            html.push_str("</ul>\n");
+            in_list = false;
+        }
         if let Some(h) = t.strip_prefix("## ") {
             writeln!(html, "<h2>{}</h2>", inline(h)).unwrap();
         } else if let Some(h) = t.strip_prefix("# ") {
@@ -511,6 +538,9 @@ fn markdown_to_html(md: &str) -> String {
     if in_table {
         html.push_str("</table>\n");
     }
+    if in_list {
+        html.push_str("</ul>\n");
+    }
     html.push_str("</body></html>\n");
     html
 }
@@ -520,8 +550,9 @@ mod tests {
     #[test]
     fn markdown_tables_images_and_code_become_html() {
         let html = super::markdown_to_html(
-            "# T\n\n| a | b |\n|---|---|\n| 1 | `x<y` |\n\n![alt](p.svg)\n",
+            "# T\n\n| a | b |\n|---|---|\n| 1 | `x<y` |\n\n![alt](p.svg)\n\n- **A.** one `**`\n- two\n\nend\n",
         );
+        assert!(html.contains("<ul>\n<li><strong>A.</strong> one <code>**</code></li>\n<li>two</li>\n</ul>\n<p>end</p>"), "{html}");
         assert!(html.contains("<h1>T</h1>"));
         assert!(html.contains("<tr><th>a</th><th>b</th></tr>"));
         assert!(html.contains("<td><code>x&lt;y</code></td>"));
