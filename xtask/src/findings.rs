@@ -112,7 +112,8 @@ pub fn findings(res: &Results) -> Vec<String> {
         s += &match (start.barrier.mean >= STABLE, first_stable) {
             (true, Some(x)) => format!("It is stable from k = {} on the swept steps, Frankle et al.'s pattern (unstable at initialisation, stable early in training).", x.k),
             (true, None) => "No swept k brings it under 2 points: unstable throughout, so the swept steps are too early to show where it becomes stable.".into(),
-            (false, _) => "It is stable already at initialisation, unlike Frankle et al.'s ResNet-20.".into(),
+            (false, _) if m == "dense" => "It is stable already at initialisation, unlike Frankle et al.'s ResNet-20.".into(),
+            (false, _) => "It is stable already at initialisation.".into(),
         };
         if let (Some(r0), Some(last)) = (start.reset, later.last().and_then(|x| x.reset)) {
             s += &format!(
