@@ -540,65 +540,23 @@ fn conv_backward(
             }
         }
         if need_input {
-            // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n
+            // dcol = W^T g_n, dx_n = col2im(dcol); R{dcol} = W^T R{g_n} + V_W^T g_n. A 1x1
+            // stride-1 conv's column matrix is its input, so its dcol is dx_n itself.
             let (gin, rgin) = (&mut gi[s * il..(s + 1) * il], &mut rgi[s * il..(s + 1) * il]);
+            // dst (kd x pd) [+]= M^T (kd x cout) * d (cout x pd)
+            let wt = |dst: &mut [f32], mw: &[f32], d: &[f32], acc: bool| {
+                let (lhs, rhs) = (Operand::transposed(mw, kd), Operand::row_major(d, pd));
+                mm(dst, kd, pd, cout, lhs, rhs, acc);
+            };
             if direct {
-                mm(
-                    gin,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(w, kd),
-                    Operand::row_major(gn, pd),
-                    false,
-                );
-                mm(
-                    rgin,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(w, kd),
-                    Operand::row_major(rgn, pd),
-                    false,
-                );
-                mm(
-                    rgin,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(vw, kd),
-                    Operand::row_major(gn, pd),
-                    true,
-                );
+                wt(gin, w, gn, false);
+                wt(rgin, w, rgn, false);
+                wt(rgin, vw, gn, true);
             } else {
-                mm(
-                    &mut dcol,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(w, kd),
-                    Operand::row_major(gn, pd),
-                    false,
-                );
+                wt(&mut dcol, w, gn, false);
                 col2im_add(geom, &dcol, gin);
-                mm(
-                    &mut dcol,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(w, kd),
-                    Operand::row_major(rgn, pd),
-                    false,
-                );
-                mm(
-                    &mut dcol,
-                    kd,
-                    pd,
-                    cout,
-                    Operand::transposed(vw, kd),
-                    Operand::row_major(gn, pd),
-                    true,
-                );
+                wt(&mut dcol, w, rgn, false);
+                wt(&mut dcol, vw, gn, true);
                 col2im_add(geom, &dcol, rgin);
             }
         }
