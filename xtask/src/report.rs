@@ -233,7 +233,12 @@ pub fn write(
     writeln!(md, "{}\n", preset.map_or("", |p| p.description.as_str()))?;
     let answers = crate::findings::findings(res);
     if !answers.is_empty() {
-        writeln!(md, "## Findings\n\nWorked out from the tables below. Stable: an error barrier under 2 points (Frankle et al. 2020), with the running statistics interpolated along the path (what the paper's authors did); beyond noise: Welch's test on the seeds, p < 0.05.\n")?;
+        let stats = if res.conditions.iter().any(|c| c.norm_statistics != "none") {
+            ", with the running statistics interpolated along the path (what the paper's authors did)"
+        } else {
+            ""
+        };
+        writeln!(md, "## Findings\n\nWorked out from the tables below. Stable: an error barrier under 2 points (Frankle et al. 2020){stats}; beyond noise: Welch's test on the seeds, p < 0.05.\n")?;
         for a in &answers {
             writeln!(md, "- {a}")?;
         }
