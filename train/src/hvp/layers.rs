@@ -554,10 +554,10 @@ fn conv_backward(
                 wt(rgin, vw, gn, true);
             } else {
                 wt(&mut dcol, w, gn, false);
-                col2im_add(geom, &dcol, gin);
+                col2im_add(geom, &mut dcol, gin);
                 wt(&mut dcol, w, rgn, false);
                 wt(&mut dcol, vw, gn, true);
-                col2im_add(geom, &dcol, rgin);
+                col2im_add(geom, &mut dcol, rgin);
             }
         }
     }
