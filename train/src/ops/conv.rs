@@ -531,32 +531,42 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
 mod tests {
     use super::*;
 
-    /// The shifted-plane im2col writes what the segment loop writes, element for element, on
-    /// every "same" geometry a network or an edge case can give: 3x3 and 5x5 kernels, planes
-    /// from 1x1 up, non-square planes, and a column buffer full of garbage beforehand.
+    /// Every "same" geometry a network or an edge case can give: 3x3 and 5x5 kernels, planes from
+    /// 1x1 up, non-square planes, and a 1x1 kernel; (cin, h, w, k) with padding (k - 1) / 2.
+    const SAME: [(usize, usize, usize, usize); 10] = [
+        (1, 1, 1, 3),
+        (2, 1, 4, 3),
+        (1, 3, 1, 3),
+        (2, 2, 2, 3),
+        (3, 8, 8, 3),
+        (2, 5, 7, 3),
+        (1, 32, 32, 3),
+        (2, 4, 6, 5),
+        (1, 2, 3, 5),
+        (2, 3, 3, 1),
+    ];
+
+    fn same_geom((cin, h, w, k): (usize, usize, usize, usize)) -> Geom {
+        let g = Geom::new(cin, h, w, Conv2dCfg::new(4, k, (k - 1) / 2)).unwrap();
+        assert!(g.same(), "{cin} {h}x{w} k {k}");
+        g
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// The shifted-plane im2col writes what the segment loop writes, element for element, into
+    /// column buffers full of garbage beforehand.
     #[test]
     fn same_conv_im2col_equals_the_segment_loop() {
-        for (cin, h, w, k) in [
-            (1, 1, 1, 3),
-            (2, 1, 4, 3),
-            (1, 3, 1, 3),
-            (2, 2, 2, 3),
-            (3, 8, 8, 3),
-            (2, 5, 7, 3),
-            (1, 32, 32, 3),
-            (2, 4, 6, 5),
-            (1, 2, 3, 5),
-            (2, 3, 3, 1),
-        ] {
-            let cfg = Conv2dCfg::new(4, k, (k - 1) / 2);
-            let g = Geom::new(cin, h, w, cfg).unwrap();
-            assert_eq!((g.ho, g.wo), (h, w));
-            let x: Vec<f32> = (0..cin * h * w).map(|i| 1.0 + i as f32).collect();
+        for shape in SAME {
+            let g = same_geom(shape);
+            let x: Vec<f32> = (0..g.cin * g.h * g.w).map(|i| 1.0 + i as f32).collect();
             let (mut a, mut b) = (vec![f32::NAN; g.kd() * g.pd()], vec![-7.0; g.kd() * g.pd()]);
             im2col_same(&g, &x, &mut a);
             im2col_segments(&g, &x, &mut b);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "cin {cin} {h}x{w} k {k}");
+            assert_eq!(bits(&a), bits(&b), "{shape:?}");
         }
     }
 
@@ -565,33 +575,22 @@ mod tests {
     /// +0.0, -0.0 and other values (so a stray +0.0 added to a -0.0 would show).
     #[test]
     fn same_conv_col2im_equals_the_segment_loop() {
-        for (cin, h, w, k) in [
-            (1, 1, 1, 3),
-            (2, 1, 4, 3),
-            (1, 3, 1, 3),
-            (3, 8, 8, 3),
-            (2, 5, 7, 3),
-            (1, 32, 32, 3),
-            (2, 4, 6, 5),
-            (2, 3, 3, 1),
-        ] {
-            let cfg = Conv2dCfg::new(4, k, (k - 1) / 2);
-            let g = Geom::new(cin, h, w, cfg).unwrap();
+        for shape in SAME {
+            let g = same_geom(shape);
+            let size = g.cin * g.h * g.w;
             // The im2col of a plane of ones marks which entries read the image (1) or padding (0).
             let mut reads = vec![0.0; g.kd() * g.pd()];
-            im2col_segments(&g, &vec![1.0; cin * h * w], &mut reads);
+            im2col_segments(&g, &vec![1.0; size], &mut reads);
             let col: Vec<f32> = reads
                 .iter()
                 .enumerate()
                 .map(|(i, &m)| if m == 1.0 { 0.25 * (i % 13) as f32 - 1.5 } else { f32::NAN })
                 .collect();
-            let dx0: Vec<f32> =
-                (0..cin * h * w).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect();
+            let dx0: Vec<f32> = (0..size).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect();
             let (mut a, mut b) = (dx0.clone(), dx0);
             col2im_same(&g, &mut col.clone(), &mut a);
             col2im_segments(&g, &col, &mut b);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&a), bits(&b), "cin {cin} {h}x{w} k {k}");
+            assert_eq!(bits(&a), bits(&b), "{shape:?}");
             assert!(a.iter().all(|v| v.is_finite()));
         }
     }
