@@ -2,6 +2,8 @@
 //! sample group), compared bit for bit. On a CPU without AVX2 only the baseline runs, and the
 //! tests say that they compared nothing.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 
 use super::Build;
@@ -289,5 +291,67 @@ fn sgd_builds_agree() {
             }
             out
         });
+    }
+}
+
+/// The direct 3x3 kernel (`ops::direct`) gives im2col + gemm's bits on the shapes it takes, in
+/// every instruction set this CPU has, and `conv2d` dispatches to it: with and without a bias,
+/// output channels not a multiple of 4, 16- and 32-wide planes of 1 to 32 rows, 1 to 32 input
+/// channels (scratch and output full of NaN beforehand, so a value not written would show).
+#[test]
+fn direct_conv_equals_im2col_gemm() {
+    use crate::ops::{direct, ConvGeom};
+    let dev = Cpu::default();
+    let shapes = [
+        (2, 3, 16, 32, 32, true),
+        (3, 16, 16, 32, 32, false),
+        (2, 32, 32, 16, 16, false),
+        (2, 16, 6, 16, 16, true),
+        (1, 1, 5, 7, 32, false),
+        (2, 32, 3, 32, 32, true),
+        (1, 4, 8, 1, 16, false),
+    ];
+    for (n, cin, cout, h, w, bias) in shapes {
+        let cfg = Conv2dCfg::new(cout, 3, 1);
+        let g = ConvGeom::new(cin, h, w, cfg).unwrap();
+        assert!(direct::applies(&g), "{cin} {h}x{w}");
+        let (x, wv, bv) =
+            (values(n * cin * h * w, 61), values(cout * cin * 9, 62), values(cout, 63));
+        let (wt, bt) = (t1(&dev, &wv), t1(&dev, &bv));
+        let run = |build: Build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, cin, h, w));
+            let y = conv2d_with(build, xt, &wt, bias.then_some(&bt), cfg, false);
+            let mut v = vec![0.0; n * cout * h * w];
+            y.copy_into(&mut v);
+            v
+        };
+        // The baseline build always takes im2col + gemm.
+        let want = run(Build::Baseline);
+        let wp = direct::pack_weights(&wv, cout, cin);
+        let (xs, ys) = (cin * h * w, cout * h * w);
+        for isa in direct::Isa::all() {
+            let mut got = vec![f32::NAN; n * ys];
+            let mut xp = vec![f32::NAN; direct::scratch_len(&g)];
+            for s in 0..n {
+                let b = bias.then_some(&bv[..]);
+                let (xn, yn) = (&x[s * xs..(s + 1) * xs], &mut got[s * ys..(s + 1) * ys]);
+                // SAFETY: f32 and MaybeUninit<f32> have the same layout; the kernel only writes
+                // initialised floats through it.
+                let yn = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        yn.as_mut_ptr().cast::<MaybeUninit<f32>>(),
+                        yn.len(),
+                    )
+                };
+                direct::forward(isa, &g, xn, &wp, b, cout, &mut xp, yn);
+            }
+            assert!(bits(&got) == bits(&want), "{isa:?} {n}x{cin}x{h}x{w} -> {cout}");
+        }
+        if direct::Isa::detected().is_some() && Build::Avx2.available() {
+            assert!(bits(&run(Build::Avx2)) == bits(&want), "conv2d {n}x{cin}x{h}x{w} -> {cout}");
+        }
+    }
+    if direct::Isa::all().is_empty() {
+        eprintln!("this CPU has no FMA: the direct kernel was not compared");
     }
 }

@@ -3,6 +3,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use super::direct;
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 use crate::cpu::Build;
@@ -43,14 +44,14 @@ impl Conv2dCfg {
 /// The sizes of one convolution (also used by the second-order engine, `hvp`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geom {
-    cin: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    p: usize,
-    s: usize,
-    ho: usize,
-    wo: usize,
+    pub(crate) cin: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) p: usize,
+    pub(crate) s: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
 }
 
 impl Geom {
@@ -155,7 +156,7 @@ struct Shift {
 
 impl Geom {
     /// The geometry [`Shift`] describes: stride 1 and an output the size of the input.
-    fn same(&self) -> bool {
+    pub(crate) fn same(&self) -> bool {
         self.s == 1 && self.ho == self.h && self.wo == self.w
     }
 
@@ -333,6 +334,15 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     let (xs, ys) = (cin * h * wd, cout * pd);
     let col_len = if g.direct() { 0 } else { kd * pd };
 
+    // 3x3 "same" convs on narrow planes with few channels run the direct kernel (`direct`, the
+    // same bits) where the CPU has FMA, unless the baseline build is forced.
+    let direct_w = match (build, direct::Isa::detected()) {
+        (Build::Avx2, Some(isa)) if direct::applies(&g) => {
+            Some((isa, direct::pack_weights(&wv, cout, cin)))
+        }
+        _ => None,
+    };
+    let fwd_scratch = if direct_w.is_some() { direct::scratch_len(&g) } else { col_len };
     // Forward: y_n (cout x pd) = b + W (cout x kd) * col_n (kd x pd). Each task first writes its
     // sample's bias (or zeros) into uninitialised memory, then the product adds to it: one write
     // pass over the output instead of a zeroing pass plus a bias pass (the first layer's output
@@ -342,6 +352,11 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
         build.run(
             #[inline(always)]
             || {
+                let xn = &xv[ni * xs..(ni + 1) * xs];
+                if let Some((isa, wp)) = &direct_w {
+                    // Writes every output, adding the bias itself.
+                    return direct::forward(*isa, &g, xn, wp, bv.as_deref(), cout, col, yn);
+                }
                 for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
                     let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
                     for e in row {
@@ -353,7 +368,6 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                 let yn: &mut [f32] = unsafe {
                     std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len())
                 };
-                let xn = &xv[ni * xs..(ni + 1) * xs];
                 let cm: &[f32] = if g.direct() {
                     xn
                 } else {
@@ -377,15 +391,16 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
         spare
             .par_chunks_mut(ys)
             .enumerate()
-            .for_each(|(ni, yn)| with_scratch(col_len, |col| forward(ni, yn, col, Par::Seq)));
+            .for_each(|(ni, yn)| with_scratch(fwd_scratch, |col| forward(ni, yn, col, Par::Seq)));
     } else {
-        with_scratch(col_len, |col| {
+        with_scratch(fwd_scratch, |col| {
             for (ni, yn) in spare.chunks_mut(ys).enumerate() {
                 forward(ni, yn, col, Par::Pool);
             }
         });
     }
-    // SAFETY: the loops above initialised all n * ys elements (every chunk of `spare`).
+    // SAFETY: the loops above initialised all n * ys elements (every chunk of `spare`, by the
+    // bias fill or by `direct::forward`, which writes every output).
     unsafe { y.set_len(n * ys) };
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 

@@ -45,6 +45,7 @@ mod act;
 pub(crate) mod batch_norm;
 mod block;
 mod conv;
+pub(crate) mod direct;
 pub(crate) mod gemm;
 mod linear;
 mod loss;
