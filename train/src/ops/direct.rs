@@ -137,33 +137,26 @@ fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn planes_fma<const N: usize>(
-    xp: &[f32],
-    wp: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [MaybeUninit<f32>],
-    cin: usize,
-    cout: usize,
-    h: usize,
-) {
-    planes::<N>(xp, wp, bias, y, cin, cout, h)
+/// [`planes`] compiled with the named target features (the two builds of the kernel).
+macro_rules! planes_with {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const N: usize>(
+            xp: &[f32],
+            wp: &[f32],
+            bias: Option<&[f32]>,
+            y: &mut [MaybeUninit<f32>],
+            cin: usize,
+            cout: usize,
+            h: usize,
+        ) {
+            planes::<N>(xp, wp, bias, y, cin, cout, h)
+        }
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn planes_avx512<const N: usize>(
-    xp: &[f32],
-    wp: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [MaybeUninit<f32>],
-    cin: usize,
-    cout: usize,
-    h: usize,
-) {
-    planes::<N>(xp, wp, bias, y, cin, cout, h)
-}
+planes_with!(planes_fma, "avx2,fma");
+planes_with!(planes_avx512, "avx512f,avx2,fma");
 
 /// Every output row of every block of 4 output channels.
 #[inline(always)]
