@@ -10,8 +10,11 @@
 //! kernel is ~30% of the time. `lmc bench` against the previous build, four alternating pairs on
 //! a VM drifting by +-10%: ResNet-20 evaluation 1,026/1,165/1,152/964 -> 1,065/1,168/1,199/1,173
 //! images/s, training 448/452/482/429 -> 422/428/481/479 (no change beyond the noise), ConvNet-3
-//! unchanged. A prototype on 64 channels at 8x8 ran at about half `gemm`'s rate (~90 against
-//! ~160 GFLOP/s), so the kernel is not used there.
+//! unchanged. A prototype on 64 channels at 8x8 (batch 128, same host and day) ran at about half
+//! `gemm`'s rate (~90 against ~160 GFLOP/s), so the kernel is not used there.
+//!
+//! The two target-feature builds share `planes`'s parameter list through a macro: passing the
+//! arguments as one struct instead made the kernel ~3x slower (measured, same host and day).
 //!
 //! Same bits as im2col + `gemm`: each output is `bias + sum` with the sum one chain of fused
 //! multiply-adds over (input channel, kernel row, kernel column) in that order, starting from
