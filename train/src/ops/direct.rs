@@ -15,11 +15,12 @@
 //!
 //! The backward pass keeps im2col + `gemm` + col2im. A direct kernel for the input gradient
 //! (rows of four input channels summed in registers from a zero-padded dy, one FMA chain per
-//! tap over the output channels, the taps added in col2im's order: the same bits, tested) ran at
-//! ~40 GFLOP/s on one thread against ~39-52 for dcol = W^T dy plus col2im (16 channels 32x32,
-//! 32 channels 16x16; batch 64), and a ResNet-20 training step got no faster (paired `lmc
-//! bench` runs, wall ratio 1.06, 0.999-1.11; 2026-12-06, Intel Xeon with AVX-512, 2 cores): that
-//! product's inner dimension is the output channels, so it has no im2col to save.
+//! tap over the output channels, the taps added in col2im's order: the same bits in a test
+//! written for it; not kept) ran at ~40 GFLOP/s on one thread against ~39-52 for dcol = W^T dy
+//! plus col2im (16 channels 32x32, 32 channels 16x16; batch 64), and a ResNet-20 training step
+//! got no faster (paired `lmc bench` runs, wall ratio 1.06, 0.999-1.11; 2026-12-06, Intel Xeon
+//! with AVX-512, 2 cores): that product's inner dimension is the output channels, so it has no
+//! im2col to save.
 //!
 //! The two target-feature builds share `planes`'s parameter list through a macro: passing the
 //! arguments as one struct instead made the kernel ~3x slower (measured, same host and day).
