@@ -87,7 +87,11 @@ struct InterpolateArgs {
     /// Evaluate the train split on a fixed random subsample of N images [default: all].
     #[arg(long, value_name = "N")]
     train_samples: Option<usize>,
-    /// Seed of that subsample (and of the order of the --bn-reset batches).
+    /// Evaluate the test split on a fixed random subsample of N images [default: all]; the
+    /// endpoints' barrier reference is then their error on those images.
+    #[arg(long, value_name = "N")]
+    test_samples: Option<usize>,
+    /// Seed of those subsamples (and of the order of the --bn-reset batches).
     #[arg(long, default_value_t = 0)]
     sample_seed: u64,
     /// Batch-norm models: also evaluate every point with its running statistics re-estimated
@@ -364,6 +368,11 @@ fn emit(json: bool, o: &Outcome, human: impl FnOnce()) {
 
 fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let alphas = interpolate::alpha_grid(a.alphas)?;
+    for (flag, n) in [("--train-samples", a.train_samples), ("--test-samples", a.test_samples)] {
+        if n == Some(0) {
+            bail!("{flag} 0: the subsample would be empty; give at least 1 image (or leave it out for all)");
+        }
+    }
     let (inputs, ds, ds_prov) = read_inputs(&a.runs, &a.common)?;
     let splits = match a.split {
         SplitArg::Test => vec![Split::Test],
@@ -378,6 +387,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         config: InterpConfig {
             alphas,
             train_samples: a.train_samples,
+            test_samples: a.test_samples,
             sample_seed: a.sample_seed,
             bn_reset: a.bn_reset,
         },

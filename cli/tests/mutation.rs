@@ -465,6 +465,7 @@ fn use_run(r: &Run, ctx: &Ctx) -> Result<()> {
     let cfg = InterpConfig {
         alphas: vec![0.0, 0.5, 1.0],
         train_samples: None,
+        test_samples: None,
         sample_seed: 0,
         bn_reset: None,
     };

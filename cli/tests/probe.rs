@@ -340,6 +340,11 @@ fn mismatched_runs_and_empty_grids_are_clear_errors() {
     let e =
         run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args(["--alphas", "0"]));
     assert!(e.contains("--alphas") && e.contains("empty"), "{e}");
+    for flag in ["--test-samples", "--train-samples"] {
+        let e =
+            run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args([flag, "0"]));
+        assert!(e.contains(flag) && e.contains("empty"), "{e}");
+    }
     let e = run_err(lmc().args(["probe", "interpolate"]).arg(&a[0]).arg(&a[0]).args([
         "--dataset",
         "mnist",

@@ -48,6 +48,11 @@ pub struct InterpConfig {
     pub alphas: Vec<f64>,
     /// Training images evaluated (a fixed subsample; `None` = all).
     pub train_samples: Option<usize>,
+    /// Test images evaluated (a fixed subsample; `None` = all). The barrier is a paired difference
+    /// on the same images, so its sampling error scales with how often the networks along the path
+    /// disagree, not with the error rate: a few thousand images resolve the barriers that matter.
+    #[serde(default)]
+    pub test_samples: Option<usize>,
     /// Seed of that subsample (and of the order of the batches `bn_reset` draws).
     pub sample_seed: u64,
     /// Also evaluate every point with its batch-norm running statistics re-estimated from this
@@ -61,6 +66,7 @@ impl Default for InterpConfig {
         InterpConfig {
             alphas: alpha_grid(11).expect("11 > 1"),
             train_samples: None,
+            test_samples: None,
             sample_seed: 0,
             bn_reset: None,
         }

@@ -118,6 +118,8 @@ impl ProbeResult {
 
 impl Artifact for Probe {
     const KIND: Kind = Kind::Probe;
+    /// Format 3 added `test_samples` to the interpolation settings.
+    const MIN_FORMAT: u32 = 3;
     fn validate_payload(&self) -> std::result::Result<(), String> {
         match &self.result {
             ProbeResult::Landscape(l) => {

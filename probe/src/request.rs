@@ -219,17 +219,21 @@ pub struct InterpolateRequest<'a> {
     pub dataset_provenance: Provenance,
     /// Splits evaluated at each alpha, in this order.
     pub splits: Vec<Split>,
-    /// Settings; `train_samples` is ignored (taken as `None`) when no split is the training one.
+    /// Settings; `train_samples` (`test_samples`) is ignored (taken as `None`) when no split is the
+    /// training (test) one.
     pub config: InterpConfig,
 }
 
 impl InterpolateRequest<'_> {
-    /// The settings as run: without a training split, the training subsample means nothing, so it
-    /// does not enter the identity either.
+    /// The settings as run: without a training (test) split, the training (test) subsample means
+    /// nothing, so it does not enter the identity either.
     fn effective_config(&self) -> InterpConfig {
         let mut cfg = self.config.clone();
         if !self.splits.contains(&Split::Train) {
             cfg.train_samples = None;
+        }
+        if !self.splits.contains(&Split::Test) {
+            cfg.test_samples = None;
         }
         cfg
     }
@@ -267,11 +271,12 @@ impl InterpolateRequest<'_> {
             let cfg = self.effective_config();
             let ds = self.dataset;
             let train = subsample(&ds.train, cfg.train_samples, cfg.sample_seed);
+            let test = subsample(&ds.test, cfg.test_samples, cfg.sample_seed);
             let sets: Vec<(Split, &ImageSet)> = self
                 .splits
                 .iter()
                 .map(|&s| match s {
-                    Split::Test => (s, &ds.test),
+                    Split::Test => (s, &test),
                     Split::Train => (s, &train),
                 })
                 .collect();

@@ -94,6 +94,35 @@ fn interpolate_request_is_cached_the_second_time() {
     assert_eq!(ignored.provenance(), first.provenance);
     let used = InterpolateRequest { splits: vec![Split::Test, Split::Train], ..ignored };
     assert_ne!(used.provenance(), first.provenance);
+
+    // Likewise the test subsample without a test split; with one it is a new identity, and the
+    // curve is measured on exactly those images: 100 of the fixture's 360, the endpoint equal to
+    // a fresh evaluation of the run on the same subsample.
+    let train_only = InterpolateRequest {
+        config: InterpConfig { test_samples: Some(100), ..req.config.clone() },
+        splits: vec![Split::Train],
+        ..req
+    };
+    let train_only_full = InterpolateRequest { splits: vec![Split::Train], ..req };
+    assert_eq!(train_only.provenance(), train_only_full.provenance());
+    let sub = InterpolateRequest { splits: vec![Split::Test], ..train_only };
+    assert_ne!(sub.provenance(), first.provenance);
+    let out = dir.path().join("sub.lmc");
+    let done = sub.run(Some(&out), false, &mut Silent).unwrap();
+    let ProbeResult::Interpolation(r) = &done.probe.result else { panic!("not an interpolation") };
+    let curve = &r.pairs[0].curves[0];
+    assert_eq!((ds.test.len(), curve.count), (360, 100));
+    let set = lmc_probe::subsample(&ds.test, Some(100), 0);
+    let run = &inputs.runs()[1];
+    let fresh = lmc_train::fit::evaluate(&run.model, &run.params, &set, &ds.norm);
+    let end = curve.points.last().unwrap();
+    assert_eq!((end.loss, end.accuracy), (fresh.loss, fresh.accuracy));
+    assert_ne!(curve.points, first_curve(&first.probe).points, "a subsample differs from all 360");
+}
+
+fn first_curve(p: &Probe) -> &interpolate::SplitCurve {
+    let ProbeResult::Interpolation(r) = &p.result else { panic!("not an interpolation") };
+    &r.pairs[0].curves[0]
 }
 
 #[test]

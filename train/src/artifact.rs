@@ -28,8 +28,9 @@ use crate::{Error, Result};
 /// First bytes of every artifact.
 pub const MAGIC: &[u8; 8] = b"LMCARTF\0";
 /// The envelope + payload format this build writes and the newest it reads. Version 2: the
-/// Ticket payload keeps its IMP-only fields in its IMP origin.
-pub const FORMAT_VERSION: u32 = 2;
+/// Ticket payload keeps its IMP-only fields in its IMP origin. Version 3: an interpolation
+/// Probe's settings record a test-split subsample (`test_samples`).
+pub const FORMAT_VERSION: u32 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 60;
 

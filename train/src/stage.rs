@@ -53,8 +53,8 @@ pub const PRUNE_VERSION: u32 = 2;
 /// records how.
 pub const DISTILL_VERSION: u32 = 2;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`]. 2: batch-norm running statistics
-/// (`bn_reset`, `reset_curves`, `reset_summary`).
-pub const INTERPOLATE_VERSION: u32 = 2;
+/// (`bn_reset`, `reset_curves`, `reset_summary`). 3: a test-split subsample (`test_samples`).
+pub const INTERPOLATE_VERSION: u32 = 3;
 /// Version of `probe landscape`; see [`TRAIN_VERSION`].
 pub const LANDSCAPE_VERSION: u32 = 1;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
