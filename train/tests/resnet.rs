@@ -169,6 +169,36 @@ fn evaluation_mode_equals_training_mode_when_the_running_statistics_are_the_batc
 }
 
 #[test]
+fn the_evaluation_path_in_plain_buffers_equals_the_tensor_ops_bit_for_bit() {
+    // Without a tape, evaluation mode runs its own path (`ResNet::embed_eval`); with one it runs
+    // the differentiable ops. The two must agree to the bit: ResNet-20 on a CIFAR-shaped batch
+    // (direct-kernel 3x3 convs on 32x32 and 16x16 planes, GEMM ones on 8x8, strided 1x1
+    // shortcuts with their norms) and the small ResNets on digits (planes of 1x1 to 8x8).
+    let cifar = lmc_train::data::ImageShape { channels: 3, height: 32, width: 32 };
+    let digits = digits().train.shape;
+    for (spec, shape, n) in [
+        ("resnet20", cifar, 3),
+        ("resnet:depth=8,width=4", digits, 16),
+        ("resnet18:width=2", digits, 16),
+    ] {
+        let m = Model::new(&spec.parse::<ModelSpec>().unwrap(), shape, 10).unwrap();
+        let p = perturbed(&m, 9);
+        let dev = Cpu::default();
+        let t = m.tensors(&dev, &p);
+        let len = n * shape.channels * shape.height * shape.width;
+        let x = || {
+            dev.tensor_from_vec(common::rv(len, 4), (n, shape.channels, shape.height, shape.width))
+        };
+        let plain = m.forward(&t, x(), false, Norms::Running).as_vec();
+        let taped = m.forward(&t, x().leaky_traced(), false, Norms::Running).as_vec();
+        assert_eq!(plain.len(), n * 10);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain), bits(&taped), "{spec}");
+        assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|v| *v != 0.0), "{spec}");
+    }
+}
+
+#[test]
 fn a_training_step_updates_running_statistics_as_pytorch_and_sgd_leaves_them_alone() {
     // One step on one batch (the whole 64-image subset): PyTorch's update from its initial state
     // (mean 0, var 1) is mean = 0.1 * batch mean, var = 0.9 + 0.1 * unbiased batch var,

@@ -186,6 +186,87 @@ impl ResNet {
     }
 }
 
+/// An activation of the evaluation path: values laid out (n, c, h, w), and that shape.
+struct Act {
+    v: Vec<f32>,
+    shape: (usize, usize, usize, usize),
+}
+
+impl ResNet {
+    /// [`Architecture::embed`] in evaluation mode (running statistics, plain ReLUs, no tape)
+    /// with the activations in plain buffers instead of dfdx tensors: the same ops' arithmetic
+    /// (`ops::conv2d_slices`, `ops::batch_norm::eval_inplace`) in the same order, so the same
+    /// bits, without the copy out of a tensor that every op otherwise starts with, and with the
+    /// norms, residual adds and ReLUs in place (evaluation batches are large: one ResNet-20
+    /// activation at batch 1000 is 65 MB).
+    fn embed_eval<Tp: Tape<f32, Cpu>>(&self, p: &[T1], x: T4<Tp>) -> T2<Tp> {
+        let build = crate::cpu::Build::selected();
+        let (x, tape) = x.contiguous().split_tape();
+        let dev = x.device().clone();
+        let input = Act { v: ops::read(&x), shape: *x.shape() };
+        drop(x);
+        let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
+        let conv = |h: &Act, at: &mut Cursor, cfg: Conv2dCfg| {
+            let w = &p[at.next];
+            at.next += 1;
+            let g = ops::conv2d_geometry(h.shape, w, None, cfg);
+            let v = ops::conv2d_slices(
+                build,
+                &g,
+                h.shape.0,
+                cfg.out_channels,
+                &h.v,
+                &ops::read(w),
+                None,
+            );
+            Act { v, shape: (h.shape.0, cfg.out_channels, g.ho, g.wo) }
+        };
+        let norm = |h: &mut Act, slot: BnSlot, relu: bool, residual: Option<&Act>| {
+            let (gamma, beta, st) = (&p[slot.param], &p[slot.param + 1], slot.state);
+            let running = RunningStats {
+                mean: p[st].as_vec(),
+                var: p[st + 1].as_vec(),
+                num_batches_tracked: 0,
+            };
+            // As in `norm` and `bn_relu`: running statistics are checked when a vector is read.
+            ops::batch_norm::eval_inplace(
+                build,
+                &mut h.v,
+                h.shape,
+                gamma,
+                beta,
+                &running,
+                BN_EPS,
+                relu,
+                residual.map(|r| r.v.as_slice()),
+            )
+            .expect("batch norm in evaluation mode: running statistics checked on load");
+        };
+        let mut h = conv(&input, &mut at, Conv2dCfg::new(self.stem, 3, 1));
+        drop(input);
+        norm(&mut h, self.take_bn(&mut at, &Norms::Running), true, None);
+        for b in self.blocks() {
+            let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
+            let mut m = conv(&h, &mut at, cfg);
+            norm(&mut m, self.take_bn(&mut at, &Norms::Running), true, None);
+            let mut m = conv(&m, &mut at, Conv2dCfg::new(b.cout, 3, 1));
+            // The second norm's parameters and statistics come before the shortcut's.
+            let slot = self.take_bn(&mut at, &Norms::Running);
+            if b.has_shortcut_conv() {
+                let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
+                let mut s = conv(&h, &mut at, sc_cfg);
+                norm(&mut s, self.take_bn(&mut at, &Norms::Running), false, None);
+                norm(&mut m, slot, true, Some(&s));
+            } else {
+                norm(&mut m, slot, true, Some(&h));
+            }
+            h = m;
+        }
+        let h = dev.tensor_from_vec(h.v, h.shape).put_tape(tape);
+        ops::global_avg_pool(h)
+    }
+}
+
 /// A batch norm's place: its gamma's index, its running statistics' index, and where its batch
 /// statistics go in a collected list.
 struct BnSlot {
@@ -290,10 +371,13 @@ impl Architecture for ResNet {
         relu: &mut Relu,
         norms: &mut Norms,
     ) -> T2<Tp> {
-        let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         // Batch norm, the residual add and the ReLU after it run as one op where nothing needs
         // the ReLUs one by one (recorded or replayed patterns take the separate ops).
         let fuse = self.norm == Norm::Batch && relu.is_plain();
+        if fuse && !Tp::OWNS_TAPE && matches!(norms, Norms::Running) {
+            return self.embed_eval(p, x);
+        }
+        let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         let h = self.conv(x, p, &mut at, Conv2dCfg::new(self.stem, 3, 1), input_grad);
         let mut h = if fuse {
             let slot = self.take_bn(&mut at, norms);

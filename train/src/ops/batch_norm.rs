@@ -345,27 +345,53 @@ fn affine_tail(
     mask
 }
 
-/// `y = x * scale[c] + shift[c]`, then the ReLU if `relu`, in place over planes of `p` values
-/// (the same operations as [`affine_tail`]).
-fn inplace_planes(build: Build, y: &mut [f32], scale: &[f32], shift: &[f32], p: usize, relu: bool) {
+/// `y = x * scale[c] + shift[c]`, then `+ res` (when given) and the ReLU (if `relu`), in place
+/// over planes of `p` values: the same operations as [`affine_tail`] (`res + z` there, `z + res`
+/// here: IEEE addition commutes bit for bit).
+fn inplace_planes(
+    build: Build,
+    y: &mut [f32],
+    scale: &[f32],
+    shift: &[f32],
+    p: usize,
+    relu: bool,
+    res: Option<&[f32]>,
+) {
     let c = scale.len();
-    y.par_chunks_mut(p).enumerate().with_min_len((ELEM_CHUNK / p).max(1)).for_each(|(pi, yp)| {
+    let min = (ELEM_CHUNK / p).max(1);
+    let plane = |pi: usize, yp: &mut [f32], rp: Option<&[f32]>| {
         let (s, t) = (scale[pi % c], shift[pi % c]);
         build.run(
             #[inline(always)]
-            || {
-                if relu {
+            || match (rp, relu) {
+                (Some(rp), true) => {
+                    for (v, r) in yp.iter_mut().zip(rp) {
+                        *v = relu1((*v * s + t) + r);
+                    }
+                }
+                (Some(rp), false) => {
+                    for (v, r) in yp.iter_mut().zip(rp) {
+                        *v = (*v * s + t) + r;
+                    }
+                }
+                (None, true) => {
                     for v in yp.iter_mut() {
                         *v = relu1(*v * s + t);
                     }
-                } else {
+                }
+                (None, false) => {
                     for v in yp.iter_mut() {
                         *v = *v * s + t;
                     }
                 }
             },
         )
-    });
+    };
+    let planes = y.par_chunks_mut(p).enumerate().with_min_len(min);
+    match res {
+        Some(r) => planes.zip(r.par_chunks(p)).for_each(|((pi, yp), rp)| plane(pi, yp, Some(rp))),
+        None => planes.for_each(|(pi, yp)| plane(pi, yp, None)),
+    }
 }
 
 /// Backward through a fused tail, before the norm's own backward: `dy` becomes the gradient at
@@ -681,25 +707,16 @@ where
     eval_tail(build, x, gamma, beta, running, eps, Some(residual))
 }
 
-/// Evaluation-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
-/// ReLU.
-fn eval_tail<Tp, R>(
-    build: Build,
-    x: T4<Tp>,
+/// The checks of [`batch_norm_eval`] (its errors) and each channel's `1 / sqrt(var + eps)`.
+fn eval_rstd(
+    shape: (usize, usize, usize, usize),
     gamma: &T1,
     beta: &T1,
     running: &RunningStats,
     eps: f32,
-    tail: Option<Option<T4<R>>>,
-) -> Result<T4<Tp>>
-where
-    Tp: Tape<f32, Cpu> + Merge<R>,
-    R: Tape<f32, Cpu>,
-{
-    let shape = *x.shape();
+) -> Result<Vec<f64>> {
     check("batch_norm_eval", shape, gamma, beta, eps, false)?;
-    check_residual("batch_norm_relu_eval", shape, &tail)?;
-    let (n, c, h, w) = shape;
+    let c = shape.1;
     if running.mean.len() != c || running.var.len() != c {
         return Err(Error::incompatible(format!(
             "batch_norm_eval: running statistics have {} means and {} variances, the input {c} \
@@ -719,6 +736,61 @@ where
         }
         rstd.push(1.0 / d.sqrt());
     }
+    Ok(rstd)
+}
+
+/// `relu(batch_norm_eval(y) + residual)` in place on plain buffers (`y` laid out as `shape`;
+/// without `relu` no ReLU, without `residual` no add): the evaluation path of the ResNets
+/// (`model::resnet`), which keeps its activations out of dfdx tensors. The same arithmetic as
+/// [`batch_norm_relu_eval`], so the same bits; the same errors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn eval_inplace(
+    build: Build,
+    y: &mut [f32],
+    shape: (usize, usize, usize, usize),
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Result<()> {
+    let (n, c, h, w) = shape;
+    assert_eq!(y.len(), n * c * h * w, "batch_norm_eval: {} values for shape {shape:?}", y.len());
+    if let Some(r) = residual {
+        if r.len() != y.len() {
+            return Err(Error::incompatible(format!(
+                "batch_norm_relu_eval: the residual has {} values, the input {shape:?}",
+                r.len()
+            )));
+        }
+    }
+    let rstd = eval_rstd(shape, gamma, beta, running, eps)?;
+    let mean: Vec<f64> = running.mean.iter().map(|m| *m as f64).collect();
+    let (scale, shift) = scale_shift(&read(gamma), &read(beta), &mean, &rstd);
+    inplace_planes(build, y, &scale, &shift, (h * w).max(1), relu, residual);
+    Ok(())
+}
+
+/// Evaluation-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
+/// ReLU.
+fn eval_tail<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    running: &RunningStats,
+    eps: f32,
+    tail: Option<Option<T4<R>>>,
+) -> Result<T4<Tp>>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    let shape = *x.shape();
+    check_residual("batch_norm_relu_eval", shape, &tail)?;
+    let (n, c, h, w) = shape;
+    let rstd = eval_rstd(shape, gamma, beta, running, eps)?;
     let mean: Vec<f64> = running.mean.iter().map(|m| *m as f64).collect();
     // Empty planes (H or W = 0) have no values: a plane length of 1 makes every loop below run
     // over nothing instead of dividing by zero.
@@ -733,7 +805,7 @@ where
     if !Tp::OWNS_TAPE && tail.res.is_none() {
         // Nothing is kept for a backward pass: the input's copy becomes the output (evaluation
         // batches are large: a ResNet-20 activation at batch 1000 is 65 MB).
-        inplace_planes(build, &mut xv, &scale, &shift, p, tail.relu);
+        inplace_planes(build, &mut xv, &scale, &shift, p, tail.relu, None);
         return Ok(x.device().tensor_from_vec(xv, (n, c, h, w)).put_tape(tape));
     }
     let (relu, res_in_y) = (tail.relu, tail.res.is_some());

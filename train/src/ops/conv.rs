@@ -298,47 +298,55 @@ pub fn conv2d<Tp: Tape<f32, Cpu>>(
     conv2d_with(Build::selected(), x, w, b, cfg, input_grad)
 }
 
-/// [`conv2d`] with its per-sample loops (im2col, col2im, bias and gradient sums) compiled for
-/// `build` in forward and backward, so tests can compare the builds.
-pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
-    build: Build,
-    x: T4<Tp>,
+/// The shape checks of [`conv2d`] (panics as it documents) and the geometry they give.
+pub(crate) fn geometry(
+    shape: (usize, usize, usize, usize),
     w: &T1,
     b: Option<&T1>,
     cfg: Conv2dCfg,
-    input_grad: bool,
-) -> T4<Tp> {
-    let x = x.contiguous();
-    let (n, cin, h, wd) = *x.shape();
+) -> Geom {
+    let (_, cin, h, wd) = shape;
     let Conv2dCfg { out_channels: cout, kernel: k, padding: p, stride: s } = cfg;
-    assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {:?}", x.shape());
+    assert!(cin > 0 && h > 0 && wd > 0, "conv2d: empty input {shape:?}");
     assert!(cout > 0 && k > 0 && s > 0, "conv2d: bad config {cfg:?}");
-    let (Some(ho), Some(wo)) = (cfg.out_size(h), cfg.out_size(wd)) else {
+    let Some(g) = Geom::new(cin, h, wd, cfg) else {
         panic!("conv2d: kernel {k} larger than padded input {h}x{wd} (padding {p})")
     };
-    let g = Geom { cin, h, w: wd, k, p, s, ho, wo };
-    let (kd, pd) = (g.kd(), g.pd());
     assert_eq!(
         w.shape().0,
-        cout * kd,
+        cout * g.kd(),
         "conv2d: weight has {} elements, expected {cout}x{cin}x{k}x{k}",
         w.shape().0
     );
     if let Some(b) = b {
         assert_eq!(b.shape().0, cout, "conv2d: bias has {} elements, expected {cout}", b.shape().0);
     }
-    let (x, mut tape) = x.split_tape();
-    let xv = read(&x);
-    let wv = read(w);
-    let bv = b.map(read);
-    let (xs, ys) = (cin * h * wd, cout * pd);
+    g
+}
+
+/// The forward pass of [`conv2d_with`] on plain slices: `n` samples `xv` laid out (n, cin, h, w)
+/// as `g` says, weights `wv` (cout x cin*k*k), bias `bv`; returns the (n, cout, ho, wo) output.
+/// The evaluation path of the ResNets (`model::resnet`) calls it directly on its own buffers.
+pub(crate) fn forward_slices(
+    build: Build,
+    g: &Geom,
+    n: usize,
+    cout: usize,
+    xv: &[f32],
+    wv: &[f32],
+    bv: Option<&[f32]>,
+) -> Vec<f32> {
+    let g = *g;
+    let (kd, pd) = (g.kd(), g.pd());
+    let (xs, ys) = (g.cin * g.h * g.w, cout * pd);
+    assert_eq!(xv.len(), n * xs, "conv2d: input of {} values, expected {n} x {xs}", xv.len());
     let col_len = if g.direct() { 0 } else { kd * pd };
 
     // 3x3 "same" convs on narrow planes with few channels run the direct kernel (`direct`, the
     // same bits) where the CPU has FMA, unless the baseline build is forced.
     let direct_w = match (build, direct::Isa::detected()) {
         (Build::Avx2, Some(isa)) if direct::applies(&g) => {
-            Some((isa, direct::pack_weights(&wv, cout, cin)))
+            Some((isa, direct::pack_weights(wv, cout, g.cin)))
         }
         _ => None,
     };
@@ -355,7 +363,7 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                 let xn = &xv[ni * xs..(ni + 1) * xs];
                 if let Some((isa, wp)) = &direct_w {
                     // Writes every output, adding the bias itself.
-                    return direct::forward(*isa, &g, xn, wp, bv.as_deref(), cout, col, yn);
+                    return direct::forward(*isa, &g, xn, wp, bv, cout, col, yn);
                 }
                 for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
                     let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
@@ -378,7 +386,7 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                     m: cout,
                     n: pd,
                     k: kd,
-                    lhs: Operand::row_major(&wv, kd),
+                    lhs: Operand::row_major(wv, kd),
                     rhs: Operand::row_major(cm, pd),
                     accumulate: true,
                 }
@@ -402,6 +410,31 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     // SAFETY: the loops above initialised all n * ys elements (every chunk of `spare`, by the
     // bias fill or by `direct::forward`, which writes every output).
     unsafe { y.set_len(n * ys) };
+    y
+}
+
+/// [`conv2d`] with its per-sample loops (im2col, col2im, bias and gradient sums) compiled for
+/// `build` in forward and backward, so tests can compare the builds.
+pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
+    build: Build,
+    x: T4<Tp>,
+    w: &T1,
+    b: Option<&T1>,
+    cfg: Conv2dCfg,
+    input_grad: bool,
+) -> T4<Tp> {
+    let x = x.contiguous();
+    let (n, cin, h, wd) = *x.shape();
+    let g = geometry((n, cin, h, wd), w, b, cfg);
+    let cout = cfg.out_channels;
+    let (kd, pd) = (g.kd(), g.pd());
+    let (x, mut tape) = x.split_tape();
+    let xv = read(&x);
+    let wv = read(w);
+    let bv = b.map(read);
+    let (xs, ys) = (cin * h * wd, cout * pd);
+    let col_len = if g.direct() { 0 } else { kd * pd };
+    let y = forward_slices(build, &g, n, cout, &xv, &wv, bv.as_deref());
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
     if Tp::OWNS_TAPE {

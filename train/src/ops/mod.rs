@@ -62,7 +62,10 @@ pub use block::norm_relu_pool;
 pub(crate) use block::norm_relu_pool_with;
 #[cfg(test)]
 pub(crate) use conv::conv2d_with;
-pub(crate) use conv::{col2im_add, im2col, Geom as ConvGeom};
+pub(crate) use conv::{
+    col2im_add, forward_slices as conv2d_slices, geometry as conv2d_geometry, im2col,
+    Geom as ConvGeom,
+};
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
 pub(crate) use loss::softmax_xent_rows;
