@@ -23,6 +23,7 @@ use dfdx::prelude::*;
 
 use super::{Architecture, Init, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
+use crate::ops::batch_norm::{self, Mask, TrainSaved};
 use crate::ops::{self, Conv2dCfg, RunningStats, BN_EPS, T1, T2, T4};
 use crate::params::ParamKind;
 use crate::Result;
@@ -267,6 +268,189 @@ impl ResNet {
     }
 }
 
+/// A convolution of the training path: its weight's index and values, geometry and output
+/// channels (its input is an activation the path keeps anyway).
+struct ConvRec {
+    w: usize,
+    wv: Vec<f32>,
+    g: ops::ConvGeom,
+    cout: usize,
+}
+
+/// A batch norm of the training path: its slot, its input (kept for the backward pass), and what
+/// its backward needs.
+struct BnRec {
+    slot: BnSlot,
+    x: Vec<f32>,
+    saved: TrainSaved,
+}
+
+/// One basic block of the training path. Its input is the previous activation; `r1` is the
+/// first norm's output (the second conv's input and, being a ReLU's output, its mask).
+struct BlockRec {
+    conv1: ConvRec,
+    bn1: BnRec,
+    r1: Vec<f32>,
+    conv2: ConvRec,
+    bn2: BnRec,
+    shortcut: Option<(ConvRec, BnRec)>,
+}
+
+impl ResNet {
+    /// [`Architecture::embed`] in training mode (batch statistics, plain ReLUs) as one op on the
+    /// tape, its activations in plain buffers: each op's input is kept once (the ResNet's ReLU
+    /// outputs double as the ReLUs' masks) instead of being copied out of a dfdx tensor by every
+    /// op that reads it, and no gradient of an intermediate activation lives in dfdx's store.
+    /// Forward and backward call the same slice-level code as the separate ops
+    /// (`ops::conv2d_slices` / `conv2d_backward_slices`, `batch_norm::train_forward` /
+    /// `train_backward`) and the backward visits the layers, and adds into each input's gradient,
+    /// in the order dfdx's tape runs the separate ops (the reverse of their recording: in a
+    /// block the second norm with its residual, the shortcut's norm and conv, the second conv,
+    /// the first norm, the first conv), so the bits are the separate ops' (a test compares them).
+    fn embed_train<Tp: Tape<f32, Cpu>>(
+        &self,
+        p: &[T1],
+        x: T4<Tp>,
+        input_grad: bool,
+        norms: &mut Norms,
+    ) -> T2<Tp> {
+        let build = crate::cpu::Build::selected();
+        let (x, mut tape) = x.contiguous().split_tape();
+        let dev = x.device().clone();
+        let shape0 = *x.shape();
+        let n = shape0.0;
+        let xv = ops::read(&x);
+        let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
+        let mut stats = Vec::new();
+        let conv = |h: &[f32], shape, at: &mut Cursor, cfg: Conv2dCfg| {
+            let w = at.next;
+            at.next += 1;
+            let g = ops::conv2d_geometry(shape, &p[w], None, cfg);
+            let wv = ops::read(&p[w]);
+            let y = ops::conv2d_slices(build, &g, n, cfg.out_channels, h, &wv, None);
+            let shape = (n, cfg.out_channels, g.ho, g.wo);
+            (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels })
+        };
+        let bn =
+            |stats: &mut Vec<_>, x: Vec<f32>, shape, slot: BnSlot, relu, res: Option<&[f32]>| {
+                let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
+                let (y, _, st, saved) = batch_norm::train_forward(
+                    build, &x, shape, gamma, beta, BN_EPS, relu, res, false,
+                )
+                .expect("batch norm in training mode: batch size checked by check_train_batch");
+                stats.push(st);
+                (y, BnRec { slot, x, saved })
+            };
+        let (c0, shape, stem) = conv(&xv, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
+        let (a0, bn0) = bn(&mut stats, c0, shape, self.take_bn(&mut at, norms), true, None);
+        let mut acts = vec![a0];
+        let mut shapes = vec![shape];
+        let mut blocks = Vec::new();
+        for b in self.blocks() {
+            let (h, hs) = (acts.last().expect("the stem's output"), *shapes.last().unwrap());
+            let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
+            let (m1, s1, conv1) = conv(h, hs, &mut at, cfg);
+            let (r1, bn1) = bn(&mut stats, m1, s1, self.take_bn(&mut at, norms), true, None);
+            let (m2, s2, conv2) = conv(&r1, s1, &mut at, Conv2dCfg::new(b.cout, 3, 1));
+            // The second norm's parameters and statistics come before the shortcut's, but it
+            // runs after the shortcut (it adds the shortcut's output); its statistics are put
+            // back in layout order below.
+            let slot2 = self.take_bn(&mut at, norms);
+            let (out, bn2, shortcut) = if b.has_shortcut_conv() {
+                let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
+                let (s, ss, sc) = conv(h, hs, &mut at, sc_cfg);
+                let (sn, sbn) = bn(&mut stats, s, ss, self.take_bn(&mut at, norms), false, None);
+                let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(&sn));
+                let k = stats.len();
+                stats.swap(k - 2, k - 1);
+                (out, bn2, Some((sc, sbn)))
+            } else {
+                let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(h));
+                (out, bn2, None)
+            };
+            blocks.push(BlockRec { conv1, bn1, r1, conv2, bn2, shortcut });
+            acts.push(out);
+            shapes.push(s2);
+        }
+        if let Norms::Collect(v) = norms {
+            v.extend(stats);
+        }
+        let last = acts.last().expect("the stem's output");
+        let out = dev.tensor_from_vec(last.clone(), *shapes.last().unwrap());
+        if Tp::OWNS_TAPE {
+            let (x_g, out_g) = (x.ghost(), out.ghost());
+            let ghosts: Vec<_> = p.iter().map(|t| t.ghost()).collect();
+            tape.add_backward_op(move |grads| {
+                // A conv's backward: the input gradient into `dx` (when given), the weight's
+                // into its gradient.
+                let conv_back = |grads: &mut Gradients<f32, Cpu>,
+                                 c: &ConvRec,
+                                 input: &[f32],
+                                 dy: &[f32],
+                                 dx: Option<&mut [f32]>| {
+                    let (dw, _) = ops::conv2d_backward_slices(
+                        build, &c.g, n, c.cout, input, &c.wv, false, dy, dx,
+                    );
+                    let dst = grads.get_or_alloc_mut(&ghosts[c.w])?;
+                    ops::conv2d_add_weight_grad(dst, &dw, c.g.kd(), c.cout);
+                    Ok::<(), <Cpu as HasErr>::Err>(())
+                };
+                // A norm's backward: `dy` through its tail (mask `out`, residual part into
+                // `dr`), the input gradient into `dx`, gamma's and beta's into theirs.
+                let norm_back = |grads: &mut Gradients<f32, Cpu>,
+                                 r: &BnRec,
+                                 dy: &mut [f32],
+                                 mask: Mask<'_>,
+                                 dr: Option<&mut [f32]>,
+                                 dx: &mut [f32]| {
+                    let tot = batch_norm::train_backward(build, &r.saved, &r.x, dy, mask, dr, dx);
+                    let (g, b) = (&ghosts[r.slot.param], &ghosts[r.slot.param + 1]);
+                    ops::add_channel_totals(grads.get_or_alloc_mut(g)?, tot.iter().map(|t| t.0));
+                    ops::add_channel_totals(grads.get_or_alloc_mut(b)?, tot.iter().map(|t| t.1));
+                    Ok::<(), <Cpu as HasErr>::Err>(())
+                };
+                let mut d = std::mem::take(&mut **grads.get_or_alloc_mut(&out_g)?);
+                for (bi, blk) in blocks.iter().enumerate().rev() {
+                    let (input, out) = (&acts[bi], &acts[bi + 1]);
+                    let mut d_in = vec![0.0f32; input.len()];
+                    let mut dm2 = vec![0.0f32; blk.bn2.x.len()];
+                    let pos = Mask::Positive(out);
+                    match &blk.shortcut {
+                        Some((sc, sbn)) => {
+                            let mut ds = vec![0.0f32; sbn.x.len()];
+                            norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut ds), &mut dm2)?;
+                            let mut dsc = vec![0.0f32; sbn.x.len()];
+                            norm_back(grads, sbn, &mut ds, Mask::None, None, &mut dsc)?;
+                            drop(ds);
+                            conv_back(grads, sc, input, &dsc, Some(&mut d_in))?;
+                        }
+                        None => norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut d_in), &mut dm2)?,
+                    }
+                    drop(d);
+                    let mut dr1 = vec![0.0f32; blk.r1.len()];
+                    conv_back(grads, &blk.conv2, &blk.r1, &dm2, Some(&mut dr1))?;
+                    drop(dm2);
+                    let mut dm1 = vec![0.0f32; blk.bn1.x.len()];
+                    norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None, &mut dm1)?;
+                    drop(dr1);
+                    conv_back(grads, &blk.conv1, input, &dm1, Some(&mut d_in))?;
+                    d = d_in;
+                }
+                let mut dc0 = vec![0.0f32; bn0.x.len()];
+                norm_back(grads, &bn0, &mut d, Mask::Positive(&acts[0]), None, &mut dc0)?;
+                drop(d);
+                // As the separate conv: the input's gradient exists (zeros) even when skipped.
+                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
+                let mut dx = std::mem::take(dx);
+                conv_back(grads, &stem, &xv, &dc0, input_grad.then_some(dx.as_mut_slice()))?;
+                **grads.get_or_alloc_mut(&x_g)? = dx;
+                Ok(())
+            });
+        }
+        ops::global_avg_pool(out.put_tape(tape))
+    }
+}
+
 /// A batch norm's place: its gamma's index, its running statistics' index, and where its batch
 /// statistics go in a collected list.
 struct BnSlot {
@@ -376,6 +560,9 @@ impl Architecture for ResNet {
         let fuse = self.norm == Norm::Batch && relu.is_plain();
         if fuse && !Tp::OWNS_TAPE && matches!(norms, Norms::Running) {
             return self.embed_eval(p, x);
+        }
+        if fuse && !matches!(norms, Norms::Running) {
+            return self.embed_train(p, x, input_grad, norms);
         }
         let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         let h = self.conv(x, p, &mut at, Conv2dCfg::new(self.stem, 3, 1), input_grad);

@@ -29,6 +29,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use super::norm::add_channel_totals;
 use super::{combine16, read, ELEM_CHUNK, T1, T4};
 use crate::cpu::Build;
 use crate::{Error, Result};
@@ -286,38 +287,39 @@ where
     }
 }
 
-/// The forward's output pass: `y = x * scale[c] + shift[c]`, with `relu` then `+ y` (with
-/// `res_in_y`, `y` holds the residual on entry: its buffer becomes the output, so a block's
-/// join allocates nothing) and the ReLU, as dfdx's `+` and [`super::relu`] compute them.
-/// Returns the ReLU's 0/1 mask when `relu && keep_mask` (empty otherwise).
+/// The forward's output pass: `y = x * scale[c] + shift[c]`, with `relu` then `res + y` (the
+/// residual `res`, read from its own slice) and the ReLU, as dfdx's `+` and [`super::relu`]
+/// compute them. Returns the output and, when `relu && keep_mask`, the ReLU's 0/1 mask (empty
+/// otherwise; the output's positive entries are the same mask, see [`Mask::Positive`]).
 #[allow(clippy::too_many_arguments)]
 fn affine_tail(
     build: Build,
     xv: &[f32],
-    y: &mut [f32],
     scale: &[f32],
     shift: &[f32],
     p: usize,
     relu: bool,
-    res_in_y: bool,
+    res: Option<&[f32]>,
     keep_mask: bool,
-) -> Vec<u8> {
+) -> (Vec<f32>, Vec<u8>) {
+    let len = xv.len();
+    let mut y = vec![0.0f32; len];
     if !relu {
-        affine_planes(build, xv, y, scale, shift, p);
-        return Vec::new();
+        affine_planes(build, xv, &mut y, scale, shift, p);
+        return (y, Vec::new());
     }
-    let (c, len) = (scale.len(), y.len());
+    let c = scale.len();
     let min = (ELEM_CHUNK / p).max(1);
-    // One plane: its index, output, input and (when kept) mask.
+    // One plane: its index, output, input, residual and (when kept) mask.
     let plane = |pi: usize, yp: &mut [f32], xp: &[f32], mk: Option<&mut [u8]>| {
         let (s, t) = (scale[pi % c], shift[pi % c]);
+        let rp = res.map(|r| &r[pi * p..(pi + 1) * p]);
         build.run(
             #[inline(always)]
             || {
-                if res_in_y {
-                    // `r + z` is `z + r` bit for bit (IEEE addition commutes).
-                    for (yv, xv) in yp.iter_mut().zip(xp) {
-                        *yv += xv * s + t;
+                if let Some(rp) = rp {
+                    for ((yv, xv), r) in yp.iter_mut().zip(xp).zip(rp) {
+                        *yv = *r + (xv * s + t);
                     }
                 } else {
                     for (yv, xv) in yp.iter_mut().zip(xp) {
@@ -338,11 +340,11 @@ fn affine_tail(
     let planes = y.par_chunks_mut(p).zip(xv.par_chunks(p)).enumerate().with_min_len(min);
     if !keep_mask {
         planes.for_each(|(pi, (yp, xp))| plane(pi, yp, xp, None));
-        return Vec::new();
+        return (y, Vec::new());
     }
     let mut mask = vec![0u8; len];
     planes.zip(mask.par_chunks_mut(p)).for_each(|((pi, (yp, xp)), mk)| plane(pi, yp, xp, Some(mk)));
-    mask
+    (y, mask)
 }
 
 /// `y = x * scale[c] + shift[c]`, then `+ res` (when given) and the ReLU (if `relu`), in place
@@ -394,20 +396,43 @@ fn inplace_planes(
     }
 }
 
+/// Where the ReLU of a fused tail was active: nowhere to apply (a plain norm), a 0/1 byte per
+/// value ([`affine_tail`]'s mask), or the entries of the tail's output that are > 0. The two
+/// agree: the output is `relu1(v)`, which is > 0 exactly where `v > 0` (NaN and -0.0 included:
+/// `relu1` returns them and neither is > 0).
+#[derive(Clone, Copy)]
+pub(crate) enum Mask<'a> {
+    /// No ReLU.
+    None,
+    /// One byte per value, 1 where the ReLU's input was > 0.
+    Bytes(&'a [u8]),
+    /// The ReLU's output.
+    Positive(&'a [f32]),
+}
+
 /// Backward through a fused tail, before the norm's own backward: `dy` becomes the gradient at
 /// the norm's output, `0 + (mask ? dy : 0)` (as the ReLU's backward writes it into a zeroed
-/// buffer and `+` passes it on), which is also added into the residual's gradient. Nothing for
-/// a plain norm (empty mask).
-fn tail_backward(build: Build, dy: &mut [f32], mask: &[u8], dr: Option<&mut Vec<f32>>) {
-    if mask.is_empty() {
-        return;
-    }
-    let apply = |dc: &mut [f32], mc: &[u8], rc: Option<&mut [f32]>| {
+/// buffer and `+` passes it on), which is also added into the residual's gradient `dr`. Nothing
+/// for a plain norm ([`Mask::None`]).
+fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [f32]>) {
+    // One chunk of ELEM_CHUNK values starting at `at`.
+    let chunk = |at: usize, dc: &mut [f32], rc: Option<&mut [f32]>| {
+        let len = dc.len();
         build.run(
             #[inline(always)]
             || {
-                for (d, m) in dc.iter_mut().zip(mc) {
-                    *d = 0.0 + if *m != 0 { *d } else { 0.0 };
+                match mask {
+                    Mask::None => return,
+                    Mask::Bytes(m) => {
+                        for (d, m) in dc.iter_mut().zip(&m[at..at + len]) {
+                            *d = 0.0 + if *m != 0 { *d } else { 0.0 };
+                        }
+                    }
+                    Mask::Positive(y) => {
+                        for (d, y) in dc.iter_mut().zip(&y[at..at + len]) {
+                            *d = 0.0 + if *y > 0.0 { *d } else { 0.0 };
+                        }
+                    }
                 }
                 if let Some(rc) = rc {
                     for (r, d) in rc.iter_mut().zip(dc.iter()) {
@@ -417,16 +442,15 @@ fn tail_backward(build: Build, dy: &mut [f32], mask: &[u8], dr: Option<&mut Vec<
             },
         )
     };
+    if matches!(mask, Mask::None) {
+        return;
+    }
+    let chunks = dy.par_chunks_mut(ELEM_CHUNK).enumerate();
     match dr {
-        None => dy
-            .par_chunks_mut(ELEM_CHUNK)
-            .zip(mask.par_chunks(ELEM_CHUNK))
-            .for_each(|(dc, mc)| apply(dc, mc, None)),
-        Some(dr) => dy
-            .par_chunks_mut(ELEM_CHUNK)
-            .zip(mask.par_chunks(ELEM_CHUNK))
+        None => chunks.for_each(|(ci, dc)| chunk(ci * ELEM_CHUNK, dc, None)),
+        Some(dr) => chunks
             .zip(dr.par_chunks_mut(ELEM_CHUNK))
-            .for_each(|((dc, mc), rc)| apply(dc, mc, Some(rc))),
+            .for_each(|((ci, dc), rc)| chunk(ci * ELEM_CHUNK, dc, Some(rc))),
     }
 }
 
@@ -513,30 +537,45 @@ where
     train_tail(build, x, gamma, beta, eps, Some(residual))
 }
 
-/// Training-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
-/// ReLU.
-fn train_tail<Tp, R>(
+/// What the backward pass of training-mode batch norm keeps besides its input: the input's
+/// shape, gamma, and each channel's batch mean and `1 / sqrt(var + eps)` (in f64 and rounded).
+pub(crate) struct TrainSaved {
+    shape: (usize, usize, usize, usize),
+    gv: Vec<f32>,
+    mean32: Vec<f32>,
+    rstd: Vec<f64>,
+    rstd32: Vec<f32>,
+}
+
+/// The forward pass of training-mode batch norm with its tail on plain slices: `xv` laid out as
+/// `shape`; `relu` adds the ReLU, `res` (with `relu`) the residual before it. Returns the output,
+/// the ReLU's byte mask when `keep_mask` (see [`Mask`]), the batch statistics and what
+/// [`train_backward`] needs. [`batch_norm_relu_train`] and the ResNets' training path
+/// (`model::resnet`) both run it; the errors are [`batch_norm_train`]'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_forward(
     build: Build,
-    x: T4<Tp>,
+    xv: &[f32],
+    shape: (usize, usize, usize, usize),
     gamma: &T1,
     beta: &T1,
     eps: f32,
-    tail: Option<Option<T4<R>>>,
-) -> Result<(T4<Tp>, BatchStats)>
-where
-    Tp: Tape<f32, Cpu> + Merge<R>,
-    R: Tape<f32, Cpu>,
-{
-    let shape = *x.shape();
+    relu: bool,
+    res: Option<&[f32]>,
+    keep_mask: bool,
+) -> Result<(Vec<f32>, Vec<u8>, BatchStats, TrainSaved)> {
     check("batch_norm_train", shape, gamma, beta, eps, true)?;
-    check_residual("batch_norm_relu_train", shape, &tail)?;
     let (n, c, h, w) = shape;
     let (p, mc) = (h * w, n * h * w);
-    let x = x.contiguous();
-    let (x, tape) = x.split_tape();
-    let (tail, mut tape) = split_tail(tail, tape);
-    let res_g = tail.res.as_ref().map(|(_, r)| r.ghost());
-    let xv = read(&x);
+    assert_eq!(xv.len(), n * c * p, "batch_norm_train: {} values for shape {shape:?}", xv.len());
+    if let Some(r) = res {
+        if r.len() != xv.len() {
+            return Err(Error::incompatible(format!(
+                "batch_norm_relu_train: the residual has {} values, the input {shape:?}",
+                r.len()
+            )));
+        }
+    }
     let (gv, bv) = (read(gamma), read(beta));
     let min_planes = (ELEM_CHUNK / p).max(1);
 
@@ -560,78 +599,130 @@ where
     let var: Vec<f64> = ss.iter().map(|s| s / mf).collect();
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
-    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * p], |(v, _)| v);
-    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
-    let out = x.device().tensor_from_vec(y, (n, c, h, w));
+    let (y, mask) = affine_tail(build, xv, &scale, &shift, p, relu, res, keep_mask);
     let stats = BatchStats {
         mean: mean.iter().map(|m| *m as f32).collect(),
         var_unbiased: var.iter().map(|v| (v * mf / (mf - 1.0)) as f32).collect(),
         count: mc,
     };
+    let saved = TrainSaved {
+        shape,
+        gv,
+        mean32: stats.mean.clone(),
+        rstd32: rstd.iter().map(|r| *r as f32).collect(),
+        rstd,
+    };
+    Ok((y, mask, stats, saved))
+}
+
+/// The backward pass of [`train_forward`]: `dy` (the output's gradient, overwritten) goes back
+/// through the tail (`mask`; its residual part is added into `dr`), then the norm, whose input
+/// gradient is added into `dx`. Returns per channel (sum dy * xhat, sum dy): gamma's and beta's
+/// gradients, in f64.
+pub(crate) fn train_backward(
+    build: Build,
+    st: &TrainSaved,
+    xv: &[f32],
+    dy: &mut [f32],
+    mask: Mask<'_>,
+    dr: Option<&mut [f32]>,
+    dx: &mut [f32],
+) -> Vec<(f64, f64)> {
+    let (n, c, h, w) = st.shape;
+    let (p, mf) = (h * w, (n * h * w) as f64);
+    let min_planes = (ELEM_CHUNK / p).max(1);
+    let (mean32, rstd32) = (&st.mean32, &st.rstd32);
+    tail_backward(build, dy, mask, dr);
+    // Pass 1: per plane (sum dy * xhat, sum dy), then per channel in n order.
+    let mut sums = vec![(0.0f64, 0.0f64); n * c];
+    sums.par_iter_mut()
+        .zip(dy.par_chunks(p))
+        .zip(xv.par_chunks(p))
+        .enumerate()
+        .with_min_len(min_planes)
+        .for_each(|(pi, ((s, dyp), xp))| {
+            let ch = pi % c;
+            *s = build.run(
+                #[inline(always)]
+                || plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]),
+            );
+        });
+    let tot = channel_sums(&sums, c);
+    // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
+    // c1 = gr * sum(dy * xhat) / M.
+    let coef: Vec<(f32, f32, f32)> = (tot.iter().zip(&st.gv).zip(&st.rstd))
+        .map(|(((a, b), g), r)| {
+            let gr = *g as f64 * r;
+            (gr as f32, (gr * b / mf) as f32, (gr * a / mf) as f32)
+        })
+        .collect();
+    // Pass 2.
+    dx.par_chunks_mut(p)
+        .zip(dy.par_chunks(p))
+        .zip(xv.par_chunks(p))
+        .enumerate()
+        .with_min_len(min_planes)
+        .for_each(|(pi, ((dxp, dyp), xp))| {
+            let ch = pi % c;
+            let (gr, c0, c1) = coef[ch];
+            let (m, r) = (mean32[ch], rstd32[ch]);
+            build.run(
+                #[inline(always)]
+                || {
+                    for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
+                        *d += gr * g - c0 - c1 * ((xv - m) * r);
+                    }
+                },
+            )
+        });
+    tot
+}
+
+/// Training-mode batch norm, with `tail = Some(residual)` followed by the residual add and a
+/// ReLU: [`train_forward`] and [`train_backward`] on the tape.
+fn train_tail<Tp, R>(
+    build: Build,
+    x: T4<Tp>,
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+    tail: Option<Option<T4<R>>>,
+) -> Result<(T4<Tp>, BatchStats)>
+where
+    Tp: Tape<f32, Cpu> + Merge<R>,
+    R: Tape<f32, Cpu>,
+{
+    let shape = *x.shape();
+    check("batch_norm_train", shape, gamma, beta, eps, true)?;
+    check_residual("batch_norm_relu_train", shape, &tail)?;
+    let x = x.contiguous();
+    let (x, tape) = x.split_tape();
+    let (tail, mut tape) = split_tail(tail, tape);
+    let res_g = tail.res.as_ref().map(|(_, r)| r.ghost());
+    let xv = read(&x);
+    let res = tail.res.as_ref().map(|(v, _)| v.as_slice());
+    let (y, mask, stats, saved) =
+        train_forward(build, &xv, shape, gamma, beta, eps, tail.relu, res, Tp::OWNS_TAPE)?;
+    drop(tail);
+    let out = x.device().tensor_from_vec(y, shape);
 
     if Tp::OWNS_TAPE {
         let (x_g, g_g, b_g, out_g) = (x.ghost(), gamma.ghost(), beta.ghost(), out.ghost());
-        let mean32: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
-        let rstd32: Vec<f32> = rstd.iter().map(|r| *r as f32).collect();
         tape.add_backward_op(move |grads| {
             let mut dy = take_grad!(grads, out_g);
+            let mask = if mask.is_empty() { Mask::None } else { Mask::Bytes(&mask) };
+            // The tail first, on its own: the residual may be the norm's input itself.
             match &res_g {
-                Some(g) => tail_backward(build, &mut dy, &mask, Some(grads.get_or_alloc_mut(g)?)),
-                None => tail_backward(build, &mut dy, &mask, None),
+                Some(g) => tail_backward(build, &mut dy, mask, Some(grads.get_or_alloc_mut(g)?)),
+                None => tail_backward(build, &mut dy, mask, None),
             }
-            // Pass 1: per plane (sum dy * xhat, sum dy), then per channel in n order.
-            let mut sums = vec![(0.0f64, 0.0f64); n * c];
-            sums.par_iter_mut()
-                .zip(dy.par_chunks(p))
-                .zip(xv.par_chunks(p))
-                .enumerate()
-                .with_min_len(min_planes)
-                .for_each(|(pi, ((s, dyp), xp))| {
-                    let ch = pi % c;
-                    *s = build.run(
-                        #[inline(always)]
-                        || plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]),
-                    );
-                });
-            let tot = channel_sums(&sums, c);
-            // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
-            // c1 = gr * sum(dy * xhat) / M.
-            let mut coef = Vec::with_capacity(c);
-            for ch in 0..c {
-                let gr = gv[ch] as f64 * rstd[ch];
-                let (a, b) = tot[ch];
-                coef.push(((gr as f32), (gr * b / mf) as f32, (gr * a / mf) as f32));
-            }
-            {
-                // Pass 2.
+            let tot = {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-                dx.par_chunks_mut(p)
-                    .zip(dy.par_chunks(p))
-                    .zip(xv.par_chunks(p))
-                    .enumerate()
-                    .with_min_len(min_planes)
-                    .for_each(|(pi, ((dxp, dyp), xp))| {
-                        let ch = pi % c;
-                        let (gr, c0, c1) = coef[ch];
-                        let (m, r) = (mean32[ch], rstd32[ch]);
-                        build.run(
-                            #[inline(always)]
-                            || {
-                                for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
-                                    *d += gr * g - c0 - c1 * ((xv - m) * r);
-                                }
-                            },
-                        )
-                    });
-            }
+                train_backward(build, &saved, &xv, &mut dy, Mask::None, None, dx)
+            };
             drop(dy);
-            for (d, t) in grads.get_or_alloc_mut(&g_g)?.iter_mut().zip(&tot) {
-                *d += t.0 as f32;
-            }
-            for (d, t) in grads.get_or_alloc_mut(&b_g)?.iter_mut().zip(&tot) {
-                *d += t.1 as f32;
-            }
+            add_channel_totals(grads.get_or_alloc_mut(&g_g)?, tot.iter().map(|t| t.0));
+            add_channel_totals(grads.get_or_alloc_mut(&b_g)?, tot.iter().map(|t| t.1));
             Ok(())
         });
     }
@@ -808,9 +899,9 @@ where
         inplace_planes(build, &mut xv, &scale, &shift, p, tail.relu, None);
         return Ok(x.device().tensor_from_vec(xv, (n, c, h, w)).put_tape(tape));
     }
-    let (relu, res_in_y) = (tail.relu, tail.res.is_some());
-    let mut y = tail.res.map_or_else(|| vec![0.0f32; n * c * h * w], |(v, _)| v);
-    let mask = affine_tail(build, &xv, &mut y, &scale, &shift, p, relu, res_in_y, Tp::OWNS_TAPE);
+    let res = tail.res.as_ref().map(|(v, _)| v.as_slice());
+    let (y, mask) = affine_tail(build, &xv, &scale, &shift, p, tail.relu, res, Tp::OWNS_TAPE);
+    drop(tail);
     let out = x.device().tensor_from_vec(y, (n, c, h, w));
 
     if Tp::OWNS_TAPE {
@@ -820,9 +911,10 @@ where
         let min_planes = (ELEM_CHUNK / p).max(1);
         tape.add_backward_op(move |grads| {
             let mut dy = take_grad!(grads, out_g);
+            let mask = if mask.is_empty() { Mask::None } else { Mask::Bytes(&mask) };
             match &res_g {
-                Some(g) => tail_backward(build, &mut dy, &mask, Some(grads.get_or_alloc_mut(g)?)),
-                None => tail_backward(build, &mut dy, &mask, None),
+                Some(g) => tail_backward(build, &mut dy, mask, Some(grads.get_or_alloc_mut(g)?)),
+                None => tail_backward(build, &mut dy, mask, None),
             }
             // One pass: dx, and per plane (sum dy * xhat, sum dy).
             let mut sums = vec![(0.0f64, 0.0f64); n * c];

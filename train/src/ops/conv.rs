@@ -413,6 +413,140 @@ pub(crate) fn forward_slices(
     y
 }
 
+/// The backward pass of [`conv2d_with`] on plain slices: `dy` is the gradient of the (n, cout, ho,
+/// wo) output, `xv` and `wv` the forward's input and weights. Adds the input gradient into `dx`
+/// when given (col2im adds into what is there), and returns the weight gradient transposed (kd x
+/// cout, see [`add_weight_grad`]) and the bias gradient (empty without a bias), each summed over
+/// fixed groups of [`BATCH_CHUNK`] samples reduced in order, so the bits never depend on the
+/// thread count. The ResNets' training path (`model::resnet`) calls it on its own buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_slices(
+    build: Build,
+    g: &Geom,
+    n: usize,
+    cout: usize,
+    xv: &[f32],
+    wv: &[f32],
+    has_bias: bool,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let g = *g;
+    let (kd, pd) = (g.kd(), g.pd());
+    let (xs, ys) = (g.cin * g.h * g.w, cout * pd);
+    let col_len = if g.direct() { 0 } else { kd * pd };
+    let input_grad = dx.is_some();
+    // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
+    // when `dx` is given, adds the input gradient of its samples into it.
+    let dcol_len = if input_grad { col_len } else { 0 };
+    let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
+        build.run(
+            #[inline(always)]
+            || {
+                let (col, dcol) = buf.split_at_mut(col_len);
+                let s0 = c * BATCH_CHUNK;
+                let s1 = (s0 + BATCH_CHUNK).min(n);
+                // dW transposed (kd x cout): see the product below.
+                let mut dw = vec![0.0f32; kd * cout];
+                let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
+                let mut dx = dx;
+                for ni in s0..s1 {
+                    let dyn_ = &dy[ni * ys..(ni + 1) * ys];
+                    let xn = &xv[ni * xs..(ni + 1) * xs];
+                    let cm: &[f32] = if g.direct() {
+                        xn
+                    } else {
+                        im2col(&g, xn, col);
+                        col
+                    };
+                    // dW^T (kd x cout) += col_n (kd x pd) * dy_n^T (pd x cout). `gemm`
+                    // computes a row-major destination as its transpose, so this is
+                    // dW = dy_n * col_n^T with the tiles along cout: it then packs dy_n
+                    // (cout x pd) rather than the kernel-size-squared times larger
+                    // col_n, which for a ResNet's 16-channel layers was 10% of a step.
+                    // Each element is the same chain of multiply-adds over pd in the
+                    // same blocks either way (the blocking depends on pd only), so the
+                    // bits are those of dy_n * col_n^T.
+                    Gemm {
+                        m: kd,
+                        n: cout,
+                        k: pd,
+                        lhs: Operand::row_major(cm, pd),
+                        rhs: Operand::transposed(dyn_, pd),
+                        accumulate: ni > s0,
+                    }
+                    .run(&mut dw, Layout::row_major(cout), par);
+                    if has_bias {
+                        for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
+                            *d += sum_f32(row);
+                        }
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
+                        // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
+                        let (dst, acc): (&mut [f32], bool) =
+                            if g.direct() { (dxn, true) } else { (dcol, false) };
+                        Gemm {
+                            m: kd,
+                            n: pd,
+                            k: cout,
+                            lhs: Operand::transposed(wv, kd),
+                            rhs: Operand::row_major(dyn_, pd),
+                            accumulate: acc,
+                        }
+                        .run(dst, Layout::row_major(pd), par);
+                        if !g.direct() {
+                            col2im_add(&g, dcol, dxn);
+                        }
+                    }
+                }
+                (dw, db)
+            },
+        )
+    };
+    let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
+        with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
+    };
+    let groups = n.div_ceil(BATCH_CHUNK);
+    let gx = BATCH_CHUNK * xs;
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = match (tasks_in_parallel(groups), dx) {
+        (true, Some(dx)) => dx
+            .par_chunks_mut(gx)
+            .enumerate()
+            .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
+            .collect(),
+        (true, None) => (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect(),
+        (false, Some(dx)) => {
+            dx.chunks_mut(gx).enumerate().map(|(c, dxc)| group(c, Some(dxc), Par::Pool)).collect()
+        }
+        (false, None) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
+    };
+    // Reduce the groups in order.
+    let mut it = partials.into_iter();
+    let Some((mut dw_tot, mut db_tot)) = it.next() else {
+        return (vec![0.0; kd * cout], vec![0.0; if has_bias { cout } else { 0 }]);
+    };
+    for (dw, db) in it {
+        for (t, v) in dw_tot.iter_mut().zip(&dw) {
+            *t += v;
+        }
+        for (t, v) in db_tot.iter_mut().zip(&db) {
+            *t += v;
+        }
+    }
+    (dw_tot, db_tot)
+}
+
+/// Adds a weight gradient computed transposed (`dw_t`, kd x cout, from [`backward_slices`]) into
+/// the (cout x kd) gradient `dw`.
+pub(crate) fn add_weight_grad(dw: &mut [f32], dw_t: &[f32], kd: usize, cout: usize) {
+    for (co, row) in dw.chunks_exact_mut(kd).enumerate() {
+        for (r, d) in row.iter_mut().enumerate() {
+            *d += dw_t[r * cout + co];
+        }
+    }
+}
+
 /// [`conv2d`] with its per-sample loops (im2col, col2im, bias and gradient sums) compiled for
 /// `build` in forward and backward, so tests can compare the builds.
 pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
@@ -424,16 +558,13 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     input_grad: bool,
 ) -> T4<Tp> {
     let x = x.contiguous();
-    let (n, cin, h, wd) = *x.shape();
-    let g = geometry((n, cin, h, wd), w, b, cfg);
-    let cout = cfg.out_channels;
-    let (kd, pd) = (g.kd(), g.pd());
+    let n = x.shape().0;
+    let g = geometry(*x.shape(), w, b, cfg);
+    let (cout, kd) = (cfg.out_channels, g.kd());
     let (x, mut tape) = x.split_tape();
     let xv = read(&x);
     let wv = read(w);
     let bv = b.map(read);
-    let (xs, ys) = (cin * h * wd, cout * pd);
-    let col_len = if g.direct() { 0 } else { kd * pd };
     let y = forward_slices(build, &g, n, cout, &xv, &wv, bv.as_deref());
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
@@ -442,131 +573,17 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
         let b_g = b.map(|b| b.ghost());
         tape.add_backward_op(move |grads| {
             let dy = take_grad!(grads, out_g);
-            let has_bias = b_g.is_some();
-            // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
-            // when `dx` is given, adds the input gradient of its samples into it.
-            let dcol_len = if input_grad { col_len } else { 0 };
-            let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
-                build.run(
-                    #[inline(always)]
-                    || {
-                        let (col, dcol) = buf.split_at_mut(col_len);
-                        let s0 = c * BATCH_CHUNK;
-                        let s1 = (s0 + BATCH_CHUNK).min(n);
-                        // dW transposed (kd x cout): see the product below.
-                        let mut dw = vec![0.0f32; kd * cout];
-                        let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
-                        let mut dx = dx;
-                        for ni in s0..s1 {
-                            let dyn_ = &dy[ni * ys..(ni + 1) * ys];
-                            let xn = &xv[ni * xs..(ni + 1) * xs];
-                            let cm: &[f32] = if g.direct() {
-                                xn
-                            } else {
-                                im2col(&g, xn, col);
-                                col
-                            };
-                            // dW^T (kd x cout) += col_n (kd x pd) * dy_n^T (pd x cout). `gemm`
-                            // computes a row-major destination as its transpose, so this is
-                            // dW = dy_n * col_n^T with the tiles along cout: it then packs dy_n
-                            // (cout x pd) rather than the kernel-size-squared times larger
-                            // col_n, which for a ResNet's 16-channel layers was 10% of a step.
-                            // Each element is the same chain of multiply-adds over pd in the
-                            // same blocks either way (the blocking depends on pd only), so the
-                            // bits are those of dy_n * col_n^T.
-                            Gemm {
-                                m: kd,
-                                n: cout,
-                                k: pd,
-                                lhs: Operand::row_major(cm, pd),
-                                rhs: Operand::transposed(dyn_, pd),
-                                accumulate: ni > s0,
-                            }
-                            .run(&mut dw, Layout::row_major(cout), par);
-                            if has_bias {
-                                for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
-                                    *d += sum_f32(row);
-                                }
-                            }
-                            if let Some(dx) = dx.as_deref_mut() {
-                                let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
-                                // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
-                                let (dst, acc): (&mut [f32], bool) =
-                                    if g.direct() { (dxn, true) } else { (dcol, false) };
-                                Gemm {
-                                    m: kd,
-                                    n: pd,
-                                    k: cout,
-                                    lhs: Operand::transposed(&wv, kd),
-                                    rhs: Operand::row_major(dyn_, pd),
-                                    accumulate: acc,
-                                }
-                                .run(
-                                    dst,
-                                    Layout::row_major(pd),
-                                    par,
-                                );
-                                if !g.direct() {
-                                    col2im_add(&g, dcol, dxn);
-                                }
-                            }
-                        }
-                        (dw, db)
-                    },
-                )
-            };
-            let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
-                with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
-            };
-            let groups = n.div_ceil(BATCH_CHUNK);
-            let partials: Vec<(Vec<f32>, Vec<f32>)> = {
+            let (dw_tot, db_tot) = {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-                let gx = BATCH_CHUNK * xs;
-                match (tasks_in_parallel(groups), input_grad) {
-                    (true, true) => dx
-                        .par_chunks_mut(gx)
-                        .enumerate()
-                        .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
-                        .collect(),
-                    (true, false) => {
-                        (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect()
-                    }
-                    (false, true) => dx
-                        .chunks_mut(gx)
-                        .enumerate()
-                        .map(|(c, dxc)| group(c, Some(dxc), Par::Pool))
-                        .collect(),
-                    (false, false) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
-                }
+                let dx = input_grad.then_some(dx.as_mut_slice());
+                backward_slices(build, &g, n, cout, &xv, &wv, b_g.is_some(), &dy, dx)
             };
             drop(dy);
-            // Reduce the groups in order, then add the total into the parameter gradients.
-            let mut it = partials.into_iter();
-            if let Some((mut dw_tot, mut db_tot)) = it.next() {
-                for (dw, db) in it {
-                    for (t, v) in dw_tot.iter_mut().zip(&dw) {
-                        *t += v;
-                    }
-                    for (t, v) in db_tot.iter_mut().zip(&db) {
-                        *t += v;
-                    }
-                }
-                let dw: &mut Vec<f32> = grads.get_or_alloc_mut(&w_g)?;
-                for (co, row) in dw.chunks_exact_mut(kd).enumerate() {
-                    for (r, d) in row.iter_mut().enumerate() {
-                        *d += dw_tot[r * cout + co];
-                    }
-                }
-                if let Some(b_g) = &b_g {
-                    let db: &mut Vec<f32> = grads.get_or_alloc_mut(b_g)?;
-                    for (d, v) in db.iter_mut().zip(&db_tot) {
-                        *d += v;
-                    }
-                }
-            } else {
-                grads.get_or_alloc_mut(&w_g)?;
-                if let Some(b_g) = &b_g {
-                    grads.get_or_alloc_mut(b_g)?;
+            add_weight_grad(grads.get_or_alloc_mut(&w_g)?, &dw_tot, kd, cout);
+            if let Some(b_g) = &b_g {
+                let db: &mut Vec<f32> = grads.get_or_alloc_mut(b_g)?;
+                for (d, v) in db.iter_mut().zip(&db_tot) {
+                    *d += v;
                 }
             }
             Ok(())

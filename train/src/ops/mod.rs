@@ -63,6 +63,7 @@ pub(crate) use block::norm_relu_pool_with;
 #[cfg(test)]
 pub(crate) use conv::conv2d_with;
 pub(crate) use conv::{
+    add_weight_grad as conv2d_add_weight_grad, backward_slices as conv2d_backward_slices,
     col2im_add, forward_slices as conv2d_slices, geometry as conv2d_geometry, im2col,
     Geom as ConvGeom,
 };
@@ -70,6 +71,7 @@ pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
 pub(crate) use loss::softmax_xent_rows;
 pub use loss::{accuracy_counts, cross_entropy, mse_loss};
+pub(crate) use norm::add_channel_totals;
 pub use norm::instance_norm;
 pub use pool::{avg_pool2d, global_avg_pool};
 
