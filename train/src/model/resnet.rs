@@ -395,54 +395,47 @@ impl ResNet {
                     ops::conv2d_add_weight_grad(dst, &dw, c.g.kd(), c.cout);
                     Ok::<(), <Cpu as HasErr>::Err>(())
                 };
-                // A norm's backward: `dy` through its tail (mask `out`, residual part into
-                // `dr`), the input gradient into `dx`, gamma's and beta's into theirs.
+                // A norm's backward: `dy` through its tail (`mask`, the residual's part into
+                // `dr`), then its input's gradient written over `dy`, gamma's and beta's added
+                // into theirs.
                 let norm_back = |grads: &mut Gradients<f32, Cpu>,
                                  r: &BnRec,
                                  dy: &mut [f32],
                                  mask: Mask<'_>,
-                                 dr: Option<&mut [f32]>,
-                                 dx: &mut [f32]| {
-                    let tot = batch_norm::train_backward(build, &r.saved, &r.x, dy, mask, dr, dx);
+                                 dr: Option<&mut [f32]>| {
+                    let tot = batch_norm::train_backward(build, &r.saved, &r.x, dy, mask, dr, None);
                     let (g, b) = (&ghosts[r.slot.param], &ghosts[r.slot.param + 1]);
                     ops::add_channel_totals(grads.get_or_alloc_mut(g)?, tot.iter().map(|t| t.0));
                     ops::add_channel_totals(grads.get_or_alloc_mut(b)?, tot.iter().map(|t| t.1));
                     Ok::<(), <Cpu as HasErr>::Err>(())
                 };
+                // Each norm's input gradient is written over its output's (`dx = None`).
                 let mut d = std::mem::take(&mut **grads.get_or_alloc_mut(&out_g)?);
                 for (bi, blk) in blocks.iter().enumerate().rev() {
                     let (input, out) = (&acts[bi], &acts[bi + 1]);
                     let mut d_in = vec![0.0f32; input.len()];
-                    let mut dm2 = vec![0.0f32; blk.bn2.x.len()];
                     let pos = Mask::Positive(out);
                     match &blk.shortcut {
                         Some((sc, sbn)) => {
                             let mut ds = vec![0.0f32; sbn.x.len()];
-                            norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut ds), &mut dm2)?;
-                            let mut dsc = vec![0.0f32; sbn.x.len()];
-                            norm_back(grads, sbn, &mut ds, Mask::None, None, &mut dsc)?;
-                            drop(ds);
-                            conv_back(grads, sc, input, &dsc, Some(&mut d_in))?;
+                            norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut ds))?;
+                            norm_back(grads, sbn, &mut ds, Mask::None, None)?;
+                            conv_back(grads, sc, input, &ds, Some(&mut d_in))?;
                         }
-                        None => norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut d_in), &mut dm2)?,
+                        None => norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut d_in))?,
                     }
-                    drop(d);
                     let mut dr1 = vec![0.0f32; blk.r1.len()];
-                    conv_back(grads, &blk.conv2, &blk.r1, &dm2, Some(&mut dr1))?;
-                    drop(dm2);
-                    let mut dm1 = vec![0.0f32; blk.bn1.x.len()];
-                    norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None, &mut dm1)?;
-                    drop(dr1);
-                    conv_back(grads, &blk.conv1, input, &dm1, Some(&mut d_in))?;
+                    conv_back(grads, &blk.conv2, &blk.r1, &d, Some(&mut dr1))?;
+                    drop(d);
+                    norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None)?;
+                    conv_back(grads, &blk.conv1, input, &dr1, Some(&mut d_in))?;
                     d = d_in;
                 }
-                let mut dc0 = vec![0.0f32; bn0.x.len()];
-                norm_back(grads, &bn0, &mut d, Mask::Positive(&acts[0]), None, &mut dc0)?;
-                drop(d);
+                norm_back(grads, &bn0, &mut d, Mask::Positive(&acts[0]), None)?;
                 // As the separate conv: the input's gradient exists (zeros) even when skipped.
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
                 let mut dx = std::mem::take(dx);
-                conv_back(grads, &stem, &xv, &dc0, input_grad.then_some(dx.as_mut_slice()))?;
+                conv_back(grads, &stem, &xv, &d, input_grad.then_some(dx.as_mut_slice()))?;
                 **grads.get_or_alloc_mut(&x_g)? = dx;
                 Ok(())
             });

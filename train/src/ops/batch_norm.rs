@@ -26,6 +26,8 @@
 //! that are bound by memory traffic. Besides that, only per-plane and per-channel scalars are
 //! allocated.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -216,27 +218,6 @@ fn channel_sums(planes: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
     tot
 }
 
-/// `y = x * scale[c] + shift[c]` over all planes of `p` values (parallel over planes; `p` must
-/// be positive).
-fn affine_planes(build: Build, xv: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32], p: usize) {
-    let c = scale.len();
-    y.par_chunks_mut(p)
-        .zip(xv.par_chunks(p))
-        .enumerate()
-        .with_min_len((ELEM_CHUNK / p).max(1))
-        .for_each(|(pi, (yp, xp))| {
-            build.run(
-                #[inline(always)]
-                || {
-                    let (s, t) = (scale[pi % c], shift[pi % c]);
-                    for (yv, xv) in yp.iter_mut().zip(xp) {
-                        *yv = xv * s + t;
-                    }
-                },
-            )
-        });
-}
-
 /// `max(z, 0)` with PyTorch's NaN behaviour, exactly as [`super::relu`] computes it.
 #[inline(always)]
 fn relu1(z: f32) -> f32 {
@@ -303,28 +284,31 @@ fn affine_tail(
     keep_mask: bool,
 ) -> (Vec<f32>, Vec<u8>) {
     let len = xv.len();
-    let mut y = vec![0.0f32; len];
-    if !relu {
-        affine_planes(build, xv, &mut y, scale, shift, p);
-        return (y, Vec::new());
-    }
-    let c = scale.len();
-    let min = (ELEM_CHUNK / p).max(1);
-    // One plane: its index, output, input, residual and (when kept) mask.
-    let plane = |pi: usize, yp: &mut [f32], xp: &[f32], mk: Option<&mut [u8]>| {
+    let (c, min) = (scale.len(), (ELEM_CHUNK / p).max(1));
+    // The output is written once, into uninitialised memory (no zeroing pass first).
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    // One plane: its index, output, input and (when kept) mask.
+    let plane = |pi: usize, yp: &mut [MaybeUninit<f32>], xp: &[f32], mk: Option<&mut [u8]>| {
         let (s, t) = (scale[pi % c], shift[pi % c]);
-        let rp = res.map(|r| &r[pi * p..(pi + 1) * p]);
+        let rp = res.filter(|_| relu).map(|r| &r[pi * p..(pi + 1) * p]);
         build.run(
             #[inline(always)]
             || {
                 if let Some(rp) = rp {
                     for ((yv, xv), r) in yp.iter_mut().zip(xp).zip(rp) {
-                        *yv = *r + (xv * s + t);
+                        yv.write(*r + (xv * s + t));
                     }
                 } else {
                     for (yv, xv) in yp.iter_mut().zip(xp) {
-                        *yv = xv * s + t;
+                        yv.write(xv * s + t);
                     }
+                }
+                // SAFETY: every element of the plane was written just above (`yp` and `xp`
+                // have the same length), and f32 has the layout of MaybeUninit<f32>.
+                let yp: &mut [f32] =
+                    unsafe { std::slice::from_raw_parts_mut(yp.as_mut_ptr().cast(), yp.len()) };
+                if !relu {
+                    return;
                 }
                 if let Some(mk) = mk {
                     for (m, v) in mk.iter_mut().zip(yp.iter()) {
@@ -337,13 +321,20 @@ fn affine_tail(
             },
         )
     };
-    let planes = y.par_chunks_mut(p).zip(xv.par_chunks(p)).enumerate().with_min_len(min);
-    if !keep_mask {
+    let spare = &mut y.spare_capacity_mut()[..len];
+    let planes = spare.par_chunks_mut(p).zip(xv.par_chunks(p)).enumerate().with_min_len(min);
+    let mask = if relu && keep_mask {
+        let mut mask = vec![0u8; len];
+        planes
+            .zip(mask.par_chunks_mut(p))
+            .for_each(|((pi, (yp, xp)), mk)| plane(pi, yp, xp, Some(mk)));
+        mask
+    } else {
         planes.for_each(|(pi, (yp, xp))| plane(pi, yp, xp, None));
-        return (y, Vec::new());
-    }
-    let mut mask = vec![0u8; len];
-    planes.zip(mask.par_chunks_mut(p)).for_each(|((pi, (yp, xp)), mk)| plane(pi, yp, xp, Some(mk)));
+        Vec::new()
+    };
+    // SAFETY: the planes above wrote all `len` elements (`xv` has `len` values in planes of `p`).
+    unsafe { y.set_len(len) };
     (y, mask)
 }
 
@@ -617,7 +608,8 @@ pub(crate) fn train_forward(
 
 /// The backward pass of [`train_forward`]: `dy` (the output's gradient, overwritten) goes back
 /// through the tail (`mask`; its residual part is added into `dr`), then the norm, whose input
-/// gradient is added into `dx`. Returns per channel (sum dy * xhat, sum dy): gamma's and beta's
+/// gradient is added into `dx`, or with `dx = None` written over `dy` (the values adding it into
+/// a zeroed buffer gives). Returns per channel (sum dy * xhat, sum dy): gamma's and beta's
 /// gradients, in f64.
 pub(crate) fn train_backward(
     build: Build,
@@ -626,7 +618,7 @@ pub(crate) fn train_backward(
     dy: &mut [f32],
     mask: Mask<'_>,
     dr: Option<&mut [f32]>,
-    dx: &mut [f32],
+    dx: Option<&mut [f32]>,
 ) -> Vec<(f64, f64)> {
     let (n, c, h, w) = st.shape;
     let (p, mf) = (h * w, (n * h * w) as f64);
@@ -657,24 +649,42 @@ pub(crate) fn train_backward(
         })
         .collect();
     // Pass 2.
-    dx.par_chunks_mut(p)
-        .zip(dy.par_chunks(p))
-        .zip(xv.par_chunks(p))
-        .enumerate()
-        .with_min_len(min_planes)
-        .for_each(|(pi, ((dxp, dyp), xp))| {
-            let ch = pi % c;
-            let (gr, c0, c1) = coef[ch];
-            let (m, r) = (mean32[ch], rstd32[ch]);
-            build.run(
-                #[inline(always)]
-                || {
+    let pass2 = |pi: usize, dxp: &mut [f32], dyp: Option<&[f32]>, xp: &[f32]| {
+        let ch = pi % c;
+        let (gr, c0, c1) = coef[ch];
+        let (m, r) = (mean32[ch], rstd32[ch]);
+        build.run(
+            #[inline(always)]
+            || match dyp {
+                Some(dyp) => {
                     for ((d, g), xv) in dxp.iter_mut().zip(dyp).zip(xp) {
                         *d += gr * g - c0 - c1 * ((xv - m) * r);
                     }
-                },
-            )
-        });
+                }
+                // `0 + v` is what `+=` leaves in a zeroed buffer, bit for bit.
+                None => {
+                    for (g, xv) in dxp.iter_mut().zip(xp) {
+                        *g = 0.0 + (gr * *g - c0 - c1 * ((xv - m) * r));
+                    }
+                }
+            },
+        )
+    };
+    match dx {
+        Some(dx) => dx
+            .par_chunks_mut(p)
+            .zip(dy.par_chunks(p))
+            .zip(xv.par_chunks(p))
+            .enumerate()
+            .with_min_len(min_planes)
+            .for_each(|(pi, ((dxp, dyp), xp))| pass2(pi, dxp, Some(dyp), xp)),
+        None => dy
+            .par_chunks_mut(p)
+            .zip(xv.par_chunks(p))
+            .enumerate()
+            .with_min_len(min_planes)
+            .for_each(|(pi, (dyp, xp))| pass2(pi, dyp, None, xp)),
+    }
     tot
 }
 
@@ -718,7 +728,7 @@ where
             }
             let tot = {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
-                train_backward(build, &saved, &xv, &mut dy, Mask::None, None, dx)
+                train_backward(build, &saved, &xv, &mut dy, Mask::None, None, Some(dx))
             };
             drop(dy);
             add_channel_totals(grads.get_or_alloc_mut(&g_g)?, tot.iter().map(|t| t.0));
