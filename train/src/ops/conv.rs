@@ -1,10 +1,12 @@
 //! 2-D convolution (zero padding, any stride) as im2col + `gemm`, one sample at a time.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::direct;
-use super::gemm::{Gemm, Layout, Operand, Par};
+use super::gemm::{small_branch, Gemm, Layout, Operand, Par, SMALL_KC};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 use crate::cpu::Build;
 
@@ -93,23 +95,30 @@ impl Geom {
 /// Fills `col` (kd x pd, row-major) from one sample `x` (cin x h x w).
 #[inline(always)]
 pub(crate) fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    im2col_rs(g, x, col, g.pd())
+}
+
+/// [`im2col`] into a matrix whose rows are `rs` floats apart (`rs >= pd`): row r is written to
+/// `col[r * rs..r * rs + pd]`, the rest left alone (a group of samples side by side).
+#[inline(always)]
+fn im2col_rs(g: &Geom, x: &[f32], col: &mut [f32], rs: usize) {
     if g.same() {
-        im2col_same(g, x, col)
+        im2col_same(g, x, col, rs)
     } else {
-        im2col_segments(g, x, col)
+        im2col_segments(g, x, col, rs)
     }
 }
 
 /// [`im2col`] for any geometry: each row of `col` as ho segments of wo floats.
 #[inline(always)]
-fn im2col_segments(g: &Geom, x: &[f32], col: &mut [f32]) {
+fn im2col_segments(g: &Geom, x: &[f32], col: &mut [f32], rs: usize) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
                 let r = (ci * k + ky) * k + kx;
-                let row = &mut col[r * pd..(r + 1) * pd];
+                let row = &mut col[r * rs..r * rs + pd];
                 let (ox0, ox1, ix0) = g.cols(kx);
                 for oy in 0..g.ho {
                     let seg = &mut row[oy * wo..(oy + 1) * wo];
@@ -182,7 +191,7 @@ impl Geom {
 /// step im2col was then ~26% of the time (`perf`, 2026-12-05, Intel Xeon with AVX-512, 2 cores).
 /// Writes exactly the values of the segment loop (tested).
 #[inline(always)]
-fn im2col_same(g: &Geom, x: &[f32], col: &mut [f32]) {
+fn im2col_same(g: &Geom, x: &[f32], col: &mut [f32], rs: usize) {
     let (w, k, hw) = (g.w, g.k, g.h * g.w);
     for ci in 0..g.cin {
         let xc = &x[ci * hw..(ci + 1) * hw];
@@ -190,7 +199,7 @@ fn im2col_same(g: &Geom, x: &[f32], col: &mut [f32]) {
             for kx in 0..k {
                 let Shift { r0, r1, a, b, shift, c0, n } = g.shift(ky, kx);
                 let r = (ci * k + ky) * k + kx;
-                let row = &mut col[r * hw..(r + 1) * hw];
+                let row = &mut col[r * rs..r * rs + hw];
                 row[..a].fill(0.0);
                 row[b..].fill(0.0);
                 if b > a {
@@ -210,7 +219,7 @@ fn im2col_same(g: &Geom, x: &[f32], col: &mut [f32]) {
 /// for bit (x + -0.0 = x for every x, signed zeros and NaN included), so every element of `dx`
 /// receives the same additions in the same order as in the segment loop (tested).
 #[inline(always)]
-fn col2im_same(g: &Geom, col: &mut [f32], dx: &mut [f32]) {
+fn col2im_same(g: &Geom, col: &mut [f32], dx: &mut [f32], rs: usize) {
     let (w, k, hw) = (g.w, g.k, g.h * g.w);
     for ci in 0..g.cin {
         let dxc = &mut dx[ci * hw..(ci + 1) * hw];
@@ -218,7 +227,7 @@ fn col2im_same(g: &Geom, col: &mut [f32], dx: &mut [f32]) {
             for kx in 0..k {
                 let Shift { r0, r1, a, b, shift, c0, n } = g.shift(ky, kx);
                 let r = (ci * k + ky) * k + kx;
-                let row = &mut col[r * hw..(r + 1) * hw];
+                let row = &mut col[r * rs..r * rs + hw];
                 for oy in r0..r1 {
                     row[oy * w + c0..oy * w + c0 + n].fill(-0.0);
                 }
@@ -237,23 +246,29 @@ fn col2im_same(g: &Geom, col: &mut [f32], dx: &mut [f32]) {
 /// Entries of `col` that no input pixel receives (the padding's) may be overwritten.
 #[inline(always)]
 pub(crate) fn col2im_add(g: &Geom, col: &mut [f32], dx: &mut [f32]) {
+    col2im_add_rs(g, col, dx, g.pd())
+}
+
+/// [`col2im_add`] from a matrix whose rows are `rs` floats apart (see [`im2col_rs`]).
+#[inline(always)]
+fn col2im_add_rs(g: &Geom, col: &mut [f32], dx: &mut [f32], rs: usize) {
     if g.same() {
-        col2im_same(g, col, dx)
+        col2im_same(g, col, dx, rs)
     } else {
-        col2im_segments(g, col, dx)
+        col2im_segments(g, col, dx, rs)
     }
 }
 
 /// [`col2im_add`] for any geometry: each row of `col` as ho segments of wo floats.
 #[inline(always)]
-fn col2im_segments(g: &Geom, col: &[f32], dx: &mut [f32]) {
+fn col2im_segments(g: &Geom, col: &[f32], dx: &mut [f32], rs: usize) {
     let (pd, wo, k) = (g.pd(), g.wo, g.k);
     for ci in 0..g.cin {
         let dxc = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
                 let r = (ci * k + ky) * k + kx;
-                let row = &col[r * pd..(r + 1) * pd];
+                let row = &col[r * rs..r * rs + pd];
                 let (ox0, ox1, ix0) = g.cols(kx);
                 for oy in 0..g.ho {
                     if let Some(iy) = g.row(oy, ky) {
@@ -336,6 +351,38 @@ pub(crate) fn forward_slices(
     wv: &[f32],
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
+    forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
+}
+
+/// Output planes smaller than this many pixels take [`BATCH_CHUNK`] samples per product.
+const GROUP_BELOW_PD: usize = 256;
+
+/// Whether a convolution's products take a group of samples side by side rather than one: for
+/// small output planes (a ResNet's 8x8 and 4x4 stages), where a product per sample is a thin
+/// matrix (16 columns for 4x4: `gemm` then runs its narrowest kernel, at a fraction of its rate)
+/// that streams the whole weight matrix (9.4 MB for ResNet-18's last stage) once per sample.
+/// The input-gradient product and the forward's keep each element's chains over the inner
+/// dimension, which is all the bits depend on: `gemm` cuts the inner dimension by its length
+/// alone, except in its small-size branch, which a group reproduces by running the same pieces
+/// ([`Gemm::run_k_pieces`], see [`small_branch`]). So the results are those of one sample at a
+/// time (tested); the weight gradient stays one product per sample (summing a group in one
+/// product would change its bits).
+fn groups_samples(g: &Geom) -> bool {
+    !g.direct() && g.pd() < GROUP_BELOW_PD
+}
+
+/// [`forward_slices`], one sample per product or (`grouped`) [`BATCH_CHUNK`] side by side.
+#[allow(clippy::too_many_arguments)]
+fn forward_slices_with(
+    build: Build,
+    g: &Geom,
+    n: usize,
+    cout: usize,
+    xv: &[f32],
+    wv: &[f32],
+    bv: Option<&[f32]>,
+    grouped: bool,
+) -> Vec<f32> {
     let g = *g;
     let (kd, pd) = (g.kd(), g.pd());
     let (xs, ys) = (g.cin * g.h * g.w, cout * pd);
@@ -356,7 +403,7 @@ pub(crate) fn forward_slices(
     // pass over the output instead of a zeroing pass plus a bias pass (the first layer's output
     // is 51 MB for ConvNet-3 at batch 128 on MNIST).
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
-    let forward = |ni: usize, yn: &mut [std::mem::MaybeUninit<f32>], col: &mut [f32], par: Par| {
+    let forward = |ni: usize, yn: &mut [MaybeUninit<f32>], col: &mut [f32], par: Par| {
         build.run(
             #[inline(always)]
             || {
@@ -395,7 +442,62 @@ pub(crate) fn forward_slices(
         )
     };
     let spare = &mut y.spare_capacity_mut()[..n * ys];
-    if tasks_in_parallel(n) {
+    if grouped && direct_w.is_none() {
+        // A group's im2col side by side (kd x gs*pd), then its product (cout x gs*pd), then
+        // each sample's rows copied out.
+        let gp = BATCH_CHUNK * pd;
+        let group = |c: usize, yc: &mut [MaybeUninit<f32>], buf: &mut [f32], par: Par| {
+            build.run(
+                #[inline(always)]
+                || {
+                    let (s0, gs) = (c * BATCH_CHUNK, yc.len() / ys);
+                    let cols = gs * pd;
+                    let (colg, yg) = buf.split_at_mut(kd * gp);
+                    let (colg, yg) = (&mut colg[..kd * cols], &mut yg[..cout * cols]);
+                    for s in 0..gs {
+                        let xn = &xv[(s0 + s) * xs..(s0 + s + 1) * xs];
+                        im2col_rs(&g, xn, &mut colg[s * pd..], cols);
+                    }
+                    for (co, row) in yg.chunks_exact_mut(cols).enumerate() {
+                        row.fill(bv.as_ref().map_or(0.0, |bv| bv[co]));
+                    }
+                    // Cut the inner dimension where one sample's product would (`small_branch`).
+                    let kc = if small_branch(cout, pd) { SMALL_KC } else { kd };
+                    Gemm {
+                        m: cout,
+                        n: cols,
+                        k: kd,
+                        lhs: Operand::row_major(wv, kd),
+                        rhs: Operand::row_major(colg, cols),
+                        accumulate: true,
+                    }
+                    .run_k_pieces(yg, Layout::row_major(cols), par, kc);
+                    for (s, yn) in yc.chunks_exact_mut(ys).enumerate() {
+                        for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
+                            let src = &yg[co * cols + s * pd..co * cols + (s + 1) * pd];
+                            for (d, v) in row.iter_mut().zip(src) {
+                                d.write(*v);
+                            }
+                        }
+                    }
+                },
+            )
+        };
+        let scratch = (kd + cout) * gp;
+        let groups = n.div_ceil(BATCH_CHUNK);
+        if tasks_in_parallel(groups) {
+            spare
+                .par_chunks_mut(BATCH_CHUNK * ys)
+                .enumerate()
+                .for_each(|(c, yc)| with_scratch(scratch, |buf| group(c, yc, buf, Par::Seq)));
+        } else {
+            with_scratch(scratch, |buf| {
+                for (c, yc) in spare.chunks_mut(BATCH_CHUNK * ys).enumerate() {
+                    group(c, yc, buf, Par::Pool);
+                }
+            });
+        }
+    } else if tasks_in_parallel(n) {
         spare
             .par_chunks_mut(ys)
             .enumerate()
@@ -431,14 +533,40 @@ pub(crate) fn backward_slices(
     dy: &[f32],
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
+    backward_slices_with(build, g, n, cout, xv, wv, has_bias, dy, dx, groups_samples(g))
+}
+
+/// [`backward_slices`], one sample per input-gradient product or (`grouped`) [`BATCH_CHUNK`].
+#[allow(clippy::too_many_arguments)]
+fn backward_slices_with(
+    build: Build,
+    g: &Geom,
+    n: usize,
+    cout: usize,
+    xv: &[f32],
+    wv: &[f32],
+    has_bias: bool,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    grouped: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let g = *g;
     let (kd, pd) = (g.kd(), g.pd());
     let (xs, ys) = (g.cin * g.h * g.w, cout * pd);
-    let col_len = if g.direct() { 0 } else { kd * pd };
+    // Grouped (see `groups_samples`): the group's im2col side by side, each sample's weight
+    // gradient product reading its columns, and one input-gradient product for the group.
+    let grouped = grouped && !g.direct();
+    let gp = if grouped { BATCH_CHUNK * pd } else { pd };
+    let col_len = if g.direct() { 0 } else { kd * gp };
     let input_grad = dx.is_some();
     // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
-    // when `dx` is given, adds the input gradient of its samples into it.
-    let dcol_len = if input_grad { col_len } else { 0 };
+    // when `dx` is given, adds the input gradient of its samples into it. Grouped, the
+    // scratch also holds the group's dy side by side (cout x gs*pd).
+    let dcol_len = match (input_grad, grouped) {
+        (false, _) => 0,
+        (true, false) => col_len,
+        (true, true) => col_len + cout * gp,
+    };
     let group_in = |c: usize, dx: Option<&mut [f32]>, buf: &mut [f32], par: Par| {
         build.run(
             #[inline(always)]
@@ -450,14 +578,24 @@ pub(crate) fn backward_slices(
                 let mut dw = vec![0.0f32; kd * cout];
                 let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
                 let mut dx = dx;
+                let cols = (s1 - s0) * pd;
+                if grouped {
+                    for ni in s0..s1 {
+                        let xn = &xv[ni * xs..(ni + 1) * xs];
+                        im2col_rs(&g, xn, &mut col[(ni - s0) * pd..], cols);
+                    }
+                }
                 for ni in s0..s1 {
                     let dyn_ = &dy[ni * ys..(ni + 1) * ys];
                     let xn = &xv[ni * xs..(ni + 1) * xs];
-                    let cm: &[f32] = if g.direct() {
-                        xn
+                    let cm = if g.direct() {
+                        Operand::row_major(xn, pd)
+                    } else if grouped {
+                        let layout = Layout { rs: cols, cs: 1 };
+                        Operand { data: &col[(ni - s0) * pd..kd * cols], layout }
                     } else {
                         im2col(&g, xn, col);
-                        col
+                        Operand::row_major(col, pd)
                     };
                     // dW^T (kd x cout) += col_n (kd x pd) * dy_n^T (pd x cout). `gemm`
                     // computes a row-major destination as its transpose, so this is
@@ -471,7 +609,7 @@ pub(crate) fn backward_slices(
                         m: kd,
                         n: cout,
                         k: pd,
-                        lhs: Operand::row_major(cm, pd),
+                        lhs: cm,
                         rhs: Operand::transposed(dyn_, pd),
                         accumulate: ni > s0,
                     }
@@ -481,7 +619,7 @@ pub(crate) fn backward_slices(
                             *d += sum_f32(row);
                         }
                     }
-                    if let Some(dx) = dx.as_deref_mut() {
+                    if let Some(dx) = dx.as_deref_mut().filter(|_| !grouped) {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
                         // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
                         let (dst, acc): (&mut [f32], bool) =
@@ -498,6 +636,31 @@ pub(crate) fn backward_slices(
                         if !g.direct() {
                             col2im_add(&g, dcol, dxn);
                         }
+                    }
+                }
+                if let Some(dx) = dx.filter(|_| grouped) {
+                    // dcol (kd x gs*pd) = W^T (kd x cout) * dy_group (cout x gs*pd)
+                    let (dcol, dyg) = dcol.split_at_mut(kd * gp);
+                    let (dcol, dyg) = (&mut dcol[..kd * cols], &mut dyg[..cout * cols]);
+                    for ni in s0..s1 {
+                        let dyn_ = &dy[ni * ys..(ni + 1) * ys];
+                        for (co, src) in dyn_.chunks_exact(pd).enumerate() {
+                            let at = co * cols + (ni - s0) * pd;
+                            dyg[at..at + pd].copy_from_slice(src);
+                        }
+                    }
+                    let kc = if small_branch(kd, pd) { SMALL_KC } else { cout };
+                    Gemm {
+                        m: kd,
+                        n: cols,
+                        k: cout,
+                        lhs: Operand::transposed(wv, kd),
+                        rhs: Operand::row_major(dyg, cols),
+                        accumulate: false,
+                    }
+                    .run_k_pieces(dcol, Layout::row_major(cols), par, kc);
+                    for (s, dxn) in dx.chunks_exact_mut(xs).enumerate() {
+                        col2im_add_rs(&g, &mut dcol[s * pd..], dxn, cols);
                     }
                 }
                 (dw, db)
@@ -621,6 +784,61 @@ mod tests {
         v.iter().map(|f| f.to_bits()).collect()
     }
 
+    /// Products over a group of samples side by side give each sample's output, input gradient
+    /// and weight and bias gradients bit for bit as one sample at a time: ResNet-18's last stage
+    /// (inner dimension 4,608, several of `gemm`'s k-blocks), ResNet-20's 8x8 stage (one
+    /// sample's forward takes `gemm`'s small-size branch with an inner dimension of 576), strided
+    /// 3x3 and 1x1 convs, a 5x5 kernel with a bias on a 3x3 plane, 600 output channels (the input
+    /// gradient's product in the small-size branch); batches that leave a short group.
+    #[test]
+    fn grouped_products_equal_one_sample_at_a_time_bit_for_bit() {
+        let build = Build::selected();
+        // (n, cin, h, cout, kernel, padding, stride, bias)
+        let cases = [
+            (10, 512, 4, 512, 3, 1, 1, false),
+            (9, 64, 8, 64, 3, 1, 1, false),
+            (9, 16, 16, 32, 3, 1, 2, false),
+            (9, 32, 16, 64, 1, 0, 2, false),
+            (3, 4, 3, 6, 5, 2, 1, true),
+            (5, 4, 4, 600, 3, 1, 1, false),
+        ];
+        for (n, cin, h, cout, k, p, s, bias) in cases {
+            let cfg = Conv2dCfg::new(cout, k, p).with_stride(s);
+            let g = Geom::new(cin, h, h, cfg).unwrap();
+            assert!(groups_samples(&g), "{g:?}");
+            let val = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 - 1001.0) / 997.0)
+                    .collect()
+            };
+            let xv = val(n * cin * h * h, 1);
+            let wv = val(cout * g.kd(), 2);
+            let bv = bias.then(|| val(cout, 3));
+            let dy = val(n * cout * g.pd(), 4);
+            let run = |grouped: bool| {
+                let y = forward_slices_with(build, &g, n, cout, &xv, &wv, bv.as_deref(), grouped);
+                let mut dx = val(xv.len(), 5);
+                let (dw, db) = backward_slices_with(
+                    build,
+                    &g,
+                    n,
+                    cout,
+                    &xv,
+                    &wv,
+                    bias,
+                    &dy,
+                    Some(&mut dx),
+                    grouped,
+                );
+                [y, dx, dw, db].map(|v| bits(&v))
+            };
+            let (a, b) = (run(true), run(false));
+            for (i, name) in ["y", "dx", "dw", "db"].iter().enumerate() {
+                assert!(a[i] == b[i], "{g:?} n {n}: {name} differs");
+            }
+        }
+    }
+
     /// The shifted-plane im2col writes what the segment loop writes, element for element, into
     /// column buffers full of garbage beforehand.
     #[test]
@@ -629,8 +847,8 @@ mod tests {
             let g = same_geom(shape);
             let x: Vec<f32> = (0..g.cin * g.h * g.w).map(|i| 1.0 + i as f32).collect();
             let (mut a, mut b) = (vec![f32::NAN; g.kd() * g.pd()], vec![-7.0; g.kd() * g.pd()]);
-            im2col_same(&g, &x, &mut a);
-            im2col_segments(&g, &x, &mut b);
+            im2col_same(&g, &x, &mut a, g.pd());
+            im2col_segments(&g, &x, &mut b, g.pd());
             assert_eq!(bits(&a), bits(&b), "{shape:?}");
         }
     }
@@ -645,7 +863,7 @@ mod tests {
             let size = g.cin * g.h * g.w;
             // The im2col of a plane of ones marks which entries read the image (1) or padding (0).
             let mut reads = vec![0.0; g.kd() * g.pd()];
-            im2col_segments(&g, &vec![1.0; size], &mut reads);
+            im2col_segments(&g, &vec![1.0; size], &mut reads, g.pd());
             let col: Vec<f32> = reads
                 .iter()
                 .enumerate()
@@ -653,8 +871,8 @@ mod tests {
                 .collect();
             let dx0: Vec<f32> = (0..size).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect();
             let (mut a, mut b) = (dx0.clone(), dx0);
-            col2im_same(&g, &mut col.clone(), &mut a);
-            col2im_segments(&g, &col, &mut b);
+            col2im_same(&g, &mut col.clone(), &mut a, g.pd());
+            col2im_segments(&g, &col, &mut b, g.pd());
             assert_eq!(bits(&a), bits(&b), "{shape:?}");
             assert!(a.iter().all(|v| v.is_finite()));
         }

@@ -183,6 +183,44 @@ unsafe fn raw(
     )
 }
 
+/// Whether `gemm` 0.19 takes its small-size branch for an `m x n` destination: both sides at most
+/// 64. That branch blocks the inner dimension into pieces of 512 and a remainder; otherwise the
+/// pieces are balanced (`gemm_common::cache::kernel_params`: 576 is 288 + 288 here). Within a
+/// piece each element is one chain of multiply-adds, and the pieces are added in order, so a
+/// product's bits depend on its inner dimension and on this branch alone (the `gemm` version is
+/// pinned by Cargo.lock; `conv`'s grouped-products test would see a change).
+pub(crate) fn small_branch(m: usize, n: usize) -> bool {
+    m <= 64 && n <= 64
+}
+
+/// The inner-dimension piece [`small_branch`] uses.
+pub(crate) const SMALL_KC: usize = 512;
+
+impl Gemm<'_> {
+    /// [`Gemm::run`] as consecutive products over pieces of `kc` of the inner dimension (the
+    /// first adds to `dst` when `accumulate`, the others always): the bits of a product whose own
+    /// blocking cuts the inner dimension at the same places. With `kc >= k`, [`Gemm::run`].
+    pub fn run_k_pieces(&self, dst: &mut [f32], dl: Layout, par: Par, kc: usize) {
+        let Gemm { k, lhs, rhs, accumulate, .. } = *self;
+        if kc == 0 || kc >= k {
+            return self.run(dst, dl, par);
+        }
+        let mut k0 = 0;
+        while k0 < k {
+            let kp = kc.min(k - k0);
+            let piece = Gemm {
+                k: kp,
+                lhs: Operand { data: &lhs.data[k0 * lhs.layout.cs..], layout: lhs.layout },
+                rhs: Operand { data: &rhs.data[k0 * rhs.layout.rs..], layout: rhs.layout },
+                accumulate: accumulate || k0 > 0,
+                ..*self
+            };
+            piece.run(dst, dl, par);
+            k0 += kp;
+        }
+    }
+}
+
 /// Multiply-accumulates per task in [`Gemm::run_split`] (at most; the task count is the smallest
 /// power of two that gets there, capped at 64).
 const TASK_MACS: usize = 16 << 20;
