@@ -354,11 +354,13 @@ pub(crate) fn forward_slices(
     forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
 }
 
-/// Output planes smaller than this many pixels take [`BATCH_CHUNK`] samples per product.
-const GROUP_BELOW_PD: usize = 256;
+/// Output planes of at most this many pixels take [`BATCH_CHUNK`] samples per product. (Up to
+/// 255, which also groups ConvNet-3's 14x14 layer on MNIST, gave ResNet-18 nothing more and that
+/// layer nothing measurable; 2026-12-06, Intel Xeon with AVX-512, 2 cores, paired runs.)
+const GROUP_MAX_PD: usize = 64;
 
 /// Whether a convolution's products take a group of samples side by side rather than one: for
-/// small output planes (a ResNet's 8x8 and 4x4 stages), where a product per sample is a thin
+/// small output planes (a ResNet's 8x8 and 4x4 stages, ConvNet-3's last layer), where a product per sample is a thin
 /// matrix (16 columns for 4x4: `gemm` then runs its narrowest kernel, at a fraction of its rate)
 /// that streams the whole weight matrix (9.4 MB for ResNet-18's last stage) once per sample.
 /// The input-gradient product and the forward's keep each element's chains over the inner
@@ -368,7 +370,7 @@ const GROUP_BELOW_PD: usize = 256;
 /// time (tested); the weight gradient stays one product per sample (summing a group in one
 /// product would change its bits).
 fn groups_samples(g: &Geom) -> bool {
-    !g.direct() && g.pd() < GROUP_BELOW_PD
+    !g.direct() && g.pd() <= GROUP_MAX_PD
 }
 
 /// [`forward_slices`], one sample per product or (`grouped`) [`BATCH_CHUNK`] side by side.
