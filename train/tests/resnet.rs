@@ -168,20 +168,30 @@ fn evaluation_mode_equals_training_mode_when_the_running_statistics_are_the_batc
     }
 }
 
-#[test]
-fn the_evaluation_path_in_plain_buffers_equals_the_tensor_ops_bit_for_bit() {
-    // Without a tape, evaluation mode runs its own path (`ResNet::embed_eval`); with one it runs
-    // the differentiable ops. The two must agree to the bit: ResNet-20 on a CIFAR-shaped batch
-    // (direct-kernel 3x3 convs on 32x32 and 16x16 planes, GEMM ones on 8x8, strided 1x1
-    // shortcuts with their norms) and the small ResNets on digits (planes of 1x1 to 8x8).
-    let cifar = lmc_train::data::ImageShape { channels: 3, height: 32, width: 32 };
+/// The models the plain-buffer paths are checked on, with an input shape and batch size:
+/// ResNet-20 on a CIFAR-shaped batch (direct-kernel 3x3 convs on 32x32 and 16x16 planes, GEMM
+/// ones on 8x8, strided 1x1 shortcuts with their norms) and the small ResNets on digits (planes
+/// of 1x1 to 8x8).
+fn plain_path_cases() -> Vec<(&'static str, data::ImageShape, usize, Model)> {
+    let cifar = data::ImageShape { channels: 3, height: 32, width: 32 };
     let digits = digits().train.shape;
-    for (spec, shape, n) in [
+    [
         ("resnet20", cifar, 3),
         ("resnet:depth=8,width=4", digits, 16),
         ("resnet18:width=2", digits, 16),
-    ] {
-        let m = Model::new(&spec.parse::<ModelSpec>().unwrap(), shape, 10).unwrap();
+    ]
+    .into_iter()
+    .map(|(spec, shape, n)| {
+        (spec, shape, n, Model::new(&spec.parse::<ModelSpec>().unwrap(), shape, 10).unwrap())
+    })
+    .collect()
+}
+
+#[test]
+fn the_evaluation_path_in_plain_buffers_equals_the_tensor_ops_bit_for_bit() {
+    // Without a tape, evaluation mode runs its own path (`ResNet::embed_eval`); with one it runs
+    // the differentiable ops. The two must agree to the bit (`plain_path_cases`).
+    for (spec, shape, n, m) in plain_path_cases() {
         let p = perturbed(&m, 9);
         let dev = Cpu::default();
         let t = m.tensors(&dev, &p);
@@ -204,17 +214,9 @@ fn the_training_path_in_plain_buffers_equals_the_tensor_ops_bit_for_bit() {
     // (`ResNet::embed_train`); with recorded ReLU patterns it runs the separate ops (norm, `+`,
     // ReLU; `fused_norm_relu_and_residual_equal_the_separate_ops_in_a_whole_resnet` ties those to
     // the per-op fused ones). Logits, the input's and every parameter's gradient and the collected
-    // batch statistics agree to the bit: ResNet-20 on a CIFAR-shaped batch (direct-kernel and
-    // GEMM convs, strided 1x1 shortcuts) and the small ResNets on digits, with and without the
-    // input's gradient, and without a tape (statistics only).
-    let cifar = lmc_train::data::ImageShape { channels: 3, height: 32, width: 32 };
-    let digits = digits().train.shape;
-    for (spec, shape, n) in [
-        ("resnet20", cifar, 3),
-        ("resnet:depth=8,width=4", digits, 16),
-        ("resnet18:width=2", digits, 16),
-    ] {
-        let m = Model::new(&spec.parse::<ModelSpec>().unwrap(), shape, 10).unwrap();
+    // batch statistics agree to the bit (`plain_path_cases`), with and without the input's
+    // gradient, and without a tape (statistics only).
+    for (spec, shape, n, m) in plain_path_cases() {
         let p = perturbed(&m, 11);
         let t = m.layout.trainable_total();
         let trained = m.layout.entries.iter().filter(|e| e.range().end <= t).count();

@@ -10,7 +10,9 @@
 //! - Results are bit-identical for any rayon thread count (batch reductions use fixed groups).
 //! - Every op reads its input with one `memcpy` (`Tensor::copy_into`: dfdx 0.13 keeps its
 //!   buffer-access trait crate-private) after `contiguous()` (free for a contiguous tensor, a
-//!   strided copy otherwise), and builds its output with `tensor_from_vec` (no copy).
+//!   strided copy otherwise), and builds its output with `tensor_from_vec` (no copy). conv2d and
+//!   batch norm also expose their forward and backward on plain slices, for paths that keep
+//!   activations out of tensors (the ResNets' `embed_eval` / `embed_train`).
 //! - Backward consumes the gradient of each op's *output* (it is moved out and freed early, left
 //!   empty in `Gradients`): read gradients of parameters and inputs, not of intermediate outputs.
 //! - `relu` and `mse_loss` share their names with dfdx's prelude: import them by name
