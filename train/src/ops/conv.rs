@@ -360,15 +360,16 @@ pub(crate) fn forward_slices(
 const GROUP_MAX_PD: usize = 64;
 
 /// Whether a convolution's products take a group of samples side by side rather than one: for
-/// small output planes (a ResNet's 8x8 and 4x4 stages, ConvNet-3's last layer), where a product per sample is a thin
-/// matrix (16 columns for 4x4: `gemm` then runs its narrowest kernel, at a fraction of its rate)
-/// that streams the whole weight matrix (9.4 MB for ResNet-18's last stage) once per sample.
-/// The input-gradient product and the forward's keep each element's chains over the inner
-/// dimension, which is all the bits depend on: `gemm` cuts the inner dimension by its length
-/// alone, except in its small-size branch, which a group reproduces by running the same pieces
-/// ([`Gemm::run_k_pieces`], see [`small_branch`]). So the results are those of one sample at a
-/// time (tested); the weight gradient stays one product per sample (summing a group in one
-/// product would change its bits).
+/// small output planes (a ResNet's 8x8 and 4x4 stages, ConvNet-3's last layer), where a product
+/// per sample is a thin matrix (16 columns for 4x4: `gemm` then runs its narrowest kernel, at a
+/// fraction of its rate) that streams the whole weight matrix (9.4 MB for ResNet-18's last
+/// stage) once per sample. The input-gradient product and the forward's keep each element's
+/// chains over the inner dimension, which is all the bits depend on: `gemm` cuts the inner
+/// dimension by its length alone, except in its small-size branch, which a group reproduces by
+/// running the same pieces ([`Gemm::run_k_pieces`], see [`small_branch`]). So the results are
+/// those of one sample at a time (tested). The weight gradient is still summed sample by sample
+/// (one product over the group would change its bits), but a block of its rows at a time, so
+/// the block stays in cache over the group instead of the whole gradient streaming per sample.
 fn groups_samples(g: &Geom) -> bool {
     !g.direct() && g.pd() <= GROUP_MAX_PD
 }
@@ -586,15 +587,45 @@ fn backward_slices_with(
                         let xn = &xv[ni * xs..(ni + 1) * xs];
                         im2col_rs(&g, xn, &mut col[(ni - s0) * pd..], cols);
                     }
+                    // dW^T in blocks of rows, each summed over the group's samples while it is
+                    // in cache (ResNet-18's last stage has a 9.4 MB weight gradient and only 16
+                    // pixels a sample). The inner dimension is one piece of pd <= 64 whatever
+                    // the block (see `small_branch`), so the bits are the per-sample product's.
+                    let rows = ((1 << 16) / cout).max(64) / 16 * 16;
+                    for r0 in (0..kd).step_by(rows) {
+                        let rm = rows.min(kd - r0);
+                        for ni in s0..s1 {
+                            let layout = Layout { rs: cols, cs: 1 };
+                            let at = r0 * cols + (ni - s0) * pd;
+                            Gemm {
+                                m: rm,
+                                n: cout,
+                                k: pd,
+                                lhs: Operand { data: &col[at..kd * cols], layout },
+                                rhs: Operand::transposed(&dy[ni * ys..(ni + 1) * ys], pd),
+                                accumulate: ni > s0,
+                            }
+                            .run(
+                                &mut dw[r0 * cout..(r0 + rm) * cout],
+                                Layout::row_major(cout),
+                                par,
+                            );
+                        }
+                    }
                 }
                 for ni in s0..s1 {
                     let dyn_ = &dy[ni * ys..(ni + 1) * ys];
                     let xn = &xv[ni * xs..(ni + 1) * xs];
+                    if has_bias {
+                        for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
+                            *d += sum_f32(row);
+                        }
+                    }
+                    if grouped {
+                        continue;
+                    }
                     let cm = if g.direct() {
                         Operand::row_major(xn, pd)
-                    } else if grouped {
-                        let layout = Layout { rs: cols, cs: 1 };
-                        Operand { data: &col[(ni - s0) * pd..kd * cols], layout }
                     } else {
                         im2col(&g, xn, col);
                         Operand::row_major(col, pd)
@@ -616,12 +647,7 @@ fn backward_slices_with(
                         accumulate: ni > s0,
                     }
                     .run(&mut dw, Layout::row_major(cout), par);
-                    if has_bias {
-                        for (d, row) in db.iter_mut().zip(dyn_.chunks_exact(pd)) {
-                            *d += sum_f32(row);
-                        }
-                    }
-                    if let Some(dx) = dx.as_deref_mut().filter(|_| !grouped) {
+                    if let Some(dx) = dx.as_deref_mut() {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
                         // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
                         let (dst, acc): (&mut [f32], bool) =
