@@ -354,13 +354,15 @@ pub(crate) fn forward_slices(
     forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
 }
 
-/// Output planes of at most this many pixels take [`BATCH_CHUNK`] samples per product. (Up to
-/// 255, which also groups ConvNet-3's 14x14 layer on MNIST, gave ResNet-18 nothing more and that
-/// layer nothing measurable; 2026-12-06, Intel Xeon with AVX-512, 2 cores, paired runs.)
-const GROUP_MAX_PD: usize = 64;
+/// Output planes of at most this many pixels take [`BATCH_CHUNK`] samples per product: where one
+/// sample's product is thinner than `gemm`'s widest kernel (64 rows with AVX-512). At 64 pixels
+/// ConvNet-3's 8x8 CIFAR layer was grouped and its training ~8% slower (its 2.4 MB group im2col
+/// leaves L2); up to 255 gave ResNet-18 nothing more than 64 (2026-12-06, Intel Xeon with
+/// AVX-512, 2 cores, paired runs).
+const GROUP_MAX_PD: usize = 32;
 
 /// Whether a convolution's products take a group of samples side by side rather than one: for
-/// small output planes (a ResNet's 8x8 and 4x4 stages, ConvNet-3's last layer), where a product
+/// small output planes (ResNet-18's 4x4 stage and the strided convs into it), where a product
 /// per sample is a thin matrix (16 columns for 4x4: `gemm` then runs its narrowest kernel, at a
 /// fraction of its rate) that streams the whole weight matrix (9.4 MB for ResNet-18's last
 /// stage) once per sample. The input-gradient product and the forward's keep each element's
@@ -833,7 +835,8 @@ mod tests {
         for (n, cin, h, cout, k, p, s, bias) in cases {
             let cfg = Conv2dCfg::new(cout, k, p).with_stride(s);
             let g = Geom::new(cin, h, h, cfg).unwrap();
-            assert!(groups_samples(&g), "{g:?}");
+            // Grouping is forced here; the rule takes it for planes of at most 32 pixels.
+            assert_eq!(groups_samples(&g), g.pd() <= 32, "{g:?}");
             let val = |len: usize, seed: usize| -> Vec<f32> {
                 (0..len)
                     .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 - 1001.0) / 997.0)
