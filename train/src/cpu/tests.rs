@@ -355,3 +355,72 @@ fn direct_conv_equals_im2col_gemm() {
         eprintln!("this CPU has no FMA: the direct kernel was not compared");
     }
 }
+
+/// The direct weight-gradient kernel (`direct::weight_grad`, AVX-512) gives im2col + gemm's bits,
+/// summed over several samples, and conv2d's backward dispatches to it: pixel counts of one `gemm` k-piece (256, 512) and of two (1,024 and 528 in the small
+/// branch, 640 outside it, cut mid-row), output channels that fill no whole register block (5,
+/// 29, 20 with 8 input channels), 1 to 32
+/// input channels (scratch and destination full of NaN beforehand, so a value not written would
+/// show).
+#[test]
+fn direct_weight_grad_equals_im2col_gemm() {
+    use crate::ops::gemm::{k_piece, Gemm, Layout, Operand, Par};
+    use crate::ops::{direct, im2col, ConvGeom};
+    let dev = Cpu::default();
+    let shapes = [
+        (3, 16, 16, 32, 32),
+        (2, 32, 32, 16, 16),
+        (2, 3, 29, 32, 32),
+        (3, 16, 5, 16, 16),
+        (2, 1, 32, 33, 16),
+        (2, 8, 20, 20, 32),
+        (2, 32, 16, 16, 32),
+    ];
+    for (n, cin, cout, h, w) in shapes {
+        let cfg = Conv2dCfg::new(cout, 3, 1);
+        let g = ConvGeom::new(cin, h, w, cfg).unwrap();
+        assert!(direct::grad_applies(&g, cout), "{cin} {h}x{w} -> {cout}");
+        let (pd, kd) = (h * w, cin * 9);
+        let (x, wv, dy) =
+            (values(n * cin * pd, 71), values(cout * kd, 72), values(n * cout * pd, 73));
+        // What backward_slices computed before the kernel: per sample, dW^T += col dy^T.
+        let mut want = vec![0.0f32; kd * cout];
+        let mut col = vec![0.0f32; kd * pd];
+        for s in 0..n {
+            im2col(&g, &x[s * cin * pd..(s + 1) * cin * pd], &mut col);
+            Gemm {
+                m: kd,
+                n: cout,
+                k: pd,
+                lhs: Operand::row_major(&col, pd),
+                rhs: Operand::transposed(&dy[s * cout * pd..(s + 1) * cout * pd], pd),
+                accumulate: s > 0,
+            }
+            .run(&mut want, Layout::row_major(cout), Par::Seq);
+        }
+        let kc = k_piece(kd, cout, pd);
+        assert!(kc == pd || pd > 512, "{pd} pixels cut at {kc}");
+        if direct::grad_available() {
+            let mut got = vec![f32::NAN; kd * cout];
+            let mut scratch = vec![f32::NAN; direct::grad_scratch_len(&g, cout)];
+            for s in 0..n {
+                let (xs, ds) =
+                    (&x[s * cin * pd..(s + 1) * cin * pd], &dy[s * cout * pd..(s + 1) * cout * pd]);
+                direct::weight_grad(&g, xs, ds, cout, kc, &mut scratch, &mut got, s > 0);
+            }
+            assert!(bits(&got) == bits(&want), "{n}x{cin}x{h}x{w} -> {cout}");
+        }
+        // conv2d's backward in both builds (the AVX2 build takes the kernel).
+        let target = values(n * cout * pd, 74);
+        both_ways(&format!("conv2d weight gradient {cin}x{h}x{w} -> {cout}"), |build| {
+            let xt = dev.tensor_from_vec(x.clone(), (n, cin, h, w));
+            let wt = t1(&dev, &wv);
+            let y = conv2d_with(build, xt.leaky_trace(), &wt, None, cfg, true);
+            let g = ops::mse_loss(ops::flatten(y), &target).backward();
+            vec![g.get(&xt).as_vec(), g.get(&wt).as_vec()]
+        });
+    }
+    if !direct::grad_available() {
+        eprintln!("this CPU has no AVX-512: the direct weight-gradient kernel was not compared");
+    }
+}

@@ -6,7 +6,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use super::direct;
-use super::gemm::{small_branch, Gemm, Layout, Operand, Par, SMALL_KC};
+use super::gemm::{k_piece, small_branch, Gemm, Layout, Operand, Par, SMALL_KC};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, T1, T4};
 use crate::cpu::Build;
 
@@ -563,6 +563,15 @@ fn backward_slices_with(
     let grouped = grouped && !g.direct();
     let gp = if grouped { BATCH_CHUNK * pd } else { pd };
     let col_len = if g.direct() { 0 } else { kd * gp };
+    // 3x3 "same" convs on narrow planes sum their weight gradient straight from the padded input
+    // (`direct::weight_grad`, the same bits) where the forward runs `direct` too.
+    let direct_dw = build == Build::Avx2
+        && direct::grad_available()
+        && direct::grad_applies(&g, cout)
+        && !grouped;
+    let kc = k_piece(kd, cout, pd);
+    // The scratch's first part: im2col for the weight gradient, or the direct kernel's.
+    let wg_len = if direct_dw { direct::grad_scratch_len(&g, cout) } else { col_len };
     let input_grad = dx.is_some();
     // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
     // when `dx` is given, adds the input gradient of its samples into it. Grouped, the
@@ -576,7 +585,7 @@ fn backward_slices_with(
         build.run(
             #[inline(always)]
             || {
-                let (col, dcol) = buf.split_at_mut(col_len);
+                let (col, dcol) = buf.split_at_mut(wg_len);
                 let s0 = c * BATCH_CHUNK;
                 let s1 = (s0 + BATCH_CHUNK).min(n);
                 // dW transposed (kd x cout): see the product below.
@@ -626,29 +635,33 @@ fn backward_slices_with(
                     if grouped {
                         continue;
                     }
-                    let cm = if g.direct() {
-                        Operand::row_major(xn, pd)
+                    if direct_dw {
+                        direct::weight_grad(&g, xn, dyn_, cout, kc, col, &mut dw, ni > s0);
                     } else {
-                        im2col(&g, xn, col);
-                        Operand::row_major(col, pd)
-                    };
-                    // dW^T (kd x cout) += col_n (kd x pd) * dy_n^T (pd x cout). `gemm`
-                    // computes a row-major destination as its transpose, so this is
-                    // dW = dy_n * col_n^T with the tiles along cout: it then packs dy_n
-                    // (cout x pd) rather than the kernel-size-squared times larger
-                    // col_n, which for a ResNet's 16-channel layers was 10% of a step.
-                    // Each element is the same chain of multiply-adds over pd in the
-                    // same blocks either way (the blocking depends on pd only), so the
-                    // bits are those of dy_n * col_n^T.
-                    Gemm {
-                        m: kd,
-                        n: cout,
-                        k: pd,
-                        lhs: cm,
-                        rhs: Operand::transposed(dyn_, pd),
-                        accumulate: ni > s0,
+                        let cm = if g.direct() {
+                            Operand::row_major(xn, pd)
+                        } else {
+                            im2col(&g, xn, col);
+                            Operand::row_major(col, pd)
+                        };
+                        // dW^T (kd x cout) += col_n (kd x pd) * dy_n^T (pd x cout). `gemm`
+                        // computes a row-major destination as its transpose, so this is
+                        // dW = dy_n * col_n^T with the tiles along cout: it then packs dy_n
+                        // (cout x pd) rather than the kernel-size-squared times larger
+                        // col_n, which for a ResNet's 16-channel layers was 10% of a step.
+                        // Each element is the same chain of multiply-adds over pd in the
+                        // same blocks either way (the blocking depends on pd only), so the
+                        // bits are those of dy_n * col_n^T.
+                        Gemm {
+                            m: kd,
+                            n: cout,
+                            k: pd,
+                            lhs: cm,
+                            rhs: Operand::transposed(dyn_, pd),
+                            accumulate: ni > s0,
+                        }
+                        .run(&mut dw, Layout::row_major(cout), par);
                     }
-                    .run(&mut dw, Layout::row_major(cout), par);
                     if let Some(dx) = dx.as_deref_mut() {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
                         // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
@@ -698,7 +711,7 @@ fn backward_slices_with(
         )
     };
     let group = |c: usize, dx: Option<&mut [f32]>, par: Par| {
-        with_scratch(col_len + dcol_len, |buf| group_in(c, dx, buf, par))
+        with_scratch(wg_len + dcol_len, |buf| group_in(c, dx, buf, par))
     };
     let groups = n.div_ceil(BATCH_CHUNK);
     let gx = BATCH_CHUNK * xs;

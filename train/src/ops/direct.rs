@@ -13,9 +13,16 @@
 //! unchanged. A prototype on 64 channels at 8x8 (batch 128, same host and day) ran at about half
 //! `gemm`'s rate (~90 against ~160 GFLOP/s), so the kernel is not used there.
 //!
-//! The backward pass keeps im2col + `gemm` + col2im. A direct kernel for the input gradient
-//! (rows of four input channels summed in registers from a zero-padded dy, one FMA chain per
-//! tap over the output channels, the taps added in col2im's order: the same bits in a test
+//! The weight gradient of the same layers (at most 32 output channels) has a direct kernel too,
+//! on AVX-512 only ([`weight_grad`]): 9 taps x 16 or 32 output channels of accumulators, each
+//! pixel's dy row loaded once and each input value broadcast once for the three taps that read
+//! it. One thread, batch 64 (2026-12-06, Intel Xeon with AVX-512, 2 cores): 16 channels at
+//! 32x32 51-83 GFLOP/s against im2col + `gemm`'s 38-41, 32 channels at 16x16 72-110 against
+//! 58-87 (the VM's speed moved between runs; each pair was timed back to back).
+//!
+//! The input gradient keeps `gemm` + col2im. A direct kernel for it (rows of four input
+//! channels summed in registers from a zero-padded dy, one FMA chain per tap over the output
+//! channels, the taps added in col2im's order: the same bits in a test
 //! written for it; not kept) ran at ~40 GFLOP/s on one thread against ~39-52 for dcol = W^T dy
 //! plus col2im (16 channels 32x32, 32 channels 16x16; batch 64), and a ResNet-20 training step
 //! got no faster (paired `lmc bench` runs, wall ratio 1.06, 0.999-1.11; 2026-12-06, Intel Xeon
@@ -228,3 +235,201 @@ fn planes<const N: usize>(
         }
     }
 }
+
+/// Whether [`weight_grad`] computes this convolution's weight gradient: where the forward kernel
+/// applies with at most 32 output channels (a ResNet-20's stem and first two stages), except for
+/// products of at most 16 x 16 outputs (9 input channels x `cout` <= 256), which `gemm` sums as
+/// dot products with a horizontal reduction instead of chains of multiply-adds (`gemm_common`'s
+/// `horizontal_dispatcher`). More output channels are left to `gemm`: the transposed dy then
+/// outgrows L1, and with ConvNet-3's 3 -> 128 channel CIFAR layer through the kernel its
+/// training looked ~5% slower (`lmc bench`, three alternating runs, 348-365 against 381-410
+/// images/s; within this VM's noise, so not a firm figure either way).
+pub(crate) fn grad_applies(g: &Geom, cout: usize) -> bool {
+    applies(g) && cout <= 32 && g.kd() * cout > 16 * 16
+}
+
+/// Whether this CPU runs [`weight_grad`]: it needs AVX-512 (decided once). An AVX2 + FMA build
+/// of it (8 floats a register, and 16 registers: the broadcast inputs no longer fit beside the
+/// accumulators) ran at ~24 GFLOP/s where im2col + `gemm` ran at 38-60 (one thread, batch 64,
+/// 16 channels 32x32 and 32 channels 16x16; 2026-12-06, Intel Xeon with AVX-512, 2 cores), so
+/// without AVX-512 the weight gradient stays im2col + `gemm`.
+pub(crate) fn grad_available() -> bool {
+    Isa::detected() == Some(Isa::Avx512)
+}
+
+/// Registers of output channels one pass of [`weight_grad`]'s kernel sums side by side per
+/// kernel tap: two where there are 32 or more output channels (18 accumulators of the 32
+/// registers; each broadcast input then feeds two multiply-adds), else one.
+fn grad_regs(cout: usize) -> usize {
+    if cout >= 32 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Scratch floats [`weight_grad`] needs for one sample: the zero-padded input, then dy transposed
+/// (pixel-major, output channels padded to a whole pass).
+pub(crate) fn grad_scratch_len(g: &Geom, cout: usize) -> usize {
+    scratch_len(g) + g.h * g.w * cout.next_multiple_of(16 * grad_regs(cout))
+}
+
+/// One sample's weight gradient, transposed as `conv::backward_slices` keeps it: `dwt` (9 cin x
+/// cout, row (ci, ky, kx)) gets `x_col dy^T`, added to what is there when `accumulate`, where
+/// `x_col` is the sample's im2col (9 cin x h w), without building it.
+///
+/// Same bits as the `gemm` product it replaces: each element is summed over the pixels in
+/// pieces of `kc` ([`super::gemm::k_piece`]), each piece one chain of fused multiply-adds in
+/// pixel order from +0.0, and the pieces added to the destination in order (the first one
+/// written when not `accumulate`). Each pass keeps 9 taps x one block of output channels in
+/// registers and reads the pixels once: a 3x3 tap is a shifted read of the padded plane, so
+/// the nine-times-larger im2col matrix is neither written nor packed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_grad(
+    g: &Geom,
+    x: &[f32],
+    dy: &[f32],
+    cout: usize,
+    kc: usize,
+    scratch: &mut [f32],
+    dwt: &mut [f32],
+    accumulate: bool,
+) {
+    let (cin, h, w) = (g.cin, g.h, g.w);
+    let (pd, v) = (h * w, grad_regs(cout));
+    let cb = 16 * v;
+    let cpad = cout.next_multiple_of(cb);
+    assert!(grad_applies(g, cout) && x.len() == cin * pd && dy.len() == cout * pd && kc > 0);
+    assert!(dwt.len() == cin * 9 * cout && scratch.len() == grad_scratch_len(g, cout));
+    assert!(grad_available(), "direct::weight_grad needs AVX-512");
+    let (xp, dyt) = scratch.split_at_mut(scratch_len(g));
+    pad(x, cin, h, w, xp);
+    // dy transposed, 64 pixels at a time (their rows of dyt stay in L1 across the channels).
+    for p0 in (0..pd).step_by(64) {
+        let p1 = (p0 + 64).min(pd);
+        let block = &mut dyt[p0 * cpad..p1 * cpad];
+        for (co, src) in dy.chunks_exact(pd).enumerate() {
+            for (d, v) in block.iter_mut().skip(co).step_by(cpad).zip(&src[p0..p1]) {
+                *d = *v;
+            }
+        }
+        for row in block.chunks_exact_mut(cpad) {
+            row[cout..].fill(0.0);
+        }
+    }
+    let a = GradArgs { xp, dyt, cin, cout, cpad, h, kc, accumulate };
+    // SAFETY: the CPU has AVX-512 (`grad_available`, asserted above).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match (w, v) {
+            (32, 2) => grad_avx512::<32, 2>(&a, dwt),
+            (_, 2) => grad_avx512::<16, 2>(&a, dwt),
+            (32, _) => grad_avx512::<32, 1>(&a, dwt),
+            _ => grad_avx512::<16, 1>(&a, dwt),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("grad_available is false off x86-64 ({v})")
+}
+
+/// What [`weight_grad`]'s kernel reads.
+struct GradArgs<'a> {
+    xp: &'a [f32],
+    dyt: &'a [f32],
+    cin: usize,
+    cout: usize,
+    cpad: usize,
+    h: usize,
+    kc: usize,
+    accumulate: bool,
+}
+
+/// The kernel of [`weight_grad`], written with AVX-512 intrinsics through a macro that names them
+/// (the same loop in plain Rust was not kept in registers: ~3x slower than `gemm`, measured).
+/// `$vec` holds `$c` floats; `$load`, `$set1`, `$fma`, `$store` are its unaligned load, broadcast,
+/// fused multiply-add and unaligned store.
+macro_rules! grad_kernel {
+    ($name:ident, $features:literal, $c:literal, $vec:ident, $zero:ident, $load:ident,
+     $set1:ident, $fma:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const N: usize, const V: usize>(a: &GradArgs, dwt: &mut [f32]) {
+            use std::arch::x86_64::*;
+            const L: usize = $c;
+            let c = V * L;
+            let &GradArgs { xp, dyt, cin, cout, cpad, h, kc, accumulate } = a;
+            let row_len = N + 2;
+            let plane = (h + 2) * row_len;
+            let pd = h * N;
+            assert!(xp.len() >= cin * plane && dyt.len() >= pd * cpad && cpad % c == 0);
+            assert!(dwt.len() == cin * 9 * cout);
+            for ci in 0..cin {
+                let xc = xp[ci * plane..].as_ptr();
+                for c0 in (0..cout).step_by(c) {
+                    let mut p0 = 0;
+                    while p0 < pd {
+                        let p1 = (p0 + kc).min(pd);
+                        // acc[t][i]: tap t = 3 ky + kx, output channels c0 + L i.. c0 + L (i + 1).
+                        let mut acc: [[$vec; V]; 9] = [[$zero(); V]; 9];
+                        let mut p = p0;
+                        while p < p1 {
+                            let (y, x0) = (p / N, p % N);
+                            let x1 = N.min(x0 + (p1 - p));
+                            // SAFETY (every read below): y < h and x < N, so the taps' reads
+                            // end at (y + 2) (N + 2) + x + 2 < (h + 2) (N + 2), within the
+                            // plane; and (y N + x) cpad + c0 + V L <= pd cpad (c0 + V L <=
+                            // cpad): both within the lengths asserted above.
+                            let xr = xc.add(y * row_len);
+                            // b[ky][kx]: the input under tap (ky, kx) of pixel x, broadcast. A
+                            // value serves three pixels (kx = 2, 1, 0), so each pixel loads
+                            // one new column of three instead of nine values.
+                            let mut b: [[$vec; 3]; 3] = std::array::from_fn(|ky| {
+                                std::array::from_fn(|kx| $set1(*xr.add(ky * row_len + x0 + kx)))
+                            });
+                            for x in x0..x1 {
+                                let dp = dyt.as_ptr().add((y * N + x) * cpad + c0);
+                                let d: [$vec; V] = std::array::from_fn(|i| $load(dp.add(i * L)));
+                                for t in 0..9 {
+                                    for i in 0..V {
+                                        acc[t][i] = $fma(b[t / 3][t % 3], d[i], acc[t][i]);
+                                    }
+                                }
+                                if x + 1 < x1 {
+                                    for (ky, bk) in b.iter_mut().enumerate() {
+                                        *bk = [bk[1], bk[2], $set1(*xr.add(ky * row_len + x + 3))];
+                                    }
+                                }
+                            }
+                            p += x1 - x0;
+                        }
+                        let first = p0 == 0 && !accumulate;
+                        let mut lanes = [[0.0f32; L]; V];
+                        for (t, at) in acc.iter().enumerate() {
+                            for (l, v) in lanes.iter_mut().zip(at) {
+                                $store(l.as_mut_ptr(), *v);
+                            }
+                            let lanes = lanes.as_flattened();
+                            let row = (ci * 9 + t) * cout;
+                            let out = &mut dwt[row + c0..row + cout];
+                            for (o, l) in out.iter_mut().zip(lanes) {
+                                *o = if first { *l } else { *o + *l };
+                            }
+                        }
+                        p0 = p1;
+                    }
+                }
+            }
+        }
+    };
+}
+grad_kernel!(
+    grad_avx512,
+    "avx512f,avx2,fma",
+    16,
+    __m512,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);

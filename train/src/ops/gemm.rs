@@ -187,14 +187,31 @@ unsafe fn raw(
 /// 64. That branch blocks the inner dimension into pieces of 512 and a remainder; otherwise the
 /// pieces are balanced (`gemm_common::cache::kernel_params`: 576 is 288 + 288 here). Within a
 /// piece each element is one chain of multiply-adds, and the pieces are added in order, so a
-/// product's bits depend on its inner dimension and on this branch alone (the `gemm` version is
-/// pinned by Cargo.lock; `conv`'s grouped-products test would see a change).
+/// product's bits depend on its inner dimension and on this branch alone (one exception: a
+/// product of at most 256 outputs whose operands are both contiguous along the inner dimension
+/// is summed as dot products with a horizontal reduction; `direct::grad_applies` keeps out of
+/// it). The `gemm` version is pinned by Cargo.lock; `conv`'s grouped-products test and the
+/// direct kernels' tests would see a change.
 pub(crate) fn small_branch(m: usize, n: usize) -> bool {
     m <= 64 && n <= 64
 }
 
 /// The inner-dimension piece [`small_branch`] uses.
 pub(crate) const SMALL_KC: usize = 512;
+
+/// The inner-dimension pieces' length for an `m x n` product of inner dimension `k` (the last
+/// piece may be shorter): [`SMALL_KC`] in the small-size branch, otherwise `k` cut into
+/// `ceil(k / 512)` pieces of equal length rounded up: `kernel_params`' k-block is 512 on the L1
+/// caches of current x86-64 CPUs (48 KiB 12-way, 32 KiB 8-way; it is at least 512, and only an
+/// L1 of 16 or more ways would raise it). The kernels that rely on this are compared with `gemm`
+/// bit for bit by the tests, so a host where it differs would show there.
+pub(crate) fn k_piece(m: usize, n: usize, k: usize) -> usize {
+    if small_branch(m, n) {
+        SMALL_KC
+    } else {
+        k.div_ceil(k.div_ceil(512).max(1)).max(1)
+    }
+}
 
 impl Gemm<'_> {
     /// [`Gemm::run`] as consecutive products over pieces of `kc` of the inner dimension (the
