@@ -424,3 +424,59 @@ fn direct_weight_grad_equals_im2col_gemm() {
         eprintln!("this CPU has no AVX-512: the direct weight-gradient kernel was not compared");
     }
 }
+
+/// The direct input-gradient kernel (`direct::input_grad`, AVX-512) gives `W^T dy` (gemm) plus
+/// col2im's bits, added into a gradient already holding values (some -0.0, which the padding taps
+/// must leave as col2im does), on the shapes `direct::weight_grad` takes: 16- and 32-wide planes,
+/// odd and even row counts (a lone last 16-wide row), 1 to 32 input channels in every tile size.
+#[test]
+fn direct_input_grad_equals_gemm_col2im() {
+    use crate::ops::gemm::{Gemm, Layout, Operand, Par};
+    use crate::ops::{col2im_add, direct, ConvGeom};
+    let shapes = [
+        (16, 16, 32, 32),
+        (32, 32, 16, 16),
+        (15, 16, 16, 16),
+        (7, 29, 7, 32),
+        (3, 20, 5, 16),
+        (1, 32, 1, 16),
+        (8, 8, 20, 32),
+    ];
+    for (cin, cout, h, w) in shapes {
+        let g = ConvGeom::new(cin, h, w, Conv2dCfg::new(cout, 3, 1)).unwrap();
+        assert!(direct::grad_applies(&g, cout), "{cin} {h}x{w} -> {cout}");
+        let (pd, kd) = (h * w, cin * 9);
+        let (wv, dy) = (values(cout * kd, 81), values(cout * pd, 82));
+        // A gradient already there, every fifth value -0.0 and some +0.0.
+        let init: Vec<f32> = values(cin * pd, 83)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match i % 5 {
+                0 => -0.0,
+                1 => 0.0,
+                _ => *v,
+            })
+            .collect();
+        let mut want = init.clone();
+        let mut dcol = vec![0.0f32; kd * pd];
+        Gemm {
+            m: kd,
+            n: pd,
+            k: cout,
+            lhs: Operand::transposed(&wv, kd),
+            rhs: Operand::row_major(&dy, pd),
+            accumulate: false,
+        }
+        .run(&mut dcol, Layout::row_major(pd), Par::Seq);
+        col2im_add(&g, &mut dcol, &mut want);
+        if direct::grad_available() {
+            let mut got = init.clone();
+            let mut scratch = vec![f32::NAN; direct::input_grad_scratch_len(&g, cout)];
+            direct::input_grad(&g, &dy, &wv, cout, &mut scratch, &mut got);
+            assert!(bits(&got) == bits(&want), "{cin}x{h}x{w} -> {cout}");
+        }
+    }
+    if !direct::grad_available() {
+        eprintln!("this CPU has no AVX-512: the direct input-gradient kernel was not compared");
+    }
+}

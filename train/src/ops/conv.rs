@@ -563,8 +563,9 @@ fn backward_slices_with(
     let grouped = grouped && !g.direct();
     let gp = if grouped { BATCH_CHUNK * pd } else { pd };
     let col_len = if g.direct() { 0 } else { kd * gp };
-    // 3x3 "same" convs on narrow planes sum their weight gradient straight from the padded input
-    // (`direct::weight_grad`, the same bits) where the forward runs `direct` too.
+    // 3x3 "same" convs on narrow planes with few output channels sum their weight and input
+    // gradients straight from the padded input and dy (`direct::weight_grad`, `input_grad`: the
+    // same bits) where the CPU has AVX-512.
     let direct_dw = build == Build::Avx2
         && direct::grad_available()
         && direct::grad_applies(&g, cout)
@@ -578,6 +579,7 @@ fn backward_slices_with(
     // scratch also holds the group's dy side by side (cout x gs*pd).
     let dcol_len = match (input_grad, grouped) {
         (false, _) => 0,
+        (true, false) if direct_dw => direct::input_grad_scratch_len(&g, cout),
         (true, false) => col_len,
         (true, true) => col_len + cout * gp,
     };
@@ -664,20 +666,24 @@ fn backward_slices_with(
                     }
                     if let Some(dx) = dx.as_deref_mut() {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
-                        // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
-                        let (dst, acc): (&mut [f32], bool) =
-                            if g.direct() { (dxn, true) } else { (dcol, false) };
-                        Gemm {
-                            m: kd,
-                            n: pd,
-                            k: cout,
-                            lhs: Operand::transposed(wv, kd),
-                            rhs: Operand::row_major(dyn_, pd),
-                            accumulate: acc,
-                        }
-                        .run(dst, Layout::row_major(pd), par);
-                        if !g.direct() {
-                            col2im_add(&g, dcol, dxn);
+                        if direct_dw {
+                            direct::input_grad(&g, dyn_, wv, cout, dcol, dxn);
+                        } else {
+                            // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
+                            let (dst, acc): (&mut [f32], bool) =
+                                if g.direct() { (dxn, true) } else { (dcol, false) };
+                            Gemm {
+                                m: kd,
+                                n: pd,
+                                k: cout,
+                                lhs: Operand::transposed(wv, kd),
+                                rhs: Operand::row_major(dyn_, pd),
+                                accumulate: acc,
+                            }
+                            .run(dst, Layout::row_major(pd), par);
+                            if !g.direct() {
+                                col2im_add(&g, dcol, dxn);
+                            }
                         }
                     }
                 }

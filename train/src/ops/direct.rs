@@ -1,6 +1,6 @@
-//! A direct forward kernel for 3x3 "same" convolutions (stride 1, padding 1) on 16- and 32-wide
-//! planes with at most 32 input channels: a ResNet-20's first two stages and stem, a ConvNet's
-//! first layer.
+//! Direct kernels for 3x3 "same" convolutions (stride 1, padding 1) on 16- and 32-wide planes
+//! with at most 32 input channels: the forward (a ResNet-20's first two stages and stem, a
+//! ConvNet's first layer) and, with at most 32 output channels, the weight and input gradients.
 //!
 //! Why: a 16-channel layer's im2col writes each input nine times and its 144-long products are
 //! short for `gemm`'s packing. Here each output row of four output channels is summed in
@@ -16,18 +16,18 @@
 //! The weight gradient of the same layers (at most 32 output channels) has a direct kernel too,
 //! on AVX-512 only ([`weight_grad`]): 9 taps x 16 or 32 output channels of accumulators, each
 //! pixel's dy row loaded once and each input value broadcast once for the three taps that read
-//! it. One thread, batch 64 (2026-12-06, Intel Xeon with AVX-512, 2 cores): 16 channels at
+//! it; dy is transposed to pixel-major first, one 16-channel gather a pixel. One thread, batch
+//! 64 (2026-12-06, Intel Xeon with AVX-512, 2 cores; with a scalar transpose): 16 channels at
 //! 32x32 51-83 GFLOP/s against im2col + `gemm`'s 38-41, 32 channels at 16x16 72-110 against
 //! 58-87 (the VM's speed moved between runs; each pair was timed back to back).
 //!
-//! The input gradient keeps `gemm` + col2im. A direct kernel for it (rows of four input
-//! channels summed in registers from a zero-padded dy, one FMA chain per tap over the output
-//! channels, the taps added in col2im's order: the same bits in a test
-//! written for it; not kept) ran at ~40 GFLOP/s on one thread against ~39-52 for dcol = W^T dy
-//! plus col2im (16 channels 32x32, 32 channels 16x16; batch 64), and a ResNet-20 training step
-//! got no faster (paired `lmc bench` runs, wall ratio 1.06, 0.999-1.11; 2026-12-06, Intel Xeon
-//! with AVX-512, 2 cores): that product's inner dimension is the output channels, so it has no
-//! im2col to save.
+//! Their input gradient has one as well, AVX-512 only too ([`input_grad`]): for 64 pixels (4
+//! registers) x 6 input channels x one tap at a time, 24 chains over the output channels in
+//! registers, each shifted dy vector loaded once for the 6 channels and each weight broadcast
+//! once for the 4 vectors, then added into dx in col2im's tap order. An earlier version with
+//! rows of four input channels x one register (and one with 2 x 8) was no faster than `W^T dy`
+//! (`gemm`) + col2im; at 4 x 6 its share of a one-thread ResNet-20 step (`perf`, 2026-12-06,
+//! Intel Xeon with AVX-512, 2 cores) is ~8.5% where `gemm`'s product and col2im took ~13%.
 //!
 //! The two target-feature builds share `planes`'s parameter list through a macro: passing the
 //! arguments as one struct instead made the kernel ~3x slower (measured, same host and day).
@@ -236,11 +236,11 @@ fn planes<const N: usize>(
     }
 }
 
-/// Whether [`weight_grad`] computes this convolution's weight gradient: where the forward kernel
-/// applies with at most 32 output channels (a ResNet-20's stem and first two stages), except for
-/// products of at most 16 x 16 outputs (9 input channels x `cout` <= 256), which `gemm` sums as
-/// dot products with a horizontal reduction instead of chains of multiply-adds (`gemm_common`'s
-/// `horizontal_dispatcher`). More output channels are left to `gemm`: the transposed dy then
+/// Whether [`weight_grad`] and [`input_grad`] compute this convolution's gradients: where the
+/// forward kernel applies with at most 32 output channels (a ResNet-20's stem and first two
+/// stages), except where the weight gradient is a product of at most 16 x 16 outputs (9 input
+/// channels x `cout` <= 256), which `gemm` sums as dot products with a horizontal reduction
+/// instead of chains of multiply-adds (`gemm_common`'s `horizontal_dispatcher`). More output channels are left to `gemm`: the transposed dy then
 /// outgrows L1, and with ConvNet-3's 3 -> 128 channel CIFAR layer through the kernel its
 /// training looked ~5% slower (`lmc bench`, three alternating runs, 348-365 against 381-410
 /// images/s; within this VM's noise, so not a firm figure either way).
@@ -248,11 +248,11 @@ pub(crate) fn grad_applies(g: &Geom, cout: usize) -> bool {
     applies(g) && cout <= 32 && g.kd() * cout > 16 * 16
 }
 
-/// Whether this CPU runs [`weight_grad`]: it needs AVX-512 (decided once). An AVX2 + FMA build
-/// of it (8 floats a register, and 16 registers: the broadcast inputs no longer fit beside the
-/// accumulators) ran at ~24 GFLOP/s where im2col + `gemm` ran at 38-60 (one thread, batch 64,
+/// Whether this CPU runs [`weight_grad`] and [`input_grad`]: they need AVX-512 (decided once).
+/// An AVX2 + FMA build of the weight gradient's (8 floats a register, and 16 registers: the
+/// broadcast inputs no longer fit beside the accumulators) ran at ~24 GFLOP/s where im2col + `gemm` ran at 38-60 (one thread, batch 64,
 /// 16 channels 32x32 and 32 channels 16x16; 2026-12-06, Intel Xeon with AVX-512, 2 cores), so
-/// without AVX-512 the weight gradient stays im2col + `gemm`.
+/// without AVX-512 the gradients stay im2col + `gemm` (+ col2im).
 pub(crate) fn grad_available() -> bool {
     Isa::detected() == Some(Isa::Avx512)
 }
@@ -304,19 +304,11 @@ pub(crate) fn weight_grad(
     assert!(grad_available(), "direct::weight_grad needs AVX-512");
     let (xp, dyt) = scratch.split_at_mut(scratch_len(g));
     pad(x, cin, h, w, xp);
-    // dy transposed, 64 pixels at a time (their rows of dyt stay in L1 across the channels).
-    for p0 in (0..pd).step_by(64) {
-        let p1 = (p0 + 64).min(pd);
-        let block = &mut dyt[p0 * cpad..p1 * cpad];
-        for (co, src) in dy.chunks_exact(pd).enumerate() {
-            for (d, v) in block.iter_mut().skip(co).step_by(cpad).zip(&src[p0..p1]) {
-                *d = *v;
-            }
-        }
-        for row in block.chunks_exact_mut(cpad) {
-            row[cout..].fill(0.0);
-        }
-    }
+    // SAFETY: the CPU has AVX-512 (asserted above).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        transpose_avx512(dy, cout, pd, cpad, dyt)
+    };
     let a = GradArgs { xp, dyt, cin, cout, cpad, h, kc, accumulate };
     // SAFETY: the CPU has AVX-512 (`grad_available`, asserted above).
     #[cfg(target_arch = "x86_64")]
@@ -330,6 +322,52 @@ pub(crate) fn weight_grad(
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("grad_available is false off x86-64 ({v})")
+}
+
+/// `dyt` (pd x cpad, pixel-major) = dy (cout x pd) transposed, the channels from `cout` to `cpad`
+/// zero: one gather of 16 channels a pixel (a scalar loop of 64 pixels at a time spent ~4.5% of a
+/// ResNet-20 step here).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(dy: &[f32], cout: usize, pd: usize, cpad: usize, dyt: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(dy.len() == cout * pd && dyt.len() == pd * cpad && cpad.is_multiple_of(16));
+    assert!(16 * pd < i32::MAX as usize);
+    let idx = _mm512_setr_epi32(
+        0,
+        pd as i32,
+        2 * pd as i32,
+        3 * pd as i32,
+        4 * pd as i32,
+        5 * pd as i32,
+        6 * pd as i32,
+        7 * pd as i32,
+        8 * pd as i32,
+        9 * pd as i32,
+        10 * pd as i32,
+        11 * pd as i32,
+        12 * pd as i32,
+        13 * pd as i32,
+        14 * pd as i32,
+        15 * pd as i32,
+    );
+    for c0 in (0..cpad).step_by(16) {
+        let live = cout.saturating_sub(c0).min(16);
+        let mask: __mmask16 = ((1u32 << live) - 1) as u16;
+        if live == 0 {
+            for p in 0..pd {
+                _mm512_storeu_ps(dyt.as_mut_ptr().add(p * cpad + c0), _mm512_setzero_ps());
+            }
+            continue;
+        }
+        let base = dy.as_ptr().add(c0 * pd);
+        for p in 0..pd {
+            // SAFETY: lane j < live reads dy[(c0 + j) pd + p], c0 + j < cout; masked lanes read
+            // nothing; the store ends at p cpad + c0 + 16 <= pd cpad.
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.add(p));
+            _mm512_storeu_ps(dyt.as_mut_ptr().add(p * cpad + c0), v);
+        }
+    }
 }
 
 /// What [`weight_grad`]'s kernel reads.
@@ -361,7 +399,7 @@ macro_rules! grad_kernel {
             let row_len = N + 2;
             let plane = (h + 2) * row_len;
             let pd = h * N;
-            assert!(xp.len() >= cin * plane && dyt.len() >= pd * cpad && cpad % c == 0);
+            assert!(xp.len() >= cin * plane && dyt.len() >= pd * cpad && cpad.is_multiple_of(c));
             assert!(dwt.len() == cin * 9 * cout);
             for ci in 0..cin {
                 let xc = xp[ci * plane..].as_ptr();
@@ -433,3 +471,120 @@ grad_kernel!(
     _mm512_fmadd_ps,
     _mm512_storeu_ps
 );
+
+/// Scratch floats [`input_grad`] needs for one sample: dy zero-padded.
+pub(crate) fn input_grad_scratch_len(g: &Geom, cout: usize) -> usize {
+    cout * (g.h + 2) * (g.w + 2)
+}
+
+/// One sample's input gradient added into `dx` (cin, h, w), for the convolutions
+/// [`grad_applies`] takes (AVX-512 only, [`grad_available`]): what `W^T dy` (`gemm`) then col2im
+/// add, with the same bits, without the nine-times-larger column matrix.
+///
+/// Same bits: each column entry is one chain of fused multiply-adds over the output channels in
+/// order from +0.0 (`gemm`'s, the inner dimension being at most 32), and each input pixel adds
+/// its taps' entries in col2im's order (ky, kx). A tap that falls on the padding adds +0.0 here
+/// where col2im adds -0.0 or nothing: that changes no value, except that -0.0 + +0.0 is +0.0;
+/// but the centre tap is never padding and its entry is never -0.0 (a chain from +0.0), so from
+/// it on both sums are equal, and no later sum can be -0.0 again.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn input_grad(
+    g: &Geom,
+    dy: &[f32],
+    wv: &[f32],
+    cout: usize,
+    scratch: &mut [f32],
+    dx: &mut [f32],
+) {
+    let (cin, h, w) = (g.cin, g.h, g.w);
+    assert!(grad_applies(g, cout) && grad_available(), "direct::input_grad on {g:?}");
+    assert!(dy.len() == cout * h * w && wv.len() == cout * cin * 9 && dx.len() == cin * h * w);
+    assert!(scratch.len() == input_grad_scratch_len(g, cout));
+    pad(dy, cout, h, w, scratch);
+    let a = DxArgs { dyp: scratch, wv, cin, cout, h, w };
+    let mut ci0 = 0;
+    while ci0 < cin {
+        let t = match cin - ci0 {
+            6.. => 6,
+            4..=5 => 4,
+            2..=3 => 2,
+            _ => 1,
+        };
+        // SAFETY: the CPU has AVX-512 (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match t {
+                6 => dx_avx512::<6>(&a, ci0, dx),
+                4 => dx_avx512::<4>(&a, ci0, dx),
+                2 => dx_avx512::<2>(&a, ci0, dx),
+                _ => dx_avx512::<1>(&a, ci0, dx),
+            }
+        }
+        ci0 += t;
+    }
+}
+
+/// What [`input_grad`]'s kernel reads: dy padded (cout, h + 2, w + 2) and the weights
+/// (cout, cin, 3, 3).
+struct DxArgs<'a> {
+    dyp: &'a [f32],
+    wv: &'a [f32],
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+}
+
+/// Input channels `ci0 .. ci0 + T` of [`input_grad`]: for each run of 64 pixels (two 32-wide
+/// rows or four 16-wide rows; the last run may be shorter) and each tap, T x 4 chains over the
+/// output channels in registers (each dy vector loaded once for the T channels, each weight
+/// broadcast once for the 4 vectors), then added into dx.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dx_avx512<const T: usize>(a: &DxArgs, ci0: usize, dx: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const V: usize = 4;
+    let &DxArgs { dyp, wv, cin, cout, h, w } = a;
+    let (pd, row_len) = (h * w, w + 2);
+    let plane = (h + 2) * row_len;
+    assert!(w.is_multiple_of(16) && ci0 + T <= cin && dx.len() == cin * pd);
+    assert!(dyp.len() == cout * plane && wv.len() == cout * cin * 9);
+    // Padded offset of tap (ky, kx)'s source for pixel (y, x), relative to (y + 2, x + 2).
+    let toff: [usize; 9] = std::array::from_fn(|t| t / 3 * row_len + t % 3);
+    let mut q0 = 0;
+    while q0 < pd {
+        let nv = ((pd - q0) / 16).min(V);
+        // Vector v: pixels q0 + 16 v .. + 16, in row y_v from column x_v; its source for tap t
+        // starts at (y_v + 2) row_len + x_v + 2 - toff[t] >= 0 in each padded plane. Vectors
+        // past the end repeat the last one (computed, not stored).
+        let base: [usize; V] = std::array::from_fn(|v| {
+            let q = (q0 + 16 * v).min(pd - 16);
+            (q / w + 2) * row_len + q % w + 2
+        });
+        for (t, off) in toff.iter().enumerate() {
+            let mut s = [[_mm512_setzero_ps(); V]; T];
+            for co in 0..cout {
+                // SAFETY: base - off + 16 <= (h + 1) row_len + w + 2 <= plane, within dy's
+                // padded plane co < cout.
+                let dp = dyp.as_ptr().add(co * plane);
+                let d: [__m512; V] =
+                    std::array::from_fn(|v| _mm512_loadu_ps(dp.add(base[v] - off)));
+                let wr = wv.as_ptr().add((co * cin + ci0) * 9 + t);
+                for (i, si) in s.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*wr.add(i * 9));
+                    for v in 0..V {
+                        si[v] = _mm512_fmadd_ps(b, d[v], si[v]);
+                    }
+                }
+            }
+            for (i, si) in s.iter().enumerate() {
+                for (v, sv) in si.iter().enumerate().take(nv) {
+                    // SAFETY: (ci0 + i) pd + q0 + 16 v + 16 <= cin pd (q0 + 16 nv <= pd).
+                    let at = dx.as_mut_ptr().add((ci0 + i) * pd + q0 + 16 * v);
+                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *sv));
+                }
+            }
+        }
+        q0 += 16 * nv;
+    }
+}
