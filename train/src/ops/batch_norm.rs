@@ -408,29 +408,9 @@ pub(crate) enum Mask<'a> {
 fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [f32]>) {
     // One chunk of ELEM_CHUNK values starting at `at`.
     let chunk = |at: usize, dc: &mut [f32], rc: Option<&mut [f32]>| {
-        let len = dc.len();
         build.run(
             #[inline(always)]
-            || {
-                match mask {
-                    Mask::None => return,
-                    Mask::Bytes(m) => {
-                        for (d, m) in dc.iter_mut().zip(&m[at..at + len]) {
-                            *d = 0.0 + if *m != 0 { *d } else { 0.0 };
-                        }
-                    }
-                    Mask::Positive(y) => {
-                        for (d, y) in dc.iter_mut().zip(&y[at..at + len]) {
-                            *d = 0.0 + if *y > 0.0 { *d } else { 0.0 };
-                        }
-                    }
-                }
-                if let Some(rc) = rc {
-                    for (r, d) in rc.iter_mut().zip(dc.iter()) {
-                        *r += *d;
-                    }
-                }
-            },
+            || tail_slice(mask, at, dc, rc),
         )
     };
     if matches!(mask, Mask::None) {
@@ -442,6 +422,31 @@ fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [
         Some(dr) => chunks
             .zip(dr.par_chunks_mut(ELEM_CHUNK))
             .for_each(|((ci, dc), rc)| chunk(ci * ELEM_CHUNK, dc, Some(rc))),
+    }
+}
+
+/// [`tail_backward`] on the values `at .. at + dc.len()`: `dc` those of dy, `rc` (when given)
+/// those of the residual's gradient.
+#[inline(always)]
+fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<&mut [f32]>) {
+    let len = dc.len();
+    match mask {
+        Mask::None => return,
+        Mask::Bytes(m) => {
+            for (d, m) in dc.iter_mut().zip(&m[at..at + len]) {
+                *d = 0.0 + if *m != 0 { *d } else { 0.0 };
+            }
+        }
+        Mask::Positive(y) => {
+            for (d, y) in dc.iter_mut().zip(&y[at..at + len]) {
+                *d = 0.0 + if *y > 0.0 { *d } else { 0.0 };
+            }
+        }
+    }
+    if let Some(rc) = rc {
+        for (r, d) in rc.iter_mut().zip(dc.iter()) {
+            *r += *d;
+        }
     }
 }
 
@@ -624,21 +629,31 @@ pub(crate) fn train_backward(
     let (p, mf) = (h * w, (n * h * w) as f64);
     let min_planes = (ELEM_CHUNK / p).max(1);
     let (mean32, rstd32) = (&st.mean32, &st.rstd32);
-    tail_backward(build, dy, mask, dr);
-    // Pass 1: per plane (sum dy * xhat, sum dy), then per channel in n order.
+    // Pass 1, per plane while it is in L1: the tail's backward (`tail_backward`'s elementwise
+    // operations, so the same bits), then (sum dy * xhat, sum dy); then per channel in n order.
     let mut sums = vec![(0.0f64, 0.0f64); n * c];
-    sums.par_iter_mut()
-        .zip(dy.par_chunks(p))
-        .zip(xv.par_chunks(p))
-        .enumerate()
-        .with_min_len(min_planes)
-        .for_each(|(pi, ((s, dyp), xp))| {
-            let ch = pi % c;
-            *s = build.run(
-                #[inline(always)]
-                || plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch]),
-            );
-        });
+    let pass1 = |pi: usize, s: &mut (f64, f64), dyp: &mut [f32], xp: &[f32], rp| {
+        let ch = pi % c;
+        *s = build.run(
+            #[inline(always)]
+            || {
+                tail_slice(mask, pi * p, dyp, rp);
+                plane_grad_sums(dyp, xp, mean32[ch], rstd32[ch])
+            },
+        );
+    };
+    let planes = sums.par_iter_mut().zip(dy.par_chunks_mut(p)).zip(xv.par_chunks(p));
+    match dr {
+        None => planes
+            .enumerate()
+            .with_min_len(min_planes)
+            .for_each(|(pi, ((s, dyp), xp))| pass1(pi, s, dyp, xp, None)),
+        Some(dr) => planes
+            .zip(dr.par_chunks_mut(p))
+            .enumerate()
+            .with_min_len(min_planes)
+            .for_each(|(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(rp))),
+    }
     let tot = channel_sums(&sums, c);
     // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
     // c1 = gr * sum(dy * xhat) / M.
