@@ -229,7 +229,7 @@ impl ResNet {
                 var: p[st + 1].as_vec(),
                 num_batches_tracked: 0,
             };
-            // As in `norm` and `bn_relu`: running statistics are checked when a vector is read.
+            // As in `norm` and `bn_relu_eval`: running statistics are checked when a vector is read.
             ops::batch_norm::eval_inplace(
                 build,
                 &mut h.v,
@@ -245,18 +245,18 @@ impl ResNet {
         };
         let mut h = conv(&input, &mut at, Conv2dCfg::new(self.stem, 3, 1));
         drop(input);
-        norm(&mut h, self.take_bn(&mut at, &Norms::Running), true, None);
+        norm(&mut h, self.take_bn(&mut at), true, None);
         for b in self.blocks() {
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let mut m = conv(&h, &mut at, cfg);
-            norm(&mut m, self.take_bn(&mut at, &Norms::Running), true, None);
+            norm(&mut m, self.take_bn(&mut at), true, None);
             let mut m = conv(&m, &mut at, Conv2dCfg::new(b.cout, 3, 1));
             // The second norm's parameters and statistics come before the shortcut's.
-            let slot = self.take_bn(&mut at, &Norms::Running);
+            let slot = self.take_bn(&mut at);
             if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
                 let mut s = conv(&h, &mut at, sc_cfg);
-                norm(&mut s, self.take_bn(&mut at, &Norms::Running), false, None);
+                norm(&mut s, self.take_bn(&mut at), false, None);
                 norm(&mut m, slot, true, Some(&s));
             } else {
                 norm(&mut m, slot, true, Some(&h));
@@ -342,7 +342,7 @@ impl ResNet {
                 (y, BnRec { slot, x, saved })
             };
         let (c0, shape, stem) = conv(&xv, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
-        let (a0, bn0) = bn(&mut stats, c0, shape, self.take_bn(&mut at, norms), true, None);
+        let (a0, bn0) = bn(&mut stats, c0, shape, self.take_bn(&mut at), true, None);
         let mut acts = vec![a0];
         let mut shapes = vec![shape];
         let mut blocks = Vec::new();
@@ -350,16 +350,16 @@ impl ResNet {
             let (h, hs) = (acts.last().expect("the stem's output"), *shapes.last().unwrap());
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let (m1, s1, conv1) = conv(h, hs, &mut at, cfg);
-            let (r1, bn1) = bn(&mut stats, m1, s1, self.take_bn(&mut at, norms), true, None);
+            let (r1, bn1) = bn(&mut stats, m1, s1, self.take_bn(&mut at), true, None);
             let (m2, s2, conv2) = conv(&r1, s1, &mut at, Conv2dCfg::new(b.cout, 3, 1));
             // The second norm's parameters and statistics come before the shortcut's, but it
             // runs after the shortcut (it adds the shortcut's output); its statistics are put
             // back in layout order below.
-            let slot2 = self.take_bn(&mut at, norms);
+            let slot2 = self.take_bn(&mut at);
             let (out, bn2, shortcut) = if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
                 let (s, ss, sc) = conv(h, hs, &mut at, sc_cfg);
-                let (sn, sbn) = bn(&mut stats, s, ss, self.take_bn(&mut at, norms), false, None);
+                let (sn, sbn) = bn(&mut stats, s, ss, self.take_bn(&mut at), false, None);
                 let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(&sn));
                 let k = stats.len();
                 stats.swap(k - 2, k - 1);
@@ -444,39 +444,30 @@ impl ResNet {
     }
 }
 
-/// A batch norm's place: its gamma's index, its running statistics' index, and where its batch
-/// statistics go in a collected list.
+/// A batch norm's place: its gamma's index and its running statistics' index.
 struct BnSlot {
     param: usize,
     state: usize,
-    stats_at: usize,
 }
 
 impl ResNet {
     /// Takes the next batch norm's slot from the cursor (as [`ResNet::norm`] would use it).
-    fn take_bn(&self, at: &mut Cursor, norms: &Norms) -> BnSlot {
-        let slot = BnSlot {
-            param: at.next,
-            state: at.state,
-            stats_at: match norms {
-                Norms::Collect(v) => v.len(),
-                _ => 0,
-            },
-        };
+    fn take_bn(&self, at: &mut Cursor) -> BnSlot {
+        let slot = BnSlot { param: at.next, state: at.state };
         at.next += 2;
         at.state += 3;
         slot
     }
 
-    /// `relu(norm(h) + residual)` for batch norm as one op (bit-identical to `norm`, `+` and
-    /// the ReLU separately, see `ops::batch_norm_relu_train`); the batch statistics go where
-    /// the slot says, so they stay in layout order when a shortcut's norm ran in between.
-    fn bn_relu<Tp, R>(
+    /// `relu(norm(h) + residual)` for batch norm with running statistics as one op
+    /// (bit-identical to `norm`, `+` and the ReLU separately, see `ops::batch_norm_relu_eval`).
+    /// `embed` reaches it only in evaluation mode on a tape (the Hessian's default): batch
+    /// statistics with plain ReLUs go through `embed_train`.
+    fn bn_relu_eval<Tp, R>(
         &self,
         h: T4<Tp>,
         p: &[T1],
         slot: BnSlot,
-        norms: &mut Norms,
         residual: Option<T4<R>>,
     ) -> T4<Tp>
     where
@@ -484,27 +475,12 @@ impl ResNet {
         R: Tape<f32, Cpu>,
     {
         let (gamma, beta, st) = (&p[slot.param], &p[slot.param + 1], slot.state);
-        match norms {
-            Norms::Running => {
-                let running = RunningStats {
-                    mean: p[st].as_vec(),
-                    var: p[st + 1].as_vec(),
-                    num_batches_tracked: 0,
-                };
-                // As in `norm`: running statistics are checked when a vector is read, and the
-                // residual has the block's output shape.
-                ops::batch_norm_relu_eval(h, gamma, beta, &running, BN_EPS, residual)
-                    .expect("batch norm in evaluation mode: running statistics checked on load")
-            }
-            Norms::Batch | Norms::Collect(_) => {
-                let (y, stats) = ops::batch_norm_relu_train(h, gamma, beta, BN_EPS, residual)
-                    .expect("batch norm in training mode: batch size checked by check_train_batch");
-                if let Norms::Collect(v) = norms {
-                    v.insert(slot.stats_at, stats);
-                }
-                y
-            }
-        }
+        let running =
+            RunningStats { mean: p[st].as_vec(), var: p[st + 1].as_vec(), num_batches_tracked: 0 };
+        // As in `norm`: running statistics are checked when a vector is read, and the residual
+        // has the block's output shape.
+        ops::batch_norm_relu_eval(h, gamma, beta, &running, BN_EPS, residual)
+            .expect("batch norm in evaluation mode: running statistics checked on load")
     }
 }
 
@@ -557,11 +533,12 @@ impl Architecture for ResNet {
         if fuse && !matches!(norms, Norms::Running) {
             return self.embed_train(p, x, input_grad, norms);
         }
+        // Fused from here on means running statistics (evaluation mode on a tape).
         let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         let h = self.conv(x, p, &mut at, Conv2dCfg::new(self.stem, 3, 1), input_grad);
         let mut h = if fuse {
-            let slot = self.take_bn(&mut at, norms);
-            self.bn_relu(h, p, slot, norms, None::<T4<NoneTape>>)
+            let slot = self.take_bn(&mut at);
+            self.bn_relu_eval(h, p, slot, None::<T4<NoneTape>>)
         } else {
             relu.apply(self.norm(h, p, &mut at, norms))
         };
@@ -573,8 +550,8 @@ impl Architecture for ResNet {
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let m = self.conv(hx.clone().put_tape(tape), p, &mut at, cfg, true);
             let m = if fuse {
-                let slot = self.take_bn(&mut at, norms);
-                self.bn_relu(m, p, slot, norms, None::<T4<NoneTape>>)
+                let slot = self.take_bn(&mut at);
+                self.bn_relu_eval(m, p, slot, None::<T4<NoneTape>>)
             } else {
                 relu.apply(self.norm(m, p, &mut at, norms))
             };
@@ -582,13 +559,13 @@ impl Architecture for ResNet {
             let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
             if fuse {
                 // The second norm's parameters and statistics come before the shortcut's.
-                let slot = self.take_bn(&mut at, norms);
+                let slot = self.take_bn(&mut at);
                 h = if b.has_shortcut_conv() {
                     let s = self.conv(hx.retaped::<Tp>(), p, &mut at, sc_cfg, true);
                     let s = self.norm(s, p, &mut at, norms);
-                    self.bn_relu(m, p, slot, norms, Some(s))
+                    self.bn_relu_eval(m, p, slot, Some(s))
                 } else {
-                    self.bn_relu(m, p, slot, norms, Some(hx))
+                    self.bn_relu_eval(m, p, slot, Some(hx))
                 };
                 continue;
             }

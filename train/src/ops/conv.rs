@@ -566,20 +566,20 @@ fn backward_slices_with(
     // 3x3 "same" convs on narrow planes with few output channels sum their weight and input
     // gradients straight from the padded input and dy (`direct::weight_grad`, `input_grad`: the
     // same bits) where the CPU has AVX-512.
-    let direct_dw = build == Build::Avx2
+    let direct_grads = build == Build::Avx2
         && direct::grad_available()
         && direct::grad_applies(&g, cout)
         && !grouped;
     let kc = k_piece(kd, cout, pd);
     // The scratch's first part: im2col for the weight gradient, or the direct kernel's.
-    let wg_len = if direct_dw { direct::grad_scratch_len(&g, cout) } else { col_len };
+    let wg_len = if direct_grads { direct::grad_scratch_len(&g, cout) } else { col_len };
     let input_grad = dx.is_some();
     // One group of up to BATCH_CHUNK samples: returns its (dW, db) partial sums and,
     // when `dx` is given, adds the input gradient of its samples into it. Grouped, the
     // scratch also holds the group's dy side by side (cout x gs*pd).
     let dcol_len = match (input_grad, grouped) {
         (false, _) => 0,
-        (true, false) if direct_dw => direct::input_grad_scratch_len(&g, cout),
+        (true, false) if direct_grads => direct::input_grad_scratch_len(&g, cout),
         (true, false) => col_len,
         (true, true) => col_len + cout * gp,
     };
@@ -637,7 +637,7 @@ fn backward_slices_with(
                     if grouped {
                         continue;
                     }
-                    if direct_dw {
+                    if direct_grads {
                         direct::weight_grad(&g, xn, dyn_, cout, kc, col, &mut dw, ni > s0);
                     } else {
                         let cm = if g.direct() {
@@ -666,7 +666,7 @@ fn backward_slices_with(
                     }
                     if let Some(dx) = dx.as_deref_mut() {
                         let dxn = &mut dx[(ni - s0) * xs..(ni - s0 + 1) * xs];
-                        if direct_dw {
+                        if direct_grads {
                             direct::input_grad(&g, dyn_, wv, cout, dcol, dxn);
                         } else {
                             // dcol (kd x pd) = W^T (kd x cout) * dy_n (cout x pd)
