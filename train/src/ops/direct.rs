@@ -11,7 +11,10 @@
 //! a VM drifting by +-10%: ResNet-20 evaluation 1,026/1,165/1,152/964 -> 1,065/1,168/1,199/1,173
 //! images/s, training 448/452/482/429 -> 422/428/481/479 (no change beyond the noise), ConvNet-3
 //! unchanged. A prototype on 64 channels at 8x8 (batch 128, same host and day) ran at about half
-//! `gemm`'s rate (~90 against ~160 GFLOP/s), so the kernel is not used there.
+//! `gemm`'s rate (~90 against ~160 GFLOP/s), so the kernel is not used there. On AVX-512 the
+//! forward now runs [`fwd_avx512`] (intrinsics, 4 output channels x 96 pixels a block, each
+//! weight broadcast for 6 registers): ~12% of a one-thread ResNet-20 step against ~17.6% for
+//! the autovectorised rows, which the AVX2 + FMA build keeps.
 //!
 //! The weight gradient of the same layers (at most 32 output channels) has a direct kernel too,
 //! on AVX-512 only ([`weight_grad`]): 9 taps x 16 or 32 output channels of accumulators, each
@@ -29,8 +32,9 @@
 //! (`gemm`) + col2im; at 4 x 6 its share of a one-thread ResNet-20 step (`perf`, 2026-12-06,
 //! Intel Xeon with AVX-512, 2 cores) is ~8.5% where `gemm`'s product and col2im took ~13%.
 //!
-//! The two target-feature builds share `planes`'s parameter list through a macro: passing the
-//! arguments as one struct instead made the kernel ~3x slower (measured, same host and day).
+//! `planes` takes its parameters one by one: passing them as one struct made that
+//! autovectorised kernel ~3x slower (measured, same host and day). The intrinsics kernels take
+//! structs without harm.
 //!
 //! Same bits as im2col + `gemm`: each output is `bias + sum` with the sum one chain of fused
 //! multiply-adds over (input channel, kernel row, kernel column) in that order, starting from
@@ -131,8 +135,7 @@ pub(crate) fn forward(
     #[cfg(target_arch = "x86_64")]
     unsafe {
         match (isa, w) {
-            (Isa::Avx512, 32) => planes_avx512::<32>(xp, wp, bias, y, cin, cout, h),
-            (Isa::Avx512, _) => planes_avx512::<16>(xp, wp, bias, y, cin, cout, h),
+            (Isa::Avx512, _) => fwd_avx512(xp, wp, bias, y, cin, cout, h, w),
             (Isa::Fma, 32) => planes_fma::<32>(xp, wp, bias, y, cin, cout, h),
             (Isa::Fma, _) => planes_fma::<16>(xp, wp, bias, y, cin, cout, h),
         }
@@ -156,26 +159,95 @@ fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
     }
 }
 
-/// [`planes`] compiled with the named target features (the two builds of the kernel).
-macro_rules! planes_with {
-    ($name:ident, $features:literal) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const N: usize>(
-            xp: &[f32],
-            wp: &[f32],
-            bias: Option<&[f32]>,
-            y: &mut [MaybeUninit<f32>],
-            cin: usize,
-            cout: usize,
-            h: usize,
-        ) {
-            planes::<N>(xp, wp, bias, y, cin, cout, h)
-        }
-    };
+/// [`planes`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn planes_fma<const N: usize>(
+    xp: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+    cin: usize,
+    cout: usize,
+    h: usize,
+) {
+    planes::<N>(xp, wp, bias, y, cin, cout, h)
 }
-planes_with!(planes_fma, "avx2,fma");
-planes_with!(planes_avx512, "avx512f,avx2,fma");
+
+/// The AVX-512 forward: for each block of 4 output channels and run of 96 pixels (6 registers:
+/// three 32-wide rows or six 16-wide rows; the last run may be shorter), 4 x 6 chains over
+/// (ci, ky, kx) in registers, each shifted input vector loaded once for the 4 channels and each
+/// weight broadcast once for the 6 vectors. The autovectorised [`planes`] keeps 4 channels x one
+/// row (one or two registers) and so broadcasts each weight for one or two multiply-adds; it
+/// was ~17.6% of a one-thread ResNet-20 step (`perf`) against ~13% for the weight gradient's
+/// kernel with the same work.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fwd_avx512(
+    xp: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    const V: usize = 6;
+    let (pd, row_len) = (h * w, w + 2);
+    let plane = (h + 2) * row_len;
+    assert!(w.is_multiple_of(16) && xp.len() == cin * plane && y.len() == cout * pd);
+    assert!(wp.len() == cout.div_ceil(4) * cin * 36 && bias.is_none_or(|b| b.len() == cout));
+    let toff: [usize; 9] = std::array::from_fn(|t| t / 3 * row_len + t % 3);
+    for blk in 0..cout.div_ceil(4) {
+        let wb = wp[blk * cin * 36..].as_ptr();
+        let live = (cout - blk * 4).min(4);
+        let mut q0 = 0;
+        while q0 < pd {
+            let nv = ((pd - q0) / 16).min(V);
+            // Vector v: output pixels q0 + 16 v .. + 16 of row y_v from column x_v; tap t
+            // reads the padded input from y_v row_len + x_v + toff[t]. Vectors past the end
+            // repeat the last one (computed, not stored).
+            let base: [usize; V] = std::array::from_fn(|v| {
+                let q = (q0 + 16 * v).min(pd - 16);
+                q / w * row_len + q % w
+            });
+            let mut acc = [[_mm512_setzero_ps(); V]; 4];
+            for ci in 0..cin {
+                let xc = xp.as_ptr().add(ci * plane);
+                for (t, off) in toff.iter().enumerate() {
+                    // SAFETY: base + off + 16 <= (h - 1) row_len + w - 16 + 2 row_len + 2 + 16
+                    // = plane, within input plane ci < cin; the 4 weights of (ci, t) end at
+                    // ((blk cin + ci) 9 + t + 1) 4 <= wp.len().
+                    let xv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(xc.add(base[v] + off)));
+                    let wt = wb.add((ci * 9 + t) * 4);
+                    for (j, aj) in acc.iter_mut().enumerate() {
+                        let b = _mm512_set1_ps(*wt.add(j));
+                        for v in 0..V {
+                            aj[v] = _mm512_fmadd_ps(b, xv[v], aj[v]);
+                        }
+                    }
+                }
+            }
+            for (j, aj) in acc.iter().enumerate().take(live) {
+                let co = blk * 4 + j;
+                for (v, av) in aj.iter().enumerate().take(nv) {
+                    let out = match bias {
+                        Some(b) => _mm512_add_ps(*av, _mm512_set1_ps(b[co])),
+                        None => *av,
+                    };
+                    // SAFETY: co pd + q0 + 16 v + 16 <= cout pd (q0 + 16 nv <= pd); f32 and
+                    // MaybeUninit<f32> have the same layout.
+                    _mm512_storeu_ps(y.as_mut_ptr().add(co * pd + q0 + 16 * v).cast(), out);
+                }
+            }
+            q0 += 16 * nv;
+        }
+    }
+}
 
 /// Every output row of every block of 4 output channels.
 #[inline(always)]
