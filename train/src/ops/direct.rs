@@ -266,7 +266,7 @@ fn planes<const N: usize>(
         let wb = &wp[blk * cin * 36..(blk + 1) * cin * 36];
         for oy in 0..h {
             // acc[j][ox]: output channel 4 blk + j, row oy. Four rows of N floats stay in
-            // registers (8 AVX-512 or 16 AVX2 registers for N = 32).
+            // registers (16 AVX2 registers for N = 32; AVX-512 runs `fwd_avx512`).
             let mut acc = [[0.0f32; N]; 4];
             for ci in 0..cin {
                 let xc = &xp[ci * plane..(ci + 1) * plane];
