@@ -454,95 +454,78 @@ struct GradArgs<'a> {
     accumulate: bool,
 }
 
-/// The kernel of [`weight_grad`], written with AVX-512 intrinsics through a macro that names them
-/// (the same loop in plain Rust was not kept in registers: ~3x slower than `gemm`, measured).
-/// `$vec` holds `$c` floats; `$load`, `$set1`, `$fma`, `$store` are its unaligned load, broadcast,
-/// fused multiply-add and unaligned store.
-macro_rules! grad_kernel {
-    ($name:ident, $features:literal, $c:literal, $vec:ident, $zero:ident, $load:ident,
-     $set1:ident, $fma:ident, $store:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name<const N: usize, const V: usize>(a: &GradArgs, dwt: &mut [f32]) {
-            use std::arch::x86_64::*;
-            const L: usize = $c;
-            let c = V * L;
-            let &GradArgs { xp, dyt, cin, cout, cpad, h, kc, accumulate } = a;
-            let row_len = N + 2;
-            let plane = (h + 2) * row_len;
-            let pd = h * N;
-            assert!(xp.len() >= cin * plane && dyt.len() >= pd * cpad && cpad.is_multiple_of(c));
-            assert!(dwt.len() == cin * 9 * cout);
-            for ci in 0..cin {
-                let xc = xp[ci * plane..].as_ptr();
-                for c0 in (0..cout).step_by(c) {
-                    let mut p0 = 0;
-                    while p0 < pd {
-                        let p1 = (p0 + kc).min(pd);
-                        // acc[t][i]: tap t = 3 ky + kx, output channels c0 + L i.. c0 + L (i + 1).
-                        let mut acc: [[$vec; V]; 9] = [[$zero(); V]; 9];
-                        let mut p = p0;
-                        while p < p1 {
-                            let (y, x0) = (p / N, p % N);
-                            let x1 = N.min(x0 + (p1 - p));
-                            // SAFETY (every read below): y < h and x < N, so the taps' reads
-                            // end at (y + 2) (N + 2) + x + 2 < (h + 2) (N + 2), within the
-                            // plane; and (y N + x) cpad + c0 + V L <= pd cpad (c0 + V L <=
-                            // cpad): both within the lengths asserted above.
-                            let xr = xc.add(y * row_len);
-                            // b[ky][kx]: the input under tap (ky, kx) of pixel x, broadcast. A
-                            // value serves three pixels (kx = 2, 1, 0), so each pixel loads
-                            // one new column of three instead of nine values.
-                            let mut b: [[$vec; 3]; 3] = std::array::from_fn(|ky| {
-                                std::array::from_fn(|kx| $set1(*xr.add(ky * row_len + x0 + kx)))
-                            });
-                            for x in x0..x1 {
-                                let dp = dyt.as_ptr().add((y * N + x) * cpad + c0);
-                                let d: [$vec; V] = std::array::from_fn(|i| $load(dp.add(i * L)));
-                                for t in 0..9 {
-                                    for i in 0..V {
-                                        acc[t][i] = $fma(b[t / 3][t % 3], d[i], acc[t][i]);
-                                    }
-                                }
-                                if x + 1 < x1 {
-                                    for (ky, bk) in b.iter_mut().enumerate() {
-                                        *bk = [bk[1], bk[2], $set1(*xr.add(ky * row_len + x + 3))];
-                                    }
-                                }
-                            }
-                            p += x1 - x0;
-                        }
-                        let first = p0 == 0 && !accumulate;
-                        let mut lanes = [[0.0f32; L]; V];
-                        for (t, at) in acc.iter().enumerate() {
-                            for (l, v) in lanes.iter_mut().zip(at) {
-                                $store(l.as_mut_ptr(), *v);
-                            }
-                            let lanes = lanes.as_flattened();
-                            let row = (ci * 9 + t) * cout;
-                            let out = &mut dwt[row + c0..row + cout];
-                            for (o, l) in out.iter_mut().zip(lanes) {
-                                *o = if first { *l } else { *o + *l };
+/// The kernel of [`weight_grad`], written with AVX-512 intrinsics (the same loop in plain Rust
+/// was not kept in registers: ~3x slower than `gemm`, measured).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn grad_avx512<const N: usize, const V: usize>(a: &GradArgs, dwt: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let c = V * L;
+    let &GradArgs { xp, dyt, cin, cout, cpad, h, kc, accumulate } = a;
+    let row_len = N + 2;
+    let plane = (h + 2) * row_len;
+    let pd = h * N;
+    assert!(xp.len() >= cin * plane && dyt.len() >= pd * cpad && cpad.is_multiple_of(c));
+    assert!(dwt.len() == cin * 9 * cout);
+    for ci in 0..cin {
+        let xc = xp[ci * plane..].as_ptr();
+        for c0 in (0..cout).step_by(c) {
+            let mut p0 = 0;
+            while p0 < pd {
+                let p1 = (p0 + kc).min(pd);
+                // acc[t][i]: tap t = 3 ky + kx, output channels c0 + L i.. c0 + L (i + 1).
+                let mut acc: [[__m512; V]; 9] = [[_mm512_setzero_ps(); V]; 9];
+                let mut p = p0;
+                while p < p1 {
+                    let (y, x0) = (p / N, p % N);
+                    let x1 = N.min(x0 + (p1 - p));
+                    // SAFETY (every read below): y < h and x < N, so the taps' reads
+                    // end at (y + 2) (N + 2) + x + 2 < (h + 2) (N + 2), within the
+                    // plane; and (y N + x) cpad + c0 + V L <= pd cpad (c0 + V L <=
+                    // cpad): both within the lengths asserted above.
+                    let xr = xc.add(y * row_len);
+                    // b[ky][kx]: the input under tap (ky, kx) of pixel x, broadcast. A
+                    // value serves three pixels (kx = 2, 1, 0), so each pixel loads
+                    // one new column of three instead of nine values.
+                    let mut b: [[__m512; 3]; 3] = std::array::from_fn(|ky| {
+                        std::array::from_fn(|kx| _mm512_set1_ps(*xr.add(ky * row_len + x0 + kx)))
+                    });
+                    for x in x0..x1 {
+                        let dp = dyt.as_ptr().add((y * N + x) * cpad + c0);
+                        let d: [__m512; V] =
+                            std::array::from_fn(|i| _mm512_loadu_ps(dp.add(i * L)));
+                        for t in 0..9 {
+                            for i in 0..V {
+                                acc[t][i] = _mm512_fmadd_ps(b[t / 3][t % 3], d[i], acc[t][i]);
                             }
                         }
-                        p0 = p1;
+                        if x + 1 < x1 {
+                            for (ky, bk) in b.iter_mut().enumerate() {
+                                *bk = [bk[1], bk[2], _mm512_set1_ps(*xr.add(ky * row_len + x + 3))];
+                            }
+                        }
+                    }
+                    p += x1 - x0;
+                }
+                let first = p0 == 0 && !accumulate;
+                let mut lanes = [[0.0f32; L]; V];
+                for (t, at) in acc.iter().enumerate() {
+                    for (l, v) in lanes.iter_mut().zip(at) {
+                        _mm512_storeu_ps(l.as_mut_ptr(), *v);
+                    }
+                    let lanes = lanes.as_flattened();
+                    let row = (ci * 9 + t) * cout;
+                    let out = &mut dwt[row + c0..row + cout];
+                    for (o, l) in out.iter_mut().zip(lanes) {
+                        *o = if first { *l } else { *o + *l };
                     }
                 }
+                p0 = p1;
             }
         }
-    };
+    }
 }
-grad_kernel!(
-    grad_avx512,
-    "avx512f,avx2,fma",
-    16,
-    __m512,
-    _mm512_setzero_ps,
-    _mm512_loadu_ps,
-    _mm512_set1_ps,
-    _mm512_fmadd_ps,
-    _mm512_storeu_ps
-);
 
 /// Scratch floats [`input_grad`] needs for one sample: dy zero-padded.
 pub(crate) fn input_grad_scratch_len(g: &Geom, cout: usize) -> usize {
@@ -559,7 +542,6 @@ pub(crate) fn input_grad_scratch_len(g: &Geom, cout: usize) -> usize {
 /// where col2im adds -0.0 or nothing: that changes no value, except that -0.0 + +0.0 is +0.0;
 /// but the centre tap is never padding and its entry is never -0.0 (a chain from +0.0), so from
 /// it on both sums are equal, and no later sum can be -0.0 again.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn input_grad(
     g: &Geom,
     dy: &[f32],
