@@ -14,7 +14,8 @@
 //! `gemm`'s rate (~90 against ~160 GFLOP/s), so the kernel is not used there. On AVX-512 the
 //! forward now runs [`fwd_avx512`] (intrinsics, 4 output channels x 96 pixels a block, each
 //! weight broadcast for 6 registers): ~12% of a one-thread ResNet-20 step against ~17.6% for
-//! the autovectorised rows, which the AVX2 + FMA build keeps.
+//! the autovectorised rows (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores), which the
+//! AVX2 + FMA build keeps.
 //!
 //! The weight gradient of the same layers (at most 32 output channels) has a direct kernel too,
 //! on AVX-512 only ([`weight_grad`]): 9 taps x 16 or 32 output channels of accumulators, each
@@ -179,8 +180,8 @@ unsafe fn planes_fma<const N: usize>(
 /// (ci, ky, kx) in registers, each shifted input vector loaded once for the 4 channels and each
 /// weight broadcast once for the 6 vectors. The autovectorised [`planes`] keeps 4 channels x one
 /// row (one or two registers) and so broadcasts each weight for one or two multiply-adds; it
-/// was ~17.6% of a one-thread ResNet-20 step (`perf`) against ~13% for the weight gradient's
-/// kernel with the same work.
+/// was ~17.6% of a one-thread ResNet-20 step against ~13% for the weight gradient's kernel with
+/// the same work (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -314,8 +315,9 @@ fn planes<const N: usize>(
 /// channels x `cout` <= 256), which `gemm` sums as dot products with a horizontal reduction
 /// instead of chains of multiply-adds (`gemm_common`'s `horizontal_dispatcher`). More output channels are left to `gemm`: the transposed dy then
 /// outgrows L1, and with ConvNet-3's 3 -> 128 channel CIFAR layer through the kernel its
-/// training looked ~5% slower (`lmc bench`, three alternating runs, 348-365 against 381-410
-/// images/s; within this VM's noise, so not a firm figure either way).
+/// training looked ~5% slower (`lmc bench`, 2 threads, three alternating runs, 348-365 against
+/// 381-410 images/s; 2026-12-06, Intel Xeon with AVX-512, 2 cores; within this VM's noise, so
+/// not a firm figure either way).
 pub(crate) fn grad_applies(g: &Geom, cout: usize) -> bool {
     applies(g) && cout <= 32 && g.kd() * cout > 16 * 16
 }
