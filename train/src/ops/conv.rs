@@ -1078,6 +1078,22 @@ mod tests {
         }
     }
 
+    /// A column-matrix gradient whose padding entries are NaN (so adding one anywhere would
+    /// show) and an input gradient holding +0.0, -0.0 and other values (so a stray +0.0 added to
+    /// a -0.0 would show), for the col2im tests.
+    fn col2im_inputs(g: &Geom) -> (Vec<f32>, Vec<f32>) {
+        let size = g.cin * g.h * g.w;
+        // The im2col of a plane of ones marks which entries read the image (1) or padding (0).
+        let mut reads = vec![0.0; g.kd() * g.pd()];
+        im2col_segments(g, &vec![1.0; size], &mut reads, g.pd());
+        let col = reads
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| if m == 1.0 { 0.25 * (i % 13) as f32 - 1.5 } else { f32::NAN })
+            .collect();
+        (col, (0..size).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect())
+    }
+
     /// The polyphase col2im adds what the segment loop adds, bit for bit, on the inputs of
     /// [`same_conv_col2im_equals_the_segment_loop`]; input pixels no window reads (three of
     /// every four for a 1x1 kernel) keep their values.
@@ -1085,15 +1101,7 @@ mod tests {
     fn polyphase_col2im_equals_the_segment_loop() {
         for shape in POLY {
             let g = poly_geom(shape);
-            let size = g.cin * g.h * g.w;
-            let mut reads = vec![0.0; g.kd() * g.pd()];
-            im2col_segments(&g, &vec![1.0; size], &mut reads, g.pd());
-            let col: Vec<f32> = reads
-                .iter()
-                .enumerate()
-                .map(|(i, &m)| if m == 1.0 { 0.25 * (i % 13) as f32 - 1.5 } else { f32::NAN })
-                .collect();
-            let dx0: Vec<f32> = (0..size).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect();
+            let (col, dx0) = col2im_inputs(&g);
             let (mut a, mut b) = (dx0.clone(), dx0.clone());
             col2im_poly(&g, &mut col.clone(), &mut a, g.pd());
             col2im_segments(&g, &col, &mut b, g.pd());
@@ -1124,16 +1132,7 @@ mod tests {
     fn same_conv_col2im_equals_the_segment_loop() {
         for shape in SAME {
             let g = same_geom(shape);
-            let size = g.cin * g.h * g.w;
-            // The im2col of a plane of ones marks which entries read the image (1) or padding (0).
-            let mut reads = vec![0.0; g.kd() * g.pd()];
-            im2col_segments(&g, &vec![1.0; size], &mut reads, g.pd());
-            let col: Vec<f32> = reads
-                .iter()
-                .enumerate()
-                .map(|(i, &m)| if m == 1.0 { 0.25 * (i % 13) as f32 - 1.5 } else { f32::NAN })
-                .collect();
-            let dx0: Vec<f32> = (0..size).map(|i| [0.0, -0.0, 3.0, -0.0, -2.5][i % 5]).collect();
+            let (col, dx0) = col2im_inputs(&g);
             let (mut a, mut b) = (dx0.clone(), dx0);
             col2im_same(&g, &mut col.clone(), &mut a, g.pd());
             col2im_segments(&g, &col, &mut b, g.pd());
