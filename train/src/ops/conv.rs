@@ -154,7 +154,8 @@ fn im2col_segments(g: &Geom, x: &[f32], col: &mut [f32], rs: usize) {
 /// the plane at offset `shift` = dy * w + dx over the output rows `r0..r1` whose input row is
 /// inside, except the `n` columns from `c0` of each such row, which wrapped around from the
 /// neighbouring row (|dx| of them). `a..b` is the flat range of those rows, clipped so the source
-/// stays inside the plane (only wrapped columns fall outside).
+/// stays inside the plane (only wrapped columns fall outside). A stride-2 convolution reads
+/// each of its input's polyphase planes shifted the same way ([`Geom::poly_shifts`]).
 #[derive(Clone, Copy)]
 struct Shift {
     r0: usize,
