@@ -207,9 +207,10 @@ enum Lanes<'a> {
     GradDot { dy: &'a [f32], x: &'a [f32], mean: f32, rstd: f32 },
 }
 
-/// [`Lanes`] summed (the second array only for `GradDot`) with AVX2 intrinsics in [`Build::Avx2`], else portably. Written out by hand
-/// because LLVM vectorised the portable loops badly: `GradDot` not at all when it shared a loop
-/// with `sum dy`, two lanes wide on its own, and `SquaredDeviation` two wide (disassembly;
+/// [`Lanes`] summed (the second array only for `GradDot`) with AVX2 intrinsics in
+/// [`Build::Avx2`], else portably. Written out by hand because LLVM vectorised the portable
+/// loops badly: `GradDot` not at all beside `sum dy` (it paired each lane's two sums into one
+/// vector), two lanes wide on its own, and `SquaredDeviation` two wide (disassembly;
 /// `plane_grad_sums` was ~8% of a ResNet-20 training step, `perf`, 2026-12-06, Intel Xeon with
 /// AVX-512, 2 cores). Each lane's operations and their order are the same in both (no fused
 /// multiply-add: a product, then a sum), so the bits are too (tested).
