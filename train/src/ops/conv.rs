@@ -533,9 +533,10 @@ fn forward_slices_with(
     };
     let fwd_scratch = if direct_w.is_some() { direct::scratch_len(&g) } else { col_len };
     // Forward: y_n (cout x pd) = b + W (cout x kd) * col_n (kd x pd). Each task first writes its
-    // sample's bias (or zeros) into uninitialised memory, then the product adds to it: one write
-    // pass over the output instead of a zeroing pass plus a bias pass (the first layer's output
-    // is 51 MB for ConvNet-3 at batch 128 on MNIST).
+    // sample's bias into uninitialised memory, then the product adds to it: one write pass over
+    // the output instead of a zeroing pass plus a bias pass (the first layer's output is 51 MB
+    // for ConvNet-3 at batch 128 on MNIST). Without a bias (a ResNet's convs) the product
+    // writes the output itself.
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let forward = |ni: usize, yn: &mut [MaybeUninit<f32>], col: &mut [f32], par: Par| {
         build.run(
@@ -546,10 +547,28 @@ fn forward_slices_with(
                     // Writes every output, adding the bias itself.
                     return direct::forward(*isa, &g, xn, wp, bv, cout, col, yn);
                 }
-                for (co, row) in yn.chunks_exact_mut(pd).enumerate() {
-                    let v = bv.as_ref().map_or(0.0, |bv| bv[co]);
+                let cm: &[f32] = if g.direct() {
+                    xn
+                } else {
+                    im2col(&g, xn, col);
+                    col
+                };
+                let product = Gemm {
+                    m: cout,
+                    n: pd,
+                    k: kd,
+                    lhs: Operand::row_major(wv, kd),
+                    rhs: Operand::row_major(cm, pd),
+                    accumulate: bv.is_some(),
+                };
+                let Some(bv) = bv else {
+                    // Written straight into the output: the bits of adding to zeros
+                    // (`Gemm::run_uninit`), without a zeroing pass over it first.
+                    return product.run_uninit(yn, Layout::row_major(pd), par);
+                };
+                for (row, b) in yn.chunks_exact_mut(pd).zip(bv) {
                     for e in row {
-                        e.write(v);
+                        e.write(*b);
                     }
                 }
                 // SAFETY: every element of `yn` was initialised just above, and f32 has the layout
@@ -557,21 +576,7 @@ fn forward_slices_with(
                 let yn: &mut [f32] = unsafe {
                     std::slice::from_raw_parts_mut(yn.as_mut_ptr().cast::<f32>(), yn.len())
                 };
-                let cm: &[f32] = if g.direct() {
-                    xn
-                } else {
-                    im2col(&g, xn, col);
-                    col
-                };
-                Gemm {
-                    m: cout,
-                    n: pd,
-                    k: kd,
-                    lhs: Operand::row_major(wv, kd),
-                    rhs: Operand::row_major(cm, pd),
-                    accumulate: true,
-                }
-                .run(yn, Layout::row_major(pd), par);
+                product.run(yn, Layout::row_major(pd), par);
             },
         )
     };
@@ -592,8 +597,12 @@ fn forward_slices_with(
                         let xn = &xv[(s0 + s) * xs..(s0 + s + 1) * xs];
                         im2col_rs(&g, xn, &mut colg[s * pd..], cols);
                     }
-                    for (co, row) in yg.chunks_exact_mut(cols).enumerate() {
-                        row.fill(bv.as_ref().map_or(0.0, |bv| bv[co]));
+                    // With a bias, the product adds to it; without, it overwrites (the bits of
+                    // adding to zeros, see `Gemm::run_uninit`).
+                    if let Some(bv) = bv {
+                        for (row, b) in yg.chunks_exact_mut(cols).zip(bv) {
+                            row.fill(*b);
+                        }
                     }
                     // Cut the inner dimension where one sample's product would (`small_branch`).
                     let kc = if small_branch(cout, pd) { SMALL_KC } else { kd };
@@ -603,7 +612,7 @@ fn forward_slices_with(
                         k: kd,
                         lhs: Operand::row_major(wv, kd),
                         rhs: Operand::row_major(colg, cols),
-                        accumulate: true,
+                        accumulate: bv.is_some(),
                     }
                     .run_k_pieces(yg, Layout::row_major(cols), par, kc);
                     for (s, yn) in yc.chunks_exact_mut(ys).enumerate() {

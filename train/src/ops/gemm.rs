@@ -3,6 +3,8 @@
 //! `gemm` parallelises only over output tiles, never over the inner dimension, and its blocking
 //! does not depend on the thread count, so a product is bit-identical whichever [`Par`] is used.
 
+use std::mem::MaybeUninit;
+
 /// Where a matrix lives in a slice: element (r, c) is at `r * rs + c * cs`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Layout {
@@ -103,16 +105,39 @@ impl Gemm<'_> {
     /// matrix does not fit its slice (`dst` cannot overlap an input: the borrow checker rules
     /// that out).
     pub fn run(&self, dst: &mut [f32], dl: Layout, par: Par) {
+        // SAFETY: `dst` is a unique borrow of `dst.len()` initialised floats.
+        unsafe { self.run_ptr(dst.as_mut_ptr(), dst.len(), dl, par) }
+    }
+
+    /// [`Gemm::run`] without `accumulate` into memory not yet initialised: every element of the
+    /// m x n destination is written, none read (`gemm` reads its destination only when told to
+    /// accumulate). The product's bits are those of accumulating into zeros: `gemm` starts each
+    /// sum at +0.0 and adds the products with fused multiply-adds, so a sum is never -0.0, and
+    /// 0 + s = s (tested). Panics if `accumulate` is set or a matrix does not fit its slice.
+    pub fn run_uninit(&self, dst: &mut [MaybeUninit<f32>], dl: Layout, par: Par) {
+        assert!(!self.accumulate, "gemm: cannot accumulate into uninitialised memory");
+        // SAFETY: `dst` is a unique borrow of `dst.len()` floats, and without `accumulate`
+        // nothing reads them before writing.
+        unsafe { self.run_ptr(dst.as_mut_ptr().cast(), dst.len(), dl, par) }
+    }
+
+    /// [`Gemm::run`] into the `len` floats at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` floats (and for reads when `accumulate`), and no
+    /// one else may touch them during the call.
+    unsafe fn run_ptr(&self, dst: *mut f32, len: usize, dl: Layout, par: Par) {
         let Gemm { m, n, k, lhs, rhs, accumulate } = *self;
         if m == 0 || n == 0 {
             return;
         }
-        dl.check(m, n, dst.len(), "dst");
+        dl.check(m, n, len, "dst");
         if k == 0 {
             if !accumulate {
                 for r in 0..m {
                     for c in 0..n {
-                        dst[r * dl.rs + c * dl.cs] = 0.0;
+                        // SAFETY: inside the destination (checked above).
+                        unsafe { dst.add(r * dl.rs + c * dl.cs).write(0.0) };
                     }
                 }
             }
@@ -120,15 +145,15 @@ impl Gemm<'_> {
         }
         lhs.layout.check(m, k, lhs.data.len(), "lhs");
         rhs.layout.check(k, n, rhs.data.len(), "rhs");
-        // SAFETY: every element gemm touches lies inside its slice (checked above); `dst` is a
-        // unique borrow, so it cannot alias `lhs` or `rhs`; strides are non-negative and fit
-        // isize because the slices exist.
+        // SAFETY: every element gemm touches lies inside its slice or the destination (checked
+        // above); the caller guarantees the destination is ours alone, so it cannot alias `lhs`
+        // or `rhs`; strides are non-negative and fit isize because the slices exist.
         unsafe {
             raw(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr(),
+                dst,
                 dl,
                 accumulate,
                 lhs.data.as_ptr(),
@@ -310,5 +335,45 @@ impl Gemm<'_> {
                 raw(bm, bn, k, d, dl, accumulate, l, ll, r, rl, gemm::Parallelism::None)
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writing a product into uninitialised memory gives the bits of adding it to zeros, also
+    /// where every product is -0.0 (0 times a negative weight: a sum that started from the first
+    /// product instead of +0.0 would be -0.0 there, and +0.0 after adding to a zero), in
+    /// `gemm`'s small-size branch and outside it, with its inner dimension in one block and in
+    /// several.
+    #[test]
+    fn writing_uninitialised_equals_adding_to_zeros() {
+        for (m, n, k) in [(16, 64, 9), (64, 64, 576), (64, 1024, 576), (5, 300, 1200), (1, 1, 0)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| -0.5 - ((i * 37) % 101) as f32 / 50.0).collect();
+            // The first columns read zeros only: their sums are of -0.0 products.
+            let rhs: Vec<f32> = (0..k * n)
+                .map(|i| if i % n < 3 { 0.0 } else { ((i * 53) % 97) as f32 / 40.0 - 1.2 })
+                .collect();
+            let g = |accumulate| Gemm {
+                m,
+                n,
+                k,
+                lhs: Operand::row_major(&lhs, k),
+                rhs: Operand::row_major(&rhs, n),
+                accumulate,
+            };
+            let mut added = vec![0.0f32; m * n];
+            g(true).run(&mut added, Layout::row_major(n), Par::Seq);
+            let mut written = vec![MaybeUninit::<f32>::uninit(); m * n];
+            g(false).run_uninit(&mut written, Layout::row_major(n), Par::Seq);
+            // SAFETY: `run_uninit` wrote every element.
+            let written: Vec<f32> = written.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&written), bits(&added), "{m}x{n}x{k}");
+            if k > 0 {
+                assert!(added.iter().all(|v| v.is_finite()) && added[0].to_bits() == 0);
+            }
+        }
     }
 }
