@@ -172,13 +172,7 @@ pub fn check_batch_norm_train(shape: (usize, usize, usize, usize)) -> Result<()>
 #[inline(always)]
 fn plane_stats(build: Build, xp: &[f32]) -> (f64, f64) {
     let s = super::sum_f64(xp);
-    let mp = s / xp.len() as f64;
-    let n16 = xp.len() / 16 * 16;
-    let (mut acc, _) = lanes(build, Lanes::SquaredDeviation { x: &xp[..n16], mean: mp });
-    for (j, v) in xp[n16..].iter().enumerate() {
-        let d = *v as f64 - mp;
-        acc[j] += d * d;
-    }
+    let (acc, _) = lanes(build, Lanes::SquaredDeviation { x: xp, mean: s / xp.len() as f64 });
     (s, combine16(acc))
 }
 
@@ -186,18 +180,11 @@ fn plane_stats(build: Build, xp: &[f32]) -> (f64, f64) {
 /// f32; in lanes as [`plane_stats`].
 #[inline(always)]
 fn plane_grad_sums(build: Build, dy: &[f32], xp: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
-    let n16 = dy.len() / 16 * 16;
-    let (mut a, mut b) = lanes(build, Lanes::GradDot { dy: &dy[..n16], x: &xp[..n16], mean, rstd });
-    for (j, (d, x)) in dy[n16..].iter().zip(&xp[n16..]).enumerate() {
-        let xh = (*x - mean) * rstd;
-        a[j] += *d as f64 * xh as f64;
-        b[j] += *d as f64;
-    }
+    let (a, b) = lanes(build, Lanes::GradDot { dy, x: xp, mean, rstd });
     (combine16(a), combine16(b))
 }
 
-/// A per-plane sum in 16 f64 lanes over whole chunks of 16 elements (lane j takes the elements
-/// j, j + 16, ...).
+/// A per-plane sum in 16 f64 lanes (lane j takes the elements j, j + 16, ...).
 #[derive(Clone, Copy)]
 enum Lanes<'a> {
     /// `(x - mean)^2`, x widened to f64 first.
@@ -207,45 +194,63 @@ enum Lanes<'a> {
     GradDot { dy: &'a [f32], x: &'a [f32], mean: f32, rstd: f32 },
 }
 
-/// [`Lanes`] summed (the second array only for `GradDot`) with AVX2 intrinsics in
-/// [`Build::Avx2`], else portably. Written out by hand because LLVM vectorised the portable
-/// loops badly: `GradDot` not at all beside `sum dy` (it paired each lane's two sums into one
-/// vector), two lanes wide on its own, and `SquaredDeviation` two wide (disassembly;
-/// `plane_grad_sums` was ~8% of a ResNet-20 training step, `perf`, 2026-12-06, Intel Xeon with
-/// AVX-512, 2 cores). Each lane's operations and their order are the same in both (no fused
-/// multiply-add: a product, then a sum), so the bits are too (tested).
-#[inline(always)]
-fn lanes(build: Build, what: Lanes<'_>) -> ([f64; 16], [f64; 16]) {
-    #[cfg(target_arch = "x86_64")]
-    if build == Build::Avx2 {
-        // SAFETY: `Build::Avx2` runs only where the CPU has AVX2 (`Build::run` asserts it).
-        return unsafe { lanes_avx2(what) };
+impl<'a> Lanes<'a> {
+    /// Elements summed.
+    fn len(&self) -> usize {
+        match self {
+            Lanes::SquaredDeviation { x, .. } => x.len(),
+            Lanes::GradDot { dy, .. } => dy.len(),
+        }
     }
-    let _ = build;
-    let (mut acc, mut acc2) = ([0.0f64; 16], [0.0f64; 16]);
-    match what {
-        Lanes::SquaredDeviation { x, mean } => {
-            for ch in x.chunks_exact(16) {
-                for (a, v) in acc.iter_mut().zip(ch) {
-                    let d = *v as f64 - mean;
-                    *a += d * d;
-                }
+
+    /// The same sum over the first `n` elements.
+    fn head(self, n: usize) -> Lanes<'a> {
+        match self {
+            Lanes::SquaredDeviation { x, mean } => Lanes::SquaredDeviation { x: &x[..n], mean },
+            Lanes::GradDot { dy, x, mean, rstd } => {
+                Lanes::GradDot { dy: &dy[..n], x: &x[..n], mean, rstd }
             }
         }
-        Lanes::GradDot { dy, x, mean, rstd } => {
-            for (cd, cx) in dy.chunks_exact(16).zip(x.chunks_exact(16)) {
-                for (((a, b), d), x) in acc.iter_mut().zip(&mut acc2).zip(cd).zip(cx) {
-                    let xh = (*x - mean) * rstd;
-                    *a += *d as f64 * xh as f64;
-                    *b += *d as f64;
-                }
+    }
+}
+
+/// [`Lanes`] summed (the second array only for `GradDot`): the whole chunks of 16 with AVX2
+/// intrinsics in [`Build::Avx2`], the rest (everything in the baseline build) one element at a
+/// time. Written out by hand because LLVM vectorised the portable loops badly: `GradDot` not at
+/// all beside `sum dy` (it paired each lane's two sums into one vector), two lanes wide on its
+/// own, and `SquaredDeviation` two wide (disassembly; `plane_grad_sums` was ~8% of a ResNet-20
+/// training step, `perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores). Each lane's operations
+/// and their order are the same either way (no fused multiply-add: a product, then a sum), so
+/// the bits are too (tested).
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+fn lanes(build: Build, what: Lanes<'_>) -> ([f64; 16], [f64; 16]) {
+    let (mut acc, mut acc2, mut from) = ([0.0f64; 16], [0.0f64; 16], 0);
+    #[cfg(target_arch = "x86_64")]
+    if build == Build::Avx2 {
+        from = what.len() / 16 * 16;
+        // SAFETY: `Build::Avx2` runs only where the CPU has AVX2 (`Build::run` asserts it).
+        (acc, acc2) = unsafe { lanes_avx2(what.head(from)) };
+    }
+    let _ = build;
+    for i in from..what.len() {
+        let j = i % 16;
+        match what {
+            Lanes::SquaredDeviation { x, mean } => {
+                let d = x[i] as f64 - mean;
+                acc[j] += d * d;
+            }
+            Lanes::GradDot { dy, x, mean, rstd } => {
+                let xh = (x[i] - mean) * rstd;
+                acc[j] += dy[i] as f64 * xh as f64;
+                acc2[j] += dy[i] as f64;
             }
         }
     }
     (acc, acc2)
 }
 
-/// [`lanes`] in AVX2: lanes 4k .. 4k + 3 in vector k.
+/// [`lanes`] over whole chunks of 16 in AVX2: lanes 4k .. 4k + 3 in vector k.
 ///
 /// # Safety
 /// The CPU must have AVX2.
