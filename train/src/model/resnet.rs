@@ -132,6 +132,16 @@ struct Cursor {
     state: usize,
 }
 
+impl Cursor {
+    /// Takes the next batch norm's slot (as [`ResNet::norm`] would use it).
+    fn take_bn(&mut self) -> BnSlot {
+        let slot = BnSlot { param: self.next, state: self.state };
+        self.next += 2;
+        self.state += 3;
+        slot
+    }
+}
+
 impl ResNet {
     fn conv<Tp: Tape<f32, Cpu>>(
         &self,
@@ -245,18 +255,18 @@ impl ResNet {
         };
         let mut h = conv(&input, &mut at, Conv2dCfg::new(self.stem, 3, 1));
         drop(input);
-        norm(&mut h, self.take_bn(&mut at), true, None);
+        norm(&mut h, at.take_bn(), true, None);
         for b in self.blocks() {
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let mut m = conv(&h, &mut at, cfg);
-            norm(&mut m, self.take_bn(&mut at), true, None);
+            norm(&mut m, at.take_bn(), true, None);
             let mut m = conv(&m, &mut at, Conv2dCfg::new(b.cout, 3, 1));
             // The second norm's parameters and statistics come before the shortcut's.
-            let slot = self.take_bn(&mut at);
+            let slot = at.take_bn();
             if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
                 let mut s = conv(&h, &mut at, sc_cfg);
-                norm(&mut s, self.take_bn(&mut at), false, None);
+                norm(&mut s, at.take_bn(), false, None);
                 norm(&mut m, slot, true, Some(&s));
             } else {
                 norm(&mut m, slot, true, Some(&h));
@@ -342,7 +352,7 @@ impl ResNet {
                 (y, BnRec { slot, x, saved })
             };
         let (c0, shape, stem) = conv(&xv, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
-        let (a0, bn0) = bn(&mut stats, c0, shape, self.take_bn(&mut at), true, None);
+        let (a0, bn0) = bn(&mut stats, c0, shape, at.take_bn(), true, None);
         let mut acts = vec![a0];
         let mut shapes = vec![shape];
         let mut blocks = Vec::new();
@@ -350,16 +360,16 @@ impl ResNet {
             let (h, hs) = (acts.last().expect("the stem's output"), *shapes.last().unwrap());
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let (m1, s1, conv1) = conv(h, hs, &mut at, cfg);
-            let (r1, bn1) = bn(&mut stats, m1, s1, self.take_bn(&mut at), true, None);
+            let (r1, bn1) = bn(&mut stats, m1, s1, at.take_bn(), true, None);
             let (m2, s2, conv2) = conv(&r1, s1, &mut at, Conv2dCfg::new(b.cout, 3, 1));
             // The second norm's parameters and statistics come before the shortcut's, but it
             // runs after the shortcut (it adds the shortcut's output); its statistics are put
             // back in layout order below.
-            let slot2 = self.take_bn(&mut at);
+            let slot2 = at.take_bn();
             let (out, bn2, shortcut) = if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
                 let (s, ss, sc) = conv(h, hs, &mut at, sc_cfg);
-                let (sn, sbn) = bn(&mut stats, s, ss, self.take_bn(&mut at), false, None);
+                let (sn, sbn) = bn(&mut stats, s, ss, at.take_bn(), false, None);
                 let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(&sn));
                 let k = stats.len();
                 stats.swap(k - 2, k - 1);
@@ -451,14 +461,6 @@ struct BnSlot {
 }
 
 impl ResNet {
-    /// Takes the next batch norm's slot from the cursor (as [`ResNet::norm`] would use it).
-    fn take_bn(&self, at: &mut Cursor) -> BnSlot {
-        let slot = BnSlot { param: at.next, state: at.state };
-        at.next += 2;
-        at.state += 3;
-        slot
-    }
-
     /// `relu(norm(h) + residual)` for batch norm with running statistics as one op
     /// (bit-identical to `norm`, `+` and the ReLU separately, see `ops::batch_norm_relu_eval`).
     /// `embed` reaches it only in evaluation mode on a tape (the Hessian's default): batch
@@ -537,7 +539,7 @@ impl Architecture for ResNet {
         let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         let h = self.conv(x, p, &mut at, Conv2dCfg::new(self.stem, 3, 1), input_grad);
         let mut h = if fuse {
-            let slot = self.take_bn(&mut at);
+            let slot = at.take_bn();
             self.bn_relu_eval(h, p, slot, None::<T4<NoneTape>>)
         } else {
             relu.apply(self.norm(h, p, &mut at, norms))
@@ -550,7 +552,7 @@ impl Architecture for ResNet {
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
             let m = self.conv(hx.clone().put_tape(tape), p, &mut at, cfg, true);
             let m = if fuse {
-                let slot = self.take_bn(&mut at);
+                let slot = at.take_bn();
                 self.bn_relu_eval(m, p, slot, None::<T4<NoneTape>>)
             } else {
                 relu.apply(self.norm(m, p, &mut at, norms))
@@ -559,7 +561,7 @@ impl Architecture for ResNet {
             let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
             if fuse {
                 // The second norm's parameters and statistics come before the shortcut's.
-                let slot = self.take_bn(&mut at);
+                let slot = at.take_bn();
                 h = if b.has_shortcut_conv() {
                     let s = self.conv(hx.retaped::<Tp>(), p, &mut at, sc_cfg, true);
                     let s = self.norm(s, p, &mut at, norms);
