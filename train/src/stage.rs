@@ -44,24 +44,31 @@ use crate::Result;
 /// bit of any number it produces) or its artifact's payload; a change that keeps results
 /// bit-identical and the payload decodable (a speed-up, a refactor) does not bump. Bumping makes
 /// every cached output and checkpoint of that stage, and of every stage downstream of it, stale.
-pub const TRAIN_VERSION: u32 = 1;
+/// 2: 3x3 convolutions with 64+ channels on 16x16+ planes (or 256+ channels on any) run as
+/// Winograd F(2x2, 3x3) (ConvNet-3 on CIFAR, ResNet-18), which rounds differently; every stage
+/// below bumped with it for the same reason.
+pub const TRAIN_VERSION: u32 = 2;
 /// Version of the pruning stage (IMP tickets and random baselines); see [`TRAIN_VERSION`].
-/// 2: the Ticket payload keeps its IMP-only fields in its IMP origin.
-pub const PRUNE_VERSION: u32 = 2;
+/// 2: the Ticket payload keeps its IMP-only fields in its IMP origin. 3: Winograd convolutions
+/// (see [`TRAIN_VERSION`] 2).
+pub const PRUNE_VERSION: u32 = 3;
 /// Version of the distillation stage; see [`TRAIN_VERSION`]. 2: gradient matching takes its
 /// mixed derivative exactly where the model allows (`--mixed auto`), and the configuration
-/// records how.
-pub const DISTILL_VERSION: u32 = 2;
+/// records how. 3: Winograd convolutions (see [`TRAIN_VERSION`] 2).
+pub const DISTILL_VERSION: u32 = 3;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`]. 2: batch-norm running statistics
 /// (`bn_reset`, `reset_curves`, `reset_summary`). 3: a test-split subsample (`test_samples`).
-pub const INTERPOLATE_VERSION: u32 = 3;
-/// Version of `probe landscape`; see [`TRAIN_VERSION`].
-pub const LANDSCAPE_VERSION: u32 = 1;
+/// 4: Winograd convolutions (see [`TRAIN_VERSION`] 2).
+pub const INTERPOLATE_VERSION: u32 = 4;
+/// Version of `probe landscape`; see [`TRAIN_VERSION`]. 2: Winograd convolutions (see
+/// [`TRAIN_VERSION`] 2).
+pub const LANDSCAPE_VERSION: u32 = 2;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
 /// 2: exact Hessian-vector products by default (`--hvp exact|fd` in the config), the report's
 /// finite-difference step is optional, and batch-norm models choose the norm mode (`bn_mode`).
-/// 3: ResNets get exact products by default too (batch norm in either mode).
-pub const HESSIAN_VERSION: u32 = 3;
+/// 3: ResNets get exact products by default too (batch norm in either mode). 4: Winograd
+/// convolutions (see [`TRAIN_VERSION`] 2).
+pub const HESSIAN_VERSION: u32 = 4;
 
 /// Every stage's provenance name and version, for tools that list or compare them (the CLI,
 /// xtask's stage keys). Names are the ones hashed into provenance.

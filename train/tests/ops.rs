@@ -509,6 +509,8 @@ fn conv2d_gradients() {
         ((1, 2, 3, 3), 2, 5, 2, true),
         ((2, 3, 4, 4), 2, 2, 1, false),
         ((10, 3, 5, 5), 4, 3, 1, true),
+        // 64 channels on 16x16: the Winograd path (`ops::winograd`), through the tape op.
+        ((2, 64, 16, 16), 64, 3, 1, true),
     ] {
         let op = ConvOp {
             x,

@@ -5,8 +5,8 @@ use std::mem::MaybeUninit;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use super::direct;
 use super::gemm::{k_piece, small_branch, Gemm, Layout, Operand, Par, SMALL_KC};
+use super::{direct, winograd};
 use super::{read, sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK, ELEM_CHUNK, T1, T4};
 use crate::cpu::Build;
 
@@ -480,6 +480,9 @@ pub(crate) fn forward_slices(
     wv: &[f32],
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
+    if winograd::applies(g, cout) {
+        return winograd::forward(build, g, n, cout, xv, wv, bv);
+    }
     forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
 }
 
@@ -676,6 +679,9 @@ pub(crate) fn backward_slices(
     dy: &[f32],
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
+    if winograd::applies(g, cout) {
+        return winograd::backward(build, g, n, cout, xv, wv, has_bias, dy, dx);
+    }
     backward_slices_with(build, g, n, cout, xv, wv, has_bias, dy, dx, groups_samples(g))
 }
 
@@ -871,14 +877,18 @@ fn backward_slices_with(
         }
         (false, None) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
     };
-    // Reduce the groups in order: each element adds the groups' values one after another, in
-    // chunks of elements spread over the pool (ResNet-18's weight gradients are 16 partial sums
-    // of up to 9.4 MB each; one thread adding them was ~2% of its one-thread step, `perf`,
-    // 2026-12-06, Intel Xeon with AVX-512, 2 cores).
+    reduce_in_order(partials)
+        .unwrap_or_else(|| (vec![0.0; kd * cout], vec![0.0; if has_bias { cout } else { 0 }]))
+}
+
+/// Per-group partial sums (weight gradient, bias gradient) added in group order: each element
+/// adds the groups' values one after another, in chunks of elements spread over the pool
+/// (ResNet-18's weight gradients are 16 partial sums of up to 9.4 MB each; one thread adding
+/// them was ~2% of its one-thread step, `perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores).
+/// `None` for no groups.
+pub(super) fn reduce_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>) -> Option<(Vec<f32>, Vec<f32>)> {
     let mut it = partials.into_iter();
-    let Some((mut dw_tot, mut db_tot)) = it.next() else {
-        return (vec![0.0; kd * cout], vec![0.0; if has_bias { cout } else { 0 }]);
-    };
+    let (mut dw_tot, mut db_tot) = it.next()?;
     let rest: Vec<(Vec<f32>, Vec<f32>)> = it.collect();
     dw_tot.par_chunks_mut(ELEM_CHUNK).enumerate().for_each(|(ci, chunk)| {
         let at = ci * ELEM_CHUNK;
@@ -893,7 +903,7 @@ fn backward_slices_with(
             *t += v;
         }
     }
-    (dw_tot, db_tot)
+    Some((dw_tot, db_tot))
 }
 
 /// Adds a weight gradient computed transposed (`dw_t`, kd x cout, from [`backward_slices`]) into
