@@ -212,6 +212,13 @@ fn planes(v: &[f32], stride: usize, off: usize, n: usize) -> [&[f32]; 16] {
     std::array::from_fn(|xi| &v[xi * stride + off..][..n])
 }
 
+/// Four groups of four, one after another.
+#[inline(always)]
+fn concat4(p: [[f32; 4]; 4]) -> [f32; 16] {
+    let [a, b, c, d] = p;
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+}
+
 /// Positions per step of [`fan`]: one AVX2 vector.
 const LANES: usize = 8;
 
@@ -229,11 +236,17 @@ fn fan<const I: usize, const O: usize>(
     let dst = dst.map(|d| &mut d[..n]);
     let mut j = 0;
     while j + LANES <= n {
-        let x: [[f32; LANES]; I] =
-            std::array::from_fn(|k| src[k][j..j + LANES].try_into().expect("lanes"));
+        let mut x = [[0.0f32; LANES]; I];
+        for k in 0..I {
+            x[k].copy_from_slice(&src[k][j..j + LANES]);
+        }
         let mut y = [[0.0f32; LANES]; O];
         for l in 0..LANES {
-            let v = f(std::array::from_fn(|k| x[k][l]));
+            let mut a = [0.0f32; I];
+            for k in 0..I {
+                a[k] = x[k][l];
+            }
+            let v = f(a);
             for k in 0..O {
                 y[k][l] = v[k];
             }
@@ -244,7 +257,11 @@ fn fan<const I: usize, const O: usize>(
         j += LANES;
     }
     for j in j..n {
-        let v = f(std::array::from_fn(|k| src[k][j]));
+        let mut a = [0.0f32; I];
+        for k in 0..I {
+            a[k] = src[k][j];
+        }
+        let v = f(a);
         for k in 0..O {
             dst[k][j] = v[k];
         }
@@ -278,10 +295,10 @@ fn input_transform(t: &Tiles, x: &[f32], cin: usize, v: &mut [f32], tt: usize, b
                 for (i, k) in [(r / 2, r % 2), ((r / 2).wrapping_sub(1), r % 2 + 2)] {
                     if i < th {
                         let at = s * tps + i * tw;
-                        let mut it = g[k * 4 * tt..(k + 1) * 4 * tt].chunks_exact_mut(tt);
-                        let dst =
-                            std::array::from_fn(|_| &mut it.next().expect("pieces")[at..at + tw]);
-                        columns(e, o, tw, dst);
+                        let (d0, rest) = g[k * 4 * tt + at..].split_at_mut(tt);
+                        let (d1, rest) = rest.split_at_mut(tt);
+                        let (d2, d3) = rest.split_at_mut(tt);
+                        columns(e, o, tw, [d0, d1, d2, d3]);
                     }
                 }
             }
@@ -290,16 +307,18 @@ fn input_transform(t: &Tiles, x: &[f32], cin: usize, v: &mut [f32], tt: usize, b
         let src: [&[f32]; 16] = std::array::from_fn(|_| it.next().expect("pieces"));
         fan(tt, src, planes_mut(v, st, c * tt, tt), |r| {
             // Along the rows: R0 - R2, R1 + R2, R2 - R1, R1 - R3 for each component b.
-            std::array::from_fn(|ab| {
-                let (a, b) = (ab / 4, ab % 4);
-                let (r0, r1, r2, r3) = (r[b], r[4 + b], r[8 + b], r[12 + b]);
+            // Component b of each: r[b], r[4 + b], r[8 + b], r[12 + b] are rows 0..3.
+            let t = |a: usize| -> [f32; 4] {
+                let row = |k: usize| [r[4 * k], r[4 * k + 1], r[4 * k + 2], r[4 * k + 3]];
+                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
                 match a {
-                    0 => r0 - r2,
-                    1 => r1 + r2,
-                    2 => r2 - r1,
-                    _ => r1 - r3,
+                    0 => [r0[0] - r2[0], r0[1] - r2[1], r0[2] - r2[2], r0[3] - r2[3]],
+                    1 => [r1[0] + r2[0], r1[1] + r2[1], r1[2] + r2[2], r1[3] + r2[3]],
+                    2 => [r2[0] - r1[0], r2[1] - r1[1], r2[2] - r1[2], r2[3] - r1[3]],
+                    _ => [r1[0] - r3[0], r1[1] - r3[1], r1[2] - r3[2], r1[3] - r3[3]],
                 }
-            })
+            };
+            concat4([t(0), t(1), t(2), t(3)])
         });
     }
 }
@@ -325,16 +344,13 @@ fn output_transform(
         let b = bias.map_or(0.0, |b| b[co]);
         let has_bias = bias.is_some();
         fan(tt, planes(m, st, co * tt, tt), split::<4>(rows, tt), |mm| {
-            let s0: [f32; 4] = std::array::from_fn(|q| mm[q] + mm[4 + q] + mm[8 + q]);
-            let s1: [f32; 4] = std::array::from_fn(|q| mm[4 + q] - mm[8 + q] - mm[12 + q]);
-            let out = [
-                s0[0] + s0[1] + s0[2],
-                s0[1] - s0[2] - s0[3],
-                s1[0] + s1[1] + s1[2],
-                s1[1] - s1[2] - s1[3],
-            ];
+            let s0 = |q: usize| mm[q] + mm[4 + q] + mm[8 + q];
+            let s1 = |q: usize| mm[4 + q] - mm[8 + q] - mm[12 + q];
+            let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
+            let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
+            let out = [a0 + a1 + a2, a1 - a2 - a3, b0 + b1 + b2, b1 - b2 - b3];
             if has_bias {
-                out.map(|v| v + b)
+                [out[0] + b, out[1] + b, out[2] + b, out[3] + b]
             } else {
                 out
             }
@@ -398,15 +414,12 @@ fn output_adjoint(t: &Tiles, dy: &[f32], cout: usize, dm: &mut [f32], tt: usize,
         fan(tt, src, planes_mut(dm, st, co * tt, tt), |[a, b, c, d]| {
             let s0 = [a, a + b, a - b, -b];
             let s1 = [c, c + d, c - d, -d];
-            std::array::from_fn(|xi| {
-                let q = xi % 4;
-                match xi / 4 {
-                    0 => s0[q],
-                    1 => s0[q] + s1[q],
-                    2 => s0[q] - s1[q],
-                    _ => -s1[q],
-                }
-            })
+            concat4([
+                s0,
+                [s0[0] + s1[0], s0[1] + s1[1], s0[2] + s1[2], s0[3] + s1[3]],
+                [s0[0] - s1[0], s0[1] - s1[1], s0[2] - s1[2], s0[3] - s1[3]],
+                [-s1[0], -s1[1], -s1[2], -s1[3]],
+            ])
         });
     }
 }
@@ -417,62 +430,51 @@ fn output_adjoint(t: &Tiles, dy: &[f32], cout: usize, dm: &mut [f32], tt: usize,
 fn input_adjoint(t: &Tiles, dv: &[f32], cin: usize, tt: usize, dx: &mut [f32], buf: &mut [f32]) {
     let (h, w, th, tw, tps) = (t.h, t.w, t.th, t.tw, t.per_sample());
     let (st, plane) = (stride(cin, tt), h * w);
-    let (g, rest) = buf.split_at_mut(16 * tt);
-    let (dc, rest) = rest.split_at_mut(4 * tw);
-    let (de, rest) = rest.split_at_mut(tw + 1);
-    let d_o = &mut rest[..tw + 1];
+    let g = &mut buf[..16 * tt];
     for c in 0..cin {
-        // Each tile's gradient on its four padded rows' column components, [k][b] over tiles.
+        // For every tile, on each of its four padded rows k: the gradient of that row's even
+        // and odd padded columns under the tile's left half (columns 2j, 2j + 1) and right half
+        // (2j + 2, 2j + 3), [k][eL, oL, eR, oR] over the group's tiles, in one pass.
         fan(tt, planes(dv, st, c * tt, tt), split::<16>(g, tt), |v| {
-            std::array::from_fn(|kb| {
-                let (k, b) = (kb / 4, kb % 4);
+            // The adjoint of the rows' transform: row k's column components b = 0..3.
+            let comp = |b: usize| {
                 let (v0, v1, v2, v3) = (v[b], v[4 + b], v[8 + b], v[12 + b]);
-                match k {
-                    0 => v0,
-                    1 => v1 - v2 + v3,
-                    2 => v1 + v2 - v0,
-                    _ => -v3,
-                }
-            })
+                [v0, v1 - v2 + v3, v1 + v2 - v0, -v3]
+            };
+            let (c0, c1, c2, c3) = (comp(0), comp(1), comp(2), comp(3));
+            // The adjoint of `columns` on each row.
+            let row = |k: usize| [c0[k], c1[k] - c2[k] + c3[k], c1[k] + c2[k] - c0[k], -c3[k]];
+            concat4([row(0), row(1), row(2), row(3)])
         });
         for s in 0..tt / tps {
             let dxc = &mut dx[(s * cin + c) * plane..(s * cin + c + 1) * plane];
-            // Padded rows 1..=h (the others are padding: their gradient is dropped); row r is
-            // row k = r % 2 of tile row r / 2 and k + 2 of tile row r / 2 - 1.
-            for r in 1..=h {
-                dc.fill(0.0);
-                for (i, k) in [((r / 2).wrapping_sub(1), r % 2 + 2), (r / 2, r % 2)] {
-                    if i < th {
-                        for b in 0..4 {
-                            let src = &g[(k * 4 + b) * tt + s * tps + i * tw..][..tw];
-                            for (d, v) in dc[b * tw..(b + 1) * tw].iter_mut().zip(src) {
-                                *d += v;
-                            }
-                        }
+            for i in 0..th {
+                for k in 0..4 {
+                    // Padded row 2i + k is input row 2i + k - 1; padding rows are dropped.
+                    let r = 2 * i + k;
+                    if r == 0 || r > h {
+                        continue;
                     }
-                }
-                let (c0, c1, c2, c3) =
-                    (&dc[..tw], &dc[tw..2 * tw], &dc[2 * tw..3 * tw], &dc[3 * tw..]);
-                // The adjoint of `columns`: each tile's left half, then its right half.
-                for j in 0..tw {
-                    de[j] = c0[j];
-                    d_o[j] = c1[j] - c2[j] + c3[j];
-                }
-                de[tw] = 0.0;
-                d_o[tw] = 0.0;
-                for j in 0..tw {
-                    de[j + 1] += c1[j] + c2[j] - c0[j];
-                    d_o[j + 1] -= c3[j];
-                }
-                // Input column 2q is padded 2q + 1 (d_o[q]); 2q + 1 is padded 2q + 2 (de[q + 1]).
-                let row = &mut dxc[(r - 1) * w..r * w];
-                let mut pairs = row.chunks_exact_mut(2);
-                for (q, p) in (&mut pairs).enumerate() {
-                    p[0] += d_o[q];
-                    p[1] += de[q + 1];
-                }
-                if let Some(last) = pairs.into_remainder().first_mut() {
-                    *last += d_o[w / 2];
+                    let at = s * tps + i * tw;
+                    let piece = |m: usize| &g[(k * 4 + m) * tt + at..][..tw];
+                    let (el, ol, er, or) = (piece(0), piece(1), piece(2), piece(3));
+                    let row = &mut dxc[(r - 1) * w..r * w];
+                    // Padded column 2j is input column 2j - 1: the left half's odd column and the
+                    // right half's even one land on input columns 2j, 2j + 1 ...
+                    let mut pairs = row.chunks_exact_mut(2);
+                    for ((p, o), e) in (&mut pairs).zip(ol).zip(er) {
+                        p[0] += o;
+                        p[1] += e;
+                    }
+                    if let Some(last) = pairs.into_remainder().first_mut() {
+                        *last += ol[w / 2];
+                    }
+                    // ... and the next tile's left even column and this one's right odd column
+                    // on 2j + 1, 2j + 2 (tile 0's left even column is padding).
+                    for ((p, e), o) in row[1..].chunks_exact_mut(2).zip(&el[1..]).zip(or) {
+                        p[0] += e;
+                        p[1] += o;
+                    }
                 }
             }
         }
