@@ -864,21 +864,31 @@ fn backward_slices_with(
         with_scratch(wg_len + dcol_len, |buf| group_in(c, dx, buf, par))
     };
     let groups = n.div_ceil(BATCH_CHUNK);
-    let gx = BATCH_CHUNK * xs;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = match (tasks_in_parallel(groups), dx) {
-        (true, Some(dx)) => dx
-            .par_chunks_mut(gx)
-            .enumerate()
-            .map(|(c, dxc)| group(c, Some(dxc), Par::Seq))
-            .collect(),
-        (true, None) => (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect(),
-        (false, Some(dx)) => {
-            dx.chunks_mut(gx).enumerate().map(|(c, dxc)| group(c, Some(dxc), Par::Pool)).collect()
-        }
-        (false, None) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
-    };
+    let partials = map_groups(groups, dx, BATCH_CHUNK * xs, group);
     reduce_in_order(partials)
         .unwrap_or_else(|| (vec![0.0; kd * cout], vec![0.0; if has_bias { cout } else { 0 }]))
+}
+
+/// `group(c, dx_c, par)` for each of `groups` groups of samples, in parallel as rayon tasks
+/// (each told to stay on its thread) or one after another (each told to use the pool), as
+/// [`tasks_in_parallel`] says; `dx` (the input gradient, when given) is cut into the groups'
+/// chunks of `gx` floats. Returns the results in group order.
+pub(super) fn map_groups<R: Send>(
+    groups: usize,
+    dx: Option<&mut [f32]>,
+    gx: usize,
+    group: impl Fn(usize, Option<&mut [f32]>, Par) -> R + Sync,
+) -> Vec<R> {
+    match (tasks_in_parallel(groups), dx) {
+        (true, Some(dx)) => {
+            dx.par_chunks_mut(gx).enumerate().map(|(c, d)| group(c, Some(d), Par::Seq)).collect()
+        }
+        (true, None) => (0..groups).into_par_iter().map(|c| group(c, None, Par::Seq)).collect(),
+        (false, Some(dx)) => {
+            dx.chunks_mut(gx).enumerate().map(|(c, d)| group(c, Some(d), Par::Pool)).collect()
+        }
+        (false, None) => (0..groups).map(|c| group(c, None, Par::Pool)).collect(),
+    }
 }
 
 /// Per-group partial sums (weight gradient, bias gradient) added in group order: each element

@@ -654,16 +654,7 @@ pub(crate) fn backward(
     };
     let groups = n.div_ceil(block);
     let gx = block * xs;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = match (tasks_in_parallel(groups), dx) {
-        (true, Some(dx)) => {
-            dx.par_chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(d), Par::Seq)).collect()
-        }
-        (true, None) => (0..groups).into_par_iter().map(|c| run(c, None, Par::Seq)).collect(),
-        (false, Some(dx)) => {
-            dx.chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(d), Par::Pool)).collect()
-        }
-        (false, None) => (0..groups).map(|c| run(c, None, Par::Pool)).collect(),
-    };
+    let partials = super::conv::map_groups(groups, dx, gx, run);
     let (du, db) = super::conv::reduce_in_order(partials).unwrap_or_else(|| {
         (vec![0.0; 16 * cout * cin], vec![0.0; if has_bias { cout } else { 0 }])
     });
