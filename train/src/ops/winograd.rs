@@ -9,14 +9,16 @@
 //! computes): the output gradient goes through `A . A^T`, the input gradient is
 //! `B (U^T dM) B^T` scattered onto the overlapping patches, and the weight gradient is
 //! `G^T (dM V^T) G`. The transforms' coefficients are 0, +-1 and 1/2, so they only add, subtract
-//! and halve (exact); the products' rounding is what differs from a direct sum over the 9 taps
-//! (tests: against the im2col path within float tolerance, against central differences).
+//! and halve (no multiply-adds to contract: the same bits in every build). The results round
+//! differently from a direct sum over the 9 taps (tests: against f64 direct sums within float
+//! tolerance, and against central differences through the tape op in `tests/ops.rs`).
 //!
 //! Layouts (per group of samples, `t` = the group's tiles, sample-major, then tile rows):
 //! weights `U[16][cout][cin]`, transformed input `V[16][cin][t]`, products `M[16][cout][t]`.
-//! Samples go in fixed groups (a number that depends on the plane size alone) and the weight
-//! and bias gradients are summed per group and the groups added in order, so results are
-//! bit-identical for any thread count, as everywhere in `ops`.
+//! Samples go in fixed groups (a number that depends on the plane size alone); the weight and
+//! bias gradients are summed over fixed blocks of samples (8, or one group of more), group after
+//! group, and the blocks added in order, so results are bit-identical for any thread count, as
+//! everywhere in `ops`.
 
 use std::mem::MaybeUninit;
 
