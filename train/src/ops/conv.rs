@@ -629,31 +629,9 @@ fn forward_slices_with(
                 },
             )
         };
-        let scratch = (kd + cout) * gp;
-        let groups = n.div_ceil(BATCH_CHUNK);
-        if tasks_in_parallel(groups) {
-            spare
-                .par_chunks_mut(BATCH_CHUNK * ys)
-                .enumerate()
-                .for_each(|(c, yc)| with_scratch(scratch, |buf| group(c, yc, buf, Par::Seq)));
-        } else {
-            with_scratch(scratch, |buf| {
-                for (c, yc) in spare.chunks_mut(BATCH_CHUNK * ys).enumerate() {
-                    group(c, yc, buf, Par::Pool);
-                }
-            });
-        }
-    } else if tasks_in_parallel(n) {
-        spare
-            .par_chunks_mut(ys)
-            .enumerate()
-            .for_each(|(ni, yn)| with_scratch(fwd_scratch, |col| forward(ni, yn, col, Par::Seq)));
+        write_chunks(spare, BATCH_CHUNK * ys, (kd + cout) * gp, group);
     } else {
-        with_scratch(fwd_scratch, |col| {
-            for (ni, yn) in spare.chunks_mut(ys).enumerate() {
-                forward(ni, yn, col, Par::Pool);
-            }
-        });
+        write_chunks(spare, ys, fwd_scratch, forward);
     }
     // SAFETY: the loops above initialised all n * ys elements (every chunk of `spare`, by the
     // bias fill or by `direct::forward`, which writes every output).
@@ -867,6 +845,29 @@ fn backward_slices_with(
     let partials = map_groups(groups, dx, BATCH_CHUNK * xs, group);
     reduce_in_order(partials)
         .unwrap_or_else(|| (vec![0.0; kd * cout], vec![0.0; if has_bias { cout } else { 0 }]))
+}
+
+/// `write(c, out_c, scratch, par)` for each consecutive piece `out_c` of `chunk` floats of `out`
+/// (the last may be shorter), as rayon tasks (each with its thread's `scratch` floats, told to
+/// stay on its thread) or one after another (sharing one scratch, told to use the pool), as
+/// [`tasks_in_parallel`] says: the forward passes' per-sample or per-group loop.
+pub(super) fn write_chunks(
+    out: &mut [MaybeUninit<f32>],
+    chunk: usize,
+    scratch: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>], &mut [f32], Par) + Sync,
+) {
+    if tasks_in_parallel(out.len().div_ceil(chunk)) {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, oc)| with_scratch(scratch, |s| write(c, oc, s, Par::Seq)));
+    } else {
+        with_scratch(scratch, |s| {
+            for (c, oc) in out.chunks_mut(chunk).enumerate() {
+                write(c, oc, s, Par::Pool);
+            }
+        });
+    }
 }
 
 /// `group(c, dx_c, par)` for each of `groups` groups of samples, in parallel as rayon tasks

@@ -22,11 +22,9 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use super::conv::Geom;
 use super::gemm::{Gemm, Layout, Operand, Par};
-use super::{sum_f32, tasks_in_parallel, with_scratch, BATCH_CHUNK};
+use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::Build;
 
 /// Channels (in and out) from which a 3x3 "same" convolution on a plane of at least
@@ -532,18 +530,7 @@ pub(crate) fn forward(
     let scratch = vl + ml + t.buf_len();
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let spare = &mut y.spare_capacity_mut()[..n * ys];
-    if tasks_in_parallel(n.div_ceil(t.spg)) {
-        spare
-            .par_chunks_mut(t.spg * ys)
-            .enumerate()
-            .for_each(|(c, yc)| with_scratch(scratch, |s| group(c, yc, s, Par::Seq)));
-    } else {
-        with_scratch(scratch, |s| {
-            for (c, yc) in spare.chunks_mut(t.spg * ys).enumerate() {
-                group(c, yc, s, Par::Pool);
-            }
-        });
-    }
+    super::conv::write_chunks(spare, t.spg * ys, scratch, group);
     // SAFETY: `output_transform` wrote every element of every chunk of `spare`.
     unsafe { y.set_len(n * ys) };
     y
