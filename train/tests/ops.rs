@@ -509,8 +509,10 @@ fn conv2d_gradients() {
         ((1, 2, 3, 3), 2, 5, 2, true),
         ((2, 3, 4, 4), 2, 2, 1, false),
         ((10, 3, 5, 5), 4, 3, 1, true),
-        // 64 channels on 16x16: the Winograd path (`ops::winograd`), through the tape op.
+        // 64 channels on 16x16 and 256 on 3x3: the Winograd paths (`ops::winograd`, F(4x4, 3x3)
+        // and F(2x2, 3x3)), through the tape op.
         ((2, 64, 16, 16), 64, 3, 1, true),
+        ((2, 256, 3, 3), 256, 3, 1, false),
     ] {
         let op = ConvOp {
             x,
