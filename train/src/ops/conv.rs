@@ -481,7 +481,7 @@ pub(crate) fn forward_slices(
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
     if winograd::applies(g, cout) {
-        return winograd::forward(build, g, n, cout, xv, wv, bv);
+        return winograd::forward(g)(build, g, n, cout, xv, wv, bv);
     }
     forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
 }
@@ -658,7 +658,7 @@ pub(crate) fn backward_slices(
     dx: Option<&mut [f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
     if winograd::applies(g, cout) {
-        return winograd::backward(build, g, n, cout, xv, wv, has_bias, dy, dx);
+        return winograd::backward(g)(build, g, n, cout, xv, wv, has_bias, dy, dx);
     }
     backward_slices_with(build, g, n, cout, xv, wv, has_bias, dy, dx, groups_samples(g))
 }

@@ -674,24 +674,42 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
     }
 }
 
-/// The forward pass of a convolution [`applies`] holds for: `n` samples `xv` ((n, cin, h, w)),
-/// weights `wv` ((cout, cin, 3, 3)), bias `bv`; returns the (n, cout, h, w) output.
-pub(crate) fn forward(
-    build: Build,
-    g: &Geom,
-    n: usize,
-    cout: usize,
-    xv: &[f32],
-    wv: &[f32],
-    bv: Option<&[f32]>,
-) -> Vec<f32> {
+/// A forward pass as [`forward_with`] and `conv::forward_slices` take it.
+type ForwardFn = fn(Build, &Geom, usize, usize, &[f32], &[f32], Option<&[f32]>) -> Vec<f32>;
+
+/// A backward pass as [`backward_with`] and `conv::backward_slices` take it.
+type BackwardFn = fn(
+    Build,
+    &Geom,
+    usize,
+    usize,
+    &[f32],
+    &[f32],
+    bool,
+    &[f32],
+    Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>);
+
+/// The forward pass of a convolution `g` that [`applies`] holds for, with the rule [`which`]
+/// picks.
+pub(crate) fn forward(g: &Geom) -> ForwardFn {
     match which(g) {
-        Which::F2 => forward_with::<2, 4, F2>(build, g, n, cout, xv, wv, bv),
-        Which::F4 => forward_with::<4, 6, F4>(build, g, n, cout, xv, wv, bv),
+        Which::F2 => forward_with::<2, 4, F2>,
+        Which::F4 => forward_with::<4, 6, F4>,
     }
 }
 
-/// [`forward`] with the rule `R`.
+/// The backward pass matching [`forward`].
+pub(crate) fn backward(g: &Geom) -> BackwardFn {
+    match which(g) {
+        Which::F2 => backward_with::<2, 4, F2>,
+        Which::F4 => backward_with::<4, 6, F4>,
+    }
+}
+
+/// The forward pass of a convolution [`applies`] holds for, with the rule `R`: `n` samples `xv`
+/// ((n, cin, h, w)), weights `wv` ((cout, cin, 3, 3)), bias `bv`; returns the (n, cout, h, w)
+/// output.
 fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     build: Build,
     g: &Geom,
@@ -746,28 +764,9 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     y
 }
 
-/// The backward pass of [`forward`], as `conv::backward_slices` returns it: adds the input
+/// The backward pass of [`forward_with`], as `conv::backward_slices` returns it: adds the input
 /// gradient into `dx` when given, and returns the weight gradient transposed (9 cin x cout) and
 /// the bias gradient (empty without a bias), each summed per group and the groups in order.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
-    build: Build,
-    g: &Geom,
-    n: usize,
-    cout: usize,
-    xv: &[f32],
-    wv: &[f32],
-    has_bias: bool,
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-) -> (Vec<f32>, Vec<f32>) {
-    match which(g) {
-        Which::F2 => backward_with::<2, 4, F2>(build, g, n, cout, xv, wv, has_bias, dy, dx),
-        Which::F4 => backward_with::<4, 6, F4>(build, g, n, cout, xv, wv, has_bias, dy, dx),
-    }
-}
-
-/// [`backward`] with the rule `R`.
 #[allow(clippy::too_many_arguments)]
 fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     build: Build,
