@@ -238,7 +238,10 @@ fn stride(rows: usize, tt: usize) -> usize {
 /// Pairs of channels transformed at a time by [`transform_weights`] and [`weight_grad_from`].
 const BLOCK: usize = 64;
 
-/// `U = G g G^T` for every (output, input) channel pair, laid out `[A * A][cout][cin]`.
+/// `U = G g G^T` for every (output, input) channel pair, laid out `[A * A][cout][cin]`: a
+/// block of pairs at a time, each pass over all of the block's pairs at once (its taps
+/// transposed first), the same operations in the same order for each pair.
+#[inline(always)]
 fn transform_weights<const M: usize, const A: usize, R: Rule<M, A>>(
     wv: &[f32],
     cout: usize,
@@ -246,23 +249,23 @@ fn transform_weights<const M: usize, const A: usize, R: Rule<M, A>>(
 ) -> Vec<f32> {
     let plane = cout * cin;
     let mut u = vec![0.0f32; A * A * plane];
-    // A block of pairs at a time into `blk` ([A * A][BLOCK]), then A * A row copies: writing
-    // each pair's values straight to planes 4 KiB-multiples apart thrashes one L1 set.
-    let mut blk = vec![0.0f32; A * A * BLOCK];
+    let mut taps = vec![0.0f32; 9 * BLOCK];
+    let mut rows = vec![0.0f32; 3 * A * BLOCK];
     for (bi, gs) in wv.chunks(9 * BLOCK).enumerate() {
+        let n = gs.len() / 9;
         for (p, g) in gs.chunks_exact(9).enumerate() {
-            // Along each row of taps, then down each column of the results.
-            let rows = [0, 1, 2].map(|ky| R::g([g[3 * ky], g[3 * ky + 1], g[3 * ky + 2]]));
-            for b in 0..A {
-                let col = R::g([rows[0][b], rows[1][b], rows[2][b]]);
-                for (a, v) in col.into_iter().enumerate() {
-                    blk[(a * A + b) * BLOCK + p] = v;
-                }
+            for (k, &v) in g.iter().enumerate() {
+                taps[k * BLOCK + p] = v;
             }
         }
-        let n = gs.len() / 9;
-        for (xi, src) in blk.chunks_exact(BLOCK).enumerate() {
-            u[xi * plane + bi * BLOCK..][..n].copy_from_slice(&src[..n]);
+        // Along each row of taps (rows[ky][b]), then down each column b of the results.
+        for ky in 0..3 {
+            let src = pieces::<3>(&taps, BLOCK, 3 * ky * BLOCK, n);
+            fan(n, src, pieces_mut(&mut rows, BLOCK, ky * A * BLOCK, n), R::g);
+        }
+        for b in 0..A {
+            let src = pieces::<3>(&rows, A * BLOCK, b * BLOCK, n);
+            fan(n, src, pieces_mut(&mut u, A * plane, b * plane + bi * BLOCK, n), R::g);
         }
     }
     u
@@ -270,6 +273,7 @@ fn transform_weights<const M: usize, const A: usize, R: Rule<M, A>>(
 
 /// The adjoint of [`transform_weights`] on a gradient `du` (`[A * A][cout][cin]`): `G^T dU G`,
 /// written transposed (9 cin x cout, as `conv::backward_slices` returns weight gradients).
+#[inline(always)]
 fn weight_grad_from<const M: usize, const A: usize, R: Rule<M, A>>(
     du: &[f32],
     cout: usize,
@@ -722,7 +726,10 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     let (t, cin) = (Tiles::new(g, M), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
     assert_eq!(xv.len(), n * xs, "conv2d: input of {} values, expected {n} x {xs}", xv.len());
-    let u = transform_weights::<M, A, R>(wv, cout, cin);
+    let u = build.run(
+        #[inline(always)]
+        || transform_weights::<M, A, R>(wv, cout, cin),
+    );
     let tmax = t.spg * tps;
     let (vl, ml) = (A * A * stride(cin, tmax), A * A * stride(cout, tmax));
     let group = |c: usize, yc: &mut [MaybeUninit<f32>], scratch: &mut [f32], par: Par| {
@@ -781,7 +788,10 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
 ) -> (Vec<f32>, Vec<f32>) {
     let (t, cin) = (Tiles::new(g, M), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
-    let u = transform_weights::<M, A, R>(wv, cout, cin);
+    let u = build.run(
+        #[inline(always)]
+        || transform_weights::<M, A, R>(wv, cout, cin),
+    );
     let tmax = t.spg * tps;
     let (aa, vl, ml) = (A * A, A * A * stride(cin, tmax), A * A * stride(cout, tmax));
     // A task sums the weight and bias gradients of a fixed block of samples (at least
@@ -875,7 +885,11 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     let (du, db) = super::conv::reduce_in_order(partials).unwrap_or_else(|| {
         (vec![0.0; aa * cout * cin], vec![0.0; if has_bias { cout } else { 0 }])
     });
-    (weight_grad_from::<M, A, R>(&du, cout, cin), db)
+    let dwt = build.run(
+        #[inline(always)]
+        || weight_grad_from::<M, A, R>(&du, cout, cin),
+    );
+    (dwt, db)
 }
 
 #[cfg(test)]
