@@ -338,18 +338,19 @@ fn pieces<const N: usize>(v: &[f32], step: usize, off: usize, n: usize) -> [&[f3
 }
 
 /// `pieces[q][j] = row[M j + q]` for every j below the pieces' (equal) length, zeros past the
-/// row's end.
+/// row's end; with `P` > `M` pieces, consecutive j overlap (a tile's patch columns).
 #[inline(always)]
-fn deinterleave<const M: usize>(row: &[f32], pieces: [&mut [f32]; M]) {
+fn gather<const M: usize, const P: usize>(row: &[f32], pieces: [&mut [f32]; P]) {
     let n = pieces[0].len();
-    let full = (row.len() / M).min(n);
+    // Positions whose P values all lie in the row.
+    let full = if row.len() >= P { ((row.len() - P) / M + 1).min(n) } else { 0 };
     let mut pieces = pieces;
     // LANES positions at a time through local arrays (constant indices: no bounds checks).
     let mut j = 0;
     while j + LANES <= full {
-        let mut x = [[0.0f32; M]; LANES];
+        let mut x = [[0.0f32; P]; LANES];
         for (l, xl) in x.iter_mut().enumerate() {
-            xl.copy_from_slice(&row[M * (j + l)..][..M]);
+            xl.copy_from_slice(&row[M * (j + l)..][..P]);
         }
         for (q, piece) in pieces.iter_mut().enumerate() {
             let mut y = [0.0f32; LANES];
@@ -360,9 +361,9 @@ fn deinterleave<const M: usize>(row: &[f32], pieces: [&mut [f32]; M]) {
         }
         j += LANES;
     }
-    for (jj, c) in row.chunks_exact(M).enumerate().take(full).skip(j) {
-        let c: &[f32; M] = c.try_into().expect("chunks of M");
-        for q in 0..M {
+    for jj in j..full {
+        let c: &[f32; P] = row[M * jj..][..P].try_into().expect("P values");
+        for q in 0..P {
             pieces[q][jj] = c[q];
         }
     }
@@ -492,15 +493,9 @@ fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
                 // k + M of tile row r / M - 1.
                 for (i, k) in [(r / M, r % M), ((r / M).wrapping_sub(1), r % M + M)] {
                     if i < th && k < A {
-                        // Patch columns a < M are the row's phases; a = M, M + 1 are phases 0
-                        // and 1 one tile on.
+                        // Patch column a of tile j is padded column M j + a.
                         let at = k * A * tt + s * tps + i * tw;
-                        deinterleave::<M>(&prow[..M * tw], pieces_mut(patch, tt, at, tw));
-                        for a in M..A {
-                            let from = at + (a - M) * tt + 1;
-                            patch.copy_within(from..from + tw - 1, at + a * tt);
-                            patch[at + a * tt + tw - 1] = prow[M * tw + a - M];
-                        }
+                        gather::<M, A>(prow, pieces_mut(patch, tt, at, tw));
                     }
                 }
             }
@@ -598,7 +593,7 @@ fn output_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
                 let (i, p) = (oy / M, oy % M);
                 let at = s * tps + i * tw;
                 let row = if oy < h { &dyc[oy * w..(oy + 1) * w] } else { &[][..] };
-                deinterleave::<M>(row, pieces_mut(pc, tt, p * M * tt + at, tw));
+                gather::<M, M>(row, pieces_mut(pc, tt, p * M * tt + at, tw));
             }
         }
         // half[a][q] = sum_p A^T[p][a] dy[p][q], then dM[a][b] = sum_q A^T[q][b] half[a][q].
@@ -631,7 +626,7 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
     let (st, plane, pw) = (stride(cin, tt), h * w, PASS.min(tt));
     let (half, rest) = buf.split_at_mut(A * A * tt);
     let (dd, rest) = rest.split_at_mut(A * A * tt);
-    let ph = &mut rest[..M * tw];
+    let ph = &mut rest[..2 * tw];
     for c in 0..cin {
         // half[k][b] = sum_a B^T[a][k] dV[a][b], then dd[k][l] = sum_b B^T[b][l] half[k][b].
         for t0 in (0..tt).step_by(pw) {
@@ -658,20 +653,24 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
                     // Padded column M j + l is input column M j + l - 1: input column M j + q
                     // takes patch column q + 1 of tile j, and for q = 0 column M + 1 of tile
                     // j - 1, for q = M - 1 column 0 of tile j + 1 (tile 0's is padding).
-                    // Summed per phase q here, then added into the row.
-                    for q in 0..M {
-                        ph[q * tw..][..tw].copy_from_slice(&dd[at + (q + 1) * tt..][..tw]);
+                    // Those two phases are summed here (`first`, `last`), then all M are added
+                    // into the row.
+                    let (first, last) = ph.split_at_mut(tw);
+                    let (d0, d1) = (&dd[at..][..tw], &dd[at + tt..][..tw]);
+                    let (dm, dm1) = (&dd[at + M * tt..][..tw], &dd[at + (M + 1) * tt..][..tw]);
+                    first[0] = d1[0];
+                    for ((e, &a), &b) in first[1..].iter_mut().zip(&d1[1..]).zip(dm1) {
+                        *e = a + b;
                     }
-                    let prev = &dd[at + (M + 1) * tt..][..tw - 1];
-                    for (e, &v) in ph[1..tw].iter_mut().zip(prev) {
-                        *e += v;
+                    let last = &mut last[..tw];
+                    for ((e, &a), &b) in last.iter_mut().zip(dm).zip(&d0[1..]) {
+                        *e = a + b;
                     }
-                    let next = &dd[at + 1..][..tw - 1];
-                    for (e, &v) in ph[(M - 1) * tw..][..tw - 1].iter_mut().zip(next) {
-                        *e += v;
-                    }
+                    last[tw - 1] = dm[tw - 1];
+                    let mut phases = pieces::<M>(dd, tt, at + tt, tw);
+                    (phases[0], phases[M - 1]) = (first, last);
                     let row = &mut dxc[(r - 1) * w..r * w];
-                    interleave::<M, _>(row, pieces(ph, tw, 0, tw), |e, v| *e += v);
+                    interleave::<M, _>(row, phases, |e, v| *e += v);
                 }
             }
         }
