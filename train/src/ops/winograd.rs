@@ -4,8 +4,8 @@
 //! (M + 2)x(M + 2) input patch `d` under it. F(4x4, 3x3) costs 36 multiplies per channel pair for
 //! 16 outputs, F(2x2, 3x3) 16 for 4, a direct sum 144 for 16. Summed over input channels, the
 //! (M + 2)^2 element-wise products become as many matrix products (one per position of the
-//! transformed tile), which run on `gemm`. F(4x4, 3x3) runs on planes of 8x8 and more, F(2x2,
-//! 3x3) on smaller ones (see [`which`]).
+//! transformed tile), which run on `gemm`. F(4x4, 3x3) runs on planes of at least four 4x4
+//! tiles, F(2x2, 3x3) on smaller ones (see [`which`]).
 //!
 //! The backward pass is the exact adjoint of that forward (the gradient of the function it
 //! computes): the output gradient goes through `A . A^T`, the input gradient is
@@ -67,8 +67,8 @@ enum Which {
     F4,
 }
 
-/// F(4x4, 3x3) where a plane holds at least 4 of its tiles (more than 4x4), F(2x2, 3x3) on
-/// smaller ones: see [`MIN_CHANNELS`] for what was measured. Like [`applies`], a function of the
+/// F(4x4, 3x3) where a plane holds at least 4 of its tiles (square planes from 5x5), F(2x2,
+/// 3x3) on smaller ones: see [`MIN_CHANNELS`] for what was measured. Like [`applies`], a function of the
 /// geometry alone (the bits may not depend on anything else).
 fn which(g: &Geom) -> Which {
     if g.h.div_ceil(4) * g.w.div_ceil(4) >= 4 {
