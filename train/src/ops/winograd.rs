@@ -219,11 +219,12 @@ impl Tiles {
     fn padded_rows(&self) -> usize {
         self.m * self.th + 2
     }
-    /// Floats of the transforms' work buffer for `tt` tiles: two sets of A x A pieces over the
-    /// tiles (the most any pass holds), and a padded row (at most m tw + m floats).
+    /// Floats of the transforms' work buffer for `tt` tiles: A x A pieces over the tiles, as
+    /// many over [`PASS`] of them (the passes' intermediate), and a padded row (m tw + 2 floats,
+    /// at least the input gradient's two phases).
     fn buf_len(&self, tt: usize) -> usize {
         let a = self.m + 2;
-        2 * a * a * tt + self.m * (self.tw + 1)
+        a * a * (tt + PASS.min(tt)) + self.m * self.tw + 2
     }
 }
 
@@ -461,8 +462,9 @@ fn fan<const I: usize, const O: usize>(
 /// (matrices [`stride`] apart), the group's tile `s * tiles + i * tw + j` at that column.
 /// Channel by channel: first every tile's A x A patch of the zero-padded plane is gathered as
 /// `[k][a]` pieces over all the group's tiles (`patch`), then one pass per patch row along its
-/// columns (to `[k][b]` pieces) and one per component down the rows, each over all tt tiles at
-/// once (a pass per padded row, over one row of tiles, was mostly loop overhead on small planes).
+/// columns (to `[k][b]` pieces) and one per component down the rows, each over [`PASS`] tiles
+/// at a time (a pass per padded row, over one row of tiles, was mostly loop overhead on small
+/// planes).
 #[inline(always)]
 fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     t: &Tiles,
@@ -475,7 +477,7 @@ fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     let (h, w, th, tw) = (t.h, t.w, t.th, t.tw);
     let (tps, st, plane) = (t.per_sample(), stride(cin, tt), h * w);
     let pw = PASS.min(tt);
-    let (g, rest) = buf.split_at_mut(A * A * tt);
+    let (g, rest) = buf.split_at_mut(A * A * pw);
     let (patch, rest) = rest.split_at_mut(A * A * tt);
     // One padded row: padded column c is input column c - 1.
     let prow = &mut rest[..M * tw + 2];
@@ -515,9 +517,9 @@ fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
 }
 
 /// `A^T M A` for every tile of a group: `m` is `[A * A][cout][tt]`; writes every element of
-/// `y` ((gs, cout, h, w)), plus the bias. Channel by channel: one pass per component over all
-/// tt tiles, one per output row of a tile into its `[p][q]` pieces, then those interleaved into
-/// the planes.
+/// `y` ((gs, cout, h, w)), plus the bias. Channel by channel: one pass per component and one
+/// per output row of a tile into its `[p][q]` pieces, [`PASS`] tiles at a time, then those
+/// interleaved into the planes.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn output_transform<const M: usize, const A: usize, R: Rule<M, A>>(
@@ -531,7 +533,7 @@ fn output_transform<const M: usize, const A: usize, R: Rule<M, A>>(
 ) {
     let (h, w, tw, tps) = (t.h, t.w, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cout, tt), h * w, PASS.min(tt));
-    let (half, rest) = buf.split_at_mut(M * A * tt);
+    let (half, rest) = buf.split_at_mut(M * A * pw);
     let out = &mut rest[..M * M * tt];
     for co in 0..cout {
         let bv = bias.map_or(0.0, |b| b[co]);
@@ -584,7 +586,7 @@ fn output_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
     let (h, w, th, tw, tps) = (t.h, t.w, t.th, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cout, tt), h * w, PASS.min(tt));
     let (pc, rest) = buf.split_at_mut(M * M * tt);
-    let half = &mut rest[..A * M * tt];
+    let half = &mut rest[..A * M * pw];
     for co in 0..cout {
         // Each tile's outputs as [p][q] pieces (zeros outside the plane).
         for s in 0..tt / tps {
@@ -624,7 +626,7 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
 ) {
     let (h, w, th, tw, tps) = (t.h, t.w, t.th, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cin, tt), h * w, PASS.min(tt));
-    let (half, rest) = buf.split_at_mut(A * A * tt);
+    let (half, rest) = buf.split_at_mut(A * A * pw);
     let (dd, rest) = rest.split_at_mut(A * A * tt);
     let ph = &mut rest[..2 * tw];
     for c in 0..cin {
