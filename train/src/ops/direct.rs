@@ -146,8 +146,39 @@ pub(crate) fn forward(
 }
 
 /// Copies each (h, w) plane into the middle of an (h + 2, w + 2) plane of `xp` with a zero
-/// border.
+/// border. The kernels' widths, 16 and 32, are compiled for their own width, so each row is a
+/// few vector moves: with the width a variable every row cost a `memmove` call, and padding x
+/// (forward and weight gradient) and dy (input gradient) took ~4.9% of a one-thread ResNet-20
+/// step (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores).
 fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
+    match w {
+        32 => pad_rows::<32>(x, cin, h, xp),
+        16 => pad_rows::<16>(x, cin, h, xp),
+        _ => pad_any(x, cin, h, w, xp),
+    }
+}
+
+/// [`pad`] for planes `W` wide.
+#[inline(always)]
+fn pad_rows<const W: usize>(x: &[f32], cin: usize, h: usize, xp: &mut [f32]) {
+    let wp = W + 2;
+    for (xc, pc) in x.chunks_exact(h * W).zip(xp.chunks_exact_mut((h + 2) * wp)).take(cin) {
+        let (top, rest) = pc.split_at_mut(wp);
+        top.fill(0.0);
+        let (mid, bottom) = rest.split_at_mut(h * wp);
+        bottom.fill(0.0);
+        for (row, src) in mid.chunks_exact_mut(wp).zip(xc.chunks_exact(W)) {
+            let row: &mut [f32] = row;
+            row[0] = 0.0;
+            let dst: &mut [f32; W] = (&mut row[1..=W]).try_into().expect("W floats");
+            *dst = src.try_into().expect("W floats");
+            row[W + 1] = 0.0;
+        }
+    }
+}
+
+/// [`pad`] for any width.
+fn pad_any(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
     let wp = w + 2;
     for (xc, pc) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut((h + 2) * wp)).take(cin) {
         pc[..wp].fill(0.0);
@@ -175,13 +206,17 @@ unsafe fn planes_fma<const N: usize>(
     planes::<N>(xp, wp, bias, y, cin, cout, h)
 }
 
-/// The AVX-512 forward: for each block of 4 output channels and run of 96 pixels (6 registers:
-/// three 32-wide rows or six 16-wide rows; the last run may be shorter), 4 x 6 chains over
-/// (ci, ky, kx) in registers, each shifted input vector loaded once for the 4 channels and each
-/// weight broadcast once for the 6 vectors. The autovectorised [`planes`] keeps 4 channels x one
-/// row (one or two registers) and so broadcasts each weight for one or two multiply-adds; it
-/// was ~17.6% of a one-thread ResNet-20 step against ~13% for the weight gradient's kernel with
-/// the same work (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores).
+/// The AVX-512 forward: for each run of 96 pixels (6 registers: three 32-wide rows or six
+/// 16-wide rows; the last run as many registers as are left) and each block of 4 output channels
+/// ([`fwd_run`]), 4 x 6 chains over (ci, ky, kx) in registers, each shifted input vector loaded
+/// once for the 4 channels and each weight broadcast once for the 6 vectors. The autovectorised
+/// [`planes`] keeps 4 channels x one row (one or two registers) and so broadcasts each weight for
+/// one or two multiply-adds; it was ~17.6% of a one-thread ResNet-20 step against ~13% for the
+/// weight gradient's kernel with the same work (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2
+/// cores). With the blocks outermost, a loop over the taps and the last run padded to 6
+/// registers it ran one layer (batch 128, one thread, pad included, least of 8 alternating runs,
+/// 2026-12-06, same host) in 4.48 ms at 16 channels 32x32 and 4.49 ms at 32 channels 16x16;
+/// as it is now (with [`pad_rows`]), 3.88 and 3.61 ms.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -195,59 +230,110 @@ unsafe fn fwd_avx512(
     h: usize,
     w: usize,
 ) {
-    use std::arch::x86_64::*;
-    const V: usize = 6;
-    let (pd, row_len) = (h * w, w + 2);
-    let plane = (h + 2) * row_len;
-    assert!(w.is_multiple_of(16) && xp.len() == cin * plane && y.len() == cout * pd);
+    let pd = h * w;
+    assert!(w.is_multiple_of(16) && xp.len() == cin * (h + 2) * (w + 2) && y.len() == cout * pd);
     assert!(wp.len() == cout.div_ceil(4) * cin * 36 && bias.is_none_or(|b| b.len() == cout));
-    let toff: [usize; 9] = std::array::from_fn(|t| t / 3 * row_len + t % 3);
-    for blk in 0..cout.div_ceil(4) {
-        let wb = wp[blk * cin * 36..].as_ptr();
-        let live = (cout - blk * 4).min(4);
-        let mut q0 = 0;
-        while q0 < pd {
-            let nv = ((pd - q0) / 16).min(V);
-            // Vector v: output pixels q0 + 16 v .. + 16 of row y_v from column x_v; tap t
-            // reads the padded input from y_v row_len + x_v + toff[t]. Vectors past the end
-            // repeat the last one (computed, not stored).
-            let base: [usize; V] = std::array::from_fn(|v| {
-                let q = (q0 + 16 * v).min(pd - 16);
-                q / w * row_len + q % w
-            });
-            let mut acc = [[_mm512_setzero_ps(); V]; 4];
-            for ci in 0..cin {
-                let xc = xp.as_ptr().add(ci * plane);
-                for (t, off) in toff.iter().enumerate() {
-                    // SAFETY: base + off + 16 <= (h - 1) row_len + w - 16 + 2 row_len + 2 + 16
-                    // = plane, within input plane ci < cin; the 4 weights of (ci, t) end at
-                    // ((blk cin + ci) 9 + t + 1) 4 <= wp.len().
-                    let xv: [__m512; V] =
-                        std::array::from_fn(|v| _mm512_loadu_ps(xc.add(base[v] + off)));
-                    let wt = wb.add((ci * 9 + t) * 4);
-                    for (j, aj) in acc.iter_mut().enumerate() {
-                        let b = _mm512_set1_ps(*wt.add(j));
-                        for v in 0..V {
-                            aj[v] = _mm512_fmadd_ps(b, xv[v], aj[v]);
-                        }
-                    }
-                }
+    let a = FwdArgs { xp, wp, bias, cin, cout, h, w };
+    let mut q0 = 0;
+    while q0 < pd {
+        // Runs of 6 vectors, the last one of what is left (16 pixels a vector; pd is a multiple
+        // of 16).
+        q0 += match (pd - q0) / 16 {
+            6.. => fwd_run::<6>(&a, q0, y),
+            5 => fwd_run::<5>(&a, q0, y),
+            4 => fwd_run::<4>(&a, q0, y),
+            3 => fwd_run::<3>(&a, q0, y),
+            2 => fwd_run::<2>(&a, q0, y),
+            _ => fwd_run::<1>(&a, q0, y),
+        };
+    }
+}
+
+/// What [`fwd_avx512`]'s runs read.
+#[cfg(target_arch = "x86_64")]
+struct FwdArgs<'a> {
+    xp: &'a [f32],
+    wp: &'a [f32],
+    bias: Option<&'a [f32]>,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+}
+
+/// The output pixels `q0 .. q0 + 16 V` of every block of 4 output channels (they run on these
+/// pixels one after another while their input rows are in L1): 4 x V chains over (ci, ky, kx)
+/// in registers, the 9 taps written out so each load's address is a base register plus a
+/// constant (a loop over the taps kept their offsets on the stack: ~30% slower, measured).
+/// Returns the pixels done, 16 V.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fwd_run<const V: usize>(a: &FwdArgs, q0: usize, y: &mut [MaybeUninit<f32>]) -> usize {
+    use std::arch::x86_64::*;
+    // One tap: the V shifted input vectors at `off` from each of `px`, each weight of `wt`
+    // broadcast for the V.
+    #[inline(always)]
+    unsafe fn tap<const V: usize>(
+        acc: &mut [[__m512; V]; 4],
+        px: &[*const f32; V],
+        off: usize,
+        wt: *const f32,
+    ) {
+        let xv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(px[v].add(off)));
+        for (j, aj) in acc.iter_mut().enumerate() {
+            let b = _mm512_set1_ps(*wt.add(j));
+            for v in 0..V {
+                aj[v] = _mm512_fmadd_ps(b, xv[v], aj[v]);
             }
-            for (j, aj) in acc.iter().enumerate().take(live) {
-                let co = blk * 4 + j;
-                for (v, av) in aj.iter().enumerate().take(nv) {
-                    let out = match bias {
-                        Some(b) => _mm512_add_ps(*av, _mm512_set1_ps(b[co])),
-                        None => *av,
-                    };
-                    // SAFETY: co pd + q0 + 16 v + 16 <= cout pd (q0 + 16 nv <= pd); f32 and
-                    // MaybeUninit<f32> have the same layout.
-                    _mm512_storeu_ps(y.as_mut_ptr().add(co * pd + q0 + 16 * v).cast(), out);
-                }
-            }
-            q0 += 16 * nv;
         }
     }
+    let &FwdArgs { xp, wp, bias, cin, cout, h, w } = a;
+    let (pd, row_len) = (h * w, w + 2);
+    let plane = (h + 2) * row_len;
+    assert!(q0 + 16 * V <= pd);
+    let (r1, r2) = (row_len, 2 * row_len);
+    // Vector v: output pixels q0 + 16 v .. + 16 of row y_v from column x_v; tap (ky, kx) reads
+    // the padded input from (y_v + ky) row_len + x_v + kx.
+    let base: [usize; V] = std::array::from_fn(|v| {
+        let q = q0 + 16 * v;
+        q / w * row_len + q % w
+    });
+    for blk in 0..cout.div_ceil(4) {
+        let mut wt = wp.as_ptr().add(blk * cin * 36);
+        let mut px: [*const f32; V] = std::array::from_fn(|v| xp.as_ptr().add(base[v]));
+        let mut acc = [[_mm512_setzero_ps(); V]; 4];
+        for _ in 0..cin {
+            // SAFETY: base + 2 row_len + 2 + 16 <= (h - 1) row_len + w - 16 + 2 row_len + 18 =
+            // plane, within the current input plane (one of cin); the 36 weights of this
+            // (block, ci) end within wp (its length asserted by the caller).
+            tap(&mut acc, &px, 0, wt);
+            tap(&mut acc, &px, 1, wt.add(4));
+            tap(&mut acc, &px, 2, wt.add(8));
+            tap(&mut acc, &px, r1, wt.add(12));
+            tap(&mut acc, &px, r1 + 1, wt.add(16));
+            tap(&mut acc, &px, r1 + 2, wt.add(20));
+            tap(&mut acc, &px, r2, wt.add(24));
+            tap(&mut acc, &px, r2 + 1, wt.add(28));
+            tap(&mut acc, &px, r2 + 2, wt.add(32));
+            px = px.map(|p| p.wrapping_add(plane));
+            wt = wt.add(36);
+        }
+        let live = (cout - blk * 4).min(4);
+        for (j, aj) in acc.iter().enumerate().take(live) {
+            let co = blk * 4 + j;
+            for (v, av) in aj.iter().enumerate() {
+                let out = match bias {
+                    Some(b) => _mm512_add_ps(*av, _mm512_set1_ps(b[co])),
+                    None => *av,
+                };
+                // SAFETY: co pd + q0 + 16 v + 16 <= cout pd (asserted above); f32 and
+                // MaybeUninit<f32> have the same layout.
+                _mm512_storeu_ps(y.as_mut_ptr().add(co * pd + q0 + 16 * v).cast(), out);
+            }
+        }
+    }
+    16 * V
 }
 
 /// Every output row of every block of 4 output channels.
