@@ -423,18 +423,18 @@ impl ResNet {
                 let mut d = std::mem::take(&mut **grads.get_or_alloc_mut(&out_g)?);
                 for (bi, blk) in blocks.iter().enumerate().rev() {
                     let (input, out) = (&acts[bi], &acts[bi + 1]);
-                    let mut d_in = vec![0.0f32; input.len()];
+                    let mut d_in = ops::zeros_par(input.len());
                     let pos = Mask::Positive(out);
                     match &blk.shortcut {
                         Some((sc, sbn)) => {
-                            let mut ds = vec![0.0f32; sbn.x.len()];
+                            let mut ds = ops::zeros_par(sbn.x.len());
                             norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut ds))?;
                             norm_back(grads, sbn, &mut ds, Mask::None, None)?;
                             conv_back(grads, sc, input, &ds, Some(&mut d_in))?;
                         }
                         None => norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut d_in))?,
                     }
-                    let mut dr1 = vec![0.0f32; blk.r1.len()];
+                    let mut dr1 = ops::zeros_par(blk.r1.len());
                     conv_back(grads, &blk.conv2, &blk.r1, &d, Some(&mut dr1))?;
                     drop(d);
                     norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None)?;
