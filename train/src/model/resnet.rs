@@ -23,7 +23,7 @@ use dfdx::prelude::*;
 
 use super::{Architecture, Init, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
-use crate::ops::batch_norm::{self, Mask, TrainSaved};
+use crate::ops::batch_norm::{self, Mask, ResGrad, TrainSaved};
 use crate::ops::{self, Conv2dCfg, RunningStats, BN_EPS, T1, T2, T4};
 use crate::params::ParamKind;
 use crate::Result;
@@ -412,28 +412,40 @@ impl ResNet {
                                  r: &BnRec,
                                  dy: &mut [f32],
                                  mask: Mask<'_>,
-                                 dr: Option<&mut [f32]>| {
+                                 dr: Option<ResGrad<'_>>| {
                     let tot = batch_norm::train_backward(build, &r.saved, &r.x, dy, mask, dr, None);
                     let (g, b) = (&ghosts[r.slot.param], &ghosts[r.slot.param + 1]);
                     ops::add_channel_totals(grads.get_or_alloc_mut(g)?, tot.iter().map(|t| t.0));
                     ops::add_channel_totals(grads.get_or_alloc_mut(b)?, tot.iter().map(|t| t.1));
                     Ok::<(), <Cpu as HasErr>::Err>(())
                 };
+                // The residual's gradient is the first thing a block's input gradient (or its
+                // shortcut norm's) receives: written, as `0.0 + g`, into a buffer not zeroed
+                // first (`ResGrad::Write`: the bits of adding it into zeros).
+                let residual_grad =
+                    |grads: &mut Gradients<f32, Cpu>, r: &BnRec, dy: &mut [f32], mask: Mask<'_>| {
+                        let mut g: Vec<f32> = Vec::with_capacity(dy.len());
+                        let spare = &mut g.spare_capacity_mut()[..dy.len()];
+                        norm_back(grads, r, dy, mask, Some(ResGrad::Write(spare)))?;
+                        // SAFETY: `ResGrad::Write` wrote every element (`train_backward`).
+                        unsafe { g.set_len(dy.len()) };
+                        Ok::<Vec<f32>, <Cpu as HasErr>::Err>(g)
+                    };
                 // Each norm's input gradient is written over its output's (`dx = None`).
                 let mut d = std::mem::take(&mut **grads.get_or_alloc_mut(&out_g)?);
                 for (bi, blk) in blocks.iter().enumerate().rev() {
                     let (input, out) = (&acts[bi], &acts[bi + 1]);
-                    let mut d_in = ops::zeros_par(input.len());
                     let pos = Mask::Positive(out);
-                    match &blk.shortcut {
+                    let mut d_in = match &blk.shortcut {
                         Some((sc, sbn)) => {
-                            let mut ds = ops::zeros_par(sbn.x.len());
-                            norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut ds))?;
+                            let mut ds = residual_grad(grads, &blk.bn2, &mut d, pos)?;
                             norm_back(grads, sbn, &mut ds, Mask::None, None)?;
+                            let mut d_in = ops::zeros_par(input.len());
                             conv_back(grads, sc, input, &ds, Some(&mut d_in))?;
+                            d_in
                         }
-                        None => norm_back(grads, &blk.bn2, &mut d, pos, Some(&mut d_in))?,
-                    }
+                        None => residual_grad(grads, &blk.bn2, &mut d, pos)?,
+                    };
                     let mut dr1 = ops::zeros_par(blk.r1.len());
                     conv_back(grads, &blk.conv2, &blk.r1, &d, Some(&mut dr1))?;
                     drop(d);

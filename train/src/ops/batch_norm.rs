@@ -494,13 +494,22 @@ pub(crate) enum Mask<'a> {
     Positive(&'a [f32]),
 }
 
+/// Where a fused tail's backward puts the residual's gradient `g`.
+pub(crate) enum ResGrad<'a> {
+    /// Added into what is there.
+    Add(&'a mut [f32]),
+    /// Written into memory not yet initialised, as `0.0 + g`: the bits of adding it into a
+    /// zeroed buffer, without the zeroing pass (or its read back) over a full-size buffer.
+    Write(&'a mut [MaybeUninit<f32>]),
+}
+
 /// Backward through a fused tail, before the norm's own backward: `dy` becomes the gradient at
 /// the norm's output, `0 + (mask ? dy : 0)` (as the ReLU's backward writes it into a zeroed
 /// buffer and `+` passes it on), which is also added into the residual's gradient `dr`. Nothing
 /// for a plain norm ([`Mask::None`]).
 fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [f32]>) {
     // One chunk of ELEM_CHUNK values starting at `at`.
-    let chunk = |at: usize, dc: &mut [f32], rc: Option<&mut [f32]>| {
+    let chunk = |at: usize, dc: &mut [f32], rc: Option<ResGrad<'_>>| {
         build.run(
             #[inline(always)]
             || tail_slice(mask, at, dc, rc),
@@ -514,14 +523,14 @@ fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [
         None => chunks.for_each(|(ci, dc)| chunk(ci * ELEM_CHUNK, dc, None)),
         Some(dr) => chunks
             .zip(dr.par_chunks_mut(ELEM_CHUNK))
-            .for_each(|((ci, dc), rc)| chunk(ci * ELEM_CHUNK, dc, Some(rc))),
+            .for_each(|((ci, dc), rc)| chunk(ci * ELEM_CHUNK, dc, Some(ResGrad::Add(rc)))),
     }
 }
 
 /// [`tail_backward`] on the values `at .. at + dc.len()`: `dc` those of dy, `rc` (when given)
 /// those of the residual's gradient.
 #[inline(always)]
-fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<&mut [f32]>) {
+fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<ResGrad<'_>>) {
     let len = dc.len();
     match mask {
         Mask::None => return,
@@ -536,9 +545,18 @@ fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<&mut [f32]>)
             }
         }
     }
-    if let Some(rc) = rc {
-        for (r, d) in rc.iter_mut().zip(dc.iter()) {
-            *r += *d;
+    match rc {
+        None => {}
+        Some(ResGrad::Add(rc)) => {
+            for (r, d) in rc.iter_mut().zip(dc.iter()) {
+                *r += *d;
+            }
+        }
+        Some(ResGrad::Write(rc)) => {
+            assert_eq!(rc.len(), len, "the residual's gradient has another length than dy");
+            for (r, d) in rc.iter_mut().zip(dc.iter()) {
+                r.write(0.0 + *d);
+            }
         }
     }
 }
@@ -705,7 +723,8 @@ pub(crate) fn train_forward(
 }
 
 /// The backward pass of [`train_forward`]: `dy` (the output's gradient, overwritten) goes back
-/// through the tail (`mask`; its residual part is added into `dr`), then the norm, whose input
+/// through the tail (`mask`; its residual part goes into `dr`, see [`ResGrad`]: with
+/// `ResGrad::Write` every element is written), then the norm, whose input
 /// gradient is added into `dx`, or with `dx = None` written over `dy` (the values adding it into
 /// a zeroed buffer gives). Returns per channel (sum dy * xhat, sum dy): gamma's and beta's
 /// gradients, in f64.
@@ -715,7 +734,7 @@ pub(crate) fn train_backward(
     xv: &[f32],
     dy: &mut [f32],
     mask: Mask<'_>,
-    dr: Option<&mut [f32]>,
+    dr: Option<ResGrad<'_>>,
     dx: Option<&mut [f32]>,
 ) -> Vec<(f64, f64)> {
     let (n, c, h, w) = st.shape;
@@ -735,17 +754,25 @@ pub(crate) fn train_backward(
             },
         );
     };
+    if let Some(ResGrad::Write(dr)) = &dr {
+        assert_eq!(dr.len(), dy.len(), "the residual's gradient has another length than dy");
+    }
     let planes = sums.par_iter_mut().zip(dy.par_chunks_mut(p)).zip(xv.par_chunks(p));
     match dr {
         None => planes
             .enumerate()
             .with_min_len(min_planes)
             .for_each(|(pi, ((s, dyp), xp))| pass1(pi, s, dyp, xp, None)),
-        Some(dr) => planes
-            .zip(dr.par_chunks_mut(p))
-            .enumerate()
-            .with_min_len(min_planes)
-            .for_each(|(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(rp))),
+        Some(ResGrad::Add(dr)) => {
+            planes.zip(dr.par_chunks_mut(p)).enumerate().with_min_len(min_planes).for_each(
+                |(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(ResGrad::Add(rp))),
+            )
+        }
+        Some(ResGrad::Write(dr)) => {
+            planes.zip(dr.par_chunks_mut(p)).enumerate().with_min_len(min_planes).for_each(
+                |(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(ResGrad::Write(rp))),
+            )
+        }
     }
     let tot = channel_sums(&sums, c);
     // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
