@@ -296,8 +296,9 @@ fn sgd_builds_agree() {
 
 /// The direct 3x3 kernel (`ops::direct`) gives im2col + gemm's bits on the shapes it takes, in
 /// every instruction set this CPU has, and `conv2d` dispatches to it: with and without a bias,
-/// output channels not a multiple of 4, 16- and 32-wide planes of 1 to 32 rows, 1 to 32 input
-/// channels (scratch and output full of NaN beforehand, so a value not written would show).
+/// output channels not a multiple of 4 and more than one group of the AVX-512 forward's blocks
+/// (42), 16- and 32-wide planes of 1 to 32 rows, 1 to 32 input channels (scratch and output
+/// full of NaN beforehand, so a value not written would show).
 #[test]
 fn direct_conv_equals_im2col_gemm() {
     use crate::ops::{direct, ConvGeom};
@@ -310,6 +311,7 @@ fn direct_conv_equals_im2col_gemm() {
         (1, 1, 5, 7, 32, false),
         (2, 32, 3, 32, 32, true),
         (1, 4, 8, 1, 16, false),
+        (2, 3, 42, 4, 32, true),
     ];
     for (n, cin, cout, h, w, bias) in shapes {
         let cfg = Conv2dCfg::new(cout, 3, 1);

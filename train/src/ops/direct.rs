@@ -206,17 +206,18 @@ unsafe fn planes_fma<const N: usize>(
     planes::<N>(xp, wp, bias, y, cin, cout, h)
 }
 
-/// The AVX-512 forward: for each run of 96 pixels (6 registers: three 32-wide rows or six
-/// 16-wide rows; the last run as many registers as are left) and each block of 4 output channels
-/// ([`fwd_run`]), 4 x 6 chains over (ci, ky, kx) in registers, each shifted input vector loaded
-/// once for the 4 channels and each weight broadcast once for the 6 vectors. The autovectorised
-/// [`planes`] keeps 4 channels x one row (one or two registers) and so broadcasts each weight for
-/// one or two multiply-adds; it was ~17.6% of a one-thread ResNet-20 step against ~13% for the
-/// weight gradient's kernel with the same work (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2
-/// cores). With the blocks outermost, a loop over the taps and the last run padded to 6
-/// registers it ran one layer (batch 128, one thread, pad included, least of 8 alternating runs,
-/// 2026-12-06, same host) in 4.48 ms at 16 channels 32x32 and 4.49 ms at 32 channels 16x16;
-/// as it is now (with [`pad_rows`]), 3.88 and 3.61 ms.
+/// The AVX-512 forward: for each group of 4 blocks of 4 output channels ([`FWD_GROUP`]), each
+/// run of 96 pixels (6 registers: three 32-wide rows or six 16-wide rows; the last run as many
+/// registers as are left) and each block of the group ([`fwd_run`]), 4 x 6 chains over
+/// (ci, ky, kx) in registers, each shifted input vector loaded once for the 4 channels and each
+/// weight broadcast once for the 6 vectors. The autovectorised [`planes`] keeps 4 channels x one
+/// row (one or two registers) and so broadcasts each weight for one or two multiply-adds; it
+/// was ~17.6% of a one-thread ResNet-20 step against ~13% for the weight gradient's kernel with
+/// the same work (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores). With the blocks
+/// outermost, a loop over the taps and the last run padded to 6 registers it ran one layer
+/// (batch 128, one thread, pad included, least of 8 alternating runs, 2026-12-06, same host) in
+/// 4.48 ms at 16 channels 32x32 and 4.49 ms at 32 channels 16x16; with the runs outside the
+/// blocks and the taps written out (and [`pad_rows`]), 3.88 and 3.61 ms.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -234,20 +235,33 @@ unsafe fn fwd_avx512(
     assert!(w.is_multiple_of(16) && xp.len() == cin * (h + 2) * (w + 2) && y.len() == cout * pd);
     assert!(wp.len() == cout.div_ceil(4) * cin * 36 && bias.is_none_or(|b| b.len() == cout));
     let a = FwdArgs { xp, wp, bias, cin, cout, h, w };
-    let mut q0 = 0;
-    while q0 < pd {
-        // Runs of 6 vectors, the last one of what is left (16 pixels a vector; pd is a multiple
-        // of 16).
-        q0 += match (pd - q0) / 16 {
-            6.. => fwd_run::<6>(&a, q0, y),
-            5 => fwd_run::<5>(&a, q0, y),
-            4 => fwd_run::<4>(&a, q0, y),
-            3 => fwd_run::<3>(&a, q0, y),
-            2 => fwd_run::<2>(&a, q0, y),
-            _ => fwd_run::<1>(&a, q0, y),
-        };
+    let blocks = cout.div_ceil(4);
+    for b0 in (0..blocks).step_by(FWD_GROUP) {
+        let bs = b0..(b0 + FWD_GROUP).min(blocks);
+        let mut q0 = 0;
+        while q0 < pd {
+            // Runs of 6 vectors, the last one of what is left (16 pixels a vector; pd is a
+            // multiple of 16).
+            q0 += match (pd - q0) / 16 {
+                6.. => fwd_run::<6>(&a, bs.clone(), q0, y),
+                5 => fwd_run::<5>(&a, bs.clone(), q0, y),
+                4 => fwd_run::<4>(&a, bs.clone(), q0, y),
+                3 => fwd_run::<3>(&a, bs.clone(), q0, y),
+                2 => fwd_run::<2>(&a, bs.clone(), q0, y),
+                _ => fwd_run::<1>(&a, bs.clone(), q0, y),
+            };
+        }
     }
 }
+
+/// Blocks of 4 output channels [`fwd_avx512`] runs on a run of pixels one after another (16
+/// output channels): a run's input rows are read from L1 for all of them. With every block on
+/// every run, ConvNet-3's first layer (3 -> 128 channels, 32x32) ran 2x slower than with the
+/// blocks outermost (18.2 against 8.8 ms a batch of 128, one thread): each run then stored into
+/// 128 output planes 4 KiB apart. In groups of 2, 4 or 8 blocks it ran at 7.5-11 ms on that VM,
+/// and ResNet-20's 16- and 32-channel layers within its noise (2026-12-06, Intel Xeon with
+/// AVX-512, 2 cores).
+const FWD_GROUP: usize = 4;
 
 /// What [`fwd_avx512`]'s runs read.
 #[cfg(target_arch = "x86_64")]
@@ -261,15 +275,20 @@ struct FwdArgs<'a> {
     w: usize,
 }
 
-/// The output pixels `q0 .. q0 + 16 V` of every block of 4 output channels (they run on these
-/// pixels one after another while their input rows are in L1): 4 x V chains over (ci, ky, kx)
+/// The output pixels `q0 .. q0 + 16 V` of the given blocks of 4 output channels (they run on
+/// these pixels one after another while their input rows are in L1): 4 x V chains over (ci, ky, kx)
 /// in registers, the 9 taps written out so each load's address is a base register plus a
 /// constant (a loop over the taps kept their offsets on the stack: ~30% slower, measured).
 /// Returns the pixels done, 16 V.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn fwd_run<const V: usize>(a: &FwdArgs, q0: usize, y: &mut [MaybeUninit<f32>]) -> usize {
+unsafe fn fwd_run<const V: usize>(
+    a: &FwdArgs,
+    blocks: std::ops::Range<usize>,
+    q0: usize,
+    y: &mut [MaybeUninit<f32>],
+) -> usize {
     use std::arch::x86_64::*;
     // One tap: the V shifted input vectors at `off` from each of `px`, each weight of `wt`
     // broadcast for the V.
@@ -299,7 +318,7 @@ unsafe fn fwd_run<const V: usize>(a: &FwdArgs, q0: usize, y: &mut [MaybeUninit<f
         let q = q0 + 16 * v;
         q / w * row_len + q % w
     });
-    for blk in 0..cout.div_ceil(4) {
+    for blk in blocks {
         let mut wt = wp.as_ptr().add(blk * cin * 36);
         let mut px: [*const f32; V] = std::array::from_fn(|v| xp.as_ptr().add(base[v]));
         let mut acc = [[_mm512_setzero_ps(); V]; 4];
