@@ -337,6 +337,13 @@ fn poly_avx512() -> bool {
     Build::selected() == Build::Avx2 && direct::Isa::detected() == Some(direct::Isa::Avx512)
 }
 
+/// The mask of a vector's first `n` lanes (all 16 for `n >= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn low_lanes(n: usize) -> u16 {
+    ((1u32 << n.min(16)) - 1) as u16
+}
+
 /// `even[j] = row[2 j]`, `odd[j] = row[2 j + 1]` (`row` twice as long as `even` and `odd`): two
 /// permutes per 32 floats, the last piece with masked loads and stores.
 ///
@@ -353,9 +360,8 @@ unsafe fn split_avx512(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let mut j = 0;
     while j < wo {
         let r = (wo - j).min(16);
-        // Masks of the valid lanes: 2r floats of the row in two vectors, r outputs.
-        let m = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as u16 };
-        let (m0, m1, mo) = (m(2 * r), m((2 * r).saturating_sub(16)), m(r));
+        // The valid lanes: 2r floats of the row in two vectors, r outputs.
+        let (m0, m1, mo) = (low_lanes(2 * r), low_lanes((2 * r).saturating_sub(16)), low_lanes(r));
         // SAFETY: the masked lanes stay within row[2 j .. 2 j + 2 r] and even / odd [j .. j + r]
         // (masked-off lanes are not accessed, so the second vector's address may lie past the
         // row when 2 r <= 16).
@@ -382,8 +388,7 @@ unsafe fn merge_avx512(even: &[f32], odd: &[f32], row: &mut [f32]) {
     let mut j = 0;
     while j < wo {
         let r = (wo - j).min(16);
-        let m = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as u16 };
-        let (mi, m0, m1) = (m(r), m(2 * r), m((2 * r).saturating_sub(16)));
+        let (mi, m0, m1) = (low_lanes(r), low_lanes(2 * r), low_lanes((2 * r).saturating_sub(16)));
         // SAFETY: the masked lanes stay within even / odd [j .. j + r] and row[2 j .. 2 j + 2 r]
         // (masked-off lanes are not accessed).
         let e = _mm512_maskz_loadu_ps(mi, even.as_ptr().add(j));

@@ -154,7 +154,8 @@ fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
     match w {
         32 => pad_rows::<32>(x, cin, h, xp),
         16 => pad_rows::<16>(x, cin, h, xp),
-        _ => pad_any(x, cin, h, w, xp),
+        // Every caller takes only what `applies` takes: 16- and 32-wide planes.
+        _ => unreachable!("direct::pad on a {w}-wide plane"),
     }
 }
 
@@ -173,20 +174,6 @@ fn pad_rows<const W: usize>(x: &[f32], cin: usize, h: usize, xp: &mut [f32]) {
             let dst: &mut [f32; W] = (&mut row[1..=W]).try_into().expect("W floats");
             *dst = src.try_into().expect("W floats");
             row[W + 1] = 0.0;
-        }
-    }
-}
-
-/// [`pad`] for any width.
-fn pad_any(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
-    let wp = w + 2;
-    for (xc, pc) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut((h + 2) * wp)).take(cin) {
-        pc[..wp].fill(0.0);
-        pc[(h + 1) * wp..].fill(0.0);
-        for (row, src) in pc[wp..(h + 1) * wp].chunks_exact_mut(wp).zip(xc.chunks_exact(w)) {
-            row[0] = 0.0;
-            row[1..=w].copy_from_slice(src);
-            row[w + 1] = 0.0;
         }
     }
 }
