@@ -1,10 +1,14 @@
 //! `lmc bench`: images per second on the reference workloads of
 //! `shared/bench/torch_reference.py`, printed like that script so the two compare in one run.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 use clap::Args;
 use lmc_train::bench;
 use serde_json::json;
+
+use crate::bench_vs;
 
 /// Arguments of `lmc bench`.
 #[derive(Args)]
@@ -27,6 +31,18 @@ pub struct BenchArgs {
     /// Print one JSON object like the PyTorch reference script.
     #[arg(long)]
     json: bool,
+    /// Side by side with PyTorch's reference script (e.g. ../shared/bench/torch_reference.py):
+    /// lmc and the script alternate, each run its own process, lmc first and last; prints each
+    /// workload's runs, the ratios of adjacent runs and their median, each process's peak
+    /// resident memory, and when and on what CPU it ran.
+    #[arg(long, value_name = "SCRIPT")]
+    vs_torch: Option<PathBuf>,
+    /// With --vs-torch: PyTorch runs (lmc runs one more).
+    #[arg(long, default_value_t = 3, requires = "vs_torch")]
+    rounds: usize,
+    /// With --vs-torch: the Python interpreter that runs the script (with torch installed).
+    #[arg(long, default_value = "python3", requires = "vs_torch")]
+    python: String,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -41,11 +57,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.scale.is_nan() || a.scale <= 0.0 {
         bail!("--scale {}: must be positive", a.scale);
     }
+    let selected =
+        || all.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name));
+    if let Some(script) = &a.vs_torch {
+        // Both sides get the same explicit count (0, like no --threads, means all cores).
+        let threads = a.threads.filter(|&t| t > 0).unwrap_or_else(rayon::current_num_threads);
+        return bench_vs::run(&bench_vs::Plan {
+            script,
+            python: &a.python,
+            rounds: a.rounds,
+            threads,
+            repeats: a.repeats,
+            scale: a.scale,
+            workloads: selected().map(|w| w.name).collect(),
+            json: a.json,
+        });
+    }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(0)).build()?;
     let threads = pool.current_num_threads();
     let mut rates = serde_json::Map::new();
     let mut gflops = serde_json::Map::new();
-    for w in all.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name)) {
+    for w in selected() {
         let steps = ((w.steps as f64 * a.scale).round() as usize).max(1);
         let m = pool.install(|| bench::measure(w, steps, a.repeats));
         if !a.json {

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_cmd;
+mod bench_vs;
 mod data_cmd;
 mod distill_cmd;
 mod inspect;
