@@ -67,7 +67,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             python: &a.python,
             rounds: a.rounds,
             threads,
-            repeats: a.repeats,
+            // `lmc bench` counts 0 repeats as 1; the script would fail on none.
+            repeats: a.repeats.max(1),
             scale: a.scale,
             workloads: selected().map(|w| w.name).collect(),
             json: a.json,

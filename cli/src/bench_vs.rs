@@ -119,13 +119,13 @@ pub fn run(p: &Plan) -> Result<()> {
         println!("  PyTorch  images/s  {}", list(t, 1));
         println!("  adjacent lmc/PyTorch {}  median {m:.2}", list(r, 2));
     }
-    let mb = |v: Vec<Option<u64>>| {
+    let gb = |v: Vec<Option<u64>>| {
         v.iter()
             .map(|b| b.map_or("?".to_string(), |b| format!("{:.2}", b as f64 / 1e9)))
             .collect::<Vec<_>>()
             .join(" / ")
     };
-    println!("peak resident memory (GB): lmc {}, PyTorch {}", mb(rss(&lmc)), mb(rss(&torch)));
+    println!("peak resident memory (GB): lmc {}, PyTorch {}", gb(rss(&lmc)), gb(rss(&torch)));
     Ok(())
 }
 
@@ -209,7 +209,13 @@ fn run_measured(
         // std has not waited for (so not reused) and will not wait for again.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         let pid = child.id() as libc::pid_t;
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let r = loop {
+            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            if r != -1 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                break r;
+            }
+        };
         if r == pid {
             let rss = u64::try_from(usage.ru_maxrss).ok().map(|k| k * 1024);
             return Ok((std::process::ExitStatus::from_raw(status), out, err, rss));
