@@ -503,6 +503,18 @@ pub(crate) enum ResGrad<'a> {
     Write(&'a mut [MaybeUninit<f32>]),
 }
 
+impl<'a> ResGrad<'a> {
+    /// Its pieces of `p` values, each the same kind of destination, in parallel.
+    fn par_chunks(self, p: usize) -> impl IndexedParallelIterator<Item = ResGrad<'a>> {
+        match self {
+            ResGrad::Add(d) => rayon::iter::Either::Left(d.par_chunks_mut(p).map(ResGrad::Add)),
+            ResGrad::Write(d) => {
+                rayon::iter::Either::Right(d.par_chunks_mut(p).map(ResGrad::Write))
+            }
+        }
+    }
+}
+
 /// Backward through a fused tail, before the norm's own backward: `dy` becomes the gradient at
 /// the norm's output, `0 + (mask ? dy : 0)` (as the ReLU's backward writes it into a zeroed
 /// buffer and `+` passes it on), which is also added into the residual's gradient `dr`. Nothing
@@ -763,16 +775,11 @@ pub(crate) fn train_backward(
             .enumerate()
             .with_min_len(min_planes)
             .for_each(|(pi, ((s, dyp), xp))| pass1(pi, s, dyp, xp, None)),
-        Some(ResGrad::Add(dr)) => {
-            planes.zip(dr.par_chunks_mut(p)).enumerate().with_min_len(min_planes).for_each(
-                |(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(ResGrad::Add(rp))),
-            )
-        }
-        Some(ResGrad::Write(dr)) => {
-            planes.zip(dr.par_chunks_mut(p)).enumerate().with_min_len(min_planes).for_each(
-                |(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(ResGrad::Write(rp))),
-            )
-        }
+        Some(dr) => planes
+            .zip(dr.par_chunks(p))
+            .enumerate()
+            .with_min_len(min_planes)
+            .for_each(|(pi, (((s, dyp), xp), rp))| pass1(pi, s, dyp, xp, Some(rp))),
     }
     let tot = channel_sums(&sums, c);
     // dx = gr * dy - c0 - c1 * xhat with gr = gamma * rstd, c0 = gr * sum(dy) / M,
