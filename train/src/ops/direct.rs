@@ -406,9 +406,9 @@ fn planes<const N: usize>(
 /// Whether [`weight_grad`] and [`input_grad`] compute this convolution's gradients: where the
 /// forward kernel applies with at most 32 output channels (a ResNet-20's stem and first two
 /// stages), except where the weight gradient is a product of at most 16 x 16 outputs (9 input
-/// channels x `cout` <= 256), which `gemm` sums as dot products with a horizontal reduction
-/// instead of chains of multiply-adds (`gemm_common`'s `horizontal_dispatcher`). More output channels are left to `gemm`: the transposed dy then
-/// outgrows L1, and with ConvNet-3's 3 -> 128 channel CIFAR layer through the kernel its
+/// channels x `cout` <= 256), which `ops::gemm` sums itself (`gemm::reduces_horizontally`;
+/// left there, as before that existed). More output channels are left to `gemm`: the transposed
+/// dy then outgrows L1, and with ConvNet-3's 3 -> 128 channel CIFAR layer through the kernel its
 /// training looked ~5% slower (`lmc bench`, 2 threads, three alternating runs, 348-365 against
 /// 381-410 images/s; 2026-12-06, Intel Xeon with AVX-512, 2 cores; within this VM's noise, so
 /// not a firm figure either way).

@@ -185,6 +185,12 @@ unsafe fn raw(
     rl: Layout,
     par: gemm::Parallelism,
 ) {
+    if reduces_horizontally(m, n, ll, rl) {
+        let (lhs_rs, rhs_cs) = (ll.rs, rl.cs);
+        let c = Chains { m, n, k, dst, dl, accumulate, lhs, lhs_rs, rhs, rhs_cs };
+        // SAFETY: the caller's guarantees, which `Chains::run` needs too.
+        return unsafe { c.run() };
+    }
     gemm::gemm(
         m,
         n,
@@ -208,14 +214,125 @@ unsafe fn raw(
     )
 }
 
+/// Whether `gemm` 0.19 would sum this product as dot products, each reduced across its vector
+/// lanes at the end: where both operands run along the inner dimension (lhs column stride 1, rhs
+/// row stride 1, as in a conv's weight gradient, dy times the transposed im2col matrix) and the
+/// result has at most 256 elements (`gemm_common::gemm`'s `horizontal_dispatcher`, tried first
+/// for any inner dimension) or is one row or column (its `mixed_gemv_rowmajor`). That order
+/// follows the vector width (8 lanes with AVX2, 16 with AVX-512), so a run on an AVX2-only host
+/// would differ in its bits from one on an AVX-512 host; [`Chains`] sums these products instead.
+/// (`gemm` transposes a product whose destination is column-major first; the test is symmetric
+/// in the two operands, so it holds either way.)
+fn reduces_horizontally(m: usize, n: usize, ll: Layout, rl: Layout) -> bool {
+    ll.cs == 1 && rl.rs == 1 && (m * n <= 256 || m <= 1 || n <= 1)
+}
+
+/// `dst = [dst +] lhs * rhs` for the products [`reduces_horizontally`] picks, summed as `gemm`'s
+/// packed path sums every other product: each element one chain of fused multiply-adds from
+/// +0.0 over each piece of the inner dimension ([`k_piece`]), the pieces added to the
+/// destination in order (the first overwrites it unless `accumulate`). A fused multiply-add
+/// rounds once on every CPU, so these bits do not depend on the instruction set (tested against
+/// an independent loop and against `gemm`'s packed path on copied operands). Written here
+/// because `gemm` has no switch for its horizontal path; the products are small (at most 256
+/// elements, or one row or column), and 8 chains run side by side, so the loop is bound by the
+/// multiply-adds' throughput rather than their latency.
+#[derive(Clone, Copy)]
+struct Chains {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dl: Layout,
+    accumulate: bool,
+    /// Column stride 1, row stride `lhs_rs`.
+    lhs: *const f32,
+    lhs_rs: usize,
+    /// Row stride 1, column stride `rhs_cs`.
+    rhs: *const f32,
+    rhs_cs: usize,
+}
+
+impl Chains {
+    /// Runs the product, compiled with FMA where the CPU has it (`mul_add` is then one
+    /// instruction instead of a call to libm's `fmaf`; the same value either way).
+    ///
+    /// # Safety
+    /// As [`raw`]: every element of the three matrices lies inside its allocation and `dst` is
+    /// ours alone; `k >= 1`.
+    unsafe fn run(self) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "fma")]
+            unsafe fn with_fma(c: Chains) {
+                // SAFETY: passed on from `run`.
+                unsafe { c.body() }
+            }
+            // SAFETY: the CPU has FMA (checked just above); the rest is the caller's guarantee.
+            return unsafe { with_fma(self) };
+        }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.body() }
+    }
+
+    /// # Safety
+    /// As [`Chains::run`].
+    #[inline(always)]
+    unsafe fn body(self) {
+        const SIDE: usize = 8;
+        let Chains { m, n, k, dst, dl, accumulate, lhs, lhs_rs, rhs, rhs_cs } = self;
+        let kc = k_piece(m, n, k);
+        let mut k0 = 0;
+        while k0 < k {
+            let kp = kc.min(k - k0);
+            let add = accumulate || k0 > 0;
+            for i in 0..m {
+                // SAFETY (every access below): row i of lhs and columns j of rhs over
+                // k0..k0 + kp, and element (i, j) of dst, lie inside their matrices (the
+                // caller's guarantee).
+                let a = unsafe { std::slice::from_raw_parts(lhs.add(i * lhs_rs + k0), kp) };
+                let mut j0 = 0;
+                while j0 < n {
+                    let side = SIDE.min(n - j0);
+                    let mut b = [a; SIDE];
+                    for (s, col) in b.iter_mut().enumerate().take(side) {
+                        *col = unsafe {
+                            std::slice::from_raw_parts(rhs.add((j0 + s) * rhs_cs + k0), kp)
+                        };
+                    }
+                    let mut acc = [0.0f32; SIDE];
+                    if side == SIDE {
+                        for t in 0..kp {
+                            for s in 0..SIDE {
+                                acc[s] = a[t].mul_add(b[s][t], acc[s]);
+                            }
+                        }
+                    } else {
+                        for t in 0..kp {
+                            for s in 0..side {
+                                acc[s] = a[t].mul_add(b[s][t], acc[s]);
+                            }
+                        }
+                    }
+                    for (s, v) in acc.iter().enumerate().take(side) {
+                        let d = unsafe { dst.add(i * dl.rs + (j0 + s) * dl.cs) };
+                        unsafe { *d = if add { *d + v } else { *v } };
+                    }
+                    j0 += side;
+                }
+            }
+            k0 += kp;
+        }
+    }
+}
+
 /// Whether `gemm` 0.19 takes its small-size branch for an `m x n` destination: both sides at most
 /// 64. That branch blocks the inner dimension into pieces of 512 and a remainder; otherwise the
 /// pieces are balanced (`gemm_common::cache::kernel_params`: 576 is 288 + 288 here). Within a
 /// piece each element is one chain of multiply-adds, and the pieces are added in order, so a
 /// product's bits depend on its inner dimension and on this branch alone (one exception: a
 /// product of at most 256 outputs whose operands are both contiguous along the inner dimension
-/// is summed as dot products with a horizontal reduction; `direct::grad_applies` keeps out of
-/// it). The `gemm` version is pinned by Cargo.lock; `conv`'s grouped-products test and the
+/// would be summed as dot products with a horizontal reduction; [`Chains`] sums those here, in
+/// these pieces). The `gemm` version is pinned by Cargo.lock; `conv`'s grouped-products test and the
 /// direct kernels' tests would see a change.
 pub(crate) fn small_branch(m: usize, n: usize) -> bool {
     m <= 64 && n <= 64
@@ -373,6 +490,107 @@ mod tests {
             assert_eq!(bits(&written), bits(&added), "{m}x{n}x{k}");
             if k > 0 {
                 assert!(added.iter().all(|v| v.is_finite()) && added[0].to_bits() == 0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    /// Each element of `lhs * rhs` summed the way `gemm`'s packed path sums it, computed
+    /// independently here: one chain of fused multiply-adds from +0.0 over each piece of
+    /// [`k_piece`] of the inner dimension, the pieces added to the destination in order. The
+    /// fused multiply-add is IEEE's (one rounding), so this does not depend on the CPU.
+    fn chain_reference(
+        (m, n, k): (usize, usize, usize),
+        lhs: &[f32],
+        rhs_t: &[f32],
+        dst: &mut [f32],
+        accumulate: bool,
+    ) {
+        let kc = k_piece(m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let mut out = dst[i * n + j];
+                for (p, k0) in (0..k).step_by(kc).enumerate() {
+                    let mut acc = 0.0f32;
+                    for t in k0..(k0 + kc).min(k) {
+                        acc = lhs[i * k + t].mul_add(rhs_t[j * k + t], acc);
+                    }
+                    out = if accumulate || p > 0 { out + acc } else { acc };
+                }
+                dst[i * n + j] = out;
+            }
+        }
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        // Magnitudes spread over 2^-8..2^8 so that the order of the additions shows in the bits.
+        (0..len)
+            .map(|i| {
+                let h = (i * 2654435761 + seed * 40503) % 1000003;
+                let sign = if h.is_multiple_of(3) { -1.0 } else { 1.0 };
+                sign * (1.0 + (h % 1009) as f32 / 1009.0) * 2f32.powi((h % 17) as i32 - 8)
+            })
+            .collect()
+    }
+
+    /// Products whose operands both run along the inner dimension (the layout of a conv's weight
+    /// gradient, dy times the transposed im2col matrix) and whose result has at most 256
+    /// elements or is one row or column: `gemm` 0.19 would sum them as dot products reduced
+    /// across 8 or 16 lanes, depending on the CPU. They must give the bits of the in-order
+    /// chains, and of `gemm`'s packed path on the same product with copied operands.
+    #[test]
+    fn products_along_the_inner_dimension_sum_in_chains() {
+        let shapes = [
+            (16, 9, 64), // digits' first conv, weight gradient of one sample (1 -> 16 channels)
+            (8, 9, 512), // a stem of 8 channels on 8x8 planes, a group of 8 samples
+            (16, 8, 16), // a 1x1 shortcut 8 -> 16 channels on 4x4 planes
+            (16, 16, 600),
+            (3, 5, 1100), // three pieces of the inner dimension
+            (1, 300, 50),
+            (300, 1, 50),
+            (1, 1, 7),
+            (7, 3, 2),
+            (4, 4, 1),
+        ];
+        for (m, n, k) in shapes {
+            let (lhs, rhs_t, start) = (values(m * k, 1), values(n * k, 2), values(m * n, 3));
+            for accumulate in [false, true] {
+                let mut want = start.clone();
+                chain_reference((m, n, k), &lhs, &rhs_t, &mut want, accumulate);
+                let mut got = start.clone();
+                Gemm {
+                    m,
+                    n,
+                    k,
+                    lhs: Operand::row_major(&lhs, k),
+                    rhs: Operand::transposed(&rhs_t, k),
+                    accumulate,
+                }
+                .run(&mut got, Layout::row_major(n), Par::Seq);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{m}x{n}x{k}, accumulate {accumulate}");
+                // The same product with lhs copied column-major and rhs row-major takes gemm's
+                // packed path (not for one row or column, or an inner dimension of 1 or 2,
+                // which gemm hands to its vector-matrix loops).
+                if m > 1 && n > 1 && k > 2 {
+                    let lhs_cm: Vec<f32> = (0..m * k).map(|e| lhs[(e % m) * k + e / m]).collect();
+                    let rhs_rm: Vec<f32> = (0..k * n).map(|e| rhs_t[(e % n) * k + e / n]).collect();
+                    let mut packed = start.clone();
+                    Gemm {
+                        m,
+                        n,
+                        k,
+                        lhs: Operand::transposed(&lhs_cm, m),
+                        rhs: Operand::row_major(&rhs_rm, n),
+                        accumulate,
+                    }
+                    .run(&mut packed, Layout::row_major(n), Par::Seq);
+                    assert_eq!(bits(&packed), bits(&want), "packed {m}x{n}x{k}, {accumulate}");
+                }
             }
         }
     }
