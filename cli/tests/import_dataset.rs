@@ -62,6 +62,11 @@ fn export_then_import_dataset_round_trips_bit_for_bit() {
     let v = json(lmc().arg("export").arg(d("syn.lmc")).arg("--to").arg(d("syn.safetensors")));
     assert_eq!(v["images"], 20);
     let bytes = std::fs::read(d("syn.safetensors")).unwrap();
+    // Each export is its own process (std's hashers seeded afresh): the same bytes every time.
+    for again in ["again-1.safetensors", "again-2.safetensors"] {
+        run_ok(lmc().arg("export").arg(d("syn.lmc")).arg("--to").arg(d(again)));
+        assert!(std::fs::read(d(again)).unwrap() == bytes, "{again} differs");
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (im, lb) = (st.tensor("images").unwrap(), st.tensor("labels").unwrap());
     assert_eq!((im.dtype(), im.shape()), (Dtype::F32, &[20, 1, 8, 8][..]));

@@ -111,8 +111,7 @@ pub fn export_dataset_bytes(
         serde_json::to_string(&shell)
             .map_err(|e| Error::data(format!("cannot encode the set's metadata: {e}")))?,
     );
-    safetensors::serialize(views, &Some(meta))
-        .map_err(|e| Error::data(format!("safetensors: {e:?}")))
+    crate::interop::serialize_in_order(views, meta)
 }
 
 /// What an import is told; every `None` is taken from the file's lmc metadata when it has some.

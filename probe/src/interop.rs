@@ -87,8 +87,46 @@ pub fn export_bytes(run: &Run, provenance: Provenance, with_mask: bool) -> Resul
         serde_json::to_string(&shell)
             .map_err(|e| Error::data(format!("cannot encode run metadata: {e}")))?,
     );
-    safetensors::serialize(views, &Some(meta))
-        .map_err(|e| Error::data(format!("safetensors: {e:?}")))
+    serialize_in_order(views, meta)
+}
+
+/// `safetensors::serialize`, with the header's `__metadata__` entries in key order. safetensors
+/// takes them as a `HashMap` and writes them in its iteration order, which changes from one map
+/// to the next (std's hasher is seeded at random), so exporting the same artifact twice gave
+/// different bytes. The header is parsed back and written again with the entries sorted (the
+/// tensors' entries and offsets unchanged: offsets count from the end of the header), padded
+/// with spaces to a multiple of 8 bytes as safetensors pads it.
+pub(crate) fn serialize_in_order(
+    views: Vec<(String, TensorView<'_>)>,
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let broken = |what: &str| Error::data(format!("safetensors: {what} in the header it wrote"));
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| Error::data(format!("safetensors: {e:?}")))?;
+    let len = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| broken("no length"))?;
+    let n = u64::from_le_bytes(len) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(|| broken("a length past the end"))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|_| broken("no JSON object"))?;
+    // Rebuilt entry by entry so the order is ours whether or not serde_json keeps insertion
+    // order (its `preserve_order` feature): the metadata first, its keys sorted.
+    let mut ordered = serde_json::Map::new();
+    if let Some(serde_json::Value::Object(m)) = header.get("__metadata__") {
+        let sorted: BTreeMap<&String, &serde_json::Value> = m.iter().collect();
+        let m: serde_json::Map<String, serde_json::Value> =
+            sorted.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        ordered.insert("__metadata__".to_string(), serde_json::Value::Object(m));
+    }
+    for (k, v) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        ordered.insert(k.clone(), v.clone());
+    }
+    let mut out = serde_json::to_vec(&ordered).map_err(|_| broken("an unprintable value"))?;
+    out.resize(out.len().div_ceil(8) * 8, b' ');
+    let mut file = Vec::with_capacity(8 + out.len() + bytes.len() - 8 - n);
+    file.extend_from_slice(&(out.len() as u64).to_le_bytes());
+    file.extend_from_slice(&out);
+    file.extend_from_slice(&bytes[8 + n..]);
+    Ok(file)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

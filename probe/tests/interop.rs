@@ -24,6 +24,31 @@ fn st(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     safetensors::serialize(views, &None::<HashMap<String, String>>).unwrap()
 }
 
+/// The header's metadata comes first with its keys in order, so the same run exports to the
+/// same bytes every time (safetensors writes a `HashMap`'s order, which changes from one map to
+/// the next: before the keys were sorted, eight exports here were never all alike).
+#[test]
+fn exporting_twice_gives_the_same_bytes() {
+    let ds = common::digits();
+    let run = common::train(&ds, "mlp:8", None, 0, 1);
+    let prov = Provenance::of("test", &1, &[]);
+    let first = interop::export_bytes(&run, prov, true).unwrap();
+    for _ in 0..7 {
+        assert!(interop::export_bytes(&run, prov, true).unwrap() == first);
+    }
+    let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0, "safetensors pads its header to 8 bytes");
+    let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+    let at = |key: &str| header.find(&format!("\"{key}\":")).unwrap();
+    let keys = ["__metadata__", "format", "lmc.dataset", "lmc.model", "lmc.provenance", "lmc.run"];
+    assert_eq!(at(keys[0]), 1, "{header}");
+    assert!(keys.windows(2).all(|w| at(w[0]) < at(w[1])), "{header}");
+    // Still a file safetensors reads, with the same tensors.
+    let loaded = load_bytes(Path::new("x.safetensors"), &first).unwrap();
+    let (params, _) = loaded.to_params(Path::new("x"), &run.model.layout, false).unwrap();
+    assert_eq!(params, run.params);
+}
+
 #[test]
 fn export_import_round_trip_keeps_params_mask_and_run() {
     let ds = common::digits();
