@@ -561,35 +561,27 @@ mod chain_tests {
             for accumulate in [false, true] {
                 let mut want = start.clone();
                 chain_reference((m, n, k), &lhs, &rhs_t, &mut want, accumulate);
-                let mut got = start.clone();
-                Gemm {
-                    m,
-                    n,
-                    k,
-                    lhs: Operand::row_major(&lhs, k),
-                    rhs: Operand::transposed(&rhs_t, k),
-                    accumulate,
-                }
-                .run(&mut got, Layout::row_major(n), Par::Seq);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{m}x{n}x{k}, accumulate {accumulate}");
+                let product = |lhs: Operand, rhs: Operand| {
+                    let mut dst = start.clone();
+                    Gemm { m, n, k, lhs, rhs, accumulate }.run(
+                        &mut dst,
+                        Layout::row_major(n),
+                        Par::Seq,
+                    );
+                    dst.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                let want: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+                let got = product(Operand::row_major(&lhs, k), Operand::transposed(&rhs_t, k));
+                assert_eq!(got, want, "{m}x{n}x{k}, accumulate {accumulate}");
                 // The same product with lhs copied column-major and rhs row-major takes gemm's
                 // packed path (not for one row or column, or an inner dimension of 1 or 2,
                 // which gemm hands to its vector-matrix loops).
                 if m > 1 && n > 1 && k > 2 {
                     let lhs_cm: Vec<f32> = (0..m * k).map(|e| lhs[(e % m) * k + e / m]).collect();
                     let rhs_rm: Vec<f32> = (0..k * n).map(|e| rhs_t[(e % n) * k + e / n]).collect();
-                    let mut packed = start.clone();
-                    Gemm {
-                        m,
-                        n,
-                        k,
-                        lhs: Operand::transposed(&lhs_cm, m),
-                        rhs: Operand::row_major(&rhs_rm, n),
-                        accumulate,
-                    }
-                    .run(&mut packed, Layout::row_major(n), Par::Seq);
-                    assert_eq!(bits(&packed), bits(&want), "packed {m}x{n}x{k}, {accumulate}");
+                    let packed =
+                        product(Operand::transposed(&lhs_cm, m), Operand::row_major(&rhs_rm, n));
+                    assert_eq!(packed, want, "packed {m}x{n}x{k}, {accumulate}");
                 }
             }
         }
