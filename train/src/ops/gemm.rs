@@ -234,8 +234,8 @@ fn reduces_horizontally(m: usize, n: usize, ll: Layout, rl: Layout) -> bool {
 /// rounds once on every CPU, so these bits do not depend on the instruction set (tested against
 /// an independent loop and against `gemm`'s packed path on copied operands). Written here
 /// because `gemm` has no switch for its horizontal path; the products are small (at most 256
-/// elements, or one row or column), and 8 chains run side by side, so the loop is bound by the
-/// multiply-adds' throughput rather than their latency.
+/// elements, or one row or column), and 8 independent chains run side by side, so consecutive
+/// multiply-adds do not wait for each other's results.
 #[derive(Clone, Copy)]
 struct Chains {
     m: usize,
