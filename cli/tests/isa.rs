@@ -10,7 +10,7 @@
 //! (2026-12-07, Intel Xeon with AVX-512, 2 cores). A distribution-matching distillation with the
 //! same network (DSA augmentation, batch-norm embeddings) must give the same images too. Skips,
 //! saying why, where the host has no AVX-512 (the emulated CPU would then not differ from it) or
-//! `qemu-x86_64` is not installed (`.ci/run` installs Debian's `qemu-user`). About 45 s under
+//! `qemu-x86_64` is not installed (`.ci/run` installs Debian's `qemu-user`). About 22 s under
 //! emulation.
 
 use std::path::Path;
