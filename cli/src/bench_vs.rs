@@ -1,12 +1,13 @@
 //! `lmc bench --vs-torch SCRIPT`: lmc and PyTorch's reference script side by side in one run.
 //!
-//! Speed targets here are ratios against PyTorch on the same host at the same hour: the
-//! development VM (Intel Xeon with AVX-512, 2 cores) drifted by up to 1.6x within minutes in
-//! December 2026, so a ratio is only meaningful between runs next to each other. The two alternate, each run its own process (lmc, PyTorch, lmc, ..., lmc: one
-//! more lmc run than PyTorch runs), and every workload's ratio is taken between adjacent runs
-//! (2 x rounds of them) with their median; each process's peak resident memory comes from the
-//! kernel (`wait4`). The header names when and on what it ran (UTC date, CPU model and vector
-//! instruction set, cores, load), as every measured figure in this repository must.
+//! Speed targets here are ratios against PyTorch on the same host at the same hour: the development
+//! VM (Intel Xeon with AVX-512, 2 cores) drifted by up to 1.6x within minutes in December 2026, so
+//! a ratio is only meaningful between runs next to each other. The two alternate, each run its own
+//! process (lmc, PyTorch, lmc, ..., lmc: one more lmc run than PyTorch runs), and every workload's
+//! ratio is taken between adjacent runs (2 x rounds of them) with their median; each process's peak
+//! resident memory comes from the kernel (`wait4`). The header names when and on what it ran (UTC
+//! date, CPU model and vector instruction set, cores, load), as every measured figure in this
+//! repository must.
 
 use std::io::Read;
 use std::path::Path;

@@ -77,17 +77,17 @@ fn runs_without_avx512_have_the_same_bits() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let emulated = || {
+    let qemu = || {
         let mut cmd = Command::new("qemu-x86_64");
         cmd.args(["-cpu", CPU, env!("CARGO_BIN_EXE_lmc")]);
         cmd
     };
     let native_set = distill(&mut lmc(), &dir.path().join("native-syn.lmc"));
-    let emulated_set = distill(&mut emulated(), &dir.path().join("emulated-syn.lmc"));
+    let emulated_set = distill(&mut qemu(), &dir.path().join("emulated-syn.lmc"));
     assert!(native_set == emulated_set, "the distilled images differ");
 
     let native = train(&mut lmc(), &dir.path().join("native.lmc"));
-    let emulated = train(&mut emulated(), &dir.path().join("emulated.lmc"));
+    let emulated = train(&mut qemu(), &dir.path().join("emulated.lmc"));
 
     let bits = |r: &Run| r.params.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     let differ = bits(&native).iter().zip(bits(&emulated)).filter(|(a, b)| **a != *b).count();

@@ -293,6 +293,9 @@ impl Chains {
                 let mut j0 = 0;
                 while j0 < n {
                     let side = SIDE.min(n - j0);
+                    // Columns past the last read `a` again (any kp floats do): all SIDE chains
+                    // always run, a fixed count the compiler keeps in registers, and only the
+                    // first `side` are stored.
                     let mut b = [a; SIDE];
                     for (s, col) in b.iter_mut().enumerate().take(side) {
                         *col = unsafe {
@@ -300,17 +303,9 @@ impl Chains {
                         };
                     }
                     let mut acc = [0.0f32; SIDE];
-                    if side == SIDE {
-                        for t in 0..kp {
-                            for s in 0..SIDE {
-                                acc[s] = a[t].mul_add(b[s][t], acc[s]);
-                            }
-                        }
-                    } else {
-                        for t in 0..kp {
-                            for s in 0..side {
-                                acc[s] = a[t].mul_add(b[s][t], acc[s]);
-                            }
+                    for t in 0..kp {
+                        for s in 0..SIDE {
+                            acc[s] = a[t].mul_add(b[s][t], acc[s]);
                         }
                     }
                     for (s, v) in acc.iter().enumerate().take(side) {
