@@ -30,18 +30,28 @@ use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::Build;
 
-/// Channels (in and out) from which a 3x3 "same" convolution on a plane of at least
-/// [`MIN_PIXELS`] runs here, and from which it does on any plane. Measured one layer at a time
-/// (forward + backward, batch 128, one thread; 2026-12-06, Intel Xeon with AVX-512, 2 cores),
-/// F(2x2, 3x3) against im2col + `gemm` first: 64 channels 32x32 even (270 vs 274 ms), 128 16x16
-/// faster (199 vs 233), 128 8x8 even (58 vs 59), 64 8x8 slower (22 vs 19), 256 8x8 and 512 4x4
-/// much faster (197 vs 281, 226 vs 413); below these the products per group are too thin for
-/// `gemm`. Then im2col / F(2x2, 3x3) / F(4x4, 3x3), best of 3 in one run: 64 channels 32x32
-/// 308 / 274 / 214 ms, 128 16x16 245 / 191 / 131, 256 8x8 258 / 170 / 123, 512 4x4 396 / 187 /
-/// 252 (one tile per sample: the 36 weight matrices outweigh the saved multiplies).
+/// Channels (in and out) from which a 3x3 "same" convolution runs here on planes its tiles
+/// cover at least half of (see [`covered`]), and from which it does on any plane. Measured one
+/// layer at a time (forward + backward, batch 128, one thread; 2026-12-06, Intel Xeon with
+/// AVX-512, 2 cores), F(2x2, 3x3) against im2col + `gemm` first: 64 channels 32x32 even (270 vs
+/// 274 ms), 128 16x16 faster (199 vs 233), 128 8x8 even (58 vs 59), 64 8x8 slower (22 vs 19),
+/// 256 8x8 and 512 4x4 much faster (197 vs 281, 226 vs 413); below these the products per group
+/// are too thin for `gemm`. Then im2col / F(2x2, 3x3) / F(4x4, 3x3), best of 3 in one run: 64
+/// channels 32x32 308 / 274 / 214 ms, 128 16x16 245 / 191 / 131, 256 8x8 258 / 170 / 123, 512
+/// 4x4 396 / 187 / 252 (one tile per sample: the 36 weight matrices outweigh the saved
+/// multiplies).
+///
+/// Small planes from 64 channels (2026-12-07, Intel Xeon with AVX-512, 2 cores, one thread,
+/// batch 128, forward + backward, best of 7, im2col against the rule [`which`] picks): 64
+/// channels 2x2 5.0 / 2.4 ms (F(2x2)), 3x3 6.1 / 5.3 (F(2x2)), 4x4 8.6 / 6.0 (F(2x2)), 5x5 10.2 /
+/// 13.2 (F(4x4) on 4 tiles, 25 of their 64 outputs real), 6x6 16.5 / 13.8, 7x7 19.6 / 13.4, 8x8
+/// 22.4 / 14.0, 12x12 41.9 / 30.5; 128 channels 4x4 28.2 / 16.3, 5x5 33.7 / 33.8, 6x6 57.8 / 37.9,
+/// 7x7 69.3 / 35.9, 8x8 70.7 / 39.5, 12x12 154.9 / 96.2. Hence the coverage rule in place of the
+/// 256 pixels this used to ask for (F(4x4) had not been measured there): a ResNet-20's third
+/// stage (64 channels on 8x8) and a ConvNet-3's 14x14 and 7x7 layers on MNIST now run here. With
+/// 32 and 48 channels Winograd lost to the direct kernels on 16x16 (19.6 against 16.3 ms at 32
+/// channels) and won only narrowly elsewhere (32 channels 8x8 5.9 against 6.4), so they stay out.
 const MIN_CHANNELS: usize = 64;
-/// See [`MIN_CHANNELS`].
-const MIN_PIXELS: usize = 256;
 /// See [`MIN_CHANNELS`].
 const ANY_PLANE_CHANNELS: usize = 256;
 
@@ -54,8 +64,18 @@ const MAX_GROUP: usize = 64;
 /// Whether the convolution `g` with `cout` output channels runs as Winograd minimal filtering.
 pub(crate) fn applies(g: &Geom, cout: usize) -> bool {
     let ch = g.cin.min(cout);
-    let big = ch >= ANY_PLANE_CHANNELS || (ch >= MIN_CHANNELS && g.h * g.w >= MIN_PIXELS);
+    let big = ch >= ANY_PLANE_CHANNELS || (ch >= MIN_CHANNELS && 2 * g.h * g.w >= covered(g));
     g.k == 3 && g.p == 1 && g.same() && big
+}
+
+/// Outputs the tiles of [`which`]'s rule compute on `g`'s plane: the plane rounded up to whole
+/// tiles (the outputs past its edge are computed and dropped).
+fn covered(g: &Geom) -> usize {
+    let m = match which(g) {
+        Which::F2 => 2,
+        Which::F4 => 4,
+    };
+    g.h.div_ceil(m) * g.w.div_ceil(m) * m * m
 }
 
 /// Which rule a convolution [`applies`] holds for runs with.
@@ -1085,14 +1105,24 @@ mod tests {
     #[test]
     fn applies_where_it_was_measured_faster() {
         let geom = |c: usize, hw: usize| Geom::new(c, hw, hw, Conv2dCfg::new(c, 3, 1)).unwrap();
-        // ResNet-18's 3x3 stride-1 convs and ConvNet-3's 16x16 one.
-        for (c, hw) in [(64, 32), (128, 16), (256, 8), (512, 4)] {
+        // ResNet-18's 3x3 stride-1 convs, ConvNet-3's 16x16 and 8x8 ones and MNIST's 14x14 and
+        // 7x7, ResNet-20's third stage (64 channels on 8x8), and the small planes measured
+        // faster from 64 channels (see MIN_CHANNELS).
+        for (c, hw) in [(64, 32), (128, 16), (256, 8), (512, 4), (128, 8), (128, 14), (128, 7)]
+            .into_iter()
+            .chain([(64, 8), (64, 6), (64, 4), (64, 3), (64, 2), (128, 12), (256, 1)])
+        {
             assert!(applies(&geom(c, hw), c), "{c} channels {hw}x{hw}");
         }
-        // ResNet-20's (at most 64 channels on 8x8), ConvNet-3's 8x8 and MNIST's 14x14 and 7x7.
-        for (c, hw) in [(16, 32), (32, 16), (64, 8), (128, 8), (128, 14), (128, 7)] {
+        // ResNet-20's first two stages (the direct kernels), fewer than 64 channels on any
+        // plane, and planes the tiles cover less than half of: 5x5 (F(4x4, 3x3)'s 8x8) and
+        // 1x1 (F(2x2, 3x3)'s 2x2) below 256 channels.
+        for (c, hw) in [(16, 32), (32, 16), (32, 8), (48, 16), (64, 5), (128, 5), (128, 1)] {
             assert!(!applies(&geom(c, hw), c), "{c} channels {hw}x{hw}");
         }
+        // The smaller of the two channel counts decides.
+        let wide_out = Geom::new(32, 8, 8, Conv2dCfg::new(256, 3, 1)).unwrap();
+        assert!(!applies(&wide_out, 256));
         // Only 3x3 "same" convolutions at stride 1.
         let strided = Geom::new(128, 32, 32, Conv2dCfg::new(256, 3, 1).with_stride(2)).unwrap();
         assert!(!applies(&strided, 256));
