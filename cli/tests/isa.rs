@@ -11,7 +11,7 @@
 //! same network (DSA augmentation, batch-norm embeddings) must give the same images too. Skips,
 //! saying why, where the host has no AVX-512 (the emulated CPU would then not differ from it) or
 //! `qemu-x86_64` is not installed (`.ci/run` installs Debian's `qemu-user`). About 22 s under
-//! emulation.
+//! emulation (CI, 2026-12-07, Intel Xeon with AVX-512, 2 cores).
 
 use std::path::Path;
 use std::process::Command;

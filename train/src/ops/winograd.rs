@@ -49,9 +49,9 @@ use crate::cpu::Build;
 /// 7x7 69.3 / 35.9, 8x8 70.7 / 39.5, 12x12 154.9 / 96.2. Hence the coverage rule in place of the
 /// 256 pixels this used to ask for (F(4x4) had not been measured there): a ResNet-20's third
 /// stage (64 channels on 8x8), a ConvNet-3's 8x8 layer on CIFAR and its 14x14 and 7x7 layers on
-/// MNIST now run here. With
-/// 32 and 48 channels Winograd lost to the direct kernels on 16x16 (19.6 against 16.3 ms at 32
-/// channels) and won only narrowly elsewhere (32 channels 8x8 5.9 against 6.4), so they stay out.
+/// MNIST now run here. With 32 and 48 channels Winograd lost to the direct kernels on 16x16 (19.6
+/// against 16.3 ms at 32 channels) and won only narrowly elsewhere (32 channels 8x8 5.9 against
+/// 6.4), so they stay out.
 const MIN_CHANNELS: usize = 64;
 /// See [`MIN_CHANNELS`].
 const ANY_PLANE_CHANNELS: usize = 256;
@@ -76,7 +76,7 @@ fn covered(g: &Geom) -> usize {
         Which::F2 => 2,
         Which::F4 => 4,
     };
-    g.h.div_ceil(m) * g.w.div_ceil(m) * m * m
+    Tiles::new(g, m).per_sample() * m * m
 }
 
 /// Which rule a convolution [`applies`] holds for runs with.
