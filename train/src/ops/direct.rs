@@ -150,6 +150,14 @@ pub(crate) fn forward(
 /// few vector moves: with the width a variable every row cost a `memmove` call, and padding x
 /// (forward and weight gradient) and dy (input gradient) took ~4.9% of a one-thread ResNet-20
 /// step (`perf`, 2026-12-06, Intel Xeon with AVX-512, 2 cores).
+///
+/// Not padding at all was tried for the AVX-512 forward (2026-12-07, same kind of host): the
+/// kernel read `x` itself, a column outside the plane being a masked-off lane of the load and a
+/// row outside it a zero vector (the same +0.0 products, so the same bits; the tests passed).
+/// The padding of its input was ~1.5% of a one-thread ResNet-20 step, but with runs of 6
+/// vectors the compiler spilled registers around the masked loads and ResNet-20 evaluation
+/// (one thread, `lmc bench`, three alternating runs) fell from 1,458-1,516 to 1,325-1,390
+/// images/s; with runs of 4 vectors it ran at 1,497-1,511, no better than padding. Not kept.
 fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
     match w {
         32 => pad_rows::<32>(x, cin, h, xp),
