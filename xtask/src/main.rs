@@ -39,7 +39,8 @@ enum Executor {
 enum Cmd {
     /// Distill -> prune (distilled, real, random) -> train replicates -> probe -> report.
     Pipeline {
-        /// A preset name (presets/NAME.toml: digits, mnist-lenet, fmnist-convnet, cifar10-convnet)
+        /// A preset name (presets/NAME.toml: digits, digits-resnet, digits-seeds, mnist-lenet,
+        /// fmnist-convnet, cifar10-convnet, cifar10-resnet20, cifar10-resnet18)
         /// or the path of a preset file.
         #[arg(long, default_value = "digits")]
         preset: String,
@@ -397,6 +398,25 @@ fn check_report(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_preset_help_names_every_shipped_preset() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("pipeline")
+            .expect("the pipeline subcommand")
+            .render_long_help()
+            .to_string();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for e in std::fs::read_dir(root.join("presets")).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_stem().unwrap().to_str().unwrap().to_string();
+            let listed =
+                help.split(|c: char| !(c.is_alphanumeric() || c == '-')).any(|w| w == name);
+            assert!(listed, "`xtask pipeline --help` does not name the preset {name}");
+        }
+    }
 
     #[test]
     fn the_checkout_is_found_at_run_time() {
