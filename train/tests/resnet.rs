@@ -169,8 +169,9 @@ fn evaluation_mode_equals_training_mode_when_the_running_statistics_are_the_batc
 }
 
 /// The models the plain-buffer paths are checked on, with an input shape and batch size:
-/// ResNet-20 on a CIFAR-shaped batch (direct-kernel 3x3 convs on 32x32 and 16x16 planes, GEMM
-/// ones on 8x8, strided 1x1 shortcuts with their norms) and the small ResNets on digits (planes
+/// ResNet-20 on a CIFAR-shaped batch (direct-kernel 3x3 convs on 32x32 and 16x16 planes,
+/// Winograd ones on 8x8 with their transformed inputs kept for the backward pass, strided 1x1
+/// shortcuts with their norms) and the small ResNets on digits (planes
 /// of 1x1 to 8x8).
 fn plain_path_cases() -> Vec<(&'static str, data::ImageShape, usize, Model)> {
     let cifar = data::ImageShape { channels: 3, height: 32, width: 32 };

@@ -279,12 +279,14 @@ impl ResNet {
 }
 
 /// A convolution of the training path: its weight's index and values, geometry and output
-/// channels (its input is an activation the path keeps anyway).
+/// channels (its input is an activation the path keeps anyway), and what its forward pass kept
+/// for the backward.
 struct ConvRec {
     w: usize,
     wv: Vec<f32>,
     g: ops::ConvGeom,
     cout: usize,
+    saved: Option<ops::ConvSaved>,
 }
 
 /// A batch norm of the training path: its slot, its input (kept for the backward pass), and what
@@ -337,9 +339,11 @@ impl ResNet {
             at.next += 1;
             let g = ops::conv2d_geometry(shape, &p[w], None, cfg);
             let wv = ops::read(&p[w]);
-            let y = ops::conv2d_slices(build, &g, n, cfg.out_channels, h, &wv, None);
+            let save = Tp::OWNS_TAPE;
+            let (y, saved) =
+                ops::conv2d_slices_saving(build, &g, n, cfg.out_channels, h, &wv, None, save);
             let shape = (n, cfg.out_channels, g.ho, g.wo);
-            (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels })
+            (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels, saved })
         };
         let bn =
             |stats: &mut Vec<_>, x: Vec<f32>, shape, slot: BnSlot, relu, res: Option<&[f32]>| {
@@ -398,8 +402,9 @@ impl ResNet {
                                  input: &[f32],
                                  dy: &[f32],
                                  dx: Option<&mut [f32]>| {
+                    let (g, s) = (&c.g, c.saved.as_ref());
                     let (dw, _) = ops::conv2d_backward_slices(
-                        build, &c.g, n, c.cout, input, &c.wv, false, dy, dx,
+                        build, g, n, c.cout, input, &c.wv, false, dy, dx, s,
                     );
                     let dst = grads.get_or_alloc_mut(&ghosts[c.w])?;
                     ops::conv2d_add_weight_grad(dst, &dw, c.g.kd(), c.cout);

@@ -570,11 +570,32 @@ pub(crate) fn forward_slices(
     wv: &[f32],
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
-    if winograd::applies(g, cout) {
-        return winograd::forward(g)(build, g, n, cout, xv, wv, bv);
-    }
-    forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g))
+    forward_slices_saving(build, g, n, cout, xv, wv, bv, false).0
 }
+
+/// [`forward_slices`] for a pass with a backward to come: with `save`, also what the backward
+/// pass can reuse rather than compute again ([`Saved`]; only the Winograd convolutions keep
+/// anything), to be handed to [`backward_slices`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_slices_saving(
+    build: Build,
+    g: &Geom,
+    n: usize,
+    cout: usize,
+    xv: &[f32],
+    wv: &[f32],
+    bv: Option<&[f32]>,
+    save: bool,
+) -> (Vec<f32>, Option<Saved>) {
+    if winograd::applies(g, cout) {
+        let (y, saved) = winograd::forward(g)(build, g, n, cout, xv, wv, bv, save);
+        return (y, saved.map(Saved));
+    }
+    (forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g)), None)
+}
+
+/// What a convolution's forward pass keeps for its backward pass ([`forward_slices_saving`]).
+pub(crate) struct Saved(winograd::Saved);
 
 /// Output planes of at most this many pixels take [`BATCH_CHUNK`] samples per product: where one
 /// sample's product is thinner than `gemm`'s widest kernel (64 rows with AVX-512). At 64 pixels
@@ -735,6 +756,9 @@ fn forward_slices_with(
 /// cout, see [`add_weight_grad`]) and the bias gradient (empty without a bias), each summed over
 /// fixed groups of [`BATCH_CHUNK`] samples reduced in order, so the bits never depend on the
 /// thread count. The ResNets' training path (`model::resnet`) calls it on its own buffers.
+///
+/// `saved`, what the forward pass kept ([`forward_slices_saving`]) if anything, gives the same
+/// results (the same bits) with less work.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_slices(
     build: Build,
@@ -746,9 +770,11 @@ pub(crate) fn backward_slices(
     has_bias: bool,
     dy: &[f32],
     dx: Option<&mut [f32]>,
+    saved: Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>) {
     if winograd::applies(g, cout) {
-        return winograd::backward(g)(build, g, n, cout, xv, wv, has_bias, dy, dx);
+        let saved = saved.map(|s| &s.0);
+        return winograd::backward(g)(build, g, n, cout, xv, wv, has_bias, dy, dx, saved);
     }
     backward_slices_with(build, g, n, cout, xv, wv, has_bias, dy, dx, groups_samples(g))
 }
@@ -1037,7 +1063,8 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     let xv = read(&x);
     let wv = read(w);
     let bv = b.map(read);
-    let y = forward_slices(build, &g, n, cout, &xv, &wv, bv.as_deref());
+    let (y, saved) =
+        forward_slices_saving(build, &g, n, cout, &xv, &wv, bv.as_deref(), Tp::OWNS_TAPE);
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
     if Tp::OWNS_TAPE {
@@ -1048,7 +1075,8 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
             let (dw_tot, db_tot) = {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
                 let dx = input_grad.then_some(dx.as_mut_slice());
-                backward_slices(build, &g, n, cout, &xv, &wv, b_g.is_some(), &dy, dx)
+                let s = saved.as_ref();
+                backward_slices(build, &g, n, cout, &xv, &wv, b_g.is_some(), &dy, dx, s)
             };
             drop(dy);
             add_weight_grad(grads.get_or_alloc_mut(&w_g)?, &dw_tot, kd, cout);

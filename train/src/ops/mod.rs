@@ -67,8 +67,8 @@ pub(crate) use block::norm_relu_pool_with;
 pub(crate) use conv::conv2d_with;
 pub(crate) use conv::{
     add_weight_grad as conv2d_add_weight_grad, backward_slices as conv2d_backward_slices,
-    col2im_add, forward_slices as conv2d_slices, geometry as conv2d_geometry, im2col,
-    Geom as ConvGeom,
+    col2im_add, forward_slices as conv2d_slices, forward_slices_saving as conv2d_slices_saving,
+    geometry as conv2d_geometry, im2col, Geom as ConvGeom, Saved as ConvSaved,
 };
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;

@@ -25,6 +25,8 @@
 
 use std::mem::MaybeUninit;
 
+use rayon::prelude::*;
+
 use super::conv::Geom;
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
@@ -702,7 +704,16 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
 }
 
 /// A forward pass as [`forward_with`] and `conv::forward_slices` take it.
-type ForwardFn = fn(Build, &Geom, usize, usize, &[f32], &[f32], Option<&[f32]>) -> Vec<f32>;
+type ForwardFn = fn(
+    Build,
+    &Geom,
+    usize,
+    usize,
+    &[f32],
+    &[f32],
+    Option<&[f32]>,
+    bool,
+) -> (Vec<f32>, Option<Saved>);
 
 /// A backward pass as [`backward_with`] and `conv::backward_slices` take it.
 type BackwardFn = fn(
@@ -715,7 +726,24 @@ type BackwardFn = fn(
     bool,
     &[f32],
     Option<&mut [f32]>,
+    Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>);
+
+/// The transformed input `V` of every group of a forward pass, kept for its backward pass, which
+/// would otherwise compute it again from the same input (the same operations: the same bits).
+/// On a ResNet-20's third stage the input transform was ~2.2% of a one-thread training step
+/// each time (`perf`, 2026-12-07, Intel Xeon with AVX-512, 2 cores). Groups are [`Saved::len`]
+/// floats apart, each laid out as the forward wrote it.
+pub(crate) struct Saved {
+    v: Vec<f32>,
+    len: usize,
+}
+
+/// The most bytes a forward pass keeps as [`Saved`]: `V` is 2.25 (F(4x4, 3x3)) or 4 (F(2x2,
+/// 3x3)) times the input, so large inputs recompute it instead (ResNet-18's first two stages at
+/// full width would keep ~400 MB a step). A ResNet-20's third stage keeps 4.7 MB per conv at
+/// batch 128.
+const MAX_SAVED_BYTES: usize = 32 << 20;
 
 /// The forward pass of a convolution `g` that [`applies`] holds for, with the rule [`which`]
 /// picks.
@@ -736,7 +764,9 @@ pub(crate) fn backward(g: &Geom) -> BackwardFn {
 
 /// The forward pass of a convolution [`applies`] holds for, with the rule `R`: `n` samples `xv`
 /// ((n, cin, h, w)), weights `wv` ((cout, cin, 3, 3)), bias `bv`; returns the (n, cout, h, w)
-/// output.
+/// output and, when `save` is asked for and the transformed input is small enough
+/// ([`MAX_SAVED_BYTES`]), that input for the backward pass.
+#[allow(clippy::too_many_arguments)]
 fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     build: Build,
     g: &Geom,
@@ -745,7 +775,8 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     xv: &[f32],
     wv: &[f32],
     bv: Option<&[f32]>,
-) -> Vec<f32> {
+    save: bool,
+) -> (Vec<f32>, Option<Saved>) {
     let (t, cin) = (Tiles::new(g, M), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
     assert_eq!(xv.len(), n * xs, "conv2d: input of {} values, expected {n} x {xs}", xv.len());
@@ -755,14 +786,16 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     );
     let tmax = t.spg * tps;
     let (vl, ml) = (A * A * stride(cin, tmax), A * A * stride(cout, tmax));
-    let group = |c: usize, yc: &mut [MaybeUninit<f32>], scratch: &mut [f32], par: Par| {
+    let groups = n.div_ceil(t.spg);
+    let save = save && groups * vl * std::mem::size_of::<f32>() <= MAX_SAVED_BYTES;
+    // Group `c`: its input transformed into `v`, the products into scratch, the output into `yc`.
+    let group = |c: usize, yc: &mut [MaybeUninit<f32>], v: &mut [f32], scratch: &mut [f32], par| {
         build.run(
             #[inline(always)]
             || {
                 let (gs, s0) = (yc.len() / ys, c * t.spg);
                 let tt = gs * tps;
-                let (v, rest) = scratch.split_at_mut(vl);
-                let (m, buf) = rest.split_at_mut(ml);
+                let (m, buf) = scratch.split_at_mut(ml);
                 let (v, m) =
                     (&mut v[..A * A * stride(cin, tt)], &mut m[..A * A * stride(cout, tt)]);
                 input_transform::<M, A, R>(&t, &xv[s0 * xs..(s0 + gs) * xs], cin, v, tt, buf);
@@ -785,18 +818,41 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
             },
         )
     };
-    let scratch = vl + ml + t.buf_len(tmax);
+    let scratch = ml + t.buf_len(tmax);
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let spare = &mut y.spare_capacity_mut()[..n * ys];
-    super::conv::write_chunks(spare, t.spg * ys, scratch, group);
+    let saved = if save {
+        // Each group's `V` in its own piece of the kept buffer (zeroed: the gaps between its
+        // matrices are never written).
+        let mut sv = vec![0.0f32; groups * vl];
+        let run = |c: usize, yc: &mut [MaybeUninit<f32>], vc: &mut [f32], par: Par| {
+            with_scratch(scratch, |s| group(c, yc, vc, s, par))
+        };
+        let pieces = spare.chunks_mut(t.spg * ys).zip(sv.chunks_mut(vl));
+        if super::tasks_in_parallel(groups) {
+            let pieces: Vec<_> = pieces.collect();
+            pieces.into_par_iter().enumerate().for_each(|(c, (yc, vc))| run(c, yc, vc, Par::Seq));
+        } else {
+            pieces.enumerate().for_each(|(c, (yc, vc))| run(c, yc, vc, Par::Pool));
+        }
+        Some(Saved { v: sv, len: vl })
+    } else {
+        let run = |c: usize, yc: &mut [MaybeUninit<f32>], s: &mut [f32], par: Par| {
+            let (v, s) = s.split_at_mut(vl);
+            group(c, yc, v, s, par)
+        };
+        super::conv::write_chunks(spare, t.spg * ys, vl + scratch, run);
+        None
+    };
     // SAFETY: `output_transform` wrote every element of every chunk of `spare`.
     unsafe { y.set_len(n * ys) };
-    y
+    (y, saved)
 }
 
 /// The backward pass of [`forward_with`], as `conv::backward_slices` returns it: adds the input
 /// gradient into `dx` when given, and returns the weight gradient transposed (9 cin x cout) and
 /// the bias gradient (empty without a bias), each summed per group and the groups in order.
+/// `saved`, what the forward pass kept, replaces transforming `xv` again.
 #[allow(clippy::too_many_arguments)]
 fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     build: Build,
@@ -808,6 +864,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     has_bias: bool,
     dy: &[f32],
     dx: Option<&mut [f32]>,
+    saved: Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (t, cin) = (Tiles::new(g, M), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
@@ -839,7 +896,15 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                     let (v, dm) =
                         (&mut v[..aa * stride(cin, tt)], &mut dm[..aa * stride(cout, tt)]);
                     let dyg = &dy[s0 * ys..(s0 + gs) * ys];
-                    input_transform::<M, A, R>(&t, &xv[s0 * xs..(s0 + gs) * xs], cin, v, tt, buf);
+                    // The group's V: kept by the forward pass, or transformed again here.
+                    let vg: &[f32] = match saved {
+                        Some(sv) => &sv.v[s0 / t.spg * sv.len..][..aa * stride(cin, tt)],
+                        None => {
+                            let x = &xv[s0 * xs..(s0 + gs) * xs];
+                            input_transform::<M, A, R>(&t, x, cin, v, tt, buf);
+                            &*v
+                        }
+                    };
                     output_adjoint::<M, A, R>(&t, dyg, cout, dm, tt, buf);
                     // dU (+)= dM V^T, one product per tile position.
                     for xi in 0..aa {
@@ -848,7 +913,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                             n: cin,
                             k: tt,
                             lhs: Operand::row_major(&dm[xi * stride(cout, tt)..][..cout * tt], tt),
-                            rhs: Operand::transposed(&v[xi * stride(cin, tt)..][..cin * tt], tt),
+                            rhs: Operand::transposed(&vg[xi * stride(cin, tt)..][..cin * tt], tt),
                             accumulate: s0 > b0,
                         };
                         let range = xi * cout * cin..(xi + 1) * cout * cin;
@@ -1032,16 +1097,20 @@ mod tests {
     fn fwd(rule: Which, build: Build, c: &Case) -> Vec<f32> {
         let b = Some(&c.b[..]);
         match rule {
-            Which::F2 => forward_with::<2, 4, F2>(build, &c.g, c.n, c.cout, &c.x, &c.w, b),
-            Which::F4 => forward_with::<4, 6, F4>(build, &c.g, c.n, c.cout, &c.x, &c.w, b),
+            Which::F2 => forward_with::<2, 4, F2>(build, &c.g, c.n, c.cout, &c.x, &c.w, b, false).0,
+            Which::F4 => forward_with::<4, 6, F4>(build, &c.g, c.n, c.cout, &c.x, &c.w, b, false).0,
         }
     }
 
     fn bwd(rule: Which, build: Build, c: &Case, dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
         let (g, n, co, dx) = (&c.g, c.n, c.cout, Some(dx));
         match rule {
-            Which::F2 => backward_with::<2, 4, F2>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx),
-            Which::F4 => backward_with::<4, 6, F4>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx),
+            Which::F2 => {
+                backward_with::<2, 4, F2>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx, None)
+            }
+            Which::F4 => {
+                backward_with::<4, 6, F4>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx, None)
+            }
         }
     }
 
@@ -1101,6 +1170,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Forward and backward of `c` with the forward's `V` kept (`save`) and handed to the
+    /// backward, against recomputing it: the same bits; and whether anything was kept.
+    fn kept(c: &Case, rule: Which, build: Build, threads: usize) -> ([Vec<u32>; 4], bool) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (g, n, co, b) = (&c.g, c.n, c.cout, Some(&c.b[..]));
+            let mut dx = vec![0.0f32; c.x.len()];
+            let (y, dw, db, was_kept) = match rule {
+                Which::F2 => {
+                    let (y, s) = forward_with::<2, 4, F2>(build, g, n, co, &c.x, &c.w, b, true);
+                    let dxs = Some(&mut dx[..]);
+                    let (dw, db) = backward_with::<2, 4, F2>(
+                        build,
+                        g,
+                        n,
+                        co,
+                        &c.x,
+                        &c.w,
+                        true,
+                        &c.dy,
+                        dxs,
+                        s.as_ref(),
+                    );
+                    (y, dw, db, s.is_some())
+                }
+                Which::F4 => {
+                    let (y, s) = forward_with::<4, 6, F4>(build, g, n, co, &c.x, &c.w, b, true);
+                    let dxs = Some(&mut dx[..]);
+                    let (dw, db) = backward_with::<4, 6, F4>(
+                        build,
+                        g,
+                        n,
+                        co,
+                        &c.x,
+                        &c.w,
+                        true,
+                        &c.dy,
+                        dxs,
+                        s.as_ref(),
+                    );
+                    (y, dw, db, s.is_some())
+                }
+            };
+            ([bits(&y), bits(&dx), bits(&dw), bits(&db)], was_kept)
+        })
+    }
+
+    #[test]
+    fn the_kept_transformed_input_gives_the_same_bits() {
+        // One group, several with a partial last one (2x2: 32 samples a group; 8x8: 16), and
+        // blocks of 8 one-sample groups (32x32) on 2 threads.
+        for geom in [(3, 2, 3, 5, 7), (40, 2, 3, 2, 3), (37, 3, 4, 8, 8), (20, 3, 2, 32, 32)] {
+            let c = case(geom);
+            for rule in [Which::F2, Which::F4] {
+                for (build, threads) in [(Build::Baseline, 1), (Build::selected(), 2)] {
+                    let (got, was_kept) = kept(&c, rule, build, threads);
+                    assert!(was_kept, "{geom:?} {rule:?}: nothing kept");
+                    assert_eq!(got, run(&c, rule, build, threads), "{geom:?} {rule:?} {build:?}");
+                }
+            }
+        }
+        // Past MAX_SAVED_BYTES nothing is kept (and the results are the same).
+        // Four one-sample groups of 36 x 64 x 1024 floats: 37.7 MB.
+        let big = case((4, 64, 1, 128, 128));
+        let (got, was_kept) = kept(&big, Which::F4, Build::selected(), 2);
+        assert!(!was_kept, "a 37.7 MB V was kept");
+        assert_eq!(got, run(&big, Which::F4, Build::selected(), 2));
     }
 
     #[test]
