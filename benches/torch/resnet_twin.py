@@ -19,7 +19,8 @@ against an independent implementation.
   train-cifar --data cifar-10-binary.tar.gz [--spec resnet20] [--epochs 30] [--threads 2]
       OpenLTH's CIFAR ResNet recipe shortened to --epochs (batch 128, SGD lr 0.1, momentum 0.9,
       weight decay 1e-4, lr x0.1 at 50% and 75% of training, per-image random crop with padding
-      4 and horizontal flip, OpenLTH's kaiming_normal / uniform batch-norm init), then test
+      4 and horizontal flip, OpenLTH's kaiming_normal / uniform batch-norm init; --bn-init ones
+      keeps PyTorch's unit batch-norm scales instead), then test
       accuracy in evaluation mode; prints JSON with the accuracy and wall time. The lmc twin:
       lmc train --dataset cifar10 --model SPEC --epochs E --batch-size 128 --lr 0.1
         --momentum 0.9 --weight-decay 1e-4 --schedule multistep:0.5,0.75 --eval-every 0
@@ -146,7 +147,7 @@ def train_cifar(a):
         for m in net.modules():  # OpenLTH: kaiming_normal model init, uniform batch-norm init
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and a.bn_init == "uniform":
                 m.weight.data = torch.rand(m.weight.shape)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     per_epoch = -(-len(tx) // 128)
@@ -174,7 +175,7 @@ def train_cifar(a):
     with torch.no_grad():
         for s in range(0, len(vx), 1000):
             correct += (net(norm(vx[s:s + 1000])).argmax(1) == torch.from_numpy(vy[s:s + 1000])).sum().item()
-    print(json.dumps({"engine": f"torch {torch.__version__}", "spec": a.spec, "epochs": a.epochs,
+    print(json.dumps({"engine": f"torch {torch.__version__}", "spec": a.spec, "epochs": a.epochs, "bn_init": a.bn_init,
                       "seconds": round(time.time() - t0, 1), "test_accuracy": correct / len(vx)}))
 
 
@@ -208,6 +209,8 @@ def main():
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--bn-init", choices=["uniform", "ones"], default="uniform",
+                   help="batch-norm scales: OpenLTH's U(0, 1) (default) or PyTorch's ones (a diagnostic)")
     t.add_argument("--train-images", type=int, default=0, help="only the first N training images (a smoke run)")
     a = p.parse_args()
     torch.set_num_threads(1)
