@@ -429,12 +429,13 @@ fn direct_weight_grad_equals_im2col_gemm() {
 
 /// The direct input-gradient kernel (`direct::input_grad`, AVX-512) gives `W^T dy` (gemm) plus
 /// col2im's bits, added into a gradient already holding values (some -0.0, which the padding taps
-/// must leave as col2im does), on the shapes `direct::weight_grad` takes: 16- and 32-wide planes,
+/// must leave as col2im does), or written into a buffer of NaNs as if added into zeros, on the
+/// shapes `direct::weight_grad` takes: 16- and 32-wide planes,
 /// odd and even row counts (a lone last 16-wide row), 1 to 32 input channels in every tile size.
 #[test]
 fn direct_input_grad_equals_gemm_col2im() {
     use crate::ops::gemm::{Gemm, Layout, Operand, Par};
-    use crate::ops::{col2im_add, direct, ConvGeom};
+    use crate::ops::{col2im_add, direct, ConvDx as Dx, ConvGeom};
     let shapes = [
         (16, 16, 32, 32),
         (32, 32, 16, 16),
@@ -459,23 +460,36 @@ fn direct_input_grad_equals_gemm_col2im() {
                 _ => *v,
             })
             .collect();
+        // W^T dy (gemm) added into `into` by col2im.
+        let col2im_of_product = |into: &mut [f32]| {
+            let mut dcol = vec![0.0f32; kd * pd];
+            Gemm {
+                m: kd,
+                n: pd,
+                k: cout,
+                lhs: Operand::transposed(&wv, kd),
+                rhs: Operand::row_major(&dy, pd),
+                accumulate: false,
+            }
+            .run(&mut dcol, Layout::row_major(pd), Par::Seq);
+            col2im_add(&g, &mut dcol, into);
+        };
         let mut want = init.clone();
-        let mut dcol = vec![0.0f32; kd * pd];
-        Gemm {
-            m: kd,
-            n: pd,
-            k: cout,
-            lhs: Operand::transposed(&wv, kd),
-            rhs: Operand::row_major(&dy, pd),
-            accumulate: false,
-        }
-        .run(&mut dcol, Layout::row_major(pd), Par::Seq);
-        col2im_add(&g, &mut dcol, &mut want);
+        col2im_of_product(&mut want);
         if direct::grad_available() {
             let mut got = init.clone();
             let mut scratch = vec![f32::NAN; direct::input_grad_scratch_len(&g, cout)];
-            direct::input_grad(&g, &dy, &wv, cout, &mut scratch, &mut got);
+            direct::input_grad(&g, &dy, &wv, cout, &mut scratch, Dx::Add(&mut got));
             assert!(bits(&got) == bits(&want), "{cin}x{h}x{w} -> {cout}");
+            // Written into a buffer of NaNs (`Dx::Write`): the bits of adding into zeros.
+            let mut zeros = vec![0.0f32; cin * pd];
+            col2im_of_product(&mut zeros);
+            let mut written = vec![MaybeUninit::new(f32::NAN); cin * pd];
+            direct::input_grad(&g, &dy, &wv, cout, &mut scratch, Dx::Write(&mut written));
+            // SAFETY: MaybeUninit<f32> has f32's layout; every element holds a value (NaN or
+            // what the kernel wrote).
+            let written: Vec<f32> = written.iter().map(|e| unsafe { e.assume_init() }).collect();
+            assert!(bits(&written) == bits(&zeros), "{cin}x{h}x{w} -> {cout}: written");
         }
     }
     if !direct::grad_available() {

@@ -401,7 +401,7 @@ impl ResNet {
                                  c: &ConvRec,
                                  input: &[f32],
                                  dy: &[f32],
-                                 dx: Option<&mut [f32]>| {
+                                 dx: Option<ops::ConvDx<'_>>| {
                     let (g, s) = (&c.g, c.saved.as_ref());
                     let (dw, _) = ops::conv2d_backward_slices(
                         build, g, n, c.cout, input, &c.wv, false, dy, dx, s,
@@ -445,24 +445,32 @@ impl ResNet {
                         Some((sc, sbn)) => {
                             let mut ds = residual_grad(grads, &blk.bn2, &mut d, pos)?;
                             norm_back(grads, sbn, &mut ds, Mask::None, None)?;
-                            let mut d_in = ops::zeros_par(input.len());
-                            conv_back(grads, sc, input, &ds, Some(&mut d_in))?;
+                            let mut d_in = Vec::with_capacity(input.len());
+                            let spare = &mut d_in.spare_capacity_mut()[..input.len()];
+                            conv_back(grads, sc, input, &ds, Some(ops::ConvDx::Write(spare)))?;
+                            // SAFETY: a `Write` input gradient writes every element.
+                            unsafe { d_in.set_len(input.len()) };
                             d_in
                         }
                         None => residual_grad(grads, &blk.bn2, &mut d, pos)?,
                     };
-                    let mut dr1 = ops::zeros_par(blk.r1.len());
-                    conv_back(grads, &blk.conv2, &blk.r1, &d, Some(&mut dr1))?;
+                    // Written, not added: no zeroing pass over it first (`ConvDx::Write`).
+                    let mut dr1 = Vec::with_capacity(blk.r1.len());
+                    let spare = &mut dr1.spare_capacity_mut()[..blk.r1.len()];
+                    conv_back(grads, &blk.conv2, &blk.r1, &d, Some(ops::ConvDx::Write(spare)))?;
+                    // SAFETY: a `Write` input gradient writes every element.
+                    unsafe { dr1.set_len(blk.r1.len()) };
                     drop(d);
                     norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None)?;
-                    conv_back(grads, &blk.conv1, input, &dr1, Some(&mut d_in))?;
+                    conv_back(grads, &blk.conv1, input, &dr1, Some(ops::ConvDx::Add(&mut d_in)))?;
                     d = d_in;
                 }
                 norm_back(grads, &bn0, &mut d, Mask::Positive(&acts[0]), None)?;
                 // As the separate conv: the input's gradient exists (zeros) even when skipped.
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
                 let mut dx = std::mem::take(dx);
-                conv_back(grads, &stem, &xv, &d, input_grad.then_some(dx.as_mut_slice()))?;
+                let dxs = input_grad.then_some(ops::ConvDx::Add(dx.as_mut_slice()));
+                conv_back(grads, &stem, &xv, &d, dxs)?;
                 **grads.get_or_alloc_mut(&x_g)? = dx;
                 Ok(())
             });

@@ -48,7 +48,7 @@
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use super::conv::Geom;
+use super::conv::{Dx, Geom};
 
 /// Which compilation of the kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -652,14 +652,20 @@ pub(crate) fn input_grad(
     wv: &[f32],
     cout: usize,
     scratch: &mut [f32],
-    dx: &mut [f32],
+    dx: Dx<'_>,
 ) {
     let (cin, h, w) = (g.cin, g.h, g.w);
+    // `Write`: the first tap (t = 0) of each input channel's block stores `0.0 + s` where it
+    // would add `s` into +0.0; every element is stored there, before any later tap reads it.
+    let (dx, len, write) = match dx {
+        Dx::Add(d) => (d.as_mut_ptr(), d.len(), false),
+        Dx::Write(d) => (d.as_mut_ptr().cast::<f32>(), d.len(), true),
+    };
     assert!(grad_applies(g, cout) && grad_available(), "direct::input_grad on {g:?}");
-    assert!(dy.len() == cout * h * w && wv.len() == cout * cin * 9 && dx.len() == cin * h * w);
+    assert!(dy.len() == cout * h * w && wv.len() == cout * cin * 9 && len == cin * h * w);
     assert!(scratch.len() == input_grad_scratch_len(g, cout));
     pad(dy, cout, h, w, scratch);
-    let a = DxArgs { dyp: scratch, wv, cin, cout, h, w };
+    let a = DxArgs { dyp: scratch, wv, cin, cout, h, w, write };
     let mut ci0 = 0;
     while ci0 < cin {
         let t = match cin - ci0 {
@@ -691,6 +697,8 @@ struct DxArgs<'a> {
     cout: usize,
     h: usize,
     w: usize,
+    /// Whether the first tap writes rather than adds (`Dx::Write`).
+    write: bool,
 }
 
 /// Input channels `ci0 .. ci0 + T` of [`input_grad`]: for each run of 64 pixels (two 32-wide
@@ -699,13 +707,13 @@ struct DxArgs<'a> {
 /// broadcast once for the 4 vectors), then added into dx.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dx_avx512<const T: usize>(a: &DxArgs, ci0: usize, dx: &mut [f32]) {
+unsafe fn dx_avx512<const T: usize>(a: &DxArgs, ci0: usize, dx: *mut f32) {
     use std::arch::x86_64::*;
     const V: usize = 4;
-    let &DxArgs { dyp, wv, cin, cout, h, w } = a;
+    let &DxArgs { dyp, wv, cin, cout, h, w, write } = a;
     let (pd, row_len) = (h * w, w + 2);
     let plane = (h + 2) * row_len;
-    assert!(w.is_multiple_of(16) && ci0 + T <= cin && dx.len() == cin * pd);
+    assert!(w.is_multiple_of(16) && ci0 + T <= cin);
     assert!(dyp.len() == cout * plane && wv.len() == cout * cin * 9);
     // Padded offset of tap (ky, kx)'s source for pixel (y, x), relative to (y + 2, x + 2).
     let toff: [usize; 9] = std::array::from_fn(|t| t / 3 * row_len + t % 3);
@@ -737,9 +745,12 @@ unsafe fn dx_avx512<const T: usize>(a: &DxArgs, ci0: usize, dx: &mut [f32]) {
             }
             for (i, si) in s.iter().enumerate() {
                 for (v, sv) in si.iter().enumerate().take(nv) {
-                    // SAFETY: (ci0 + i) pd + q0 + 16 v + 16 <= cin pd (q0 + 16 nv <= pd).
-                    let at = dx.as_mut_ptr().add((ci0 + i) * pd + q0 + 16 * v);
-                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *sv));
+                    // SAFETY: (ci0 + i) pd + q0 + 16 v + 16 <= cin pd (q0 + 16 nv <= pd), within
+                    // dx (`input_grad` checked its length); written at t = 0 before it is read.
+                    let at = dx.add((ci0 + i) * pd + q0 + 16 * v);
+                    let old =
+                        if write && t == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(at) };
+                    _mm512_storeu_ps(at, _mm512_add_ps(old, *sv));
                 }
             }
         }

@@ -68,7 +68,7 @@ pub(crate) use conv::conv2d_with;
 pub(crate) use conv::{
     add_weight_grad as conv2d_add_weight_grad, backward_slices as conv2d_backward_slices,
     col2im_add, forward_slices as conv2d_slices, forward_slices_saving as conv2d_slices_saving,
-    geometry as conv2d_geometry, im2col, Geom as ConvGeom, Saved as ConvSaved,
+    geometry as conv2d_geometry, im2col, Dx as ConvDx, Geom as ConvGeom, Saved as ConvSaved,
 };
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
@@ -93,23 +93,6 @@ pub(crate) fn read<S: Shape, Tp>(t: &Tensor<S, f32, Cpu, Tp>) -> Vec<f32> {
 
 /// Elements per parallel task in elementwise loops.
 pub(crate) const ELEM_CHUNK: usize = 1 << 15;
-
-/// `vec![0.0; len]` with the zeros written by the rayon pool, [`ELEM_CHUNK`] at a time: the
-/// allocator zeroes a reused block on the calling thread alone, and in a ResNet-20 training
-/// step that was ~2% of the time (`perf`, one thread, 2026-12-06, Intel Xeon with AVX-512, 2
-/// cores), serial while the other thread waited.
-pub(crate) fn zeros_par(len: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len].par_chunks_mut(ELEM_CHUNK).for_each(|c| {
-        for e in c {
-            e.write(0.0);
-        }
-    });
-    // SAFETY: every one of the `len` elements was written just above.
-    unsafe { v.set_len(len) };
-    v
-}
 
 /// Sum of `v` in a fixed order (16 interleaved f32 partial sums, then combined pairwise), so
 /// the compiler can vectorise it and the result never depends on threads.

@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::conv::Geom;
+use super::conv::{Dx, Geom};
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::Build;
@@ -725,7 +725,7 @@ type BackwardFn = fn(
     &[f32],
     bool,
     &[f32],
-    Option<&mut [f32]>,
+    Option<Dx<'_>>,
     Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>);
 
@@ -745,21 +745,23 @@ pub(crate) struct Saved {
 /// batch 128.
 const MAX_SAVED_BYTES: usize = 32 << 20;
 
+/// The forward and backward passes of `rule`.
+fn passes(rule: Which) -> (ForwardFn, BackwardFn) {
+    match rule {
+        Which::F2 => (forward_with::<2, 4, F2>, backward_with::<2, 4, F2>),
+        Which::F4 => (forward_with::<4, 6, F4>, backward_with::<4, 6, F4>),
+    }
+}
+
 /// The forward pass of a convolution `g` that [`applies`] holds for, with the rule [`which`]
 /// picks.
 pub(crate) fn forward(g: &Geom) -> ForwardFn {
-    match which(g) {
-        Which::F2 => forward_with::<2, 4, F2>,
-        Which::F4 => forward_with::<4, 6, F4>,
-    }
+    passes(which(g)).0
 }
 
 /// The backward pass matching [`forward`].
 pub(crate) fn backward(g: &Geom) -> BackwardFn {
-    match which(g) {
-        Which::F2 => backward_with::<2, 4, F2>,
-        Which::F4 => backward_with::<4, 6, F4>,
-    }
+    passes(which(g)).1
 }
 
 /// The forward pass of a convolution [`applies`] holds for, with the rule `R`: `n` samples `xv`
@@ -863,7 +865,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     wv: &[f32],
     has_bias: bool,
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<Dx<'_>>,
     saved: Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (t, cin) = (Tiles::new(g, M), g.cin);
@@ -879,7 +881,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     // partial sums: one partial per group on 32x32 planes (a group is one sample) made 128
     // partials to allocate and add per step.
     let block = t.spg * BATCH_CHUNK.div_ceil(t.spg);
-    let group = |c: usize, dx: Option<&mut [f32]>, scratch: &mut [f32], par: Par| {
+    let group = |c: usize, dx: Option<Dx<'_>>, scratch: &mut [f32], par: Par| {
         build.run(
             #[inline(always)]
             || {
@@ -889,7 +891,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                 let (dm, buf) = rest.split_at_mut(ml);
                 let mut du: Vec<f32> = Vec::with_capacity(aa * cout * cin);
                 let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
-                let mut dx = dx;
+                let mut dx = dx.map(Dx::into_add);
                 for s0 in (b0..b1).step_by(t.spg) {
                     let gs = t.spg.min(b1 - s0);
                     let tt = gs * tps;
@@ -964,9 +966,8 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
         )
     };
     let scratch = vl + ml + t.buf_len(tmax);
-    let run = |c: usize, dx: Option<&mut [f32]>, par: Par| {
-        with_scratch(scratch, |s| group(c, dx, s, par))
-    };
+    let run =
+        |c: usize, dx: Option<Dx<'_>>, par: Par| with_scratch(scratch, |s| group(c, dx, s, par));
     let groups = n.div_ceil(block);
     let gx = block * xs;
     let partials = super::conv::map_groups(groups, dx, gx, run);
@@ -1095,23 +1096,12 @@ mod tests {
     }
 
     fn fwd(rule: Which, build: Build, c: &Case) -> Vec<f32> {
-        let b = Some(&c.b[..]);
-        match rule {
-            Which::F2 => forward_with::<2, 4, F2>(build, &c.g, c.n, c.cout, &c.x, &c.w, b, false).0,
-            Which::F4 => forward_with::<4, 6, F4>(build, &c.g, c.n, c.cout, &c.x, &c.w, b, false).0,
-        }
+        passes(rule).0(build, &c.g, c.n, c.cout, &c.x, &c.w, Some(&c.b), false).0
     }
 
     fn bwd(rule: Which, build: Build, c: &Case, dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
         let (g, n, co, dx) = (&c.g, c.n, c.cout, Some(dx));
-        match rule {
-            Which::F2 => {
-                backward_with::<2, 4, F2>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx, None)
-            }
-            Which::F4 => {
-                backward_with::<4, 6, F4>(build, g, n, co, &c.x, &c.w, true, &c.dy, dx, None)
-            }
-        }
+        passes(rule).1(build, g, n, co, &c.x, &c.w, true, &c.dy, dx.map(Dx::Add), None)
     }
 
     #[test]
@@ -1179,42 +1169,11 @@ mod tests {
         pool.install(|| {
             let (g, n, co, b) = (&c.g, c.n, c.cout, Some(&c.b[..]));
             let mut dx = vec![0.0f32; c.x.len()];
-            let (y, dw, db, was_kept) = match rule {
-                Which::F2 => {
-                    let (y, s) = forward_with::<2, 4, F2>(build, g, n, co, &c.x, &c.w, b, true);
-                    let dxs = Some(&mut dx[..]);
-                    let (dw, db) = backward_with::<2, 4, F2>(
-                        build,
-                        g,
-                        n,
-                        co,
-                        &c.x,
-                        &c.w,
-                        true,
-                        &c.dy,
-                        dxs,
-                        s.as_ref(),
-                    );
-                    (y, dw, db, s.is_some())
-                }
-                Which::F4 => {
-                    let (y, s) = forward_with::<4, 6, F4>(build, g, n, co, &c.x, &c.w, b, true);
-                    let dxs = Some(&mut dx[..]);
-                    let (dw, db) = backward_with::<4, 6, F4>(
-                        build,
-                        g,
-                        n,
-                        co,
-                        &c.x,
-                        &c.w,
-                        true,
-                        &c.dy,
-                        dxs,
-                        s.as_ref(),
-                    );
-                    (y, dw, db, s.is_some())
-                }
-            };
+            let (forward, backward) = passes(rule);
+            let (y, s) = forward(build, g, n, co, &c.x, &c.w, b, true);
+            let dxs = Some(Dx::Add(&mut dx[..]));
+            let (dw, db) = backward(build, g, n, co, &c.x, &c.w, true, &c.dy, dxs, s.as_ref());
+            let was_kept = s.is_some();
             ([bits(&y), bits(&dx), bits(&dw), bits(&db)], was_kept)
         })
     }
