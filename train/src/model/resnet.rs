@@ -410,6 +410,17 @@ impl ResNet {
                     ops::conv2d_add_weight_grad(dst, &dw, c.g.kd(), c.cout);
                     Ok::<(), <Cpu as HasErr>::Err>(())
                 };
+                // A conv's backward into a new buffer for its input gradient, written rather
+                // than added into zeros (`ConvDx::Write`: no zeroing pass over it first).
+                let conv_back_new =
+                    |grads: &mut Gradients<f32, Cpu>, c: &ConvRec, input: &[f32], dy: &[f32]| {
+                        let mut dx = Vec::with_capacity(input.len());
+                        let spare = &mut dx.spare_capacity_mut()[..input.len()];
+                        conv_back(grads, c, input, dy, Some(ops::ConvDx::Write(spare)))?;
+                        // SAFETY: a `Write` input gradient writes every element.
+                        unsafe { dx.set_len(input.len()) };
+                        Ok::<Vec<f32>, <Cpu as HasErr>::Err>(dx)
+                    };
                 // A norm's backward: `dy` through its tail (`mask`, the residual's part into
                 // `dr`), then its input's gradient written over `dy`, gamma's and beta's added
                 // into theirs.
@@ -445,21 +456,11 @@ impl ResNet {
                         Some((sc, sbn)) => {
                             let mut ds = residual_grad(grads, &blk.bn2, &mut d, pos)?;
                             norm_back(grads, sbn, &mut ds, Mask::None, None)?;
-                            let mut d_in = Vec::with_capacity(input.len());
-                            let spare = &mut d_in.spare_capacity_mut()[..input.len()];
-                            conv_back(grads, sc, input, &ds, Some(ops::ConvDx::Write(spare)))?;
-                            // SAFETY: a `Write` input gradient writes every element.
-                            unsafe { d_in.set_len(input.len()) };
-                            d_in
+                            conv_back_new(grads, sc, input, &ds)?
                         }
                         None => residual_grad(grads, &blk.bn2, &mut d, pos)?,
                     };
-                    // Written, not added: no zeroing pass over it first (`ConvDx::Write`).
-                    let mut dr1 = Vec::with_capacity(blk.r1.len());
-                    let spare = &mut dr1.spare_capacity_mut()[..blk.r1.len()];
-                    conv_back(grads, &blk.conv2, &blk.r1, &d, Some(ops::ConvDx::Write(spare)))?;
-                    // SAFETY: a `Write` input gradient writes every element.
-                    unsafe { dr1.set_len(blk.r1.len()) };
+                    let mut dr1 = conv_back_new(grads, &blk.conv2, &blk.r1, &d)?;
                     drop(d);
                     norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None)?;
                     conv_back(grads, &blk.conv1, input, &dr1, Some(ops::ConvDx::Add(&mut d_in)))?;

@@ -610,6 +610,14 @@ pub(crate) enum Dx<'a> {
 }
 
 impl<'a> Dx<'a> {
+    /// Consecutive pieces of `len` floats (the last may be shorter), of the same kind.
+    fn chunks(self, len: usize) -> Vec<Dx<'a>> {
+        match self {
+            Dx::Add(d) => d.chunks_mut(len).map(Dx::Add).collect(),
+            Dx::Write(d) => d.chunks_mut(len).map(Dx::Write).collect(),
+        }
+    }
+
     /// As a buffer to add into: a `Write` one zeroed first.
     pub(crate) fn into_add(self) -> &'a mut [f32] {
         match self {
@@ -1033,23 +1041,14 @@ pub(super) fn map_groups<R: Send>(
     gx: usize,
     group: impl Fn(usize, Option<Dx<'_>>, Par) -> R + Sync,
 ) -> Vec<R> {
-    let par = tasks_in_parallel(groups);
-    let run = |c: usize, d: Option<Dx<'_>>| group(c, d, if par { Par::Seq } else { Par::Pool });
-    match (par, dx) {
-        (true, Some(Dx::Add(dx))) => {
-            dx.par_chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(Dx::Add(d)))).collect()
-        }
-        (true, Some(Dx::Write(dx))) => {
-            dx.par_chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(Dx::Write(d)))).collect()
-        }
-        (true, None) => (0..groups).into_par_iter().map(|c| run(c, None)).collect(),
-        (false, Some(Dx::Add(dx))) => {
-            dx.chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(Dx::Add(d)))).collect()
-        }
-        (false, Some(Dx::Write(dx))) => {
-            dx.chunks_mut(gx).enumerate().map(|(c, d)| run(c, Some(Dx::Write(d)))).collect()
-        }
-        (false, None) => (0..groups).map(|c| run(c, None)).collect(),
+    let pieces: Vec<Option<Dx<'_>>> = match dx {
+        Some(dx) => dx.chunks(gx).into_iter().map(Some).collect(),
+        None => (0..groups).map(|_| None).collect(),
+    };
+    if tasks_in_parallel(groups) {
+        pieces.into_par_iter().enumerate().map(|(c, d)| group(c, d, Par::Seq)).collect()
+    } else {
+        pieces.into_iter().enumerate().map(|(c, d)| group(c, d, Par::Pool)).collect()
     }
 }
 
