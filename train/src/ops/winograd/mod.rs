@@ -24,6 +24,7 @@
 //! bit-identical for any thread count, as everywhere in `ops`.
 
 use std::mem::MaybeUninit;
+use std::ops::{Add, Mul, Neg, Sub};
 
 use rayon::prelude::*;
 
@@ -31,6 +32,9 @@ use super::conv::{Dx, Geom};
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::Build;
+
+#[cfg(target_arch = "x86_64")]
+mod samples;
 
 /// Channels (in and out) from which a 3x3 "same" convolution runs here on planes its tiles
 /// cover at least half of (see [`covered`]), and from which it does on any plane. Measured one
@@ -101,19 +105,29 @@ fn which(g: &Geom) -> Which {
     }
 }
 
+/// What a transform map computes on: one float, or one float of each of 16 samples
+/// (`samples::V16`). The maps below are written once over it, so a vector of samples gets each
+/// lane's operations in the same order as one float does (the same bits).
+trait Lane:
+    Copy + Add<Output = Self> + Sub<Output = Self> + Neg<Output = Self> + Mul<f32, Output = Self>
+{
+}
+
+impl Lane for f32 {}
+
 /// A Winograd rule F(MxM, 3x3) along one axis: a tile's `A` = M + 2 inputs give M outputs as
 /// `A^T [(G g) . (B^T d)]`. Each map is written out by hand with its adjoint (the transposed
 /// matrix), in a fixed order of operations: Rust does not contract multiply-adds, so every
 /// build rounds them alike.
 trait Rule<const M: usize, const A: usize> {
     /// `B^T d`.
-    fn bt(d: [f32; A]) -> [f32; A];
+    fn bt<T: Lane>(d: [T; A]) -> [T; A];
     /// `B y`, the adjoint of [`Rule::bt`].
-    fn bt_adj(y: [f32; A]) -> [f32; A];
+    fn bt_adj<T: Lane>(y: [T; A]) -> [T; A];
     /// `A^T m`.
-    fn at(m: [f32; A]) -> [f32; M];
+    fn at<T: Lane>(m: [T; A]) -> [T; M];
     /// `A y`, the adjoint of [`Rule::at`].
-    fn at_adj(y: [f32; M]) -> [f32; A];
+    fn at_adj<T: Lane>(y: [T; M]) -> [T; A];
     /// `G g` of the 3 taps.
     fn g(w: [f32; 3]) -> [f32; A];
     /// `G^T u`, the adjoint of [`Rule::g`].
@@ -127,19 +141,19 @@ struct F2;
 
 impl Rule<2, 4> for F2 {
     #[inline(always)]
-    fn bt([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+    fn bt<T: Lane>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
         [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
     }
     #[inline(always)]
-    fn bt_adj([y0, y1, y2, y3]: [f32; 4]) -> [f32; 4] {
+    fn bt_adj<T: Lane>([y0, y1, y2, y3]: [T; 4]) -> [T; 4] {
         [y0, y1 - y2 + y3, y1 + y2 - y0, -y3]
     }
     #[inline(always)]
-    fn at([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+    fn at<T: Lane>([m0, m1, m2, m3]: [T; 4]) -> [T; 2] {
         [m0 + m1 + m2, m1 - m2 - m3]
     }
     #[inline(always)]
-    fn at_adj([y0, y1]: [f32; 2]) -> [f32; 4] {
+    fn at_adj<T: Lane>([y0, y1]: [T; 2]) -> [T; 4] {
         [y0, y0 + y1, y0 - y1, -y1]
     }
     #[inline(always)]
@@ -163,37 +177,37 @@ struct F4;
 
 impl Rule<4, 6> for F4 {
     #[inline(always)]
-    fn bt([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    fn bt<T: Lane>([d0, d1, d2, d3, d4, d5]: [T; 6]) -> [T; 6] {
         let (s, t) = (d4 - d2, d3 - d1);
         [
-            4.0 * d0 - 5.0 * d2 + d4,
-            (d3 + d4) - 4.0 * (d1 + d2),
-            (d4 - d3) + 4.0 * (d1 - d2),
-            s + 2.0 * t,
-            s - 2.0 * t,
-            4.0 * d1 - 5.0 * d3 + d5,
+            d0 * 4.0 - d2 * 5.0 + d4,
+            (d3 + d4) - (d1 + d2) * 4.0,
+            (d4 - d3) + (d1 - d2) * 4.0,
+            s + t * 2.0,
+            s - t * 2.0,
+            d1 * 4.0 - d3 * 5.0 + d5,
         ]
     }
     #[inline(always)]
-    fn bt_adj([y0, y1, y2, y3, y4, y5]: [f32; 6]) -> [f32; 6] {
+    fn bt_adj<T: Lane>([y0, y1, y2, y3, y4, y5]: [T; 6]) -> [T; 6] {
         [
-            4.0 * y0,
-            4.0 * (y2 - y1 + y5) + 2.0 * (y4 - y3),
-            -5.0 * y0 - 4.0 * (y1 + y2) - (y3 + y4),
-            (y1 - y2) + 2.0 * (y3 - y4) - 5.0 * y5,
+            y0 * 4.0,
+            (y2 - y1 + y5) * 4.0 + (y4 - y3) * 2.0,
+            y0 * -5.0 - (y1 + y2) * 4.0 - (y3 + y4),
+            (y1 - y2) + (y3 - y4) * 2.0 - y5 * 5.0,
             y0 + y1 + y2 + y3 + y4,
             y5,
         ]
     }
     #[inline(always)]
-    fn at([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    fn at<T: Lane>([m0, m1, m2, m3, m4, m5]: [T; 6]) -> [T; 4] {
         let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
-        [m0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m5]
+        [m0 + s12 + s34, d12 + d34 * 2.0, s12 + s34 * 4.0, d12 + d34 * 8.0 + m5]
     }
     #[inline(always)]
-    fn at_adj([y0, y1, y2, y3]: [f32; 4]) -> [f32; 6] {
+    fn at_adj<T: Lane>([y0, y1, y2, y3]: [T; 4]) -> [T; 6] {
         let (e, o) = (y0 + y2, y1 + y3);
-        let (e2, o2) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+        let (e2, o2) = (y0 + y2 * 4.0, y1 * 2.0 + y3 * 8.0);
         [y0, e + o, e - o, e2 + o2, e2 - o2, y3]
     }
     #[inline(always)]
@@ -226,13 +240,26 @@ struct Tiles {
     tw: usize,
     /// Samples per group.
     spg: usize,
+    /// Whether the transforms run 16 samples to a vector ([`samples`]; see [`Tiles::lanes`]).
+    lanes: bool,
 }
 
 impl Tiles {
     fn new(g: &Geom, m: usize) -> Tiles {
         let (th, tw) = (g.h.div_ceil(m), g.w.div_ceil(m));
         let spg = (GROUP_TILES / (th * tw)).clamp(1, MAX_GROUP);
-        Tiles { h: g.h, w: g.w, m, th, tw, spg }
+        Tiles { h: g.h, w: g.w, m, th, tw, spg, lanes: false }
+    }
+    /// These tiles with their transforms run 16 samples to a vector where `build` and the CPU
+    /// allow it ([`samples::usable`]): the same bits either way.
+    fn lanes(mut self, build: Build) -> Tiles {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.lanes = samples::usable(build, &self);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = build;
+        self
     }
     /// Tiles per sample.
     fn per_sample(&self) -> usize {
@@ -247,7 +274,12 @@ impl Tiles {
     /// at least the input gradient's two phases).
     fn buf_len(&self, tt: usize) -> usize {
         let a = self.m + 2;
-        a * a * (tt + PASS.min(tt)) + self.m * self.tw + 2
+        let portable = a * a * (tt + PASS.min(tt)) + self.m * self.tw + 2;
+        #[cfg(target_arch = "x86_64")]
+        if self.lanes {
+            return portable.max(samples::buf_len(self));
+        }
+        portable
     }
 }
 
@@ -498,6 +530,12 @@ fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     tt: usize,
     buf: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if t.lanes {
+        // SAFETY: `lanes` is set only where `samples::usable` holds, and `buf` has
+        // `Tiles::buf_len` floats, at least `samples::buf_len`.
+        return unsafe { samples::input_transform::<M, A, R>(t, x, cin, v, tt, buf) };
+    }
     let (h, w, th, tw) = (t.h, t.w, t.th, t.tw);
     let (tps, st, plane) = (t.per_sample(), stride(cin, tt), h * w);
     let pw = PASS.min(tt);
@@ -555,6 +593,12 @@ fn output_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     y: &mut [MaybeUninit<f32>],
     buf: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if t.lanes {
+        // SAFETY: `lanes` is set only where `samples::usable` holds, and `buf` has
+        // `Tiles::buf_len` floats, at least `samples::buf_len`.
+        return unsafe { samples::output_transform::<M, A, R>(t, m, tt, cout, bias, y, buf) };
+    }
     let (h, w, tw, tps) = (t.h, t.w, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cout, tt), h * w, PASS.min(tt));
     let (half, rest) = buf.split_at_mut(M * A * pw);
@@ -607,6 +651,12 @@ fn output_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
     tt: usize,
     buf: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if t.lanes {
+        // SAFETY: `lanes` is set only where `samples::usable` holds, and `buf` has
+        // `Tiles::buf_len` floats, at least `samples::buf_len`.
+        return unsafe { samples::output_adjoint::<M, A, R>(t, dy, cout, dm, tt, buf) };
+    }
     let (h, w, th, tw, tps) = (t.h, t.w, t.th, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cout, tt), h * w, PASS.min(tt));
     let (pc, rest) = buf.split_at_mut(M * M * tt);
@@ -648,6 +698,12 @@ fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>>(
     dx: &mut [f32],
     buf: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if t.lanes {
+        // SAFETY: `lanes` is set only where `samples::usable` holds, and `buf` has
+        // `Tiles::buf_len` floats, at least `samples::buf_len`.
+        return unsafe { samples::input_adjoint::<M, A, R>(t, dv, cin, tt, dx, buf) };
+    }
     let (h, w, th, tw, tps) = (t.h, t.w, t.th, t.tw, t.per_sample());
     let (st, plane, pw) = (stride(cin, tt), h * w, PASS.min(tt));
     let (half, rest) = buf.split_at_mut(A * A * pw);
@@ -779,7 +835,7 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     bv: Option<&[f32]>,
     save: bool,
 ) -> (Vec<f32>, Option<Saved>) {
-    let (t, cin) = (Tiles::new(g, M), g.cin);
+    let (t, cin) = (Tiles::new(g, M).lanes(build), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
     assert_eq!(xv.len(), n * xs, "conv2d: input of {} values, expected {n} x {xs}", xv.len());
     let u = build.run(
@@ -868,7 +924,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     dx: Option<Dx<'_>>,
     saved: Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (t, cin) = (Tiles::new(g, M), g.cin);
+    let (t, cin) = (Tiles::new(g, M).lanes(build), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
     let u = build.run(
         #[inline(always)]
@@ -985,6 +1041,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
 mod tests {
     use super::*;
     use crate::ops::conv::Conv2dCfg;
+    use crate::ops::direct;
 
     /// (n, cin, cout, h, w): odd and even planes, 1x1 and 2x2 planes, groups of one sample
     /// (32x32) and of many with a partial last group (2x2: 32 samples a group).
@@ -1149,8 +1206,12 @@ mod tests {
 
     #[test]
     fn bits_do_not_depend_on_threads_or_build() {
-        // 9 groups of one sample (32x32), and 3 blocks of 8 samples with 2 threads.
-        for geom in [(20, 3, 2, 32, 32), (40, 2, 3, 2, 3), (9, 4, 3, 16, 16)] {
+        // 9 groups of one sample (32x32), and 3 blocks of 8 samples with 2 threads; planes of 4
+        // and 16 tiles (the transforms of `samples` where the CPU has AVX-512), in blocks of 16
+        // samples and partial ones, tiles past the plane's edge (7x7) included.
+        let geoms = [(20, 3, 2, 32, 32), (40, 2, 3, 2, 3), (9, 4, 3, 16, 16)];
+        let lanes = [(37, 3, 4, 8, 8), (20, 2, 3, 16, 16), (21, 3, 2, 4, 4), (18, 3, 2, 7, 7)];
+        for geom in geoms.into_iter().chain(lanes) {
             let c = case(geom);
             for rule in [Which::F2, Which::F4] {
                 let one = run(&c, rule, Build::Baseline, 1);
@@ -1160,6 +1221,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn planes_of_4_and_16_tiles_run_16_samples_a_vector_on_avx512() {
+        let avx512 = direct::Isa::detected() == Some(direct::Isa::Avx512);
+        for (hw, m, tiles) in [(8, 4, 4), (16, 4, 16), (4, 2, 4), (7, 4, 4), (8, 2, 16)] {
+            let g = Geom::new(64, hw, hw, Conv2dCfg::new(64, 3, 1)).unwrap();
+            let t = Tiles::new(&g, m);
+            assert_eq!(t.per_sample(), tiles);
+            assert_eq!(t.lanes(Build::Avx2).lanes, avx512, "{hw}x{hw} F({m}x{m})");
+            assert!(!t.lanes(Build::Baseline).lanes);
+        }
+        // 64 tiles a sample (32x32) keep the portable transforms.
+        let g = Geom::new(64, 32, 32, Conv2dCfg::new(64, 3, 1)).unwrap();
+        assert!(!Tiles::new(&g, 4).lanes(Build::Avx2).lanes);
     }
 
     /// Forward and backward of `c` with the forward's `V` kept (`save`) and handed to the
