@@ -345,7 +345,7 @@ fn direct_conv_equals_im2col_gemm() {
                         yn.len(),
                     )
                 };
-                direct::forward(isa, &g, xn, &wp, b, cout, &mut xp, yn);
+                direct::forward(isa, &g, xn, None, &wp, b, cout, &mut xp, yn);
             }
             assert!(bits(&got) == bits(&want), "{isa:?} {n}x{cin}x{h}x{w} -> {cout}");
         }
@@ -355,6 +355,60 @@ fn direct_conv_equals_im2col_gemm() {
     }
     if direct::Isa::all().is_empty() {
         eprintln!("this CPU has no FMA: the direct kernel was not compared");
+    }
+}
+
+/// A direct convolution handed its input as a norm and ReLU (`direct::AffineRelu`) gives the
+/// bits of the same kernel on the mapped input written out, forward and weight gradient: per
+/// input channel a scale and shift of either sign (so some channels are mostly cut by the ReLU,
+/// some mostly kept), a NaN and a -0.0 among the stored values, 16- and 32-wide planes
+/// (scratch full of NaN beforehand, so a border the map touched would show).
+#[test]
+fn direct_conv_of_a_mapped_input_equals_the_mapped_tensor() {
+    use crate::ops::gemm::k_piece;
+    use crate::ops::{batch_norm::affine_relu, direct, ConvGeom};
+    for (n, cin, cout, h, w) in [(2, 16, 16, 32, 32), (2, 32, 32, 16, 16), (3, 5, 29, 7, 16)] {
+        let g = ConvGeom::new(cin, h, w, Conv2dCfg::new(cout, 3, 1)).unwrap();
+        let (pd, kd) = (h * w, cin * 9);
+        let mut x = values(n * cin * pd, 81);
+        (x[3], x[pd + 5]) = (f32::NAN, -0.0);
+        let (wv, dy) = (values(cout * kd, 82), values(n * cout * pd, 83));
+        let scale: Vec<f32> = values(cin, 84).iter().map(|v| 2.0 * v).collect();
+        let shift = values(cin, 85);
+        let mapped: Vec<f32> = (x.iter().enumerate())
+            .map(|(i, v)| affine_relu(*v, scale[i / pd % cin], shift[i / pd % cin]))
+            .collect();
+        let map = direct::AffineRelu { scale: &scale, shift: &shift };
+        let wp = direct::pack_weights(&wv, cout, cin);
+        let (xs, ys) = (cin * pd, cout * pd);
+        for isa in direct::Isa::all() {
+            let fwd = |input: &[f32], m: Option<direct::AffineRelu<'_>>| {
+                let mut y = vec![MaybeUninit::<f32>::uninit(); n * ys];
+                let mut xp = vec![f32::NAN; direct::scratch_len(&g)];
+                for s in 0..n {
+                    let (xn, yn) = (&input[s * xs..(s + 1) * xs], &mut y[s * ys..(s + 1) * ys]);
+                    direct::forward(isa, &g, xn, m, &wp, None, cout, &mut xp, yn);
+                }
+                // SAFETY: the kernel wrote every output.
+                y.iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
+            };
+            let (got, want) = (fwd(&x, Some(map)), fwd(&mapped, None));
+            assert!(bits(&got) == bits(&want), "{isa:?} {n}x{cin}x{h}x{w} -> {cout}");
+        }
+        if direct::grad_available() && direct::grad_applies(&g, cout) {
+            let kc = k_piece(kd, cout, pd);
+            let grad = |input: &[f32], m: Option<direct::AffineRelu<'_>>| {
+                let mut dw = vec![f32::NAN; kd * cout];
+                let mut scratch = vec![f32::NAN; direct::grad_scratch_len(&g, cout)];
+                for s in 0..n {
+                    let (xn, ds) = (&input[s * xs..(s + 1) * xs], &dy[s * ys..(s + 1) * ys]);
+                    direct::weight_grad(&g, xn, m, ds, cout, kc, &mut scratch, &mut dw, s > 0);
+                }
+                dw
+            };
+            let (got, want) = (grad(&x, Some(map)), grad(&mapped, None));
+            assert!(bits(&got) == bits(&want), "weight gradient {n}x{cin}x{h}x{w} -> {cout}");
+        }
     }
 }
 
@@ -408,7 +462,7 @@ fn direct_weight_grad_equals_im2col_gemm() {
             for s in 0..n {
                 let (xs, ds) =
                     (&x[s * cin * pd..(s + 1) * cin * pd], &dy[s * cout * pd..(s + 1) * cout * pd]);
-                direct::weight_grad(&g, xs, ds, cout, kc, &mut scratch, &mut got, s > 0);
+                direct::weight_grad(&g, xs, None, ds, cout, kc, &mut scratch, &mut got, s > 0);
             }
             assert!(bits(&got) == bits(&want), "{n}x{cin}x{h}x{w} -> {cout}");
         }

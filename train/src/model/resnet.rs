@@ -24,6 +24,7 @@ use dfdx::prelude::*;
 use super::{Architecture, Init, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
 use crate::ops::batch_norm::{self, Mask, ResGrad, TrainSaved};
+use crate::ops::direct::AffineRelu;
 use crate::ops::{self, Conv2dCfg, RunningStats, BN_EPS, T1, T2, T4};
 use crate::params::ParamKind;
 use crate::Result;
@@ -298,14 +299,47 @@ struct BnRec {
 }
 
 /// One basic block of the training path. Its input is the previous activation; `r1` is the
-/// first norm's output (the second conv's input and, being a ReLU's output, its mask).
+/// first norm's output (the second conv's input and, being a ReLU's output, its mask), or
+/// `None` where the second conv forms it from the norm's input itself (`direct::AffineRelu`).
 struct BlockRec {
     conv1: ConvRec,
     bn1: BnRec,
-    r1: Vec<f32>,
+    r1: Option<Vec<f32>>,
     conv2: ConvRec,
     bn2: BnRec,
     shortcut: Option<(ConvRec, BnRec)>,
+}
+
+/// A convolution's input: the values, or the values a map forms it from.
+type Input<'a> = (&'a [f32], Option<AffineRelu<'a>>);
+
+impl BlockRec {
+    /// The second conv's input: the first norm's output, or its input with the map to it.
+    fn conv2_input(&self) -> Input<'_> {
+        match &self.r1 {
+            Some(r1) => (r1, None),
+            None => (&self.bn1.x, Some(self.bn1.map())),
+        }
+    }
+
+    /// Where the first norm's ReLU was active.
+    fn mask1(&self) -> Mask<'_> {
+        match &self.r1 {
+            Some(r1) => Mask::Positive(r1),
+            None => {
+                let AffineRelu { scale, shift } = self.bn1.map();
+                let (_, _, h, w) = self.bn1.saved.shape;
+                Mask::Affine { x: &self.bn1.x, scale, shift, p: h * w }
+            }
+        }
+    }
+}
+
+impl BnRec {
+    /// The norm's output (with a ReLU) as a map of its input.
+    fn map(&self) -> AffineRelu<'_> {
+        AffineRelu { scale: &self.saved.scale, shift: &self.saved.shift }
+    }
 }
 
 impl ResNet {
@@ -334,17 +368,19 @@ impl ResNet {
         let xv = ops::read(&x);
         let mut at = Cursor { next: 0, state: p.len() - 3 * self.batch_norms() };
         let mut stats = Vec::new();
-        let conv = |h: &[f32], shape, at: &mut Cursor, cfg: Conv2dCfg| {
-            let w = at.next;
-            at.next += 1;
-            let g = ops::conv2d_geometry(shape, &p[w], None, cfg);
-            let wv = ops::read(&p[w]);
-            let save = Tp::OWNS_TAPE;
-            let (y, saved) =
-                ops::conv2d_slices_saving(build, &g, n, cfg.out_channels, h, &wv, None, save);
-            let shape = (n, cfg.out_channels, g.ho, g.wo);
-            (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels, saved })
-        };
+        let conv =
+            |h: &[f32], map: Option<AffineRelu<'_>>, shape, at: &mut Cursor, cfg: Conv2dCfg| {
+                let w = at.next;
+                at.next += 1;
+                let g = ops::conv2d_geometry(shape, &p[w], None, cfg);
+                let wv = ops::read(&p[w]);
+                let save = Tp::OWNS_TAPE;
+                let cout = cfg.out_channels;
+                let (y, saved) =
+                    ops::conv2d_slices_saving(build, &g, n, cout, h, &wv, None, save, map);
+                let shape = (n, cfg.out_channels, g.ho, g.wo);
+                (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels, saved })
+            };
         let bn =
             |stats: &mut Vec<_>, x: Vec<f32>, shape, slot: BnSlot, relu, res: Option<&[f32]>| {
                 let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
@@ -355,7 +391,7 @@ impl ResNet {
                 stats.push(st);
                 (y, BnRec { slot, x, saved })
             };
-        let (c0, shape, stem) = conv(&xv, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
+        let (c0, shape, stem) = conv(&xv, None, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
         let (a0, bn0) = bn(&mut stats, c0, shape, at.take_bn(), true, None);
         let mut acts = vec![a0];
         let mut shapes = vec![shape];
@@ -363,16 +399,34 @@ impl ResNet {
         for b in self.blocks() {
             let (h, hs) = (acts.last().expect("the stem's output"), *shapes.last().unwrap());
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
-            let (m1, s1, conv1) = conv(h, hs, &mut at, cfg);
-            let (r1, bn1) = bn(&mut stats, m1, s1, at.take_bn(), true, None);
-            let (m2, s2, conv2) = conv(&r1, s1, &mut at, Conv2dCfg::new(b.cout, 3, 1));
+            let (m1, s1, conv1) = conv(h, None, hs, &mut at, cfg);
+            let cfg2 = Conv2dCfg::new(b.cout, 3, 1);
+            let g2 = ops::ConvGeom::new(s1.1, s1.2, s1.3, cfg2).expect("a 3x3 same conv fits");
+            // Where the second conv runs the direct kernels, it forms its input from the first
+            // norm's (see `direct::AffineRelu`): the norm's output pass, a full-size write and
+            // read, is skipped, and the output is not kept.
+            let (r1, bn1) = if ops::conv2d_takes_mapped_input(build, &g2, b.cout) {
+                let slot = at.take_bn();
+                let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
+                let (st, saved) = batch_norm::train_stats(build, &m1, s1, gamma, beta, BN_EPS)
+                    .expect("batch norm in training mode: batch size checked by check_train_batch");
+                stats.push(st);
+                (None, BnRec { slot, x: m1, saved })
+            } else {
+                let (r1, bn1) = bn(&mut stats, m1, s1, at.take_bn(), true, None);
+                (Some(r1), bn1)
+            };
+            let (m2, s2, conv2) = match &r1 {
+                Some(r1) => conv(r1, None, s1, &mut at, cfg2),
+                None => conv(&bn1.x, Some(bn1.map()), s1, &mut at, cfg2),
+            };
             // The second norm's parameters and statistics come before the shortcut's, but it
             // runs after the shortcut (it adds the shortcut's output); its statistics are put
             // back in layout order below.
             let slot2 = at.take_bn();
             let (out, bn2, shortcut) = if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
-                let (s, ss, sc) = conv(h, hs, &mut at, sc_cfg);
+                let (s, ss, sc) = conv(h, None, hs, &mut at, sc_cfg);
                 let (sn, sbn) = bn(&mut stats, s, ss, at.take_bn(), false, None);
                 let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(&sn));
                 let k = stats.len();
@@ -399,12 +453,12 @@ impl ResNet {
                 // into its gradient.
                 let conv_back = |grads: &mut Gradients<f32, Cpu>,
                                  c: &ConvRec,
-                                 input: &[f32],
+                                 (input, map): Input<'_>,
                                  dy: &[f32],
                                  dx: Option<ops::ConvDx<'_>>| {
                     let (g, s) = (&c.g, c.saved.as_ref());
                     let (dw, _) = ops::conv2d_backward_slices(
-                        build, g, n, c.cout, input, &c.wv, false, dy, dx, s,
+                        build, g, n, c.cout, input, map, &c.wv, false, dy, dx, s,
                     );
                     let dst = grads.get_or_alloc_mut(&ghosts[c.w])?;
                     ops::conv2d_add_weight_grad(dst, &dw, c.g.kd(), c.cout);
@@ -413,12 +467,13 @@ impl ResNet {
                 // A conv's backward into a new buffer for its input gradient, written rather
                 // than added into zeros (`ConvDx::Write`: no zeroing pass over it first).
                 let conv_back_new =
-                    |grads: &mut Gradients<f32, Cpu>, c: &ConvRec, input: &[f32], dy: &[f32]| {
-                        let mut dx = Vec::with_capacity(input.len());
-                        let spare = &mut dx.spare_capacity_mut()[..input.len()];
+                    |grads: &mut Gradients<f32, Cpu>, c: &ConvRec, input: Input<'_>, dy: &[f32]| {
+                        let len = input.0.len();
+                        let mut dx = Vec::with_capacity(len);
+                        let spare = &mut dx.spare_capacity_mut()[..len];
                         conv_back(grads, c, input, dy, Some(ops::ConvDx::Write(spare)))?;
                         // SAFETY: a `Write` input gradient writes every element.
-                        unsafe { dx.set_len(input.len()) };
+                        unsafe { dx.set_len(len) };
                         Ok::<Vec<f32>, <Cpu as HasErr>::Err>(dx)
                     };
                 // A norm's backward: `dy` through its tail (`mask`, the residual's part into
@@ -456,14 +511,15 @@ impl ResNet {
                         Some((sc, sbn)) => {
                             let mut ds = residual_grad(grads, &blk.bn2, &mut d, pos)?;
                             norm_back(grads, sbn, &mut ds, Mask::None, None)?;
-                            conv_back_new(grads, sc, input, &ds)?
+                            conv_back_new(grads, sc, (input, None), &ds)?
                         }
                         None => residual_grad(grads, &blk.bn2, &mut d, pos)?,
                     };
-                    let mut dr1 = conv_back_new(grads, &blk.conv2, &blk.r1, &d)?;
+                    let mut dr1 = conv_back_new(grads, &blk.conv2, blk.conv2_input(), &d)?;
                     drop(d);
-                    norm_back(grads, &blk.bn1, &mut dr1, Mask::Positive(&blk.r1), None)?;
-                    conv_back(grads, &blk.conv1, input, &dr1, Some(ops::ConvDx::Add(&mut d_in)))?;
+                    norm_back(grads, &blk.bn1, &mut dr1, blk.mask1(), None)?;
+                    let d_add = Some(ops::ConvDx::Add(&mut d_in));
+                    conv_back(grads, &blk.conv1, (input, None), &dr1, d_add)?;
                     d = d_in;
                 }
                 norm_back(grads, &bn0, &mut d, Mask::Positive(&acts[0]), None)?;
@@ -471,7 +527,7 @@ impl ResNet {
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
                 let mut dx = std::mem::take(dx);
                 let dxs = input_grad.then_some(ops::ConvDx::Add(dx.as_mut_slice()));
-                conv_back(grads, &stem, &xv, &d, dxs)?;
+                conv_back(grads, &stem, (&xv, None), &d, dxs)?;
                 **grads.get_or_alloc_mut(&x_g)? = dx;
                 Ok(())
             });

@@ -321,6 +321,15 @@ fn relu1(z: f32) -> f32 {
     }
 }
 
+/// `relu(x * scale + shift)`: the output of a norm and ReLU without a residual, as
+/// [`affine_tail`] forms it (a product, then a sum, then [`relu1`]). The direct convolutions
+/// form their input with it when handed the norm rather than its output
+/// (`direct::AffineRelu`), so the bits are the same.
+#[inline(always)]
+pub(crate) fn affine_relu(x: f32, scale: f32, shift: f32) -> f32 {
+    relu1(x * scale + shift)
+}
+
 /// Errors if a fused op's residual is not shaped like its input.
 fn check_residual<R: Tape<f32, Cpu>>(
     op: &str,
@@ -492,6 +501,11 @@ pub(crate) enum Mask<'a> {
     Bytes(&'a [u8]),
     /// The ReLU's output.
     Positive(&'a [f32]),
+    /// Where [`affine_relu`] of `x` with its channel's scale and shift is > 0: the norm's input
+    /// and its scale and shift, for a norm whose output was never written out (see
+    /// `direct::AffineRelu`); the same mask as `Positive` of that output. `p` values a plane,
+    /// `scale.len()` channels. Only for passes that go plane by plane.
+    Affine { x: &'a [f32], scale: &'a [f32], shift: &'a [f32], p: usize },
 }
 
 /// Where a fused tail's backward puts the residual's gradient `g`.
@@ -530,6 +544,7 @@ fn tail_backward(build: Build, dy: &mut [f32], mask: Mask<'_>, dr: Option<&mut [
     if matches!(mask, Mask::None) {
         return;
     }
+    assert!(!matches!(mask, Mask::Affine { .. }), "tail_backward: chunks are not planes");
     let chunks = dy.par_chunks_mut(ELEM_CHUNK).enumerate();
     match dr {
         None => chunks.for_each(|(ci, dc)| chunk(ci * ELEM_CHUNK, dc, None)),
@@ -554,6 +569,14 @@ fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<ResGrad<'_>>
         Mask::Positive(y) => {
             for (d, y) in dc.iter_mut().zip(&y[at..at + len]) {
                 *d = 0.0 + if *y > 0.0 { *d } else { 0.0 };
+            }
+        }
+        Mask::Affine { x, scale, shift, p } => {
+            assert!(at % p == 0 && len == p, "Mask::Affine: values {at}.. are not one plane");
+            let ch = at / p % scale.len();
+            let (s, t) = (scale[ch], shift[ch]);
+            for (d, x) in dc.iter_mut().zip(&x[at..at + len]) {
+                *d = 0.0 + if affine_relu(*x, s, t) > 0.0 { *d } else { 0.0 };
             }
         }
     }
@@ -659,11 +682,14 @@ where
 /// What the backward pass of training-mode batch norm keeps besides its input: the input's
 /// shape, gamma, and each channel's batch mean and `1 / sqrt(var + eps)` (in f64 and rounded).
 pub(crate) struct TrainSaved {
-    shape: (usize, usize, usize, usize),
+    pub(crate) shape: (usize, usize, usize, usize),
     gv: Vec<f32>,
     mean32: Vec<f32>,
     rstd: Vec<f64>,
     rstd32: Vec<f32>,
+    /// The forward's per-channel scale and shift (`y = x * scale + shift`, see [`scale_shift`]).
+    pub(crate) scale: Vec<f32>,
+    pub(crate) shift: Vec<f32>,
 }
 
 /// The forward pass of training-mode batch norm with its tail on plain slices: `xv` laid out as
@@ -683,10 +709,6 @@ pub(crate) fn train_forward(
     res: Option<&[f32]>,
     keep_mask: bool,
 ) -> Result<(Vec<f32>, Vec<u8>, BatchStats, TrainSaved)> {
-    check("batch_norm_train", shape, gamma, beta, eps, true)?;
-    let (n, c, h, w) = shape;
-    let (p, mc) = (h * w, n * h * w);
-    assert_eq!(xv.len(), n * c * p, "batch_norm_train: {} values for shape {shape:?}", xv.len());
     if let Some(r) = res {
         if r.len() != xv.len() {
             return Err(Error::incompatible(format!(
@@ -695,6 +717,27 @@ pub(crate) fn train_forward(
             )));
         }
     }
+    let (stats, saved) = train_stats(build, xv, shape, gamma, beta, eps)?;
+    let p = shape.2 * shape.3;
+    let (y, mask) = affine_tail(build, xv, &saved.scale, &saved.shift, p, relu, res, keep_mask);
+    Ok((y, mask, stats, saved))
+}
+
+/// [`train_forward`] without its output pass: the batch statistics and what [`train_backward`]
+/// needs, with the scale and shift of the output `x * scale + shift` (for a consumer that forms
+/// the output itself, `direct::AffineRelu`).
+pub(crate) fn train_stats(
+    build: Build,
+    xv: &[f32],
+    shape: (usize, usize, usize, usize),
+    gamma: &T1,
+    beta: &T1,
+    eps: f32,
+) -> Result<(BatchStats, TrainSaved)> {
+    check("batch_norm_train", shape, gamma, beta, eps, true)?;
+    let (n, c, h, w) = shape;
+    let (p, mc) = (h * w, n * h * w);
+    assert_eq!(xv.len(), n * c * p, "batch_norm_train: {} values for shape {shape:?}", xv.len());
     let (gv, bv) = (read(gamma), read(beta));
     let min_planes = (ELEM_CHUNK / p).max(1);
 
@@ -718,7 +761,6 @@ pub(crate) fn train_forward(
     let var: Vec<f64> = ss.iter().map(|s| s / mf).collect();
     let rstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
     let (scale, shift) = scale_shift(&gv, &bv, &mean, &rstd);
-    let (y, mask) = affine_tail(build, xv, &scale, &shift, p, relu, res, keep_mask);
     let stats = BatchStats {
         mean: mean.iter().map(|m| *m as f32).collect(),
         var_unbiased: var.iter().map(|v| (v * mf / (mf - 1.0)) as f32).collect(),
@@ -730,8 +772,10 @@ pub(crate) fn train_forward(
         mean32: stats.mean.clone(),
         rstd32: rstd.iter().map(|r| *r as f32).collect(),
         rstd,
+        scale,
+        shift,
     };
-    Ok((y, mask, stats, saved))
+    Ok((stats, saved))
 }
 
 /// The backward pass of [`train_forward`]: `dy` (the output's gradient, overwritten) goes back

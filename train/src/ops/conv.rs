@@ -570,12 +570,26 @@ pub(crate) fn forward_slices(
     wv: &[f32],
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
-    forward_slices_saving(build, g, n, cout, xv, wv, bv, false).0
+    forward_slices_saving(build, g, n, cout, xv, wv, bv, false, None).0
+}
+
+/// Whether [`forward_slices_saving`] and [`backward_slices`] take this convolution's input as a
+/// [`direct::AffineRelu`] of a stored tensor rather than the input itself: where both passes run
+/// the direct kernels (the AVX-512 build on 16- and 32-wide planes with at most 32 channels),
+/// which pad their input anyway and map it while they do.
+pub(crate) fn takes_mapped_input(build: Build, g: &Geom, cout: usize) -> bool {
+    build == Build::Avx2
+        && direct::Isa::detected() == Some(direct::Isa::Avx512)
+        && !winograd::applies(g, cout)
+        && !groups_samples(g)
+        && direct::applies(g)
+        && direct::grad_applies(g, cout)
 }
 
 /// [`forward_slices`] for a pass with a backward to come: with `save`, also what the backward
 /// pass can reuse rather than compute again ([`Saved`]; only the Winograd convolutions keep
-/// anything), to be handed to [`backward_slices`].
+/// anything), to be handed to [`backward_slices`]. With `map` (only where
+/// [`takes_mapped_input`]), the input is `xv` mapped by it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_slices_saving(
     build: Build,
@@ -586,12 +600,14 @@ pub(crate) fn forward_slices_saving(
     wv: &[f32],
     bv: Option<&[f32]>,
     save: bool,
+    map: Option<direct::AffineRelu<'_>>,
 ) -> (Vec<f32>, Option<Saved>) {
+    assert!(map.is_none() || takes_mapped_input(build, g, cout), "conv2d: a mapped input on {g:?}");
     if winograd::applies(g, cout) {
         let (y, saved) = winograd::forward(g)(build, g, n, cout, xv, wv, bv, save);
         return (y, saved.map(Saved));
     }
-    (forward_slices_with(build, g, n, cout, xv, wv, bv, groups_samples(g)), None)
+    (forward_slices_with(build, g, n, cout, xv, map, wv, bv, groups_samples(g)), None)
 }
 
 /// What a convolution's forward pass keeps for its backward pass ([`forward_slices_saving`]).
@@ -665,6 +681,7 @@ fn forward_slices_with(
     n: usize,
     cout: usize,
     xv: &[f32],
+    map: Option<direct::AffineRelu<'_>>,
     wv: &[f32],
     bv: Option<&[f32]>,
     grouped: bool,
@@ -683,6 +700,7 @@ fn forward_slices_with(
         }
         _ => None,
     };
+    assert!(map.is_none() || direct_w.is_some(), "conv2d: a mapped input on {g:?}");
     let fwd_scratch = if direct_w.is_some() { direct::scratch_len(&g) } else { col_len };
     // Forward: y_n (cout x pd) = b + W (cout x kd) * col_n (kd x pd). Each task first writes its
     // sample's bias into uninitialised memory, then the product adds to it: one write pass over
@@ -697,7 +715,7 @@ fn forward_slices_with(
                 let xn = &xv[ni * xs..(ni + 1) * xs];
                 if let Some((isa, wp)) = &direct_w {
                     // Writes every output, adding the bias itself.
-                    return direct::forward(*isa, &g, xn, wp, bv, cout, col, yn);
+                    return direct::forward(*isa, &g, xn, map, wp, bv, cout, col, yn);
                 }
                 let cm: &[f32] = if g.direct() {
                     xn
@@ -796,7 +814,8 @@ fn forward_slices_with(
 /// thread count. The ResNets' training path (`model::resnet`) calls it on its own buffers.
 ///
 /// `saved`, what the forward pass kept ([`forward_slices_saving`]) if anything, gives the same
-/// results (the same bits) with less work.
+/// results (the same bits) with less work. With `map` (only where [`takes_mapped_input`]), the
+/// forward's input was `xv` mapped by it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_slices(
     build: Build,
@@ -804,6 +823,7 @@ pub(crate) fn backward_slices(
     n: usize,
     cout: usize,
     xv: &[f32],
+    map: Option<direct::AffineRelu<'_>>,
     wv: &[f32],
     has_bias: bool,
     dy: &[f32],
@@ -814,7 +834,8 @@ pub(crate) fn backward_slices(
         let saved = saved.map(|s| &s.0);
         return winograd::backward(g)(build, g, n, cout, xv, wv, has_bias, dy, dx, saved);
     }
-    backward_slices_with(build, g, n, cout, xv, wv, has_bias, dy, dx, groups_samples(g))
+    assert!(map.is_none() || takes_mapped_input(build, g, cout), "conv2d: a mapped input on {g:?}");
+    backward_slices_with(build, g, n, cout, xv, map, wv, has_bias, dy, dx, groups_samples(g))
 }
 
 /// [`backward_slices`], one sample per input-gradient product or (`grouped`) [`BATCH_CHUNK`].
@@ -825,6 +846,7 @@ fn backward_slices_with(
     n: usize,
     cout: usize,
     xv: &[f32],
+    map: Option<direct::AffineRelu<'_>>,
     wv: &[f32],
     has_bias: bool,
     dy: &[f32],
@@ -846,6 +868,7 @@ fn backward_slices_with(
         && direct::grad_available()
         && direct::grad_applies(&g, cout)
         && !grouped;
+    assert!(map.is_none() || direct_grads, "conv2d: a mapped input on {g:?}");
     let kc = k_piece(kd, cout, pd);
     // The scratch's first part: im2col for the weight gradient, or the direct kernel's.
     let wg_len = if direct_grads { direct::grad_scratch_len(&g, cout) } else { col_len };
@@ -918,7 +941,7 @@ fn backward_slices_with(
                         continue;
                     }
                     if direct_grads {
-                        direct::weight_grad(&g, xn, dyn_, cout, kc, col, &mut dw, ni > s0);
+                        direct::weight_grad(&g, xn, map, dyn_, cout, kc, col, &mut dw, ni > s0);
                     } else {
                         let cm = if g.direct() {
                             Operand::row_major(xn, pd)
@@ -1109,7 +1132,7 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     let wv = read(w);
     let bv = b.map(read);
     let (y, saved) =
-        forward_slices_saving(build, &g, n, cout, &xv, &wv, bv.as_deref(), Tp::OWNS_TAPE);
+        forward_slices_saving(build, &g, n, cout, &xv, &wv, bv.as_deref(), Tp::OWNS_TAPE, None);
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
     if Tp::OWNS_TAPE {
@@ -1121,7 +1144,7 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
                 let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&x_g)?;
                 let dx = input_grad.then_some(Dx::Add(dx.as_mut_slice()));
                 let s = saved.as_ref();
-                backward_slices(build, &g, n, cout, &xv, &wv, b_g.is_some(), &dy, dx, s)
+                backward_slices(build, &g, n, cout, &xv, None, &wv, b_g.is_some(), &dy, dx, s)
             };
             drop(dy);
             add_weight_grad(grads.get_or_alloc_mut(&w_g)?, &dw_tot, kd, cout);
@@ -1199,7 +1222,8 @@ mod tests {
             let bv = bias.then(|| val(cout, 3));
             let dy = val(n * cout * g.pd(), 4);
             let run = |grouped: bool| {
-                let y = forward_slices_with(build, &g, n, cout, &xv, &wv, bv.as_deref(), grouped);
+                let y =
+                    forward_slices_with(build, &g, n, cout, &xv, None, &wv, bv.as_deref(), grouped);
                 let mut dx = val(xv.len(), 5);
                 let (dw, db) = backward_slices_with(
                     build,
@@ -1207,6 +1231,7 @@ mod tests {
                     n,
                     cout,
                     &xv,
+                    None,
                     &wv,
                     bias,
                     &dy,

@@ -48,6 +48,7 @@
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+use super::batch_norm::affine_relu;
 use super::conv::{Dx, Geom};
 
 /// Which compilation of the kernel runs.
@@ -114,14 +115,27 @@ pub(crate) fn pack_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     p
 }
 
-/// One sample: `y` (cout, h, w) = [bias +] conv(x), x (cin, h, w), every element of `y` written
-/// (it may start uninitialised); `xp` is scratch of [`scratch_len`] floats (any contents); `wp`
-/// from [`pack_weights`].
+/// A convolution's input given as the batch norm and ReLU that make it: channel c of the input
+/// is `relu(x * scale[c] + shift[c])` of the stored `x`, formed while padding (see [`pad`]) with
+/// batch norm's own elementwise function ([`affine_relu`]), so the same bits as the norm's
+/// output. The ResNets' training path (`model::resnet`) hands its first norm of each block to
+/// the second conv this way: the norm's output is then never written out (nor kept for the
+/// backward pass, which recomputes it while padding again).
+#[derive(Clone, Copy)]
+pub(crate) struct AffineRelu<'a> {
+    pub(crate) scale: &'a [f32],
+    pub(crate) shift: &'a [f32],
+}
+
+/// One sample: `y` (cout, h, w) = [bias +] conv(x), x (cin, h, w) (or mapped by `map`), every
+/// element of `y` written (it may start uninitialised); `xp` is scratch of [`scratch_len`]
+/// floats (any contents); `wp` from [`pack_weights`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     isa: Isa,
     g: &Geom,
     x: &[f32],
+    map: Option<AffineRelu<'_>>,
     wp: &[f32],
     bias: Option<&[f32]>,
     cout: usize,
@@ -131,7 +145,7 @@ pub(crate) fn forward(
     let (cin, h, w) = (g.cin, g.h, g.w);
     assert!(applies(g) && x.len() == cin * h * w && y.len() == cout * h * w);
     assert!(xp.len() == scratch_len(g) && wp.len() == cout.div_ceil(4) * cin * 36);
-    pad(x, cin, h, w, xp);
+    pad(x, map, cin, h, w, xp);
     // SAFETY: `Isa` values exist only for instruction sets the CPU has (`Isa::all`).
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -158,10 +172,15 @@ pub(crate) fn forward(
 /// vectors the compiler spilled registers around the masked loads and ResNet-20 evaluation
 /// (one thread, `lmc bench`, three alternating runs) fell from 1,458-1,516 to 1,325-1,390
 /// images/s; with runs of 4 vectors it ran at 1,497-1,511, no better than padding. Not kept.
-fn pad(x: &[f32], cin: usize, h: usize, w: usize, xp: &mut [f32]) {
-    match w {
-        32 => pad_rows::<32>(x, cin, h, xp),
-        16 => pad_rows::<16>(x, cin, h, xp),
+///
+/// With `map`, each value is mapped as it is copied (the border stays +0.0, the padding of the
+/// mapped input).
+fn pad(x: &[f32], map: Option<AffineRelu<'_>>, cin: usize, h: usize, w: usize, xp: &mut [f32]) {
+    match (w, map) {
+        (32, None) => pad_rows::<32>(x, cin, h, xp),
+        (16, None) => pad_rows::<16>(x, cin, h, xp),
+        (32, Some(m)) => pad_mapped::<32>(x, m, cin, h, xp),
+        (16, Some(m)) => pad_mapped::<16>(x, m, cin, h, xp),
         // Every caller takes only what `applies` takes: 16- and 32-wide planes.
         _ => unreachable!("direct::pad on a {w}-wide plane"),
     }
@@ -181,6 +200,36 @@ fn pad_rows<const W: usize>(x: &[f32], cin: usize, h: usize, xp: &mut [f32]) {
             row[0] = 0.0;
             let dst: &mut [f32; W] = (&mut row[1..=W]).try_into().expect("W floats");
             *dst = src.try_into().expect("W floats");
+            row[W + 1] = 0.0;
+        }
+    }
+}
+
+/// [`pad_rows`] with each value mapped by `map` (its channel's scale and shift).
+#[inline(always)]
+fn pad_mapped<const W: usize>(
+    x: &[f32],
+    map: AffineRelu<'_>,
+    cin: usize,
+    h: usize,
+    xp: &mut [f32],
+) {
+    let wp = W + 2;
+    assert!(map.scale.len() == cin && map.shift.len() == cin, "direct::pad: {cin} channels");
+    let planes = x.chunks_exact(h * W).zip(xp.chunks_exact_mut((h + 2) * wp));
+    for ((xc, pc), (s, t)) in planes.zip(map.scale.iter().zip(map.shift)) {
+        let (top, rest) = pc.split_at_mut(wp);
+        top.fill(0.0);
+        let (mid, bottom) = rest.split_at_mut(h * wp);
+        bottom.fill(0.0);
+        for (row, src) in mid.chunks_exact_mut(wp).zip(xc.chunks_exact(W)) {
+            let row: &mut [f32] = row;
+            row[0] = 0.0;
+            let dst: &mut [f32; W] = (&mut row[1..=W]).try_into().expect("W floats");
+            let src: &[f32; W] = src.try_into().expect("W floats");
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d = affine_relu(*v, *s, *t);
+            }
             row[W + 1] = 0.0;
         }
     }
@@ -452,7 +501,8 @@ pub(crate) fn grad_scratch_len(g: &Geom, cout: usize) -> usize {
 
 /// One sample's weight gradient, transposed as `conv::backward_slices` keeps it: `dwt` (9 cin x
 /// cout, row (ci, ky, kx)) gets `x_col dy^T`, added to what is there when `accumulate`, where
-/// `x_col` is the sample's im2col (9 cin x h w), without building it.
+/// `x_col` is the sample's im2col (9 cin x h w), without building it; with `map`, the im2col of
+/// the mapped input (see [`AffineRelu`]).
 ///
 /// Same bits as the `gemm` product it replaces: each element is summed over the pixels in
 /// pieces of `kc` ([`super::gemm::k_piece`]), each piece one chain of fused multiply-adds in
@@ -464,6 +514,7 @@ pub(crate) fn grad_scratch_len(g: &Geom, cout: usize) -> usize {
 pub(crate) fn weight_grad(
     g: &Geom,
     x: &[f32],
+    map: Option<AffineRelu<'_>>,
     dy: &[f32],
     cout: usize,
     kc: usize,
@@ -479,7 +530,7 @@ pub(crate) fn weight_grad(
     assert!(dwt.len() == cin * 9 * cout && scratch.len() == grad_scratch_len(g, cout));
     assert!(grad_available(), "direct::weight_grad needs AVX-512");
     let (xp, dyt) = scratch.split_at_mut(scratch_len(g));
-    pad(x, cin, h, w, xp);
+    pad(x, map, cin, h, w, xp);
     // SAFETY: the CPU has AVX-512 (asserted above).
     #[cfg(target_arch = "x86_64")]
     unsafe {
@@ -664,7 +715,7 @@ pub(crate) fn input_grad(
     assert!(grad_applies(g, cout) && grad_available(), "direct::input_grad on {g:?}");
     assert!(dy.len() == cout * h * w && wv.len() == cout * cin * 9 && len == cin * h * w);
     assert!(scratch.len() == input_grad_scratch_len(g, cout));
-    pad(dy, cout, h, w, scratch);
+    pad(dy, None, cout, h, w, scratch);
     let a = DxArgs { dyp: scratch, wv, cin, cout, h, w, write };
     let mut ci0 = 0;
     while ci0 < cin {
