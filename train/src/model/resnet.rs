@@ -24,6 +24,8 @@ use dfdx::prelude::*;
 use super::{Architecture, Init, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
 use crate::ops::batch_norm::{self, Mask, ResGrad, TrainSaved};
+use std::sync::Mutex;
+
 use crate::ops::direct::AffineRelu;
 use crate::ops::{self, Conv2dCfg, RunningStats, BN_EPS, T1, T2, T4};
 use crate::params::ParamKind;
@@ -376,30 +378,47 @@ impl ResNet {
                 let wv = ops::read(&p[w]);
                 let save = Tp::OWNS_TAPE;
                 let cout = cfg.out_channels;
+                // Every conv here feeds a batch norm: where the conv runs sample by sample, the
+                // norm's per-plane statistics are summed as each sample's output is written
+                // (in cache) rather than in a pass of their own over the whole output.
+                let planes = ops::conv2d_runs_epilogue(build, &g, cout)
+                    .then(|| Mutex::new(vec![(0.0f64, 0.0f64); n * cout]));
+                let epilogue = |ni: usize, yn: &[f32]| {
+                    let mut v = vec![(0.0f64, 0.0f64); cout];
+                    batch_norm::plane_stats_of(build, yn, g.pd(), &mut v);
+                    let mut ps = planes.as_ref().expect("planes").lock().expect("not poisoned");
+                    ps[ni * cout..(ni + 1) * cout].copy_from_slice(&v);
+                };
+                let e = planes.is_some().then_some(&epilogue as ops::ConvEpilogue<'_>);
                 let (y, saved) =
-                    ops::conv2d_slices_saving(build, &g, n, cout, h, &wv, None, save, map);
+                    ops::conv2d_slices_saving(build, &g, n, cout, h, &wv, None, save, map, e);
+                let planes = planes.map(|m| m.into_inner().expect("not poisoned"));
                 let shape = (n, cfg.out_channels, g.ho, g.wo);
-                (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels, saved })
+                (y, shape, ConvRec { w, wv, g, cout: cfg.out_channels, saved }, planes)
             };
-        let bn =
-            |stats: &mut Vec<_>, x: Vec<f32>, shape, slot: BnSlot, relu, res: Option<&[f32]>| {
-                let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
-                let (y, _, st, saved) = batch_norm::train_forward(
-                    build, &x, shape, gamma, beta, BN_EPS, relu, res, false,
-                )
-                .expect("batch norm in training mode: batch size checked by check_train_batch");
-                stats.push(st);
-                (y, BnRec { slot, x, saved })
-            };
-        let (c0, shape, stem) = conv(&xv, None, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
-        let (a0, bn0) = bn(&mut stats, c0, shape, at.take_bn(), true, None);
+        let bn = |stats: &mut Vec<_>,
+                  (x, shape, planes): (Vec<f32>, _, _),
+                  slot: BnSlot,
+                  relu,
+                  res: Option<&[f32]>| {
+            let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
+            let (y, _, st, saved) = batch_norm::train_forward(
+                build, &x, shape, gamma, beta, BN_EPS, relu, res, false, planes,
+            )
+            .expect("batch norm in training mode: batch size checked by check_train_batch");
+            stats.push(st);
+            (y, BnRec { slot, x, saved })
+        };
+        let (c0, shape, stem, ps) =
+            conv(&xv, None, shape0, &mut at, Conv2dCfg::new(self.stem, 3, 1));
+        let (a0, bn0) = bn(&mut stats, (c0, shape, ps), at.take_bn(), true, None);
         let mut acts = vec![a0];
         let mut shapes = vec![shape];
         let mut blocks = Vec::new();
         for b in self.blocks() {
             let (h, hs) = (acts.last().expect("the stem's output"), *shapes.last().unwrap());
             let cfg = Conv2dCfg::new(b.cout, 3, 1).with_stride(b.stride);
-            let (m1, s1, conv1) = conv(h, None, hs, &mut at, cfg);
+            let (m1, s1, conv1, ps1) = conv(h, None, hs, &mut at, cfg);
             let cfg2 = Conv2dCfg::new(b.cout, 3, 1);
             let g2 = ops::ConvGeom::new(s1.1, s1.2, s1.3, cfg2).expect("a 3x3 same conv fits");
             // Where the second conv runs the direct kernels, it forms its input from the first
@@ -408,15 +427,15 @@ impl ResNet {
             let (r1, bn1) = if ops::conv2d_takes_mapped_input(build, &g2, b.cout) {
                 let slot = at.take_bn();
                 let (gamma, beta) = (&p[slot.param], &p[slot.param + 1]);
-                let (st, saved) = batch_norm::train_stats(build, &m1, s1, gamma, beta, BN_EPS)
+                let (st, saved) = batch_norm::train_stats(build, &m1, s1, gamma, beta, BN_EPS, ps1)
                     .expect("batch norm in training mode: batch size checked by check_train_batch");
                 stats.push(st);
                 (None, BnRec { slot, x: m1, saved })
             } else {
-                let (r1, bn1) = bn(&mut stats, m1, s1, at.take_bn(), true, None);
+                let (r1, bn1) = bn(&mut stats, (m1, s1, ps1), at.take_bn(), true, None);
                 (Some(r1), bn1)
             };
-            let (m2, s2, conv2) = match &r1 {
+            let (m2, s2, conv2, ps2) = match &r1 {
                 Some(r1) => conv(r1, None, s1, &mut at, cfg2),
                 None => conv(&bn1.x, Some(bn1.map()), s1, &mut at, cfg2),
             };
@@ -426,14 +445,14 @@ impl ResNet {
             let slot2 = at.take_bn();
             let (out, bn2, shortcut) = if b.has_shortcut_conv() {
                 let sc_cfg = Conv2dCfg::new(b.cout, 1, 0).with_stride(b.stride);
-                let (s, ss, sc) = conv(h, None, hs, &mut at, sc_cfg);
-                let (sn, sbn) = bn(&mut stats, s, ss, at.take_bn(), false, None);
-                let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(&sn));
+                let (s, ss, sc, pss) = conv(h, None, hs, &mut at, sc_cfg);
+                let (sn, sbn) = bn(&mut stats, (s, ss, pss), at.take_bn(), false, None);
+                let (out, bn2) = bn(&mut stats, (m2, s2, ps2), slot2, true, Some(&sn));
                 let k = stats.len();
                 stats.swap(k - 2, k - 1);
                 (out, bn2, Some((sc, sbn)))
             } else {
-                let (out, bn2) = bn(&mut stats, m2, s2, slot2, true, Some(h));
+                let (out, bn2) = bn(&mut stats, (m2, s2, ps2), slot2, true, Some(h));
                 (out, bn2, None)
             };
             blocks.push(BlockRec { conv1, bn1, r1, conv2, bn2, shortcut });

@@ -570,7 +570,20 @@ pub(crate) fn forward_slices(
     wv: &[f32],
     bv: Option<&[f32]>,
 ) -> Vec<f32> {
-    forward_slices_saving(build, g, n, cout, xv, wv, bv, false, None).0
+    forward_slices_saving(build, g, n, cout, xv, wv, bv, false, None, None).0
+}
+
+/// A function a convolution's forward pass calls on each sample's output right after writing it
+/// (`(sample, its cout planes)`), while it is in cache; only where [`runs_epilogue`].
+pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, &[f32]) + Sync);
+
+/// Whether [`forward_slices_saving`] calls an [`Epilogue`]: where the forward runs the direct
+/// kernel (3x3 "same" convs on 16- and 32-wide planes, on CPUs with FMA), sample by sample.
+pub(crate) fn runs_epilogue(build: Build, g: &Geom, cout: usize) -> bool {
+    build == Build::Avx2
+        && direct::Isa::detected().is_some()
+        && direct::applies(g)
+        && !winograd::applies(g, cout)
 }
 
 /// Whether [`forward_slices_saving`] and [`backward_slices`] take this convolution's input as a
@@ -589,7 +602,8 @@ pub(crate) fn takes_mapped_input(build: Build, g: &Geom, cout: usize) -> bool {
 /// [`forward_slices`] for a pass with a backward to come: with `save`, also what the backward
 /// pass can reuse rather than compute again ([`Saved`]; only the Winograd convolutions keep
 /// anything), to be handed to [`backward_slices`]. With `map` (only where
-/// [`takes_mapped_input`]), the input is `xv` mapped by it.
+/// [`takes_mapped_input`]), the input is `xv` mapped by it; `epilogue` (only where
+/// [`runs_epilogue`]) is called on each sample's output.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_slices_saving(
     build: Build,
@@ -601,13 +615,16 @@ pub(crate) fn forward_slices_saving(
     bv: Option<&[f32]>,
     save: bool,
     map: Option<direct::AffineRelu<'_>>,
+    epilogue: Option<Epilogue<'_>>,
 ) -> (Vec<f32>, Option<Saved>) {
     assert!(map.is_none() || takes_mapped_input(build, g, cout), "conv2d: a mapped input on {g:?}");
+    assert!(epilogue.is_none() || runs_epilogue(build, g, cout), "conv2d: an epilogue on {g:?}");
     if winograd::applies(g, cout) {
         let (y, saved) = winograd::forward(g)(build, g, n, cout, xv, wv, bv, save);
         return (y, saved.map(Saved));
     }
-    (forward_slices_with(build, g, n, cout, xv, map, wv, bv, groups_samples(g)), None)
+    let grouped = groups_samples(g);
+    (forward_slices_with(build, g, n, cout, xv, map, wv, bv, grouped, epilogue), None)
 }
 
 /// What a convolution's forward pass keeps for its backward pass ([`forward_slices_saving`]).
@@ -685,6 +702,7 @@ fn forward_slices_with(
     wv: &[f32],
     bv: Option<&[f32]>,
     grouped: bool,
+    epilogue: Option<Epilogue<'_>>,
 ) -> Vec<f32> {
     let g = *g;
     let (kd, pd) = (g.kd(), g.pd());
@@ -701,6 +719,7 @@ fn forward_slices_with(
         _ => None,
     };
     assert!(map.is_none() || direct_w.is_some(), "conv2d: a mapped input on {g:?}");
+    assert!(epilogue.is_none() || direct_w.is_some(), "conv2d: an epilogue on {g:?}");
     let fwd_scratch = if direct_w.is_some() { direct::scratch_len(&g) } else { col_len };
     // Forward: y_n (cout x pd) = b + W (cout x kd) * col_n (kd x pd). Each task first writes its
     // sample's bias into uninitialised memory, then the product adds to it: one write pass over
@@ -715,7 +734,13 @@ fn forward_slices_with(
                 let xn = &xv[ni * xs..(ni + 1) * xs];
                 if let Some((isa, wp)) = &direct_w {
                     // Writes every output, adding the bias itself.
-                    return direct::forward(*isa, &g, xn, map, wp, bv, cout, col, yn);
+                    direct::forward(*isa, &g, xn, map, wp, bv, cout, col, yn);
+                    if let Some(e) = epilogue {
+                        // SAFETY: every element of `yn` was written just above, and f32 has
+                        // the layout of MaybeUninit<f32>.
+                        e(ni, unsafe { std::slice::from_raw_parts(yn.as_ptr().cast(), yn.len()) });
+                    }
+                    return;
                 }
                 let cm: &[f32] = if g.direct() {
                     xn
@@ -1131,8 +1156,18 @@ pub(crate) fn conv2d_with<Tp: Tape<f32, Cpu>>(
     let xv = read(&x);
     let wv = read(w);
     let bv = b.map(read);
-    let (y, saved) =
-        forward_slices_saving(build, &g, n, cout, &xv, &wv, bv.as_deref(), Tp::OWNS_TAPE, None);
+    let (y, saved) = forward_slices_saving(
+        build,
+        &g,
+        n,
+        cout,
+        &xv,
+        &wv,
+        bv.as_deref(),
+        Tp::OWNS_TAPE,
+        None,
+        None,
+    );
     let out = x.device().tensor_from_vec(y, (n, cout, g.ho, g.wo));
 
     if Tp::OWNS_TAPE {
@@ -1222,8 +1257,8 @@ mod tests {
             let bv = bias.then(|| val(cout, 3));
             let dy = val(n * cout * g.pd(), 4);
             let run = |grouped: bool| {
-                let y =
-                    forward_slices_with(build, &g, n, cout, &xv, None, &wv, bv.as_deref(), grouped);
+                let bv = bv.as_deref();
+                let y = forward_slices_with(build, &g, n, cout, &xv, None, &wv, bv, grouped, None);
                 let mut dx = val(xv.len(), 5);
                 let (dw, db) = backward_slices_with(
                     build,

@@ -68,8 +68,9 @@ pub(crate) use conv::conv2d_with;
 pub(crate) use conv::{
     add_weight_grad as conv2d_add_weight_grad, backward_slices as conv2d_backward_slices,
     col2im_add, forward_slices as conv2d_slices, forward_slices_saving as conv2d_slices_saving,
-    geometry as conv2d_geometry, im2col, takes_mapped_input as conv2d_takes_mapped_input,
-    Dx as ConvDx, Geom as ConvGeom, Saved as ConvSaved,
+    geometry as conv2d_geometry, im2col, runs_epilogue as conv2d_runs_epilogue,
+    takes_mapped_input as conv2d_takes_mapped_input, Dx as ConvDx, Epilogue as ConvEpilogue,
+    Geom as ConvGeom, Saved as ConvSaved,
 };
 pub use conv::{conv2d, Conv2dCfg};
 pub use linear::linear;
