@@ -693,7 +693,7 @@ fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<ResGrad<'_>>
             }
         }
         Mask::Affine { x, scale, shift, p } => {
-            assert!(at % p == 0 && len == p, "Mask::Affine: values {at}.. are not one plane");
+            assert!(at.is_multiple_of(p) && len == p, "Mask::Affine: values {at}.. are not one plane");
             let ch = at / p % scale.len();
             let (s, t) = (scale[ch], shift[ch]);
             for (d, x) in dc.iter_mut().zip(&x[at..at + len]) {
