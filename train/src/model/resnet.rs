@@ -385,7 +385,12 @@ impl ResNet {
                     .then(|| Mutex::new(vec![(0.0f64, 0.0f64); n * cout]));
                 let epilogue = |ni: usize, yn: &[f32]| {
                     let mut v = vec![(0.0f64, 0.0f64); cout];
-                    batch_norm::plane_stats_of(build, yn, g.pd(), &mut v);
+                    // In the build's code: the conv calls this through a `dyn` pointer, so
+                    // nothing of the conv's build reaches it.
+                    build.run(
+                        #[inline(always)]
+                        || batch_norm::plane_stats_of(build, yn, g.pd(), &mut v),
+                    );
                     let mut ps = planes.as_ref().expect("planes").lock().expect("not poisoned");
                     ps[ni * cout..(ni + 1) * cout].copy_from_slice(&v);
                 };

@@ -176,6 +176,7 @@ fn plane_stats(build: Build, xp: &[f32]) -> (f64, f64) {
 
 /// [`plane_stats`] of each of the planes of `p` values in `x` (whole planes), into `out`: what
 /// [`train_stats`] computes of its input, for a caller that has the planes in cache.
+#[inline(always)]
 pub(crate) fn plane_stats_of(build: Build, x: &[f32], p: usize, out: &mut [(f64, f64)]) {
     assert_eq!(x.len(), out.len() * p, "plane_stats_of: {} values in planes of {p}", x.len());
     for (o, xp) in out.iter_mut().zip(x.chunks_exact(p)) {
@@ -693,7 +694,10 @@ fn tail_slice(mask: Mask<'_>, at: usize, dc: &mut [f32], rc: Option<ResGrad<'_>>
             }
         }
         Mask::Affine { x, scale, shift, p } => {
-            assert!(at.is_multiple_of(p) && len == p, "Mask::Affine: values {at}.. are not one plane");
+            assert!(
+                at.is_multiple_of(p) && len == p,
+                "Mask::Affine: values {at}.. are not one plane"
+            );
             let ch = at / p % scale.len();
             let (s, t) = (scale[ch], shift[ch]);
             for (d, x) in dc.iter_mut().zip(&x[at..at + len]) {
