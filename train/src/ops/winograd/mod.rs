@@ -884,19 +884,31 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let spare = &mut y.spare_capacity_mut()[..n * ys];
     let saved = if save {
-        // Each group's `V` in its own piece of the kept buffer (zeroed: the gaps between its
-        // matrices are never written).
-        let mut sv = vec![0.0f32; groups * vl];
-        let run = |c: usize, yc: &mut [MaybeUninit<f32>], vc: &mut [f32], par: Par| {
+        // Each group's `V` in its own piece of the kept buffer, zeroed by the group's own task
+        // (the gaps between its matrices are never written): zeroing the whole buffer up front
+        // was a serial pass over up to 4.7 MB per conv (ResNet-20's third stage), ~0.7% of a
+        // one-thread training step in `memset` (`perf`, 2026-12-07, Intel Xeon with AVX-512, 2
+        // cores) and more with two threads, which waited for it.
+        let mut sv: Vec<f32> = Vec::with_capacity(groups * vl);
+        let run = |c: usize, yc: &mut [MaybeUninit<f32>], vc: &mut [MaybeUninit<f32>], par| {
+            for e in vc.iter_mut() {
+                e.write(0.0);
+            }
+            // SAFETY: every element was initialised just above, and f32 has the layout of
+            // MaybeUninit<f32>.
+            let vc = unsafe { std::slice::from_raw_parts_mut(vc.as_mut_ptr().cast(), vc.len()) };
             with_scratch(scratch, |s| group(c, yc, vc, s, par))
         };
-        let pieces = spare.chunks_mut(t.spg * ys).zip(sv.chunks_mut(vl));
+        let pieces =
+            spare.chunks_mut(t.spg * ys).zip(sv.spare_capacity_mut()[..groups * vl].chunks_mut(vl));
         if super::tasks_in_parallel(groups) {
             let pieces: Vec<_> = pieces.collect();
             pieces.into_par_iter().enumerate().for_each(|(c, (yc, vc))| run(c, yc, vc, Par::Seq));
         } else {
             pieces.enumerate().for_each(|(c, (yc, vc))| run(c, yc, vc, Par::Pool));
         }
+        // SAFETY: the tasks above initialised every piece of the `groups * vl` elements.
+        unsafe { sv.set_len(groups * vl) };
         Some(Saved { v: sv, len: vl })
     } else {
         let run = |c: usize, yc: &mut [MaybeUninit<f32>], s: &mut [f32], par: Par| {
