@@ -19,13 +19,13 @@
 //! 7x7 (ResNet-20) or 4x4 (ResNet-18), 8x8 digits at 2x2 or 1x1, and a side that reaches 1 stays
 //! 1 (the 3x3 conv then sees one pixel and its zero padding).
 
+use std::sync::Mutex;
+
 use dfdx::prelude::*;
 
 use super::{Architecture, Init, Item, ModelSpec, Norm, Norms, Relu};
 use crate::data::ImageShape;
 use crate::ops::batch_norm::{self, Mask, ResGrad, TrainSaved};
-use std::sync::Mutex;
-
 use crate::ops::direct::AffineRelu;
 use crate::ops::{self, Conv2dCfg, RunningStats, BN_EPS, T1, T2, T4};
 use crate::params::ParamKind;
