@@ -368,7 +368,11 @@ unsafe fn lanes_avx2(what: Lanes<'_>) -> ([f64; 16], [f64; 16]) {
 /// [`lanes`] over whole chunks of 16 in AVX-512: lanes 0..8 in one register, 8..16 in the
 /// other, so half the instructions of [`lanes_avx2`] (which was ~4.4% of a one-thread ResNet-20
 /// training step, and the plain sums beside it ~2.5%: `perf`, 2026-12-07, Intel Xeon with
-/// AVX-512, 2 cores).
+/// AVX-512, 2 cores). On its own it did not move ResNet-20's wall time (paired ratio 1.000, 6
+/// pairs, same host and day: passes over whole tensors are bound by reading them); it serves
+/// the sums a conv takes of planes it has just written (`train_stats`'s `planes`), which are in
+/// cache, and ResNet-18 ran 0.973 (3 pairs) with it and the direct convs' changes, which do not
+/// apply there.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
