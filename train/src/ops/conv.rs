@@ -285,19 +285,45 @@ fn deinterleave(g: &Geom, xc: &[f32], q: &mut [f32]) {
             let row = &xc[(2 * i + a) * g.w..(2 * i + a + 1) * g.w];
             let (even, odd) = q[2 * a * po..(2 * a + 2) * po].split_at_mut(po);
             let (even, odd) = (&mut even[i * wo..(i + 1) * wo], &mut odd[i * wo..(i + 1) * wo]);
-            if wide {
-                // SAFETY: the CPU has AVX-512 (`poly_avx512`).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    split_avx512(row, even, odd)
-                };
-                continue;
-            }
-            for j in 0..wo {
-                even[j] = row[2 * j];
-                odd[j] = row[2 * j + 1];
-            }
+            split_row(wide, row, even, odd);
         }
+    }
+}
+
+/// `even[j] = row[2 j]`, `odd[j] = row[2 j + 1]`: one row of [`deinterleave`], with its AVX-512
+/// code where `wide` ([`poly_avx512`]).
+#[inline(always)]
+fn split_row(wide: bool, row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    assert!(row.len() == 2 * even.len() && odd.len() == even.len());
+    if wide {
+        // SAFETY: the CPU has AVX-512 (`poly_avx512`).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            split_avx512(row, even, odd)
+        };
+        return;
+    }
+    for (j, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
+        *e = row[2 * j];
+        *o = row[2 * j + 1];
+    }
+}
+
+/// The inverse of [`split_row`]: one row of [`interleave`].
+#[inline(always)]
+fn merge_row(wide: bool, even: &[f32], odd: &[f32], row: &mut [f32]) {
+    assert!(row.len() == 2 * even.len() && odd.len() == even.len());
+    if wide {
+        // SAFETY: the CPU has AVX-512 (`poly_avx512`).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            merge_avx512(even, odd, row)
+        };
+        return;
+    }
+    for (j, (e, o)) in even.iter().zip(odd).enumerate() {
+        row[2 * j] = *e;
+        row[2 * j + 1] = *o;
     }
 }
 
@@ -312,18 +338,7 @@ fn interleave(g: &Geom, q: &[f32], xc: &mut [f32]) {
             let row = &mut xc[(2 * i + a) * g.w..(2 * i + a + 1) * g.w];
             let (even, odd) = q[2 * a * po..(2 * a + 2) * po].split_at(po);
             let (even, odd) = (&even[i * wo..(i + 1) * wo], &odd[i * wo..(i + 1) * wo]);
-            if wide {
-                // SAFETY: the CPU has AVX-512 (`poly_avx512`).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    merge_avx512(even, odd, row)
-                };
-                continue;
-            }
-            for j in 0..wo {
-                row[2 * j] = even[j];
-                row[2 * j + 1] = odd[j];
-            }
+            merge_row(wide, even, odd, row);
         }
     }
 }
@@ -409,6 +424,19 @@ unsafe fn merge_avx512(even: &[f32], odd: &[f32], row: &mut [f32]) {
 #[inline(always)]
 fn im2col_poly(g: &Geom, x: &[f32], col: &mut [f32], rs: usize) {
     let (hw, po, taps) = (g.h * g.w, g.pd(), g.k * g.k);
+    if taps == 1 {
+        // A 1x1 conv (a shortcut) reads polyphase plane 0 alone, unshifted: only the even
+        // rows are split, each straight into its place in `col`.
+        let (mut odd, wide) = (vec![0.0f32; g.wo], poly_avx512());
+        for ci in 0..g.cin {
+            let xc = &x[ci * hw..(ci + 1) * hw];
+            for i in 0..g.ho {
+                let row = &xc[2 * i * g.w..(2 * i + 1) * g.w];
+                split_row(wide, row, &mut col[ci * rs + i * g.wo..][..g.wo], &mut odd);
+            }
+        }
+        return;
+    }
     let shifts = g.poly_shifts();
     let mut q = vec![0.0f32; hw];
     for ci in 0..g.cin {
@@ -445,6 +473,24 @@ fn col2im_same(g: &Geom, col: &mut [f32], dx: &mut [f32], rs: usize) {
 #[inline(always)]
 fn col2im_poly(g: &Geom, col: &mut [f32], dx: &mut [f32], rs: usize) {
     let (hw, po, taps) = (g.h * g.w, g.pd(), g.k * g.k);
+    if taps == 1 {
+        // A 1x1 conv adds into polyphase plane 0 alone, unshifted: only the even rows are
+        // split, added to and merged back (the same additions; the odd rows are untouched).
+        let (mut even, mut odd) = (vec![0.0f32; g.wo], vec![0.0f32; g.wo]);
+        let wide = poly_avx512();
+        for ci in 0..g.cin {
+            let dxc = &mut dx[ci * hw..(ci + 1) * hw];
+            for i in 0..g.ho {
+                let row = &mut dxc[2 * i * g.w..(2 * i + 1) * g.w];
+                split_row(wide, row, &mut even, &mut odd);
+                for (e, c) in even.iter_mut().zip(&col[ci * rs + i * g.wo..][..g.wo]) {
+                    *e += c;
+                }
+                merge_row(wide, &even, &odd, row);
+            }
+        }
+        return;
+    }
     let shifts = g.poly_shifts();
     let mut q = vec![0.0f32; hw];
     for ci in 0..g.cin {
