@@ -624,25 +624,25 @@ pub(crate) fn forward_slices(
 pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, &[f32]) + Sync);
 
 /// Whether [`forward_slices_saving`] calls an [`Epilogue`]: where the forward runs the direct
-/// kernel (3x3 "same" convs on 16- and 32-wide planes, on CPUs with FMA), sample by sample.
+/// kernel (3x3 "same" convs on 16- and 32-wide planes, on CPUs with FMA), sample by sample, or
+/// as Winograd, a group of samples at a time.
 pub(crate) fn runs_epilogue(build: Build, g: &Geom, cout: usize) -> bool {
-    build == Build::Avx2
-        && direct::Isa::detected().is_some()
-        && direct::applies(g)
-        && !winograd::applies(g, cout)
+    winograd::applies(g, cout)
+        || (build == Build::Avx2 && direct::Isa::detected().is_some() && direct::applies(g))
 }
 
 /// Whether [`forward_slices_saving`] and [`backward_slices`] take this convolution's input as a
 /// [`direct::AffineRelu`] of a stored tensor rather than the input itself: where both passes run
 /// the direct kernels (the AVX-512 build on 16- and 32-wide planes with at most 32 channels),
-/// which pad their input anyway and map it while they do.
+/// which pad their input anyway and map it while they do, or run as Winograd, whose input
+/// transform gathers (and maps) its input the same way.
 pub(crate) fn takes_mapped_input(build: Build, g: &Geom, cout: usize) -> bool {
-    build == Build::Avx2
-        && direct::Isa::detected() == Some(direct::Isa::Avx512)
-        && !winograd::applies(g, cout)
-        && !groups_samples(g)
-        && direct::applies(g)
-        && direct::grad_applies(g, cout)
+    winograd::applies(g, cout)
+        || (build == Build::Avx2
+            && direct::Isa::detected() == Some(direct::Isa::Avx512)
+            && !groups_samples(g)
+            && direct::applies(g)
+            && direct::grad_applies(g, cout))
 }
 
 /// [`forward_slices`] for a pass with a backward to come: with `save`, also what the backward
@@ -666,7 +666,8 @@ pub(crate) fn forward_slices_saving(
     assert!(map.is_none() || takes_mapped_input(build, g, cout), "conv2d: a mapped input on {g:?}");
     assert!(epilogue.is_none() || runs_epilogue(build, g, cout), "conv2d: an epilogue on {g:?}");
     if winograd::applies(g, cout) {
-        let (y, saved) = winograd::forward(g)(build, g, n, cout, xv, wv, bv, save);
+        let forward = winograd::forward(g);
+        let (y, saved) = forward(build, g, n, cout, xv, map, wv, bv, save, epilogue);
         return (y, saved.map(Saved));
     }
     let grouped = groups_samples(g);
@@ -901,11 +902,11 @@ pub(crate) fn backward_slices(
     dx: Option<Dx<'_>>,
     saved: Option<&Saved>,
 ) -> (Vec<f32>, Vec<f32>) {
-    if winograd::applies(g, cout) {
-        let saved = saved.map(|s| &s.0);
-        return winograd::backward(g)(build, g, n, cout, xv, wv, has_bias, dy, dx, saved);
-    }
     assert!(map.is_none() || takes_mapped_input(build, g, cout), "conv2d: a mapped input on {g:?}");
+    if winograd::applies(g, cout) {
+        let (saved, backward) = (saved.map(|s| &s.0), winograd::backward(g));
+        return backward(build, g, n, cout, xv, map, wv, has_bias, dy, dx, saved);
+    }
     backward_slices_with(build, g, n, cout, xv, map, wv, has_bias, dy, dx, groups_samples(g))
 }
 

@@ -28,7 +28,9 @@ use std::ops::{Add, Mul, Neg, Sub};
 
 use rayon::prelude::*;
 
-use super::conv::{Dx, Geom};
+use super::batch_norm::affine_relu;
+use super::conv::{Dx, Epilogue, Geom};
+use super::direct::AffineRelu;
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::Build;
@@ -526,19 +528,24 @@ fn fan<const I: usize, const O: usize>(
 /// at a time (a pass per padded row, over one row of tiles, was mostly loop overhead on small
 /// planes).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     t: &Tiles,
     x: &[f32],
+    map: Option<AffineRelu<'_>>,
     cin: usize,
     v: &mut [f32],
     tt: usize,
     buf: &mut [f32],
 ) {
+    if let Some(m) = map {
+        assert!(m.scale.len() == cin && m.shift.len() == cin, "winograd: a map of {cin} channels");
+    }
     #[cfg(target_arch = "x86_64")]
     if t.lanes {
         // SAFETY: `lanes` is set only where `samples::usable` holds, and `buf` has
         // `Tiles::buf_len` floats, at least `samples::buf_len`.
-        return unsafe { samples::input_transform::<M, A, R>(t, x, cin, v, tt, buf) };
+        return unsafe { samples::input_transform::<M, A, R>(t, x, map, cin, v, tt, buf) };
     }
     let (h, w, th, tw) = (t.h, t.w, t.th, t.tw);
     let (tps, st, plane) = (t.per_sample(), stride(cin, tt), h * w);
@@ -555,7 +562,17 @@ fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
                 if r == 0 || r > h {
                     prow[1..=w].fill(0.0);
                 } else {
-                    prow[1..=w].copy_from_slice(&xc[(r - 1) * w..r * w]);
+                    let src = &xc[(r - 1) * w..r * w];
+                    match map {
+                        // The norm's output as batch norm forms it (the same bits).
+                        Some(m) => {
+                            let (sc, sh) = (m.scale[c], m.shift[c]);
+                            for (d, x) in prow[1..=w].iter_mut().zip(src) {
+                                *d = affine_relu(*x, sc, sh);
+                            }
+                        }
+                        None => prow[1..=w].copy_from_slice(src),
+                    }
                 }
                 // Padded row r is row k = r % M of tile row r / M and, when r % M < 2, row
                 // k + M of tile row r / M - 1.
@@ -770,9 +787,11 @@ type ForwardFn = fn(
     usize,
     usize,
     &[f32],
+    Option<AffineRelu<'_>>,
     &[f32],
     Option<&[f32]>,
     bool,
+    Option<Epilogue<'_>>,
 ) -> (Vec<f32>, Option<Saved>);
 
 /// A backward pass as [`backward_with`] and `conv::backward_slices` take it.
@@ -782,6 +801,7 @@ type BackwardFn = fn(
     usize,
     usize,
     &[f32],
+    Option<AffineRelu<'_>>,
     &[f32],
     bool,
     &[f32],
@@ -827,7 +847,9 @@ pub(crate) fn backward(g: &Geom) -> BackwardFn {
 /// The forward pass of a convolution [`applies`] holds for, with the rule `R`: `n` samples `xv`
 /// ((n, cin, h, w)), weights `wv` ((cout, cin, 3, 3)), bias `bv`; returns the (n, cout, h, w)
 /// output and, when `save` is asked for and the transformed input is small enough
-/// ([`MAX_SAVED_BYTES`]), that input for the backward pass.
+/// ([`MAX_SAVED_BYTES`]), that input for the backward pass. `epilogue` is called on each
+/// sample's output (`conv::Epilogue`) as its group's output transform finishes, while the group
+/// is in cache.
 #[allow(clippy::too_many_arguments)]
 fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     build: Build,
@@ -835,9 +857,11 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     n: usize,
     cout: usize,
     xv: &[f32],
+    map: Option<AffineRelu<'_>>,
     wv: &[f32],
     bv: Option<&[f32]>,
     save: bool,
+    epilogue: Option<Epilogue<'_>>,
 ) -> (Vec<f32>, Option<Saved>) {
     let (t, cin) = (Tiles::new(g, M).lanes(build), g.cin);
     let (xs, ys, tps) = (cin * g.h * g.w, cout * g.h * g.w, t.per_sample());
@@ -860,7 +884,8 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                 let (m, buf) = scratch.split_at_mut(ml);
                 let (v, m) =
                     (&mut v[..A * A * stride(cin, tt)], &mut m[..A * A * stride(cout, tt)]);
-                input_transform::<M, A, R>(&t, &xv[s0 * xs..(s0 + gs) * xs], cin, v, tt, buf);
+                let x = &xv[s0 * xs..(s0 + gs) * xs];
+                input_transform::<M, A, R>(&t, x, map, cin, v, tt, buf);
                 for xi in 0..A * A {
                     Gemm {
                         m: cout,
@@ -877,6 +902,15 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                     );
                 }
                 output_transform::<M, A, R>(&t, m, tt, cout, bv, yc, buf);
+                if let Some(e) = epilogue {
+                    // SAFETY: `output_transform` wrote every element of `yc`, and f32 has the
+                    // layout of MaybeUninit<f32>.
+                    let yc: &[f32] =
+                        unsafe { std::slice::from_raw_parts(yc.as_ptr().cast(), yc.len()) };
+                    for (l, yn) in yc.chunks_exact(ys).enumerate() {
+                        e(s0 + l, yn);
+                    }
+                }
             },
         )
     };
@@ -934,6 +968,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     n: usize,
     cout: usize,
     xv: &[f32],
+    map: Option<AffineRelu<'_>>,
     wv: &[f32],
     has_bias: bool,
     dy: &[f32],
@@ -975,7 +1010,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                         Some(sv) => &sv.v[s0 / t.spg * sv.len..][..aa * stride(cin, tt)],
                         None => {
                             let x = &xv[s0 * xs..(s0 + gs) * xs];
-                            input_transform::<M, A, R>(&t, x, cin, v, tt, buf);
+                            input_transform::<M, A, R>(&t, x, map, cin, v, tt, buf);
                             &*v
                         }
                     };
@@ -1169,12 +1204,12 @@ mod tests {
     }
 
     fn fwd(rule: Which, build: Build, c: &Case) -> Vec<f32> {
-        passes(rule).0(build, &c.g, c.n, c.cout, &c.x, &c.w, Some(&c.b), false).0
+        passes(rule).0(build, &c.g, c.n, c.cout, &c.x, None, &c.w, Some(&c.b), false, None).0
     }
 
     fn bwd(rule: Which, build: Build, c: &Case, dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
         let (g, n, co, dx) = (&c.g, c.n, c.cout, Some(dx));
-        passes(rule).1(build, g, n, co, &c.x, &c.w, true, &c.dy, dx.map(Dx::Add), None)
+        passes(rule).1(build, g, n, co, &c.x, None, &c.w, true, &c.dy, dx.map(Dx::Add), None)
     }
 
     #[test]
@@ -1262,9 +1297,10 @@ mod tests {
             let (g, n, co, b) = (&c.g, c.n, c.cout, Some(&c.b[..]));
             let mut dx = vec![0.0f32; c.x.len()];
             let (forward, backward) = passes(rule);
-            let (y, s) = forward(build, g, n, co, &c.x, &c.w, b, true);
+            let (y, s) = forward(build, g, n, co, &c.x, None, &c.w, b, true, None);
             let dxs = Some(Dx::Add(&mut dx[..]));
-            let (dw, db) = backward(build, g, n, co, &c.x, &c.w, true, &c.dy, dxs, s.as_ref());
+            let (dw, db) =
+                backward(build, g, n, co, &c.x, None, &c.w, true, &c.dy, dxs, s.as_ref());
             let was_kept = s.is_some();
             ([bits(&y), bits(&dx), bits(&dw), bits(&db)], was_kept)
         })
@@ -1290,6 +1326,75 @@ mod tests {
         let (got, was_kept) = kept(&big, Which::F4, Build::selected(), 2);
         assert!(!was_kept, "a 37.7 MB V was kept");
         assert_eq!(got, run(&big, Which::F4, Build::selected(), 2));
+    }
+
+    /// A Winograd conv handed its input as a norm and ReLU (`direct::AffineRelu`) gives the bits
+    /// of the same conv on the mapped input written out: forward, input and weight gradients,
+    /// with the transformed input kept and recomputed, in both builds (the 16-samples-a-vector
+    /// transforms on planes of 4 and 16 tiles where the CPU has AVX-512, the portable ones on 3x3
+    /// tiles of a 12x12 plane and on 7x7's tiles past the edge), sample blocks whole and partial;
+    /// per channel a scale and shift of either sign, a NaN and a -0.0 among the stored values.
+    /// And the forward's epilogue sees each sample's output exactly once, as it is in the result.
+    #[test]
+    fn a_mapped_input_and_the_epilogue_give_the_bits_of_the_mapped_tensor() {
+        use crate::ops::batch_norm::affine_relu;
+        use std::sync::Mutex;
+        for geom in [(20, 3, 2, 16, 16), (37, 3, 4, 8, 8), (5, 2, 3, 12, 12), (18, 3, 2, 7, 7)] {
+            let mut c = case(geom);
+            let (cin, pd) = (c.g.cin, c.g.h * c.g.w);
+            (c.x[3], c.x[pd + 5]) = (f32::NAN, -0.0);
+            let scale: Vec<f32> = values(cin, 7).iter().map(|v| 2.0 * v).collect();
+            let shift = values(cin, 8);
+            let mapped = Case {
+                x: (c.x.iter().enumerate())
+                    .map(|(i, v)| affine_relu(*v, scale[i / pd % cin], shift[i / pd % cin]))
+                    .collect(),
+                ..case(geom)
+            };
+            let map = AffineRelu { scale: &scale, shift: &shift };
+            for rule in [Which::F2, Which::F4] {
+                for build in [Build::Baseline, Build::selected()] {
+                    let (forward, backward) = passes(rule);
+                    let (g, n, co, b) = (&c.g, c.n, c.cout, Some(&c.b[..]));
+                    let ys = co * pd;
+                    let seen = Mutex::new(vec![None; n]);
+                    let e = |s: usize, yn: &[f32]| {
+                        let mut seen = seen.lock().unwrap();
+                        assert!(seen[s].is_none(), "sample {s} seen twice");
+                        seen[s] = Some(bits(yn));
+                    };
+                    for save in [true, false] {
+                        let (y, sv) =
+                            forward(build, g, n, co, &c.x, Some(map), &c.w, b, save, Some(&e));
+                        let mut dx = vec![0.0f32; c.x.len()];
+                        let dxs = Some(Dx::Add(&mut dx[..]));
+                        let (dw, db) = backward(
+                            build,
+                            g,
+                            n,
+                            co,
+                            &c.x,
+                            Some(map),
+                            &c.w,
+                            true,
+                            &c.dy,
+                            dxs,
+                            sv.as_ref(),
+                        );
+                        let got = [bits(&y), bits(&dx), bits(&dw), bits(&db)];
+                        assert_eq!(
+                            got,
+                            run(&mapped, rule, build, 1),
+                            "{geom:?} {rule:?} {build:?}"
+                        );
+                        let seen = std::mem::replace(&mut *seen.lock().unwrap(), vec![None; n]);
+                        for (s, yn) in seen.into_iter().enumerate() {
+                            assert_eq!(yn, Some(bits(&y[s * ys..(s + 1) * ys])), "epilogue {s}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

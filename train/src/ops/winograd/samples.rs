@@ -25,7 +25,7 @@ use std::ops::{Add, Mul, Neg, Sub};
 
 use super::{stride, Lane, Rule, Tiles};
 use crate::cpu::Build;
-use crate::ops::direct::Isa;
+use crate::ops::direct::{AffineRelu, Isa};
 
 /// Samples a vector.
 const S: usize = 16;
@@ -276,6 +276,9 @@ unsafe fn from_v(src: *const f32, tps: usize, live: usize, tiles: &mut [f32]) {
 
 /// A plane of `h x w` values of each of `live` samples (sample l's at `src + l * step`) into
 /// one vector per pixel: pixel (r, c) at vector index `(r + off) * pc + c + off` of `grid`.
+/// With `map` = (scale, shift), each value becomes `relu(x * scale + shift)` as it is loaded:
+/// batch norm's `affine_relu`, a product, then a sum, then 0 where the sum is below 0 (a NaN or
+/// a -0.0 kept), so the same bits.
 #[inline]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -283,6 +286,7 @@ unsafe fn planes_in(
     src: *const f32,
     step: usize,
     live: usize,
+    map: Option<(f32, f32)>,
     (h, w): (usize, usize),
     grid: &mut [f32],
     pc: usize,
@@ -294,6 +298,12 @@ unsafe fn planes_in(
         let mut rows = [_mm512_setzero_ps(); 16];
         for (l, row) in rows.iter_mut().enumerate().take(live) {
             *row = _mm512_maskz_loadu_ps(low(n), src.add(l * step + p0));
+            if let Some((sc, sh)) = map {
+                let z = _mm512_add_ps(_mm512_mul_ps(*row, _mm512_set1_ps(sc)), _mm512_set1_ps(sh));
+                let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
+                // Lanes past the plane stay +0.0 (the padding): only the n loaded are mapped.
+                *row = _mm512_maskz_mov_ps(low(n) & !below, z);
+            }
         }
         // Pixel p0 + e at row r, column c, stepped along (no division a pixel).
         let (mut r, mut c) = (p0 / w, p0 % w);
@@ -341,9 +351,11 @@ fn blocks(gs: usize) -> impl Iterator<Item = (usize, usize)> {
 /// # Safety
 /// [`usable`] must hold for `t`; `buf` holds [`buf_len`] floats.
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn input_transform<const M: usize, const A: usize, R: Rule<M, A>>(
     t: &Tiles,
     x: &[f32],
+    map: Option<AffineRelu<'_>>,
     cin: usize,
     v: &mut [f32],
     tt: usize,
@@ -360,7 +372,8 @@ pub(super) unsafe fn input_transform<const M: usize, const A: usize, R: Rule<M, 
     for c in 0..cin {
         for (sb, live) in blocks(gs) {
             let src = x.as_ptr().add((sb * cin + c) * plane);
-            planes_in(src, cin * plane, live, (t.h, t.w), grid, pc, 1);
+            let mc = map.map(|m| (m.scale[c], m.shift[c]));
+            planes_in(src, cin * plane, live, mc, (t.h, t.w), grid, pc, 1);
             for i in 0..th {
                 for j in 0..tw {
                     // Along each patch row k, then down each column b (as the portable passes).
@@ -467,7 +480,7 @@ pub(super) unsafe fn output_adjoint<const M: usize, const A: usize, R: Rule<M, A
     for co in 0..cout {
         for (sb, live) in blocks(gs) {
             let src = dy.as_ptr().add((sb * cout + co) * plane);
-            planes_in(src, cout * plane, live, (t.h, t.w), grid, pc, 0);
+            planes_in(src, cout * plane, live, None, (t.h, t.w), grid, pc, 0);
             for i in 0..th {
                 for j in 0..tw {
                     // half[a][q] = (A dy[.][q])[a] down each column q, then along each row a.
@@ -523,7 +536,7 @@ pub(super) unsafe fn input_adjoint<const M: usize, const A: usize, R: Rule<M, A>
                 );
             }
             let at = dx.as_mut_ptr().add((sb * cin + c) * plane);
-            planes_in(at.cast_const(), cin * plane, live, (h, w), grid, w, 0);
+            planes_in(at.cast_const(), cin * plane, live, None, (h, w), grid, w, 0);
             for i in 0..th {
                 // The tile row's `dd[j][k][l]`: half[k][b] = (B dV[.][b])[k], then along k.
                 for j in 0..tw {
