@@ -55,36 +55,41 @@ use crate::Result;
 /// 5: Winograd convolutions on smaller planes from 64 channels (`ops::winograd::applies`:
 /// ResNet-20's third stage, ConvNet-3's 8x8 CIFAR and 14x14 / 7x7 MNIST layers), which round
 /// differently from im2col + gemm; every stage below bumped with it.
-pub const TRAIN_VERSION: u32 = 5;
+/// 6: Winograd from 32 channels (ResNet-20's second stage, 32-63-channel layers elsewhere), which
+/// rounds differently from the direct kernels and im2col + gemm; every stage below bumped with it.
+pub const TRAIN_VERSION: u32 = 6;
 /// Version of the pruning stage (IMP tickets and random baselines); see [`TRAIN_VERSION`].
 /// 2: the Ticket payload keeps its IMP-only fields in its IMP origin. 3: Winograd convolutions
 /// (see [`TRAIN_VERSION`] 2). 4: F(4x4, 3x3) (see [`TRAIN_VERSION`] 3). 5: small products in
 /// chains (see [`TRAIN_VERSION`] 4). 6: Winograd on smaller planes (see [`TRAIN_VERSION`] 5).
-pub const PRUNE_VERSION: u32 = 6;
+/// 7: Winograd from 32 channels (see [`TRAIN_VERSION`] 6).
+pub const PRUNE_VERSION: u32 = 7;
 /// Version of the distillation stage; see [`TRAIN_VERSION`]. 2: gradient matching takes its
 /// mixed derivative exactly where the model allows (`--mixed auto`), and the configuration
 /// records how. 3: Winograd convolutions (see [`TRAIN_VERSION`] 2). 4: F(4x4, 3x3) (see
 /// [`TRAIN_VERSION`] 3). 5: small products in chains (see [`TRAIN_VERSION`] 4). 6: Winograd on
-/// smaller planes (see [`TRAIN_VERSION`] 5).
-pub const DISTILL_VERSION: u32 = 6;
+/// smaller planes (see [`TRAIN_VERSION`] 5). 7: Winograd from 32 channels (see
+/// [`TRAIN_VERSION`] 6).
+pub const DISTILL_VERSION: u32 = 7;
 /// Version of `probe interpolate`; see [`TRAIN_VERSION`]. 2: batch-norm running statistics
 /// (`bn_reset`, `reset_curves`, `reset_summary`). 3: a test-split subsample (`test_samples`).
 /// 4: Winograd convolutions (see [`TRAIN_VERSION`] 2). 5: F(4x4, 3x3) (see [`TRAIN_VERSION`] 3).
 /// 6: small products in chains (see [`TRAIN_VERSION`] 4). 7: Winograd on smaller planes (see
-/// [`TRAIN_VERSION`] 5).
-pub const INTERPOLATE_VERSION: u32 = 7;
+/// [`TRAIN_VERSION`] 5). 8: Winograd from 32 channels (see [`TRAIN_VERSION`] 6).
+pub const INTERPOLATE_VERSION: u32 = 8;
 /// Version of `probe landscape`; see [`TRAIN_VERSION`]. 2: Winograd convolutions (see
 /// [`TRAIN_VERSION`] 2). 3: F(4x4, 3x3) (see [`TRAIN_VERSION`] 3). 4: small products in chains
 /// (see [`TRAIN_VERSION`] 4). 5: Winograd on smaller planes (see [`TRAIN_VERSION`] 5).
-pub const LANDSCAPE_VERSION: u32 = 5;
+/// 6: Winograd from 32 channels (see [`TRAIN_VERSION`] 6).
+pub const LANDSCAPE_VERSION: u32 = 6;
 /// Version of `probe hessian`; see [`TRAIN_VERSION`].
 /// 2: exact Hessian-vector products by default (`--hvp exact|fd` in the config), the report's
 /// finite-difference step is optional, and batch-norm models choose the norm mode (`bn_mode`).
 /// 3: ResNets get exact products by default too (batch norm in either mode). 4: Winograd
 /// convolutions (see [`TRAIN_VERSION`] 2). 5: F(4x4, 3x3) (see [`TRAIN_VERSION`] 3). 6: small
 /// products in chains (see [`TRAIN_VERSION`] 4). 7: Winograd on smaller planes (see
-/// [`TRAIN_VERSION`] 5).
-pub const HESSIAN_VERSION: u32 = 7;
+/// [`TRAIN_VERSION`] 5). 8: Winograd from 32 channels (see [`TRAIN_VERSION`] 6).
+pub const HESSIAN_VERSION: u32 = 8;
 
 /// Every stage's provenance name and version, for tools that list or compare them (the CLI,
 /// xtask's stage keys). Names are the ones hashed into provenance.

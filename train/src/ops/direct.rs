@@ -1,6 +1,7 @@
 //! Direct kernels for 3x3 "same" convolutions (stride 1, padding 1) on 16- and 32-wide planes
-//! with at most 32 input channels: the forward (a ResNet-20's first two stages and stem, a
-//! ConvNet's first layer) and, with at most 32 output channels, the weight and input gradients.
+//! with at most 32 input channels: the forward (a ResNet-20's first stage and stem, a ConvNet's
+//! first layer; 32-channel layers whose planes Winograd's tiles cover run as Winograd) and, with
+//! at most 32 output channels, the weight and input gradients.
 //!
 //! Why: a 16-channel layer's im2col writes each input nine times and its 144-long products are
 //! short for `gemm`'s packing. Here each output row of four output channels is summed in

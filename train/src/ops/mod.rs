@@ -53,7 +53,7 @@ mod linear;
 mod loss;
 mod norm;
 mod pool;
-mod winograd;
+pub(crate) mod winograd;
 
 pub use act::{flatten, relu, relu2};
 pub use batch_norm::{

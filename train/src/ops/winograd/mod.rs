@@ -64,7 +64,22 @@ mod samples;
 /// 14.2 (still out); 32 channels 8x8 im2col 5.8 against F(4x4) 3.2, a gain the portable
 /// transforms that AVX2-only CPUs run do not share (the 5.9 against 6.4 above), and taking it in
 /// would change those layers' bits (a stage-version bump), so it is left for later.
-const MIN_CHANNELS: usize = 64;
+///
+/// From 32 channels since (2026-12-07 ~20:15 UTC, Intel Xeon with AVX-512, 2 cores, one thread,
+/// batch 128, forward + backward through `ops::conv2d`, `benches/examples/conv_layers` with
+/// these geometries, two alternating runs of best of 7): the rule before / Winograd, 32 channels
+/// 32x32 57.5 / 58.6 and 63.7 / 60.6 ms (direct kernels against F(4x4, 3x3): even), 16x16 13.4 /
+/// 11.2 and 14.3 / 12.0 (direct), 14x14 15.5 / 10.4 and 17.4 / 10.9, 8x8 5.4 / 2.9 and 6.1 / 2.9,
+/// 4x4 2.2 / 0.9 and 2.3 / 0.9 (im2col); 48 channels 16x16 33.5 / 20.2 and 38.2 / 22.2, 8x8
+/// 10.0 / 5.2 and 10.6 / 5.5 (im2col); 16 channels 32x32 17.4 / 33.1 (direct: 16 stays out).
+/// What tipped 32 channels on 16x16 was the batch norm passes the ResNets' training path
+/// folds into a conv, which Winograd now takes too (the statistics of each sample's output in
+/// the forward's epilogue, the first norm and ReLU formed while gathering the input tiles:
+/// `conv::runs_epilogue`, `conv::takes_mapped_input`): without them ResNet-20's second stage as
+/// Winograd only matched the direct kernels over a whole step (`perf`: its convs 5% cheaper, its
+/// norms' passes as much dearer). On CPUs without AVX-512 these layers take the portable
+/// transforms (the bits do not depend on it); their speed there was not measured.
+const MIN_CHANNELS: usize = 32;
 /// See [`MIN_CHANNELS`].
 const ANY_PLANE_CHANNELS: usize = 256;
 
@@ -1401,22 +1416,23 @@ mod tests {
     fn applies_where_it_was_measured_faster() {
         let geom = |c: usize, hw: usize| Geom::new(c, hw, hw, Conv2dCfg::new(c, 3, 1)).unwrap();
         // ResNet-18's 3x3 stride-1 convs, ConvNet-3's 16x16 and 8x8 ones and MNIST's 14x14 and
-        // 7x7, ResNet-20's third stage (64 channels on 8x8), and the small planes measured
-        // faster from 64 channels (see MIN_CHANNELS).
+        // 7x7, ResNet-20's second and third stages (32 channels on 16x16, 64 on 8x8), and the
+        // planes measured faster from 32 channels (see MIN_CHANNELS).
         for (c, hw) in [(64, 32), (128, 16), (256, 8), (512, 4), (128, 8), (128, 14), (128, 7)]
             .into_iter()
             .chain([(64, 8), (64, 6), (64, 4), (64, 3), (64, 2), (128, 12), (256, 1)])
+            .chain([(32, 16), (32, 8), (32, 4), (32, 14), (48, 16), (48, 8), (32, 32)])
         {
             assert!(applies(&geom(c, hw), c), "{c} channels {hw}x{hw}");
         }
-        // ResNet-20's first two stages (the direct kernels), fewer than 64 channels on any
+        // ResNet-20's first stage and stem (the direct kernels), fewer than 32 channels on any
         // plane, and planes the tiles cover less than half of: 5x5 (F(4x4, 3x3)'s 8x8) and
         // 1x1 (F(2x2, 3x3)'s 2x2) below 256 channels.
-        for (c, hw) in [(16, 32), (32, 16), (32, 8), (48, 16), (64, 5), (128, 5), (128, 1)] {
+        for (c, hw) in [(16, 32), (16, 16), (24, 16), (32, 5), (64, 5), (128, 5), (128, 1)] {
             assert!(!applies(&geom(c, hw), c), "{c} channels {hw}x{hw}");
         }
         // The smaller of the two channel counts decides.
-        let wide_out = Geom::new(32, 8, 8, Conv2dCfg::new(256, 3, 1)).unwrap();
+        let wide_out = Geom::new(16, 8, 8, Conv2dCfg::new(256, 3, 1)).unwrap();
         assert!(!applies(&wide_out, 256));
         // Only 3x3 "same" convolutions at stride 1.
         let strided = Geom::new(128, 32, 32, Conv2dCfg::new(256, 3, 1).with_stride(2)).unwrap();
