@@ -16,6 +16,9 @@
 
 use std::sync::OnceLock;
 
+mod transpose;
+pub(crate) use transpose::transpose;
+
 /// Which compilation of a dispatched kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Build {

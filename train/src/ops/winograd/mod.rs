@@ -33,7 +33,7 @@ use super::conv::{Dx, Epilogue, Geom};
 use super::direct::AffineRelu;
 use super::gemm::{Gemm, Layout, Operand, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
-use crate::cpu::Build;
+use crate::cpu::{transpose, Build};
 
 #[cfg(target_arch = "x86_64")]
 mod samples;
@@ -304,25 +304,6 @@ impl Tiles {
             return portable.max(samples::buf_len(self));
         }
         portable
-    }
-}
-
-/// `dst` (cols x rows) = `src` (rows x cols) transposed. The weight gradient's products `dU =
-/// dM V^T` read both factors along the inner dimension (the tiles), the layout `gemm` packs
-/// one value at a time (`pack_generic_inner_loop` was a third of those products' time in a
-/// one-thread ResNet-20 step, `perf`, 2026-12-07, Intel Xeon with AVX-512, 2 cores); turned
-/// tile-major first, both are packed as contiguous runs. Values are only moved, and `gemm` sums
-/// each element in the same chain whatever the layout, so the bits are the same.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::direct::Isa::detected() == Some(super::direct::Isa::Avx512) {
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { samples::transpose(src, rows, cols, dst) };
-    }
-    for (r, row) in src[..rows * cols].chunks_exact(cols).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            dst[c * rows + r] = *v;
-        }
     }
 }
 
@@ -1032,9 +1013,9 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                 let b0 = c * block;
                 let b1 = (b0 + block).min(n);
                 let (v, rest) = scratch.split_at_mut(vl);
-                let (dm, buf) = rest.split_at_mut(ml);
+                let (dm, rest) = rest.split_at_mut(ml);
+                let (buf, tbuf) = rest.split_at_mut(t.buf_len(tmax));
                 let mut du: Vec<f32> = Vec::with_capacity(aa * cout * cin);
-                let mut tbuf = vec![0.0f32; (cout + cin) * tmax];
                 let mut db = vec![0.0f32; if has_bias { cout } else { 0 }];
                 let mut dx = dx.map(Dx::into_add);
                 for s0 in (b0..b1).step_by(t.spg) {
@@ -1054,12 +1035,26 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                     };
                     output_adjoint::<M, A, R>(&t, dyg, cout, dm, tt, buf);
                     // dU (+)= dM V^T, one product per tile position, from both factors turned
-                    // tile-major first (see `transpose`).
+                    // tile-major first: as they lie, both run along the inner dimension (the
+                    // tiles), which `gemm` packs one value at a time (`pack_generic_inner_loop`
+                    // was a third of these products' time in a one-thread ResNet-20 step,
+                    // `perf`, 2026-12-07, Intel Xeon with AVX-512, 2 cores). Values are only
+                    // moved, and `gemm` sums each element in one chain whatever the layout: the
+                    // same bits.
                     for xi in 0..aa {
                         let (dmt, vt) = tbuf.split_at_mut(cout * tt);
                         let vt = &mut vt[..cin * tt];
-                        transpose(&dm[xi * stride(cout, tt)..][..cout * tt], cout, tt, dmt);
-                        transpose(&vg[xi * stride(cin, tt)..][..cin * tt], cin, tt, vt);
+                        let dmx = &dm[xi * stride(cout, tt)..][..cout * tt];
+                        transpose(build, dmx, tt, dmt, cout, cout, tt);
+                        transpose(
+                            build,
+                            &vg[xi * stride(cin, tt)..][..cin * tt],
+                            tt,
+                            vt,
+                            cin,
+                            cin,
+                            tt,
+                        );
                         let product = Gemm {
                             m: cout,
                             n: cin,
@@ -1115,7 +1110,8 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
             },
         )
     };
-    let scratch = vl + ml + t.buf_len(tmax);
+    // V, dM, the transforms' buffer, and dM and V transposed for dU.
+    let scratch = vl + ml + t.buf_len(tmax) + (cout + cin) * tmax;
     let run =
         |c: usize, dx: Option<Dx<'_>>, par: Par| with_scratch(scratch, |s| group(c, dx, s, par));
     let groups = n.div_ceil(block);
@@ -1440,8 +1436,8 @@ mod tests {
         }
     }
 
-    /// `transpose` (16 x 16 register blocks on AVX-512, edges one by one) against a plain loop,
-    /// and the weight gradient's product `dU = dM V^T` from the transposed factors against the
+    /// `cpu::transpose` as the weight gradient calls it, against a plain loop, and the weight
+    /// gradient's product `dU = dM V^T` from the transposed factors against the
     /// same product on the factors as they lie: the same bits (`gemm` sums each element in one
     /// chain whatever the layout), on `gemm`'s small-size branch and outside it.
     #[test]
@@ -1449,8 +1445,8 @@ mod tests {
         for (cout, cin, tt) in [(32, 32, 256), (64, 64, 256), (128, 128, 64), (20, 37, 100)] {
             let (dm, v) = (values(cout * tt, 11), values(cin * tt, 12));
             let (mut dmt, mut vt) = (vec![f32::NAN; cout * tt], vec![f32::NAN; cin * tt]);
-            transpose(&dm, cout, tt, &mut dmt);
-            transpose(&v, cin, tt, &mut vt);
+            transpose(Build::selected(), &dm, tt, &mut dmt, cout, cout, tt);
+            transpose(Build::selected(), &v, tt, &mut vt, cin, cin, tt);
             for (c, row) in dmt.chunks_exact(cout).enumerate() {
                 for (r, x) in row.iter().enumerate() {
                     assert_eq!(x.to_bits(), dm[r * tt + c].to_bits(), "{cout} x {tt} at {r}, {c}");

@@ -195,35 +195,6 @@ unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
-/// `dst` (cols x rows) = `src` (rows x cols) transposed, 16 x 16 blocks in registers
-/// ([`transpose16`]), the edges one value at a time: values moved, none computed.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: {rows} x {cols}");
-    let (r16, c16) = (rows / S * S, cols / S * S);
-    for r0 in (0..r16).step_by(S) {
-        for c0 in (0..c16).step_by(S) {
-            let mut x = [_mm512_setzero_ps(); 16];
-            for (i, xi) in x.iter_mut().enumerate() {
-                // SAFETY: row r0 + i < rows, columns c0 .. c0 + 16 <= cols (asserted lengths).
-                *xi = _mm512_loadu_ps(src.as_ptr().add((r0 + i) * cols + c0));
-            }
-            for (j, v) in transpose16(x).into_iter().enumerate() {
-                // SAFETY: row c0 + j < cols of dst, columns r0 .. r0 + 16 <= rows.
-                _mm512_storeu_ps(dst.as_mut_ptr().add((c0 + j) * rows + r0), v);
-            }
-        }
-    }
-    for r in 0..rows {
-        for c in if r < r16 { c16 } else { 0 }..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}
-
 /// Within each 128-bit lane, the 4 x 4 transpose of four vectors. Its own inverse.
 #[inline]
 #[target_feature(enable = "avx512f")]
