@@ -5,10 +5,10 @@
 use super::Build;
 
 /// `dst[c * ds + r] = src[r * ss + c]` for `r < rows`, `c < cols`: 8 x 8 tiles in AVX registers
-/// in the AVX2 build (a strided scalar copy was ~40% of the sparse path's time, `sparse_input`;
-/// `gemm` packing a Winograd weight gradient's factors one value at a time was a third of
-/// those products' time, `ops::winograd`), the edges
-/// element by element. A plain copy, so the result is the same either way.
+/// in the AVX2 build, the edges element by element (a strided scalar copy was ~40% of the sparse
+/// path's time, `sparse_input`; `gemm` packing a Winograd weight gradient's factors one value at
+/// a time was a third of those products' time, `ops::winograd`). A plain copy, so the result is
+/// the same either way.
 pub(crate) fn transpose(
     build: Build,
     src: &[f32],
