@@ -553,47 +553,27 @@ pub(crate) fn weight_grad(
 }
 
 /// `dyt` (pd x cpad, pixel-major) = dy (cout x pd) transposed, the channels from `cout` to `cpad`
-/// zero: one gather of 16 channels a pixel (a scalar loop of 64 pixels at a time spent ~4.5% of a
-/// ResNet-20 step here).
+/// zero: [`crate::cpu::transpose`]'s 8 x 8 register tiles. (A scalar loop of 64 pixels at a time
+/// spent ~4.5% of a ResNet-20 step, 2026-12-06, Intel Xeon with AVX-512; one 16-channel gather a
+/// pixel after it still ~3.7% of a one-thread step, `perf`, 2026-12-08, AMD EPYC (Zen 4) with
+/// AVX-512, 2 cores: gathers are slow on both vendors' cores.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_avx512(dy: &[f32], cout: usize, pd: usize, cpad: usize, dyt: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(dy.len() == cout * pd && dyt.len() == pd * cpad && cpad.is_multiple_of(16));
-    assert!(16 * pd < i32::MAX as usize);
-    let idx = _mm512_setr_epi32(
-        0,
-        pd as i32,
-        2 * pd as i32,
-        3 * pd as i32,
-        4 * pd as i32,
-        5 * pd as i32,
-        6 * pd as i32,
-        7 * pd as i32,
-        8 * pd as i32,
-        9 * pd as i32,
-        10 * pd as i32,
-        11 * pd as i32,
-        12 * pd as i32,
-        13 * pd as i32,
-        14 * pd as i32,
-        15 * pd as i32,
-    );
-    for c0 in (0..cpad).step_by(16) {
-        let live = cout.saturating_sub(c0).min(16);
-        let mask: __mmask16 = ((1u32 << live) - 1) as u16;
-        if live == 0 {
-            for p in 0..pd {
-                _mm512_storeu_ps(dyt.as_mut_ptr().add(p * cpad + c0), _mm512_setzero_ps());
-            }
-            continue;
-        }
-        let base = dy.as_ptr().add(c0 * pd);
+    crate::cpu::transpose(crate::cpu::Build::Avx2, dy, pd, dyt, cpad, cout, pd);
+    if cpad > cout {
+        let live = (cout % 16) as u32;
+        // Lanes from `live` on in the last partial group of 16, and any whole groups after it.
+        let (c0, mask) = (cout - cout % 16, !((1u32 << live) - 1) as u16);
         for p in 0..pd {
-            // SAFETY: lane j < live reads dy[(c0 + j) pd + p], c0 + j < cout; masked lanes read
-            // nothing; the store ends at p cpad + c0 + 16 <= pd cpad.
-            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.add(p));
-            _mm512_storeu_ps(dyt.as_mut_ptr().add(p * cpad + c0), v);
+            let row = dyt.as_mut_ptr().add(p * cpad);
+            // SAFETY: every store ends at p cpad + cpad <= pd cpad.
+            _mm512_mask_storeu_ps(row.add(c0), mask, _mm512_setzero_ps());
+            for c in (c0 + 16..cpad).step_by(16) {
+                _mm512_storeu_ps(row.add(c), _mm512_setzero_ps());
+            }
         }
     }
 }
