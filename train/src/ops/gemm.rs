@@ -47,6 +47,11 @@ pub(crate) enum Par {
 }
 
 impl Par {
+    /// Whether a product runs on one thread anyway: `Seq`, or `Pool` with a one-thread pool.
+    pub(crate) fn single(self) -> bool {
+        self == Par::Seq || rayon::current_num_threads() == 1
+    }
+
     fn to_gemm(self) -> gemm::Parallelism {
         match self {
             Par::Seq => gemm::Parallelism::None,
@@ -450,6 +455,154 @@ impl Gemm<'_> {
     }
 }
 
+/// `dst (m x n) = [dst +] lhs (m x k) * rhs (k x n)`, all three row-major (`lhs` with row
+/// stride `lrs`, `rhs` and `dst` dense), with `gemm`'s bits but without its packing, where
+/// [`Panel::applies`]: each pass keeps R rows x 16 NV columns of the result in AVX-512 registers,
+/// loads NV vectors of an `rhs` row and broadcasts R elements of an `lhs` column per step of the
+/// inner dimension. Each element is one chain of fused multiply-adds from +0.0 over each piece
+/// of [`k_piece`] in order, the pieces added to the destination in order (the first overwrites
+/// it unless `accumulate`): what `gemm`'s packed path computes (compared bit for bit by the
+/// tests). Written for the Winograd weight gradient's products (`dM V^T` per tile position,
+/// inner dimension the tiles), where `gemm` needed both factors turned tile-major first and then
+/// packed them again: with `dM` as it lies here only `V` is turned around. (Its transposes were
+/// ~4.4% of a one-thread ResNet-20 training step, `perf`, 2026-12-08, AMD EPYC (Zen 4) with
+/// AVX-512, 2 cores.)
+#[derive(Clone, Copy)]
+pub(crate) struct Panel<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// m x k, element (i, t) at `i * lrs + t`.
+    pub lhs: &'a [f32],
+    pub lrs: usize,
+    /// k x n, element (t, j) at `t * n + j`.
+    pub rhs: &'a [f32],
+    pub accumulate: bool,
+}
+
+impl Panel<'_> {
+    /// Whether the kernel takes an `m x n` result: AVX-512 in our AVX2 build (`build`), `n` a
+    /// multiple of 16 and `m` of the rows a pass keeps.
+    pub(crate) fn applies(build: crate::cpu::Build, m: usize, n: usize) -> bool {
+        build != crate::cpu::Build::Baseline
+            && super::direct::Isa::detected() == Some(super::direct::Isa::Avx512)
+            && n > 0
+            && n.is_multiple_of(16)
+            && m > 0
+            && m.is_multiple_of(Self::rows(n))
+    }
+
+    /// Vectors of a pass's result row, and its rows: 16 accumulators either way.
+    fn vectors(n: usize) -> usize {
+        if n.is_multiple_of(64) {
+            4
+        } else if n.is_multiple_of(32) {
+            2
+        } else {
+            1
+        }
+    }
+    fn rows(n: usize) -> usize {
+        16 / Self::vectors(n)
+    }
+
+    /// Runs the product into `dst` (`m * n` floats; read only when `accumulate`). Panics where
+    /// [`Panel::applies`] does not hold or an operand is too short.
+    pub(crate) fn run_uninit(&self, dst: &mut [MaybeUninit<f32>]) {
+        let Panel { m, n, k, lhs, lrs, rhs, accumulate } = *self;
+        assert!(Self::applies(crate::cpu::Build::Avx2, m, n), "Panel: {m} x {n} does not apply");
+        assert!(!accumulate, "Panel: cannot accumulate into uninitialised memory");
+        assert!(
+            dst.len() >= m * n && rhs.len() >= k * n && (k == 0 || lhs.len() >= (m - 1) * lrs + k)
+        );
+        // SAFETY: the CPU has AVX-512 (`applies`); the operands' extents were checked above, and
+        // without `accumulate` the kernel writes `dst` without reading it.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            self.dispatch(dst.as_mut_ptr().cast())
+        }
+    }
+
+    /// [`Panel::run_uninit`] into initialised memory, where `accumulate` may be set.
+    pub(crate) fn run(&self, dst: &mut [f32]) {
+        let Panel { m, n, k, lhs, lrs, rhs, .. } = *self;
+        assert!(Self::applies(crate::cpu::Build::Avx2, m, n), "Panel: {m} x {n} does not apply");
+        assert!(
+            dst.len() >= m * n && rhs.len() >= k * n && (k == 0 || lhs.len() >= (m - 1) * lrs + k)
+        );
+        // SAFETY: as in `run_uninit`; `dst` is initialised, so it may be read.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            self.dispatch(dst.as_mut_ptr())
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; `dst` holds `m * n` floats (initialised where `accumulate`), the
+    /// operands their extents.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dispatch(&self, dst: *mut f32) {
+        // SAFETY: passed on.
+        unsafe {
+            match Self::vectors(self.n) {
+                4 => panel_avx512::<4, 4>(self, dst),
+                2 => panel_avx512::<2, 8>(self, dst),
+                _ => panel_avx512::<1, 16>(self, dst),
+            }
+        }
+    }
+}
+
+/// The kernel of [`Panel`]: NV vectors x R rows a pass.
+///
+/// # Safety
+/// As [`Panel::dispatch`]; `n` a multiple of 16 NV and `m` of R.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn panel_avx512<const NV: usize, const R: usize>(p: &Panel<'_>, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let Panel { m, n, k, lhs, lrs, rhs, accumulate } = *p;
+    let (lhs, rhs) = (lhs.as_ptr(), rhs.as_ptr());
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m * n {
+                dst.add(i).write(0.0);
+            }
+        }
+        return;
+    }
+    let kc = k_piece(m, n, k);
+    let mut k0 = 0;
+    while k0 < k {
+        let kp = kc.min(k - k0);
+        let add = accumulate || k0 > 0;
+        for j0 in (0..n).step_by(16 * NV) {
+            for i0 in (0..m).step_by(R) {
+                let mut acc = [[_mm512_setzero_ps(); NV]; R];
+                let a0 = lhs.add(i0 * lrs);
+                for t in k0..k0 + kp {
+                    let b: [__m512; NV] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(rhs.add(t * n + j0 + 16 * v)));
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*a0.add(r * lrs + t));
+                        for (c, bv) in row.iter_mut().zip(b) {
+                            *c = _mm512_fmadd_ps(a, bv, *c);
+                        }
+                    }
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    for (v, c) in row.iter().enumerate() {
+                        let d = dst.add((i0 + r) * n + j0 + 16 * v);
+                        let out = if add { _mm512_add_ps(_mm512_loadu_ps(d), *c) } else { *c };
+                        _mm512_storeu_ps(d, out);
+                    }
+                }
+            }
+        }
+        k0 += kp;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,5 +733,69 @@ mod chain_tests {
                 }
             }
         }
+    }
+
+    /// [`Panel`] (row-major operands, no packing) gives the in-order chains' bits and `gemm`'s
+    /// packed path's, on the Winograd weight gradient's shapes (32 and 64 channels, 256 tiles a
+    /// group, a shorter last group), shapes with 1 and 4 vectors a row, an inner dimension in two
+    /// pieces of the small-size branch and one outside it, with and without `accumulate`,
+    /// written into uninitialised memory and into a row stride wider than the inner dimension;
+    /// where AVX-512 is missing there is nothing to compare.
+    #[test]
+    fn panels_sum_as_gemm_does() {
+        use crate::cpu::Build;
+        if !Panel::applies(Build::Avx2, 16, 16) {
+            eprintln!("no AVX-512: Panel never runs here");
+            return;
+        }
+        // (m, n, k, lhs row stride)
+        let shapes = [
+            (32, 32, 256, 256),
+            (64, 64, 256, 256),
+            (32, 32, 80, 96),
+            (64, 32, 256, 256),
+            (16, 16, 1, 1),
+            (16, 48, 1100, 1100),
+            (96, 128, 700, 700),
+            (4, 64, 5, 9),
+        ];
+        for (m, n, k, lrs) in shapes {
+            assert!(Panel::applies(Build::Avx2, m, n), "{m} x {n}");
+            let (lhs, rhs, start) = (values(m * lrs, 4), values(k * n, 5), values(m * n, 6));
+            let lhs_dense: Vec<f32> = (0..m * k).map(|e| lhs[e / k * lrs + e % k]).collect();
+            let rhs_t: Vec<f32> = (0..n * k).map(|e| rhs[(e % k) * n + e / k]).collect();
+            for accumulate in [false, true] {
+                let mut want = start.clone();
+                chain_reference((m, n, k), &lhs_dense, &rhs_t, &mut want, accumulate);
+                let want: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+                let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let panel = Panel { m, n, k, lhs: &lhs, lrs, rhs: &rhs, accumulate };
+                let mut got = start.clone();
+                panel.run(&mut got);
+                assert_eq!(bits(&got), want, "{m}x{n}x{k}, accumulate {accumulate}");
+                if !accumulate {
+                    let mut spare = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+                    panel.run_uninit(&mut spare);
+                    // SAFETY: `run_uninit` wrote every element (and they started initialised).
+                    let got: Vec<f32> = spare.iter().map(|x| unsafe { x.assume_init() }).collect();
+                    assert_eq!(bits(&got), want, "uninit {m}x{n}x{k}");
+                }
+                let mut packed = start.clone();
+                let lhs_cm: Vec<f32> = (0..m * k).map(|e| lhs_dense[(e % m) * k + e / m]).collect();
+                Gemm {
+                    m,
+                    n,
+                    k,
+                    lhs: Operand::transposed(&lhs_cm, m),
+                    rhs: Operand::row_major(&rhs, n),
+                    accumulate,
+                }
+                .run(&mut packed, Layout::row_major(n), Par::Seq);
+                assert_eq!(bits(&packed), want, "gemm {m}x{n}x{k}, accumulate {accumulate}");
+            }
+        }
+        // Where it does not apply.
+        assert!(!Panel::applies(Build::Avx2, 32, 24) && !Panel::applies(Build::Avx2, 10, 64));
+        assert!(!Panel::applies(Build::Baseline, 32, 32));
     }
 }

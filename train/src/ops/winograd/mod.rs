@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use super::batch_norm::affine_relu;
 use super::conv::{Dx, Epilogue, Geom};
 use super::direct::AffineRelu;
-use super::gemm::{Gemm, Layout, Operand, Par};
+use super::gemm::{Gemm, Layout, Operand, Panel, Par};
 use super::{sum_f32, with_scratch, BATCH_CHUNK};
 use crate::cpu::{transpose, Build};
 
@@ -999,6 +999,7 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
         #[inline(always)]
         || transform_weights::<M, A, R>(wv, cout, cin),
     );
+    let panel = Panel::applies(build, cout, cin);
     let tmax = t.spg * tps;
     let (aa, vl, ml) = (A * A, A * A * stride(cin, tmax), A * A * stride(cout, tmax));
     // A task sums the weight and bias gradients of a fixed block of samples (at least
@@ -1034,18 +1035,19 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                         }
                     };
                     output_adjoint::<M, A, R>(&t, dyg, cout, dm, tt, buf);
-                    // dU (+)= dM V^T, one product per tile position, from both factors turned
-                    // tile-major first: as they lie, both run along the inner dimension (the
+                    // dU (+)= dM V^T, one product per tile position, with V turned tile-major
+                    // first: as they lie, both factors run along the inner dimension (the
                     // tiles), which `gemm` packs one value at a time (`pack_generic_inner_loop`
                     // was a third of these products' time in a one-thread ResNet-20 step,
-                    // `perf`, 2026-12-07, Intel Xeon with AVX-512, 2 cores). Values are only
-                    // moved, and `gemm` sums each element in one chain whatever the layout: the
+                    // `perf`, 2026-12-07, Intel Xeon with AVX-512, 2 cores). On AVX-512 the
+                    // product is a `Panel`, which broadcasts dM's elements as they lie; elsewhere
+                    // (or when `gemm` would thread it) dM is turned around too and `gemm` runs.
+                    // Values are only moved, and both sum each element in `gemm`'s chains: the
                     // same bits.
                     for xi in 0..aa {
                         let (dmt, vt) = tbuf.split_at_mut(cout * tt);
                         let vt = &mut vt[..cin * tt];
                         let dmx = &dm[xi * stride(cout, tt)..][..cout * tt];
-                        transpose(build, dmx, tt, dmt, cout, cout, tt);
                         transpose(
                             build,
                             &vg[xi * stride(cin, tt)..][..cin * tt],
@@ -1055,6 +1057,26 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                             cin,
                             tt,
                         );
+                        let range = xi * cout * cin..(xi + 1) * cout * cin;
+                        if panel && par.single() {
+                            // dM as it lies (rows of tiles) against V^T: `gemm`'s bits.
+                            let product = Panel {
+                                m: cout,
+                                n: cin,
+                                k: tt,
+                                lhs: dmx,
+                                lrs: tt,
+                                rhs: vt,
+                                accumulate: s0 > b0,
+                            };
+                            if s0 > b0 {
+                                product.run(&mut du[range]);
+                            } else {
+                                product.run_uninit(&mut du.spare_capacity_mut()[range]);
+                            }
+                            continue;
+                        }
+                        transpose(build, dmx, tt, dmt, cout, cout, tt);
                         let product = Gemm {
                             m: cout,
                             n: cin,
@@ -1063,7 +1085,6 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                             rhs: Operand::row_major(vt, cin),
                             accumulate: s0 > b0,
                         };
-                        let range = xi * cout * cin..(xi + 1) * cout * cin;
                         if s0 > b0 {
                             product.run(&mut du[range], Layout::row_major(cin), par);
                         } else {
