@@ -893,45 +893,54 @@ fn forward_with<const M: usize, const A: usize, R: Rule<M, A>>(
     let groups = n.div_ceil(t.spg);
     let save = save && groups * vl * std::mem::size_of::<f32>() <= MAX_SAVED_BYTES;
     // Group `c`: its input transformed into `v`, the products into scratch, the output into `yc`.
-    let group = |c: usize, yc: &mut [MaybeUninit<f32>], v: &mut [f32], scratch: &mut [f32], par| {
-        build.run(
-            #[inline(always)]
-            || {
-                let (gs, s0) = (yc.len() / ys, c * t.spg);
-                let tt = gs * tps;
-                let (m, buf) = scratch.split_at_mut(ml);
-                let (v, m) =
-                    (&mut v[..A * A * stride(cin, tt)], &mut m[..A * A * stride(cout, tt)]);
-                let x = &xv[s0 * xs..(s0 + gs) * xs];
-                input_transform::<M, A, R>(&t, x, map, cin, v, tt, buf);
-                for xi in 0..A * A {
-                    Gemm {
-                        m: cout,
-                        n: tt,
-                        k: cin,
-                        lhs: Operand::row_major(&u[xi * cout * cin..(xi + 1) * cout * cin], cin),
-                        rhs: Operand::row_major(&v[xi * stride(cin, tt)..][..cin * tt], tt),
-                        accumulate: false,
+    let group =
+        |c: usize, yc: &mut [MaybeUninit<f32>], v: &mut [f32], scratch: &mut [f32], par: Par| {
+            build.run(
+                #[inline(always)]
+                || {
+                    let (gs, s0) = (yc.len() / ys, c * t.spg);
+                    let tt = gs * tps;
+                    let (m, buf) = scratch.split_at_mut(ml);
+                    let (v, m) =
+                        (&mut v[..A * A * stride(cin, tt)], &mut m[..A * A * stride(cout, tt)]);
+                    let x = &xv[s0 * xs..(s0 + gs) * xs];
+                    input_transform::<M, A, R>(&t, x, map, cin, v, tt, buf);
+                    // M = U V per tile position: a `Panel` where it applies (`gemm`'s bits without
+                    // packing V again for each product), else `gemm`.
+                    let panel = Panel::applies(build, cout, tt) && par.single();
+                    for xi in 0..A * A {
+                        let (ux, vx) =
+                            (&u[xi * cout * cin..][..cout * cin], &v[xi * stride(cin, tt)..]);
+                        let mx = &mut m[xi * stride(cout, tt)..][..cout * tt];
+                        if panel {
+                            let (n, k) = (tt, cin);
+                            Panel { m: cout, n, k, lhs: ux, lrs: cin, rhs: vx, accumulate: false }
+                                .run(mx);
+                            continue;
+                        }
+                        Gemm {
+                            m: cout,
+                            n: tt,
+                            k: cin,
+                            lhs: Operand::row_major(ux, cin),
+                            rhs: Operand::row_major(&vx[..cin * tt], tt),
+                            accumulate: false,
+                        }
+                        .run(mx, Layout::row_major(tt), par);
                     }
-                    .run(
-                        &mut m[xi * stride(cout, tt)..][..cout * tt],
-                        Layout::row_major(tt),
-                        par,
-                    );
-                }
-                output_transform::<M, A, R>(&t, m, tt, cout, bv, yc, buf);
-                if let Some(e) = epilogue {
-                    // SAFETY: `output_transform` wrote every element of `yc`, and f32 has the
-                    // layout of MaybeUninit<f32>.
-                    let yc: &[f32] =
-                        unsafe { std::slice::from_raw_parts(yc.as_ptr().cast(), yc.len()) };
-                    for (l, yn) in yc.chunks_exact(ys).enumerate() {
-                        e(s0 + l, yn);
+                    output_transform::<M, A, R>(&t, m, tt, cout, bv, yc, buf);
+                    if let Some(e) = epilogue {
+                        // SAFETY: `output_transform` wrote every element of `yc`, and f32 has the
+                        // layout of MaybeUninit<f32>.
+                        let yc: &[f32] =
+                            unsafe { std::slice::from_raw_parts(yc.as_ptr().cast(), yc.len()) };
+                        for (l, yn) in yc.chunks_exact(ys).enumerate() {
+                            e(s0 + l, yn);
+                        }
                     }
-                }
-            },
-        )
-    };
+                },
+            )
+        };
     let scratch = ml + t.buf_len(tmax);
     let mut y: Vec<f32> = Vec::with_capacity(n * ys);
     let spare = &mut y.spare_capacity_mut()[..n * ys];
@@ -999,6 +1008,14 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
         #[inline(always)]
         || transform_weights::<M, A, R>(wv, cout, cin),
     );
+    // U^T per tile position (cin x cout), the input gradient's `Panel` factor: small.
+    let ut = (dx.is_some() && Panel::applies(build, cin, 16)).then(|| {
+        let mut ut = vec![0.0f32; u.len()];
+        for (src, dst) in u.chunks_exact(cout * cin).zip(ut.chunks_exact_mut(cout * cin)) {
+            transpose(build, src, cin, dst, cout, cout, cin);
+        }
+        ut
+    });
     let panel = Panel::applies(build, cout, cin);
     let tmax = t.spg * tps;
     let (aa, vl, ml) = (A * A, A * A * stride(cin, tmax), A * A * stride(cout, tmax));
@@ -1104,8 +1121,24 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                         }
                     }
                     if let Some(dx) = dx.as_deref_mut() {
-                        // dV = U^T dM (into V's memory, no longer needed), then its patches.
+                        // dV = U^T dM (into V's memory, no longer needed), then its patches;
+                        // a `Panel` of U^T's rows where it applies, as in the forward.
+                        let panel_dx =
+                            ut.is_some() && Panel::applies(build, cin, tt) && par.single();
                         for xi in 0..aa {
+                            if let (true, Some(ut)) = (panel_dx, ut.as_deref()) {
+                                Panel {
+                                    m: cin,
+                                    n: tt,
+                                    k: cout,
+                                    lhs: &ut[xi * cout * cin..][..cout * cin],
+                                    lrs: cout,
+                                    rhs: &dm[xi * stride(cout, tt)..][..cout * tt],
+                                    accumulate: false,
+                                }
+                                .run(&mut v[xi * stride(cin, tt)..][..cin * tt]);
+                                continue;
+                            }
                             Gemm {
                                 m: cin,
                                 n: tt,
