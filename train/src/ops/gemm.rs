@@ -509,12 +509,8 @@ impl Panel<'_> {
     /// Runs the product into `dst` (`m * n` floats; read only when `accumulate`). Panics where
     /// [`Panel::applies`] does not hold or an operand is too short.
     pub(crate) fn run_uninit(&self, dst: &mut [MaybeUninit<f32>]) {
-        let Panel { m, n, k, lhs, lrs, rhs, accumulate } = *self;
-        assert!(Self::applies(crate::cpu::Build::Avx2, m, n), "Panel: {m} x {n} does not apply");
-        assert!(!accumulate, "Panel: cannot accumulate into uninitialised memory");
-        assert!(
-            dst.len() >= m * n && rhs.len() >= k * n && (k == 0 || lhs.len() >= (m - 1) * lrs + k)
-        );
+        assert!(!self.accumulate, "Panel: cannot accumulate into uninitialised memory");
+        self.check(dst.len());
         // SAFETY: the CPU has AVX-512 (`applies`); the operands' extents were checked above, and
         // without `accumulate` the kernel writes `dst` without reading it.
         #[cfg(target_arch = "x86_64")]
@@ -525,16 +521,21 @@ impl Panel<'_> {
 
     /// [`Panel::run_uninit`] into initialised memory, where `accumulate` may be set.
     pub(crate) fn run(&self, dst: &mut [f32]) {
-        let Panel { m, n, k, lhs, lrs, rhs, .. } = *self;
-        assert!(Self::applies(crate::cpu::Build::Avx2, m, n), "Panel: {m} x {n} does not apply");
-        assert!(
-            dst.len() >= m * n && rhs.len() >= k * n && (k == 0 || lhs.len() >= (m - 1) * lrs + k)
-        );
+        self.check(dst.len());
         // SAFETY: as in `run_uninit`; `dst` is initialised, so it may be read.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             self.dispatch(dst.as_mut_ptr())
         }
+    }
+
+    /// Panics unless the kernel applies here and the operands and a destination of `len` floats
+    /// hold the product's extents.
+    fn check(&self, len: usize) {
+        let Panel { m, n, k, lhs, lrs, rhs, .. } = *self;
+        assert!(Self::applies(crate::cpu::Build::Avx2, m, n), "Panel: {m} x {n} does not apply");
+        let lhs_fits = k == 0 || lhs.len() >= (m - 1) * lrs + k;
+        assert!(len >= m * n && rhs.len() >= k * n && lhs_fits, "Panel: an operand is too short");
     }
 
     /// # Safety
