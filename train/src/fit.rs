@@ -283,6 +283,18 @@ pub fn loss_and_grad(
     labels: &[u8],
     bufs: &mut GradBuffers,
 ) -> (f32, usize) {
+    // The other workers poll for the step's parallel loops instead of sleeping between them.
+    crate::cpu::with_workers_awake(|| loss_and_grad_unpooled(model, params, x, labels, bufs))
+}
+
+/// [`loss_and_grad`] without [`crate::cpu::with_workers_awake`].
+fn loss_and_grad_unpooled(
+    model: &Model,
+    params: &ParamVec,
+    x: &[f32],
+    labels: &[u8],
+    bufs: &mut GradBuffers,
+) -> (f32, usize) {
     if let Some(layers) = model.mlp_layers() {
         return crate::mlp::loss_and_grad(
             &layers,

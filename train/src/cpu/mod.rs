@@ -16,7 +16,9 @@
 
 use std::sync::OnceLock;
 
+mod awake;
 mod transpose;
+pub use awake::with_workers_awake;
 pub(crate) use transpose::transpose;
 
 /// Which compilation of a dispatched kernel runs.
