@@ -35,6 +35,11 @@ const IDLE_LIMIT: Duration = Duration::from_millis(1);
 /// Runs `f` on the current rayon pool (on one of its workers, as `rayon::scope` does when called
 /// from outside) while the pool's other workers poll for the work it makes; returns what `f`
 /// returns. With one thread it just runs `f`.
+///
+/// Meant for a step called from serial code (the training loops, `lmc bench`), as every caller
+/// is. Called from inside a parallel loop it stays correct, but a worker busy with that loop's
+/// pieces takes the polling job only when it next looks for work, and the call returns only
+/// once every worker has taken it.
 pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_num_threads() < 2 {
         return f();
