@@ -284,11 +284,11 @@ pub fn loss_and_grad(
     bufs: &mut GradBuffers,
 ) -> (f32, usize) {
     // The other workers poll for the step's parallel loops instead of sleeping between them.
-    crate::cpu::with_workers_awake(|| loss_and_grad_unpooled(model, params, x, labels, bufs))
+    crate::cpu::with_workers_awake(|| loss_and_grad_body(model, params, x, labels, bufs))
 }
 
-/// [`loss_and_grad`] without [`crate::cpu::with_workers_awake`].
-fn loss_and_grad_unpooled(
+/// [`loss_and_grad`]'s work, which it runs inside [`crate::cpu::with_workers_awake`].
+fn loss_and_grad_body(
     model: &Model,
     params: &ParamVec,
     x: &[f32],

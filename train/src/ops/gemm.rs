@@ -466,7 +466,8 @@ impl Gemm<'_> {
 /// inner dimension the tiles), where `gemm` needed both factors turned tile-major first and then
 /// packed them again: with `dM` as it lies here only `V` is turned around. (Its transposes were
 /// ~4.4% of a one-thread ResNet-20 training step, `perf`, 2026-12-08, AMD EPYC (Zen 4) with
-/// AVX-512, 2 cores.)
+/// AVX-512, 2 cores.) The Winograd forward's `U V` and input gradient's `U^T dM` run on it too,
+/// where `gemm` would otherwise pack the wide `V` or `dM` once per product.
 #[derive(Clone, Copy)]
 pub(crate) struct Panel<'a> {
     pub m: usize,

@@ -1123,10 +1123,11 @@ fn backward_with<const M: usize, const A: usize, R: Rule<M, A>>(
                     if let Some(dx) = dx.as_deref_mut() {
                         // dV = U^T dM (into V's memory, no longer needed), then its patches;
                         // a `Panel` of U^T's rows where it applies, as in the forward.
-                        let panel_dx =
-                            ut.is_some() && Panel::applies(build, cin, tt) && par.single();
+                        let ut = ut
+                            .as_deref()
+                            .filter(|_| Panel::applies(build, cin, tt) && par.single());
                         for xi in 0..aa {
-                            if let (true, Some(ut)) = (panel_dx, ut.as_deref()) {
+                            if let Some(ut) = ut {
                                 Panel {
                                     m: cin,
                                     n: tt,
